@@ -1,0 +1,713 @@
+//! The domain: channels, requests and their validation, communication records, stream
+//! entries and log events. Pure data and pure functions; no I/O happens here.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A delivery channel. Each has its own Redis Stream, consumer and sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Email,
+    Sms,
+    Whatsapp,
+}
+
+impl Channel {
+    pub const ALL: [Channel; 3] = [Channel::Email, Channel::Sms, Channel::Whatsapp];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+            Channel::Whatsapp => "whatsapp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Channel> {
+        match s {
+            "email" => Some(Channel::Email),
+            "sms" => Some(Channel::Sms),
+            "whatsapp" => Some(Channel::Whatsapp),
+            _ => None,
+        }
+    }
+
+    /// The seed's stream name: `{type}_stream`.
+    pub fn stream(self) -> &'static str {
+        match self {
+            Channel::Email => "email_stream",
+            Channel::Sms => "sms_stream",
+            Channel::Whatsapp => "whatsapp_stream",
+        }
+    }
+
+    /// Longest accepted message body, in characters.
+    pub fn max_msg_chars(self) -> usize {
+        match self {
+            // Twilio: "The maximum length of Body is 1600 characters".
+            Channel::Sms => 1600,
+            // Meta: text.body "Maximum 4096 characters".
+            Channel::Whatsapp => 4096,
+            Channel::Email => 256 * 1024,
+        }
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a communication is in its life. Stored in MongoDB as lowercase strings.
+///
+/// `pending` (stored, waiting for a worker) → `sending` (claimed by one worker, provider call
+/// in flight) → `sent` | `failed`. A retryable failure returns it to `pending` with a
+/// `notBefore` time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Sending,
+    Sent,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sending => "sending",
+            Status::Sent => "sent",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "pending" => Some(Status::Pending),
+            "sending" => Some(Status::Sending),
+            "sent" => Some(Status::Sent),
+            "failed" => Some(Status::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Sent | Status::Failed)
+    }
+}
+
+/// The body of `POST /api/v1/communication`, as received. Every field optional so that
+/// validation, not deserialization, names what is missing.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawRequest {
+    #[serde(rename = "type")]
+    pub kind: Option<serde_json::Value>,
+    pub data: Option<serde_json::Value>,
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCommunication {
+    pub channel: Channel,
+    pub from: String,
+    pub to: String,
+    pub msg: String,
+    pub subject: Option<String>,
+}
+
+/// Why a request was refused: the field and a sentence a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ValidationError {
+    ValidationError {
+        field,
+        message: message.into(),
+    }
+}
+
+fn required_string(
+    data: &serde_json::Map<String, serde_json::Value>,
+    field: &'static str,
+) -> Result<String, ValidationError> {
+    match data.get(field) {
+        None | Some(serde_json::Value::Null) => {
+            Err(invalid(field, format!("data.{field} is required")))
+        }
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => {
+            Err(invalid(field, format!("data.{field} must not be empty")))
+        }
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(invalid(field, format!("data.{field} must be a string"))),
+    }
+}
+
+/// E.164: `+`, a non-zero first digit, at most 15 digits in all.
+pub fn is_e164(s: &str) -> bool {
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    !digits.is_empty()
+        && digits.len() <= 15
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// A conservative address check with RFC 5321 lengths: local part ≤ 64, domain ≤ 255,
+/// whole path ≤ 254 (256 minus the angle brackets).
+pub fn is_email_address(s: &str) -> bool {
+    if s.len() > 254 {
+        return false;
+    }
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.len() > 255 {
+        return false;
+    }
+    let local_ok = local
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b))
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..");
+    let domain_ok = domain.split('.').count() >= 2
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    local_ok && domain_ok
+}
+
+/// A WhatsApp/Twilio sender: an E.164 number, or a sender id made of letters, digits and
+/// `_-:.` (e.g. a Messaging Service SID or an alphanumeric sender id).
+fn is_phone_sender(s: &str) -> bool {
+    is_e164(s)
+        || (s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-:.".contains(&b))
+            && s.bytes().any(|b| b.is_ascii_alphabetic()))
+}
+
+fn has_forbidden_control(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
+}
+
+/// Validate a request body. Every rule answers with the field it concerns.
+pub fn validate(raw: &RawRequest) -> Result<NewCommunication, ValidationError> {
+    let channel = match &raw.kind {
+        None | Some(serde_json::Value::Null) => {
+            return Err(invalid(
+                "type",
+                "type is required: one of email, sms, whatsapp",
+            ))
+        }
+        Some(serde_json::Value::String(s)) => Channel::parse(s).ok_or_else(|| {
+            invalid(
+                "type",
+                format!("type must be one of email, sms, whatsapp (got {s:?})"),
+            )
+        })?,
+        Some(_) => {
+            return Err(invalid(
+                "type",
+                "type must be a string: email, sms or whatsapp",
+            ))
+        }
+    };
+    let data = match &raw.data {
+        Some(serde_json::Value::Object(map)) => map,
+        None | Some(serde_json::Value::Null) => {
+            return Err(invalid(
+                "data",
+                "data is required: an object with from, to and msg",
+            ))
+        }
+        Some(_) => {
+            return Err(invalid(
+                "data",
+                "data must be an object with from, to and msg",
+            ))
+        }
+    };
+    let from = required_string(data, "from")?;
+    let to = required_string(data, "to")?;
+    let msg = required_string(data, "msg")?;
+    let subject = match data.get("subject") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if channel == Channel::Email => {
+            if s.chars().count() > 998 || has_forbidden_control(s) || s.contains('\n') {
+                return Err(invalid(
+                    "subject",
+                    "data.subject must be one line of at most 998 characters",
+                ));
+            }
+            Some(s.clone())
+        }
+        Some(serde_json::Value::String(_)) => {
+            return Err(invalid("subject", "data.subject is only allowed for email"))
+        }
+        Some(_) => return Err(invalid("subject", "data.subject must be a string")),
+    };
+    match channel {
+        Channel::Email => {
+            if !is_email_address(&from) {
+                return Err(invalid("from", "data.from must be an email address"));
+            }
+            if !is_email_address(&to) {
+                return Err(invalid("to", "data.to must be an email address"));
+            }
+        }
+        Channel::Sms | Channel::Whatsapp => {
+            if !is_phone_sender(&from) {
+                return Err(invalid(
+                    "from",
+                    "data.from must be an E.164 number (+15550001111) or a sender id",
+                ));
+            }
+            if !is_e164(&to) {
+                return Err(invalid(
+                    "to",
+                    "data.to must be an E.164 number: '+' then up to 15 digits, no leading 0",
+                ));
+            }
+        }
+    }
+    if msg.chars().count() > channel.max_msg_chars() {
+        return Err(invalid(
+            "msg",
+            format!(
+                "data.msg is longer than the {} limit of {} characters",
+                channel,
+                channel.max_msg_chars()
+            ),
+        ));
+    }
+    if has_forbidden_control(&msg) {
+        return Err(invalid(
+            "msg",
+            "data.msg must not contain control characters other than newline and tab",
+        ));
+    }
+    Ok(NewCommunication {
+        channel,
+        from,
+        to,
+        msg,
+        subject,
+    })
+}
+
+/// One communication record, as the source of truth (MongoDB) holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Communication {
+    /// 24 hex digits (a MongoDB ObjectId).
+    pub id: String,
+    pub channel: Channel,
+    pub from: String,
+    pub to: String,
+    pub msg: String,
+    pub subject: Option<String>,
+    pub status: Status,
+    pub attempts: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub provider: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub last_error: Option<String>,
+    pub errors: Vec<AttemptError>,
+}
+
+impl Communication {
+    pub fn new(id: String, req: NewCommunication, now: DateTime<Utc>) -> Communication {
+        Communication {
+            id,
+            channel: req.channel,
+            from: req.from,
+            to: req.to,
+            msg: req.msg,
+            subject: req.subject,
+            status: Status::Pending,
+            attempts: 0,
+            created_at: now,
+            updated_at: now,
+            provider: None,
+            provider_message_id: None,
+            last_error: None,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The Redis Stream entry for this communication (the seed's fields plus `type` and
+    /// `subject`).
+    pub fn stream_fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            ("_id", self.id.clone()),
+            ("type", self.channel.as_str().to_string()),
+            ("from", self.from.clone()),
+            ("to", self.to.clone()),
+            ("msg", self.msg.clone()),
+            ("status", self.status.as_str().to_string()),
+        ];
+        if let Some(s) = &self.subject {
+            fields.push(("subject", s.clone()));
+        }
+        fields
+    }
+}
+
+/// One failed attempt, kept on the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptError {
+    pub attempt: u32,
+    pub at: DateTime<Utc>,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+/// A record claimed by one worker for one provider call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub record: Communication,
+    /// The previous claim went stale with the provider call possibly made: a resend may
+    /// duplicate.
+    pub possible_duplicate: bool,
+}
+
+/// What the claim step decided for one id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimResult {
+    Claimed(Claimed),
+    /// Already `sent`/`failed`, or its retry is not yet due: nothing to do for this entry.
+    Skip(&'static str),
+    /// Another live worker holds it; leave the stream entry pending.
+    Busy,
+}
+
+/// The outcome of one provider call, to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Sent {
+        provider: String,
+        provider_message_id: Option<String>,
+    },
+    Failed {
+        provider: String,
+        error: AttemptError,
+    },
+    Retry {
+        provider: String,
+        error: AttemptError,
+        not_before: DateTime<Utc>,
+    },
+}
+
+/// A log event, the seed's `communication-logs` model plus what the `communications` index
+/// needs to follow the record's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogEvent {
+    pub service: String,
+    pub status: String,
+    pub from: String,
+    pub to: String,
+    pub msg: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    pub communication_id: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(rename = "type")]
+    pub channel: Channel,
+    pub attempt: u32,
+    pub created_at: DateTime<Utc>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub provider_message_id: Option<String>,
+}
+
+impl LogEvent {
+    pub fn for_record(
+        rec: &Communication,
+        service: &str,
+        status: &str,
+        attempt: u32,
+        now: DateTime<Utc>,
+    ) -> LogEvent {
+        LogEvent {
+            service: service.to_string(),
+            status: status.to_string(),
+            from: rec.from.clone(),
+            to: rec.to.clone(),
+            msg: rec.msg.clone(),
+            error: None,
+            communication_id: rec.id.clone(),
+            timestamp: now,
+            channel: rec.channel,
+            attempt,
+            created_at: rec.created_at,
+            provider: None,
+            provider_message_id: None,
+        }
+    }
+
+    /// Deterministic document id in `communication-logs`: a replayed event overwrites
+    /// nothing and duplicates nothing.
+    pub fn log_doc_id(&self) -> String {
+        format!("{}:{}:{}", self.communication_id, self.status, self.attempt)
+    }
+}
+
+/// One entry read from a Redis Stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEntry {
+    pub id: String,
+    pub fields: Vec<(String, String)>,
+}
+
+impl StreamEntry {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A message on its way to a provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboundMessage {
+    pub communication_id: String,
+    pub from: String,
+    pub to: String,
+    pub subject: Option<String>,
+    pub body: String,
+}
+
+/// What a provider said when it accepted a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderReceipt {
+    pub provider_message_id: Option<String>,
+}
+
+/// How a provider failure is to be treated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ErrorClass {
+    /// Worth another try later (network error, timeout, 5xx, rate limit).
+    Retryable {
+        retry_after: Option<std::time::Duration>,
+    },
+    /// Will never succeed as sent (bad number, refused address, bad credentials).
+    Permanent,
+}
+
+/// A provider's refusal, with its own code and message kept for the record.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub class: ErrorClass,
+    pub code: Option<String>,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn raw(v: serde_json::Value) -> RawRequest {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn accepts_the_seed_example() {
+        let r = validate(&raw(
+            json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"hi"}}),
+        ))
+        .unwrap();
+        assert_eq!(r.channel, Channel::Sms);
+        assert_eq!(r.to, "+15557654321");
+    }
+
+    #[test]
+    fn every_rule_names_its_field() {
+        let cases = [
+            (json!({"data":{"from":"a","to":"b","msg":"c"}}), "type"),
+            (
+                json!({"type":"fax","data":{"from":"a","to":"b","msg":"c"}}),
+                "type",
+            ),
+            (json!({"type":7,"data":{}}), "type"),
+            (json!({"type":"sms"}), "data"),
+            (json!({"type":"sms","data":"x"}), "data"),
+            (
+                json!({"type":"sms","data":{"to":"+15557654321","msg":"c"}}),
+                "from",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321"}}),
+                "msg",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"  "}}),
+                "msg",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":5,"msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"5557654321","msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+05557654321","msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+1234567890123456","msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"not a sender!","to":"+15557654321","msg":"c"}}),
+                "from",
+            ),
+            (
+                json!({"type":"whatsapp","data":{"from":"+15550001111","to":"+1555x","msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"email","data":{"from":"a@example.com","to":"nobody","msg":"c"}}),
+                "to",
+            ),
+            (
+                json!({"type":"email","data":{"from":"a@","to":"b@example.com","msg":"c"}}),
+                "from",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"x".repeat(1601)}}),
+                "msg",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"bell\u{7}"}}),
+                "msg",
+            ),
+            (
+                json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"c","subject":"s"}}),
+                "subject",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = validate(&raw(body.clone())).expect_err(&body.to_string());
+            assert_eq!(err.field, field, "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn email_lengths_follow_rfc_5321() {
+        let local = "a".repeat(64);
+        assert!(is_email_address(&format!("{local}@example.com")));
+        assert!(!is_email_address(&format!("a{local}@example.com")));
+        assert!(!is_email_address("a..b@example.com"));
+        assert!(!is_email_address("ab@localhost"));
+    }
+
+    #[test]
+    fn log_doc_ids_are_deterministic() {
+        let rec = Communication::new(
+            "65f000000000000000000001".into(),
+            NewCommunication {
+                channel: Channel::Sms,
+                from: "+1".into(),
+                to: "+2".into(),
+                msg: "m".into(),
+                subject: None,
+            },
+            Utc::now(),
+        );
+        let ev = LogEvent::for_record(&rec, "sms", "sent", 1, Utc::now());
+        assert_eq!(ev.log_doc_id(), "65f000000000000000000001:sent:1");
+        let back: LogEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
+        assert_eq!(back, ev);
+    }
+}
+
+/// Flat Redis Stream fields for a log event (readable with `XRANGE log_stream - +`).
+impl LogEvent {
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("service", self.service.clone()),
+            ("status", self.status.clone()),
+            ("from", self.from.clone()),
+            ("to", self.to.clone()),
+            ("msg", self.msg.clone()),
+            ("communicationId", self.communication_id.clone()),
+            ("timestamp", self.timestamp.to_rfc3339()),
+            ("type", self.channel.as_str().to_string()),
+            ("attempt", self.attempt.to_string()),
+            ("createdAt", self.created_at.to_rfc3339()),
+        ];
+        if let Some(e) = &self.error {
+            f.push(("error", e.clone()));
+        }
+        if let Some(p) = &self.provider {
+            f.push(("provider", p.clone()));
+        }
+        if let Some(p) = &self.provider_message_id {
+            f.push(("providerMessageId", p.clone()));
+        }
+        f
+    }
+
+    /// Decode a `log_stream` entry; `None` names nothing, so the caller dead-letters it.
+    pub fn from_entry(e: &StreamEntry) -> Result<LogEvent, String> {
+        let req = |k: &str| {
+            e.field(k)
+                .map(str::to_string)
+                .ok_or_else(|| format!("missing field {k}"))
+        };
+        let time = |k: &str| -> Result<DateTime<Utc>, String> {
+            DateTime::parse_from_rfc3339(&req(k)?)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|err| format!("bad {k}: {err}"))
+        };
+        Ok(LogEvent {
+            service: req("service")?,
+            status: req("status")?,
+            from: req("from")?,
+            to: req("to")?,
+            msg: req("msg")?,
+            error: e.field("error").map(str::to_string),
+            communication_id: req("communicationId")?,
+            timestamp: time("timestamp")?,
+            channel: Channel::parse(&req("type")?).ok_or("bad type")?,
+            attempt: req("attempt")?.parse().map_err(|_| "bad attempt")?,
+            created_at: time("createdAt")?,
+            provider: e.field("provider").map(str::to_string),
+            provider_message_id: e.field("providerMessageId").map(str::to_string),
+        })
+    }
+}
+
+/// Name of the stream that carries log events.
+pub const LOG_STREAM: &str = "log_stream";
+/// Where log events that Elasticsearch refuses for good are kept.
+pub const LOG_DEAD_LETTER_STREAM: &str = "log_stream:dlq";

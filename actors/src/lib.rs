@@ -1,0 +1,21 @@
+//! The actor system of the communication aggregator.
+//!
+//! ```text
+//!                        Supervisor
+//!    ┌──────────┬────────────┼──────────────┬──────────────┐
+//!  Router   StreamConsumer×3  Sender×3   LogIndexer   OutboxSweeper
+//! ```
+//! `domain` and `retry` are pure; `ports` names what the actors need from MongoDB, Redis,
+//! Elasticsearch and the providers, which the root crate implements.
+
+pub mod domain;
+pub mod log_indexer;
+pub mod ports;
+pub mod retry;
+pub mod router;
+pub mod sender;
+pub mod stream_consumer;
+pub mod supervisor;
+pub mod sweeper;
+
+pub use ractor;

@@ -1,0 +1,376 @@
+//! LogIndexer: reads `log_stream` through a consumer group and bulk-writes Elasticsearch:
+//! every event to `communication-logs`, and the record's current status to `communications`.
+//!
+//! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
+//! `max_docs` and `max_bytes`; while it is full, nothing more is read, so an Elasticsearch
+//! outage leaves the backlog in Redis, not in memory).
+//! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes).
+//! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
+//! On failure: entries are acknowledged only after their documents are stored or
+//! dead-lettered; a crash leaves the rest pending, read again first after the restart.
+//! Document ids are deterministic, so writing an event twice duplicates nothing.
+
+use crate::domain::{LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
+use crate::ports::{BulkAction, BulkOp, DependencyError, ItemResult, Queue, ReadFrom, SearchSink};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const NAME: &str = "log-indexer";
+
+pub enum IndexerMsg {
+    Poll,
+}
+
+#[derive(Clone)]
+pub struct IndexerArgs {
+    pub queue: Arc<dyn Queue>,
+    pub search: Arc<dyn SearchSink>,
+    pub group: String,
+    pub consumer: String,
+    pub logs_index: String,
+    pub communications_index: String,
+    pub max_docs: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+struct Pending {
+    entry_id: String,
+    fields: Vec<(String, String)>,
+    ops: Vec<BulkOp>,
+    bytes: usize,
+}
+
+pub struct IndexerState {
+    args: IndexerArgs,
+    from: ReadFrom,
+    buf: Vec<Pending>,
+    buf_bytes: usize,
+    first_at: Option<Instant>,
+    backoff: Duration,
+    prepared: bool,
+    group_ready: bool,
+}
+
+pub struct LogIndexer;
+
+impl Actor for LogIndexer {
+    type Msg = IndexerMsg;
+    type State = IndexerState;
+    type Arguments = IndexerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: IndexerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_message(IndexerMsg::Poll)?;
+        Ok(IndexerState {
+            args,
+            from: ReadFrom::OwnPending("0".into()),
+            buf: Vec::new(),
+            buf_bytes: 0,
+            first_at: None,
+            backoff: Duration::ZERO,
+            prepared: false,
+            group_ready: false,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if !state.buf.is_empty() {
+            let _ = flush(state).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match step(state).await {
+            Ok(()) => {
+                state.backoff = Duration::ZERO;
+                myself.send_message(IndexerMsg::Poll)?;
+            }
+            Err(err) => {
+                state.backoff =
+                    (state.backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
+                tracing::warn!(error = %err, backoff = ?state.backoff, buffered = state.buf.len(), "log indexing delayed");
+                if err.message.contains("NOGROUP") {
+                    state.group_ready = false;
+                    state.from = ReadFrom::OwnPending("0".into());
+                }
+                myself.send_after(state.backoff, || IndexerMsg::Poll);
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    if !state.group_ready {
+        a.queue.ensure_group(LOG_STREAM, &a.group).await?;
+        state.group_ready = true;
+    }
+    if state.buf.len() < a.max_docs && state.buf_bytes < a.max_bytes {
+        let block = match state.first_at {
+            Some(t) => a.max_wait.saturating_sub(t.elapsed()),
+            None => a.max_wait,
+        }
+        .max(Duration::from_millis(1));
+        let entries = a
+            .queue
+            .read_group(
+                LOG_STREAM,
+                &a.group,
+                &a.consumer,
+                state.from.clone(),
+                a.max_docs - state.buf.len(),
+                block,
+            )
+            .await?;
+        if let ReadFrom::OwnPending(_) = state.from {
+            state.from = match entries.last() {
+                Some(last) => ReadFrom::OwnPending(last.id.clone()),
+                None => ReadFrom::New,
+            };
+        }
+        for e in entries {
+            let p = to_pending(&a, e);
+            state.buf_bytes += p.bytes;
+            state.buf.push(p);
+            state.first_at.get_or_insert_with(Instant::now);
+        }
+    }
+    let due = state.buf.len() >= a.max_docs
+        || state.buf_bytes >= a.max_bytes
+        || state.first_at.is_some_and(|t| t.elapsed() >= a.max_wait);
+    if due && !state.buf.is_empty() {
+        if !state.prepared {
+            a.search.prepare().await?;
+            state.prepared = true;
+        }
+        if let Err(e) = flush(state).await {
+            if e.dependency == "elasticsearch" {
+                state.prepared = false;
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The two documents one event becomes.
+pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> Vec<BulkOp> {
+    let log_doc = serde_json::to_value(ev).unwrap_or_default();
+    let status = match ev.status.as_str() {
+        "queued" | "retrying" => "pending",
+        s => s,
+    };
+    let mut current = json!({
+        "communicationId": ev.communication_id,
+        "status": status,
+        "updatedAt": ev.timestamp,
+        "attempts": ev.attempt,
+    });
+    if let Some(p) = &ev.provider {
+        current["provider"] = json!(p);
+    }
+    if let Some(p) = &ev.provider_message_id {
+        current["providerMessageId"] = json!(p);
+    }
+    if let Some(e) = &ev.error {
+        current["lastError"] = json!(e);
+    }
+    let mut full = json!({
+        "communicationId": ev.communication_id,
+        "from": ev.from,
+        "to": ev.to,
+        "msg": ev.msg,
+        "type": ev.channel,
+        "stream": ev.channel.stream(),
+        "timestamp": ev.timestamp,
+        "createdAt": ev.created_at,
+    });
+    for (k, v) in current.as_object().into_iter().flatten() {
+        full[k] = v.clone();
+    }
+    let comm_op = if ev.status == "queued" {
+        // A status event may have created it already: then 409, which counts as done.
+        BulkOp {
+            index: communications_index.to_string(),
+            id: ev.communication_id.clone(),
+            action: BulkAction::Create,
+            doc: full,
+        }
+    } else {
+        BulkOp {
+            index: communications_index.to_string(),
+            id: ev.communication_id.clone(),
+            action: BulkAction::Update { upsert: full },
+            doc: current,
+        }
+    };
+    vec![
+        BulkOp {
+            index: logs_index.to_string(),
+            id: ev.log_doc_id(),
+            action: BulkAction::Create,
+            doc: log_doc,
+        },
+        comm_op,
+    ]
+}
+
+fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
+    let bytes = e
+        .fields
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+        * 2
+        + 64;
+    let ops = match LogEvent::from_entry(&e) {
+        Ok(ev) => ops_for(&ev, &a.logs_index, &a.communications_index),
+        Err(why) => {
+            tracing::error!(entry = %e.id, why, "undecodable log event; dead-lettered");
+            Vec::new()
+        }
+    };
+    Pending {
+        entry_id: e.id,
+        fields: e.fields,
+        ops,
+        bytes,
+    }
+}
+
+/// Send the buffer; keep what must be tried again. Returns an error when anything is left.
+async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    let started = Instant::now();
+    let mut all_ops = Vec::new();
+    let mut owner = Vec::new();
+    for (i, p) in state.buf.iter().enumerate() {
+        for op in &p.ops {
+            all_ops.push(op.clone());
+            owner.push(i);
+        }
+    }
+    let mut left: Vec<Vec<BulkOp>> = vec![Vec::new(); state.buf.len()];
+    let mut dead: Vec<Option<String>> = state
+        .buf
+        .iter()
+        .map(|p| {
+            p.ops
+                .is_empty()
+                .then(|| "undecodable log event".to_string())
+        })
+        .collect();
+    let mut request_error = None;
+    if !all_ops.is_empty() {
+        metrics::histogram!("log_indexer_batch_docs").record(all_ops.len() as f64);
+        match a.search.bulk(&all_ops).await {
+            Ok(results) => {
+                for ((op, i), r) in all_ops.into_iter().zip(owner).zip(results) {
+                    match r {
+                        ItemResult::Done => {}
+                        ItemResult::Retry(why) => {
+                            metrics::counter!("log_indexer_item_retries_total").increment(1);
+                            tracing::debug!(why, "bulk item will be retried");
+                            left[i].push(op);
+                        }
+                        ItemResult::Rejected(why) => {
+                            metrics::counter!("log_indexer_failed_items_total").increment(1);
+                            dead[i] = Some(format!("{}: {why}", op.index));
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                for (op, i) in all_ops.into_iter().zip(owner) {
+                    left[i].push(op);
+                }
+                request_error = Some(err);
+            }
+        }
+        metrics::histogram!("log_indexer_bulk_seconds").record(started.elapsed().as_secs_f64());
+    }
+    // Dead letters must be safe in Redis before their entries are acknowledged.
+    let dlq: Vec<(&str, Vec<(&str, String)>)> = state
+        .buf
+        .iter()
+        .zip(&dead)
+        .filter_map(|(p, d)| d.as_ref().map(|why| (p, why)))
+        .map(|(p, why)| {
+            let mut f: Vec<(&str, String)> = p
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
+            f.push(("deadLetterReason", why.clone()));
+            f.push(("sourceEntry", p.entry_id.clone()));
+            (LOG_DEAD_LETTER_STREAM, f)
+        })
+        .collect();
+    let dlq_ok = if dlq.is_empty() {
+        true
+    } else {
+        match a.queue.append(&dlq).await {
+            Ok(_) => true,
+            Err(err) => {
+                request_error.get_or_insert(err);
+                false
+            }
+        }
+    };
+    let mut ack = Vec::new();
+    let mut keep = Vec::new();
+    for ((mut p, ops_left), d) in std::mem::take(&mut state.buf)
+        .into_iter()
+        .zip(left)
+        .zip(dead)
+    {
+        let dead_done = d.is_none() || dlq_ok;
+        if ops_left.is_empty() && dead_done {
+            ack.push(p.entry_id);
+        } else {
+            // Only what is left is sent again; a dead letter already stored stays stored.
+            p.ops = ops_left;
+            keep.push(p);
+        }
+    }
+    if !ack.is_empty() {
+        if let Err(err) = a.queue.ack(LOG_STREAM, &a.group, &ack).await {
+            // Documents are stored; unacknowledged entries are re-read and re-written
+            // under the same ids, which duplicates nothing.
+            request_error.get_or_insert(err);
+        }
+        metrics::counter!("log_events_indexed_total").increment(ack.len() as u64);
+    }
+    state.buf_bytes = keep.iter().map(|p| p.bytes).sum();
+    state.first_at = if keep.is_empty() {
+        None
+    } else {
+        Some(Instant::now())
+    };
+    state.buf = keep;
+    match request_error {
+        Some(e) => Err(e),
+        None if !state.buf.is_empty() => Err(DependencyError::new(
+            "elasticsearch",
+            "some items asked to be retried",
+        )),
+        None => Ok(()),
+    }
+}

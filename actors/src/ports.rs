@@ -1,0 +1,169 @@
+//! The ports: what the actors need from the outside world. The edges (`src/clients`,
+//! `src/providers`) implement them over MongoDB, Redis, Elasticsearch and the providers.
+
+use crate::domain::{
+    ClaimResult, Communication, OutboundMessage, Outcome, ProviderError, ProviderReceipt,
+    StreamEntry,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A dependency failed; the message says which and why, without driver internals leaking
+/// to API clients (the HTTP layer maps these to a generic 503).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{dependency} unavailable: {message}")]
+pub struct DependencyError {
+    pub dependency: &'static str,
+    pub message: String,
+}
+
+impl DependencyError {
+    pub fn new(dependency: &'static str, message: impl std::fmt::Display) -> Self {
+        DependencyError {
+            dependency,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The source of truth: one record per communication.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Store new records (status `pending`) in one round trip.
+    async fn insert_many(&self, records: &[Communication]) -> Result<(), DependencyError>;
+
+    /// Claim records for one provider call each: `pending` ones whose retry is due, and
+    /// `sending` ones whose claim is older than `stale_after` (the previous worker died).
+    /// The answer has one entry per id, in order.
+    async fn claim(
+        &self,
+        ids: &[String],
+        owner: &str,
+        stale_after: Duration,
+    ) -> Result<Vec<ClaimResult>, DependencyError>;
+
+    /// Record outcomes of claims made by `owner`, in one round trip.
+    async fn record_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &[(String, u32, Outcome)],
+    ) -> Result<(), DependencyError>;
+
+    /// Records that should be on a stream but may not be (never appended, Redis lost
+    /// them, a retry came due, a claim went stale). Pushes their next look to
+    /// `now + recheck` so a record is swept at most once per `recheck`.
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        recheck: Duration,
+        limit: usize,
+    ) -> Result<Vec<Communication>, DependencyError>;
+
+    async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
+
+    async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// Where to start reading a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// This consumer's own delivered-but-unacknowledged entries with ids after the given
+    /// one (`0` for all).
+    OwnPending(String),
+    /// Entries never delivered to any consumer (`>`).
+    New,
+}
+
+/// Redis Streams.
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Append entries (stream, fields) in one pipelined round trip; returns entry ids.
+    async fn append(
+        &self,
+        entries: &[(&str, Vec<(&str, String)>)],
+    ) -> Result<Vec<String>, DependencyError>;
+
+    /// Create the consumer group (and the stream) if missing, starting at `0` so that
+    /// entries appended before the group existed are read too.
+    async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), DependencyError>;
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: ReadFrom,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, DependencyError>;
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError>;
+
+    /// Take over entries idle longer than `min_idle` from any consumer of the group.
+    async fn autoclaim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>, DependencyError>;
+
+    /// A client with its own connection, for blocking reads that would otherwise hold up
+    /// every other command.
+    fn dedicated(&self) -> Arc<dyn Queue>;
+
+    async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// One operation of a bulk request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BulkAction {
+    /// Create the document; an existing one with the same id counts as done.
+    Create,
+    /// Merge `doc` into the document, creating it from `upsert` when missing.
+    Update { upsert: serde_json::Value },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkOp {
+    pub index: String,
+    pub id: String,
+    pub action: BulkAction,
+    pub doc: serde_json::Value,
+}
+
+/// What happened to one item of a bulk request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemResult {
+    Done,
+    /// 429 or 5xx: send again later.
+    Retry(String),
+    /// Refused for good (400, mapping error): dead-letter it.
+    Rejected(String),
+}
+
+/// Elasticsearch.
+#[async_trait]
+pub trait SearchSink: Send + Sync + 'static {
+    /// Make the indices (with their mappings) if they are missing. Called before the first
+    /// write and again after a failed request, since the server may have restarted empty.
+    async fn prepare(&self) -> Result<(), DependencyError>;
+
+    /// One `_bulk` request; one result per op, in order. An error means the request as a
+    /// whole failed (nothing can be assumed stored).
+    async fn bulk(&self, ops: &[BulkOp]) -> Result<Vec<ItemResult>, DependencyError>;
+
+    async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// A message provider (Twilio, Meta WhatsApp Cloud API, SMTP).
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Short, stable name for records, logs and metric labels.
+    fn name(&self) -> &'static str;
+
+    async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError>;
+}

@@ -1,0 +1,309 @@
+//! SenderActor (one per channel): claims records, calls the provider, records outcomes.
+//!
+//! Owns: the channel's provider client and retry policy.
+//! Talks to it: the channel's StreamConsumer (`Deliver`, an RPC answered with the stream
+//! entry ids that may be acknowledged).
+//! Talks to: MongoDB (claim before the call, outcome after it, one round trip per batch
+//! each), the provider, Redis (`log_stream` events).
+//! On failure (a panic, a dependency error): the consumer gets no answer and acknowledges
+//! nothing, so every entry of the batch stays pending in the consumer group. Records
+//! claimed by the dead attempt stay `sending` until their claim is stale, then are claimed
+//! again and sent, flagged `possibleDuplicate` since the provider call may have been made.
+
+use crate::domain::{
+    AttemptError, ClaimResult, Claimed, ErrorClass, LogEvent, OutboundMessage, Outcome,
+    ProviderError, StreamEntry, LOG_STREAM,
+};
+use crate::ports::{Provider, Queue, Store};
+use crate::retry::RetryPolicy;
+use chrono::Utc;
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::SeedableRng;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn name(channel: crate::domain::Channel) -> String {
+    format!("sender-{channel}")
+}
+
+/// What the consumer may do with the entries it handed over.
+#[derive(Debug, Default)]
+pub struct DeliverReport {
+    /// Handled for good (outcome recorded, retry scheduled, or nothing to do).
+    pub ack: Vec<String>,
+    /// A dependency failed: the rest should be offered again soon.
+    pub retry_soon: bool,
+}
+
+pub enum SenderMsg {
+    Deliver(Vec<StreamEntry>, RpcReplyPort<DeliverReport>),
+}
+
+#[derive(Clone)]
+pub struct SenderArgs {
+    pub channel: crate::domain::Channel,
+    pub provider: Arc<dyn Provider>,
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    /// This process's consumer name; claims are `{owner}:{n}`.
+    pub owner: String,
+    pub stale_after: Duration,
+    pub provider_timeout: Duration,
+    pub concurrency: usize,
+    pub retry: RetryPolicy,
+}
+
+pub struct SenderState {
+    args: SenderArgs,
+    batches: AtomicU64,
+}
+
+pub struct SenderActor;
+
+impl Actor for SenderActor {
+    type Msg = SenderMsg;
+    type State = SenderState;
+    type Arguments = SenderArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SenderArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(SenderState {
+            args,
+            batches: AtomicU64::new(0),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SenderMsg::Deliver(entries, reply) => {
+                let seq = state.batches.fetch_add(1, Ordering::Relaxed);
+                let owner = format!("{}:{}:{}", state.args.owner, state.args.channel, seq);
+                let report = deliver(&state.args, &owner, entries).await;
+                let _ = reply.send(report);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_object_id(s: &str) -> bool {
+    s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> DeliverReport {
+    let channel = args.channel.as_str();
+    let mut report = DeliverReport::default();
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut entry_of = Vec::with_capacity(entries.len());
+    for e in &entries {
+        match e.field("_id") {
+            Some(id) if is_object_id(id) => {
+                ids.push(id.to_string());
+                entry_of.push(e.id.clone());
+            }
+            _ => {
+                tracing::error!(entry = %e.id, channel, "stream entry without a valid _id; acknowledged and dropped");
+                metrics::counter!("stream_malformed_entries_total", "channel" => channel)
+                    .increment(1);
+                report.ack.push(e.id.clone());
+            }
+        }
+    }
+    if ids.is_empty() {
+        return report;
+    }
+    let claims = match args.store.claim(&ids, owner, args.stale_after).await {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::warn!(error = %err, channel, "cannot claim; entries stay pending");
+            report.retry_soon = true;
+            return report;
+        }
+    };
+    let mut to_send: Vec<(String, Claimed)> = Vec::new();
+    for ((entry_id, id), claim) in entry_of.into_iter().zip(&ids).zip(claims) {
+        match claim {
+            ClaimResult::Claimed(c) => to_send.push((entry_id, c)),
+            ClaimResult::Skip(why) => {
+                tracing::debug!(id = %id, why, "nothing to send");
+                report.ack.push(entry_id);
+            }
+            ClaimResult::Busy => {}
+        }
+    }
+    if to_send.is_empty() {
+        return report;
+    }
+    let provider = args.provider.clone();
+    let timeout = args.provider_timeout;
+    let results: Vec<(
+        String,
+        Claimed,
+        Result<Option<String>, ProviderError>,
+        Duration,
+    )> = futures::stream::iter(to_send.into_iter().map(|(entry_id, claimed)| {
+        let provider = provider.clone();
+        async move {
+            let msg = OutboundMessage {
+                communication_id: claimed.record.id.clone(),
+                from: claimed.record.from.clone(),
+                to: claimed.record.to.clone(),
+                subject: claimed.record.subject.clone(),
+                body: claimed.record.msg.clone(),
+            };
+            let started = Instant::now();
+            let res = match tokio::time::timeout(timeout, provider.send(&msg)).await {
+                Ok(Ok(receipt)) => Ok(receipt.provider_message_id),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ProviderError {
+                    class: ErrorClass::Retryable { retry_after: None },
+                    code: Some("timeout".into()),
+                    message: format!("no answer from {} within {:?}", provider.name(), timeout),
+                }),
+            };
+            (entry_id, claimed, res, started.elapsed())
+        }
+    }))
+    .buffer_unordered(args.concurrency.max(1))
+    .collect()
+    .await;
+
+    let now = Utc::now();
+    let pname = args.provider.name().to_string();
+    let mut outcomes = Vec::with_capacity(results.len());
+    let mut events = Vec::with_capacity(results.len());
+    let mut acks = Vec::with_capacity(results.len());
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    for (entry_id, claimed, res, took) in results {
+        let rec = &claimed.record;
+        let attempt = rec.attempts;
+        metrics::histogram!("provider_call_seconds", "provider" => pname.clone())
+            .record(took.as_secs_f64());
+        if claimed.possible_duplicate {
+            metrics::counter!("possible_duplicate_sends_total", "channel" => channel).increment(1);
+            tracing::warn!(id = %rec.id, "resending a message whose earlier provider call may have gone through");
+        }
+        let (outcome, mut ev) = match res {
+            Ok(pmid) => {
+                let mut ev = LogEvent::for_record(rec, channel, "sent", attempt, now);
+                ev.provider = Some(pname.clone());
+                ev.provider_message_id = pmid.clone();
+                let latency = (now - rec.created_at).num_milliseconds().max(0) as f64 / 1000.0;
+                metrics::histogram!("accept_to_sent_seconds", "channel" => channel).record(latency);
+                (
+                    Outcome::Sent {
+                        provider: pname.clone(),
+                        provider_message_id: pmid,
+                    },
+                    ev,
+                )
+            }
+            Err(err) => {
+                let error = AttemptError {
+                    attempt,
+                    at: now,
+                    code: err.code.clone(),
+                    message: err.message.clone(),
+                };
+                let text = match &err.code {
+                    Some(c) => format!("{} (code {c}): {}", pname, err.message),
+                    None => format!("{}: {}", pname, err.message),
+                };
+                match err.class {
+                    ErrorClass::Retryable { retry_after } if attempt < args.retry.max_attempts => {
+                        let delay = args.retry.delay(attempt, retry_after, &mut rng);
+                        let not_before = now
+                            + chrono::Duration::from_std(delay)
+                                .unwrap_or_else(|_| chrono::Duration::seconds(60));
+                        let mut ev = LogEvent::for_record(rec, channel, "retrying", attempt, now);
+                        ev.error = Some(text);
+                        (
+                            Outcome::Retry {
+                                provider: pname.clone(),
+                                error,
+                                not_before,
+                            },
+                            ev,
+                        )
+                    }
+                    _ => {
+                        let mut ev = LogEvent::for_record(rec, channel, "failed", attempt, now);
+                        ev.error = Some(text);
+                        (
+                            Outcome::Failed {
+                                provider: pname.clone(),
+                                error,
+                            },
+                            ev,
+                        )
+                    }
+                }
+            }
+        };
+        let label = match &outcome {
+            Outcome::Sent { .. } => "sent",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Retry { .. } => "retry",
+        };
+        metrics::counter!("deliveries_total", "channel" => channel, "provider" => pname.clone(), "outcome" => label)
+            .increment(1);
+        ev.provider.get_or_insert_with(|| pname.clone());
+        outcomes.push((rec.id.clone(), attempt, outcome));
+        events.push(ev.to_fields());
+        acks.push(entry_id);
+    }
+
+    // The provider has spoken: recording it matters more than anything else, so try hard.
+    let mut wait = Duration::from_millis(100);
+    let mut recorded = false;
+    for _ in 0..8 {
+        match args.store.record_outcomes(owner, &outcomes).await {
+            Ok(()) => {
+                recorded = true;
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, channel, "cannot record outcomes yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    if !recorded {
+        tracing::error!(
+            channel,
+            n = outcomes.len(),
+            "outcomes not recorded; entries stay pending and will be claimed again when stale"
+        );
+        report.retry_soon = true;
+        return report;
+    }
+    let log_entries: Vec<(&str, Vec<(&str, String)>)> =
+        events.into_iter().map(|f| (LOG_STREAM, f)).collect();
+    let mut wait = Duration::from_millis(100);
+    for attempt in 0..5 {
+        match args.queue.append(&log_entries).await {
+            Ok(_) => break,
+            Err(err) if attempt == 4 => {
+                tracing::error!(error = %err, n = log_entries.len(), "log events dropped: Redis unavailable");
+                metrics::counter!("log_events_dropped_total").increment(log_entries.len() as u64);
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+    report.ack.extend(acks);
+    report
+}

@@ -1,0 +1,209 @@
+//! Supervisor: starts every actor, restarts one that fails, and stops them all in order.
+//!
+//! Owns: the child specifications (how to start each child) and the restart history.
+//! Talks to it: `main` (`Shutdown`), ractor's supervision events from its children.
+//! Talks to: its children, only to start and stop them.
+//! On a child's failure: the child is restarted alone, after a backoff that doubles with
+//! each recent restart, as long as fewer than `max_restarts` happened within `window`;
+//! past that it stops itself with the reason (escalation: the process exits non-zero and
+//! its own supervisor, systemd or the orchestrator, takes over). Children keep no
+//! references to one another: they look peers up by name when they need them, so a
+//! restarted peer is found under its old name.
+//! Shutdown stops children in the reverse of their start order: the router first (no new
+//! work), consumers next (their in-flight batch finishes), senders, then the LogIndexer,
+//! which flushes what it holds.
+
+use futures::future::BoxFuture;
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
+    SupervisionEvent,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type SpawnFn =
+    Arc<dyn Fn(ActorCell) -> BoxFuture<'static, Result<ActorCell, SpawnErr>> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ChildSpec {
+    pub name: String,
+    pub spawn: SpawnFn,
+}
+
+#[derive(Clone)]
+pub struct SupervisorArgs {
+    /// In start order.
+    pub children: Vec<ChildSpec>,
+    pub max_restarts: usize,
+    pub window: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Longest wait for one child to stop on shutdown.
+    pub stop_timeout: Duration,
+}
+
+pub enum SupervisorMsg {
+    Restart(String),
+    Shutdown(RpcReplyPort<()>),
+}
+
+pub struct SupervisorState {
+    args: SupervisorArgs,
+    running: HashMap<ActorId, String>,
+    cells: HashMap<String, ActorCell>,
+    restarts: VecDeque<Instant>,
+    shutting_down: bool,
+}
+
+pub struct Supervisor;
+
+impl Supervisor {
+    /// The backoff before the `n`-th restart within the window (1-based).
+    pub fn backoff(args: &SupervisorArgs, n: usize) -> Duration {
+        let exp = (n.saturating_sub(1)).min(16) as u32;
+        args.backoff_base
+            .saturating_mul(1 << exp)
+            .min(args.backoff_max)
+    }
+}
+
+async fn start_child(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    spec: &ChildSpec,
+) -> Result<(), SpawnErr> {
+    let cell = (spec.spawn)(myself.get_cell()).await?;
+    state.running.insert(cell.get_id(), spec.name.clone());
+    state.cells.insert(spec.name.clone(), cell);
+    Ok(())
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut state = SupervisorState {
+            args: args.clone(),
+            running: HashMap::new(),
+            cells: HashMap::new(),
+            restarts: VecDeque::new(),
+            shutting_down: false,
+        };
+        for spec in &args.children {
+            start_child(&myself, &mut state, spec).await?;
+            tracing::info!(actor = %spec.name, "started");
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Restart(name) => {
+                if state.shutting_down {
+                    return Ok(());
+                }
+                let Some(spec) = state.args.children.iter().find(|c| c.name == name).cloned()
+                else {
+                    return Ok(());
+                };
+                match start_child(&myself, state, &spec).await {
+                    Ok(()) => tracing::info!(actor = %name, "restarted"),
+                    Err(err) => {
+                        tracing::error!(actor = %name, error = %err, "restart failed");
+                        child_down(&myself, state, name, &err.to_string());
+                    }
+                }
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                state.shutting_down = true;
+                let order: Vec<String> = state
+                    .args
+                    .children
+                    .iter()
+                    .rev()
+                    .map(|c| c.name.clone())
+                    .collect();
+                for name in order {
+                    if let Some(cell) = state.cells.remove(&name) {
+                        tracing::info!(actor = %name, "stopping");
+                        let _ = cell
+                            .stop_and_wait(Some("shutdown".into()), Some(state.args.stop_timeout))
+                            .await;
+                    }
+                }
+                let _ = reply.send(());
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, format!("stopped: {}", reason.unwrap_or_default()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(name) = state.running.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        if state.cells.get(&name).map(|c| c.get_id()) == Some(cell.get_id()) {
+            state.cells.remove(&name);
+        }
+        if state.shutting_down {
+            return Ok(());
+        }
+        child_down(&myself, state, name, &why);
+        Ok(())
+    }
+}
+
+fn child_down(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    name: String,
+    why: &str,
+) {
+    metrics::counter!("actor_restarts_total", "actor" => name.clone()).increment(1);
+    let now = Instant::now();
+    state.restarts.push_back(now);
+    while state
+        .restarts
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > state.args.window)
+    {
+        state.restarts.pop_front();
+    }
+    let n = state.restarts.len();
+    if n > state.args.max_restarts {
+        tracing::error!(actor = %name, why, restarts = n, window = ?state.args.window,
+            "restart intensity exceeded; escalating");
+        myself.stop(Some(format!(
+            "restart intensity exceeded: {n} restarts within {:?}, last {name} {why}",
+            state.args.window
+        )));
+        return;
+    }
+    let backoff = Supervisor::backoff(&state.args, n);
+    tracing::warn!(actor = %name, why, ?backoff, "child down; restarting");
+    myself.send_after(backoff, move || SupervisorMsg::Restart(name));
+}

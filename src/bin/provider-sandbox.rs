@@ -1,0 +1,358 @@
+//! provider-sandbox: a local stand-in for the two HTTP providers we cannot reach from
+//! here, speaking their documented formats.
+//!
+//! - Twilio: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, basic auth, form fields
+//!   `To`, `Body`, `From` | `MessagingServiceSid`; answers `201` with a Message resource or
+//!   Twilio's error body `{"code","message","more_info","status"}`. Twilio's magic test
+//!   numbers behave as documented: +15005550001 → 21211 (invalid), +15005550009 → 21614
+//!   (not a mobile number).
+//! - Meta WhatsApp Cloud API: `POST /{version}/{phone-number-id}/messages`, bearer token,
+//!   JSON body; answers `200 {"messaging_product","contacts","messages":[{"id"}]}` or
+//!   `{"error":{"message","type","code","error_data","fbtrace_id"}}`. Recipient
+//!   +15005550001 → 131026 (undeliverable).
+//! - `GET /__sandbox/messages` lists what was accepted (`?provider=twilio|whatsapp`);
+//!   `DELETE /__sandbox/messages` forgets it.
+//!
+//! Usage: `provider-sandbox [--addr 127.0.0.1:4010]`; credentials from the environment
+//! (`ACCOUNTSID`, `AUTHTOKEN`, `WHATSAPP_TOKEN`, `WHATSAPP_PHONE_NUMBER_ID`) or the
+//! development defaults printed at start.
+
+use actors::domain::is_e164;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+pub const DEV_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
+pub const DEV_AUTH_TOKEN: &str = "sandbox-auth-token";
+pub const DEV_WHATSAPP_TOKEN: &str = "sandbox-whatsapp-token";
+pub const DEV_PHONE_NUMBER_ID: &str = "100000000000001";
+
+#[derive(Clone)]
+struct Sandbox {
+    account_sid: String,
+    auth_token: String,
+    wa_token: String,
+    phone_number_id: String,
+    received: Arc<Mutex<Vec<Value>>>,
+    seq: Arc<AtomicU64>,
+}
+
+fn json_status(v: Value, status: StatusCode) -> Response {
+    warp::reply::with_status(warp::reply::json(&v), status).into_response()
+}
+
+fn twilio_error(status: u16, code: u32, message: &str) -> Response {
+    json_status(
+        json!({"code": code, "message": message,
+               "more_info": format!("https://www.twilio.com/docs/errors/{code}"), "status": status}),
+        StatusCode::from_u16(status).unwrap(),
+    )
+}
+
+fn meta_error(status: u16, code: u32, message: &str, details: &str) -> Response {
+    json_status(
+        json!({"error": {"message": message, "type": "OAuthException", "code": code,
+               "error_data": {"messaging_product": "whatsapp", "details": details},
+               "fbtrace_id": "AbCdEfGhIjKlMnOpQrStUvW"}}),
+        StatusCode::from_u16(status).unwrap(),
+    )
+}
+
+fn basic_auth(header: Option<&str>) -> Option<(String, String)> {
+    use base64::Engine;
+    let b64 = header?.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let (u, p) = s.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+impl Sandbox {
+    fn next_hex(&self, len: usize) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let s = format!(
+            "{:016x}{:016x}{:016x}",
+            n,
+            t as u64,
+            (t >> 64) as u64 ^ n.rotate_left(17)
+        );
+        s[..len].to_string()
+    }
+
+    fn twilio(&self, sid: String, auth: Option<String>, form: HashMap<String, String>) -> Response {
+        match basic_auth(auth.as_deref()) {
+            Some((u, p))
+                if u == self.account_sid && p == self.auth_token && sid == self.account_sid => {}
+            _ => return twilio_error(401, 20003, "Authenticate"),
+        }
+        let to = form.get("To").map(String::as_str).unwrap_or("");
+        let body = form.get("Body").map(String::as_str).unwrap_or("");
+        let from = form.get("From").cloned();
+        let mss = form.get("MessagingServiceSid").cloned();
+        if to.is_empty() {
+            return twilio_error(400, 21604, "A 'To' phone number is required.");
+        }
+        if body.is_empty() {
+            return twilio_error(400, 21602, "Message body is required.");
+        }
+        if from.is_none() && mss.is_none() {
+            return twilio_error(
+                400,
+                21603,
+                "A 'From' or 'MessagingServiceSid' parameter is required to send a message.",
+            );
+        }
+        if body.chars().count() > 1600 {
+            return twilio_error(
+                400,
+                21617,
+                "The concatenated message body exceeds the 1600 character limit.",
+            );
+        }
+        if !is_e164(to) || to == "+15005550001" {
+            return twilio_error(
+                400,
+                21211,
+                &format!("The 'To' number {to} is not a valid phone number."),
+            );
+        }
+        if to == "+15005550009" {
+            return twilio_error(
+                400,
+                21614,
+                &format!("'To' number {to} is not a valid mobile number"),
+            );
+        }
+        let msid = format!("SM{}", self.next_hex(32));
+        let now = chrono::Utc::now().to_rfc2822().replace("+0000", "+0000");
+        let resource = json!({
+            "account_sid": self.account_sid,
+            "api_version": "2010-04-01",
+            "body": body,
+            "date_created": now,
+            "date_sent": null,
+            "date_updated": now,
+            "direction": "outbound-api",
+            "error_code": null,
+            "error_message": null,
+            "from": from,
+            "messaging_service_sid": mss,
+            "num_media": "0",
+            "num_segments": "1",
+            "price": null,
+            "price_unit": "USD",
+            "sid": msid,
+            "status": if mss.is_some() { "accepted" } else { "queued" },
+            "subresource_uris": {"media": format!("/2010-04-01/Accounts/{}/Messages/{msid}/Media.json", self.account_sid)},
+            "to": to,
+            "uri": format!("/2010-04-01/Accounts/{}/Messages/{msid}.json", self.account_sid),
+        });
+        self.received.lock().unwrap().push(json!({
+            "provider": "twilio", "id": msid, "to": to, "from": from,
+            "messagingServiceSid": mss, "body": body,
+        }));
+        json_status(resource, StatusCode::CREATED)
+    }
+
+    fn whatsapp(&self, phone_id: String, auth: Option<String>, body: Value) -> Response {
+        match auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) {
+            Some(t) if t == self.wa_token => {}
+            _ => {
+                return meta_error(
+                    401,
+                    190,
+                    "Invalid OAuth access token - Cannot parse access token",
+                    "Invalid OAuth access token",
+                )
+            }
+        }
+        if phone_id != self.phone_number_id {
+            return meta_error(400, 100, "Unsupported post request.", "Object with ID does not exist, cannot be loaded due to missing permissions, or does not support this operation");
+        }
+        if body.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
+            return meta_error(
+                400,
+                100,
+                "(#100) The parameter messaging_product is required.",
+                "messaging_product must be \"whatsapp\"",
+            );
+        }
+        let Some(to) = body.get("to").and_then(Value::as_str) else {
+            return meta_error(
+                400,
+                100,
+                "(#100) The parameter to is required.",
+                "to is required",
+            );
+        };
+        if body.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
+            return meta_error(
+                400,
+                131051,
+                "Unsupported message type",
+                "only text messages are simulated",
+            );
+        }
+        let Some(text) = body.pointer("/text/body").and_then(Value::as_str) else {
+            return meta_error(
+                400,
+                100,
+                "(#100) The parameter text['body'] is required.",
+                "text.body is required",
+            );
+        };
+        let normalized = if to.starts_with('+') {
+            to.to_string()
+        } else {
+            format!("+{to}")
+        };
+        if !is_e164(&normalized) {
+            return meta_error(
+                400,
+                100,
+                "(#100) Invalid parameter",
+                &format!("Invalid phone number {to}"),
+            );
+        }
+        if normalized == "+15005550001" {
+            return meta_error(
+                400,
+                131026,
+                "Message undeliverable",
+                "Unable to deliver message: the recipient is not a WhatsApp user",
+            );
+        }
+        let wamid = format!("wamid.{}", self.next_hex(40));
+        self.received.lock().unwrap().push(json!({
+            "provider": "whatsapp", "id": wamid, "to": to, "body": text, "phoneNumberId": phone_id,
+        }));
+        json_status(
+            json!({"messaging_product": "whatsapp",
+                   "contacts": [{"input": to, "wa_id": normalized.trim_start_matches('+')}],
+                   "messages": [{"id": wamid}]}),
+            StatusCode::OK,
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    provider: Option<String>,
+}
+
+fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let with = {
+        let sb = sb.clone();
+        warp::any().map(move || sb.clone())
+    };
+    let twilio = warp::post()
+        .and(warp::path!(
+            "2010-04-01" / "Accounts" / String / "Messages.json"
+        ))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::body::form::<HashMap<String, String>>())
+        .and(with.clone())
+        .map(|sid, auth, form, sb: Sandbox| sb.twilio(sid, auth, form));
+    let wa_versioned = warp::post()
+        .and(warp::path!(String / String / "messages"))
+        .map(|_version: String, id: String| id);
+    let wa_bare = warp::post().and(warp::path!(String / "messages"));
+    let whatsapp = wa_versioned
+        .or(wa_bare)
+        .unify()
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::body::bytes())
+        .and(with.clone())
+        .map(
+            |id, auth, body: bytes::Bytes, sb: Sandbox| match serde_json::from_slice(&body) {
+                Ok(v) => sb.whatsapp(id, auth, v),
+                Err(_) => meta_error(400, 100, "(#100) Invalid parameter", "the body is not JSON"),
+            },
+        );
+    let list = warp::get()
+        .and(warp::path!("__sandbox" / "messages"))
+        .and(warp::query::<ListQuery>())
+        .and(with.clone())
+        .map(|q: ListQuery, sb: Sandbox| {
+            let all = sb.received.lock().unwrap();
+            let items: Vec<&Value> = all
+                .iter()
+                .filter(|m| q.provider.as_deref().is_none_or(|p| m["provider"] == p))
+                .collect();
+            warp::reply::json(&json!({"messages": items})).into_response()
+        });
+    let clear = warp::delete()
+        .and(warp::path!("__sandbox" / "messages"))
+        .and(with)
+        .map(|sb: Sandbox| {
+            sb.received.lock().unwrap().clear();
+            StatusCode::NO_CONTENT.into_response()
+        });
+    twilio
+        .or(whatsapp)
+        .unify()
+        .or(list)
+        .unify()
+        .or(clear)
+        .unify()
+        .recover(|_r: warp::Rejection| async {
+            Ok::<_, Infallible>(json_status(
+                json!({"error": "not found"}),
+                StatusCode::NOT_FOUND,
+            ))
+        })
+        .unify()
+}
+
+#[tokio::main]
+async fn main() {
+    let mut addr = "127.0.0.1:4010".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--addr" => addr = args.next().expect("--addr needs host:port"),
+            other => {
+                eprintln!("unknown argument {other:?}; usage: provider-sandbox [--addr HOST:PORT]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let env = |k: &str, d: &str| {
+        std::env::var(k)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| d.into())
+    };
+    let sb = Sandbox {
+        account_sid: env("ACCOUNTSID", DEV_ACCOUNT_SID),
+        auth_token: env("AUTHTOKEN", DEV_AUTH_TOKEN),
+        wa_token: env("WHATSAPP_TOKEN", DEV_WHATSAPP_TOKEN),
+        phone_number_id: env("WHATSAPP_PHONE_NUMBER_ID", DEV_PHONE_NUMBER_ID),
+        received: Arc::new(Mutex::new(Vec::new())),
+        seq: Arc::new(AtomicU64::new(1)),
+    };
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("provider-sandbox: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "provider-sandbox on http://{addr} (twilio account {}, whatsapp phone number id {})",
+        sb.account_sid, sb.phone_number_id
+    );
+    warp::serve(routes(sb)).incoming(listener).run().await;
+}

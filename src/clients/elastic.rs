@@ -1,0 +1,261 @@
+//! Elasticsearch: index creation with the seed's mappings, and `_bulk` for the LogIndexer.
+//! Implements `actors::ports::SearchSink`.
+
+use actors::ports::{BulkAction, BulkOp, DependencyError, ItemResult, SearchSink};
+use async_trait::async_trait;
+use elasticsearch::auth::Credentials;
+use elasticsearch::http::request::JsonBody;
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use elasticsearch::indices::{IndicesCreateParts, IndicesExistsParts};
+use elasticsearch::{BulkParts, Elasticsearch};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct ElasticSink {
+    client: Elasticsearch,
+    communications_index: String,
+    logs_index: String,
+}
+
+fn err(e: impl std::fmt::Display) -> DependencyError {
+    DependencyError::new("elasticsearch", e)
+}
+
+/// The seed's `communications` model, plus the status fields the records carry.
+pub fn communications_mapping() -> Value {
+    json!({"mappings": {"properties": {
+        "communicationId": {"type": "keyword"},
+        "from": {"type": "keyword"},
+        "to": {"type": "keyword"},
+        "msg": {"type": "text"},
+        "status": {"type": "keyword"},
+        "type": {"type": "keyword"},
+        "stream": {"type": "keyword"},
+        "timestamp": {"type": "date"},
+        "createdAt": {"type": "date"},
+        "updatedAt": {"type": "date"},
+        "attempts": {"type": "integer"},
+        "provider": {"type": "keyword"},
+        "providerMessageId": {"type": "keyword"},
+        "lastError": {"type": "text"}
+    }}})
+}
+
+/// The seed's `communication-logs` model, plus attempt and provider details.
+pub fn logs_mapping() -> Value {
+    json!({"mappings": {"properties": {
+        "service": {"type": "keyword"},
+        "status": {"type": "keyword"},
+        "from": {"type": "keyword"},
+        "to": {"type": "keyword"},
+        "msg": {"type": "text"},
+        "error": {"type": "text"},
+        "timestamp": {"type": "date"},
+        "communicationId": {"type": "keyword"},
+        "type": {"type": "keyword"},
+        "attempt": {"type": "integer"},
+        "createdAt": {"type": "date"},
+        "provider": {"type": "keyword"},
+        "providerMessageId": {"type": "keyword"}
+    }}})
+}
+
+/// Read every item of a bulk answer. HTTP 200 with `"errors": true` is common: an item
+/// that already exists (409 on create) is done, 429 and 5xx are retried, anything else is
+/// refused for good.
+pub fn parse_bulk_items(ops: &[BulkOp], body: &Value) -> Vec<ItemResult> {
+    let items = body.get("items").and_then(Value::as_array);
+    (0..ops.len())
+        .map(|i| {
+            let Some(item) = items.and_then(|a| a.get(i)).and_then(Value::as_object) else {
+                return ItemResult::Retry("missing from the bulk answer".into());
+            };
+            let Some(inner) = item.values().next() else {
+                return ItemResult::Retry("empty bulk item".into());
+            };
+            let status = inner.get("status").and_then(Value::as_u64).unwrap_or(0);
+            let reason = || {
+                inner
+                    .get("error")
+                    .map(|e| match e.get("reason").and_then(Value::as_str) {
+                        Some(r) => format!("{status} {r}"),
+                        None => format!("{status} {e}"),
+                    })
+                    .unwrap_or_else(|| status.to_string())
+            };
+            match status {
+                200..=299 => ItemResult::Done,
+                409 if ops[i].action == BulkAction::Create => ItemResult::Done,
+                409 | 429 | 500..=599 => ItemResult::Retry(reason()),
+                _ => ItemResult::Rejected(reason()),
+            }
+        })
+        .collect()
+}
+
+/// The NDJSON lines of one bulk request.
+pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
+    let mut body = Vec::with_capacity(ops.len() * 2);
+    for op in ops {
+        match &op.action {
+            BulkAction::Create => {
+                body.push(json!({"create": {"_index": op.index, "_id": op.id}}).into());
+                body.push(op.doc.clone().into());
+            }
+            BulkAction::Update { upsert } => {
+                body.push(
+                    json!({"update": {"_index": op.index, "_id": op.id, "retry_on_conflict": 3}})
+                        .into(),
+                );
+                body.push(json!({"doc": op.doc, "upsert": upsert}).into());
+            }
+        }
+    }
+    body
+}
+
+impl ElasticSink {
+    pub fn new(
+        node: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+        communications_index: &str,
+        logs_index: &str,
+    ) -> Result<ElasticSink, DependencyError> {
+        let url = url::Url::parse(node).map_err(err)?;
+        let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+            .timeout(Duration::from_secs(30));
+        if let (Some(u), Some(p)) = (user, password) {
+            builder = builder.auth(Credentials::Basic(u.into(), p.into()));
+        }
+        let transport = builder.build().map_err(err)?;
+        Ok(ElasticSink {
+            client: Elasticsearch::new(transport),
+            communications_index: communications_index.into(),
+            logs_index: logs_index.into(),
+        })
+    }
+
+    pub fn client(&self) -> &Elasticsearch {
+        &self.client
+    }
+
+    /// Create an index with its mapping unless it exists.
+    pub async fn ensure_index(&self, name: &str, mapping: Value) -> Result<(), DependencyError> {
+        let exists = self
+            .client
+            .indices()
+            .exists(IndicesExistsParts::Index(&[name]))
+            .send()
+            .await
+            .map_err(err)?;
+        if exists.status_code().is_success() {
+            return Ok(());
+        }
+        let res = self
+            .client
+            .indices()
+            .create(IndicesCreateParts::Index(name))
+            .body(mapping)
+            .send()
+            .await
+            .map_err(err)?;
+        let code = res.status_code();
+        if code.is_success() {
+            return Ok(());
+        }
+        let body = res.text().await.unwrap_or_default();
+        if body.contains("resource_already_exists") {
+            return Ok(());
+        }
+        Err(err(format!("creating index {name}: {code} {body}")))
+    }
+}
+
+#[async_trait]
+impl SearchSink for ElasticSink {
+    async fn prepare(&self) -> Result<(), DependencyError> {
+        self.ensure_index(&self.communications_index, communications_mapping())
+            .await?;
+        self.ensure_index(&self.logs_index, logs_mapping()).await
+    }
+
+    async fn bulk(&self, ops: &[BulkOp]) -> Result<Vec<ItemResult>, DependencyError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let res = self
+            .client
+            .bulk(BulkParts::None)
+            .body(bulk_body(ops))
+            .send()
+            .await
+            .map_err(err)?;
+        let code = res.status_code();
+        if !code.is_success() {
+            let text = res.text().await.unwrap_or_default();
+            return Err(err(format!(
+                "bulk answered {code}: {}",
+                text.chars().take(300).collect::<String>()
+            )));
+        }
+        let body: Value = res.json().await.map_err(err)?;
+        Ok(parse_bulk_items(ops, &body))
+    }
+
+    async fn ping(&self) -> Result<(), DependencyError> {
+        let res = self.client.ping().send().await.map_err(err)?;
+        if res.status_code().is_success() {
+            Ok(())
+        } else {
+            Err(err(format!("ping answered {}", res.status_code())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(action: BulkAction) -> BulkOp {
+        BulkOp {
+            index: "i".into(),
+            id: "x".into(),
+            action,
+            doc: json!({}),
+        }
+    }
+
+    #[test]
+    fn mixed_bulk_answers_are_read_item_by_item() {
+        let ops = vec![
+            op(BulkAction::Create),
+            op(BulkAction::Create),
+            op(BulkAction::Create),
+            op(BulkAction::Create),
+            op(BulkAction::Update { upsert: json!({}) }),
+        ];
+        let body = json!({"errors": true, "items": [
+            {"create": {"status": 201}},
+            {"create": {"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "exists"}}},
+            {"create": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "busy"}}},
+            {"create": {"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "bad field"}}},
+            {"update": {"status": 503, "error": {"reason": "unavailable"}}}
+        ]});
+        let r = parse_bulk_items(&ops, &body);
+        assert_eq!(r[0], ItemResult::Done);
+        assert_eq!(r[1], ItemResult::Done);
+        assert!(matches!(&r[2], ItemResult::Retry(why) if why.contains("429")));
+        assert!(matches!(&r[3], ItemResult::Rejected(why) if why.contains("bad field")));
+        assert!(matches!(&r[4], ItemResult::Retry(_)));
+    }
+
+    #[test]
+    fn missing_items_are_retried_not_dropped() {
+        let ops = vec![op(BulkAction::Create), op(BulkAction::Create)];
+        let r = parse_bulk_items(&ops, &json!({"items": [{"create": {"status": 201}}]}));
+        assert_eq!(r[0], ItemResult::Done);
+        assert!(matches!(r[1], ItemResult::Retry(_)));
+    }
+}

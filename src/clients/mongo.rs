@@ -1,0 +1,396 @@
+//! MongoDB: the source of truth. Implements `actors::ports::Store`.
+//!
+//! One document per communication in `communications`; fields in camelCase:
+//! `_id, type, from, to, msg, subject?, status, attempts, createdAt, updatedAt, notBefore,
+//! nextAttemptAt, claimedBy?, claimKind?, sendingAt?, sentAt?, failedAt?, provider?,
+//! providerMessageId?, lastError?, errors[]`. There is deliberately no unique index on `to`.
+
+use actors::domain::{AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status};
+use actors::ports::{DependencyError, Store};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime as BsonDate, Document};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+pub const COLLECTION: &str = "communications";
+
+#[derive(Clone)]
+pub struct MongoStore {
+    db: Database,
+    coll: Collection<Document>,
+    /// A new record is swept (queued again) if it is still pending this long after insert.
+    first_look: Duration,
+}
+
+fn err(e: impl std::fmt::Display) -> DependencyError {
+    DependencyError::new("mongodb", e)
+}
+
+fn bdate(t: DateTime<Utc>) -> BsonDate {
+    BsonDate::from_millis(t.timestamp_millis())
+}
+
+fn cdate(d: &Document, k: &str) -> Option<DateTime<Utc>> {
+    d.get_datetime(k).ok().map(|t| t.to_chrono())
+}
+
+impl MongoStore {
+    /// Connects lazily: the driver reconnects by itself, so a MongoDB that is down at start
+    /// or restarts later only delays work.
+    pub async fn new(
+        url: &str,
+        database: &str,
+        first_look: Duration,
+    ) -> Result<MongoStore, DependencyError> {
+        let mut opts = ClientOptions::parse(url).await.map_err(err)?;
+        opts.app_name = Some("comm-aggregator".into());
+        opts.server_selection_timeout
+            .get_or_insert(Duration::from_secs(5));
+        opts.connect_timeout.get_or_insert(Duration::from_secs(3));
+        let client = Client::with_options(opts).map_err(err)?;
+        let db = client.database(database);
+        let coll = db.collection::<Document>(COLLECTION);
+        Ok(MongoStore {
+            db,
+            coll,
+            first_look,
+        })
+    }
+
+    /// Indexes the queries need. Idempotent.
+    pub async fn ensure_indexes(&self) -> Result<(), DependencyError> {
+        let models = vec![
+            IndexModel::builder()
+                .keys(doc! {"status": 1, "nextAttemptAt": 1})
+                .options(IndexOptions::builder().name("due".to_string()).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"createdAt": -1})
+                .options(IndexOptions::builder().name("created".to_string()).build())
+                .build(),
+        ];
+        self.coll.create_indexes(models).await.map_err(err)?;
+        Ok(())
+    }
+
+    pub fn collection(&self) -> &Collection<Document> {
+        &self.coll
+    }
+
+    fn to_doc(r: &Communication, next_look: DateTime<Utc>) -> Result<Document, DependencyError> {
+        let oid = ObjectId::parse_str(&r.id).map_err(err)?;
+        let mut d = doc! {
+            "_id": oid,
+            "type": r.channel.as_str(),
+            "from": &r.from,
+            "to": &r.to,
+            "msg": &r.msg,
+            "status": r.status.as_str(),
+            "attempts": r.attempts as i32,
+            "createdAt": bdate(r.created_at),
+            "updatedAt": bdate(r.updated_at),
+            "notBefore": bdate(r.created_at),
+            "nextAttemptAt": bdate(next_look),
+            "errors": [],
+        };
+        if let Some(s) = &r.subject {
+            d.insert("subject", s);
+        }
+        Ok(d)
+    }
+
+    pub fn from_doc(d: &Document) -> Option<Communication> {
+        let errors = d
+            .get_array("errors")
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_document())
+                    .map(|e| AttemptError {
+                        attempt: e.get_i32("attempt").unwrap_or(0) as u32,
+                        at: cdate(e, "at").unwrap_or_default(),
+                        code: e.get_str("code").ok().map(str::to_string),
+                        message: e.get_str("message").unwrap_or_default().to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Communication {
+            id: d.get_object_id("_id").ok()?.to_hex(),
+            channel: Channel::parse(d.get_str("type").ok()?)?,
+            from: d.get_str("from").ok()?.to_string(),
+            to: d.get_str("to").ok()?.to_string(),
+            msg: d.get_str("msg").ok()?.to_string(),
+            subject: d.get_str("subject").ok().map(str::to_string),
+            status: Status::parse(d.get_str("status").ok()?)?,
+            attempts: d.get_i32("attempts").unwrap_or(0) as u32,
+            created_at: cdate(d, "createdAt")?,
+            updated_at: cdate(d, "updatedAt").or_else(|| cdate(d, "createdAt"))?,
+            provider: d.get_str("provider").ok().map(str::to_string),
+            provider_message_id: d.get_str("providerMessageId").ok().map(str::to_string),
+            last_error: d.get_str("lastError").ok().map(str::to_string),
+            errors,
+        })
+    }
+
+    /// The document as the API shows it.
+    pub fn to_api_json(d: &Document) -> serde_json::Value {
+        let mut v: serde_json::Value = Bson::Document(d.clone()).into_relaxed_extjson();
+        if let Some(obj) = v.as_object_mut() {
+            if let Some(id) = d.get_object_id("_id").ok() {
+                obj.remove("_id");
+                obj.insert("id".into(), serde_json::Value::String(id.to_hex()));
+            }
+            for k in ["claimedBy", "claimKind", "nextAttemptAt"] {
+                obj.remove(k);
+            }
+            for (_, val) in obj.iter_mut() {
+                flatten_dates(val);
+            }
+        }
+        v
+    }
+
+    pub async fn get_doc(&self, id: &str) -> Result<Option<Document>, DependencyError> {
+        let Ok(oid) = ObjectId::parse_str(id) else {
+            return Ok(None);
+        };
+        self.coll.find_one(doc! {"_id": oid}).await.map_err(err)
+    }
+
+    async fn run_update(
+        &self,
+        updates: Vec<Document>,
+        ordered: bool,
+    ) -> Result<Document, DependencyError> {
+        let reply = self
+            .db
+            .run_command(doc! {"update": COLLECTION, "updates": updates, "ordered": ordered})
+            .await
+            .map_err(err)?;
+        if let Ok(errs) = reply.get_array("writeErrors") {
+            if !errs.is_empty() {
+                return Err(err(format!("write errors: {errs:?}")));
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// Relaxed extended JSON writes dates as `{"$date": "..."}`; the API shows plain strings.
+fn flatten_dates(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if o.len() == 1 {
+                if let Some(serde_json::Value::String(s)) = o.get("$date") {
+                    *v = serde_json::Value::String(s.clone());
+                    return;
+                }
+            }
+            for (_, x) in o.iter_mut() {
+                flatten_dates(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(flatten_dates),
+        _ => {}
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn insert_many(&self, records: &[Communication]) -> Result<(), DependencyError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        // Not swept before the batch has had time to reach its stream.
+        let next_look = Utc::now()
+            + chrono::Duration::from_std(self.first_look).unwrap_or(chrono::Duration::seconds(30));
+        let docs = records
+            .iter()
+            .map(|r| MongoStore::to_doc(r, next_look))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.coll
+            .insert_many(docs)
+            .ordered(false)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        ids: &[String],
+        owner: &str,
+        stale_after: Duration,
+    ) -> Result<Vec<ClaimResult>, DependencyError> {
+        let oids: Vec<ObjectId> = ids
+            .iter()
+            .filter_map(|i| ObjectId::parse_str(i).ok())
+            .collect();
+        let now = Utc::now();
+        let stale =
+            chrono::Duration::from_std(stale_after).unwrap_or(chrono::Duration::seconds(30));
+        let cutoff = bdate(now - stale);
+        // Swept again only if this claim is abandoned.
+        let next_look = bdate(now + stale + chrono::Duration::seconds(1));
+        let set = |kind: &str| {
+            doc! {
+                "$set": {"status": "sending", "claimedBy": owner, "claimKind": kind,
+                         "sendingAt": bdate(now), "updatedAt": bdate(now), "nextAttemptAt": next_look},
+                "$inc": {"attempts": 1},
+            }
+        };
+        self.run_update(
+            vec![
+                doc! {"q": {"_id": {"$in": &oids}, "status": "pending", "notBefore": {"$lte": bdate(now)}},
+                      "u": set("fresh"), "multi": true},
+                doc! {"q": {"_id": {"$in": &oids}, "status": "sending", "sendingAt": {"$lt": cutoff}},
+                      "u": set("stale"), "multi": true},
+            ],
+            true,
+        )
+        .await?;
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id": {"$in": &oids}})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        let by_id: HashMap<String, &Document> = docs
+            .iter()
+            .filter_map(|d| Some((d.get_object_id("_id").ok()?.to_hex(), d)))
+            .collect();
+        let mut seen = HashSet::new();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let Some(d) = by_id.get(id) else {
+                    return ClaimResult::Skip("no such record");
+                };
+                if !seen.insert(id.clone()) {
+                    return ClaimResult::Skip("duplicate entry in the same batch");
+                }
+                let status = d.get_str("status").ok().and_then(Status::parse);
+                match status {
+                    Some(Status::Sending) if d.get_str("claimedBy").ok() == Some(owner) => {
+                        match MongoStore::from_doc(d) {
+                            Some(record) => ClaimResult::Claimed(Claimed {
+                                possible_duplicate: d.get_str("claimKind").ok() == Some("stale"),
+                                record,
+                            }),
+                            None => ClaimResult::Skip("unreadable record"),
+                        }
+                    }
+                    Some(Status::Sending) => ClaimResult::Busy,
+                    Some(s) if s.is_terminal() => ClaimResult::Skip("already final"),
+                    Some(_) => ClaimResult::Skip("retry not yet due"),
+                    None => ClaimResult::Skip("unknown status"),
+                }
+            })
+            .collect())
+    }
+
+    async fn record_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &[(String, u32, Outcome)],
+    ) -> Result<(), DependencyError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let now = bdate(Utc::now());
+        let err_doc = |e: &AttemptError| {
+            let mut d =
+                doc! {"attempt": e.attempt as i32, "at": bdate(e.at), "message": &e.message};
+            if let Some(c) = &e.code {
+                d.insert("code", c);
+            }
+            d
+        };
+        let mut updates = Vec::with_capacity(outcomes.len());
+        for (id, _attempt, outcome) in outcomes {
+            let oid = ObjectId::parse_str(id).map_err(err)?;
+            let q = doc! {"_id": oid, "claimedBy": owner, "status": "sending"};
+            let u = match outcome {
+                Outcome::Sent {
+                    provider,
+                    provider_message_id,
+                } => doc! {
+                    "$set": {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
+                             "providerMessageId": provider_message_id.clone().map(Bson::String).unwrap_or(Bson::Null)},
+                    "$unset": {"claimedBy": "", "nextAttemptAt": ""},
+                },
+                Outcome::Failed { provider, error } => doc! {
+                    "$set": {"status": "failed", "failedAt": now, "updatedAt": now, "provider": provider,
+                             "lastError": &error.message},
+                    "$push": {"errors": err_doc(error)},
+                    "$unset": {"claimedBy": "", "nextAttemptAt": ""},
+                },
+                Outcome::Retry {
+                    provider,
+                    error,
+                    not_before,
+                } => doc! {
+                    "$set": {"status": "pending", "updatedAt": now, "provider": provider,
+                             "lastError": &error.message, "notBefore": bdate(*not_before),
+                             "nextAttemptAt": bdate(*not_before)},
+                    "$push": {"errors": err_doc(error)},
+                    "$unset": {"claimedBy": ""},
+                },
+            };
+            updates.push(doc! {"q": q, "u": u});
+        }
+        self.run_update(updates, false).await?;
+        Ok(())
+    }
+
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        recheck: Duration,
+        limit: usize,
+    ) -> Result<Vec<Communication>, DependencyError> {
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"status": {"$in": ["pending", "sending"]}, "nextAttemptAt": {"$lte": bdate(now)}})
+            .limit(limit as i64)
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let oids: Vec<Bson> = docs.iter().filter_map(|d| d.get("_id").cloned()).collect();
+        let next = bdate(
+            now + chrono::Duration::from_std(recheck).unwrap_or(chrono::Duration::seconds(30)),
+        );
+        self.coll
+            .update_many(
+                doc! {"_id": {"$in": oids}, "nextAttemptAt": {"$lte": bdate(now)}},
+                doc! {"$set": {"nextAttemptAt": next}},
+            )
+            .await
+            .map_err(err)?;
+        Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {
+        Ok(self
+            .get_doc(id)
+            .await?
+            .as_ref()
+            .and_then(MongoStore::from_doc))
+    }
+
+    async fn ping(&self) -> Result<(), DependencyError> {
+        self.db.run_command(doc! {"ping": 1}).await.map_err(err)?;
+        Ok(())
+    }
+}

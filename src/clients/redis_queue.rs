@@ -1,0 +1,242 @@
+//! Redis Streams: implements `actors::ports::Queue` with a `ConnectionManager` (it
+//! reconnects by itself after Redis restarts).
+
+use actors::domain::StreamEntry;
+use actors::ports::{DependencyError, Queue, ReadFrom};
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+pub struct RedisQueue {
+    client: redis::Client,
+    response_timeout: Duration,
+    conn: Mutex<Option<ConnectionManager>>,
+}
+
+fn err(e: impl std::fmt::Display) -> DependencyError {
+    DependencyError::new("redis", e)
+}
+
+impl RedisQueue {
+    pub fn new(url: &str, response_timeout: Duration) -> Result<RedisQueue, DependencyError> {
+        let client = redis::Client::open(url).map_err(err)?;
+        Ok(RedisQueue {
+            client,
+            response_timeout,
+            conn: Mutex::new(None),
+        })
+    }
+
+    /// The connection, made on first use and again after a failed attempt.
+    async fn conn(&self) -> Result<ConnectionManager, DependencyError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let c = ConnectionManager::new_with_config(self.client.clone(), cfg)
+            .await
+            .map_err(err)?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn query(&self, cmd: &redis::Cmd) -> Result<Value, DependencyError> {
+        let mut c = self.conn().await?;
+        cmd.query_async(&mut c).await.map_err(err)
+    }
+
+    /// Length and pending count of a stream's group, for metrics and tests.
+    pub async fn group_pending(&self, stream: &str, group: &str) -> Result<i64, DependencyError> {
+        let v = self
+            .query(redis::cmd("XPENDING").arg(stream).arg(group))
+            .await?;
+        match v {
+            Value::Array(items) => match items.first() {
+                Some(Value::Int(n)) => Ok(*n),
+                _ => Ok(0),
+            },
+            _ => Ok(0),
+        }
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+/// `[id, [field, value, ...]]`; a nil body (entry deleted meanwhile) yields no fields.
+fn parse_entry(v: &Value) -> Option<StreamEntry> {
+    let Value::Array(parts) = v else { return None };
+    let id = text(parts.first()?)?;
+    let mut fields = Vec::new();
+    match parts.get(1) {
+        Some(Value::Array(kv)) => {
+            for pair in kv.chunks(2) {
+                if let [k, val] = pair {
+                    fields.push((text(k)?, text(val).unwrap_or_default()));
+                }
+            }
+        }
+        Some(Value::Map(kv)) => {
+            for (k, val) in kv {
+                fields.push((text(k)?, text(val).unwrap_or_default()));
+            }
+        }
+        _ => {}
+    }
+    Some(StreamEntry { id, fields })
+}
+
+fn parse_entries(v: &Value) -> Vec<StreamEntry> {
+    match v {
+        Value::Array(items) => items.iter().filter_map(parse_entry).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// XREADGROUP answers `[[stream, [entries]]]` (or a map in RESP3), nil on timeout.
+fn parse_read(v: &Value) -> Vec<StreamEntry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(pair) if pair.len() == 2 => parse_entries(&pair[1]),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    async fn append(
+        &self,
+        entries: &[(&str, Vec<(&str, String)>)],
+    ) -> Result<Vec<String>, DependencyError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (stream, fields) in entries {
+            let c = pipe.cmd("XADD").arg(*stream).arg("*");
+            for (k, v) in fields {
+                c.arg(*k).arg(v.as_str());
+            }
+        }
+        let mut c = self.conn().await?;
+        let ids: Vec<String> = pipe.query_async(&mut c).await.map_err(err)?;
+        Ok(ids)
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), DependencyError> {
+        let res = self
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(stream)
+                    .arg(group)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.message.contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: ReadFrom,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1));
+        let start = match from {
+            ReadFrom::OwnPending(after) => after,
+            ReadFrom::New => {
+                cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+                ">".to_string()
+            }
+        };
+        cmd.arg("STREAMS").arg(stream).arg(start);
+        Ok(parse_read(&self.query(&cmd).await?))
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.query(redis::cmd("XACK").arg(stream).arg(group).arg(ids))
+            .await?;
+        Ok(())
+    }
+
+    async fn autoclaim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let v = self
+            .query(
+                redis::cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count.max(1)),
+            )
+            .await?;
+        match v {
+            Value::Array(parts) if parts.len() >= 2 => Ok(parse_entries(&parts[1])
+                .into_iter()
+                .filter(|e| !e.fields.is_empty())
+                .collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn dedicated(&self) -> Arc<dyn Queue> {
+        Arc::new(RedisQueue {
+            client: self.client.clone(),
+            response_timeout: self.response_timeout,
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn ping(&self) -> Result<(), DependencyError> {
+        self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,395 @@
+//! Configuration: `config.toml` for defaults, the environment for overrides and secrets.
+//! A bad value stops start-up with a message naming the setting or variable.
+
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub mongodb: Mongo,
+    pub redis: Redis,
+    pub elasticsearch: Elastic,
+    pub router: Router,
+    pub sender: Sender,
+    pub sweeper: Sweeper,
+    pub log_indexer: LogIndexer,
+    pub supervisor: Supervisor,
+    pub providers: Providers,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub shutdown_deadline_ms: u64,
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mongo {
+    pub url: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: String,
+    pub group: String,
+    pub consumer_name: String,
+    pub read_count: usize,
+    pub block_ms: u64,
+    pub claim_idle_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Elastic {
+    pub node: String,
+    pub communications_index: String,
+    pub logs_index: String,
+    #[serde(skip)]
+    pub user: Option<String>,
+    #[serde(skip)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Router {
+    pub batch_max: usize,
+    pub linger_ms: u64,
+    pub max_inflight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sender {
+    pub concurrency: usize,
+    pub stale_after_ms: u64,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_cap_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweeper {
+    pub interval_ms: u64,
+    pub recheck_ms: u64,
+    pub batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogIndexer {
+    pub max_docs: usize,
+    pub max_bytes: usize,
+    pub max_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Supervisor {
+    pub max_restarts: usize,
+    pub window_ms: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Providers {
+    pub timeout_ms: u64,
+    pub sms: Sms,
+    pub whatsapp: Whatsapp,
+    pub email: Email,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sms {
+    pub api_base: String,
+    pub account_sid: String,
+    pub messaging_service_sid: String,
+    #[serde(skip)]
+    pub auth_token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Whatsapp {
+    pub api_base: String,
+    pub phone_number_id: String,
+    #[serde(skip)]
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Email {
+    pub smtp_url: String,
+    pub default_subject: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    /// Read `path`, then apply the environment (`env` lists the variables).
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let mut cfg: Config =
+            toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        cfg.apply_env(env)?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    pub fn from_process_env(path: &Path) -> Result<Config, ConfigError> {
+        Config::load(path, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(name: &str, v: String) -> Result<T, ConfigError> {
+            v.trim()
+                .parse()
+                .map_err(|_| bad(format!("{name}={v:?} is not a valid number")))
+        }
+        if let Some(v) = env("HOST") {
+            self.server.host = v;
+        }
+        if let Some(v) = env("PORT") {
+            self.server.port = num("PORT", v)?;
+        }
+        if let Some(v) = env("SHUTDOWN_DEADLINE_MS") {
+            self.server.shutdown_deadline_ms = num("SHUTDOWN_DEADLINE_MS", v)?;
+        }
+        if let Some(v) = env("LOG_FORMAT") {
+            self.server.log_format = v;
+        }
+        if let Some(v) = env("MONGODB_URL") {
+            self.mongodb.url = v;
+        }
+        if let Some(v) = env("MONGODB_DATABASE") {
+            self.mongodb.database = v;
+        }
+        if let Some(v) = env("REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = env("REDIS_GROUP") {
+            self.redis.group = v;
+        }
+        if let Some(v) = env("CONSUMER_NAME") {
+            self.redis.consumer_name = v;
+        }
+        if let Some(v) = env("CLAIM_IDLE_MS") {
+            self.redis.claim_idle_ms = num("CLAIM_IDLE_MS", v)?;
+        }
+        if let Some(v) = env("ELASTICSEARCH_NODE") {
+            self.elasticsearch.node = v;
+        }
+        self.elasticsearch.user = env("ELASTICSEARCH_USER");
+        self.elasticsearch.password = env("ELASTICSEARCH_PASSWORD");
+        if let Some(v) = env("STALE_AFTER_MS") {
+            self.sender.stale_after_ms = num("STALE_AFTER_MS", v)?;
+        }
+        if let Some(v) = env("MAX_ATTEMPTS") {
+            self.sender.max_attempts = num("MAX_ATTEMPTS", v)?;
+        }
+        if let Some(v) = env("BACKOFF_BASE_MS") {
+            self.sender.backoff_base_ms = num("BACKOFF_BASE_MS", v)?;
+        }
+        if let Some(v) = env("SWEEP_RECHECK_MS") {
+            self.sweeper.recheck_ms = num("SWEEP_RECHECK_MS", v)?;
+        }
+        if let Some(v) = env("PROVIDER_TIMEOUT_MS") {
+            self.providers.timeout_ms = num("PROVIDER_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = env("TWILIO_API_BASE") {
+            self.providers.sms.api_base = v;
+        }
+        if let Some(v) = env("ACCOUNTSID") {
+            self.providers.sms.account_sid = v;
+        }
+        if let Some(v) = env("MSG_ID") {
+            self.providers.sms.messaging_service_sid = v;
+        }
+        self.providers.sms.auth_token = env("AUTHTOKEN").unwrap_or_default();
+        if let Some(v) = env("WHATSAPP_API_BASE") {
+            self.providers.whatsapp.api_base = v;
+        }
+        if let Some(v) = env("WHATSAPP_PHONE_NUMBER_ID") {
+            self.providers.whatsapp.phone_number_id = v;
+        }
+        self.providers.whatsapp.token = env("WHATSAPP_TOKEN").unwrap_or_default();
+        if let Some(v) = env("SMTP_URL") {
+            self.providers.email.smtp_url = v;
+        }
+        if let Some(v) = env("EMAIL_DEFAULT_SUBJECT") {
+            self.providers.email.default_subject = v;
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let url = |name: &str, v: &str, schemes: &[&str]| -> Result<(), ConfigError> {
+            let u =
+                url::Url::parse(v).map_err(|e| bad(format!("{name}={v:?} is not a URL: {e}")))?;
+            if !schemes.contains(&u.scheme()) {
+                return Err(bad(format!(
+                    "{name}={v:?}: scheme must be one of {schemes:?}"
+                )));
+            }
+            Ok(())
+        };
+        url(
+            "MONGODB_URL",
+            &self.mongodb.url,
+            &["mongodb", "mongodb+srv"],
+        )?;
+        url(
+            "REDIS_URL",
+            &self.redis.url,
+            &["redis", "rediss", "redis+unix", "unix"],
+        )?;
+        url(
+            "ELASTICSEARCH_NODE",
+            &self.elasticsearch.node,
+            &["http", "https"],
+        )?;
+        url(
+            "TWILIO_API_BASE",
+            &self.providers.sms.api_base,
+            &["http", "https"],
+        )?;
+        url(
+            "WHATSAPP_API_BASE",
+            &self.providers.whatsapp.api_base,
+            &["http", "https"],
+        )?;
+        url(
+            "SMTP_URL",
+            &self.providers.email.smtp_url,
+            &["smtp", "smtps"],
+        )?;
+        let missing = |name: &str, v: &str, why: &str| -> Result<(), ConfigError> {
+            if v.trim().is_empty() {
+                Err(bad(format!("{name} is not set: {why}")))
+            } else {
+                Ok(())
+            }
+        };
+        missing(
+            "ACCOUNTSID",
+            &self.providers.sms.account_sid,
+            "the Twilio Account SID (starts with AC)",
+        )?;
+        missing(
+            "AUTHTOKEN",
+            &self.providers.sms.auth_token,
+            "the Twilio auth token",
+        )?;
+        missing(
+            "WHATSAPP_PHONE_NUMBER_ID",
+            &self.providers.whatsapp.phone_number_id,
+            "the WhatsApp Business phone number id",
+        )?;
+        missing(
+            "WHATSAPP_TOKEN",
+            &self.providers.whatsapp.token,
+            "the WhatsApp Cloud API access token",
+        )?;
+        if !["text", "json"].contains(&self.server.log_format.as_str()) {
+            return Err(bad(format!(
+                "LOG_FORMAT={:?}: must be \"text\" or \"json\"",
+                self.server.log_format
+            )));
+        }
+        if self.redis.claim_idle_ms <= self.providers.timeout_ms {
+            return Err(bad(format!(
+                "redis.claim_idle_ms ({}) must be longer than providers.timeout_ms ({}), or live sends get taken over",
+                self.redis.claim_idle_ms, self.providers.timeout_ms
+            )));
+        }
+        if self.sender.stale_after_ms <= self.providers.timeout_ms {
+            return Err(bad(format!(
+                "sender.stale_after_ms ({}) must be longer than providers.timeout_ms ({})",
+                self.sender.stale_after_ms, self.providers.timeout_ms
+            )));
+        }
+        for (name, v) in [
+            ("router.batch_max", self.router.batch_max),
+            ("redis.read_count", self.redis.read_count),
+            ("sender.concurrency", self.sender.concurrency),
+            ("sender.max_attempts", self.sender.max_attempts as usize),
+            ("log_indexer.max_docs", self.log_indexer.max_docs),
+            ("sweeper.batch", self.sweeper.batch),
+        ] {
+            if v == 0 {
+                return Err(bad(format!("{name} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        Config::load(&path, &move |k| m.get(k).cloned())
+    }
+
+    const CREDS: [(&str, &str); 4] = [
+        ("ACCOUNTSID", "AC00000000000000000000000000000000"),
+        ("AUTHTOKEN", "t"),
+        ("WHATSAPP_PHONE_NUMBER_ID", "1"),
+        ("WHATSAPP_TOKEN", "w"),
+    ];
+
+    #[test]
+    fn shipped_file_loads_and_env_overrides_it() {
+        let mut v = CREDS.to_vec();
+        v.push(("PORT", "4000"));
+        v.push(("REDIS_URL", "redis://127.0.0.1:7000"));
+        let c = load(&v).unwrap();
+        assert_eq!(c.server.port, 4000);
+        assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
+        assert_eq!(c.mongodb.database, "communication-aggregator");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let mut v = CREDS.to_vec();
+        v.push(("PORT", "http"));
+        assert!(load(&v).unwrap_err().to_string().contains("PORT"));
+        let mut v = CREDS.to_vec();
+        v.push(("MONGODB_URL", "postgres://x"));
+        assert!(load(&v).unwrap_err().to_string().contains("MONGODB_URL"));
+        let err = load(&CREDS[1..]).unwrap_err().to_string();
+        assert!(err.contains("ACCOUNTSID"), "{err}");
+    }
+}

@@ -1,0 +1,300 @@
+//! The HTTP edge (warp): the API, health, readiness and `/metrics`. Every error has the
+//! shape `{"error":{"code":"...","message":"..."}}`; driver messages never reach clients.
+
+use crate::clients::mongo::MongoStore;
+use actors::domain::{validate, RawRequest};
+use actors::ports::{Queue, SearchSink, Store};
+use actors::ractor::ActorRef;
+use actors::router::{self, RouterMsg};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use warp::http::{header, StatusCode};
+use warp::reply::{Reply, Response};
+use warp::Filter;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: u64 = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<MongoStore>,
+    pub queue: Arc<dyn Queue>,
+    pub search: Arc<dyn SearchSink>,
+    pub prometheus: PrometheusHandle,
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({"error": {"code": code, "message": message.into()}});
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+fn unavailable(code: &str, message: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/api/v1/communication" => "/api/v1/communication",
+        p if p.starts_with("/api/v1/communication/") => "/api/v1/communication/{id}",
+        "/metrics" => "/metrics",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        _ => "other",
+    }
+}
+
+pub fn routes(
+    state: AppState,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_state = {
+        let s = state.clone();
+        warp::any().map(move || s.clone())
+    };
+
+    let create = warp::path!("api" / "v1" / "communication")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::content_length_limit(BODY_LIMIT))
+        .and(warp::body::bytes())
+        .and(with_state.clone())
+        .then(create_communication);
+
+    let get_one = warp::path!("api" / "v1" / "communication" / String)
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(get_communication);
+
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(|s: AppState| {
+            let mut r = s.prometheus.render().into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        });
+
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
+
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state.clone())
+        .then(readiness);
+
+    create
+        .or(get_one)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .recover(handle_rejection)
+        .unify()
+        .with(warp::log::custom(|info| {
+            let route = route_label(info.path());
+            let status = info.status().as_u16().to_string();
+            metrics::counter!("http_requests_total", "route" => route, "status" => status)
+                .increment(1);
+            metrics::histogram!("http_request_duration_seconds", "route" => route)
+                .record(info.elapsed().as_secs_f64());
+        }))
+}
+
+async fn create_communication(
+    content_type: Option<String>,
+    body: bytes::Bytes,
+    state: AppState,
+) -> Response {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return unavailable(
+            "shutting_down",
+            "the service is shutting down; retry on another instance or shortly",
+        );
+    }
+    let is_json = content_type
+        .as_deref()
+        .map(|ct| {
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            mime == "application/json" || mime.ends_with("+json")
+        })
+        .unwrap_or(false);
+    if !is_json {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON, sent with content-type: application/json",
+        );
+    }
+    let raw: RawRequest = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(map)) => {
+            match serde_json::from_value(serde_json::Value::Object(map)) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_json",
+                        format!("malformed request: {e}"),
+                    )
+                }
+            }
+        }
+        Ok(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object with type and data",
+            )
+        }
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("malformed JSON: {e}"),
+            )
+        }
+    };
+    let req = match validate(&raw) {
+        Ok(r) => r,
+        Err(e) => {
+            let body = json!({"error": {"code": "validation_failed", "field": e.field, "message": e.message}});
+            return warp::reply::with_status(warp::reply::json(&body), StatusCode::BAD_REQUEST)
+                .into_response();
+        }
+    };
+    let Some(router) = ActorRef::<RouterMsg>::where_is(router::NAME.to_string()) else {
+        return unavailable(
+            "unavailable",
+            "the router is restarting; nothing was stored, retry shortly",
+        );
+    };
+    let answer = router
+        .call(
+            |reply| RouterMsg::Accept(req, reply),
+            Some(Duration::from_secs(15)),
+        )
+        .await;
+    match answer {
+        Ok(actors::ractor::rpc::CallResult::Success(Ok(rec))) => {
+            let body = json!({
+                "status": "queued",
+                "stream": rec.channel.stream(),
+                "id": rec.id,
+                "data": {"from": rec.from, "to": rec.to, "msg": rec.msg},
+            });
+            warp::reply::json(&body).into_response()
+        }
+        Ok(actors::ractor::rpc::CallResult::Success(Err(e))) => {
+            tracing::warn!(error = %e, "request not stored");
+            unavailable(
+                "store_unavailable",
+                "the message store is unavailable; nothing was stored, retry later",
+            )
+        }
+        _ => unavailable(
+            "unavailable",
+            "the request could not be processed in time; it may not have been stored, retry later",
+        ),
+    }
+}
+
+async fn get_communication(id: String, state: AppState) -> Response {
+    if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "a communication id is 24 hexadecimal digits",
+        );
+    }
+    match state.store.get_doc(&id).await {
+        Ok(Some(d)) => warp::reply::json(&MongoStore::to_api_json(&d)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no communication {id}"),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "lookup failed");
+            unavailable(
+                "store_unavailable",
+                "the message store is unavailable, retry later",
+            )
+        }
+    }
+}
+
+async fn readiness(state: AppState) -> Response {
+    let t = Duration::from_secs(2);
+    let (m, r, e) = tokio::join!(
+        tokio::time::timeout(t, state.store.ping()),
+        tokio::time::timeout(t, state.queue.ping()),
+        tokio::time::timeout(t, state.search.ping()),
+    );
+    let ok = |x: Result<Result<(), actors::ports::DependencyError>, _>| matches!(x, Ok(Ok(())));
+    let checks = json!({"mongodb": ok(m), "redis": ok(r), "elasticsearch": ok(e)});
+    let all = checks.as_object().unwrap().values().all(|v| v == true);
+    let shutting = state.shutting_down.load(Ordering::Relaxed);
+    let body = json!({"ready": all && !shutting, "checks": checks, "shuttingDown": shutting});
+    let status = if all && !shutting {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+async fn handle_rejection(err: warp::Rejection) -> Result<Response, Infallible> {
+    let r = if err.is_not_found() {
+        error(StatusCode::NOT_FOUND, "not_found", "no such route")
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {BODY_LIMIT} bytes"),
+        )
+    } else if err.find::<warp::reject::LengthRequired>().is_some() {
+        error(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "a content-length is required",
+        )
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed on this route",
+        )
+    } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "unsupported content type",
+        )
+    } else {
+        tracing::debug!(?err, "unhandled rejection");
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request could not be read",
+        )
+    };
+    Ok(r)
+}

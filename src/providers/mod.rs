@@ -1,0 +1,126 @@
+//! Provider clients, each speaking the provider's documented API, and the pure functions
+//! that classify their answers as success, retryable or permanent.
+
+pub mod smtp;
+pub mod twilio;
+pub mod whatsapp;
+
+use actors::domain::{ErrorClass, ProviderError};
+use std::time::Duration;
+
+/// `Retry-After` in seconds (the form Twilio and Meta send).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// A transport failure (connection refused, reset, timeout): always worth another try.
+pub fn network_error(provider: &str, e: &reqwest::Error) -> ProviderError {
+    ProviderError {
+        class: ErrorClass::Retryable { retry_after: None },
+        code: Some(if e.is_timeout() { "timeout" } else { "network" }.into()),
+        message: format!("{provider} unreachable: {e}"),
+    }
+}
+
+/// Twilio: HTTP status plus Twilio's own error code
+/// (<https://www.twilio.com/docs/api/errors>).
+/// - 20429 "Too Many Requests", HTTP 429 and HTTP 5xx: retryable, honouring Retry-After.
+/// - 21211 "Invalid 'To' Phone Number", 21614 "'To' number is not a valid mobile number",
+///   21610 "Attempt to send to unsubscribed recipient", 21408 "Permission to send an SMS
+///   has not been enabled for the region", 20003 "Authenticate" and other 4xx: permanent.
+pub fn classify_twilio(
+    status: u16,
+    code: Option<i64>,
+    retry_after: Option<Duration>,
+) -> ErrorClass {
+    match (status, code) {
+        (_, Some(20429)) | (429, _) => ErrorClass::Retryable { retry_after },
+        (500..=599, _) => ErrorClass::Retryable { retry_after },
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// Meta WhatsApp Cloud API error codes
+/// (<https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes>).
+/// Retryable: 4 (API Too Many Calls), 80007 (rate limit issues), 130429 (Cloud API
+/// message throughput reached), 131056 (pair rate limit), 131000 (something went wrong),
+/// 131016 (service unavailable), 133004 (server temporarily unavailable), 1 and 2 (API
+/// unknown / service), plus HTTP 429 and 5xx. Permanent: 100 (invalid parameter), 190
+/// (access token expired), 131026 (message undeliverable), 131030 (recipient not in allowed
+/// list), 131047 (re-engagement message), 131051 (unsupported message type) and the rest.
+pub fn classify_meta(status: u16, code: Option<i64>, retry_after: Option<Duration>) -> ErrorClass {
+    const RETRYABLE: [i64; 9] = [1, 2, 4, 80007, 130429, 131056, 131000, 131016, 133004];
+    match code {
+        Some(c) if RETRYABLE.contains(&c) => ErrorClass::Retryable { retry_after },
+        Some(_) if status < 500 && status != 429 => ErrorClass::Permanent,
+        _ if status == 429 || status >= 500 => ErrorClass::Retryable { retry_after },
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// SMTP reply codes (RFC 5321 §4.2.1): 4yz is a transient negative completion reply,
+/// 5yz a permanent one.
+pub fn classify_smtp(reply_code: Option<u16>) -> ErrorClass {
+    match reply_code {
+        Some(c) if (500..600).contains(&c) => ErrorClass::Permanent,
+        _ => ErrorClass::Retryable { retry_after: None },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RA: Option<Duration> = Some(Duration::from_secs(3));
+
+    #[test]
+    fn twilio_table() {
+        let r = ErrorClass::Retryable { retry_after: RA };
+        assert_eq!(classify_twilio(429, Some(20429), RA), r);
+        assert_eq!(classify_twilio(503, None, RA), r);
+        assert_eq!(classify_twilio(500, Some(20500), RA), r);
+        assert_eq!(classify_twilio(400, Some(21211), RA), ErrorClass::Permanent);
+        assert_eq!(classify_twilio(400, Some(21614), RA), ErrorClass::Permanent);
+        assert_eq!(classify_twilio(401, Some(20003), RA), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn meta_table() {
+        let r = ErrorClass::Retryable { retry_after: None };
+        assert_eq!(classify_meta(400, Some(130429), None), r);
+        assert_eq!(classify_meta(400, Some(131056), None), r);
+        assert_eq!(classify_meta(500, Some(131000), None), r);
+        assert_eq!(classify_meta(503, None, None), r);
+        assert_eq!(
+            classify_meta(400, Some(131030), None),
+            ErrorClass::Permanent
+        );
+        assert_eq!(classify_meta(400, Some(100), None), ErrorClass::Permanent);
+        assert_eq!(classify_meta(401, Some(190), None), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn smtp_table() {
+        assert_eq!(
+            classify_smtp(Some(421)),
+            ErrorClass::Retryable { retry_after: None }
+        );
+        assert_eq!(
+            classify_smtp(Some(450)),
+            ErrorClass::Retryable { retry_after: None }
+        );
+        assert_eq!(classify_smtp(Some(550)), ErrorClass::Permanent);
+        assert_eq!(classify_smtp(Some(553)), ErrorClass::Permanent);
+        assert_eq!(
+            classify_smtp(None),
+            ErrorClass::Retryable { retry_after: None }
+        );
+    }
+}

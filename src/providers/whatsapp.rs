@@ -1,0 +1,91 @@
+//! Meta WhatsApp Cloud API: `POST {base}/{phone-number-id}/messages` with a bearer token and
+//! `{"messaging_product":"whatsapp","recipient_type":"individual","to":...,"type":"text",
+//! "text":{"body":...}}`. Success is `200` with `messages[0].id`; errors are
+//! `{"error":{"message","type","code","error_data","fbtrace_id"}}`.
+
+use super::{classify_meta, network_error, retry_after};
+use actors::domain::{OutboundMessage, ProviderError, ProviderReceipt};
+use actors::ports::Provider;
+use async_trait::async_trait;
+use serde_json::{json, Value};
+
+pub struct WhatsApp {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl WhatsApp {
+    pub fn new(
+        http: reqwest::Client,
+        api_base: &str,
+        phone_number_id: &str,
+        token: &str,
+    ) -> WhatsApp {
+        WhatsApp {
+            http,
+            url: format!(
+                "{}/{}/messages",
+                api_base.trim_end_matches('/'),
+                phone_number_id
+            ),
+            token: token.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for WhatsApp {
+    fn name(&self) -> &'static str {
+        "meta-whatsapp"
+    }
+
+    async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
+        let body = json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": msg.to,
+            "type": "text",
+            "text": {"preview_url": false, "body": msg.body},
+        });
+        let res = self
+            .http
+            .post(&self.url)
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| network_error("meta-whatsapp", &e))?;
+        let status = res.status().as_u16();
+        let ra = retry_after(res.headers());
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            return Ok(ProviderReceipt {
+                provider_message_id: body
+                    .pointer("/messages/0/id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            });
+        }
+        let code = body.pointer("/error/code").and_then(Value::as_i64);
+        let mut message = body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        if let Some(details) = body
+            .pointer("/error/error_data/details")
+            .and_then(Value::as_str)
+        {
+            message = format!("{message}: {details}");
+        }
+        Err(ProviderError {
+            class: classify_meta(status, code, ra),
+            code: Some(
+                code.map(|c| c.to_string())
+                    .unwrap_or_else(|| format!("http-{status}")),
+            ),
+            message,
+        })
+    }
+}
