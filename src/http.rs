@@ -194,11 +194,15 @@ async fn create_communication(
         .await;
     match answer {
         Ok(actors::ractor::rpc::CallResult::Success(Ok(rec))) => {
+            let mut data = json!({"from": rec.from, "to": rec.to, "msg": rec.msg});
+            if let Some(s) = &rec.subject {
+                data["subject"] = json!(s);
+            }
             let body = json!({
                 "status": "queued",
                 "stream": rec.channel.stream(),
                 "id": rec.id,
-                "data": {"from": rec.from, "to": rec.to, "msg": rec.msg},
+                "data": data,
             });
             warp::reply::json(&body).into_response()
         }

@@ -391,7 +391,7 @@ pub struct Claimed {
 /// What the claim step decided for one id.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimResult {
-    Claimed(Claimed),
+    Claimed(Box<Claimed>),
     /// Already `sent`/`failed`, or its retry is not yet due: nothing to do for this entry.
     Skip(&'static str),
     /// Another live worker holds it; leave the stream entry pending.
@@ -524,6 +524,68 @@ pub struct ProviderError {
     pub message: String,
 }
 
+/// Flat Redis Stream fields for a log event (readable with `XRANGE log_stream - +`).
+impl LogEvent {
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("service", self.service.clone()),
+            ("status", self.status.clone()),
+            ("from", self.from.clone()),
+            ("to", self.to.clone()),
+            ("msg", self.msg.clone()),
+            ("communicationId", self.communication_id.clone()),
+            ("timestamp", self.timestamp.to_rfc3339()),
+            ("type", self.channel.as_str().to_string()),
+            ("attempt", self.attempt.to_string()),
+            ("createdAt", self.created_at.to_rfc3339()),
+        ];
+        if let Some(e) = &self.error {
+            f.push(("error", e.clone()));
+        }
+        if let Some(p) = &self.provider {
+            f.push(("provider", p.clone()));
+        }
+        if let Some(p) = &self.provider_message_id {
+            f.push(("providerMessageId", p.clone()));
+        }
+        f
+    }
+
+    /// Decode a `log_stream` entry; `None` names nothing, so the caller dead-letters it.
+    pub fn from_entry(e: &StreamEntry) -> Result<LogEvent, String> {
+        let req = |k: &str| {
+            e.field(k)
+                .map(str::to_string)
+                .ok_or_else(|| format!("missing field {k}"))
+        };
+        let time = |k: &str| -> Result<DateTime<Utc>, String> {
+            DateTime::parse_from_rfc3339(&req(k)?)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|err| format!("bad {k}: {err}"))
+        };
+        Ok(LogEvent {
+            service: req("service")?,
+            status: req("status")?,
+            from: req("from")?,
+            to: req("to")?,
+            msg: req("msg")?,
+            error: e.field("error").map(str::to_string),
+            communication_id: req("communicationId")?,
+            timestamp: time("timestamp")?,
+            channel: Channel::parse(&req("type")?).ok_or("bad type")?,
+            attempt: req("attempt")?.parse().map_err(|_| "bad attempt")?,
+            created_at: time("createdAt")?,
+            provider: e.field("provider").map(str::to_string),
+            provider_message_id: e.field("providerMessageId").map(str::to_string),
+        })
+    }
+}
+
+/// Name of the stream that carries log events.
+pub const LOG_STREAM: &str = "log_stream";
+/// Where log events that Elasticsearch refuses for good are kept.
+pub const LOG_DEAD_LETTER_STREAM: &str = "log_stream:dlq";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,65 +711,3 @@ mod tests {
         assert_eq!(back, ev);
     }
 }
-
-/// Flat Redis Stream fields for a log event (readable with `XRANGE log_stream - +`).
-impl LogEvent {
-    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        let mut f = vec![
-            ("service", self.service.clone()),
-            ("status", self.status.clone()),
-            ("from", self.from.clone()),
-            ("to", self.to.clone()),
-            ("msg", self.msg.clone()),
-            ("communicationId", self.communication_id.clone()),
-            ("timestamp", self.timestamp.to_rfc3339()),
-            ("type", self.channel.as_str().to_string()),
-            ("attempt", self.attempt.to_string()),
-            ("createdAt", self.created_at.to_rfc3339()),
-        ];
-        if let Some(e) = &self.error {
-            f.push(("error", e.clone()));
-        }
-        if let Some(p) = &self.provider {
-            f.push(("provider", p.clone()));
-        }
-        if let Some(p) = &self.provider_message_id {
-            f.push(("providerMessageId", p.clone()));
-        }
-        f
-    }
-
-    /// Decode a `log_stream` entry; `None` names nothing, so the caller dead-letters it.
-    pub fn from_entry(e: &StreamEntry) -> Result<LogEvent, String> {
-        let req = |k: &str| {
-            e.field(k)
-                .map(str::to_string)
-                .ok_or_else(|| format!("missing field {k}"))
-        };
-        let time = |k: &str| -> Result<DateTime<Utc>, String> {
-            DateTime::parse_from_rfc3339(&req(k)?)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|err| format!("bad {k}: {err}"))
-        };
-        Ok(LogEvent {
-            service: req("service")?,
-            status: req("status")?,
-            from: req("from")?,
-            to: req("to")?,
-            msg: req("msg")?,
-            error: e.field("error").map(str::to_string),
-            communication_id: req("communicationId")?,
-            timestamp: time("timestamp")?,
-            channel: Channel::parse(&req("type")?).ok_or("bad type")?,
-            attempt: req("attempt")?.parse().map_err(|_| "bad attempt")?,
-            created_at: time("createdAt")?,
-            provider: e.field("provider").map(str::to_string),
-            provider_message_id: e.field("providerMessageId").map(str::to_string),
-        })
-    }
-}
-
-/// Name of the stream that carries log events.
-pub const LOG_STREAM: &str = "log_stream";
-/// Where log events that Elasticsearch refuses for good are kept.
-pub const LOG_DEAD_LETTER_STREAM: &str = "log_stream:dlq";

@@ -96,6 +96,14 @@ impl Actor for SenderActor {
     }
 }
 
+/// One provider call: the stream entry, the claim, what the provider said, how long it took.
+type CallResult = (
+    String,
+    Claimed,
+    Result<Option<String>, ProviderError>,
+    Duration,
+);
+
 fn is_object_id(s: &str) -> bool {
     s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -133,7 +141,7 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
     let mut to_send: Vec<(String, Claimed)> = Vec::new();
     for ((entry_id, id), claim) in entry_of.into_iter().zip(&ids).zip(claims) {
         match claim {
-            ClaimResult::Claimed(c) => to_send.push((entry_id, c)),
+            ClaimResult::Claimed(c) => to_send.push((entry_id, *c)),
             ClaimResult::Skip(why) => {
                 tracing::debug!(id = %id, why, "nothing to send");
                 report.ack.push(entry_id);
@@ -146,37 +154,33 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
     }
     let provider = args.provider.clone();
     let timeout = args.provider_timeout;
-    let results: Vec<(
-        String,
-        Claimed,
-        Result<Option<String>, ProviderError>,
-        Duration,
-    )> = futures::stream::iter(to_send.into_iter().map(|(entry_id, claimed)| {
-        let provider = provider.clone();
-        async move {
-            let msg = OutboundMessage {
-                communication_id: claimed.record.id.clone(),
-                from: claimed.record.from.clone(),
-                to: claimed.record.to.clone(),
-                subject: claimed.record.subject.clone(),
-                body: claimed.record.msg.clone(),
-            };
-            let started = Instant::now();
-            let res = match tokio::time::timeout(timeout, provider.send(&msg)).await {
-                Ok(Ok(receipt)) => Ok(receipt.provider_message_id),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(ProviderError {
-                    class: ErrorClass::Retryable { retry_after: None },
-                    code: Some("timeout".into()),
-                    message: format!("no answer from {} within {:?}", provider.name(), timeout),
-                }),
-            };
-            (entry_id, claimed, res, started.elapsed())
-        }
-    }))
-    .buffer_unordered(args.concurrency.max(1))
-    .collect()
-    .await;
+    let results: Vec<CallResult> =
+        futures::stream::iter(to_send.into_iter().map(|(entry_id, claimed)| {
+            let provider = provider.clone();
+            async move {
+                let msg = OutboundMessage {
+                    communication_id: claimed.record.id.clone(),
+                    from: claimed.record.from.clone(),
+                    to: claimed.record.to.clone(),
+                    subject: claimed.record.subject.clone(),
+                    body: claimed.record.msg.clone(),
+                };
+                let started = Instant::now();
+                let res = match tokio::time::timeout(timeout, provider.send(&msg)).await {
+                    Ok(Ok(receipt)) => Ok(receipt.provider_message_id),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(ProviderError {
+                        class: ErrorClass::Retryable { retry_after: None },
+                        code: Some("timeout".into()),
+                        message: format!("no answer from {} within {:?}", provider.name(), timeout),
+                    }),
+                };
+                (entry_id, claimed, res, started.elapsed())
+            }
+        }))
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
 
     let now = Utc::now();
     let pname = args.provider.name().to_string();

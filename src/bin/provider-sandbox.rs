@@ -136,7 +136,7 @@ impl Sandbox {
             );
         }
         let msid = format!("SM{}", self.next_hex(32));
-        let now = chrono::Utc::now().to_rfc2822().replace("+0000", "+0000");
+        let now = chrono::Utc::now().to_rfc2822();
         let resource = json!({
             "account_sid": self.account_sid,
             "api_version": "2010-04-01",

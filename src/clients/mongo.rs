@@ -140,7 +140,7 @@ impl MongoStore {
     pub fn to_api_json(d: &Document) -> serde_json::Value {
         let mut v: serde_json::Value = Bson::Document(d.clone()).into_relaxed_extjson();
         if let Some(obj) = v.as_object_mut() {
-            if let Some(id) = d.get_object_id("_id").ok() {
+            if let Ok(id) = d.get_object_id("_id") {
                 obj.remove("_id");
                 obj.insert("id".into(), serde_json::Value::String(id.to_hex()));
             }
@@ -279,10 +279,10 @@ impl Store for MongoStore {
                 match status {
                     Some(Status::Sending) if d.get_str("claimedBy").ok() == Some(owner) => {
                         match MongoStore::from_doc(d) {
-                            Some(record) => ClaimResult::Claimed(Claimed {
+                            Some(record) => ClaimResult::Claimed(Box::new(Claimed {
                                 possible_duplicate: d.get_str("claimKind").ok() == Some("stale"),
                                 record,
-                            }),
+                            })),
                             None => ClaimResult::Skip("unreadable record"),
                         }
                     }

@@ -65,7 +65,7 @@ impl Provider for Smtp {
                 provider_message_id: Some(message_id),
             }),
             Err(e) => {
-                let code = e.status().map(|c| u16::from(c));
+                let code = e.status().map(u16::from);
                 Err(ProviderError {
                     class: classify_smtp(code),
                     code: Some(

@@ -1,0 +1,30 @@
+# The two commands: `make run` (local stack + service on :3001) and `make test`.
+.PHONY: run test stack-up stack-down stack-status lint bench load
+
+run: stack-up
+	cargo build --release --bin comm-aggregator --bin provider-sandbox
+	@echo "service on http://127.0.0.1:$${PORT:-3001} (providers: the local stand-in unless real credentials are set)"
+	eval "$$(scripts/stack.sh env)" && exec target/release/comm-aggregator
+
+stack-up:
+	SANDBOX_BIN=$(if $(wildcard target/release/provider-sandbox),target/release/provider-sandbox,) scripts/stack.sh up
+
+stack-down:
+	scripts/stack.sh down
+
+stack-status:
+	scripts/stack.sh status
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+# Installs what the tests need (Debian redis-server, the .venv servers), checks format and
+# lints, then runs every test; the tests start their own servers on free ports.
+test:
+	scripts/stack.sh install
+	$(MAKE) lint
+	cargo test --workspace
+
+bench:
+	cargo bench --bench hot_paths

@@ -1,0 +1,525 @@
+//! The test harness: real servers on free loopback ports, started by the tests themselves
+//! (Redis from Debian, SecantusDB, osmem-server and aiosmtpd from the project's .venv,
+//! and the provider-sandbox binary), and the service binary itself.
+//! `make test` (scripts/stack.sh install) puts those programs in place; a missing one is a
+//! failing test with a message saying so, never a skipped one.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn venv() -> PathBuf {
+    root().join(".venv")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A child process killed (SIGKILL) when dropped, and when the thread that started it ends.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {name} ({cmd:?}): {e}; run `make test` or scripts/stack.sh install"
+            )
+        });
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn wait_port(&mut self, port: u16, within: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if port_open(port) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before opening port {port}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not open port {port} within {within:?}:\n{}",
+            self.name,
+            self.log_tail()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn osmem_bin() -> PathBuf {
+    let out = Command::new(venv().join("bin/python"))
+        .args(["-c", "import os, osmem_server; print(os.path.join(os.path.dirname(osmem_server.__file__), 'bin', 'osmem-server'))"])
+        .output()
+        .expect("the project's .venv is missing: run `make test` or scripts/stack.sh install");
+    assert!(
+        out.status.success(),
+        "osmem-server is not installed in .venv: run scripts/stack.sh install"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// One set of servers on free ports, with its data under a fresh folder.
+pub struct Stack {
+    pub dir: PathBuf,
+    pub redis_port: u16,
+    pub mongo_port: u16,
+    pub es_port: u16,
+    pub smtp_port: u16,
+    pub sandbox_port: u16,
+    pub procs: std::sync::Mutex<Vec<Proc>>,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        let dir = std::env::temp_dir().join(format!(
+            "comm-agg-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = Stack {
+            redis_port: free_port(),
+            mongo_port: free_port(),
+            es_port: free_port(),
+            smtp_port: free_port(),
+            sandbox_port: free_port(),
+            dir,
+            procs: std::sync::Mutex::new(Vec::new()),
+        };
+        s.start_redis();
+        s.start_mongo();
+        s.start_es();
+        s.start_smtp();
+        s.start_sandbox();
+        s.wait_mongo_ready();
+        s
+    }
+
+    fn add(&self, p: Proc) {
+        self.procs.lock().unwrap().push(p);
+    }
+
+    /// Stop (SIGKILL) the named server.
+    pub fn kill(&self, name: &str) {
+        let mut procs = self.procs.lock().unwrap();
+        if let Some(i) = procs.iter().position(|p| p.name == name) {
+            let mut p = procs.remove(i);
+            p.kill();
+        }
+    }
+
+    pub fn start_redis(&self) {
+        let d = self.dir.join("redis");
+        std::fs::create_dir_all(&d).unwrap();
+        let mut p = Proc::spawn(
+            "redis",
+            &self.dir,
+            Command::new("redis-server")
+                .args([
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &self.redis_port.to_string(),
+                ])
+                .args([
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                    "--save",
+                    "",
+                ])
+                .arg("--dir")
+                .arg(&d),
+        );
+        p.wait_port(self.redis_port, Duration::from_secs(10));
+        self.add(p);
+    }
+
+    pub fn start_mongo(&self) {
+        let mut p = Proc::spawn(
+            "mongo",
+            &self.dir,
+            Command::new(venv().join("bin/secantusd-py"))
+                .args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &self.mongo_port.to_string(),
+                ])
+                .arg("--storage-path")
+                .arg(self.dir.join("mongo")),
+        );
+        p.wait_port(self.mongo_port, Duration::from_secs(30));
+        self.add(p);
+    }
+
+    pub fn start_es(&self) {
+        let mut p = Proc::spawn(
+            "es",
+            &self.dir,
+            Command::new(osmem_bin()).args([
+                "-addr",
+                &format!("127.0.0.1:{}", self.es_port),
+                "-no-stdin-watch",
+            ]),
+        );
+        p.wait_port(self.es_port, Duration::from_secs(10));
+        self.add(p);
+    }
+
+    pub fn maildir(&self) -> PathBuf {
+        self.dir.join("mail")
+    }
+
+    pub fn start_smtp(&self) {
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(self.maildir().join(sub)).unwrap();
+        }
+        let mut p = Proc::spawn(
+            "smtp",
+            &self.dir,
+            Command::new(venv().join("bin/python"))
+                .args([
+                    "-m",
+                    "aiosmtpd",
+                    "-n",
+                    "-l",
+                    &format!("127.0.0.1:{}", self.smtp_port),
+                ])
+                .args(["-c", "aiosmtpd.handlers.Mailbox"])
+                .arg(self.maildir()),
+        );
+        p.wait_port(self.smtp_port, Duration::from_secs(10));
+        self.add(p);
+    }
+
+    pub fn start_sandbox(&self) {
+        let mut p = Proc::spawn(
+            "sandbox",
+            &self.dir,
+            Command::new(env!("CARGO_BIN_EXE_provider-sandbox"))
+                .args(["--addr", &format!("127.0.0.1:{}", self.sandbox_port)]),
+        );
+        p.wait_port(self.sandbox_port, Duration::from_secs(10));
+        self.add(p);
+    }
+
+    /// SecantusDB opens its port a little before it answers commands.
+    pub fn wait_mongo_ready(&self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let start = Instant::now();
+            loop {
+                let ok = async {
+                    let c = self.mongo_client().await;
+                    c.database("admin")
+                        .run_command(mongodb::bson::doc! {"ping": 1})
+                        .await
+                }
+                .await;
+                if ok.is_ok() {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "SecantusDB never answered ping: {ok:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    pub fn mongo_url(&self) -> String {
+        format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true",
+            self.mongo_port
+        )
+    }
+
+    pub async fn mongo_client(&self) -> mongodb::Client {
+        let mut o = mongodb::options::ClientOptions::parse(self.mongo_url())
+            .await
+            .unwrap();
+        o.server_selection_timeout = Some(Duration::from_secs(3));
+        mongodb::Client::with_options(o).unwrap()
+    }
+
+    pub async fn records(&self) -> mongodb::Collection<mongodb::bson::Document> {
+        self.mongo_client()
+            .await
+            .database("communication-aggregator")
+            .collection("communications")
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.redis_port))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub fn es(&self) -> String {
+        format!("http://127.0.0.1:{}", self.es_port)
+    }
+
+    pub fn sandbox(&self) -> String {
+        format!("http://127.0.0.1:{}", self.sandbox_port)
+    }
+
+    /// The environment that points the service at this stack.
+    pub fn service_env(&self, port: u16) -> Vec<(String, String)> {
+        let sb = self.sandbox();
+        [
+            ("PORT", port.to_string()),
+            ("MONGODB_URL", self.mongo_url()),
+            (
+                "REDIS_URL",
+                format!("redis://127.0.0.1:{}", self.redis_port),
+            ),
+            ("ELASTICSEARCH_NODE", self.es()),
+            ("SMTP_URL", format!("smtp://127.0.0.1:{}", self.smtp_port)),
+            ("TWILIO_API_BASE", sb.clone()),
+            ("ACCOUNTSID", "AC00000000000000000000000000000000".into()),
+            ("AUTHTOKEN", "sandbox-auth-token".into()),
+            ("WHATSAPP_API_BASE", format!("{sb}/v21.0")),
+            ("WHATSAPP_TOKEN", "sandbox-whatsapp-token".into()),
+            ("WHATSAPP_PHONE_NUMBER_ID", "100000000000001".into()),
+            ("CONSUMER_NAME", format!("test-{port}")),
+            ("RUST_LOG", "info".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Start the service binary against this stack; waits for `/healthz`.
+    pub fn start_service(&self, extra_env: &[(&str, &str)]) -> Service {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
+        cmd.current_dir(root());
+        for (k, v) in self.service_env(port) {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn(&format!("service-{port}"), &self.dir, &mut cmd);
+        proc.wait_port(port, Duration::from_secs(20));
+        Service { port, proc }
+    }
+
+    /// What the provider stand-in accepted.
+    pub async fn sandbox_messages(&self) -> Vec<Value> {
+        let v: Value = reqwest::get(format!("{}/__sandbox/messages", self.sandbox()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Bodies of the mails the SMTP server stored.
+    pub fn mails(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(rd) = std::fs::read_dir(self.maildir().join(sub)) {
+                for e in rd.flatten() {
+                    out.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+                }
+            }
+        }
+        out
+    }
+
+    pub async fn es_search(&self, index: &str, query: Value) -> Vec<Value> {
+        let http = reqwest::Client::new();
+        let _ = http
+            .post(format!("{}/{index}/_refresh", self.es()))
+            .send()
+            .await;
+        let res = http
+            .post(format!("{}/{index}/_search", self.es()))
+            .json(&serde_json::json!({"query": query, "size": 1000}))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = res.json().await.unwrap_or(Value::Null);
+        v["hits"]["hits"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn pending(&self, stream: &str, group: &str) -> i64 {
+        let mut c = self.redis().await;
+        let v: redis::Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(group)
+            .query_async(&mut c)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        match v {
+            redis::Value::Array(items) => match items.first() {
+                Some(redis::Value::Int(n)) => *n,
+                _ => -1,
+            },
+            _ => -1,
+        }
+    }
+}
+
+pub struct Service {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Service {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn post(&self, body: Value) -> (u16, Value) {
+        let res = reqwest::Client::new()
+            .post(self.url("/api/v1/communication"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let res = reqwest::get(self.url(path)).await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// A stack and a service shared by the tests of one test binary, started on first use by a
+/// thread that lives as long as the process (so the servers die with it).
+pub fn shared() -> &'static (Stack, Service) {
+    static SHARED: OnceLock<&'static (Stack, Service)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let stack = Stack::start();
+            let service = stack.start_service(&[]);
+            let both: &'static (Stack, Service) = Box::leak(Box::new((stack, service)));
+            tx.send(both).unwrap();
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv()
+            .expect("starting the shared stack failed; see the panic above")
+    })
+}
+
+/// Poll `f` until it returns `Some`, or fail after `within` with `what`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > within {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A string unique to this test run, to find one message among many.
+pub fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{tag}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    )
+}

@@ -1,0 +1,373 @@
+//! End to end, on real servers: the API accepts, the actors deliver through the provider
+//! stand-in / the SMTP server, MongoDB records the outcome, both Elasticsearch indices hold
+//! the message, and the consumer groups have nothing left pending.
+
+mod common;
+
+use common::{eventually, shared, unique};
+use mongodb::bson::{doc, oid::ObjectId, Document};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn record(id: &str) -> Option<Document> {
+    let (stack, _) = shared();
+    stack
+        .records()
+        .await
+        .find_one(doc! {"_id": ObjectId::parse_str(id).unwrap()})
+        .await
+        .unwrap()
+}
+
+async fn wait_status(id: &str, status: &str) -> Document {
+    eventually(WAIT, &format!("record {id} to be {status}"), || async {
+        record(id)
+            .await
+            .filter(|d| d.get_str("status") == Ok(status))
+    })
+    .await
+}
+
+/// Both indices hold the message with its final status; the streams have nothing pending.
+async fn check_indexed_and_drained(id: &str, status: &str, stream: &str) {
+    let (stack, _) = shared();
+    let comm = eventually(WAIT, "the communications document", || async {
+        stack
+            .es_search("communications", json!({"term": {"communicationId": id}}))
+            .await
+            .into_iter()
+            .find(|h| h["_source"]["status"] == status)
+    })
+    .await;
+    assert_eq!(comm["_id"], id);
+    assert_eq!(comm["_source"]["stream"], stream);
+    eventually(WAIT, "the communication-logs event", || async {
+        stack
+            .es_search(
+                "communication-logs",
+                json!({"term": {"communicationId": id}}),
+            )
+            .await
+            .into_iter()
+            .find(|h| h["_source"]["status"] == status)
+    })
+    .await;
+    eventually(WAIT, "nothing pending in the consumer groups", || async {
+        let a = stack.pending(stream, "comm-aggregator").await;
+        let b = stack.pending("log_stream", "comm-aggregator").await;
+        (a == 0 && b == 0).then_some(())
+    })
+    .await;
+}
+
+async fn accept(body: Value, stream: &str) -> String {
+    let (_, svc) = shared();
+    let (status, answer) = svc.post(body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "queued");
+    assert_eq!(answer["stream"], stream);
+    assert_eq!(answer["data"], body["data"]);
+    answer["id"].as_str().expect("an id").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_is_sent_through_twilio_recorded_and_indexed() {
+    let (stack, _) = shared();
+    let msg = unique("Your code is 424242");
+    let id = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":msg}}),
+        "sms_stream",
+    )
+    .await;
+    let got = eventually(WAIT, "the SMS at the Twilio stand-in", || async {
+        stack
+            .sandbox_messages()
+            .await
+            .into_iter()
+            .find(|m| m["body"] == msg.as_str())
+    })
+    .await;
+    assert_eq!(got["provider"], "twilio");
+    assert_eq!(got["to"], "+15557654321");
+    assert_eq!(got["from"], "+15550001111");
+    let rec = wait_status(&id, "sent").await;
+    assert_eq!(
+        rec.get_str("providerMessageId").unwrap(),
+        got["id"].as_str().unwrap()
+    );
+    assert_eq!(rec.get_str("type").unwrap(), "sms");
+    assert_eq!(rec.get_i32("attempts").unwrap(), 1);
+    check_indexed_and_drained(&id, "sent", "sms_stream").await;
+    let matches = stack
+        .sandbox_messages()
+        .await
+        .into_iter()
+        .filter(|m| m["body"] == msg.as_str())
+        .count();
+    assert_eq!(matches, 1, "sent exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatsapp_is_sent_through_the_cloud_api_recorded_and_indexed() {
+    let (stack, _) = shared();
+    let msg = unique("Your order shipped");
+    let id = accept(
+        json!({"type":"whatsapp","data":{"from":"+15550001111","to":"+15557654322","msg":msg}}),
+        "whatsapp_stream",
+    )
+    .await;
+    let got = eventually(WAIT, "the message at the WhatsApp stand-in", || async {
+        stack
+            .sandbox_messages()
+            .await
+            .into_iter()
+            .find(|m| m["body"] == msg.as_str())
+    })
+    .await;
+    assert_eq!(got["provider"], "whatsapp");
+    assert_eq!(got["to"], "+15557654322");
+    let rec = wait_status(&id, "sent").await;
+    assert!(rec
+        .get_str("providerMessageId")
+        .unwrap()
+        .starts_with("wamid."));
+    check_indexed_and_drained(&id, "sent", "whatsapp_stream").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_is_sent_over_smtp_recorded_and_indexed() {
+    let (stack, _) = shared();
+    let msg = unique("Welcome aboard");
+    let id = accept(
+        json!({"type":"email","data":{"from":"noreply@example.com","to":"ada@example.org","msg":msg,"subject":"Hello"}}),
+        "email_stream",
+    )
+    .await;
+    let mail = eventually(WAIT, "the mail at the SMTP server", || async {
+        stack.mails().into_iter().find(|m| m.contains(&msg))
+    })
+    .await;
+    assert!(mail.contains("To: ada@example.org"), "{mail}");
+    assert!(mail.contains("From: noreply@example.com"), "{mail}");
+    assert!(mail.contains("Subject: Hello"), "{mail}");
+    wait_status(&id, "sent").await;
+    check_indexed_and_drained(&id, "sent", "email_stream").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_provider_error_ends_failed_with_the_providers_message() {
+    let (stack, svc) = shared();
+    // Twilio's documented magic number for an invalid 'To'.
+    let id = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15005550001","msg":unique("bad number")}}),
+        "sms_stream",
+    )
+    .await;
+    let rec = wait_status(&id, "failed").await;
+    assert!(
+        rec.get_str("lastError")
+            .unwrap()
+            .contains("is not a valid phone number"),
+        "{rec}"
+    );
+    let errors = rec.get_array("errors").unwrap();
+    assert_eq!(errors.len(), 1, "permanent: not retried");
+    assert_eq!(
+        errors[0].as_document().unwrap().get_str("code").unwrap(),
+        "21211"
+    );
+    check_indexed_and_drained(&id, "failed", "sms_stream").await;
+
+    // Meta's "message undeliverable".
+    let id = accept(
+        json!({"type":"whatsapp","data":{"from":"+15550001111","to":"+15005550001","msg":unique("bad wa")}}),
+        "whatsapp_stream",
+    )
+    .await;
+    let rec = wait_status(&id, "failed").await;
+    assert_eq!(
+        rec.get_array("errors").unwrap()[0]
+            .as_document()
+            .unwrap()
+            .get_str("code")
+            .unwrap(),
+        "131026"
+    );
+
+    // The service keeps running and delivering.
+    let msg = unique("still alive");
+    let id = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":msg}}),
+        "sms_stream",
+    )
+    .await;
+    wait_status(&id, "sent").await;
+    let (status, _) = svc.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(stack
+        .sandbox_messages()
+        .await
+        .iter()
+        .any(|m| m["body"] == msg.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_can_receive_many_messages() {
+    // The seed made `to` unique: the second message to a number failed. Not here.
+    let (stack, _) = shared();
+    let to = "+15557650000";
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            accept(
+                json!({"type":"sms","data":{"from":"+15550001111","to":to,"msg":unique(&format!("n{i}"))}}),
+                "sms_stream",
+            )
+            .await,
+        );
+    }
+    for id in &ids {
+        wait_status(id, "sent").await;
+    }
+    let n = stack
+        .records()
+        .await
+        .count_documents(doc! {"to": to, "status": "sent"})
+        .await
+        .unwrap();
+    assert!(n >= 3);
+}
+
+async fn post_raw(body: &str, content_type: &str) -> (u16, Value) {
+    let (_, svc) = shared();
+    let res = reqwest::Client::new()
+        .post(svc.url("/api/v1/communication"))
+        .header("content-type", content_type)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let s = res.status().as_u16();
+    (s, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_validation_rule_answers_400_naming_the_field() {
+    let (stack, _) = shared();
+    let before = stack
+        .records()
+        .await
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    let ok = json!({"from":"+15550001111","to":"+15557654321","msg":"m"});
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"data": ok}), "type"),
+        (json!({"type":"fax","data": ok}), "type"),
+        (json!({"type":7,"data": ok}), "type"),
+        (json!({"type":"sms"}), "data"),
+        (json!({"type":"sms","data":[1]}), "data"),
+        (
+            json!({"type":"sms","data":{"to":"+15557654321","msg":"m"}}),
+            "from",
+        ),
+        (
+            json!({"type":"sms","data":{"from":"+15550001111","msg":"m"}}),
+            "to",
+        ),
+        (
+            json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321"}}),
+            "msg",
+        ),
+        (
+            json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":""}}),
+            "msg",
+        ),
+        (
+            json!({"type":"sms","data":{"from":"+15550001111","to":"15557654321","msg":"m"}}),
+            "to",
+        ),
+        (
+            json!({"type":"whatsapp","data":{"from":"+15550001111","to":"+0123","msg":"m"}}),
+            "to",
+        ),
+        (
+            json!({"type":"email","data":{"from":"noreply@example.com","to":"not-an-address","msg":"m"}}),
+            "to",
+        ),
+        (
+            json!({"type":"email","data":{"from":"nobody","to":"a@example.com","msg":"m"}}),
+            "from",
+        ),
+        (
+            json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"x".repeat(1601)}}),
+            "msg",
+        ),
+        (
+            json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"m\u{0}"}}),
+            "msg",
+        ),
+    ];
+    for (body, field) in cases {
+        let (_, svc) = shared();
+        let (status, answer) = svc.post(body.clone()).await;
+        assert_eq!(status, 400, "{body} → {answer}");
+        assert_eq!(answer["error"]["code"], "validation_failed", "{answer}");
+        assert_eq!(answer["error"]["field"], field, "{body} → {answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    for bad in [
+        "{",
+        "not json",
+        "[1,2]",
+        "\"text\"",
+        "{\"type\":\"sms\",\"data\":",
+    ] {
+        let (status, answer) = post_raw(bad, "application/json").await;
+        assert_eq!(status, 400, "{bad} → {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_json", "{bad} → {answer}");
+    }
+    let (status, answer) = post_raw("type=sms", "application/x-www-form-urlencoded").await;
+    assert_eq!(status, 415, "{answer}");
+    let big = format!(
+        "{{\"type\":\"sms\",\"data\":{{\"msg\":\"{}\"}}}}",
+        "x".repeat(70_000)
+    );
+    let (status, answer) = post_raw(&big, "application/json").await;
+    assert_eq!(status, 413, "{answer}");
+    let after = stack
+        .records()
+        .await
+        .count_documents(doc! {"msg": "m"})
+        .await
+        .unwrap();
+    assert_eq!(
+        after, 0,
+        "nothing invalid was stored (records before: {before})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_and_unknown_routes_answer_in_the_error_shape() {
+    let (_, svc) = shared();
+    let (s, v) = svc.get("/api/v1/communication/zzz").await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid_id")));
+    let (s, v) = svc
+        .get("/api/v1/communication/0123456789abcdef01234567")
+        .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")));
+    let (s, v) = svc.get("/nope").await;
+    assert_eq!((s, v["error"]["code"].as_str()), (404, Some("not_found")));
+    let (s, v) = svc.get("/readyz").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["checks"]["mongodb"], true);
+    let text = reqwest::get(svc.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("http_requests_total"), "{text}");
+}
