@@ -45,6 +45,7 @@ pub struct Redis {
     pub read_count: usize,
     pub block_ms: u64,
     pub claim_idle_ms: u64,
+    pub max_deliveries: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +76,8 @@ pub struct Sender {
     pub max_attempts: u32,
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
+    pub record_patience_ms: u64,
+    pub fault_injection: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -196,6 +199,16 @@ impl Config {
         }
         if let Some(v) = env("CLAIM_IDLE_MS") {
             self.redis.claim_idle_ms = num("CLAIM_IDLE_MS", v)?;
+        }
+        if let Some(v) = env("MAX_DELIVERIES") {
+            self.redis.max_deliveries = num("MAX_DELIVERIES", v)?;
+        }
+        if let Some(v) = env("FAULT_INJECTION") {
+            self.sender.fault_injection = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => return Err(bad(format!("FAULT_INJECTION={v:?}: true or false"))),
+            };
         }
         if let Some(v) = env("ELASTICSEARCH_NODE") {
             self.elasticsearch.node = v;
@@ -336,6 +349,7 @@ impl Config {
             ("sender.max_attempts", self.sender.max_attempts as usize),
             ("log_indexer.max_docs", self.log_indexer.max_docs),
             ("sweeper.batch", self.sweeper.batch),
+            ("redis.max_deliveries", self.redis.max_deliveries as usize),
         ] {
             if v == 0 {
                 return Err(bad(format!("{name} must be at least 1")));

@@ -5,7 +5,7 @@ use crate::clients::mongo::MongoStore;
 use actors::domain::{validate, RawRequest};
 use actors::ports::{Queue, SearchSink, Store};
 use actors::ractor::ActorRef;
-use actors::router::{self, RouterMsg};
+use actors::router::{self, AcceptError, Accepted, RouterMsg};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::convert::Infallible;
@@ -62,6 +62,7 @@ pub fn routes(
     let create = warp::path!("api" / "v1" / "communication")
         .and(warp::post())
         .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<String>("idempotency-key"))
         .and(warp::body::content_length_limit(BODY_LIMIT))
         .and(warp::body::bytes())
         .and(with_state.clone())
@@ -116,6 +117,7 @@ pub fn routes(
 
 async fn create_communication(
     content_type: Option<String>,
+    idempotency_key: Option<String>,
     body: bytes::Bytes,
     state: AppState,
 ) -> Response {
@@ -180,6 +182,14 @@ async fn create_communication(
                 .into_response();
         }
     };
+    if let Some(k) = &idempotency_key {
+        if k.is_empty() || k.len() > 255 || !k.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            let body = json!({"error": {"code": "validation_failed", "field": "Idempotency-Key",
+                "message": "Idempotency-Key must be 1 to 255 visible ASCII characters"}});
+            return warp::reply::with_status(warp::reply::json(&body), StatusCode::BAD_REQUEST)
+                .into_response();
+        }
+    }
     let Some(router) = ActorRef::<RouterMsg>::where_is(router::NAME.to_string()) else {
         return unavailable(
             "unavailable",
@@ -188,12 +198,15 @@ async fn create_communication(
     };
     let answer = router
         .call(
-            |reply| RouterMsg::Accept(req, reply),
+            |reply| RouterMsg::Accept(req, idempotency_key, reply),
             Some(Duration::from_secs(15)),
         )
         .await;
     match answer {
-        Ok(actors::ractor::rpc::CallResult::Success(Ok(rec))) => {
+        Ok(actors::ractor::rpc::CallResult::Success(Ok(Accepted {
+            record: rec,
+            replayed,
+        }))) => {
             let mut data = json!({"from": rec.from, "to": rec.to, "msg": rec.msg});
             if let Some(s) = &rec.subject {
                 data["subject"] = json!(s);
@@ -204,9 +217,21 @@ async fn create_communication(
                 "id": rec.id,
                 "data": data,
             });
-            warp::reply::json(&body).into_response()
+            let mut r = warp::reply::json(&body).into_response();
+            if replayed {
+                r.headers_mut().insert(
+                    "idempotent-replayed",
+                    header::HeaderValue::from_static("true"),
+                );
+            }
+            r
         }
-        Ok(actors::ractor::rpc::CallResult::Success(Err(e))) => {
+        Ok(actors::ractor::rpc::CallResult::Success(Err(AcceptError::KeyConflict(k)))) => error(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            format!("Idempotency-Key {k:?} was already used for a different request"),
+        ),
+        Ok(actors::ractor::rpc::CallResult::Success(Err(AcceptError::Unavailable(e)))) => {
             tracing::warn!(error = %e, "request not stored");
             unavailable(
                 "store_unavailable",

@@ -200,6 +200,8 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
                     base: Config::ms(cfg.sender.backoff_base_ms),
                     cap: Config::ms(cfg.sender.backoff_cap_ms),
                 },
+                record_patience: Config::ms(cfg.sender.record_patience_ms),
+                faults: cfg.sender.fault_injection,
             },
         ));
     }
@@ -215,7 +217,11 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
                 count: cfg.redis.read_count,
                 block: Config::ms(cfg.redis.block_ms),
                 claim_idle: Config::ms(cfg.redis.claim_idle_ms),
-                deliver_timeout: provider_timeout * 3 + Duration::from_secs(60),
+                deliver_timeout: Config::ms(cfg.sender.record_patience_ms)
+                    + provider_timeout * 2
+                    + Duration::from_secs(60),
+                max_deliveries: cfg.redis.max_deliveries,
+                store: store.clone(),
             },
         ));
     }
@@ -328,6 +334,9 @@ pub async fn run(cfg: Config, prometheus: PrometheusHandle) -> Result<(), String
     };
     shutting_down.store(true, Ordering::SeqCst);
     let deadline = Config::ms(cfg.server.shutdown_deadline_ms);
+    if cfg.sender.fault_injection {
+        tracing::warn!("FAULT_INJECTION is on: test markers in message bodies crash the sender");
+    }
     if escalated {
         let _ = stop_http_tx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;

@@ -119,6 +119,25 @@ pub struct NewCommunication {
     pub subject: Option<String>,
 }
 
+impl NewCommunication {
+    /// A stable digest of what was asked: same request, same fingerprint.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [
+            self.channel.as_str(),
+            &self.from,
+            &self.to,
+            &self.msg,
+            self.subject.as_deref().unwrap_or("\u{0}none"),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// Why a request was refused: the field and a sentence a person can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -330,11 +349,18 @@ pub struct Communication {
     pub provider_message_id: Option<String>,
     pub last_error: Option<String>,
     pub errors: Vec<AttemptError>,
+    /// The client's `Idempotency-Key`, if it sent one.
+    pub idempotency_key: Option<String>,
+    /// SHA-256 of the validated request, to tell a replay from a different request.
+    pub request_hash: String,
 }
 
 impl Communication {
     pub fn new(id: String, req: NewCommunication, now: DateTime<Utc>) -> Communication {
+        let request_hash = req.fingerprint();
         Communication {
+            idempotency_key: None,
+            request_hash,
             id,
             channel: req.channel,
             from: req.from,

@@ -31,8 +31,17 @@ impl DependencyError {
 /// The source of truth: one record per communication.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Store new records (status `pending`) in one round trip.
-    async fn insert_many(&self, records: &[Communication]) -> Result<(), DependencyError>;
+    /// Store new records (status `pending`) in one round trip. One answer per record: a
+    /// record whose idempotency key is already taken is not stored, and the answer carries
+    /// the record that holds the key.
+    async fn insert_many(
+        &self,
+        records: &[Communication],
+    ) -> Result<Vec<InsertResult>, DependencyError>;
+
+    /// Mark a record `failed` for a reason outside any provider call (dead-lettered).
+    /// `false` when it was already final (nothing changed).
+    async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError>;
 
     /// Claim records for one provider call each: `pending` ones whose retry is due, and
     /// `sending` ones whose claim is older than `stale_after` (the previous worker died).
@@ -64,6 +73,14 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
 
     async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// What became of one record of an `insert_many`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InsertResult {
+    Inserted,
+    /// The idempotency key belongs to this earlier record.
+    KeyTaken(Box<Communication>),
 }
 
 /// Where to start reading a consumer group.
@@ -109,6 +126,22 @@ pub trait Queue: Send + Sync + 'static {
         consumer: &str,
         min_idle: Duration,
         count: usize,
+    ) -> Result<Vec<StreamEntry>, DependencyError>;
+
+    /// Pending entries idle at least `min_idle`, with how often each was delivered.
+    async fn pending_deliveries(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<(String, u64)>, DependencyError>;
+
+    /// Read entries by id (for dead-lettering them with their fields).
+    async fn range(
+        &self,
+        stream: &str,
+        ids: &[String],
     ) -> Result<Vec<StreamEntry>, DependencyError>;
 
     /// A client with its own connection, for blocking reads that would otherwise hold up

@@ -10,19 +10,37 @@
 //! if the stream append fails afterwards, the OutboxSweeper appends it after its grace time.
 
 use crate::domain::{Communication, LogEvent, NewCommunication, LOG_STREAM};
-use crate::ports::{DependencyError, Queue, Store};
+use crate::ports::{DependencyError, InsertResult, Queue, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 pub const NAME: &str = "router";
 
-pub type AcceptReply = RpcReplyPort<Result<Communication, DependencyError>>;
+/// A request the router took.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub record: Communication,
+    /// The idempotency key was seen before with the same request: this is the original.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Unavailable(#[from] DependencyError),
+    #[error("the Idempotency-Key {0:?} was already used for a different request")]
+    KeyConflict(String),
+}
+
+pub type AcceptReply = RpcReplyPort<Result<Accepted, AcceptError>>;
 
 pub enum RouterMsg {
-    Accept(NewCommunication, AcceptReply),
+    /// A validated request and its optional `Idempotency-Key`.
+    Accept(NewCommunication, Option<String>, AcceptReply),
     Flush,
 }
 
@@ -43,6 +61,9 @@ pub struct RouterState {
     batch: Vec<(Communication, AcceptReply)>,
     flush_scheduled: bool,
     inflight: Arc<Semaphore>,
+    /// After a failed append, appends are skipped until this time (ms since the epoch), so
+    /// a Redis outage costs requests no latency; the sweeper queues what was skipped.
+    redis_down_until: Arc<AtomicI64>,
 }
 
 pub struct RouterActor;
@@ -61,6 +82,7 @@ impl Actor for RouterActor {
             inflight: Arc::new(Semaphore::new(args.max_inflight.max(1))),
             batch: Vec::with_capacity(args.batch_max),
             flush_scheduled: false,
+            redis_down_until: Arc::new(AtomicI64::new(0)),
             args,
         })
     }
@@ -72,11 +94,11 @@ impl Actor for RouterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::Accept(req, reply) => {
+            RouterMsg::Accept(req, key, reply) => {
                 let id = bson::oid::ObjectId::new().to_hex();
-                state
-                    .batch
-                    .push((Communication::new(id, req, Utc::now()), reply));
+                let mut rec = Communication::new(id, req, Utc::now());
+                rec.idempotency_key = key;
+                state.batch.push((rec, reply));
                 if state.batch.len() >= state.args.batch_max {
                     flush(state).await;
                 } else if !state.flush_scheduled {
@@ -104,8 +126,9 @@ async fn flush(state: &mut RouterState) {
     let batch = std::mem::replace(&mut state.batch, Vec::with_capacity(state.args.batch_max));
     let store = state.args.store.clone();
     let queue = state.args.queue.clone();
+    let down = state.redis_down_until.clone();
     tokio::spawn(async move {
-        write_batch(store.as_ref(), queue.as_ref(), batch).await;
+        write_batch(store.as_ref(), queue.as_ref(), &down, batch).await;
         drop(permit);
     });
 }
@@ -114,39 +137,74 @@ async fn flush(state: &mut RouterState) {
 pub async fn write_batch(
     store: &dyn Store,
     queue: &dyn Queue,
+    redis_down_until: &AtomicI64,
     batch: Vec<(Communication, AcceptReply)>,
 ) {
     let started = Instant::now();
     let records: Vec<Communication> = batch.iter().map(|(r, _)| r.clone()).collect();
     metrics::histogram!("router_batch_size").record(records.len() as f64);
-    if let Err(err) = store.insert_many(&records).await {
-        tracing::warn!(error = %err, batch = records.len(), "store refused a batch; answering 503");
-        metrics::counter!("router_store_failures_total").increment(1);
-        for (_, reply) in batch {
-            let _ = reply.send(Err(err.clone()));
+    let results = match store.insert_many(&records).await {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::warn!(error = %err, batch = records.len(), "store refused a batch; answering 503");
+            metrics::counter!("router_store_failures_total").increment(1);
+            for (_, reply) in batch {
+                let _ = reply.send(Err(err.clone().into()));
+            }
+            return;
         }
-        return;
-    }
+    };
     let now = Utc::now();
-    let events: Vec<Vec<(&str, String)>> = records
-        .iter()
-        .map(|r| LogEvent::for_record(r, "router", "queued", 0, now).to_fields())
-        .collect();
+    let mut answers = Vec::with_capacity(batch.len());
     let mut entries: Vec<(&str, Vec<(&str, String)>)> = Vec::with_capacity(records.len() * 2);
-    for (rec, ev) in records.iter().zip(events) {
-        // The log event first: the `communications` index sees `queued` before any outcome.
-        entries.push((LOG_STREAM, ev));
-        entries.push((rec.channel.stream(), rec.stream_fields()));
+    for ((rec, reply), result) in batch.into_iter().zip(results) {
+        match result {
+            InsertResult::Inserted => {
+                // The log event first: the `communications` index sees `queued` before any outcome.
+                entries.push((
+                    LOG_STREAM,
+                    LogEvent::for_record(&rec, "router", "queued", 0, now).to_fields(),
+                ));
+                entries.push((rec.channel.stream(), rec.stream_fields()));
+                metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
+                    .increment(1);
+                answers.push((
+                    reply,
+                    Ok(Accepted {
+                        record: rec,
+                        replayed: false,
+                    }),
+                ));
+            }
+            InsertResult::KeyTaken(original) if original.request_hash == rec.request_hash => {
+                metrics::counter!("idempotent_replays_total").increment(1);
+                answers.push((
+                    reply,
+                    Ok(Accepted {
+                        record: *original,
+                        replayed: true,
+                    }),
+                ));
+            }
+            InsertResult::KeyTaken(_) => {
+                let key = rec.idempotency_key.clone().unwrap_or_default();
+                answers.push((reply, Err(AcceptError::KeyConflict(key))));
+            }
+        }
     }
-    if let Err(err) = queue.append(&entries).await {
-        tracing::warn!(error = %err, batch = records.len(),
-            "stored but not yet queued; the outbox sweep will queue them");
-        metrics::counter!("router_queue_failures_total").increment(1);
+    let now_ms = now.timestamp_millis();
+    if !entries.is_empty() {
+        if redis_down_until.load(Ordering::Relaxed) > now_ms {
+            metrics::counter!("router_queue_skipped_total").increment(1);
+        } else if let Err(err) = queue.append(&entries).await {
+            tracing::warn!(error = %err, batch = entries.len() / 2,
+                "stored but not yet queued; the outbox sweep will queue them");
+            metrics::counter!("router_queue_failures_total").increment(1);
+            redis_down_until.store(now_ms + 2000, Ordering::Relaxed);
+        }
     }
-    for (rec, reply) in batch {
-        metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
-            .increment(1);
-        let _ = reply.send(Ok(rec));
+    for (reply, answer) in answers {
+        let _ = reply.send(answer);
     }
     metrics::histogram!("router_batch_seconds").record(started.elapsed().as_secs_f64());
 }

@@ -17,9 +17,10 @@ use crate::domain::{
 use crate::ports::{Provider, Queue, Store};
 use crate::retry::RetryPolicy;
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::SeedableRng;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,8 +34,8 @@ pub fn name(channel: crate::domain::Channel) -> String {
 pub struct DeliverReport {
     /// Handled for good (outcome recorded, retry scheduled, or nothing to do).
     pub ack: Vec<String>,
-    /// A dependency failed: the rest should be offered again soon.
-    pub retry_soon: bool,
+    /// A dependency failed before anything was sent: offer these again soon.
+    pub retry: Vec<String>,
 }
 
 pub enum SenderMsg {
@@ -53,6 +54,10 @@ pub struct SenderArgs {
     pub provider_timeout: Duration,
     pub concurrency: usize,
     pub retry: RetryPolicy,
+    /// How long to keep trying to record outcomes before leaving the entries pending.
+    pub record_patience: Duration,
+    /// Honour the fault-injection markers (tests only).
+    pub faults: bool,
 }
 
 pub struct SenderState {
@@ -88,8 +93,13 @@ impl Actor for SenderActor {
             SenderMsg::Deliver(entries, reply) => {
                 let seq = state.batches.fetch_add(1, Ordering::Relaxed);
                 let owner = format!("{}:{}:{}", state.args.owner, state.args.channel, seq);
-                let report = deliver(&state.args, &owner, entries).await;
+                let (report, panicked) = deliver(&state.args, &owner, entries).await;
                 let _ = reply.send(report);
+                if panicked {
+                    // Outcomes are recorded (the panicking sends as retries); now let the
+                    // supervisor give this actor a fresh start.
+                    return Err("a provider call panicked; restarting the sender".into());
+                }
             }
         }
         Ok(())
@@ -102,13 +112,35 @@ type CallResult = (
     Claimed,
     Result<Option<String>, ProviderError>,
     Duration,
+    bool,
 );
 
 fn is_object_id(s: &str) -> bool {
     s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> DeliverReport {
+/// Fault injection for the fault suite, off unless `faults.enabled`: a message whose body
+/// holds `#panic-always#` crashes the sender before any provider call of its batch, every
+/// time (a poison message); `#panic-once#` does so on its first attempt only.
+fn injected_crash(args: &SenderArgs, claims: &[(String, Claimed)]) {
+    if !args.faults {
+        return;
+    }
+    for (_, c) in claims {
+        let body = &c.record.msg;
+        if body.contains("#panic-always#")
+            || (body.contains("#panic-once#") && c.record.attempts == 1)
+        {
+            panic!("injected fault: sender crash on {}", c.record.id);
+        }
+    }
+}
+
+async fn deliver(
+    args: &SenderArgs,
+    owner: &str,
+    entries: Vec<StreamEntry>,
+) -> (DeliverReport, bool) {
     let channel = args.channel.as_str();
     let mut report = DeliverReport::default();
     let mut ids = Vec::with_capacity(entries.len());
@@ -128,14 +160,14 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
         }
     }
     if ids.is_empty() {
-        return report;
+        return (report, false);
     }
     let claims = match args.store.claim(&ids, owner, args.stale_after).await {
         Ok(c) => c,
         Err(err) => {
-            tracing::warn!(error = %err, channel, "cannot claim; entries stay pending");
-            report.retry_soon = true;
-            return report;
+            tracing::warn!(error = %err, channel, "cannot claim; will offer again");
+            report.retry = entry_of;
+            return (report, false);
         }
     };
     let mut to_send: Vec<(String, Claimed)> = Vec::new();
@@ -150,8 +182,9 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
         }
     }
     if to_send.is_empty() {
-        return report;
+        return (report, false);
     }
+    injected_crash(args, &to_send);
     let provider = args.provider.clone();
     let timeout = args.provider_timeout;
     let results: Vec<CallResult> =
@@ -166,16 +199,32 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
                     body: claimed.record.msg.clone(),
                 };
                 let started = Instant::now();
-                let res = match tokio::time::timeout(timeout, provider.send(&msg)).await {
-                    Ok(Ok(receipt)) => Ok(receipt.provider_message_id),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(ProviderError {
-                        class: ErrorClass::Retryable { retry_after: None },
-                        code: Some("timeout".into()),
-                        message: format!("no answer from {} within {:?}", provider.name(), timeout),
-                    }),
+                let call = AssertUnwindSafe(tokio::time::timeout(timeout, provider.send(&msg)));
+                let (res, panicked) = match call.catch_unwind().await {
+                    Ok(Ok(Ok(receipt))) => (Ok(receipt.provider_message_id), false),
+                    Ok(Ok(Err(e))) => (Err(e), false),
+                    Ok(Err(_)) => (
+                        Err(ProviderError {
+                            class: ErrorClass::Retryable { retry_after: None },
+                            code: Some("timeout".into()),
+                            message: format!(
+                                "no answer from {} within {:?}",
+                                provider.name(),
+                                timeout
+                            ),
+                        }),
+                        false,
+                    ),
+                    Err(_) => (
+                        Err(ProviderError {
+                            class: ErrorClass::Retryable { retry_after: None },
+                            code: Some("internal".into()),
+                            message: "internal error: the provider call panicked".into(),
+                        }),
+                        true,
+                    ),
                 };
-                (entry_id, claimed, res, started.elapsed())
+                (entry_id, claimed, res, started.elapsed(), panicked)
             }
         }))
         .buffer_unordered(args.concurrency.max(1))
@@ -188,7 +237,9 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
     let mut events = Vec::with_capacity(results.len());
     let mut acks = Vec::with_capacity(results.len());
     let mut rng = rand::rngs::StdRng::from_entropy();
-    for (entry_id, claimed, res, took) in results {
+    let mut any_panic = false;
+    for (entry_id, claimed, res, took, panicked) in results {
+        any_panic |= panicked;
         let rec = &claimed.record;
         let attempt = rec.attempts;
         metrics::histogram!("provider_call_seconds", "provider" => pname.clone())
@@ -267,10 +318,12 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
         acks.push(entry_id);
     }
 
-    // The provider has spoken: recording it matters more than anything else, so try hard.
+    // The provider has spoken: recording it matters more than anything else, so keep
+    // trying (nothing else on this channel can progress without MongoDB anyway).
     let mut wait = Duration::from_millis(100);
     let mut recorded = false;
-    for _ in 0..8 {
+    let give_up = Instant::now() + args.record_patience;
+    while Instant::now() < give_up {
         match args.store.record_outcomes(owner, &outcomes).await {
             Ok(()) => {
                 recorded = true;
@@ -289,8 +342,7 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
             n = outcomes.len(),
             "outcomes not recorded; entries stay pending and will be claimed again when stale"
         );
-        report.retry_soon = true;
-        return report;
+        return (report, any_panic);
     }
     let log_entries: Vec<(&str, Vec<(&str, String)>)> =
         events.into_iter().map(|f| (LOG_STREAM, f)).collect();
@@ -309,5 +361,5 @@ async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> D
         }
     }
     report.ack.extend(acks);
-    report
+    (report, any_panic)
 }

@@ -11,8 +11,8 @@
 //! recorded, so a crash leaves every unfinished entry pending in the group; the restarted
 //! consumer (same name) reads them again first.
 
-use crate::domain::Channel;
-use crate::ports::{DependencyError, Queue, ReadFrom};
+use crate::domain::{Channel, StreamEntry};
+use crate::ports::{DependencyError, Queue, ReadFrom, Store};
 use crate::sender::{self, SenderMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
@@ -38,6 +38,9 @@ pub struct ConsumerArgs {
     pub claim_idle: Duration,
     /// Longest wait for the sender to answer a batch.
     pub deliver_timeout: Duration,
+    /// An entry delivered this often without an outcome goes to `{stream}:dlq`.
+    pub max_deliveries: u64,
+    pub store: Arc<dyn Store>,
 }
 
 pub struct ConsumerState {
@@ -46,6 +49,9 @@ pub struct ConsumerState {
     last_autoclaim: Instant,
     backoff: Duration,
     group_ready: bool,
+    /// Entries the sender could not take because a dependency failed: offered again from
+    /// memory (not re-read, so an outage does not count as a failed delivery).
+    held: Vec<StreamEntry>,
 }
 
 pub struct StreamConsumer;
@@ -66,6 +72,7 @@ impl Actor for StreamConsumer {
             last_autoclaim: Instant::now(),
             backoff: Duration::ZERO,
             group_ready: false,
+            held: Vec::new(),
             args,
         })
     }
@@ -102,87 +109,156 @@ impl Actor for StreamConsumer {
 }
 
 async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
-    let a = &state.args;
-    let stream = a.channel.stream();
+    let stream = state.args.channel.stream();
     if !state.group_ready {
-        a.queue.ensure_group(stream, &a.group).await?;
+        state
+            .args
+            .queue
+            .ensure_group(stream, &state.args.group)
+            .await?;
         state.group_ready = true;
     }
-    let entries = if state.last_autoclaim.elapsed() >= a.claim_idle / 2 {
+    if !state.held.is_empty() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let held = std::mem::take(&mut state.held);
+        return deliver(state, held).await;
+    }
+    if state.last_autoclaim.elapsed() >= state.args.claim_idle / 2 {
         state.last_autoclaim = Instant::now();
-        let e = a
+        dead_letter(state).await?;
+        let a = &state.args;
+        let taken = a
             .queue
             .autoclaim(stream, &a.group, &a.consumer, a.claim_idle, a.count)
             .await?;
-        if !e.is_empty() {
-            tracing::info!(stream, n = e.len(), "took over idle entries");
+        if !taken.is_empty() {
+            tracing::info!(stream, n = taken.len(), "took over idle entries");
             metrics::counter!("stream_autoclaimed_total", "stream" => stream)
-                .increment(e.len() as u64);
+                .increment(taken.len() as u64);
         }
-        e
-    } else {
-        let e = a
-            .queue
-            .read_group(
-                stream,
-                &a.group,
-                &a.consumer,
-                state.from.clone(),
-                a.count,
-                a.block,
-            )
-            .await?;
-        if let ReadFrom::OwnPending(_) = state.from {
-            // Page through our pending list once, then switch to new entries.
-            state.from = match e.last() {
-                Some(last) => ReadFrom::OwnPending(last.id.clone()),
-                None => ReadFrom::New,
-            };
+        // These failed before (or their consumer died): one at a time, so that one poison
+        // entry cannot hold the others back.
+        for e in taken {
+            deliver(state, vec![e]).await?;
         }
-        e
-    };
+        return Ok(());
+    }
+    let a = &state.args;
+    let entries = a
+        .queue
+        .read_group(
+            stream,
+            &a.group,
+            &a.consumer,
+            state.from.clone(),
+            a.count,
+            a.block,
+        )
+        .await?;
+    if let ReadFrom::OwnPending(_) = state.from {
+        // Page through our pending list once, then switch to new entries.
+        state.from = match entries.last() {
+            Some(last) => ReadFrom::OwnPending(last.id.clone()),
+            None => ReadFrom::New,
+        };
+    }
     if entries.is_empty() {
         return Ok(());
     }
+    deliver(state, entries).await
+}
+
+/// Entries delivered `max_deliveries` times without an outcome: kept in `{stream}:dlq`
+/// with the reason, their records marked `failed`, then acknowledged.
+async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
+    let a = &state.args;
+    let stream = a.channel.stream();
+    let over: Vec<(String, u64)> = a
+        .queue
+        .pending_deliveries(stream, &a.group, a.claim_idle, a.count)
+        .await?
+        .into_iter()
+        .filter(|(_, n)| *n >= a.max_deliveries)
+        .collect();
+    if over.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = over.iter().map(|(id, _)| id.clone()).collect();
+    let entries = a.queue.range(stream, &ids).await?;
+    let dlq = format!("{stream}:dlq");
+    for (id, n) in &over {
+        let reason = format!("dead-lettered after {n} deliveries without an outcome");
+        let fields: Vec<(&str, String)> = match entries.iter().find(|e| &e.id == id) {
+            Some(e) => e
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let record = fields
+            .iter()
+            .find(|(k, _)| *k == "_id")
+            .map(|(_, v)| v.clone());
+        let newly_failed = match &record {
+            Some(rid) => a.store.fail(rid, &reason).await?,
+            None => true,
+        };
+        if newly_failed {
+            let mut dl = fields.clone();
+            dl.push(("deadLetterReason", reason.clone()));
+            dl.push(("sourceEntry", id.clone()));
+            a.queue.append(&[(dlq.as_str(), dl)]).await?;
+        }
+        // Otherwise the record is already final (a second entry for it): just let it go.
+        a.queue
+            .ack(stream, &a.group, std::slice::from_ref(id))
+            .await?;
+        tracing::error!(stream, entry = %id, deliveries = n, "entry dead-lettered");
+        metrics::counter!("dead_lettered_total", "stream" => stream).increment(1);
+    }
+    Ok(())
+}
+
+async fn deliver(
+    state: &mut ConsumerState,
+    entries: Vec<StreamEntry>,
+) -> Result<(), DependencyError> {
+    let a = &state.args;
+    let stream = a.channel.stream();
     let Some(sender) = ActorRef::<SenderMsg>::where_is(sender::name(a.channel)) else {
-        // The sender is being restarted; read these again from our pending list.
-        state.from = ReadFrom::OwnPending("0".into());
+        // The sender is being restarted; these stay pending and are taken over when idle.
         tokio::time::sleep(Duration::from_millis(100)).await;
         return Ok(());
     };
     let n = entries.len();
     let report = match sender
         .call(
-            |reply| SenderMsg::Deliver(entries, reply),
+            |reply| SenderMsg::Deliver(entries.clone(), reply),
             Some(a.deliver_timeout),
         )
         .await
     {
         Ok(ractor::rpc::CallResult::Success(r)) => r,
-        other => {
-            let why = match other {
-                Ok(ractor::rpc::CallResult::Timeout) => "timed out".to_string(),
-                Ok(ractor::rpc::CallResult::SenderError) => "sender stopped".to_string(),
-                Err(e) => e.to_string(),
-                Ok(_) => unreachable!(),
-            };
-            tracing::warn!(
-                stream,
-                n,
-                why,
-                "sender gave no answer; entries stay pending"
-            );
-            state.from = ReadFrom::OwnPending("0".into());
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(ractor::rpc::CallResult::Timeout) => {
+            tracing::warn!(stream, n, "sender timed out; entries stay pending");
+            return Ok(());
+        }
+        _ => {
+            // The sender died with the batch: its entries stay pending and are taken over
+            // (one by one) once idle, so a poison entry is found and dead-lettered.
+            tracing::warn!(stream, n, "sender failed; entries stay pending");
             return Ok(());
         }
     };
     if !report.ack.is_empty() {
         a.queue.ack(stream, &a.group, &report.ack).await?;
     }
-    if report.retry_soon {
-        state.from = ReadFrom::OwnPending("0".into());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    if !report.retry.is_empty() {
+        state.held = entries
+            .into_iter()
+            .filter(|e| report.retry.contains(&e.id))
+            .collect();
     }
     Ok(())
 }

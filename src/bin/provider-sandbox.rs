@@ -12,6 +12,11 @@
 //!   +15005550001 → 131026 (undeliverable).
 //! - `GET /__sandbox/messages` lists what was accepted (`?provider=twilio|whatsapp`);
 //!   `DELETE /__sandbox/messages` forgets it.
+//! - Fault knobs, per provider: `POST /__sandbox/faults` with
+//!   `{"provider":"twilio"|"whatsapp","mode":"none"|"5xx"|"429"|"hang"|"error",
+//!     "status":503,"code":20500,"message":"...","retry_after":2,"latency_ms":0,"rate":1.0}`
+//!   (`rate`: the share of requests affected; `error` answers `status` with the provider's
+//!   error body for `code`); `DELETE /__sandbox/faults` clears them; `GET` lists them.
 //!
 //! Usage: `provider-sandbox [--addr 127.0.0.1:4010]`; credentials from the environment
 //! (`ACCOUNTSID`, `AUTHTOKEN`, `WHATSAPP_TOKEN`, `WHATSAPP_PHONE_NUMBER_ID`) or the
@@ -33,8 +38,32 @@ pub const DEV_AUTH_TOKEN: &str = "sandbox-auth-token";
 pub const DEV_WHATSAPP_TOKEN: &str = "sandbox-whatsapp-token";
 pub const DEV_PHONE_NUMBER_ID: &str = "100000000000001";
 
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+struct Fault {
+    provider: String,
+    #[serde(default = "none_mode")]
+    mode: String,
+    status: Option<u16>,
+    code: Option<u32>,
+    message: Option<String>,
+    retry_after: Option<u64>,
+    #[serde(default)]
+    latency_ms: u64,
+    #[serde(default = "one")]
+    rate: f64,
+}
+
+fn none_mode() -> String {
+    "none".into()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
 #[derive(Clone)]
 struct Sandbox {
+    faults: Arc<Mutex<HashMap<String, Fault>>>,
     account_sid: String,
     auth_token: String,
     wa_token: String,
@@ -62,6 +91,72 @@ fn meta_error(status: u16, code: u32, message: &str, details: &str) -> Response 
                "fbtrace_id": "AbCdEfGhIjKlMnOpQrStUvW"}}),
         StatusCode::from_u16(status).unwrap(),
     )
+}
+
+fn with_retry_after(mut r: Response, secs: Option<u64>) -> Response {
+    if let Some(s) = secs {
+        r.headers_mut().insert(
+            warp::http::header::RETRY_AFTER,
+            warp::http::HeaderValue::from_str(&s.to_string()).unwrap(),
+        );
+    }
+    r
+}
+
+/// Apply the provider's fault, if any: `Some(answer)` short-cuts the request.
+async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
+    let f = sb.faults.lock().unwrap().get(provider).cloned()?;
+    if f.latency_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(f.latency_ms)).await;
+    }
+    if f.mode == "none" || rand::random::<f64>() >= f.rate {
+        return None;
+    }
+    let twilio = provider == "twilio";
+    Some(match f.mode.as_str() {
+        "hang" => {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            json_status(json!({}), StatusCode::GATEWAY_TIMEOUT)
+        }
+        "429" if twilio => {
+            with_retry_after(twilio_error(429, 20429, "Too Many Requests"), f.retry_after)
+        }
+        "429" => with_retry_after(
+            meta_error(
+                429,
+                130429,
+                "Rate limit hit",
+                "Cloud API message throughput has been reached.",
+            ),
+            f.retry_after,
+        ),
+        "5xx" if twilio => with_retry_after(
+            twilio_error(
+                f.status.unwrap_or(503),
+                20500,
+                "An internal server error has occurred",
+            ),
+            f.retry_after,
+        ),
+        "5xx" => with_retry_after(
+            meta_error(
+                f.status.unwrap_or(503),
+                131016,
+                "Service unavailable",
+                "A service is temporarily unavailable.",
+            ),
+            f.retry_after,
+        ),
+        _ => {
+            let status = f.status.unwrap_or(400);
+            let msg = f.message.clone().unwrap_or_else(|| "Injected error".into());
+            if twilio {
+                twilio_error(status, f.code.unwrap_or(21211), &msg)
+            } else {
+                meta_error(status, f.code.unwrap_or(131026), &msg, &msg)
+            }
+        }
+    })
 }
 
 fn basic_auth(header: Option<&str>) -> Option<(String, String)> {
@@ -264,7 +359,12 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::form::<HashMap<String, String>>())
         .and(with.clone())
-        .map(|sid, auth, form, sb: Sandbox| sb.twilio(sid, auth, form));
+        .then(|sid, auth, form, sb: Sandbox| async move {
+            match fault_for(&sb, "twilio").await {
+                Some(r) => r,
+                None => sb.twilio(sid, auth, form),
+            }
+        });
     let wa_versioned = warp::post()
         .and(warp::path!(String / String / "messages"))
         .map(|_version: String, id: String| id);
@@ -275,12 +375,46 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::bytes())
         .and(with.clone())
-        .map(
-            |id, auth, body: bytes::Bytes, sb: Sandbox| match serde_json::from_slice(&body) {
+        .then(|id, auth, body: bytes::Bytes, sb: Sandbox| async move {
+            if let Some(r) = fault_for(&sb, "whatsapp").await {
+                return r;
+            }
+            match serde_json::from_slice(&body) {
                 Ok(v) => sb.whatsapp(id, auth, v),
                 Err(_) => meta_error(400, 100, "(#100) Invalid parameter", "the body is not JSON"),
-            },
-        );
+            }
+        });
+    let set_fault = warp::post()
+        .and(warp::path!("__sandbox" / "faults"))
+        .and(warp::body::json::<Fault>())
+        .and(with.clone())
+        .map(|f: Fault, sb: Sandbox| {
+            if !["twilio", "whatsapp"].contains(&f.provider.as_str()) {
+                return json_status(
+                    json!({"error": "provider must be twilio or whatsapp"}),
+                    StatusCode::BAD_REQUEST,
+                );
+            }
+            sb.faults
+                .lock()
+                .unwrap()
+                .insert(f.provider.clone(), f.clone());
+            json_status(json!({"fault": f}), StatusCode::OK)
+        });
+    let list_faults = warp::get()
+        .and(warp::path!("__sandbox" / "faults"))
+        .and(with.clone())
+        .map(|sb: Sandbox| {
+            let all: Vec<Fault> = sb.faults.lock().unwrap().values().cloned().collect();
+            json_status(json!({"faults": all}), StatusCode::OK)
+        });
+    let clear_faults = warp::delete()
+        .and(warp::path!("__sandbox" / "faults"))
+        .and(with.clone())
+        .map(|sb: Sandbox| {
+            sb.faults.lock().unwrap().clear();
+            StatusCode::NO_CONTENT.into_response()
+        });
     let list = warp::get()
         .and(warp::path!("__sandbox" / "messages"))
         .and(warp::query::<ListQuery>())
@@ -306,6 +440,12 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
         .or(list)
         .unify()
         .or(clear)
+        .unify()
+        .or(set_fault)
+        .unify()
+        .or(list_faults)
+        .unify()
+        .or(clear_faults)
         .unify()
         .recover(|_r: warp::Rejection| async {
             Ok::<_, Infallible>(json_status(
@@ -342,6 +482,7 @@ async fn main() {
         phone_number_id: env("WHATSAPP_PHONE_NUMBER_ID", DEV_PHONE_NUMBER_ID),
         received: Arc::new(Mutex::new(Vec::new())),
         seq: Arc::new(AtomicU64::new(1)),
+        faults: Arc::new(Mutex::new(HashMap::new())),
     };
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,

@@ -6,12 +6,12 @@
 //! providerMessageId?, lastError?, errors[]`. There is deliberately no unique index on `to`.
 
 use actors::domain::{AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status};
-use actors::ports::{DependencyError, Store};
+use actors::ports::{DependencyError, InsertResult, Store};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime as BsonDate, Document};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -48,6 +48,11 @@ impl MongoStore {
     ) -> Result<MongoStore, DependencyError> {
         let mut opts = ClientOptions::parse(url).await.map_err(err)?;
         opts.app_name = Some("comm-aggregator".into());
+        // Acknowledged means journaled: an acknowledged write survives a server crash
+        // (without j, SecantusDB was seen to lose acknowledged inserts on kill -9).
+        if opts.write_concern.is_none() {
+            opts.write_concern = Some(WriteConcern::builder().journal(true).build());
+        }
         opts.server_selection_timeout
             .get_or_insert(Duration::from_secs(5));
         opts.connect_timeout.get_or_insert(Duration::from_secs(3));
@@ -67,6 +72,16 @@ impl MongoStore {
             IndexModel::builder()
                 .keys(doc! {"status": 1, "nextAttemptAt": 1})
                 .options(IndexOptions::builder().name("due".to_string()).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"idempotencyKey": 1})
+                .options(
+                    IndexOptions::builder()
+                        .name("idempotency".to_string())
+                        .unique(true)
+                        .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
+                        .build(),
+                )
                 .build(),
             IndexModel::builder()
                 .keys(doc! {"createdAt": -1})
@@ -96,9 +111,13 @@ impl MongoStore {
             "notBefore": bdate(r.created_at),
             "nextAttemptAt": bdate(next_look),
             "errors": [],
+            "requestHash": &r.request_hash,
         };
         if let Some(s) = &r.subject {
             d.insert("subject", s);
+        }
+        if let Some(k) = &r.idempotency_key {
+            d.insert("idempotencyKey", k);
         }
         Ok(d)
     }
@@ -133,6 +152,8 @@ impl MongoStore {
             provider_message_id: d.get_str("providerMessageId").ok().map(str::to_string),
             last_error: d.get_str("lastError").ok().map(str::to_string),
             errors,
+            idempotency_key: d.get_str("idempotencyKey").ok().map(str::to_string),
+            request_hash: d.get_str("requestHash").unwrap_or_default().to_string(),
         })
     }
 
@@ -144,7 +165,7 @@ impl MongoStore {
                 obj.remove("_id");
                 obj.insert("id".into(), serde_json::Value::String(id.to_hex()));
             }
-            for k in ["claimedBy", "claimKind", "nextAttemptAt"] {
+            for k in ["claimedBy", "claimKind", "nextAttemptAt", "requestHash"] {
                 obj.remove(k);
             }
             for (_, val) in obj.iter_mut() {
@@ -168,7 +189,10 @@ impl MongoStore {
     ) -> Result<Document, DependencyError> {
         let reply = self
             .db
-            .run_command(doc! {"update": COLLECTION, "updates": updates, "ordered": ordered})
+            .run_command(
+                doc! {"update": COLLECTION, "updates": updates, "ordered": ordered,
+                "writeConcern": {"j": true}},
+            )
             .await
             .map_err(err)?;
         if let Ok(errs) = reply.get_array("writeErrors") {
@@ -201,9 +225,12 @@ fn flatten_dates(v: &mut serde_json::Value) {
 
 #[async_trait]
 impl Store for MongoStore {
-    async fn insert_many(&self, records: &[Communication]) -> Result<(), DependencyError> {
+    async fn insert_many(
+        &self,
+        records: &[Communication],
+    ) -> Result<Vec<InsertResult>, DependencyError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Not swept before the batch has had time to reach its stream.
         let next_look = Utc::now()
@@ -212,12 +239,66 @@ impl Store for MongoStore {
             .iter()
             .map(|r| MongoStore::to_doc(r, next_look))
             .collect::<Result<Vec<_>, _>>()?;
-        self.coll
-            .insert_many(docs)
-            .ordered(false)
+        let mut results = vec![InsertResult::Inserted; records.len()];
+        let e = match self.coll.insert_many(docs).ordered(false).await {
+            Ok(_) => return Ok(results),
+            Err(e) => e,
+        };
+        // With ordered(false) every record was tried: only duplicate idempotency keys
+        // (11000 on the partial unique index) are expected; anything else is an outage.
+        let mongodb::error::ErrorKind::InsertMany(ime) = e.kind.as_ref() else {
+            return Err(err(e));
+        };
+        let write_errors = ime.write_errors.clone().unwrap_or_default();
+        let only_key_clashes = write_errors.iter().all(|w| {
+            w.code == 11000
+                && records
+                    .get(w.index)
+                    .is_some_and(|r| r.idempotency_key.is_some())
+        });
+        if ime.write_concern_error.is_some() || write_errors.is_empty() || !only_key_clashes {
+            return Err(err(e));
+        }
+        let keys: Vec<&String> = write_errors
+            .iter()
+            .filter_map(|w| records[w.index].idempotency_key.as_ref())
+            .collect();
+        let holders: Vec<Document> = self
+            .coll
+            .find(doc! {"idempotencyKey": {"$in": keys}})
+            .await
+            .map_err(err)?
+            .try_collect()
             .await
             .map_err(err)?;
-        Ok(())
+        for w in write_errors {
+            let key = records[w.index].idempotency_key.as_deref();
+            let holder = holders
+                .iter()
+                .find(|d| d.get_str("idempotencyKey").ok() == key)
+                .and_then(MongoStore::from_doc)
+                .ok_or_else(|| err("duplicate idempotency key, but its holder is not readable"))?;
+            results[w.index] = InsertResult::KeyTaken(Box::new(holder));
+        }
+        Ok(results)
+    }
+
+    async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError> {
+        let oid = ObjectId::parse_str(id).map_err(err)?;
+        let now = bdate(Utc::now());
+        let r = self
+            .coll
+            .update_one(
+                doc! {"_id": oid, "status": {"$in": ["pending", "sending"]}},
+                doc! {
+                    "$set": {"status": "failed", "failedAt": now, "updatedAt": now, "lastError": reason},
+                    "$push": {"errors": {"attempt": 0, "at": now, "code": "dead-lettered", "message": reason}},
+                    "$unset": {"claimedBy": "", "nextAttemptAt": ""},
+                },
+            )
+            .await
+            .map_err(err)?;
+        Ok(r.modified_count > 0)
     }
 
     async fn claim(
@@ -322,6 +403,7 @@ impl Store for MongoStore {
                     provider_message_id,
                 } => doc! {
                     "$set": {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
+                             "sentBy": owner.rsplitn(3, ':').last().unwrap_or(owner),
                              "providerMessageId": provider_message_id.clone().map(Bson::String).unwrap_or(Bson::Null)},
                     "$unset": {"claimedBy": "", "nextAttemptAt": ""},
                 },

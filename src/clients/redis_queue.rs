@@ -227,6 +227,61 @@ impl Queue for RedisQueue {
         }
     }
 
+    async fn pending_deliveries(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<(String, u64)>, DependencyError> {
+        let v = self
+            .query(
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(group)
+                    .arg("IDLE")
+                    .arg(min_idle.as_millis() as u64)
+                    .arg("-")
+                    .arg("+")
+                    .arg(count.max(1)),
+            )
+            .await?;
+        let Value::Array(items) = v else {
+            return Ok(Vec::new());
+        };
+        Ok(items
+            .iter()
+            .filter_map(|it| match it {
+                Value::Array(p) if p.len() >= 4 => {
+                    let id = text(&p[0])?;
+                    let n = match &p[3] {
+                        Value::Int(n) => *n as u64,
+                        other => text(other)?.parse().ok()?,
+                    };
+                    Some((id, n))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn range(
+        &self,
+        stream: &str,
+        ids: &[String],
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XRANGE").arg(stream).arg(id).arg(id);
+        }
+        let mut c = self.conn().await?;
+        let replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        Ok(replies.iter().flat_map(parse_entries).collect())
+    }
+
     fn dedicated(&self) -> Arc<dyn Queue> {
         Arc::new(RedisQueue {
             client: self.client.clone(),

@@ -213,6 +213,7 @@ impl Stack {
             "mongo",
             &self.dir,
             Command::new(venv().join("bin/secantusd-py"))
+                .arg("--sync-on-commit")
                 .args([
                     "--host",
                     "127.0.0.1",
@@ -279,6 +280,16 @@ impl Stack {
 
     /// SecantusDB opens its port a little before it answers commands.
     pub fn wait_mongo_ready(&self) {
+        // On a thread of its own: callers may be inside a runtime already.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.wait_mongo_ready_blocking())
+                .join()
+                .unwrap();
+        });
+    }
+
+    fn wait_mongo_ready_blocking(&self) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -522,4 +533,142 @@ pub fn unique(tag: &str) -> String {
             .unwrap()
             .as_micros()
     )
+}
+
+/// Settings that make failure handling quick enough for tests.
+pub const FAST: &[(&str, &str)] = &[
+    ("PROVIDER_TIMEOUT_MS", "1000"),
+    ("CLAIM_IDLE_MS", "2500"),
+    ("STALE_AFTER_MS", "2000"),
+    ("SWEEP_RECHECK_MS", "3000"),
+    ("MAX_DELIVERIES", "3"),
+    ("BACKOFF_BASE_MS", "200"),
+    ("FAULT_INJECTION", "true"),
+    ("SHUTDOWN_DEADLINE_MS", "10000"),
+];
+
+pub fn fast_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    let mut v = FAST.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+/// POST `n` SMS with bodies `{tag}-{i}` to `port`, 16 at a time; connection errors and
+/// non-200 answers count as not accepted. Returns the accepted (body, id) pairs.
+pub async fn load(port: u16, tag: &str, n: usize, pause: Duration) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let results: Vec<Option<(String, String)>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let http = http.clone();
+            let body = format!("{tag}-{i}");
+            async move {
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause * (i as u32 / 16)).await;
+                }
+                let res = http
+                    .post(format!("http://127.0.0.1:{port}/api/v1/communication"))
+                    .json(&serde_json::json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":body}}))
+                    .send()
+                    .await
+                    .ok()?;
+                if res.status() != 200 {
+                    return None;
+                }
+                let v: Value = res.json().await.ok()?;
+                Some((body, v["id"].as_str()?.to_string()))
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().flatten().collect()
+}
+
+/// What the books say after a scenario.
+#[derive(Debug, Default)]
+pub struct Books {
+    pub accepted: usize,
+    pub sent: usize,
+    pub failed: usize,
+    /// Messages the provider saw more than once, all attributable to a stale claim (a
+    /// crash inside the provider-call window).
+    pub duplicates: usize,
+}
+
+/// Wait until every accepted message is final, then check it reached the provider exactly
+/// once (a duplicate is allowed only where the record shows a stale claim).
+pub async fn check_books(stack: &Stack, accepted: &[(String, String)], within: Duration) -> Books {
+    use mongodb::bson::{doc, oid::ObjectId};
+    let coll = stack.records().await;
+    let oids: Vec<ObjectId> = accepted
+        .iter()
+        .map(|(_, id)| ObjectId::parse_str(id).unwrap())
+        .collect();
+    let start = Instant::now();
+    loop {
+        let open = coll
+            .count_documents(doc! {"_id": {"$in": &oids}, "status": {"$nin": ["sent", "failed"]}})
+            .await
+            .unwrap_or(u64::MAX);
+        if open == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < within,
+            "{open} of {} accepted messages still not final after {within:?}",
+            accepted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut books = Books {
+        accepted: accepted.len(),
+        ..Default::default()
+    };
+    let seen = stack.sandbox_messages().await;
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    for m in &seen {
+        if let Some(b) = m["body"].as_str() {
+            *counts.entry(b.to_string()).or_default() += 1;
+        }
+    }
+    for (body, id) in accepted {
+        let d = coll
+            .find_one(doc! {"_id": ObjectId::parse_str(id).unwrap()})
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("accepted {id} is not in MongoDB"));
+        let n = counts.get(body).copied().unwrap_or(0);
+        match d.get_str("status").unwrap() {
+            "sent" => {
+                books.sent += 1;
+                assert!(
+                    n >= 1,
+                    "{id} is recorded sent but the provider never saw {body:?}"
+                );
+                if n > 1 {
+                    assert_eq!(
+                        d.get_str("claimKind").ok(),
+                        Some("stale"),
+                        "{id} was sent {n} times without a crash to explain it: {d}"
+                    );
+                    books.duplicates += 1;
+                }
+            }
+            _ => {
+                books.failed += 1;
+            }
+        }
+    }
+    println!("books: {books:?}");
+    books
+}
+
+/// Serialises the tests of one binary that start their own stacks (2 cores).
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
