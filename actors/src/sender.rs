@@ -346,17 +346,20 @@ async fn deliver(
     }
     let log_entries: Vec<(&str, Vec<(&str, String)>)> =
         events.into_iter().map(|f| (LOG_STREAM, f)).collect();
+    // Without Redis the consumer cannot read more work either, so waiting here costs nothing.
     let mut wait = Duration::from_millis(100);
-    for attempt in 0..5 {
+    let give_up = Instant::now() + args.record_patience;
+    loop {
         match args.queue.append(&log_entries).await {
             Ok(_) => break,
-            Err(err) if attempt == 4 => {
-                tracing::error!(error = %err, n = log_entries.len(), "log events dropped: Redis unavailable");
+            Err(err) if Instant::now() >= give_up => {
+                tracing::error!(error = %err, n = log_entries.len(), "log events dropped: Redis unavailable too long");
                 metrics::counter!("log_events_dropped_total").increment(log_entries.len() as u64);
+                break;
             }
             Err(_) => {
                 tokio::time::sleep(wait).await;
-                wait *= 2;
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -207,3 +207,101 @@ fn child_down(
     tracing::warn!(actor = %name, why, ?backoff, "child down; restarting");
     myself.send_after(backoff, move || SupervisorMsg::Restart(name));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    struct Flaky;
+
+    impl Actor for Flaky {
+        type Msg = ();
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<()>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            _: (),
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            Err("boom".into())
+        }
+    }
+
+    fn args(name: &str, max_restarts: usize) -> SupervisorArgs {
+        let n = name.to_string();
+        let spawn: SpawnFn = Arc::new(move |sup| {
+            let n = n.clone();
+            async move {
+                let (r, _) = Actor::spawn_linked(Some(n), Flaky, (), sup).await?;
+                Ok(r.get_cell())
+            }
+            .boxed()
+        });
+        SupervisorArgs {
+            children: vec![ChildSpec {
+                name: name.to_string(),
+                spawn,
+            }],
+            max_restarts,
+            window: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(40),
+            stop_timeout: Duration::from_secs(1),
+        }
+    }
+
+    async fn child(name: &str) -> ActorRef<()> {
+        for _ in 0..200 {
+            if let Some(c) = ActorRef::<()>::where_is(name.to_string()) {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{name} was not (re)started");
+    }
+
+    #[tokio::test]
+    async fn a_failed_child_is_restarted_under_its_name() {
+        let (sup, _h) = Actor::spawn(None, Supervisor, args("flaky-a", 5))
+            .await
+            .unwrap();
+        let first = child("flaky-a").await;
+        first.send_message(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = child("flaky-a").await;
+        assert_ne!(first.get_id(), second.get_id(), "a new instance");
+        assert_eq!(sup.get_status(), ractor::ActorStatus::Running);
+        sup.stop(None);
+    }
+
+    #[tokio::test]
+    async fn too_many_restarts_escalate_by_stopping_the_supervisor() {
+        let (sup, handle) = Actor::spawn(None, Supervisor, args("flaky-b", 2))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            child("flaky-b").await.send_message(()).unwrap();
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        tokio::time::timeout(Duration::from_secs(2), handle)
+            .await
+            .expect("the supervisor gave up")
+            .unwrap();
+        assert_eq!(sup.get_status(), ractor::ActorStatus::Stopped);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let a = args("x", 1);
+        assert_eq!(Supervisor::backoff(&a, 1), Duration::from_millis(10));
+        assert_eq!(Supervisor::backoff(&a, 2), Duration::from_millis(20));
+        assert_eq!(Supervisor::backoff(&a, 5), Duration::from_millis(40));
+    }
+}
