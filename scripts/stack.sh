@@ -117,11 +117,15 @@ export REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export MONGODB_URL='mongodb://127.0.0.1:$MONGO_PORT/?directConnection=true'
 export ELASTICSEARCH_NODE=http://127.0.0.1:$ES_PORT
 export SMTP_URL=\${SMTP_URL:-smtp://127.0.0.1:$SMTP_PORT}
+export PUBLIC_BASE_URL=\${PUBLIC_BASE_URL:-http://127.0.0.1:\${PORT:-3001}}
 if [ -z "\${ACCOUNTSID:-}" ]; then
   export TWILIO_API_BASE=http://127.0.0.1:$SANDBOX_PORT ACCOUNTSID=AC00000000000000000000000000000000 AUTHTOKEN=sandbox-auth-token
 fi
 if [ -z "\${WHATSAPP_TOKEN:-}" ]; then
   export WHATSAPP_API_BASE=http://127.0.0.1:$SANDBOX_PORT/v21.0 WHATSAPP_TOKEN=sandbox-whatsapp-token WHATSAPP_PHONE_NUMBER_ID=100000000000001
+  export WHATSAPP_APP_SECRET=sandbox-app-secret WHATSAPP_VERIFY_TOKEN=sandbox-verify-token
+  curl -s -XPOST http://127.0.0.1:$SANDBOX_PORT/__sandbox/webhooks -H 'content-type: application/json' \
+    -d "{\"whatsapp\": \"http://127.0.0.1:\${PORT:-3001}/api/v1/callbacks/whatsapp\"}" >/dev/null || true
 fi
 EOV
 }

@@ -14,10 +14,33 @@ pub struct Config {
     pub elasticsearch: Elastic,
     pub router: Router,
     pub sender: Sender,
+    pub channels: Channels,
     pub sweeper: Sweeper,
     pub log_indexer: LogIndexer,
     pub supervisor: Supervisor,
+    pub callbacks: Callbacks,
     pub providers: Providers,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Callbacks {
+    pub public_base_url: String,
+    #[serde(skip)]
+    pub whatsapp_app_secret: String,
+    #[serde(skip)]
+    pub whatsapp_verify_token: String,
+}
+
+impl Callbacks {
+    pub fn twilio_url(&self) -> Option<String> {
+        (!self.public_base_url.is_empty()).then(|| {
+            format!(
+                "{}/api/v1/callbacks/twilio",
+                self.public_base_url.trim_end_matches('/')
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,13 +94,51 @@ pub struct Router {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sender {
-    pub concurrency: usize,
     pub stale_after_ms: u64,
+    pub record_patience_ms: u64,
+    pub fault_injection: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channels {
+    pub email: ChannelSettings,
+    pub sms: ChannelSettings,
+    pub whatsapp: ChannelSettings,
+}
+
+impl Channels {
+    pub fn get(&self, ch: actors::domain::Channel) -> &ChannelSettings {
+        match ch {
+            actors::domain::Channel::Email => &self.email,
+            actors::domain::Channel::Sms => &self.sms,
+            actors::domain::Channel::Whatsapp => &self.whatsapp,
+        }
+    }
+
+    fn all_mut(&mut self) -> [(&'static str, &mut ChannelSettings); 3] {
+        [
+            ("email", &mut self.email),
+            ("sms", &mut self.sms),
+            ("whatsapp", &mut self.whatsapp),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub concurrency: usize,
     pub max_attempts: u32,
     pub backoff_base_ms: u64,
     pub backoff_cap_ms: u64,
-    pub record_patience_ms: u64,
-    pub fault_injection: bool,
+    pub rate_per_sec: f64,
+    pub burst: f64,
+    pub breaker_consecutive_failures: u32,
+    pub breaker_failure_ratio: f64,
+    pub breaker_window: usize,
+    pub breaker_min_calls: usize,
+    pub breaker_cooldown_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,11 +279,16 @@ impl Config {
         if let Some(v) = env("STALE_AFTER_MS") {
             self.sender.stale_after_ms = num("STALE_AFTER_MS", v)?;
         }
-        if let Some(v) = env("MAX_ATTEMPTS") {
-            self.sender.max_attempts = num("MAX_ATTEMPTS", v)?;
-        }
-        if let Some(v) = env("BACKOFF_BASE_MS") {
-            self.sender.backoff_base_ms = num("BACKOFF_BASE_MS", v)?;
+        for (_, ch) in self.channels.all_mut() {
+            if let Some(v) = env("MAX_ATTEMPTS") {
+                ch.max_attempts = num("MAX_ATTEMPTS", v)?;
+            }
+            if let Some(v) = env("BACKOFF_BASE_MS") {
+                ch.backoff_base_ms = num("BACKOFF_BASE_MS", v)?;
+            }
+            if let Some(v) = env("BREAKER_COOLDOWN_MS") {
+                ch.breaker_cooldown_ms = num("BREAKER_COOLDOWN_MS", v)?;
+            }
         }
         if let Some(v) = env("SWEEP_RECHECK_MS") {
             self.sweeper.recheck_ms = num("SWEEP_RECHECK_MS", v)?;
@@ -247,6 +313,11 @@ impl Config {
             self.providers.whatsapp.phone_number_id = v;
         }
         self.providers.whatsapp.token = env("WHATSAPP_TOKEN").unwrap_or_default();
+        if let Some(v) = env("PUBLIC_BASE_URL") {
+            self.callbacks.public_base_url = v;
+        }
+        self.callbacks.whatsapp_app_secret = env("WHATSAPP_APP_SECRET").unwrap_or_default();
+        self.callbacks.whatsapp_verify_token = env("WHATSAPP_VERIFY_TOKEN").unwrap_or_default();
         if let Some(v) = env("SMTP_URL") {
             self.providers.email.smtp_url = v;
         }
@@ -297,6 +368,13 @@ impl Config {
             &self.providers.email.smtp_url,
             &["smtp", "smtps"],
         )?;
+        if !self.callbacks.public_base_url.is_empty() {
+            url(
+                "PUBLIC_BASE_URL",
+                &self.callbacks.public_base_url,
+                &["http", "https"],
+            )?;
+        }
         let missing = |name: &str, v: &str, why: &str| -> Result<(), ConfigError> {
             if v.trim().is_empty() {
                 Err(bad(format!("{name} is not set: {why}")))
@@ -345,14 +423,33 @@ impl Config {
         for (name, v) in [
             ("router.batch_max", self.router.batch_max),
             ("redis.read_count", self.redis.read_count),
-            ("sender.concurrency", self.sender.concurrency),
-            ("sender.max_attempts", self.sender.max_attempts as usize),
             ("log_indexer.max_docs", self.log_indexer.max_docs),
             ("sweeper.batch", self.sweeper.batch),
             ("redis.max_deliveries", self.redis.max_deliveries as usize),
         ] {
             if v == 0 {
                 return Err(bad(format!("{name} must be at least 1")));
+            }
+        }
+        for (name, ch) in [
+            ("email", &self.channels.email),
+            ("sms", &self.channels.sms),
+            ("whatsapp", &self.channels.whatsapp),
+        ] {
+            if ch.concurrency == 0 || ch.max_attempts == 0 || ch.breaker_consecutive_failures == 0 {
+                return Err(bad(format!(
+                    "channels.{name}: concurrency, max_attempts and breaker_consecutive_failures must be at least 1"
+                )));
+            }
+            if !(ch.rate_per_sec > 0.0 && ch.burst >= 1.0) {
+                return Err(bad(format!(
+                    "channels.{name}: rate_per_sec must be > 0 and burst >= 1"
+                )));
+            }
+            if !(ch.breaker_failure_ratio > 0.0 && ch.breaker_failure_ratio <= 1.0) {
+                return Err(bad(format!(
+                    "channels.{name}.breaker_failure_ratio must be in (0, 1]"
+                )));
             }
         }
         Ok(())

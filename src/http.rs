@@ -26,6 +26,8 @@ pub struct AppState {
     pub search: Arc<dyn SearchSink>,
     pub prometheus: PrometheusHandle,
     pub shutting_down: Arc<AtomicBool>,
+    pub health: Vec<Arc<actors::health::ProviderHealth>>,
+    pub callbacks: Arc<crate::callbacks::CallbackConfig>,
 }
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -44,6 +46,9 @@ fn route_label(path: &str) -> &'static str {
     match path {
         "/api/v1/communication" => "/api/v1/communication",
         p if p.starts_with("/api/v1/communication/") => "/api/v1/communication/{id}",
+        "/api/v1/providers" => "/api/v1/providers",
+        "/api/v1/callbacks/twilio" => "/api/v1/callbacks/twilio",
+        "/api/v1/callbacks/whatsapp" => "/api/v1/callbacks/whatsapp",
         "/metrics" => "/metrics",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
@@ -89,6 +94,58 @@ pub fn routes(
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
 
+    let providers = warp::path!("api" / "v1" / "providers")
+        .and(warp::get())
+        .and(with_state.clone())
+        .map(|s: AppState| {
+            let list: Vec<serde_json::Value> = s.health.iter().map(|h| h.snapshot()).collect();
+            warp::reply::json(&json!({"providers": list})).into_response()
+        });
+
+    let twilio_cb = warp::path!("api" / "v1" / "callbacks" / "twilio")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("host"))
+        .and(warp::path::full())
+        .and(warp::header::optional::<String>("x-twilio-signature"))
+        .and(warp::body::content_length_limit(BODY_LIMIT))
+        .and(warp::body::bytes())
+        .and(with_state.clone())
+        .then(
+            |host, path: warp::path::FullPath, sig, body, s: AppState| async move {
+                crate::callbacks::twilio(
+                    s.callbacks.clone(),
+                    s.store.clone(),
+                    s.queue.clone(),
+                    host,
+                    path.as_str().to_string(),
+                    sig,
+                    body,
+                )
+                .await
+            },
+        );
+    let whatsapp_verify = warp::path!("api" / "v1" / "callbacks" / "whatsapp")
+        .and(warp::get())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .and(with_state.clone())
+        .map(|q, s: AppState| crate::callbacks::whatsapp_verify(&s.callbacks, &q));
+    let whatsapp_cb = warp::path!("api" / "v1" / "callbacks" / "whatsapp")
+        .and(warp::post())
+        .and(warp::header::optional::<String>("x-hub-signature-256"))
+        .and(warp::body::content_length_limit(BODY_LIMIT))
+        .and(warp::body::bytes())
+        .and(with_state.clone())
+        .then(|sig, body, s: AppState| async move {
+            crate::callbacks::whatsapp(
+                s.callbacks.clone(),
+                s.store.clone(),
+                s.queue.clone(),
+                sig,
+                body,
+            )
+            .await
+        });
+
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(with_state.clone())
@@ -96,6 +153,14 @@ pub fn routes(
 
     create
         .or(get_one)
+        .unify()
+        .or(providers)
+        .unify()
+        .or(twilio_cb)
+        .unify()
+        .or(whatsapp_verify)
+        .unify()
+        .or(whatsapp_cb)
         .unify()
         .or(metrics)
         .unify()

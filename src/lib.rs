@@ -2,12 +2,14 @@
 //! clients for MongoDB, Redis, Elasticsearch and the providers. The actors live in the
 //! `actors` crate; `run` wires them together under one supervisor.
 
+pub mod callbacks;
 pub mod clients;
 pub mod config;
 pub mod http;
 pub mod providers;
 
 use actors::domain::Channel;
+use actors::health::{BreakerConfig, ProviderHealth};
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Provider, Queue, SearchSink, Store};
 use actors::ractor::{Actor, ActorRef};
@@ -92,6 +94,8 @@ pub struct Parts {
     pub queue: Arc<RedisQueue>,
     pub search: Arc<ElasticSink>,
     pub providers: HashMap<Channel, Arc<dyn Provider>>,
+    /// Breaker and rate limit per provider, shared by sender, consumer and `/api/v1/providers`.
+    pub health: HashMap<Channel, Arc<ProviderHealth>>,
 }
 
 pub async fn build_parts(cfg: &Config) -> Result<Parts, String> {
@@ -133,6 +137,7 @@ pub async fn build_parts(cfg: &Config) -> Result<Parts, String> {
             &p.sms.account_sid,
             &p.sms.auth_token,
             &p.sms.messaging_service_sid,
+            cfg.callbacks.twilio_url(),
         )),
     );
     providers.insert(
@@ -152,11 +157,32 @@ pub async fn build_parts(cfg: &Config) -> Result<Parts, String> {
             timeout,
         )?),
     );
+    let health = Channel::ALL
+        .into_iter()
+        .map(|ch| {
+            let c = cfg.channels.get(ch);
+            let h = ProviderHealth::new(
+                providers[&ch].name(),
+                ch.as_str(),
+                BreakerConfig {
+                    consecutive_failures: c.breaker_consecutive_failures,
+                    failure_ratio: c.breaker_failure_ratio,
+                    window: c.breaker_window,
+                    min_calls: c.breaker_min_calls,
+                    cooldown: Config::ms(c.breaker_cooldown_ms),
+                },
+                c.rate_per_sec,
+                c.burst,
+            );
+            (ch, Arc::new(h))
+        })
+        .collect();
     Ok(Parts {
         store: Arc::new(store),
         queue: Arc::new(queue),
         search: Arc::new(search),
         providers,
+        health,
     })
 }
 
@@ -194,12 +220,13 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
                 owner: consumer.clone(),
                 stale_after: Config::ms(cfg.sender.stale_after_ms),
                 provider_timeout,
-                concurrency: cfg.sender.concurrency,
+                concurrency: cfg.channels.get(ch).concurrency,
                 retry: RetryPolicy {
-                    max_attempts: cfg.sender.max_attempts,
-                    base: Config::ms(cfg.sender.backoff_base_ms),
-                    cap: Config::ms(cfg.sender.backoff_cap_ms),
+                    max_attempts: cfg.channels.get(ch).max_attempts,
+                    base: Config::ms(cfg.channels.get(ch).backoff_base_ms),
+                    cap: Config::ms(cfg.channels.get(ch).backoff_cap_ms),
                 },
+                health: parts.health[&ch].clone(),
                 record_patience: Config::ms(cfg.sender.record_patience_ms),
                 faults: cfg.sender.fault_injection,
             },
@@ -222,6 +249,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
                     + Duration::from_secs(60),
                 max_deliveries: cfg.redis.max_deliveries,
                 store: store.clone(),
+                health: parts.health[&ch].clone(),
             },
         ));
     }
@@ -310,6 +338,16 @@ pub async fn run(cfg: Config, prometheus: PrometheusHandle) -> Result<(), String
         search: parts.search.clone(),
         prometheus,
         shutting_down: shutting_down.clone(),
+        health: Channel::ALL
+            .iter()
+            .map(|c| parts.health[c].clone())
+            .collect(),
+        callbacks: Arc::new(callbacks::CallbackConfig {
+            twilio_url: cfg.callbacks.twilio_url(),
+            twilio_auth_token: cfg.providers.sms.auth_token.clone(),
+            whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
+            whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
+        }),
     };
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)

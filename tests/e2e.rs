@@ -30,8 +30,9 @@ async fn wait_status(id: &str, status: &str) -> Document {
     .await
 }
 
-/// Both indices hold the message with its final status; the streams have nothing pending.
-async fn check_indexed_and_drained(id: &str, status: &str, stream: &str) {
+/// Both indices hold the message: `communications` with its current status, and
+/// `communication-logs` with each event of `events`; the streams have nothing pending.
+async fn check_indexed_and_drained(id: &str, status: &str, events: &[&str], stream: &str) {
     let (stack, _) = shared();
     let comm = eventually(WAIT, "the communications document", || async {
         stack
@@ -43,17 +44,23 @@ async fn check_indexed_and_drained(id: &str, status: &str, stream: &str) {
     .await;
     assert_eq!(comm["_id"], id);
     assert_eq!(comm["_source"]["stream"], stream);
-    eventually(WAIT, "the communication-logs event", || async {
-        stack
-            .es_search(
-                "communication-logs",
-                json!({"term": {"communicationId": id}}),
-            )
-            .await
-            .into_iter()
-            .find(|h| h["_source"]["status"] == status)
-    })
-    .await;
+    for ev in events {
+        eventually(
+            WAIT,
+            &format!("the communication-logs event {ev}"),
+            || async {
+                stack
+                    .es_search(
+                        "communication-logs",
+                        json!({"term": {"communicationId": id}}),
+                    )
+                    .await
+                    .into_iter()
+                    .find(|h| h["_source"]["status"] == *ev)
+            },
+        )
+        .await;
+    }
     eventually(WAIT, "nothing pending in the consumer groups", || async {
         let a = stack.pending(stream, "comm-aggregator").await;
         let b = stack.pending("log_stream", "comm-aggregator").await;
@@ -92,14 +99,22 @@ async fn sms_is_sent_through_twilio_recorded_and_indexed() {
     assert_eq!(got["provider"], "twilio");
     assert_eq!(got["to"], "+15557654321");
     assert_eq!(got["from"], "+15550001111");
-    let rec = wait_status(&id, "sent").await;
+    // Sent, then Twilio's signed status callback says delivered.
+    let rec = wait_status(&id, "delivered").await;
     assert_eq!(
         rec.get_str("providerMessageId").unwrap(),
         got["id"].as_str().unwrap()
     );
     assert_eq!(rec.get_str("type").unwrap(), "sms");
     assert_eq!(rec.get_i32("attempts").unwrap(), 1);
-    check_indexed_and_drained(&id, "sent", "sms_stream").await;
+    assert!(rec.get_datetime("sentAt").is_ok() && rec.get_datetime("deliveredAt").is_ok());
+    check_indexed_and_drained(
+        &id,
+        "delivered",
+        &["queued", "sent", "delivered"],
+        "sms_stream",
+    )
+    .await;
     let matches = stack
         .sandbox_messages()
         .await
@@ -128,12 +143,19 @@ async fn whatsapp_is_sent_through_the_cloud_api_recorded_and_indexed() {
     .await;
     assert_eq!(got["provider"], "whatsapp");
     assert_eq!(got["to"], "+15557654322");
-    let rec = wait_status(&id, "sent").await;
+    // Sent, then the signed webhook says delivered, then read.
+    let rec = wait_status(&id, "read").await;
     assert!(rec
         .get_str("providerMessageId")
         .unwrap()
         .starts_with("wamid."));
-    check_indexed_and_drained(&id, "sent", "whatsapp_stream").await;
+    check_indexed_and_drained(
+        &id,
+        "read",
+        &["sent", "delivered", "read"],
+        "whatsapp_stream",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +175,7 @@ async fn email_is_sent_over_smtp_recorded_and_indexed() {
     assert!(mail.contains("From: noreply@example.com"), "{mail}");
     assert!(mail.contains("Subject: Hello"), "{mail}");
     wait_status(&id, "sent").await;
-    check_indexed_and_drained(&id, "sent", "email_stream").await;
+    check_indexed_and_drained(&id, "sent", &["queued", "sent"], "email_stream").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +200,7 @@ async fn a_permanent_provider_error_ends_failed_with_the_providers_message() {
         errors[0].as_document().unwrap().get_str("code").unwrap(),
         "21211"
     );
-    check_indexed_and_drained(&id, "failed", "sms_stream").await;
+    check_indexed_and_drained(&id, "failed", &["failed"], "sms_stream").await;
 
     // Meta's "message undeliverable".
     let id = accept(
@@ -203,7 +225,7 @@ async fn a_permanent_provider_error_ends_failed_with_the_providers_message() {
         "sms_stream",
     )
     .await;
-    wait_status(&id, "sent").await;
+    wait_status(&id, "delivered").await;
     let (status, _) = svc.get("/healthz").await;
     assert_eq!(status, 200);
     assert!(stack
@@ -229,12 +251,12 @@ async fn a_recipient_can_receive_many_messages() {
         );
     }
     for id in &ids {
-        wait_status(id, "sent").await;
+        wait_status(id, "delivered").await;
     }
     let n = stack
         .records()
         .await
-        .count_documents(doc! {"to": to, "status": "sent"})
+        .count_documents(doc! {"to": to, "status": "delivered"})
         .await
         .unwrap();
     assert!(n >= 3);
@@ -370,4 +392,120 @@ async fn lookups_and_unknown_routes_answer_in_the_error_shape() {
         .await
         .unwrap();
     assert!(text.contains("http_requests_total"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_report_failures_and_forged_callbacks_change_nothing() {
+    let (_, svc) = shared();
+    // The stand-in reports +15005550004 undelivered (Twilio 30003) / failed (Meta 131026).
+    let sms = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15005550004","msg":unique("unreachable")}}),
+        "sms_stream",
+    )
+    .await;
+    let rec = wait_status(&sms, "undelivered").await;
+    assert!(
+        rec.get_array("errors")
+            .unwrap()
+            .iter()
+            .any(|e| e.as_document().unwrap().get_str("code") == Ok("30003")),
+        "{rec}"
+    );
+    let wa = accept(
+        json!({"type":"whatsapp","data":{"from":"+15550001111","to":"+15005550004","msg":unique("unreachable")}}),
+        "whatsapp_stream",
+    )
+    .await;
+    let rec = wait_status(&wa, "failed").await;
+    assert!(
+        rec.get_str("lastError").unwrap().contains("undeliverable"),
+        "{rec}"
+    );
+
+    // A delivered SMS, then forged callbacks that try to change it.
+    let id = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":unique("genuine")}}),
+        "sms_stream",
+    )
+    .await;
+    let rec = wait_status(&id, "delivered").await;
+    let sid = rec.get_str("providerMessageId").unwrap().to_string();
+    let http = reqwest::Client::new();
+    let form = [
+        ("MessageSid", sid.as_str()),
+        ("MessageStatus", "undelivered"),
+        ("ErrorCode", "30008"),
+    ];
+    let owned: Vec<(String, String)> = form
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let url = svc.url("/api/v1/callbacks/twilio");
+    let r = http.post(&url).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let forged = comm_aggregator::callbacks::twilio_signature("wrong-token", &url, &owned);
+    let r = http
+        .post(&url)
+        .header("X-Twilio-Signature", forged)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body =
+        json!({"entry":[{"changes":[{"value":{"statuses":[{"id": sid, "status":"failed"}]}}]}]})
+            .to_string();
+    let wurl = svc.url("/api/v1/callbacks/whatsapp");
+    let r = http.post(&wurl).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let forged = comm_aggregator::callbacks::meta_signature("not-the-secret", body.as_bytes());
+    let r = http
+        .post(&wurl)
+        .header("X-Hub-Signature-256", forged)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        record(&id).await.unwrap().get_str("status").unwrap(),
+        "delivered",
+        "nothing changed"
+    );
+
+    // Meta's webhook verification handshake.
+    let ok = http
+        .get(format!("{wurl}?hub.mode=subscribe&hub.verify_token=sandbox-verify-token&hub.challenge=1158201444"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.text().await.unwrap(), "1158201444");
+    let bad = http
+        .get(format!(
+            "{wurl}?hub.mode=subscribe&hub.verify_token=guess&hub.challenge=1"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_endpoint_shows_breakers_and_rate_limits() {
+    let (_, svc) = shared();
+    let (s, v) = svc.get("/api/v1/providers").await;
+    assert_eq!(s, 200);
+    let list = v["providers"].as_array().unwrap();
+    let names: Vec<&str> = list
+        .iter()
+        .map(|p| p["provider"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["smtp", "twilio", "meta-whatsapp"]);
+    for p in list {
+        assert!(p["breaker"]["state"].is_string());
+        assert!(p["rateLimit"]["ratePerSec"].as_f64().unwrap() > 0.0);
+        assert!(p["recentErrorRate"].is_number());
+    }
 }

@@ -73,6 +73,10 @@ pub enum Status {
     Sending,
     Sent,
     Failed,
+    /// From provider receipts, after `sent`.
+    Delivered,
+    Undelivered,
+    Read,
 }
 
 impl Status {
@@ -82,6 +86,9 @@ impl Status {
             Status::Sending => "sending",
             Status::Sent => "sent",
             Status::Failed => "failed",
+            Status::Delivered => "delivered",
+            Status::Undelivered => "undelivered",
+            Status::Read => "read",
         }
     }
 
@@ -91,12 +98,27 @@ impl Status {
             "sending" => Some(Status::Sending),
             "sent" => Some(Status::Sent),
             "failed" => Some(Status::Failed),
+            "delivered" => Some(Status::Delivered),
+            "undelivered" => Some(Status::Undelivered),
+            "read" => Some(Status::Read),
             _ => None,
         }
     }
 
+    /// Nothing more to send: the provider has it (or refused it for good).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Sent | Status::Failed)
+        !matches!(self, Status::Pending | Status::Sending)
+    }
+
+    /// The states a provider receipt may move a record from (receipts can arrive out of
+    /// order; a record never moves backwards).
+    pub fn receipt_predecessors(self) -> &'static [&'static str] {
+        match self {
+            Status::Delivered => &["sent"],
+            Status::Read => &["sent", "delivered"],
+            Status::Undelivered | Status::Failed => &["sent", "delivered"],
+            _ => &[],
+        }
     }
 }
 
@@ -546,6 +568,9 @@ pub enum ErrorClass {
 #[error("{message}")]
 pub struct ProviderError {
     pub class: ErrorClass,
+    /// The provider said "too many requests" (HTTP 429, Twilio 20429, Meta 130429…): a
+    /// matter for the rate limit, not for the circuit breaker.
+    pub rate_limited: bool,
     pub code: Option<String>,
     pub message: String,
 }

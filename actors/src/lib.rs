@@ -9,6 +9,7 @@
 //! Elasticsearch and the providers, which the root crate implements.
 
 pub mod domain;
+pub mod health;
 pub mod log_indexer;
 pub mod ports;
 pub mod retry;

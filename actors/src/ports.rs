@@ -72,6 +72,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
 
+    /// Apply a provider's delivery receipt to the record with that provider message id,
+    /// if the move is allowed (see `Status::receipt_predecessors`).
+    async fn apply_receipt(
+        &self,
+        provider_message_id: &str,
+        status: crate::domain::Status,
+        error: Option<(String, String)>,
+    ) -> Result<ReceiptResult, DependencyError>;
+
     async fn ping(&self) -> Result<(), DependencyError>;
 }
 
@@ -81,6 +90,17 @@ pub enum InsertResult {
     Inserted,
     /// The idempotency key belongs to this earlier record.
     KeyTaken(Box<Communication>),
+}
+
+/// What a delivery receipt did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiptResult {
+    Applied(Box<Communication>),
+    /// The record is in a state this receipt may not move it from (e.g. `read` already).
+    NotMovable,
+    /// No record carries that provider message id (yet: the receipt can overtake the
+    /// recording of the send).
+    Unknown,
 }
 
 /// Where to start reading a consumer group.

@@ -14,6 +14,7 @@ use crate::domain::{
     AttemptError, ClaimResult, Claimed, ErrorClass, LogEvent, OutboundMessage, Outcome,
     ProviderError, StreamEntry, LOG_STREAM,
 };
+use crate::health::ProviderHealth;
 use crate::ports::{Provider, Queue, Store};
 use crate::retry::RetryPolicy;
 use chrono::Utc;
@@ -58,6 +59,8 @@ pub struct SenderArgs {
     pub record_patience: Duration,
     /// Honour the fault-injection markers (tests only).
     pub faults: bool,
+    /// The provider's circuit breaker and rate limit, shared with the consumer.
+    pub health: Arc<ProviderHealth>,
 }
 
 pub struct SenderState {
@@ -190,7 +193,9 @@ async fn deliver(
     let results: Vec<CallResult> =
         futures::stream::iter(to_send.into_iter().map(|(entry_id, claimed)| {
             let provider = provider.clone();
+            let health = args.health.clone();
             async move {
+                health.acquire().await;
                 let msg = OutboundMessage {
                     communication_id: claimed.record.id.clone(),
                     from: claimed.record.from.clone(),
@@ -206,6 +211,7 @@ async fn deliver(
                     Ok(Err(_)) => (
                         Err(ProviderError {
                             class: ErrorClass::Retryable { retry_after: None },
+                            rate_limited: false,
                             code: Some("timeout".into()),
                             message: format!(
                                 "no answer from {} within {:?}",
@@ -218,12 +224,26 @@ async fn deliver(
                     Err(_) => (
                         Err(ProviderError {
                             class: ErrorClass::Retryable { retry_after: None },
+                            rate_limited: false,
                             code: Some("internal".into()),
                             message: "internal error: the provider call panicked".into(),
                         }),
                         true,
                     ),
                 };
+                match &res {
+                    Ok(_) => health.record(true),
+                    Err(e) if e.rate_limited => {
+                        let wait = match e.class {
+                            ErrorClass::Retryable {
+                                retry_after: Some(d),
+                            } => d,
+                            _ => Duration::from_secs(1),
+                        };
+                        health.pause_for(wait);
+                    }
+                    Err(e) => health.record(e.class == ErrorClass::Permanent),
+                }
                 (entry_id, claimed, res, started.elapsed(), panicked)
             }
         }))

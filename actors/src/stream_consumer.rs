@@ -12,6 +12,7 @@
 //! consumer (same name) reads them again first.
 
 use crate::domain::{Channel, StreamEntry};
+use crate::health::{Permit, ProviderHealth};
 use crate::ports::{DependencyError, Queue, ReadFrom, Store};
 use crate::sender::{self, SenderMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -41,6 +42,9 @@ pub struct ConsumerArgs {
     /// An entry delivered this often without an outcome goes to `{stream}:dlq`.
     pub max_deliveries: u64,
     pub store: Arc<dyn Store>,
+    /// While the provider's breaker is open, nothing is read: the backlog waits in the
+    /// stream instead of burning attempts.
+    pub health: Arc<ProviderHealth>,
 }
 
 pub struct ConsumerState {
@@ -118,18 +122,31 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
             .await?;
         state.group_ready = true;
     }
+    let permit = state.args.health.permit();
+    let count = match permit {
+        Permit::Allowed => state.args.count,
+        Permit::Probe => 1,
+        Permit::Rejected(wait) => {
+            tokio::time::sleep(wait.min(state.args.block)).await;
+            return Ok(());
+        }
+    };
     if !state.held.is_empty() {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let held = std::mem::take(&mut state.held);
+        let mut held = std::mem::take(&mut state.held);
+        if held.len() > count {
+            state.held = held.split_off(count);
+        }
         return deliver(state, held).await;
     }
-    if state.last_autoclaim.elapsed() >= state.args.claim_idle / 2 {
+    let probing = permit == Permit::Probe;
+    if !probing && state.last_autoclaim.elapsed() >= state.args.claim_idle / 2 {
         state.last_autoclaim = Instant::now();
         dead_letter(state).await?;
         let a = &state.args;
         let taken = a
             .queue
-            .autoclaim(stream, &a.group, &a.consumer, a.claim_idle, a.count)
+            .autoclaim(stream, &a.group, &a.consumer, a.claim_idle, count)
             .await?;
         if !taken.is_empty() {
             tracing::info!(stream, n = taken.len(), "took over idle entries");
@@ -151,7 +168,7 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
             &a.group,
             &a.consumer,
             state.from.clone(),
-            a.count,
+            count,
             a.block,
         )
         .await?;
@@ -163,6 +180,10 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
         };
     }
     if entries.is_empty() {
+        if probing {
+            // Nothing to probe with: let the next poll try again.
+            state.args.health.release_probe();
+        }
         return Ok(());
     }
     deliver(state, entries).await

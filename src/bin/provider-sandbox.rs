@@ -37,6 +37,7 @@ pub const DEV_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
 pub const DEV_AUTH_TOKEN: &str = "sandbox-auth-token";
 pub const DEV_WHATSAPP_TOKEN: &str = "sandbox-whatsapp-token";
 pub const DEV_PHONE_NUMBER_ID: &str = "100000000000001";
+pub const DEV_APP_SECRET: &str = "sandbox-app-secret";
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 struct Fault {
@@ -64,6 +65,11 @@ fn one() -> f64 {
 #[derive(Clone)]
 struct Sandbox {
     faults: Arc<Mutex<HashMap<String, Fault>>>,
+    /// Where WhatsApp status webhooks go (Meta: configured in the app dashboard; here with
+    /// `POST /__sandbox/webhooks {"whatsapp": URL}` or `WHATSAPP_WEBHOOK_URL`).
+    whatsapp_webhook: Arc<Mutex<Option<String>>>,
+    app_secret: String,
+    http: reqwest::Client,
     account_sid: String,
     auth_token: String,
     wa_token: String,
@@ -258,6 +264,51 @@ impl Sandbox {
             "provider": "twilio", "id": msid, "to": to, "from": from,
             "messagingServiceSid": mss, "body": body,
         }));
+        if let Some(cb) = form.get("StatusCallback").cloned() {
+            // Twilio posts the message's status changes to StatusCallback, signed.
+            let (status, code) = if to == "+15005550004" {
+                ("undelivered", "30003")
+            } else {
+                ("delivered", "")
+            };
+            let mut params: Vec<(String, String)> = vec![
+                ("AccountSid".into(), self.account_sid.clone()),
+                ("ApiVersion".into(), "2010-04-01".into()),
+                ("From".into(), from.clone().unwrap_or_default()),
+                ("MessageSid".into(), msid.clone()),
+                ("MessageStatus".into(), status.into()),
+                ("SmsSid".into(), msid.clone()),
+                ("SmsStatus".into(), status.into()),
+                ("To".into(), to.into()),
+            ];
+            if !code.is_empty() {
+                params.push(("ErrorCode".into(), code.into()));
+            }
+            let sent: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| match k.as_str() {
+                    "MessageStatus" | "SmsStatus" => (k.clone(), "sent".to_string()),
+                    _ => (k.clone(), v.clone()),
+                })
+                .filter(|(k, _)| k != "ErrorCode")
+                .collect();
+            let (http, token) = (self.http.clone(), self.auth_token.clone());
+            tokio::spawn(async move {
+                for p in [sent, params] {
+                    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                    let sig = comm_aggregator::callbacks::twilio_signature(&token, &cb, &p);
+                    let r = http
+                        .post(&cb)
+                        .header("X-Twilio-Signature", sig)
+                        .form(&p)
+                        .send()
+                        .await;
+                    if let Err(e) = r {
+                        eprintln!("status callback to {cb} failed: {e}");
+                    }
+                }
+            });
+        }
         json_status(resource, StatusCode::CREATED)
     }
 
@@ -333,6 +384,55 @@ impl Sandbox {
         self.received.lock().unwrap().push(json!({
             "provider": "whatsapp", "id": wamid, "to": to, "body": text, "phoneNumberId": phone_id,
         }));
+        let hook = self.whatsapp_webhook.lock().unwrap().clone();
+        if let Some(url) = hook {
+            let statuses: Vec<(&str, Option<Value>)> = if normalized == "+15005550004" {
+                vec![
+                    ("sent", None),
+                    (
+                        "failed",
+                        Some(json!([{"code": 131026, "title": "Message undeliverable"}])),
+                    ),
+                ]
+            } else {
+                vec![("sent", None), ("delivered", None), ("read", None)]
+            };
+            let (http, secret, wamid, phone_id) = (
+                self.http.clone(),
+                self.app_secret.clone(),
+                wamid.clone(),
+                phone_id.clone(),
+            );
+            let recipient = normalized.trim_start_matches('+').to_string();
+            tokio::spawn(async move {
+                for (status, errors) in statuses {
+                    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                    let mut st = json!({"id": wamid, "status": status, "recipient_id": recipient,
+                        "timestamp": chrono::Utc::now().timestamp().to_string()});
+                    if let Some(e) = errors {
+                        st["errors"] = e;
+                    }
+                    let body = json!({"object": "whatsapp_business_account", "entry": [{
+                        "id": "WHATSAPP_BUSINESS_ACCOUNT_ID",
+                        "changes": [{"field": "messages", "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {"display_phone_number": "15550001111", "phone_number_id": phone_id},
+                            "statuses": [st]}}]}]});
+                    let raw = serde_json::to_vec(&body).unwrap();
+                    let sig = comm_aggregator::callbacks::meta_signature(&secret, &raw);
+                    let r = http
+                        .post(&url)
+                        .header("X-Hub-Signature-256", sig)
+                        .header("content-type", "application/json")
+                        .body(raw)
+                        .send()
+                        .await;
+                    if let Err(e) = r {
+                        eprintln!("webhook to {url} failed: {e}");
+                    }
+                }
+            });
+        }
         json_status(
             json!({"messaging_product": "whatsapp",
                    "contacts": [{"input": to, "wa_id": normalized.trim_start_matches('+')}],
@@ -408,6 +508,15 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
             let all: Vec<Fault> = sb.faults.lock().unwrap().values().cloned().collect();
             json_status(json!({"faults": all}), StatusCode::OK)
         });
+    let webhooks = warp::post()
+        .and(warp::path!("__sandbox" / "webhooks"))
+        .and(warp::body::json::<Value>())
+        .and(with.clone())
+        .map(|v: Value, sb: Sandbox| {
+            let url = v["whatsapp"].as_str().map(str::to_string);
+            *sb.whatsapp_webhook.lock().unwrap() = url.clone();
+            json_status(json!({"whatsapp": url}), StatusCode::OK)
+        });
     let clear_faults = warp::delete()
         .and(warp::path!("__sandbox" / "faults"))
         .and(with.clone())
@@ -447,6 +556,8 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
         .unify()
         .or(clear_faults)
         .unify()
+        .or(webhooks)
+        .unify()
         .recover(|_r: warp::Rejection| async {
             Ok::<_, Infallible>(json_status(
                 json!({"error": "not found"}),
@@ -483,6 +594,13 @@ async fn main() {
         received: Arc::new(Mutex::new(Vec::new())),
         seq: Arc::new(AtomicU64::new(1)),
         faults: Arc::new(Mutex::new(HashMap::new())),
+        whatsapp_webhook: Arc::new(Mutex::new(
+            std::env::var("WHATSAPP_WEBHOOK_URL")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        )),
+        app_secret: env("WHATSAPP_APP_SECRET", DEV_APP_SECRET),
+        http: reqwest::Client::new(),
     };
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,

@@ -6,7 +6,7 @@
 //! providerMessageId?, lastError?, errors[]`. There is deliberately no unique index on `to`.
 
 use actors::domain::{AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status};
-use actors::ports::{DependencyError, InsertResult, Store};
+use actors::ports::{DependencyError, InsertResult, ReceiptResult, Store};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -80,6 +80,14 @@ impl MongoStore {
                         .name("idempotency".to_string())
                         .unique(true)
                         .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
+                        .build(),
+                )
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"providerMessageId": 1})
+                .options(
+                    IndexOptions::builder()
+                        .name("provider_message".to_string())
                         .build(),
                 )
                 .build(),
@@ -461,6 +469,52 @@ impl Store for MongoStore {
             .await
             .map_err(err)?;
         Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
+    }
+
+    async fn apply_receipt(
+        &self,
+        provider_message_id: &str,
+        status: Status,
+        error: Option<(String, String)>,
+    ) -> Result<ReceiptResult, DependencyError> {
+        let now = bdate(Utc::now());
+        let field = format!("{}At", status.as_str());
+        let mut set = doc! {"status": status.as_str(), "updatedAt": now, field: now};
+        let mut update = doc! {};
+        if let Some((code, message)) = &error {
+            set.insert("lastError", message);
+            update.insert(
+                "$push",
+                doc! {"errors": {"attempt": 0, "at": now, "code": code, "message": message}},
+            );
+        }
+        update.insert("$set", set);
+        let options = mongodb::options::FindOneAndUpdateOptions::builder()
+            .return_document(mongodb::options::ReturnDocument::After)
+            .build();
+        let d = self
+            .coll
+            .find_one_and_update(
+                doc! {"providerMessageId": provider_message_id,
+                "status": {"$in": status.receipt_predecessors().to_vec()}},
+                update,
+            )
+            .with_options(options)
+            .await
+            .map_err(err)?;
+        if let Some(rec) = d.as_ref().and_then(MongoStore::from_doc) {
+            return Ok(ReceiptResult::Applied(Box::new(rec)));
+        }
+        let known = self
+            .coll
+            .count_documents(doc! {"providerMessageId": provider_message_id})
+            .await
+            .map_err(err)?;
+        Ok(if known > 0 {
+            ReceiptResult::NotMovable
+        } else {
+            ReceiptResult::Unknown
+        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {

@@ -24,6 +24,7 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 pub fn network_error(provider: &str, e: &reqwest::Error) -> ProviderError {
     ProviderError {
         class: ErrorClass::Retryable { retry_after: None },
+        rate_limited: false,
         code: Some(if e.is_timeout() { "timeout" } else { "network" }.into()),
         message: format!("{provider} unreachable: {e}"),
     }

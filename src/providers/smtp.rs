@@ -30,6 +30,7 @@ impl Smtp {
 fn permanent(message: String) -> ProviderError {
     ProviderError {
         class: ErrorClass::Permanent,
+        rate_limited: false,
         code: Some("invalid-message".into()),
         message,
     }
@@ -68,6 +69,8 @@ impl Provider for Smtp {
                 let code = e.status().map(u16::from);
                 Err(ProviderError {
                     class: classify_smtp(code),
+                    // 421 / 450-452: the server is busy or limits us.
+                    rate_limited: matches!(code, Some(421) | Some(450) | Some(451) | Some(452)),
                     code: Some(
                         code.map(|c| c.to_string())
                             .unwrap_or_else(|| "network".into()),

@@ -15,6 +15,7 @@ pub struct Twilio {
     account_sid: String,
     auth_token: String,
     messaging_service_sid: Option<String>,
+    status_callback: Option<String>,
 }
 
 impl Twilio {
@@ -24,6 +25,7 @@ impl Twilio {
         account_sid: &str,
         auth_token: &str,
         messaging_service_sid: &str,
+        status_callback: Option<String>,
     ) -> Twilio {
         Twilio {
             http,
@@ -36,6 +38,7 @@ impl Twilio {
             auth_token: auth_token.into(),
             messaging_service_sid: Some(messaging_service_sid.to_string())
                 .filter(|s| !s.is_empty()),
+            status_callback,
         }
     }
 }
@@ -51,6 +54,9 @@ impl Provider for Twilio {
         match &self.messaging_service_sid {
             Some(sid) => form.push(("MessagingServiceSid", sid)),
             None => form.push(("From", &msg.from)),
+        }
+        if let Some(cb) = &self.status_callback {
+            form.push(("StatusCallback", cb));
         }
         let res = self
             .http
@@ -76,6 +82,7 @@ impl Provider for Twilio {
             .unwrap_or_else(|| format!("HTTP {status}"));
         Err(ProviderError {
             class: classify_twilio(status, code, ra),
+            rate_limited: status == 429 || code == Some(20429),
             code: Some(
                 code.map(|c| c.to_string())
                     .unwrap_or_else(|| format!("http-{status}")),

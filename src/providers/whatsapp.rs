@@ -81,6 +81,8 @@ impl Provider for WhatsApp {
         }
         Err(ProviderError {
             class: classify_meta(status, code, ra),
+            rate_limited: status == 429
+                || matches!(code, Some(4) | Some(80007) | Some(130429) | Some(131056)),
             code: Some(
                 code.map(|c| c.to_string())
                     .unwrap_or_else(|| format!("http-{status}")),
