@@ -1,5 +1,5 @@
 # The two commands: `make run` (local stack + service on :3001) and `make test`.
-.PHONY: run test stack-up stack-down stack-status lint bench load
+.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer load
 
 run: stack-up
 	cargo build --release --bin comm-aggregator --bin provider-sandbox
@@ -28,3 +28,7 @@ test:
 
 bench:
 	cargo bench --bench hot_paths
+
+bench-indexer:
+	scripts/stack.sh install
+	cargo bench --bench log_indexer

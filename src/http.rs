@@ -23,11 +23,12 @@ pub const BODY_LIMIT: u64 = 64 * 1024;
 pub struct AppState {
     pub store: Arc<MongoStore>,
     pub queue: Arc<dyn Queue>,
-    pub search: Arc<dyn SearchSink>,
+    pub search: Arc<crate::clients::elastic::ElasticSink>,
     pub prometheus: PrometheusHandle,
     pub shutting_down: Arc<AtomicBool>,
     pub health: Vec<Arc<actors::health::ProviderHealth>>,
     pub callbacks: Arc<crate::callbacks::CallbackConfig>,
+    pub communications_index: String,
 }
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -47,6 +48,7 @@ fn route_label(path: &str) -> &'static str {
         "/api/v1/communication" => "/api/v1/communication",
         p if p.starts_with("/api/v1/communication/") => "/api/v1/communication/{id}",
         "/api/v1/providers" => "/api/v1/providers",
+        "/api/v1/communications" => "/api/v1/communications",
         "/api/v1/callbacks/twilio" => "/api/v1/callbacks/twilio",
         "/api/v1/callbacks/whatsapp" => "/api/v1/callbacks/whatsapp",
         "/metrics" => "/metrics",
@@ -146,6 +148,12 @@ pub fn routes(
             .await
         });
 
+    let search = warp::path!("api" / "v1" / "communications")
+        .and(warp::get())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(with_state.clone())
+        .then(search_communications);
+
     let readyz = warp::path!("readyz")
         .and(warp::get())
         .and(with_state.clone())
@@ -155,6 +163,8 @@ pub fn routes(
         .or(get_one)
         .unify()
         .or(providers)
+        .unify()
+        .or(search)
         .unify()
         .or(twilio_cb)
         .unify()
@@ -308,6 +318,54 @@ async fn create_communication(
             "the request could not be processed in time; it may not have been stored, retry later",
         ),
     }
+}
+
+async fn search_communications(raw: String, state: AppState) -> Response {
+    let params: crate::search::SearchParams = match serde_urlencoded_params(&raw) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
+    };
+    let (body, page, size) = match crate::search::build_query(&params) {
+        Ok(x) => x,
+        Err(crate::search::BadParam(field, message)) => {
+            let body =
+                json!({"error": {"code": "validation_failed", "field": field, "message": message}});
+            return warp::reply::with_status(warp::reply::json(&body), StatusCode::BAD_REQUEST)
+                .into_response();
+        }
+    };
+    match crate::search::search(
+        state.search.client(),
+        &state.communications_index,
+        body,
+        page,
+        size,
+    )
+    .await
+    {
+        Ok(v) => warp::reply::json(&v).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "search failed");
+            unavailable("search_unavailable", "search is unavailable; GET /api/v1/communication/{id} still answers from the store")
+        }
+    }
+}
+
+/// Query string → parameters, with a message naming what could not be read.
+fn serde_urlencoded_params(raw: &str) -> Result<crate::search::SearchParams, String> {
+    let mut map = serde_json::Map::new();
+    for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
+        let val = match k.as_ref() {
+            "page" | "size" => match v.parse::<u32>() {
+                Ok(n) => json!(n),
+                Err(_) => return Err(format!("{k} must be a positive integer")),
+            },
+            "q" | "type" | "status" | "to" | "from" | "since" | "until" => json!(v),
+            other => return Err(format!("unknown parameter {other:?}")),
+        };
+        map.insert(k.into_owned(), val);
+    }
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
 }
 
 async fn get_communication(id: String, state: AppState) -> Response {

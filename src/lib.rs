@@ -7,6 +7,7 @@ pub mod clients;
 pub mod config;
 pub mod http;
 pub mod providers;
+pub mod search;
 
 use actors::domain::Channel;
 use actors::health::{BreakerConfig, ProviderHealth};
@@ -348,6 +349,7 @@ pub async fn run(cfg: Config, prometheus: PrometheusHandle) -> Result<(), String
             whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
             whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
         }),
+        communications_index: cfg.elasticsearch.communications_index.clone(),
     };
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)

@@ -509,3 +509,70 @@ async fn providers_endpoint_shows_breakers_and_rate_limits() {
         assert!(p["recentErrorRate"].is_number());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_filters_full_text_pagination_and_counts_return_what_was_sent() {
+    let (_, svc) = shared();
+    let tag = unique("zq").replace('-', "x");
+    let to = "+15559870001";
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(accept(json!({"type":"sms","data":{"from":"+15550001111","to":to,"msg":format!("searchable {tag} alpha {i}")}}), "sms_stream").await);
+    }
+    for i in 0..2 {
+        ids.push(accept(json!({"type":"whatsapp","data":{"from":"+15550001111","to":to,"msg":format!("searchable {tag} beta {i}")}}), "whatsapp_stream").await);
+    }
+    ids.push(accept(json!({"type":"sms","data":{"from":"+15550001111","to":"+15005550001","msg":format!("searchable {tag} gamma")}}), "sms_stream").await);
+    let q = |extra: &str| format!("/api/v1/communications?q={tag}{extra}");
+    let all = eventually(WAIT, "all 8 searchable in their final state", || async {
+        let (s, v) = svc.get(&q("")).await;
+        let done = s == 200
+            && v["total"] == 8
+            && v["counts"]["byStatus"] == json!({"delivered": 5, "read": 2, "failed": 1});
+        done.then_some(v)
+    })
+    .await;
+    assert_eq!(all["counts"]["byType"], json!({"sms": 6, "whatsapp": 2}));
+    let (_, v) = svc.get(&q("&type=sms")).await;
+    assert_eq!(v["total"], 6);
+    let (_, v) = svc.get(&q("+alpha")).await;
+    assert_eq!(v["total"], 5, "full text: every word must match");
+    let (_, v) = svc.get(&q("&status=failed")).await;
+    assert_eq!(v["total"], 1);
+    assert_eq!(v["items"][0]["to"], "+15005550001");
+    assert_eq!(v["items"][0]["id"], ids[7].as_str());
+    let (_, v) = svc.get(&format!("{}&to=%2B15559870001", q(""))).await;
+    assert_eq!(v["total"], 7);
+    let (_, v) = svc
+        .get(&format!("{}&from=%2B15550001111&type=whatsapp", q("")))
+        .await;
+    assert_eq!(v["total"], 2);
+    // Pages: newest first, disjoint, together everything.
+    let mut seen = Vec::new();
+    let mut last_created = String::from("9999");
+    for (page, n) in [(1, 3), (2, 3), (3, 2)] {
+        let (_, v) = svc.get(&q(&format!("&size=3&page={page}"))).await;
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(items.len(), n, "page {page}");
+        for it in items {
+            let created = it["createdAt"].as_str().unwrap().to_string();
+            assert!(created <= last_created, "newest first");
+            last_created = created;
+            seen.push(it["id"].as_str().unwrap().to_string());
+        }
+    }
+    seen.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(seen, want);
+    let (_, v) = svc.get(&q("&since=2999-01-01T00:00:00Z")).await;
+    assert_eq!(v["total"], 0);
+    let (_, v) = svc.get(&q("&until=2999-01-01T00:00:00Z")).await;
+    assert_eq!(v["total"], 8);
+    let (s, v) = svc.get(&q("&status=lost")).await;
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("status")));
+    let (s, v) = svc.get(&q("&since=yesterday")).await;
+    assert_eq!((s, v["error"]["field"].as_str()), (400, Some("since")));
+    let (s, _) = svc.get(&q("&colour=red")).await;
+    assert_eq!(s, 400);
+}

@@ -50,6 +50,7 @@ pub struct IndexerState {
     buf_bytes: usize,
     first_at: Option<Instant>,
     backoff: Duration,
+    ceiling: Duration,
     prepared: bool,
     group_ready: bool,
 }
@@ -74,6 +75,7 @@ impl Actor for LogIndexer {
             buf_bytes: 0,
             first_at: None,
             backoff: Duration::ZERO,
+            ceiling: Duration::ZERO,
             prepared: false,
             group_ready: false,
         })
@@ -99,11 +101,17 @@ impl Actor for LogIndexer {
         match step(state).await {
             Ok(()) => {
                 state.backoff = Duration::ZERO;
+                state.ceiling = Duration::ZERO;
                 myself.send_message(IndexerMsg::Poll)?;
             }
             Err(err) => {
-                state.backoff =
-                    (state.backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
+                // Exponential with full jitter, so restarted peers do not retry in step.
+                state.ceiling =
+                    (state.ceiling * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
+                state.backoff = Duration::from_millis(
+                    rand::random::<u64>() % (state.ceiling.as_millis() as u64 + 1),
+                )
+                .max(Duration::from_millis(50));
                 tracing::warn!(error = %err, backoff = ?state.backoff, buffered = state.buf.len(), "log indexing delayed");
                 if err.message.contains("NOGROUP") {
                     state.group_ready = false;
@@ -255,6 +263,32 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
     }
 }
 
+/// Read a bulk answer item by item, per event (`owner[k]` is the event of op `k`): which
+/// ops to send again (429/5xx), and which events to dead-letter with the reason (refused
+/// for good). Done items (2xx, and 409 on create: it exists already) need nothing.
+pub fn settle(
+    ops: &[BulkOp],
+    owner: &[usize],
+    results: &[ItemResult],
+    events: usize,
+) -> (Vec<Vec<BulkOp>>, Vec<Option<String>>) {
+    let mut retry = vec![Vec::new(); events];
+    let mut dead = vec![None; events];
+    for ((op, &i), r) in ops.iter().zip(owner).zip(results) {
+        match r {
+            ItemResult::Done => {}
+            ItemResult::Retry(why) => {
+                tracing::debug!(why, "bulk item will be retried");
+                retry[i].push(op.clone());
+            }
+            ItemResult::Rejected(why) => {
+                dead[i] = Some(format!("{}: {why}", op.index));
+            }
+        }
+    }
+    (retry, dead)
+}
+
 /// Send the buffer; keep what must be tried again. Returns an error when anything is left.
 async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     let a = state.args.clone();
@@ -282,18 +316,15 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
         metrics::histogram!("log_indexer_batch_docs").record(all_ops.len() as f64);
         match a.search.bulk(&all_ops).await {
             Ok(results) => {
-                for ((op, i), r) in all_ops.into_iter().zip(owner).zip(results) {
-                    match r {
-                        ItemResult::Done => {}
-                        ItemResult::Retry(why) => {
-                            metrics::counter!("log_indexer_item_retries_total").increment(1);
-                            tracing::debug!(why, "bulk item will be retried");
-                            left[i].push(op);
-                        }
-                        ItemResult::Rejected(why) => {
-                            metrics::counter!("log_indexer_failed_items_total").increment(1);
-                            dead[i] = Some(format!("{}: {why}", op.index));
-                        }
+                let (retry, rejected) = settle(&all_ops, &owner, &results, state.buf.len());
+                for (i, ops) in retry.into_iter().enumerate() {
+                    metrics::counter!("log_indexer_item_retries_total").increment(ops.len() as u64);
+                    left[i].extend(ops);
+                }
+                for (i, why) in rejected.into_iter().enumerate() {
+                    if let Some(why) = why {
+                        metrics::counter!("log_indexer_failed_items_total").increment(1);
+                        dead[i] = Some(why);
                     }
                 }
             }

@@ -258,4 +258,40 @@ mod tests {
         assert_eq!(r[0], ItemResult::Done);
         assert!(matches!(r[1], ItemResult::Retry(_)));
     }
+
+    #[test]
+    fn only_429_items_are_resent_the_400_is_dead_lettered_the_409_is_done() {
+        // Four events, two ops each (log document, then the communications document).
+        let ops: Vec<BulkOp> = (0..8)
+            .map(|k| BulkOp {
+                index: if k % 2 == 0 {
+                    "communication-logs"
+                } else {
+                    "communications"
+                }
+                .into(),
+                id: format!("op{k}"),
+                action: BulkAction::Create,
+                doc: json!({}),
+            })
+            .collect();
+        let owner: Vec<usize> = (0..8).map(|k| k / 2).collect();
+        let status = [201, 201, 409, 201, 429, 201, 400, 201];
+        let answer = json!({"errors": true, "items": status.iter().map(|s| {
+            let mut item = json!({"status": s});
+            if *s >= 400 { item["error"] = json!({"type": "x", "reason": format!("status {s}")}); }
+            json!({"create": item})
+        }).collect::<Vec<_>>()});
+        let results = parse_bulk_items(&ops, &answer);
+        let (retry, dead) = actors::log_indexer::settle(&ops, &owner, &results, 4);
+        assert!(retry[0].is_empty() && retry[1].is_empty() && retry[3].is_empty());
+        assert_eq!(
+            retry[2].iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
+            ["op4"]
+        );
+        assert_eq!(dead[0], None);
+        assert_eq!(dead[1], None, "409 on create counts as done");
+        assert_eq!(dead[2], None);
+        assert!(dead[3].as_deref().unwrap().contains("400"));
+    }
 }

@@ -1,0 +1,259 @@
+//! `GET /api/v1/communications`: search over the `communications` index. Elasticsearch
+//! serves it (MongoDB stays the source of truth for one record: `GET /communication/{id}`).
+//!
+//! Parameters: `q` (full text over the message), `type`, `status`, `to`, `from`,
+//! `since` / `until` (RFC 3339, on `createdAt`), `page` (from 1), `size` (1-100). Newest
+//! first. The answer carries the page and the counts per status and per channel of
+//! everything that matched.
+
+use actors::domain::{Channel, Status};
+use elasticsearch::{Elasticsearch, SearchParts};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct SearchParams {
+    pub q: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub status: Option<String>,
+    pub to: Option<String>,
+    pub from: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub page: Option<u32>,
+    pub size: Option<u32>,
+}
+
+/// A refused parameter: its name and why.
+#[derive(Debug, PartialEq)]
+pub struct BadParam(pub &'static str, pub String);
+
+fn time(name: &'static str, v: &str) -> Result<String, BadParam> {
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&chrono::Utc).to_rfc3339())
+        .map_err(|_| {
+            BadParam(
+                name,
+                format!("{name} must be an RFC 3339 time, e.g. 2026-11-27T12:00:00Z"),
+            )
+        })
+}
+
+/// The Elasticsearch request body for these parameters.
+pub fn build_query(p: &SearchParams) -> Result<(Value, u32, u32), BadParam> {
+    let size = p.size.unwrap_or(20);
+    if !(1..=100).contains(&size) {
+        return Err(BadParam("size", "size must be between 1 and 100".into()));
+    }
+    let page = p.page.unwrap_or(1);
+    if page == 0 || (page as u64) * (size as u64) > 10_000 {
+        return Err(BadParam(
+            "page",
+            "page must be at least 1, and page × size at most 10000".into(),
+        ));
+    }
+    let mut filter = Vec::new();
+    if let Some(t) = &p.kind {
+        if Channel::parse(t).is_none() {
+            return Err(BadParam(
+                "type",
+                "type must be one of email, sms, whatsapp".into(),
+            ));
+        }
+        filter.push(json!({"term": {"type": t}}));
+    }
+    if let Some(s) = &p.status {
+        if Status::parse(s).is_none() {
+            return Err(BadParam(
+                "status",
+                "status must be one of pending, sending, sent, failed, delivered, undelivered, read".into(),
+            ));
+        }
+        filter.push(json!({"term": {"status": s}}));
+    }
+    if let Some(v) = &p.to {
+        filter.push(json!({"term": {"to": v}}));
+    }
+    if let Some(v) = &p.from {
+        filter.push(json!({"term": {"from": v}}));
+    }
+    let mut range = serde_json::Map::new();
+    if let Some(v) = &p.since {
+        range.insert("gte".into(), json!(time("since", v)?));
+    }
+    if let Some(v) = &p.until {
+        range.insert("lte".into(), json!(time("until", v)?));
+    }
+    if !range.is_empty() {
+        filter.push(json!({"range": {"createdAt": range}}));
+    }
+    let must = match p.q.as_deref().map(str::trim).filter(|q| !q.is_empty()) {
+        Some(q) => vec![json!({"match": {"msg": {"query": q, "operator": "and"}}})],
+        None => vec![json!({"match_all": {}})],
+    };
+    let body = json!({
+        "query": {"bool": {"must": must, "filter": filter}},
+        "sort": [{"createdAt": {"order": "desc"}}],
+        "from": (page - 1) * size,
+        "size": size,
+        "track_total_hits": true,
+        "aggs": {
+            "byStatus": {"terms": {"field": "status", "size": 20}},
+            "byType": {"terms": {"field": "type", "size": 10}},
+        },
+    });
+    Ok((body, page, size))
+}
+
+fn buckets(v: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for b in v["buckets"].as_array().into_iter().flatten() {
+        if let (Some(k), Some(n)) = (b["key"].as_str(), b["doc_count"].as_u64()) {
+            out.insert(k.to_string(), json!(n));
+        }
+    }
+    Value::Object(out)
+}
+
+/// Run a search; `Err` is a dependency failure (the caller answers 503).
+pub async fn search(
+    es: &Elasticsearch,
+    index: &str,
+    body: Value,
+    page: u32,
+    size: u32,
+) -> Result<Value, String> {
+    let res = es
+        .search(SearchParts::Index(&[index]))
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let code = res.status_code();
+    let v: Value = res.json().await.map_err(|e| e.to_string())?;
+    if code.as_u16() == 404 {
+        // No index yet: nothing was indexed.
+        return Ok(json!({"total": 0, "page": page, "size": size, "items": [],
+                         "counts": {"byStatus": {}, "byType": {}}}));
+    }
+    if !code.is_success() {
+        return Err(format!("search answered {code}"));
+    }
+    let items: Vec<Value> = v["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            let mut s = h["_source"].clone();
+            if let Some(o) = s.as_object_mut() {
+                o.insert("id".into(), h["_id"].clone());
+                o.remove("communicationId");
+            }
+            s
+        })
+        .collect();
+    Ok(json!({
+        "total": v["hits"]["total"]["value"],
+        "page": page,
+        "size": size,
+        "items": items,
+        "counts": {
+            "byStatus": buckets(&v["aggregations"]["byStatus"]),
+            "byType": buckets(&v["aggregations"]["byType"]),
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_lands_in_the_query() {
+        let p = SearchParams {
+            q: Some("code 4242".into()),
+            kind: Some("sms".into()),
+            status: Some("failed".into()),
+            to: Some("+15557654321".into()),
+            from: Some("+15550001111".into()),
+            since: Some("2026-11-01T00:00:00Z".into()),
+            until: Some("2026-11-30T00:00:00+01:00".into()),
+            page: Some(3),
+            size: Some(10),
+        };
+        let (q, page, size) = build_query(&p).unwrap();
+        assert_eq!((page, size), (3, 10));
+        assert_eq!(q["from"], 20);
+        let f = q["query"]["bool"]["filter"].to_string();
+        for needle in [
+            "\"type\":\"sms\"",
+            "\"status\":\"failed\"",
+            "+15557654321",
+            "+15550001111",
+            "2026-11-29T23:00:00+00:00",
+        ] {
+            assert!(f.contains(needle), "{needle} in {f}");
+        }
+        assert_eq!(
+            q["query"]["bool"]["must"][0]["match"]["msg"]["query"],
+            "code 4242"
+        );
+        assert_eq!(q["sort"][0]["createdAt"]["order"], "desc");
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let bad = |p: SearchParams| build_query(&p).unwrap_err().0;
+        assert_eq!(
+            bad(SearchParams {
+                kind: Some("fax".into()),
+                ..Default::default()
+            }),
+            "type"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                status: Some("lost".into()),
+                ..Default::default()
+            }),
+            "status"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                since: Some("yesterday".into()),
+                ..Default::default()
+            }),
+            "since"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                size: Some(0),
+                ..Default::default()
+            }),
+            "size"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                size: Some(101),
+                ..Default::default()
+            }),
+            "size"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                page: Some(0),
+                ..Default::default()
+            }),
+            "page"
+        );
+        assert_eq!(
+            bad(SearchParams {
+                page: Some(200),
+                size: Some(100),
+                ..Default::default()
+            }),
+            "page"
+        );
+    }
+}
