@@ -201,6 +201,44 @@ pub struct Email {
     pub default_subject: String,
 }
 
+/// Every environment variable the service reads (deployment files are checked against it).
+pub const ENV_VARS: &[&str] = &[
+    "HOST",
+    "PORT",
+    "SHUTDOWN_DEADLINE_MS",
+    "LOG_FORMAT",
+    "RUST_LOG",
+    "MONGODB_URL",
+    "MONGODB_DATABASE",
+    "REDIS_URL",
+    "REDIS_GROUP",
+    "CONSUMER_NAME",
+    "CLAIM_IDLE_MS",
+    "MAX_DELIVERIES",
+    "ELASTICSEARCH_NODE",
+    "ELASTICSEARCH_USER",
+    "ELASTICSEARCH_PASSWORD",
+    "STALE_AFTER_MS",
+    "MAX_ATTEMPTS",
+    "BACKOFF_BASE_MS",
+    "BREAKER_COOLDOWN_MS",
+    "FAULT_INJECTION",
+    "SWEEP_RECHECK_MS",
+    "PROVIDER_TIMEOUT_MS",
+    "TWILIO_API_BASE",
+    "ACCOUNTSID",
+    "AUTHTOKEN",
+    "MSG_ID",
+    "WHATSAPP_API_BASE",
+    "WHATSAPP_TOKEN",
+    "WHATSAPP_PHONE_NUMBER_ID",
+    "WHATSAPP_APP_SECRET",
+    "WHATSAPP_VERIFY_TOKEN",
+    "PUBLIC_BASE_URL",
+    "SMTP_URL",
+    "EMAIL_DEFAULT_SUBJECT",
+];
+
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
@@ -502,5 +540,22 @@ mod tests {
         assert!(load(&v).unwrap_err().to_string().contains("MONGODB_URL"));
         let err = load(&CREDS[1..]).unwrap_err().to_string();
         assert!(err.contains("ACCOUNTSID"), "{err}");
+    }
+
+    #[test]
+    fn env_vars_lists_every_variable_read() {
+        let src = include_str!("config.rs");
+        let mut n = 0;
+        for part in src.split("env(\"").skip(1) {
+            let name = part.split('"').next().unwrap();
+            if name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !name.is_empty() {
+                n += 1;
+                assert!(
+                    ENV_VARS.contains(&name),
+                    "{name} is read but not in ENV_VARS"
+                );
+            }
+        }
+        assert!(n > 20);
     }
 }

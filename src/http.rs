@@ -60,7 +60,7 @@ fn route_label(path: &str) -> &'static str {
 
 pub fn routes(
     state: AppState,
-) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
+) -> impl Filter<Extract = (impl Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     let with_state = {
         let s = state.clone();
         warp::any().map(move || s.clone())
@@ -159,7 +159,7 @@ pub fn routes(
         .and(with_state.clone())
         .then(readiness);
 
-    create
+    let api = create
         .or(get_one)
         .unify()
         .or(providers)
@@ -180,6 +180,32 @@ pub fn routes(
         .unify()
         .recover(handle_rejection)
         .unify()
+        .boxed();
+    // Every answer carries `x-request-id` (the caller's, or a new one), which is also on
+    // the request's span, so a client's report finds its log lines.
+    let request_id = warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        let id = h
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+        tracing::Span::current().record("request_id", id.as_str());
+        id
+    });
+    request_id
+        .and(api)
+        .map(|id: String, reply: Response| {
+            let mut r = reply;
+            if let Ok(v) = header::HeaderValue::from_str(&id) {
+                r.headers_mut().insert("x-request-id", v);
+            }
+            r
+        })
+        .with(warp::trace(|info| {
+            tracing::info_span!("http", method = %info.method(), path = %info.path(),
+                request_id = tracing::field::Empty)
+        }))
         .with(warp::log::custom(|info| {
             let route = route_label(info.path());
             let status = info.status().as_u16().to_string();

@@ -266,6 +266,15 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
         },
     ));
     specs.push(spec(
+        actors::stats::NAME.to_string(),
+        || actors::stats::StatsActor,
+        actors::stats::StatsArgs {
+            queue: queue.clone(),
+            group: cfg.redis.group.clone(),
+            interval: Duration::from_secs(2),
+        },
+    ));
+    specs.push(spec(
         sweeper::NAME.to_string(),
         || OutboxSweeper,
         SweeperArgs {

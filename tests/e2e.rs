@@ -576,3 +576,74 @@ async fn search_filters_full_text_pagination_and_counts_return_what_was_sent() {
     let (s, _) = svc.get(&q("&colour=red")).await;
     assert_eq!(s, 400);
 }
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
+    let (_, svc) = shared();
+    let scrape = || async {
+        reqwest::get(svc.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    let id = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654323","msg":unique("metrics")}}),
+        "sms_stream",
+    )
+    .await;
+    wait_status(&id, "delivered").await;
+    let res = reqwest::Client::new()
+        .get(svc.url("/healthz"))
+        .header("x-request-id", "req-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["x-request-id"], "req-abc-123");
+    let res = reqwest::get(svc.url("/healthz")).await.unwrap();
+    assert_eq!(
+        res.headers()["x-request-id"].len(),
+        16,
+        "a new id when none was sent"
+    );
+    let after = eventually(WAIT, "the stream gauges and indexer histograms", || async {
+        let m = scrape().await;
+        (m.contains("stream_length{stream=\"sms_stream\"}")
+            && metric(&m, "log_indexer_batch_docs_count") > 0.0)
+            .then_some(m)
+    })
+    .await;
+    for series in [
+        "communications_accepted_total{channel=\"sms\"}",
+        "deliveries_total{channel=\"sms\",provider=\"twilio\",outcome=\"sent\"}",
+        "http_requests_total{route=\"/api/v1/communication\",status=\"200\"}",
+        "accept_to_sent_seconds_count{channel=\"sms\"}",
+        "provider_call_seconds_count{provider=\"twilio\"}",
+        "router_batch_size_count",
+        "delivery_receipts_total{service=\"twilio-callback\",status=\"delivered\"}",
+    ] {
+        assert!(
+            metric(&after, series) > metric(&before, series),
+            "{series} did not move: {} -> {}",
+            metric(&before, series),
+            metric(&after, series)
+        );
+    }
+    for present in [
+        "stream_pending{stream=\"log_stream\"}",
+        "provider_breaker_state{provider=\"twilio\"}",
+        "dead_letter_length{stream=\"sms_stream:dlq\"}",
+        "http_request_duration_seconds_bucket",
+    ] {
+        assert!(after.contains(present), "{present} missing from /metrics");
+    }
+}

@@ -15,6 +15,7 @@ pub mod ports;
 pub mod retry;
 pub mod router;
 pub mod sender;
+pub mod stats;
 pub mod stream_consumer;
 pub mod supervisor;
 pub mod sweeper;

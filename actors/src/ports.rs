@@ -164,6 +164,9 @@ pub trait Queue: Send + Sync + 'static {
         ids: &[String],
     ) -> Result<Vec<StreamEntry>, DependencyError>;
 
+    /// Length of a stream and the number of entries pending in its group (0 when missing).
+    async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError>;
+
     /// A client with its own connection, for blocking reads that would otherwise hold up
     /// every other command.
     fn dedicated(&self) -> Arc<dyn Queue>;

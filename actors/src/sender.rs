@@ -25,6 +25,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 pub fn name(channel: crate::domain::Channel) -> String {
     format!("sender-{channel}")
@@ -194,6 +195,7 @@ async fn deliver(
         futures::stream::iter(to_send.into_iter().map(|(entry_id, claimed)| {
             let provider = provider.clone();
             let health = args.health.clone();
+            let span = tracing::info_span!("communication", id = %claimed.record.id, channel);
             async move {
                 health.acquire().await;
                 let msg = OutboundMessage {
@@ -246,6 +248,7 @@ async fn deliver(
                 }
                 (entry_id, claimed, res, started.elapsed(), panicked)
             }
+            .instrument(span)
         }))
         .buffer_unordered(args.concurrency.max(1))
         .collect()

@@ -282,6 +282,27 @@ impl Queue for RedisQueue {
         Ok(replies.iter().flat_map(parse_entries).collect())
     }
 
+    async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError> {
+        let len = match self.query(redis::cmd("XLEN").arg(stream)).await? {
+            Value::Int(n) => n as u64,
+            _ => 0,
+        };
+        // NOGROUP: no group on this stream (dead-letter streams, or not created yet).
+        let pending = match self
+            .query(redis::cmd("XPENDING").arg(stream).arg(group))
+            .await
+        {
+            Ok(Value::Array(a)) => match a.first() {
+                Some(Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            Ok(_) => 0,
+            Err(e) if e.message.contains("NOGROUP") => 0,
+            Err(e) => return Err(e),
+        };
+        Ok((len, pending))
+    }
+
     fn dedicated(&self) -> Arc<dyn Queue> {
         Arc::new(RedisQueue {
             client: self.client.clone(),
