@@ -58,7 +58,7 @@ start() { # name port command...
     exit 1
   fi
   mkdir -p "$DIR/$name"
-  nohup "$@" >"$DIR/$name.log" 2>&1 &
+  setsid nohup "$@" >"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
 }
 

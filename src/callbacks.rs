@@ -126,7 +126,7 @@ async fn apply(
     let rec = loop {
         match store.apply_receipt(pmid, status, err.clone()).await? {
             ReceiptResult::Applied(rec) => break rec,
-            ReceiptResult::Unknown if tries < 20 => {
+            ReceiptResult::Unknown if tries < 40 => {
                 tries += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }

@@ -283,6 +283,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
             interval: Config::ms(cfg.sweeper.interval_ms),
             recheck: Config::ms(cfg.sweeper.recheck_ms),
             batch: cfg.sweeper.batch,
+            group: cfg.redis.group.clone(),
         },
     ));
     specs

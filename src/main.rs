@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,warp=warn"));
     if cfg.server.log_format == "json" {
         tracing_subscriber::fmt()
             .json()

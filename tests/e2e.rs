@@ -596,12 +596,14 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
             .unwrap()
     };
     let before = scrape().await;
-    let id = accept(
-        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654323","msg":unique("metrics")}}),
-        "sms_stream",
-    )
-    .await;
-    wait_status(&id, "delivered").await;
+    for _ in 0..2 {
+        let id = accept(
+            json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654323","msg":unique("metrics")}}),
+            "sms_stream",
+        )
+        .await;
+        wait_status(&id, "delivered").await;
+    }
     let res = reqwest::Client::new()
         .get(svc.url("/healthz"))
         .header("x-request-id", "req-abc-123")
@@ -618,8 +620,10 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
     let after = eventually(WAIT, "the stream gauges and indexer histograms", || async {
         let m = scrape().await;
         (m.contains("stream_length{stream=\"sms_stream\"}")
-            && metric(&m, "log_indexer_batch_docs_count") > 0.0)
-            .then_some(m)
+            && metric(&m, "log_indexer_batch_docs_count") > 0.0
+            && metric(&m, "stream_trimmed_total{stream=\"sms_stream\"}")
+                > metric(&before, "stream_trimmed_total{stream=\"sms_stream\"}"))
+        .then_some(m)
     })
     .await;
     for series in [
@@ -630,6 +634,7 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
         "provider_call_seconds_count{provider=\"twilio\"}",
         "router_batch_size_count",
         "delivery_receipts_total{service=\"twilio-callback\",status=\"delivered\"}",
+        "stream_trimmed_total{stream=\"sms_stream\"}",
     ] {
         assert!(
             metric(&after, series) > metric(&before, series),

@@ -68,6 +68,7 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         recheck: Duration,
         limit: usize,
+        channels: &[crate::domain::Channel],
     ) -> Result<Vec<Communication>, DependencyError>;
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
@@ -166,6 +167,14 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Length of a stream and the number of entries pending in its group (0 when missing).
     async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError>;
+
+    /// Entries of the stream not yet delivered to the group (`XINFO GROUPS` lag); 0 when
+    /// the stream or group does not exist.
+    async fn stream_lag(&self, stream: &str, group: &str) -> Result<u64, DependencyError>;
+
+    /// Drop entries the group has delivered and acknowledged (all older than both its
+    /// last-delivered id and its oldest pending entry); returns how many were dropped.
+    async fn trim_acked(&self, stream: &str, group: &str) -> Result<u64, DependencyError>;
 
     /// A client with its own connection, for blocking reads that would otherwise hold up
     /// every other command.

@@ -1,5 +1,6 @@
-//! StatsActor: every few seconds, the length and pending count of every stream (the four
-//! work streams, `log_stream`) and the length of the dead-letter streams, as Prometheus
+//! StatsActor: every few seconds, trims what the consumer group has delivered and
+//! acknowledged from every stream (the three work streams and `log_stream`), then reports
+//! their length and pending count and the length of the dead-letter streams as Prometheus
 //! gauges (`stream_length`, `stream_pending`, `dead_letter_length`).
 //!
 //! Owns: nothing but its timer. Talks to it: itself (`Tick`). Talks to: Redis (XLEN,
@@ -49,6 +50,13 @@ impl Actor for StatsActor {
     ) -> Result<(), ActorProcessingErr> {
         let streams = Channel::ALL.iter().map(|c| c.stream()).chain([LOG_STREAM]);
         for s in streams {
+            // Entries delivered and acknowledged are of no more use in Redis (MongoDB and
+            // Elasticsearch have them): trimming keeps Redis memory bounded.
+            if let Ok(n) = a.queue.trim_acked(s, &a.group).await {
+                if n > 0 {
+                    metrics::counter!("stream_trimmed_total", "stream" => s).increment(n);
+                }
+            }
             match a.queue.stream_stats(s, &a.group).await {
                 Ok((len, pending)) => {
                     metrics::gauge!("stream_length", "stream" => s).set(len as f64);

@@ -8,6 +8,7 @@
 //! On failure: records it took are due again after `recheck`, so a crash loses nothing; an
 //! entry appended twice is harmless, since a worker claims a record before sending it.
 
+use crate::domain::Channel;
 use crate::ports::{Queue, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -28,6 +29,7 @@ pub struct SweeperArgs {
     /// How long a swept record is left alone before it may be swept again.
     pub recheck: Duration,
     pub batch: usize,
+    pub group: String,
 }
 
 pub struct OutboxSweeper;
@@ -53,7 +55,25 @@ impl Actor for OutboxSweeper {
         a: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let mut next = a.interval;
-        match a.store.take_due(Utc::now(), a.recheck, a.batch).await {
+        // Only channels whose stream has no unread backlog: a backlog (say, behind an open
+        // breaker) will be read anyway, and re-queueing into it would only grow it.
+        let mut idle = Vec::new();
+        for ch in Channel::ALL {
+            match a.queue.stream_lag(ch.stream(), &a.group).await {
+                Ok(0) => idle.push(ch),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "sweep skipped: Redis unavailable");
+                    myself.send_after(a.interval, || SweeperMsg::Tick);
+                    return Ok(());
+                }
+            }
+        }
+        match a
+            .store
+            .take_due(Utc::now(), a.recheck, a.batch, &idle)
+            .await
+        {
             Ok(records) if !records.is_empty() => {
                 let entries: Vec<(&str, Vec<(&str, String)>)> = records
                     .iter()

@@ -444,10 +444,16 @@ impl Store for MongoStore {
         now: DateTime<Utc>,
         recheck: Duration,
         limit: usize,
+        channels: &[Channel],
     ) -> Result<Vec<Communication>, DependencyError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let types: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
         let docs: Vec<Document> = self
             .coll
-            .find(doc! {"status": {"$in": ["pending", "sending"]}, "nextAttemptAt": {"$lte": bdate(now)}})
+            .find(doc! {"status": {"$in": ["pending", "sending"]}, "nextAttemptAt": {"$lte": bdate(now)},
+                        "type": {"$in": types}})
             .limit(limit as i64)
             .await
             .map_err(err)?
