@@ -77,7 +77,10 @@ up() {
   mkdir -p "$DIR"
   start redis "$REDIS_PORT" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$DIR/redis" \
     --appendonly yes --appendfsync everysec --save "" --protected-mode yes
-  start mongo "$MONGO_PORT" "$VENV/bin/secantusd-py" --sync-on-commit --host 127.0.0.1 --port "$MONGO_PORT" --storage-path "$DIR/mongo/data"
+  # The service writes with j:true (journaled: survives a crash of the server);
+  # STACK_MONGO_SYNC=1 also fsyncs every commit (survives power loss), at about 5x the cost.
+  local sync=""; [ "${STACK_MONGO_SYNC:-0}" = 1 ] && sync="--sync-on-commit"
+  start mongo "$MONGO_PORT" "$VENV/bin/secantusd-py" $sync --host 127.0.0.1 --port "$MONGO_PORT" --storage-path "$DIR/mongo/data"
   start es "$ES_PORT" "$(osmem_bin)" -addr "127.0.0.1:$ES_PORT" -no-stdin-watch
   mkdir -p "$DIR/smtp/mail/tmp" "$DIR/smtp/mail/new" "$DIR/smtp/mail/cur"
   start smtp "$SMTP_PORT" "$VENV/bin/python" -m aiosmtpd -n -l "127.0.0.1:$SMTP_PORT" -c aiosmtpd.handlers.Mailbox "$DIR/smtp/mail"
