@@ -178,6 +178,20 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
     Ok(())
 }
 
+/// Order of a record's states, for the `communications` document's external version:
+/// attempt first, then how far that attempt got.
+pub fn state_version(status: &str, attempt: u32) -> u64 {
+    let rank = match status {
+        "queued" => 0,
+        "retrying" => 1,
+        "sent" => 2,
+        "failed" | "delivered" | "undelivered" => 3,
+        "read" => 4,
+        _ => 0,
+    };
+    attempt as u64 * 10 + rank + 1
+}
+
 /// The two documents one event becomes.
 pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> Vec<BulkOp> {
     let log_doc = serde_json::to_value(ev).unwrap_or_default();
@@ -213,21 +227,15 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
     for (k, v) in current.as_object().into_iter().flatten() {
         full[k] = v.clone();
     }
-    let comm_op = if ev.status == "queued" {
-        // A status event may have created it already: then 409, which counts as done.
-        BulkOp {
-            index: communications_index.to_string(),
-            id: ev.communication_id.clone(),
-            action: BulkAction::Create,
-            doc: full,
-        }
-    } else {
-        BulkOp {
-            index: communications_index.to_string(),
-            id: ev.communication_id.clone(),
-            action: BulkAction::Update { upsert: full },
-            doc: current,
-        }
+    // The record's current state, versioned by how far along it is: a `delivered` that
+    // overtook its `sent` in the stream is not undone by it.
+    let comm_op = BulkOp {
+        index: communications_index.to_string(),
+        id: ev.communication_id.clone(),
+        action: BulkAction::IndexVersioned {
+            version: state_version(&ev.status, ev.attempt),
+        },
+        doc: full,
     };
     vec![
         BulkOp {

@@ -190,6 +190,9 @@ pub enum BulkAction {
     Create,
     /// Merge `doc` into the document, creating it from `upsert` when missing.
     Update { upsert: serde_json::Value },
+    /// Replace the document unless the stored one has a version at least this high
+    /// (external versioning): events applied out of order never move a document back.
+    IndexVersioned { version: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -86,7 +86,14 @@ pub fn parse_bulk_items(ops: &[BulkOp], body: &Value) -> Vec<ItemResult> {
             };
             match status {
                 200..=299 => ItemResult::Done,
-                409 if ops[i].action == BulkAction::Create => ItemResult::Done,
+                // Exists already (create), or a newer version is stored (versioned index).
+                409 if matches!(
+                    ops[i].action,
+                    BulkAction::Create | BulkAction::IndexVersioned { .. }
+                ) =>
+                {
+                    ItemResult::Done
+                }
                 409 | 429 | 500..=599 => ItemResult::Retry(reason()),
                 _ => ItemResult::Rejected(reason()),
             }
@@ -101,6 +108,14 @@ pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
         match &op.action {
             BulkAction::Create => {
                 body.push(json!({"create": {"_index": op.index, "_id": op.id}}).into());
+                body.push(op.doc.clone().into());
+            }
+            BulkAction::IndexVersioned { version } => {
+                body.push(
+                    json!({"index": {"_index": op.index, "_id": op.id,
+                        "version": version, "version_type": "external"}})
+                    .into(),
+                );
                 body.push(op.doc.clone().into());
             }
             BulkAction::Update { upsert } => {
