@@ -28,18 +28,24 @@ pub struct CallbackConfig {
     pub whatsapp_verify_token: String,
 }
 
-/// Twilio's request signature (<https://www.twilio.com/docs/usage/security>).
-pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
-    use base64::Engine;
+/// HMAC-SHA1 with the auth token over the URL and every parameter name and value, sorted
+/// by name (<https://www.twilio.com/docs/usage/security>).
+fn twilio_mac(auth_token: &str, url: &str, params: &[(String, String)]) -> Hmac<sha1::Sha1> {
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort();
-    let mut data = url.to_string();
-    for (k, v) in sorted {
-        data.push_str(k);
-        data.push_str(v);
-    }
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(auth_token.as_bytes()).expect("any key");
-    mac.update(data.as_bytes());
+    mac.update(url.as_bytes());
+    for (k, v) in sorted {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    mac
+}
+
+/// Twilio's request signature: Base64 of `twilio_mac`.
+pub fn twilio_signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
+    use base64::Engine;
+    let mac = twilio_mac(auth_token, url, params);
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
 
@@ -49,22 +55,21 @@ pub fn twilio_valid(auth_token: &str, url: &str, params: &[(String, String)], gi
     let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(given.trim()) else {
         return false;
     };
-    let mut sorted: Vec<&(String, String)> = params.iter().collect();
-    sorted.sort();
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(auth_token.as_bytes()).expect("any key");
-    mac.update(url.as_bytes());
-    for (k, v) in sorted {
-        mac.update(k.as_bytes());
-        mac.update(v.as_bytes());
-    }
-    mac.verify_slice(&sig).is_ok()
+    twilio_mac(auth_token, url, params)
+        .verify_slice(&sig)
+        .is_ok()
+}
+
+/// HMAC-SHA256 of the raw body with the app secret.
+fn meta_mac(app_secret: &str, body: &[u8]) -> Hmac<sha2::Sha256> {
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(app_secret.as_bytes()).expect("any key");
+    mac.update(body);
+    mac
 }
 
 /// Meta's `X-Hub-Signature-256` value for a body.
 pub fn meta_signature(app_secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(app_secret.as_bytes()).expect("any key");
-    mac.update(body);
-    let hex: String = mac
+    let hex: String = meta_mac(app_secret, body)
         .finalize()
         .into_bytes()
         .iter()
@@ -78,7 +83,7 @@ pub fn meta_valid(app_secret: &str, body: &[u8], given: &str) -> bool {
     let Some(hex) = given.trim().strip_prefix("sha256=") else {
         return false;
     };
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.is_ascii() {
         return false;
     }
     let Ok(sig) = (0..32)
@@ -87,9 +92,7 @@ pub fn meta_valid(app_secret: &str, body: &[u8], given: &str) -> bool {
     else {
         return false;
     };
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(app_secret.as_bytes()).expect("any key");
-    mac.update(body);
-    mac.verify_slice(&sig).is_ok()
+    meta_mac(app_secret, body).verify_slice(&sig).is_ok()
 }
 
 /// Twilio `MessageStatus` → our status; statuses before delivery are not receipts.

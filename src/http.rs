@@ -347,7 +347,7 @@ async fn create_communication(
 }
 
 async fn search_communications(raw: String, state: AppState) -> Response {
-    let params: crate::search::SearchParams = match serde_urlencoded_params(&raw) {
+    let params: crate::search::SearchParams = match parse_search_params(&raw) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
@@ -378,7 +378,7 @@ async fn search_communications(raw: String, state: AppState) -> Response {
 }
 
 /// Query string → parameters, with a message naming what could not be read.
-fn serde_urlencoded_params(raw: &str) -> Result<crate::search::SearchParams, String> {
+fn parse_search_params(raw: &str) -> Result<crate::search::SearchParams, String> {
     let mut map = serde_json::Map::new();
     for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
         let val = match k.as_ref() {

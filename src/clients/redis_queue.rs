@@ -6,6 +6,7 @@ use actors::ports::{DependencyError, Queue, ReadFrom};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -51,6 +52,45 @@ impl RedisQueue {
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value, DependencyError> {
         let mut c = self.conn().await?;
         cmd.query_async(&mut c).await.map_err(err)
+    }
+
+    /// This group's `XINFO GROUPS` fields (name → value); `None` when the stream or the
+    /// group does not exist.
+    async fn group_info(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> Result<Option<HashMap<String, Value>>, DependencyError> {
+        let groups = match self
+            .query(redis::cmd("XINFO").arg("GROUPS").arg(stream))
+            .await
+        {
+            Ok(Value::Array(g)) => g,
+            Ok(_) => return Ok(None),
+            Err(e) if e.message.contains("no such key") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for g in groups {
+            let pairs: Vec<(Value, Value)> = match g {
+                Value::Array(f) => f
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [k, v] => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+                Value::Map(m) => m,
+                _ => continue,
+            };
+            let info: HashMap<String, Value> = pairs
+                .into_iter()
+                .filter_map(|(k, v)| Some((text(&k)?, v)))
+                .collect();
+            if info.get("name").and_then(text).as_deref() == Some(group) {
+                return Ok(Some(info));
+            }
+        }
+        Ok(None)
     }
 
     /// Length and pending count of a stream's group, for metrics and tests.
@@ -304,69 +344,21 @@ impl Queue for RedisQueue {
     }
 
     async fn stream_lag(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
-        let groups = match self
-            .query(redis::cmd("XINFO").arg("GROUPS").arg(stream))
-            .await
-        {
-            Ok(Value::Array(g)) => g,
-            Ok(_) => return Ok(0),
-            Err(e) if e.message.contains("no such key") => return Ok(0),
-            Err(e) => return Err(e),
+        let Some(info) = self.group_info(stream, group).await? else {
+            return Ok(0);
         };
-        for g in &groups {
-            let Value::Array(f) = g else { continue };
-            let name = f
-                .iter()
-                .position(|v| text(v).as_deref() == Some("name"))
-                .and_then(|i| f.get(i + 1))
-                .and_then(text);
-            if name.as_deref() != Some(group) {
-                continue;
-            }
-            let lag = f
-                .iter()
-                .position(|v| text(v).as_deref() == Some("lag"))
-                .and_then(|i| f.get(i + 1));
-            return Ok(match lag {
-                Some(Value::Int(n)) => *n as u64,
-                // Nil: Redis cannot tell (entries were deleted); assume a backlog.
-                _ => u64::MAX,
-            });
-        }
-        Ok(0)
+        Ok(match info.get("lag") {
+            Some(Value::Int(n)) => *n as u64,
+            // Nil: Redis cannot tell (entries were deleted); assume a backlog.
+            _ => u64::MAX,
+        })
     }
 
     async fn trim_acked(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
-        let groups = match self
-            .query(redis::cmd("XINFO").arg("GROUPS").arg(stream))
-            .await
-        {
-            Ok(Value::Array(g)) => g,
-            Ok(_) => return Ok(0),
-            Err(e) if e.message.contains("no such key") => return Ok(0),
-            Err(e) => return Err(e),
-        };
-        let mut last_delivered = None;
-        for g in &groups {
-            let fields: Vec<String> = match g {
-                Value::Array(f) => f.iter().map(|v| text(v).unwrap_or_default()).collect(),
-                Value::Map(m) => m
-                    .iter()
-                    .flat_map(|(k, v)| [text(k).unwrap_or_default(), text(v).unwrap_or_default()])
-                    .collect(),
-                _ => continue,
-            };
-            let get = |k: &str| {
-                fields
-                    .iter()
-                    .position(|f| f == k)
-                    .and_then(|i| fields.get(i + 1))
-                    .cloned()
-            };
-            if get("name").as_deref() == Some(group) {
-                last_delivered = get("last-delivered-id");
-            }
-        }
+        let last_delivered = self
+            .group_info(stream, group)
+            .await?
+            .and_then(|info| info.get("last-delivered-id").and_then(text));
         let Some(mut boundary) = last_delivered.filter(|id| id != "0-0") else {
             return Ok(0);
         };
