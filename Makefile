@@ -4,7 +4,8 @@
 run: stack-up
 	cargo build --release --bin comm-aggregator --bin provider-sandbox
 	@echo "service on http://127.0.0.1:$${PORT:-3001} (providers: the local stand-in unless real credentials are set)"
-	eval "$$(scripts/stack.sh env)" && exec target/release/comm-aggregator
+	@if [ -z "$${API_KEYS:-}$${API_KEYS_FILE:-}" ]; then echo "make run: no API_KEYS set, so DEV_MODE=true: no key needed, every request is tenant \"default\" (local use only)"; fi
+	eval "$$(scripts/stack.sh env)" && if [ -z "$${API_KEYS:-}$${API_KEYS_FILE:-}" ]; then export DEV_MODE=true; fi && exec target/release/comm-aggregator
 
 stack-up:
 	SANDBOX_BIN=$(if $(wildcard target/release/provider-sandbox),target/release/provider-sandbox,) scripts/stack.sh up

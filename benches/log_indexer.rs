@@ -87,7 +87,7 @@ fn servers() -> (String, String, Vec<Killed>) {
 }
 
 async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
-    let queue = Arc::new(RedisQueue::new(redis, Duration::from_secs(10)).unwrap());
+    let queue = Arc::new(RedisQueue::new(redis, None, Duration::from_secs(10)).unwrap());
     let mut c = redis::Client::open(redis)
         .unwrap()
         .get_multiplexed_async_connection()
@@ -120,8 +120,15 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
             .collect();
         queue.append(&entries).await.unwrap();
     }
-    let search =
-        Arc::new(ElasticSink::new(es, None, None, "bench-communications", "bench-logs").unwrap());
+    let search = Arc::new(
+        ElasticSink::new(
+            es,
+            &Default::default(),
+            "bench-communications",
+            "bench-logs",
+        )
+        .unwrap(),
+    );
     let started = Instant::now();
     let (actor, handle) = Actor::spawn(
         None,

@@ -17,6 +17,8 @@ ES_PORT="${STACK_ES_PORT:-9211}"
 SMTP_PORT="${STACK_SMTP_PORT:-2526}"
 SANDBOX_PORT="${STACK_SANDBOX_PORT:-4011}"
 PY_PACKAGES="secantusdb==0.7.0b3 osmem-server==0.1.6 aiosmtpd==1.4.6"
+ST_VENV="$ROOT/.venv-st"
+ST_PACKAGE="schemathesis==4.32.5"
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 
@@ -30,6 +32,12 @@ install() {
     log "installing $PY_PACKAGES into .venv"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check $PY_PACKAGES
+  fi
+  # The API fuzzer the tests run against the OpenAPI document, in its own environment.
+  if [ ! -x "$ST_VENV/bin/schemathesis" ]; then
+    log "installing $ST_PACKAGE into .venv-st"
+    [ -x "$ST_VENV/bin/python" ] || python3 -m venv "$ST_VENV"
+    "$ST_VENV/bin/pip" install -q --disable-pip-version-check "$ST_PACKAGE"
   fi
 }
 

@@ -20,6 +20,31 @@ pub struct Config {
     pub supervisor: Supervisor,
     pub callbacks: Callbacks,
     pub providers: Providers,
+    pub auth: Auth,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub keys_file: String,
+    pub dev_mode: bool,
+    pub rate_per_sec: f64,
+    pub burst: f64,
+    /// Parsed from `API_KEYS` and `keys_file`.
+    #[serde(skip)]
+    pub keys: Vec<crate::auth::KeySpec>,
+    /// `METRICS_TOKEN`: when set, `/metrics` wants `Authorization: Bearer <it>`.
+    #[serde(skip)]
+    pub metrics_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub recipient_max: u64,
+    pub recipient_window_secs: u64,
+    pub email_max_chars: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -69,6 +94,9 @@ pub struct Redis {
     pub block_ms: u64,
     pub claim_idle_ms: u64,
     pub max_deliveries: u64,
+    /// `REDIS_CA_FILE`: PEM roots for `rediss://` (default: the Mozilla roots).
+    #[serde(skip)]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -81,6 +109,12 @@ pub struct Elastic {
     pub user: Option<String>,
     #[serde(skip)]
     pub password: Option<String>,
+    /// `ELASTICSEARCH_API_KEY`: the base64 `encoded` form, or `id:api_key`.
+    #[serde(skip)]
+    pub api_key: Option<String>,
+    /// `ELASTICSEARCH_CA_FILE`: PEM certificate to trust for `https://`.
+    #[serde(skip)]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +271,18 @@ pub const ENV_VARS: &[&str] = &[
     "PUBLIC_BASE_URL",
     "SMTP_URL",
     "EMAIL_DEFAULT_SUBJECT",
+    "API_KEYS",
+    "API_KEYS_FILE",
+    "DEV_MODE",
+    "API_RATE_PER_SEC",
+    "API_BURST",
+    "METRICS_TOKEN",
+    "RECIPIENT_MAX",
+    "RECIPIENT_WINDOW_SECS",
+    "EMAIL_MAX_CHARS",
+    "REDIS_CA_FILE",
+    "ELASTICSEARCH_CA_FILE",
+    "ELASTICSEARCH_API_KEY",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -302,13 +348,57 @@ impl Config {
         if let Some(v) = env("MAX_DELIVERIES") {
             self.redis.max_deliveries = num("MAX_DELIVERIES", v)?;
         }
-        if let Some(v) = env("FAULT_INJECTION") {
-            self.sender.fault_injection = match v.as_str() {
-                "1" | "true" | "yes" => true,
-                "0" | "false" | "no" => false,
-                _ => return Err(bad(format!("FAULT_INJECTION={v:?}: true or false"))),
-            };
+        fn flag(name: &str, v: String) -> Result<bool, ConfigError> {
+            match v.as_str() {
+                "1" | "true" | "yes" => Ok(true),
+                "0" | "false" | "no" => Ok(false),
+                _ => Err(bad(format!("{name}={v:?}: true or false"))),
+            }
         }
+        if let Some(v) = env("FAULT_INJECTION") {
+            self.sender.fault_injection = flag("FAULT_INJECTION", v)?;
+        }
+        if let Some(v) = env("DEV_MODE") {
+            self.auth.dev_mode = flag("DEV_MODE", v)?;
+        }
+        if let Some(v) = env("API_KEYS_FILE") {
+            self.auth.keys_file = v;
+        }
+        if let Some(v) = env("API_RATE_PER_SEC") {
+            self.auth.rate_per_sec = num("API_RATE_PER_SEC", v)?;
+        }
+        if let Some(v) = env("API_BURST") {
+            self.auth.burst = num("API_BURST", v)?;
+        }
+        self.auth.metrics_token = env("METRICS_TOKEN");
+        let file = if self.auth.keys_file.is_empty() {
+            None
+        } else {
+            let text = std::fs::read_to_string(&self.auth.keys_file).map_err(|e| {
+                bad(format!(
+                    "auth.keys_file / API_KEYS_FILE {:?}: {e}",
+                    self.auth.keys_file
+                ))
+            })?;
+            Some((self.auth.keys_file.clone(), text))
+        };
+        self.auth.keys = crate::auth::parse_keys(
+            env("API_KEYS").as_deref(),
+            file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+        )
+        .map_err(bad)?;
+        if let Some(v) = env("RECIPIENT_MAX") {
+            self.limits.recipient_max = num("RECIPIENT_MAX", v)?;
+        }
+        if let Some(v) = env("RECIPIENT_WINDOW_SECS") {
+            self.limits.recipient_window_secs = num("RECIPIENT_WINDOW_SECS", v)?;
+        }
+        if let Some(v) = env("EMAIL_MAX_CHARS") {
+            self.limits.email_max_chars = num("EMAIL_MAX_CHARS", v)?;
+        }
+        self.redis.ca_file = env("REDIS_CA_FILE");
+        self.elasticsearch.ca_file = env("ELASTICSEARCH_CA_FILE");
+        self.elasticsearch.api_key = env("ELASTICSEARCH_API_KEY");
         if let Some(v) = env("ELASTICSEARCH_NODE") {
             self.elasticsearch.node = v;
         }
@@ -440,6 +530,21 @@ impl Config {
             &self.providers.whatsapp.token,
             "the WhatsApp Cloud API access token",
         )?;
+        if self.auth.keys.is_empty() && !self.auth.dev_mode {
+            return Err(bad(
+                "no API keys configured: set API_KEYS=tenant:key,... or auth.keys_file \
+                 (API_KEYS_FILE); or, for local development only, DEV_MODE=true",
+            ));
+        }
+        if !(self.auth.rate_per_sec > 0.0 && self.auth.burst >= 1.0) {
+            return Err(bad("auth.rate_per_sec must be > 0 and auth.burst >= 1"));
+        }
+        if self.limits.recipient_max > 0 && self.limits.recipient_window_secs == 0 {
+            return Err(bad("limits.recipient_window_secs must be at least 1"));
+        }
+        if self.limits.email_max_chars == 0 {
+            return Err(bad("limits.email_max_chars must be at least 1"));
+        }
         if !["text", "json"].contains(&self.server.log_format.as_str()) {
             return Err(bad(format!(
                 "LOG_FORMAT={:?}: must be \"text\" or \"json\"",
@@ -512,7 +617,8 @@ mod tests {
         Config::load(&path, &move |k| m.get(k).cloned())
     }
 
-    const CREDS: [(&str, &str); 4] = [
+    const CREDS: [(&str, &str); 5] = [
+        ("API_KEYS", "acme:acme-0123456789abcdef"),
         ("ACCOUNTSID", "AC00000000000000000000000000000000"),
         ("AUTHTOKEN", "t"),
         ("WHATSAPP_PHONE_NUMBER_ID", "1"),
@@ -538,8 +644,46 @@ mod tests {
         let mut v = CREDS.to_vec();
         v.push(("MONGODB_URL", "postgres://x"));
         assert!(load(&v).unwrap_err().to_string().contains("MONGODB_URL"));
-        let err = load(&CREDS[1..]).unwrap_err().to_string();
+        let err = load(&CREDS[..1]).unwrap_err().to_string();
         assert!(err.contains("ACCOUNTSID"), "{err}");
+    }
+
+    #[test]
+    fn no_keys_no_start_unless_dev_mode() {
+        let err = load(&CREDS[1..]).unwrap_err().to_string();
+        assert!(
+            err.contains("API_KEYS") && err.contains("DEV_MODE"),
+            "{err}"
+        );
+        let mut v = CREDS[1..].to_vec();
+        v.push(("DEV_MODE", "true"));
+        let c = load(&v).unwrap();
+        assert!(c.auth.dev_mode && c.auth.keys.is_empty());
+        let c = load(&CREDS).unwrap();
+        assert_eq!(c.auth.keys.len(), 1);
+        assert!(!c.auth.dev_mode, "dev mode is off unless switched on");
+    }
+
+    #[test]
+    fn keys_file_is_read_and_bad_entries_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("keys-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "# tenants
+zeta:zeta-0123456789abcdef
+",
+        )
+        .unwrap();
+        let mut v = CREDS.to_vec();
+        let path = dir.to_string_lossy().to_string();
+        v.push(("API_KEYS_FILE", &path));
+        let c = load(&v).unwrap();
+        let tenants: Vec<&str> = c.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
+        assert_eq!(tenants, ["acme", "zeta"]);
+        std::fs::write(&dir, "zeta\n").unwrap();
+        let err = load(&v).unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]

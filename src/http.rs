@@ -1,11 +1,13 @@
 //! The HTTP edge (warp): the API, health, readiness and `/metrics`. Every error has the
 //! shape `{"error":{"code":"...","message":"..."}}`; driver messages never reach clients.
 
+use crate::auth::{ApiKeys, AuthError, Identity};
 use crate::clients::mongo::MongoStore;
-use actors::domain::{validate, RawRequest};
+use crate::limits::{CapDecision, RecipientCap};
+use actors::domain::{validate_with, RawRequest, ValidationLimits};
 use actors::ports::{Queue, SearchSink, Store};
 use actors::ractor::ActorRef;
-use actors::router::{self, AcceptError, Accepted, RouterMsg};
+use actors::router::{self, AcceptError, Accepted, RouterMsg, Submission};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use std::convert::Infallible;
@@ -19,6 +21,26 @@ use warp::Filter;
 /// Largest request body accepted.
 pub const BODY_LIMIT: u64 = 64 * 1024;
 
+/// The OpenAPI 3 document of every route below; `tests/openapi.rs` holds the two together
+/// (every documented operation answers, no other does, and a fuzzer finds every answer
+/// in the document).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route: method and path template, as in the OpenAPI document.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/api/v1/communication"),
+    ("GET", "/api/v1/communication/{id}"),
+    ("GET", "/api/v1/communications"),
+    ("GET", "/api/v1/providers"),
+    ("GET", "/api/v1/openapi.json"),
+    ("POST", "/api/v1/callbacks/twilio"),
+    ("GET", "/api/v1/callbacks/whatsapp"),
+    ("POST", "/api/v1/callbacks/whatsapp"),
+    ("GET", "/metrics"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+];
+
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<MongoStore>,
@@ -29,6 +51,10 @@ pub struct AppState {
     pub health: Vec<Arc<actors::health::ProviderHealth>>,
     pub callbacks: Arc<crate::callbacks::CallbackConfig>,
     pub communications_index: String,
+    pub auth: Arc<ApiKeys>,
+    pub cap: Arc<RecipientCap>,
+    pub validation: ValidationLimits,
+    pub metrics_token: Option<String>,
 }
 
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -43,8 +69,112 @@ fn unavailable(code: &str, message: &str) -> Response {
     r
 }
 
+fn unauthorized(e: AuthError) -> Response {
+    match e {
+        AuthError::RateLimited(wait) => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests for this API key; retry after the Retry-After seconds",
+            );
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            r
+        }
+        AuthError::Missing | AuthError::Invalid => {
+            let message = if e == AuthError::Missing {
+                "an API key is required: Authorization: Bearer <key>"
+            } else {
+                "the API key is not valid"
+            };
+            let mut r = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+/// A body larger than [`BODY_LIMIT`].
+#[derive(Debug)]
+struct TooLarge;
+impl warp::reject::Reject for TooLarge {}
+
+/// The request body, up to [`BODY_LIMIT`] bytes, with or without a `content-length`
+/// (a declared length over the limit is refused before anything is read).
+fn limited_body() -> impl Filter<Extract = (bytes::Bytes,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(|len: Option<u64>| async move {
+            match len {
+                Some(n) if n > BODY_LIMIT => Err(warp::reject::custom(TooLarge)),
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+        .and(warp::body::stream())
+        .and_then(collect_body)
+}
+
+async fn collect_body<S, B>(body: S) -> Result<bytes::Bytes, warp::Rejection>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    use bytes::BufMut;
+    use futures::StreamExt;
+    let mut body = std::pin::pin!(body);
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|_| warp::reject::custom(Unreadable))?;
+        if out.len() + chunk.remaining() > BODY_LIMIT as usize {
+            return Err(warp::reject::custom(TooLarge));
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            let n = c.len();
+            out.put_slice(c);
+            chunk.advance(n);
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// The body could not be read (the client went away mid-request).
+#[derive(Debug)]
+struct Unreadable;
+impl warp::reject::Reject for Unreadable {}
+
+/// The methods a path answers, from [`ROUTES`] (for `Allow` on a 405).
+pub fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    ROUTES
+        .iter()
+        .filter(|(_, template)| {
+            let t: Vec<&str> = template.split('/').collect();
+            t.len() == segs.len()
+                && t.iter()
+                    .zip(&segs)
+                    .all(|(a, b)| a == b || (a.starts_with('{') && !b.is_empty()))
+        })
+        .map(|(m, _)| *m)
+        .collect()
+}
+
+/// The caller's identity (or why there is none), from `Authorization`.
+fn authenticated(
+    state: &AppState,
+) -> impl Filter<Extract = (Result<Identity, AuthError>,), Error = warp::Rejection> + Clone {
+    let auth = state.auth.clone();
+    warp::header::optional::<String>("authorization")
+        .map(move |h: Option<String>| auth.authenticate(h.as_deref()))
+}
+
 fn route_label(path: &str) -> &'static str {
     match path {
+        "/api/v1/openapi.json" => "/api/v1/openapi.json",
         "/api/v1/communication" => "/api/v1/communication",
         p if p.starts_with("/api/v1/communication/") => "/api/v1/communication/{id}",
         "/api/v1/providers" => "/api/v1/providers",
@@ -68,22 +198,58 @@ pub fn routes(
 
     let create = warp::path!("api" / "v1" / "communication")
         .and(warp::post())
+        .and(authenticated(&state))
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(warp::body::content_length_limit(BODY_LIMIT))
-        .and(warp::body::bytes())
+        .and(limited_body())
         .and(with_state.clone())
         .then(create_communication);
 
     let get_one = warp::path!("api" / "v1" / "communication" / String)
         .and(warp::get())
+        .and(authenticated(&state))
         .and(with_state.clone())
         .then(get_communication);
 
+    let openapi = warp::path!("api" / "v1" / "openapi.json")
+        .and(warp::get())
+        .and(authenticated(&state))
+        .map(|who: Result<Identity, AuthError>| match who {
+            Ok(_) => {
+                let mut r = OPENAPI.into_response();
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => unauthorized(e),
+        });
+
     let metrics = warp::path!("metrics")
         .and(warp::get())
+        .and(warp::header::optional::<String>("authorization"))
         .and(with_state.clone())
-        .map(|s: AppState| {
+        .map(|authz: Option<String>, s: AppState| {
+            if let Some(token) = &s.metrics_token {
+                let given = authz.as_deref().and_then(|h| h.strip_prefix("Bearer "));
+                let ok = given.is_some_and(|g| {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(g.as_bytes()) == sha2::Sha256::digest(token.as_bytes())
+                });
+                if !ok {
+                    let mut r = error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "/metrics wants Authorization: Bearer <METRICS_TOKEN>",
+                    );
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        header::HeaderValue::from_static("Bearer"),
+                    );
+                    return r;
+                }
+            }
             let mut r = s.prometheus.render().into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -98,8 +264,12 @@ pub fn routes(
 
     let providers = warp::path!("api" / "v1" / "providers")
         .and(warp::get())
+        .and(authenticated(&state))
         .and(with_state.clone())
-        .map(|s: AppState| {
+        .map(|who: Result<Identity, AuthError>, s: AppState| {
+            if let Err(e) = who {
+                return unauthorized(e);
+            }
             let list: Vec<serde_json::Value> = s.health.iter().map(|h| h.snapshot()).collect();
             warp::reply::json(&json!({"providers": list})).into_response()
         });
@@ -109,8 +279,7 @@ pub fn routes(
         .and(warp::header::optional::<String>("host"))
         .and(warp::path::full())
         .and(warp::header::optional::<String>("x-twilio-signature"))
-        .and(warp::body::content_length_limit(BODY_LIMIT))
-        .and(warp::body::bytes())
+        .and(limited_body())
         .and(with_state.clone())
         .then(
             |host, path: warp::path::FullPath, sig, body, s: AppState| async move {
@@ -134,8 +303,7 @@ pub fn routes(
     let whatsapp_cb = warp::path!("api" / "v1" / "callbacks" / "whatsapp")
         .and(warp::post())
         .and(warp::header::optional::<String>("x-hub-signature-256"))
-        .and(warp::body::content_length_limit(BODY_LIMIT))
-        .and(warp::body::bytes())
+        .and(limited_body())
         .and(with_state.clone())
         .then(|sig, body, s: AppState| async move {
             crate::callbacks::whatsapp(
@@ -150,6 +318,7 @@ pub fn routes(
 
     let search = warp::path!("api" / "v1" / "communications")
         .and(warp::get())
+        .and(authenticated(&state))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(with_state.clone())
         .then(search_communications);
@@ -161,6 +330,8 @@ pub fn routes(
 
     let api = create
         .or(get_one)
+        .unify()
+        .or(openapi)
         .unify()
         .or(providers)
         .unify()
@@ -194,11 +365,18 @@ pub fn routes(
         id
     });
     request_id
+        .and(warp::path::full())
         .and(api)
-        .map(|id: String, reply: Response| {
+        .map(|id: String, path: warp::path::FullPath, reply: Response| {
             let mut r = reply;
             if let Ok(v) = header::HeaderValue::from_str(&id) {
                 r.headers_mut().insert("x-request-id", v);
+            }
+            if r.status() == StatusCode::METHOD_NOT_ALLOWED {
+                let allow = allowed_methods(path.as_str()).join(", ");
+                if let Ok(v) = header::HeaderValue::from_str(&allow) {
+                    r.headers_mut().insert(header::ALLOW, v);
+                }
             }
             r
         })
@@ -217,11 +395,16 @@ pub fn routes(
 }
 
 async fn create_communication(
+    who: Result<Identity, AuthError>,
     content_type: Option<String>,
     idempotency_key: Option<String>,
     body: bytes::Bytes,
     state: AppState,
 ) -> Response {
+    let who = match who {
+        Ok(w) => w,
+        Err(e) => return unauthorized(e),
+    };
     if state.shutting_down.load(Ordering::Relaxed) {
         return unavailable(
             "shutting_down",
@@ -275,7 +458,7 @@ async fn create_communication(
             )
         }
     };
-    let req = match validate(&raw) {
+    let req = match validate_with(&raw, &state.validation) {
         Ok(r) => r,
         Err(e) => {
             let body = json!({"error": {"code": "validation_failed", "field": e.field, "message": e.message}});
@@ -291,15 +474,47 @@ async fn create_communication(
                 .into_response();
         }
     }
+    if let CapDecision::Exceeded { retry_after_secs } =
+        state.cap.check(&who.tenant, req.channel, &req.to).await
+    {
+        // A retry of a request that was already accepted is answered as before.
+        let replay = match &idempotency_key {
+            Some(k) => matches!(
+                state.store.idempotency_holder(&who.tenant, k).await,
+                Ok(Some(_))
+            ),
+            None => false,
+        };
+        if !replay {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "recipient_limit",
+                format!(
+                    "data.to has had {} {} messages in this window, the most allowed; retry after the Retry-After seconds",
+                    state.cap.max, req.channel
+                ),
+            );
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(retry_after_secs),
+            );
+            return r;
+        }
+    }
     let Some(router) = ActorRef::<RouterMsg>::where_is(router::NAME.to_string()) else {
         return unavailable(
             "unavailable",
             "the router is restarting; nothing was stored, retry shortly",
         );
     };
+    let submission = Submission {
+        request: req,
+        tenant: who.tenant,
+        idempotency_key,
+    };
     let answer = router
         .call(
-            |reply| RouterMsg::Accept(req, idempotency_key, reply),
+            |reply| RouterMsg::Accept(submission, reply),
             Some(Duration::from_secs(15)),
         )
         .await;
@@ -346,12 +561,20 @@ async fn create_communication(
     }
 }
 
-async fn search_communications(raw: String, state: AppState) -> Response {
+async fn search_communications(
+    who: Result<Identity, AuthError>,
+    raw: String,
+    state: AppState,
+) -> Response {
+    let who = match who {
+        Ok(w) => w,
+        Err(e) => return unauthorized(e),
+    };
     let params: crate::search::SearchParams = match parse_search_params(&raw) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_query", e),
     };
-    let (body, page, size) = match crate::search::build_query(&params) {
+    let (body, page, size) = match crate::search::build_query(&params, &who.tenant) {
         Ok(x) => x,
         Err(crate::search::BadParam(field, message)) => {
             let body =
@@ -394,7 +617,15 @@ fn parse_search_params(raw: &str) -> Result<crate::search::SearchParams, String>
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| e.to_string())
 }
 
-async fn get_communication(id: String, state: AppState) -> Response {
+async fn get_communication(
+    id: String,
+    who: Result<Identity, AuthError>,
+    state: AppState,
+) -> Response {
+    let who = match who {
+        Ok(w) => w,
+        Err(e) => return unauthorized(e),
+    };
     if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -402,7 +633,7 @@ async fn get_communication(id: String, state: AppState) -> Response {
             "a communication id is 24 hexadecimal digits",
         );
     }
-    match state.store.get_doc(&id).await {
+    match state.store.get_doc(&id, &who.tenant).await {
         Ok(Some(d)) => warp::reply::json(&MongoStore::to_api_json(&d)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
@@ -442,7 +673,9 @@ async fn readiness(state: AppState) -> Response {
 async fn handle_rejection(err: warp::Rejection) -> Result<Response, Infallible> {
     let r = if err.is_not_found() {
         error(StatusCode::NOT_FOUND, "not_found", "no such route")
-    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some()
+        || err.find::<TooLarge>().is_some()
+    {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",

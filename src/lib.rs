@@ -2,10 +2,12 @@
 //! clients for MongoDB, Redis, Elasticsearch and the providers. The actors live in the
 //! `actors` crate; `run` wires them together under one supervisor.
 
+pub mod auth;
 pub mod callbacks;
 pub mod clients;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod providers;
 pub mod search;
 
@@ -109,13 +111,18 @@ pub async fn build_parts(cfg: &Config) -> Result<Parts, String> {
     .map_err(|e| format!("MONGODB_URL: {e}"))?;
     let queue = RedisQueue::new(
         &cfg.redis.url,
+        cfg.redis.ca_file.as_deref(),
         Config::ms(cfg.redis.block_ms) + Duration::from_secs(5),
     )
     .map_err(|e| format!("REDIS_URL: {e}"))?;
     let search = ElasticSink::new(
         &cfg.elasticsearch.node,
-        cfg.elasticsearch.user.as_deref(),
-        cfg.elasticsearch.password.as_deref(),
+        &clients::elastic::ElasticAccess {
+            user: cfg.elasticsearch.user.clone(),
+            password: cfg.elasticsearch.password.clone(),
+            api_key: cfg.elasticsearch.api_key.clone(),
+            ca_file: cfg.elasticsearch.ca_file.clone(),
+        },
         &cfg.elasticsearch.communications_index,
         &cfg.elasticsearch.logs_index,
     )
@@ -360,7 +367,29 @@ pub async fn run(cfg: Config, prometheus: PrometheusHandle) -> Result<(), String
             whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
+        auth: Arc::new(auth::ApiKeys::new(
+            cfg.auth.keys.clone(),
+            cfg.auth.dev_mode,
+            cfg.auth.rate_per_sec,
+            cfg.auth.burst,
+        )),
+        cap: Arc::new(limits::RecipientCap {
+            max: cfg.limits.recipient_max,
+            window_secs: cfg.limits.recipient_window_secs.max(1),
+            redis: parts.queue.clone(),
+        }),
+        validation: actors::domain::ValidationLimits {
+            email_max_chars: cfg.limits.email_max_chars,
+        },
+        metrics_token: cfg.auth.metrics_token.clone(),
     };
+    if state.auth.is_dev_mode() {
+        tracing::warn!(
+            "DEV_MODE: no API keys are configured and every request is served as tenant \"default\"; never expose this service like this"
+        );
+    } else {
+        tracing::info!(keys = cfg.auth.keys.len(), "API keys loaded");
+    }
     let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

@@ -41,19 +41,20 @@ fn time(name: &'static str, v: &str) -> Result<String, BadParam> {
 }
 
 /// The Elasticsearch request body for these parameters.
-pub fn build_query(p: &SearchParams) -> Result<(Value, u32, u32), BadParam> {
+/// Only `tenant`'s own records ever match.
+pub fn build_query(p: &SearchParams, tenant: &str) -> Result<(Value, u32, u32), BadParam> {
     let size = p.size.unwrap_or(20);
     if !(1..=100).contains(&size) {
         return Err(BadParam("size", "size must be between 1 and 100".into()));
     }
     let page = p.page.unwrap_or(1);
-    if page == 0 || (page as u64) * (size as u64) > 10_000 {
+    if !(1..=100).contains(&page) {
         return Err(BadParam(
             "page",
-            "page must be at least 1, and page × size at most 10000".into(),
+            "page must be between 1 and 100 (narrow the search with since/until to go further back)".into(),
         ));
     }
-    let mut filter = Vec::new();
+    let mut filter = vec![json!({"term": {"tenant": tenant}})];
     if let Some(t) = &p.kind {
         if Channel::parse(t).is_none() {
             return Err(BadParam(
@@ -182,11 +183,12 @@ mod tests {
             page: Some(3),
             size: Some(10),
         };
-        let (q, page, size) = build_query(&p).unwrap();
+        let (q, page, size) = build_query(&p, "acme").unwrap();
         assert_eq!((page, size), (3, 10));
         assert_eq!(q["from"], 20);
         let f = q["query"]["bool"]["filter"].to_string();
         for needle in [
+            "\"tenant\":\"acme\"",
             "\"type\":\"sms\"",
             "\"status\":\"failed\"",
             "+15557654321",
@@ -204,7 +206,7 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_named() {
-        let bad = |p: SearchParams| build_query(&p).unwrap_err().0;
+        let bad = |p: SearchParams| build_query(&p, "acme").unwrap_err().0;
         assert_eq!(
             bad(SearchParams {
                 kind: Some("fax".into()),

@@ -264,7 +264,7 @@ async fn a_recipient_can_receive_many_messages() {
 
 async fn post_raw(body: &str, content_type: &str) -> (u16, Value) {
     let (_, svc) = shared();
-    let res = reqwest::Client::new()
+    let res = common::client()
         .post(svc.url("/api/v1/communication"))
         .header("content-type", content_type)
         .body(body.to_string())
@@ -385,7 +385,7 @@ async fn lookups_and_unknown_routes_answer_in_the_error_shape() {
     let (s, v) = svc.get("/readyz").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["checks"]["mongodb"], true);
-    let text = reqwest::get(svc.url("/metrics"))
+    let text = common::get(svc.url("/metrics"))
         .await
         .unwrap()
         .text()
@@ -430,7 +430,7 @@ async fn receipts_report_failures_and_forged_callbacks_change_nothing() {
     .await;
     let rec = wait_status(&id, "delivered").await;
     let sid = rec.get_str("providerMessageId").unwrap().to_string();
-    let http = reqwest::Client::new();
+    let http = common::client();
     let form = [
         ("MessageSid", sid.as_str()),
         ("MessageStatus", "undelivered"),
@@ -588,7 +588,7 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
 async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
     let (_, svc) = shared();
     let scrape = || async {
-        reqwest::get(svc.url("/metrics"))
+        common::get(svc.url("/metrics"))
             .await
             .unwrap()
             .text()
@@ -604,14 +604,14 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
         .await;
         wait_status(&id, "delivered").await;
     }
-    let res = reqwest::Client::new()
+    let res = common::client()
         .get(svc.url("/healthz"))
         .header("x-request-id", "req-abc-123")
         .send()
         .await
         .unwrap();
     assert_eq!(res.headers()["x-request-id"], "req-abc-123");
-    let res = reqwest::get(svc.url("/healthz")).await.unwrap();
+    let res = common::get(svc.url("/healthz")).await.unwrap();
     assert_eq!(
         res.headers()["x-request-id"].len(),
         16,

@@ -80,7 +80,7 @@ async fn mongodb_down_answers_503_and_stores_nothing_then_work_resumes() {
     assert_eq!(accepted.len(), 50);
     stack.kill("mongo");
     let refused = format!("{tag}-refused");
-    let res = reqwest::Client::new()
+    let res = common::client()
         .post(svc.url("/api/v1/communication"))
         .json(
             &json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":refused}}),
@@ -191,7 +191,7 @@ async fn elasticsearch_down_delays_indexing_and_loses_no_document() {
 }
 
 async fn set_fault(stack: &Stack, fault: serde_json::Value) {
-    let r = reqwest::Client::new()
+    let r = common::client()
         .post(format!("{}/__sandbox/faults", stack.sandbox()))
         .json(&fault)
         .send()
@@ -201,7 +201,7 @@ async fn set_fault(stack: &Stack, fault: serde_json::Value) {
 }
 
 async fn clear_faults(stack: &Stack) {
-    reqwest::Client::new()
+    common::client()
         .delete(format!("{}/__sandbox/faults", stack.sandbox()))
         .send()
         .await
@@ -344,7 +344,7 @@ async fn a_sender_panic_is_restarted_and_its_message_delivered() {
     accepted.extend(load(svc.port, &tag, 20, Duration::ZERO).await);
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
     assert_eq!(books.sent, 21);
-    let metrics = reqwest::get(svc.url("/metrics"))
+    let metrics = common::get(svc.url("/metrics"))
         .await
         .unwrap()
         .text()
@@ -428,7 +428,7 @@ async fn an_idempotency_key_replays_the_original_and_refuses_a_different_body() 
     let _one = one_at_a_time().await;
     let stack = Stack::start();
     let svc = stack.start_service(&fast_env(&[]));
-    let http = reqwest::Client::new();
+    let http = common::client();
     let key = unique("key");
     let body = json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":unique("otp")}});
     let send = |b: serde_json::Value| {
@@ -565,7 +565,7 @@ async fn a_provider_outage_opens_the_breaker_the_backlog_waits_then_drains() {
         },
     )
     .await;
-    let metrics = reqwest::get(svc.url("/metrics"))
+    let metrics = common::get(svc.url("/metrics"))
         .await
         .unwrap()
         .text()

@@ -50,7 +50,7 @@ impl Channel {
             Channel::Sms => 1600,
             // Meta: text.body "Maximum 4096 characters".
             Channel::Whatsapp => 4096,
-            Channel::Email => 256 * 1024,
+            Channel::Email => ValidationLimits::DEFAULT_EMAIL_MAX_CHARS,
         }
     }
 }
@@ -248,8 +248,42 @@ fn has_forbidden_control(s: &str) -> bool {
         .any(|c| c.is_control() && c != '\n' && c != '\t' && c != '\r')
 }
 
-/// Validate a request body. Every rule answers with the field it concerns.
+/// The configurable part of validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidationLimits {
+    pub email_max_chars: usize,
+}
+
+impl ValidationLimits {
+    pub const DEFAULT_EMAIL_MAX_CHARS: usize = 60_000;
+
+    pub fn max_msg_chars(&self, channel: Channel) -> usize {
+        match channel {
+            Channel::Email => self.email_max_chars,
+            other => other.max_msg_chars(),
+        }
+    }
+}
+
+impl Default for ValidationLimits {
+    fn default() -> Self {
+        ValidationLimits {
+            email_max_chars: Self::DEFAULT_EMAIL_MAX_CHARS,
+        }
+    }
+}
+
+/// [`validate_with`] the default limits.
 pub fn validate(raw: &RawRequest) -> Result<NewCommunication, ValidationError> {
+    validate_with(raw, &ValidationLimits::default())
+}
+
+/// Validate a request body against every rule; the error names the first field that
+/// breaks one.
+pub fn validate_with(
+    raw: &RawRequest,
+    limits: &ValidationLimits,
+) -> Result<NewCommunication, ValidationError> {
     let channel = match &raw.kind {
         None | Some(serde_json::Value::Null) => {
             return Err(invalid(
@@ -328,14 +362,11 @@ pub fn validate(raw: &RawRequest) -> Result<NewCommunication, ValidationError> {
             }
         }
     }
-    if msg.chars().count() > channel.max_msg_chars() {
+    let max = limits.max_msg_chars(channel);
+    if msg.chars().count() > max {
         return Err(invalid(
             "msg",
-            format!(
-                "data.msg is longer than the {} limit of {} characters",
-                channel,
-                channel.max_msg_chars()
-            ),
+            format!("data.msg is longer than the {channel} limit of {max} characters"),
         ));
     }
     if has_forbidden_control(&msg) {
@@ -358,6 +389,8 @@ pub fn validate(raw: &RawRequest) -> Result<NewCommunication, ValidationError> {
 pub struct Communication {
     /// 24 hex digits (a MongoDB ObjectId).
     pub id: String,
+    /// The tenant whose API key sent it; only that tenant can read or search it.
+    pub tenant: String,
     pub channel: Channel,
     pub from: String,
     pub to: String,
@@ -384,6 +417,7 @@ impl Communication {
             idempotency_key: None,
             request_hash,
             id,
+            tenant: DEFAULT_TENANT.to_string(),
             channel: req.channel,
             from: req.from,
             to: req.to,
@@ -469,6 +503,8 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LogEvent {
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     pub service: String,
     pub status: String,
     pub from: String,
@@ -497,6 +533,7 @@ impl LogEvent {
         now: DateTime<Utc>,
     ) -> LogEvent {
         LogEvent {
+            tenant: rec.tenant.clone(),
             service: service.to_string(),
             status: status.to_string(),
             from: rec.from.clone(),
@@ -579,6 +616,7 @@ pub struct ProviderError {
 impl LogEvent {
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
         let mut f = vec![
+            ("tenant", self.tenant.clone()),
             ("service", self.service.clone()),
             ("status", self.status.clone()),
             ("from", self.from.clone()),
@@ -615,6 +653,7 @@ impl LogEvent {
                 .map_err(|err| format!("bad {k}: {err}"))
         };
         Ok(LogEvent {
+            tenant: e.field("tenant").unwrap_or(DEFAULT_TENANT).to_string(),
             service: req("service")?,
             status: req("status")?,
             from: req("from")?,
@@ -630,6 +669,14 @@ impl LogEvent {
             provider_message_id: e.field("providerMessageId").map(str::to_string),
         })
     }
+}
+
+/// The tenant of records stored before tenants existed, and of every request in local
+/// development mode without keys.
+pub const DEFAULT_TENANT: &str = "default";
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
 }
 
 /// Name of the stream that carries log events.

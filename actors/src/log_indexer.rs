@@ -215,6 +215,7 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
         current["lastError"] = json!(e);
     }
     let mut full = json!({
+        "tenant": ev.tenant,
         "communicationId": ev.communication_id,
         "from": ev.from,
         "to": ev.to,

@@ -38,9 +38,17 @@ pub enum AcceptError {
 
 pub type AcceptReply = RpcReplyPort<Result<Accepted, AcceptError>>;
 
+/// What the HTTP layer hands over: a validated request, whose it is, and its optional
+/// `Idempotency-Key` (unique per tenant).
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub request: NewCommunication,
+    pub tenant: String,
+    pub idempotency_key: Option<String>,
+}
+
 pub enum RouterMsg {
-    /// A validated request and its optional `Idempotency-Key`.
-    Accept(NewCommunication, Option<String>, AcceptReply),
+    Accept(Submission, AcceptReply),
     Flush,
 }
 
@@ -94,10 +102,11 @@ impl Actor for RouterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::Accept(req, key, reply) => {
+            RouterMsg::Accept(sub, reply) => {
                 let id = bson::oid::ObjectId::new().to_hex();
-                let mut rec = Communication::new(id, req, Utc::now());
-                rec.idempotency_key = key;
+                let mut rec = Communication::new(id, sub.request, Utc::now());
+                rec.tenant = sub.tenant;
+                rec.idempotency_key = sub.idempotency_key;
                 state.batch.push((rec, reply));
                 if state.batch.len() >= state.args.batch_max {
                     flush(state).await;

@@ -1,6 +1,9 @@
 //! loadgen: drives a running service and prints what the Performance section quotes.
 //!
-//! `loadgen [--url http://127.0.0.1:3001] [--connections 32] [--seconds 20] [--type sms]`
+//! `loadgen [--url http://127.0.0.1:3001] [--connections 32] [--seconds 20] [--type sms]
+//! [--api-key KEY]` (the key also from `LOADGEN_API_KEY`; none is needed in `DEV_MODE`).
+//! Start the service with a high `API_RATE_PER_SEC` and `RECIPIENT_MAX=0` (or distinct
+//! numbers), or the limits, not the pipeline, are what gets measured.
 //!
 //! Phase 1 (accept): `connections` workers POST as fast as answers come for `seconds`, each
 //! request to a new recipient. Prints accepted requests/s and p50/p99/p99.9 latency.
@@ -106,7 +109,17 @@ async fn main() {
     let conns: usize = arg("--connections", "32").parse().expect("--connections");
     let secs: u64 = arg("--seconds", "20").parse().expect("--seconds");
     let kind = arg("--type", "sms");
+    let key = std::env::var("LOADGEN_API_KEY").unwrap_or_default();
+    let key = arg("--api-key", &key);
+    let mut headers = reqwest::header::HeaderMap::new();
+    if !key.is_empty() {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {key}").parse().expect("--api-key"),
+        );
+    }
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(conns)
         .timeout(Duration::from_secs(30))
         .build()

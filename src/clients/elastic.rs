@@ -25,6 +25,7 @@ fn err(e: impl std::fmt::Display) -> DependencyError {
 /// The seed's `communications` model, plus the status fields the records carry.
 pub fn communications_mapping() -> Value {
     json!({"mappings": {"properties": {
+        "tenant": {"type": "keyword"},
         "communicationId": {"type": "keyword"},
         "from": {"type": "keyword"},
         "to": {"type": "keyword"},
@@ -45,6 +46,7 @@ pub fn communications_mapping() -> Value {
 /// The seed's `communication-logs` model, plus attempt and provider details.
 pub fn logs_mapping() -> Value {
     json!({"mappings": {"properties": {
+        "tenant": {"type": "keyword"},
         "service": {"type": "keyword"},
         "status": {"type": "keyword"},
         "from": {"type": "keyword"},
@@ -130,19 +132,41 @@ pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
     body
 }
 
+/// How to reach a secured cluster; every field comes from the environment.
+#[derive(Debug, Clone, Default)]
+pub struct ElasticAccess {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// `id:api_key`, or the base64 `encoded` form Elasticsearch hands out.
+    pub api_key: Option<String>,
+    /// PEM certificate (a CA, or the node's own) to trust for `https://`.
+    pub ca_file: Option<String>,
+}
+
 impl ElasticSink {
     pub fn new(
         node: &str,
-        user: Option<&str>,
-        password: Option<&str>,
+        access: &ElasticAccess,
         communications_index: &str,
         logs_index: &str,
     ) -> Result<ElasticSink, DependencyError> {
         let url = url::Url::parse(node).map_err(err)?;
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .timeout(Duration::from_secs(30));
-        if let (Some(u), Some(p)) = (user, password) {
-            builder = builder.auth(Credentials::Basic(u.into(), p.into()));
+        if let Some(k) = &access.api_key {
+            builder = builder.auth(match k.split_once(':') {
+                Some((id, key)) => Credentials::ApiKey(id.into(), key.into()),
+                None => Credentials::EncodedApiKey(k.clone()),
+            });
+        } else if let (Some(u), Some(p)) = (&access.user, &access.password) {
+            builder = builder.auth(Credentials::Basic(u.clone(), p.clone()));
+        }
+        if let Some(path) = &access.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| err(format!("ELASTICSEARCH_CA_FILE {path:?}: {e}")))?;
+            let cert = elasticsearch::cert::Certificate::from_pem(&pem).map_err(err)?;
+            builder =
+                builder.cert_validation(elasticsearch::cert::CertificateValidation::Full(cert));
         }
         let transport = builder.build().map_err(err)?;
         Ok(ElasticSink {

@@ -5,7 +5,9 @@
 //! nextAttemptAt, claimedBy?, claimKind?, sendingAt?, sentAt?, failedAt?, provider?,
 //! providerMessageId?, lastError?, errors[]`. There is deliberately no unique index on `to`.
 
-use actors::domain::{AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status};
+use actors::domain::{
+    AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status, DEFAULT_TENANT,
+};
 use actors::ports::{DependencyError, InsertResult, ReceiptResult, Store};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -74,10 +76,10 @@ impl MongoStore {
                 .options(IndexOptions::builder().name("due".to_string()).build())
                 .build(),
             IndexModel::builder()
-                .keys(doc! {"idempotencyKey": 1})
+                .keys(doc! {"tenant": 1, "idempotencyKey": 1})
                 .options(
                     IndexOptions::builder()
-                        .name("idempotency".to_string())
+                        .name("idempotency_per_tenant".to_string())
                         .unique(true)
                         .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
                         .build(),
@@ -96,8 +98,32 @@ impl MongoStore {
                 .options(IndexOptions::builder().name("created".to_string()).build())
                 .build(),
         ];
+        // Records from before tenants existed belong to the default tenant; the key index
+        // from then (one key space for everybody) gives way to one per tenant.
+        self.coll
+            .update_many(
+                doc! {"tenant": {"$exists": false}},
+                doc! {"$set": {"tenant": DEFAULT_TENANT}},
+            )
+            .await
+            .map_err(err)?;
+        if let Err(e) = self.coll.drop_index("idempotency").await {
+            tracing::debug!(error = %e, "no tenant-less idempotency index to drop");
+        }
         self.coll.create_indexes(models).await.map_err(err)?;
         Ok(())
+    }
+
+    /// The record holding `key` for `tenant`, if any.
+    pub async fn idempotency_holder(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<Option<Document>, DependencyError> {
+        self.coll
+            .find_one(doc! {"tenant": tenant, "idempotencyKey": key})
+            .await
+            .map_err(err)
     }
 
     pub fn collection(&self) -> &Collection<Document> {
@@ -108,6 +134,7 @@ impl MongoStore {
         let oid = ObjectId::parse_str(&r.id).map_err(err)?;
         let mut d = doc! {
             "_id": oid,
+            "tenant": &r.tenant,
             "type": r.channel.as_str(),
             "from": &r.from,
             "to": &r.to,
@@ -147,6 +174,7 @@ impl MongoStore {
             .unwrap_or_default();
         Some(Communication {
             id: d.get_object_id("_id").ok()?.to_hex(),
+            tenant: d.get_str("tenant").unwrap_or(DEFAULT_TENANT).to_string(),
             channel: Channel::parse(d.get_str("type").ok()?)?,
             from: d.get_str("from").ok()?.to_string(),
             to: d.get_str("to").ok()?.to_string(),
@@ -183,11 +211,19 @@ impl MongoStore {
         v
     }
 
-    pub async fn get_doc(&self, id: &str) -> Result<Option<Document>, DependencyError> {
+    /// One record as `tenant` may see it: another tenant's record is not found.
+    pub async fn get_doc(
+        &self,
+        id: &str,
+        tenant: &str,
+    ) -> Result<Option<Document>, DependencyError> {
         let Ok(oid) = ObjectId::parse_str(id) else {
             return Ok(None);
         };
-        self.coll.find_one(doc! {"_id": oid}).await.map_err(err)
+        self.coll
+            .find_one(doc! {"_id": oid, "tenant": tenant})
+            .await
+            .map_err(err)
     }
 
     async fn run_update(
@@ -281,9 +317,13 @@ impl Store for MongoStore {
             .map_err(err)?;
         for w in write_errors {
             let key = records[w.index].idempotency_key.as_deref();
+            let tenant = records[w.index].tenant.as_str();
             let holder = holders
                 .iter()
-                .find(|d| d.get_str("idempotencyKey").ok() == key)
+                .find(|d| {
+                    d.get_str("idempotencyKey").ok() == key
+                        && d.get_str("tenant").unwrap_or(DEFAULT_TENANT) == tenant
+                })
                 .and_then(MongoStore::from_doc)
                 .ok_or_else(|| err("duplicate idempotency key, but its holder is not readable"))?;
             results[w.index] = InsertResult::KeyTaken(Box::new(holder));
@@ -524,11 +564,11 @@ impl Store for MongoStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {
-        Ok(self
-            .get_doc(id)
-            .await?
-            .as_ref()
-            .and_then(MongoStore::from_doc))
+        let Ok(oid) = ObjectId::parse_str(id) else {
+            return Ok(None);
+        };
+        let d = self.coll.find_one(doc! {"_id": oid}).await.map_err(err)?;
+        Ok(d.as_ref().and_then(MongoStore::from_doc))
     }
 
     async fn ping(&self) -> Result<(), DependencyError> {

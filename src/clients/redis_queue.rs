@@ -22,8 +22,27 @@ fn err(e: impl std::fmt::Display) -> DependencyError {
 }
 
 impl RedisQueue {
-    pub fn new(url: &str, response_timeout: Duration) -> Result<RedisQueue, DependencyError> {
-        let client = redis::Client::open(url).map_err(err)?;
+    /// `ca_file`: PEM roots to trust for `rediss://` instead of the system's.
+    pub fn new(
+        url: &str,
+        ca_file: Option<&str>,
+        response_timeout: Duration,
+    ) -> Result<RedisQueue, DependencyError> {
+        let client = match ca_file {
+            None => redis::Client::open(url).map_err(err)?,
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| err(format!("REDIS_CA_FILE {path:?}: {e}")))?;
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(err)?
+            }
+        };
         Ok(RedisQueue {
             client,
             response_timeout,
@@ -91,6 +110,22 @@ impl RedisQueue {
             }
         }
         Ok(None)
+    }
+
+    /// Count one more event under `key`, which lives `ttl_secs`; the count so far.
+    pub async fn incr_window(&self, key: &str, ttl_secs: u64) -> Result<u64, DependencyError> {
+        let mut c = self.conn().await?;
+        let (n,): (u64,) = redis::pipe()
+            .cmd("INCR")
+            .arg(key)
+            .cmd("EXPIRE")
+            .arg(key)
+            .arg(ttl_secs)
+            .ignore()
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(n)
     }
 
     /// Length and pending count of a stream's group, for metrics and tests.

@@ -11,6 +11,35 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The tenant the tests act as, and its key (the service is started with both tenants).
+pub const TENANT: &str = "tests";
+pub const API_KEY: &str = "tests-key-0123456789abcdef";
+/// A second tenant, to show the first one's messages stay out of its sight.
+pub const OTHER_TENANT: &str = "other";
+pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
+
+/// An HTTP client that sends the test tenant's API key.
+pub fn client() -> reqwest::Client {
+    client_for(API_KEY)
+}
+
+pub fn client_for(key: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
+/// GET with the test tenant's key.
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    client().get(url).send().await
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -377,6 +406,15 @@ impl Stack {
             ("WHATSAPP_APP_SECRET", "sandbox-app-secret".into()),
             ("WHATSAPP_VERIFY_TOKEN", "sandbox-verify-token".into()),
             ("RUST_LOG", "info".into()),
+            (
+                "API_KEYS",
+                format!("{TENANT}:{API_KEY},{OTHER_TENANT}:{OTHER_KEY}"),
+            ),
+            // Other tests load the service hard and text one number often; the limits
+            // have their own tests (tests/api.rs).
+            ("API_RATE_PER_SEC", "1000000".into()),
+            ("API_BURST", "1000000".into()),
+            ("RECIPIENT_MAX", "0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -490,7 +528,7 @@ impl Service {
     }
 
     pub async fn post(&self, body: Value) -> (u16, Value) {
-        let res = reqwest::Client::new()
+        let res = client()
             .post(self.url("/api/v1/communication"))
             .json(&body)
             .send()
@@ -501,7 +539,7 @@ impl Service {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let res = reqwest::get(self.url(path)).await.unwrap();
+        let res = get(self.url(path)).await.unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }
@@ -583,8 +621,14 @@ pub fn fast_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'
 /// non-200 answers count as not accepted. Returns the accepted (body, id) pairs.
 pub async fn load(port: u16, tag: &str, n: usize, pause: Duration) -> Vec<(String, String)> {
     use futures::StreamExt;
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {API_KEY}").parse().unwrap(),
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
+        .default_headers(h)
         .build()
         .unwrap();
     let results: Vec<Option<(String, String)>> = futures::stream::iter(0..n)
