@@ -694,6 +694,35 @@ mod tests {
     }
 
     #[test]
+    fn the_email_body_limit_is_configurable() {
+        let body = |n: usize| {
+            raw(
+                json!({"type": "email", "data": {"from": "a@example.com", "to": "b@example.com", "msg": "x".repeat(n)}}),
+            )
+        };
+        let small = ValidationLimits {
+            email_max_chars: 10,
+        };
+        assert!(validate_with(&body(10), &small).is_ok());
+        let e = validate_with(&body(11), &small).unwrap_err();
+        assert_eq!(e.field, "msg");
+        assert!(e.message.contains("10"), "{}", e.message);
+        assert!(validate(&body(ValidationLimits::DEFAULT_EMAIL_MAX_CHARS)).is_ok());
+        assert!(validate(&body(ValidationLimits::DEFAULT_EMAIL_MAX_CHARS + 1)).is_err());
+        // SMS and WhatsApp limits are the providers' and do not move.
+        let sms = raw(
+            json!({"type": "sms", "data": {"from": "+15550001111", "to": "+15557654321", "msg": "x".repeat(1601)}}),
+        );
+        assert!(validate_with(
+            &sms,
+            &ValidationLimits {
+                email_max_chars: 100_000
+            }
+        )
+        .is_err());
+    }
+
+    #[test]
     fn accepts_the_seed_example() {
         let r = validate(&raw(
             json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":"hi"}}),
