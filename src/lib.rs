@@ -102,19 +102,22 @@ pub struct Parts {
 }
 
 pub async fn build_parts(cfg: &Config) -> Result<Parts, String> {
+    let queue = Arc::new(
+        RedisQueue::new(
+            &cfg.redis.url,
+            cfg.redis.ca_file.as_deref(),
+            Config::ms(cfg.redis.block_ms) + Duration::from_secs(5),
+        )
+        .map_err(|e| format!("REDIS_URL: {e}"))?,
+    );
     let store = MongoStore::new(
         &cfg.mongodb.url,
         &cfg.mongodb.database,
         Config::ms(cfg.sweeper.recheck_ms),
+        queue.clone(),
     )
     .await
     .map_err(|e| format!("MONGODB_URL: {e}"))?;
-    let queue = RedisQueue::new(
-        &cfg.redis.url,
-        cfg.redis.ca_file.as_deref(),
-        Config::ms(cfg.redis.block_ms) + Duration::from_secs(5),
-    )
-    .map_err(|e| format!("REDIS_URL: {e}"))?;
     let search = ElasticSink::new(
         &cfg.elasticsearch.node,
         &clients::elastic::ElasticAccess {
@@ -187,7 +190,7 @@ pub async fn build_parts(cfg: &Config) -> Result<Parts, String> {
         .collect();
     Ok(Parts {
         store: Arc::new(store),
-        queue: Arc::new(queue),
+        queue,
         search: Arc::new(search),
         providers,
         health,

@@ -486,6 +486,8 @@ pub enum Outcome {
     Sent {
         provider: String,
         provider_message_id: Option<String>,
+        /// An earlier attempt ended without an outcome: this may be a second send.
+        possible_duplicate: bool,
     },
     Failed {
         provider: String,

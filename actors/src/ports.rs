@@ -43,9 +43,12 @@ pub trait Store: Send + Sync + 'static {
     /// `false` when it was already final (nothing changed).
     async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError>;
 
-    /// Claim records for one provider call each: `pending` ones whose retry is due, and
-    /// `sending` ones whose claim is older than `stale_after` (the previous worker died).
-    /// The answer has one entry per id, in order.
+    /// Claim records for one provider call each: `pending` ones whose retry is due, that
+    /// no other live worker holds. A claim lasts `stale_after` (then another worker may
+    /// take the record: the previous one died). The claimed record carries the number of
+    /// the attempt being made, and says whether an earlier attempt ended without an
+    /// outcome (its provider call may have gone through). The answer has one entry per
+    /// id, in order.
     async fn claim(
         &self,
         ids: &[String],
@@ -53,7 +56,7 @@ pub trait Store: Send + Sync + 'static {
         stale_after: Duration,
     ) -> Result<Vec<ClaimResult>, DependencyError>;
 
-    /// Record outcomes of claims made by `owner`, in one round trip.
+    /// Record outcomes of claims made by `owner`, in one round trip, and end the claims.
     async fn record_outcomes(
         &self,
         owner: &str,

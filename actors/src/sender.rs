@@ -3,12 +3,15 @@
 //! Owns: the channel's provider client and retry policy.
 //! Talks to it: the channel's StreamConsumer (`Deliver`, an RPC answered with the stream
 //! entry ids that may be acknowledged).
-//! Talks to: MongoDB (claim before the call, outcome after it, one round trip per batch
-//! each), the provider, Redis (`log_stream` events).
+//! Talks to: the store (claim before the call: a lease in Redis and one MongoDB read;
+//! outcome after it: one MongoDB write; one round trip per batch each), the provider,
+//! Redis (`log_stream` events).
 //! On failure (a panic, a dependency error): the consumer gets no answer and acknowledges
-//! nothing, so every entry of the batch stays pending in the consumer group. Records
-//! claimed by the dead attempt stay `sending` until their claim is stale, then are claimed
-//! again and sent, flagged `possibleDuplicate` since the provider call may have been made.
+//! nothing, so every entry of the batch stays pending in the consumer group. The dead
+//! batch's leases expire after `stale_after`; then those records are claimed again (the
+//! consumer hands autoclaimed entries over one at a time, which isolates a message that
+//! crashes its sender) and sent, marked `possibleDuplicate` on the record and counted in
+//! `possible_duplicate_sends_total`, since the provider call may have been made.
 
 use crate::domain::{
     AttemptError, ClaimResult, Claimed, ErrorClass, LogEvent, OutboundMessage, Outcome,
@@ -282,6 +285,7 @@ async fn deliver(
                     Outcome::Sent {
                         provider: pname.clone(),
                         provider_message_id: pmid,
+                        possible_duplicate: claimed.possible_duplicate,
                     },
                     ev,
                 )

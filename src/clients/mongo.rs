@@ -5,6 +5,7 @@
 //! nextAttemptAt, claimedBy?, claimKind?, sendingAt?, sentAt?, failedAt?, provider?,
 //! providerMessageId?, lastError?, errors[]`. There is deliberately no unique index on `to`.
 
+use crate::clients::redis_queue::{RedisQueue, Release};
 use actors::domain::{
     AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status, DEFAULT_TENANT,
 };
@@ -16,6 +17,8 @@ use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime as BsonDate, Document};
 use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, Database, IndexModel};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const COLLECTION: &str = "communications";
@@ -26,6 +29,10 @@ pub struct MongoStore {
     coll: Collection<Document>,
     /// A new record is swept (queued again) if it is still pending this long after insert.
     first_look: Duration,
+    /// Who may make a record's provider call: a lease in Redis (see `claim`).
+    leases: Arc<RedisQueue>,
+    /// The lease time the senders ask for (their `stale_after`), for renewals.
+    lease_ms: Arc<AtomicU64>,
 }
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
@@ -41,12 +48,18 @@ fn cdate(d: &Document, k: &str) -> Option<DateTime<Utc>> {
 }
 
 impl MongoStore {
+    /// How long a renewed lease lasts: as long as a new one.
+    fn lease_renewal(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
     /// Connects lazily: the driver reconnects by itself, so a MongoDB that is down at start
     /// or restarts later only delays work.
     pub async fn new(
         url: &str,
         database: &str,
         first_look: Duration,
+        leases: Arc<RedisQueue>,
     ) -> Result<MongoStore, DependencyError> {
         let mut opts = ClientOptions::parse(url).await.map_err(err)?;
         opts.app_name = Some("comm-aggregator".into());
@@ -65,6 +78,8 @@ impl MongoStore {
             db,
             coll,
             first_look,
+            leases,
+            lease_ms: Arc::new(AtomicU64::new(30_000)),
         })
     }
 
@@ -349,81 +364,116 @@ impl Store for MongoStore {
         Ok(r.modified_count > 0)
     }
 
+    /// A claim costs MongoDB one read and no write: the lease that makes one worker the
+    /// only one to call the provider for a record lives in Redis (`lease:{id}`, expiring
+    /// after `stale_after`), together with the record's try count (`tries:{id}`). The
+    /// record itself stays `pending` until its outcome is recorded, which is the one
+    /// write a send costs. A try count beyond the stored attempts means an earlier lease
+    /// ended without an outcome: its provider call may have gone through.
     async fn claim(
         &self,
         ids: &[String],
         owner: &str,
         stale_after: Duration,
     ) -> Result<Vec<ClaimResult>, DependencyError> {
-        let oids: Vec<ObjectId> = ids
+        let mut seen = HashSet::new();
+        let unique: Vec<&str> = ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| seen.insert(*id) && ObjectId::parse_str(id).is_ok())
+            .collect();
+        self.lease_ms
+            .store(stale_after.as_millis() as u64, Ordering::Relaxed);
+        let tries = self.leases.lease(&unique, owner, stale_after).await?;
+        let leased: Vec<&str> = unique
+            .iter()
+            .zip(&tries)
+            .filter(|(_, n)| **n > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        let try_of: HashMap<&str, i64> = unique.iter().copied().zip(tries).collect();
+        let oids: Vec<ObjectId> = leased
             .iter()
             .filter_map(|i| ObjectId::parse_str(i).ok())
             .collect();
-        let now = Utc::now();
-        let stale =
-            chrono::Duration::from_std(stale_after).unwrap_or(chrono::Duration::seconds(30));
-        let cutoff = bdate(now - stale);
-        // Swept again only if this claim is abandoned.
-        let next_look = bdate(now + stale + chrono::Duration::seconds(1));
-        let set = |kind: &str| {
-            doc! {
-                "$set": {"status": "sending", "claimedBy": owner, "claimKind": kind,
-                         "sendingAt": bdate(now), "updatedAt": bdate(now), "nextAttemptAt": next_look},
-                "$inc": {"attempts": 1},
+        let docs: Vec<Document> = match async {
+            self.coll
+                .find(doc! {"_id": {"$in": &oids}})
+                .await?
+                .try_collect()
+                .await
+        }
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                let undo: Vec<(&str, Release)> =
+                    leased.iter().map(|id| (*id, Release::Undo)).collect();
+                let _ = self.leases.release(&undo, owner).await;
+                return Err(err(e));
             }
         };
-        self.run_update(
-            vec![
-                doc! {"q": {"_id": {"$in": &oids}, "status": "pending", "notBefore": {"$lte": bdate(now)}},
-                      "u": set("fresh"), "multi": true},
-                doc! {"q": {"_id": {"$in": &oids}, "status": "sending", "sendingAt": {"$lt": cutoff}},
-                      "u": set("stale"), "multi": true},
-            ],
-            true,
-        )
-        .await?;
-        let docs: Vec<Document> = self
-            .coll
-            .find(doc! {"_id": {"$in": &oids}})
-            .await
-            .map_err(err)?
-            .try_collect()
-            .await
-            .map_err(err)?;
         let by_id: HashMap<String, &Document> = docs
             .iter()
             .filter_map(|d| Some((d.get_object_id("_id").ok()?.to_hex(), d)))
             .collect();
-        let mut seen = HashSet::new();
-        Ok(ids
+        let now = Utc::now();
+        let mut undo = Vec::new();
+        let mut answered = HashSet::new();
+        let results = ids
             .iter()
             .map(|id| {
-                let Some(d) = by_id.get(id) else {
-                    return ClaimResult::Skip("no such record");
-                };
-                if !seen.insert(id.clone()) {
+                if !answered.insert(id.as_str()) {
                     return ClaimResult::Skip("duplicate entry in the same batch");
                 }
-                let status = d.get_str("status").ok().and_then(Status::parse);
-                match status {
-                    Some(Status::Sending) if d.get_str("claimedBy").ok() == Some(owner) => {
-                        match MongoStore::from_doc(d) {
-                            Some(record) => ClaimResult::Claimed(Box::new(Claimed {
-                                possible_duplicate: d.get_str("claimKind").ok() == Some("stale"),
-                                record,
-                            })),
-                            None => ClaimResult::Skip("unreadable record"),
-                        }
+                let n = try_of.get(id.as_str()).copied().unwrap_or(0);
+                if n < 0 {
+                    return ClaimResult::Busy;
+                }
+                let Some(d) = by_id.get(id) else {
+                    if n > 0 {
+                        undo.push((id.as_str(), Release::Undo));
                     }
-                    Some(Status::Sending) => ClaimResult::Busy,
-                    Some(s) if s.is_terminal() => ClaimResult::Skip("already final"),
-                    Some(_) => ClaimResult::Skip("retry not yet due"),
-                    None => ClaimResult::Skip("unknown status"),
+                    return ClaimResult::Skip("no such record");
+                };
+                let status = d.get_str("status").ok().and_then(Status::parse);
+                let due = cdate(d, "notBefore").is_none_or(|t| t <= now);
+                match (status, MongoStore::from_doc(d)) {
+                    (Some(Status::Pending | Status::Sending), Some(mut record)) if due => {
+                        let stored = record.attempts as i64;
+                        record.attempts = n.max(stored + 1) as u32;
+                        ClaimResult::Claimed(Box::new(Claimed {
+                            // More tries than outcomes: a lease ended without one. (A
+                            // record left `sending` by an older version is the same.)
+                            possible_duplicate: n > stored + 1 || status == Some(Status::Sending),
+                            record,
+                        }))
+                    }
+                    (Some(s), _) if s.is_terminal() => {
+                        undo.push((id.as_str(), Release::Undo));
+                        ClaimResult::Skip("already final")
+                    }
+                    (Some(_), Some(_)) => {
+                        undo.push((id.as_str(), Release::Undo));
+                        ClaimResult::Skip("retry not yet due")
+                    }
+                    _ => {
+                        undo.push((id.as_str(), Release::Undo));
+                        ClaimResult::Skip("unreadable record")
+                    }
                 }
             })
-            .collect())
+            .collect();
+        if let Err(e) = self.leases.release(&undo, owner).await {
+            tracing::debug!(error = %e, "leases not given back; they expire");
+        }
+        Ok(results)
     }
 
+    /// One write for the batch: every `sent` of one provider in a single statement (a
+    /// pipeline update that picks each record's provider message id and attempt number
+    /// from arrays), failures and retries one statement each. Only records still
+    /// `pending` (or `sending`, from an older version) change. Then the leases go back.
     async fn record_outcomes(
         &self,
         owner: &str,
@@ -432,7 +482,14 @@ impl Store for MongoStore {
         if outcomes.is_empty() {
             return Ok(());
         }
+        let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
+        // A slow write (MongoDB down, the sender retrying) keeps its leases.
+        if let Err(e) = self.leases.renew(&ids, owner, self.lease_renewal()).await {
+            tracing::debug!(error = %e, "leases not renewed");
+        }
         let now = bdate(Utc::now());
+        let sent_by = owner.rsplitn(3, ':').last().unwrap_or(owner);
+        let open = doc! {"$in": ["pending", "sending"]};
         let err_doc = |e: &AttemptError| {
             let mut d =
                 doc! {"attempt": e.attempt as i32, "at": bdate(e.at), "message": &e.message};
@@ -441,25 +498,35 @@ impl Store for MongoStore {
             }
             d
         };
+        let mut sent: HashMap<(&str, bool), (Vec<ObjectId>, Vec<Bson>, Vec<i32>)> = HashMap::new();
         let mut updates = Vec::with_capacity(outcomes.len());
-        for (id, _attempt, outcome) in outcomes {
+        for (id, attempt, outcome) in outcomes {
             let oid = ObjectId::parse_str(id).map_err(err)?;
-            let q = doc! {"_id": oid, "claimedBy": owner, "status": "sending"};
+            let q = doc! {"_id": oid, "status": open.clone()};
             let u = match outcome {
                 Outcome::Sent {
                     provider,
                     provider_message_id,
-                } => doc! {
-                    "$set": {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
-                             "sentBy": owner.rsplitn(3, ':').last().unwrap_or(owner),
-                             "providerMessageId": provider_message_id.clone().map(Bson::String).unwrap_or(Bson::Null)},
-                    "$unset": {"claimedBy": "", "nextAttemptAt": ""},
-                },
+                    possible_duplicate,
+                } => {
+                    let e = sent
+                        .entry((provider.as_str(), *possible_duplicate))
+                        .or_default();
+                    e.0.push(oid);
+                    e.1.push(
+                        provider_message_id
+                            .clone()
+                            .map(Bson::String)
+                            .unwrap_or(Bson::Null),
+                    );
+                    e.2.push(*attempt as i32);
+                    continue;
+                }
                 Outcome::Failed { provider, error } => doc! {
                     "$set": {"status": "failed", "failedAt": now, "updatedAt": now, "provider": provider,
-                             "lastError": &error.message},
+                             "lastError": &error.message, "attempts": *attempt as i32},
                     "$push": {"errors": err_doc(error)},
-                    "$unset": {"claimedBy": "", "nextAttemptAt": ""},
+                    "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
                 },
                 Outcome::Retry {
                     provider,
@@ -468,14 +535,47 @@ impl Store for MongoStore {
                 } => doc! {
                     "$set": {"status": "pending", "updatedAt": now, "provider": provider,
                              "lastError": &error.message, "notBefore": bdate(*not_before),
-                             "nextAttemptAt": bdate(*not_before)},
+                             "nextAttemptAt": bdate(*not_before), "attempts": *attempt as i32},
                     "$push": {"errors": err_doc(error)},
-                    "$unset": {"claimedBy": ""},
+                    "$unset": {"claimedBy": "", "claimKind": ""},
                 },
             };
             updates.push(doc! {"q": q, "u": u});
         }
+        for ((provider, possible_duplicate), (oids, message_ids, attempts)) in sent {
+            let at = doc! {"$indexOfArray": [Bson::Array(oids.iter().map(|o| Bson::ObjectId(*o)).collect()), "$_id"]};
+            let mut set = doc! {
+                "status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
+                "sentBy": sent_by,
+                "providerMessageId": {"$arrayElemAt": [message_ids, at.clone()]},
+                "attempts": {"$arrayElemAt": [attempts, at]},
+            };
+            if possible_duplicate {
+                set.insert("possibleDuplicate", true);
+            }
+            updates.push(doc! {
+                "q": {"_id": {"$in": &oids}, "status": open.clone()},
+                "u": [
+                    {"$set": set},
+                    {"$unset": ["claimedBy", "claimKind", "nextAttemptAt"]},
+                ],
+                "multi": true,
+            });
+        }
         self.run_update(updates, false).await?;
+        let release: Vec<(&str, Release)> = outcomes
+            .iter()
+            .map(|(id, _, o)| {
+                let how = match o {
+                    Outcome::Retry { .. } => Release::Keep,
+                    _ => Release::Final,
+                };
+                (id.as_str(), how)
+            })
+            .collect();
+        if let Err(e) = self.leases.release(&release, owner).await {
+            tracing::debug!(error = %e, "leases not given back; they expire");
+        }
         Ok(())
     }
 

@@ -724,8 +724,8 @@ pub async fn check_books(stack: &Stack, accepted: &[(String, String)], within: D
                 );
                 if n > 1 {
                     assert_eq!(
-                        d.get_str("claimKind").ok(),
-                        Some("stale"),
+                        d.get_bool("possibleDuplicate").ok(),
+                        Some(true),
                         "{id} was sent {n} times without a crash to explain it: {d}"
                     );
                     books.duplicates += 1;
