@@ -30,6 +30,11 @@ test:
 bench:
 	cargo bench --bench hot_paths
 
+# The Performance section's figures (see README); LOAD_ARGS for loadgen, e.g. "--seconds 60".
+load:
+	scripts/stack.sh install
+	scripts/load.sh $(LOAD_ARGS)
+
 bench-indexer:
 	scripts/stack.sh install
 	cargo bench --bench log_indexer

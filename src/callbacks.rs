@@ -10,8 +10,11 @@
 //! A missing signature is 401, a wrong one 403; neither changes anything.
 
 use crate::http::error;
-use actors::domain::{LogEvent, Status, LOG_STREAM};
-use actors::ports::{Queue, ReceiptResult, Store};
+use actors::domain::Status;
+use actors::ports::ReceiptUpdate;
+use actors::ractor::rpc::CallResult;
+use actors::ractor::ActorRef;
+use actors::receipts::{self, Receipt, ReceiptMsg};
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -115,57 +118,40 @@ pub fn whatsapp_status(s: &str) -> Option<Status> {
     }
 }
 
+/// Hand a receipt to the ReceiptActor and wait for its answer (it waits, in memory, up to
+/// 10 s for a record the receipt overtook).
 async fn apply(
-    store: &dyn Store,
-    queue: &dyn Queue,
-    service: &str,
+    service: &'static str,
     pmid: &str,
     status: Status,
     err: Option<(String, String)>,
 ) -> Result<bool, actors::ports::DependencyError> {
-    // A receipt can overtake the recording of its send (the provider answers, calls back,
-    // and our outcome write is still in flight): wait for the record a little.
-    let mut tries = 0;
-    let rec = loop {
-        match store.apply_receipt(pmid, status, err.clone()).await? {
-            ReceiptResult::Applied(rec) => break rec,
-            ReceiptResult::Unknown if tries < 40 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-            other => {
-                tracing::info!(
-                    service,
-                    provider_message_id = pmid,
-                    status = status.as_str(),
-                    ?other,
-                    "receipt ignored: no record it can move"
-                );
-                return Ok(false);
-            }
-        }
+    let unavailable = |why: &str| actors::ports::DependencyError::new("receipts", why);
+    let Some(actor) = ActorRef::<ReceiptMsg>::where_is(receipts::NAME.to_string()) else {
+        return Err(unavailable("the receipt actor is restarting"));
     };
-    let mut ev = LogEvent::for_record(
-        &rec,
+    let receipt = Receipt {
+        update: ReceiptUpdate {
+            provider_message_id: pmid.to_string(),
+            status,
+            error: err,
+        },
         service,
-        status.as_str(),
-        rec.attempts,
-        chrono::Utc::now(),
-    );
-    ev.provider_message_id = Some(pmid.to_string());
-    ev.error = err.map(|(c, m)| format!("{c}: {m}"));
-    metrics::counter!("delivery_receipts_total", "service" => service.to_string(), "status" => status.as_str())
-        .increment(1);
-    if let Err(e) = queue.append(&[(LOG_STREAM, ev.to_fields())]).await {
-        tracing::warn!(error = %e, "receipt recorded but its log event was not queued");
+    };
+    match actor
+        .call(
+            |reply| ReceiptMsg::Apply(receipt, reply),
+            Some(std::time::Duration::from_secs(15)),
+        )
+        .await
+    {
+        Ok(CallResult::Success(r)) => r,
+        _ => Err(unavailable("no answer in time")),
     }
-    Ok(true)
 }
 
 pub async fn twilio(
     cfg: Arc<CallbackConfig>,
-    store: Arc<dyn Store>,
-    queue: Arc<dyn Queue>,
     host: Option<String>,
     path: String,
     signature: Option<String>,
@@ -208,16 +194,7 @@ pub async fn twilio(
         .get("ErrorCode")
         .filter(|c| !c.is_empty())
         .map(|c| (c.to_string(), format!("Twilio reported {st} (error {c})")));
-    match apply(
-        store.as_ref(),
-        queue.as_ref(),
-        "twilio-callback",
-        sid,
-        status,
-        err,
-    )
-    .await
-    {
+    match apply("twilio-callback", sid, status, err).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "receipt not recorded");
@@ -249,8 +226,6 @@ pub fn whatsapp_verify(cfg: &CallbackConfig, q: &HashMap<String, String>) -> Res
 
 pub async fn whatsapp(
     cfg: Arc<CallbackConfig>,
-    store: Arc<dyn Store>,
-    queue: Arc<dyn Queue>,
     signature: Option<String>,
     body: bytes::Bytes,
 ) -> Response {
@@ -297,16 +272,7 @@ pub async fn whatsapp(
                     .to_string(),
             )
         });
-        if let Err(e) = apply(
-            store.as_ref(),
-            queue.as_ref(),
-            "whatsapp-webhook",
-            id,
-            status,
-            err,
-        )
-        .await
-        {
+        if let Err(e) = apply("whatsapp-webhook", id, status, err).await {
             // Meta retries a webhook that did not answer 200.
             tracing::warn!(error = %e, "receipt not recorded");
             return error(

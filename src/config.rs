@@ -256,6 +256,8 @@ pub const ENV_VARS: &[&str] = &[
     "MAX_ATTEMPTS",
     "BACKOFF_BASE_MS",
     "BREAKER_COOLDOWN_MS",
+    "PROVIDER_RATE_PER_SEC",
+    "PROVIDER_BURST",
     "FAULT_INJECTION",
     "SWEEP_RECHECK_MS",
     "PROVIDER_TIMEOUT_MS",
@@ -416,6 +418,12 @@ impl Config {
             }
             if let Some(v) = env("BREAKER_COOLDOWN_MS") {
                 ch.breaker_cooldown_ms = num("BREAKER_COOLDOWN_MS", v)?;
+            }
+            if let Some(v) = env("PROVIDER_RATE_PER_SEC") {
+                ch.rate_per_sec = num("PROVIDER_RATE_PER_SEC", v)?;
+            }
+            if let Some(v) = env("PROVIDER_BURST") {
+                ch.burst = num("PROVIDER_BURST", v)?;
             }
         }
         if let Some(v) = env("SWEEP_RECHECK_MS") {

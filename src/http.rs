@@ -285,8 +285,6 @@ pub fn routes(
             |host, path: warp::path::FullPath, sig, body, s: AppState| async move {
                 crate::callbacks::twilio(
                     s.callbacks.clone(),
-                    s.store.clone(),
-                    s.queue.clone(),
                     host,
                     path.as_str().to_string(),
                     sig,
@@ -306,14 +304,7 @@ pub fn routes(
         .and(limited_body())
         .and(with_state.clone())
         .then(|sig, body, s: AppState| async move {
-            crate::callbacks::whatsapp(
-                s.callbacks.clone(),
-                s.store.clone(),
-                s.queue.clone(),
-                sig,
-                body,
-            )
-            .await
+            crate::callbacks::whatsapp(s.callbacks.clone(), sig, body).await
         });
 
     let search = warp::path!("api" / "v1" / "communications")

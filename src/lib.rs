@@ -205,6 +205,18 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     let search: Arc<dyn SearchSink> = parts.search.clone();
     let provider_timeout = Config::ms(cfg.providers.timeout_ms);
     let mut specs = vec![spec(
+        actors::receipts::NAME.to_string(),
+        || actors::receipts::ReceiptActor,
+        actors::receipts::ReceiptArgs {
+            store: store.clone(),
+            queue: queue.clone(),
+            linger: Duration::from_millis(10),
+            batch_max: 500,
+            wait_for_record: Duration::from_secs(10),
+            recheck: Duration::from_millis(250),
+        },
+    )];
+    specs.push(spec(
         log_indexer::NAME.to_string(),
         || LogIndexer,
         IndexerArgs {
@@ -218,7 +230,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
             max_bytes: cfg.log_indexer.max_bytes,
             max_wait: Config::ms(cfg.log_indexer.max_wait_ms),
         },
-    )];
+    ));
     for ch in Channel::ALL {
         specs.push(spec(
             sender::name(ch),

@@ -66,7 +66,7 @@ impl fmt::Display for Channel {
 /// `pending` (stored, waiting for a worker) → `sending` (claimed by one worker, provider call
 /// in flight) → `sent` | `failed`. A retryable failure returns it to `pending` with a
 /// `notBefore` time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pending,

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!                        Supervisor
-//!    ┌──────────┬────────────┼──────────────┬──────────────┐
-//!  Router   StreamConsumer×3  Sender×3   LogIndexer   OutboxSweeper
+//!    ┌──────────┬────────────┼──────────────┬──────────────┬──────────┬────────┐
+//!  Router   StreamConsumer×3  Sender×3   LogIndexer   OutboxSweeper  Receipts  Stats
 //! ```
 //! `domain` and `retry` are pure; `ports` names what the actors need from MongoDB, Redis,
 //! Elasticsearch and the providers, which the root crate implements.
@@ -12,6 +12,7 @@ pub mod domain;
 pub mod health;
 pub mod log_indexer;
 pub mod ports;
+pub mod receipts;
 pub mod retry;
 pub mod router;
 pub mod sender;

@@ -14,6 +14,7 @@ use crate::domain::{LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
 use crate::ports::{BulkAction, BulkOp, DependencyError, ItemResult, Queue, ReadFrom, SearchSink};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -299,17 +300,48 @@ pub fn settle(
 }
 
 /// Send the buffer; keep what must be tried again. Returns an error when anything is left.
-async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
-    let a = state.args.clone();
-    let started = Instant::now();
-    let mut all_ops = Vec::new();
-    let mut owner = Vec::new();
-    for (i, p) in state.buf.iter().enumerate() {
-        for op in &p.ops {
-            all_ops.push(op.clone());
+/// The operations of a batch of events (one list per event), each with the index of its
+/// event, and how many were left out. A record's `communications` document is written
+/// whole at each event, versioned by how far along the record is: of several in one
+/// batch (its `queued` and `sent` usually are), only the newest is sent; the others are
+/// superseded, not lost.
+pub fn newest_ops<'a>(
+    events: impl Iterator<Item = &'a [BulkOp]> + Clone,
+) -> (Vec<BulkOp>, Vec<usize>, u64) {
+    let mut newest: HashMap<(&str, &str), (u64, usize, usize)> = HashMap::new();
+    for (i, ops) in events.clone().enumerate() {
+        for (j, op) in ops.iter().enumerate() {
+            if let BulkAction::IndexVersioned { version } = op.action {
+                let e = newest
+                    .entry((op.index.as_str(), op.id.as_str()))
+                    .or_insert((version, i, j));
+                if version >= e.0 {
+                    *e = (version, i, j);
+                }
+            }
+        }
+    }
+    let (mut out, mut owner, mut superseded) = (Vec::new(), Vec::new(), 0);
+    for (i, ops) in events.enumerate() {
+        for (j, op) in ops.iter().enumerate() {
+            if let BulkAction::IndexVersioned { version } = op.action {
+                if newest.get(&(op.index.as_str(), op.id.as_str())) != Some(&(version, i, j)) {
+                    superseded += 1;
+                    continue;
+                }
+            }
+            out.push(op.clone());
             owner.push(i);
         }
     }
+    (out, owner, superseded)
+}
+
+async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    let started = Instant::now();
+    let (all_ops, owner, superseded) = newest_ops(state.buf.iter().map(|p| p.ops.as_slice()));
+    metrics::counter!("log_indexer_superseded_total").increment(superseded);
     let mut left: Vec<Vec<BulkOp>> = vec![Vec::new(); state.buf.len()];
     let mut dead: Vec<Option<String>> = state
         .buf
@@ -412,5 +444,68 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
             "some items asked to be retried",
         )),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Communication, NewCommunication};
+    use chrono::Utc;
+
+    #[test]
+    fn only_the_newest_version_of_a_record_goes_in_one_batch() {
+        let rec = Communication::new(
+            "65f000000000000000000001".into(),
+            NewCommunication {
+                channel: crate::domain::Channel::Sms,
+                from: "+15550001111".into(),
+                to: "+15557654321".into(),
+                msg: "hi".into(),
+                subject: None,
+            },
+            Utc::now(),
+        );
+        let other = Communication {
+            id: "65f000000000000000000002".into(),
+            ..rec.clone()
+        };
+        let ev = |r: &Communication, status: &str| {
+            ops_for(
+                &LogEvent::for_record(r, "t", status, 1, Utc::now()),
+                "logs",
+                "comms",
+            )
+        };
+        // Out of order on purpose: `sent` before `queued` of the same record.
+        let batch = [ev(&rec, "sent"), ev(&other, "queued"), ev(&rec, "queued")];
+        let (ops, owner, superseded) = newest_ops(batch.iter().map(Vec::as_slice));
+        assert_eq!(superseded, 1);
+        // Every log document, and one `communications` document per record.
+        assert_eq!(ops.iter().filter(|o| o.index == "logs").count(), 3);
+        let comms: Vec<(&str, &BulkAction)> = ops
+            .iter()
+            .filter(|o| o.index == "comms")
+            .map(|o| (o.id.as_str(), &o.action))
+            .collect();
+        assert_eq!(
+            comms,
+            [
+                (
+                    "65f000000000000000000001",
+                    &BulkAction::IndexVersioned {
+                        version: state_version("sent", 1)
+                    }
+                ),
+                (
+                    "65f000000000000000000002",
+                    &BulkAction::IndexVersioned {
+                        version: state_version("queued", 1)
+                    }
+                ),
+            ]
+        );
+        assert_eq!(owner.len(), ops.len());
+        assert!(owner.iter().all(|i| *i < 3));
     }
 }

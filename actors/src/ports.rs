@@ -85,7 +85,32 @@ pub trait Store: Send + Sync + 'static {
         error: Option<(String, String)>,
     ) -> Result<ReceiptResult, DependencyError>;
 
+    /// Apply many receipts in one round trip; one answer per receipt, in order. The
+    /// default applies them one by one.
+    async fn apply_receipts(
+        &self,
+        receipts: &[ReceiptUpdate],
+    ) -> Result<Vec<ReceiptResult>, DependencyError> {
+        let mut out = Vec::with_capacity(receipts.len());
+        for r in receipts {
+            out.push(
+                self.apply_receipt(&r.provider_message_id, r.status, r.error.clone())
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
     async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// A provider's report on a message it accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiptUpdate {
+    pub provider_message_id: String,
+    pub status: crate::domain::Status,
+    /// The provider's error code and message, for `undelivered` / `failed`.
+    pub error: Option<(String, String)>,
 }
 
 /// What became of one record of an `insert_many`.

@@ -9,7 +9,7 @@ use crate::clients::redis_queue::{RedisQueue, Release};
 use actors::domain::{
     AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status, DEFAULT_TENANT,
 };
-use actors::ports::{DependencyError, InsertResult, ReceiptResult, Store};
+use actors::ports::{DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -107,10 +107,6 @@ impl MongoStore {
                         .name("provider_message".to_string())
                         .build(),
                 )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"createdAt": -1})
-                .options(IndexOptions::builder().name("created".to_string()).build())
                 .build(),
         ];
         // Records from before tenants existed belong to the default tenant; the key index
@@ -216,7 +212,13 @@ impl MongoStore {
                 obj.remove("_id");
                 obj.insert("id".into(), serde_json::Value::String(id.to_hex()));
             }
-            for k in ["claimedBy", "claimKind", "nextAttemptAt", "requestHash"] {
+            for k in [
+                "claimedBy",
+                "claimKind",
+                "nextAttemptAt",
+                "requestHash",
+                "receiptStamp",
+            ] {
                 obj.remove(k);
             }
             for (_, val) in obj.iter_mut() {
@@ -661,6 +663,83 @@ impl Store for MongoStore {
         } else {
             ReceiptResult::Unknown
         })
+    }
+
+    /// One `update` command for the batch (receipts without an error grouped by status
+    /// into one statement each, the others one statement each), then one read of every
+    /// record concerned. A record this batch moved carries the batch's stamp.
+    async fn apply_receipts(
+        &self,
+        receipts: &[ReceiptUpdate],
+    ) -> Result<Vec<ReceiptResult>, DependencyError> {
+        if receipts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = bdate(Utc::now());
+        let stamp = ObjectId::new().to_hex();
+        let mut plain: HashMap<Status, Vec<&str>> = HashMap::new();
+        let mut updates = Vec::new();
+        for r in receipts {
+            let field = format!("{}At", r.status.as_str());
+            let preds = r.status.receipt_predecessors().to_vec();
+            match &r.error {
+                None => plain
+                    .entry(r.status)
+                    .or_default()
+                    .push(r.provider_message_id.as_str()),
+                Some((code, message)) => updates.push(doc! {
+                    "q": {"providerMessageId": &r.provider_message_id, "status": {"$in": preds}},
+                    "u": {
+                        "$set": {"status": r.status.as_str(), "updatedAt": now, field: now,
+                                 "lastError": message, "receiptStamp": &stamp},
+                        "$push": {"errors": {"attempt": 0, "at": now, "code": code, "message": message}},
+                    },
+                }),
+            }
+        }
+        for (status, pmids) in plain {
+            let field = format!("{}At", status.as_str());
+            updates.push(doc! {
+                "q": {"providerMessageId": {"$in": pmids},
+                      "status": {"$in": status.receipt_predecessors().to_vec()}},
+                "u": {"$set": {"status": status.as_str(), "updatedAt": now, field: now,
+                               "receiptStamp": &stamp}},
+                "multi": true,
+            });
+        }
+        self.run_update(updates, false).await?;
+        let pmids: Vec<&str> = receipts
+            .iter()
+            .map(|r| r.provider_message_id.as_str())
+            .collect();
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"providerMessageId": {"$in": pmids}})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        let by_pmid: HashMap<&str, &Document> = docs
+            .iter()
+            .filter_map(|d| Some((d.get_str("providerMessageId").ok()?, d)))
+            .collect();
+        Ok(receipts
+            .iter()
+            .map(|r| match by_pmid.get(r.provider_message_id.as_str()) {
+                None => ReceiptResult::Unknown,
+                Some(d)
+                    if d.get_str("receiptStamp").ok() == Some(stamp.as_str())
+                        && d.get_str("status").ok() == Some(r.status.as_str()) =>
+                {
+                    match MongoStore::from_doc(d) {
+                        Some(rec) => ReceiptResult::Applied(Box::new(rec)),
+                        None => ReceiptResult::NotMovable,
+                    }
+                }
+                Some(_) => ReceiptResult::NotMovable,
+            })
+            .collect())
     }
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {
