@@ -1,7 +1,8 @@
 //! loadgen: drives a running service and prints what the Performance section quotes.
 //!
 //! `loadgen [--url http://127.0.0.1:3001] [--connections 32] [--seconds 20] [--type sms]
-//! [--api-key KEY]` (the key also from `LOADGEN_API_KEY`; none is needed in `DEV_MODE`).
+//! [--api-key KEY] [--accept-only]` (the key also from `LOADGEN_API_KEY`; none is needed
+//! in `DEV_MODE`). `--accept-only` stops after phase 1.
 //! Start the service with a high `API_RATE_PER_SEC` and `RECIPIENT_MAX=0` (or distinct
 //! numbers), or the limits, not the pipeline, are what gets measured.
 //!
@@ -225,6 +226,15 @@ async fn main() {
             })
             .sum();
         println!("  {name:<24} {:.2}", used as f64 / 100.0 / accept_secs);
+    }
+
+    if std::env::args().any(|a| a == "--accept-only") {
+        if let Some(pid) = service_pid {
+            if let Some(kb) = status_kb(pid, "VmHWM:") {
+                println!("service RSS: peak {} MB (VmHWM)", kb / 1024);
+            }
+        }
+        return;
     }
 
     // End to end: until every accepted message is reported sent.

@@ -1,9 +1,14 @@
 //! MongoDB: the source of truth. Implements `actors::ports::Store`.
 //!
 //! One document per communication in `communications`; fields in camelCase:
-//! `_id, type, from, to, msg, subject?, status, attempts, createdAt, updatedAt, notBefore,
-//! nextAttemptAt, claimedBy?, claimKind?, sendingAt?, sentAt?, failedAt?, provider?,
-//! providerMessageId?, lastError?, errors[]`. There is deliberately no unique index on `to`.
+//! `_id, tenant, type, from, to, msg, subject?, status, attempts, createdAt, updatedAt,
+//! notBefore, nextAttemptAt, sentAt?, failedAt?, deliveredAt?, readAt?, undeliveredAt?,
+//! provider?, providerMessageId?, possibleDuplicate?, lastError?, errors[],
+//! idempotencyKey?, requestHash`. There is deliberately no unique index on `to`.
+//!
+//! Per message sent, MongoDB does one insert (batched by the router), one read (batched
+//! by the sender's claim) and one write (the batch's outcomes); the claim itself is a
+//! lease in Redis. Receipts add one batched write and read each.
 
 use crate::clients::redis_queue::{RedisQueue, Release};
 use actors::domain::{
@@ -22,6 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const COLLECTION: &str = "communications";
+
+/// Records per `sent` statement of an outcome write.
+const SENT_CHUNK: usize = 25;
 
 #[derive(Clone)]
 pub struct MongoStore {
@@ -544,7 +552,20 @@ impl Store for MongoStore {
             };
             updates.push(doc! {"q": q, "u": u});
         }
-        for ((provider, possible_duplicate), (oids, message_ids, attempts)) in sent {
+        // Statements of SENT_CHUNK records: each record looks itself up in its statement's
+        // arrays, so a long array costs every record of it (measured on SecantusDB: 25 a
+        // statement writes about 1.35x as fast as 100).
+        let mut chunks = Vec::new();
+        for ((provider, dup), (oids, message_ids, attempts)) in sent {
+            for ((o, m), a) in oids
+                .chunks(SENT_CHUNK)
+                .zip(message_ids.chunks(SENT_CHUNK))
+                .zip(attempts.chunks(SENT_CHUNK))
+            {
+                chunks.push((provider, dup, o.to_vec(), m.to_vec(), a.to_vec()));
+            }
+        }
+        for (provider, possible_duplicate, oids, message_ids, attempts) in chunks {
             let at = doc! {"$indexOfArray": [Bson::Array(oids.iter().map(|o| Bson::ObjectId(*o)).collect()), "$_id"]};
             let mut set = doc! {
                 "status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
