@@ -41,6 +41,29 @@ async fn stored_with_msg(msg: &str) -> u64 {
         .unwrap()
 }
 
+/// The whole seconds of a 429's `Retry-After`.
+fn retry_after(res: &reqwest::Response) -> u64 {
+    res.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// POST a message, with an `Idempotency-Key` if given.
+async fn send(
+    http: &reqwest::Client,
+    url: String,
+    body: &Value,
+    key: Option<&str>,
+) -> reqwest::Response {
+    let mut rb = http.post(url).json(body);
+    if let Some(k) = key {
+        rb = rb.header("idempotency-key", k);
+    }
+    rb.send().await.unwrap()
+}
+
 fn assert_error_shape(v: &Value, code: &str) {
     assert_eq!(v["error"]["code"], code, "{v}");
     assert!(
@@ -108,11 +131,7 @@ async fn a_tenant_sees_only_its_own_messages() {
         let body = sms("+15557654321", &text);
         let url = svc.url("/api/v1/communication");
         async move {
-            let mut rb = http.post(url).json(&body);
-            if let Some(k) = key {
-                rb = rb.header("idempotency-key", k);
-            }
-            let res = rb.send().await.unwrap();
+            let res = send(&http, url, &body, key).await;
             assert_eq!(res.status(), 200);
             let replayed = res.headers().contains_key("idempotent-replayed");
             let v: Value = res.json().await.unwrap();
@@ -196,11 +215,7 @@ async fn each_key_has_a_rate_limit_answered_with_429_and_retry_after() {
     }
     let res = mine.get(svc.url("/api/v1/providers")).send().await.unwrap();
     assert_eq!(res.status(), 429);
-    let wait: u64 = res.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = retry_after(&res);
     assert!((1..=5).contains(&wait), "Retry-After {wait}");
     assert_error_shape(&res.json().await.unwrap(), "rate_limited");
     // The limit counts writes too, and stores nothing.
@@ -234,13 +249,7 @@ async fn sms_and_whatsapp_to_one_number_are_capped_per_tenant() {
     let to = fresh_number();
     let send = |http: reqwest::Client, body: Value, key: Option<String>| {
         let url = svc.url("/api/v1/communication");
-        async move {
-            let mut rb = http.post(url).json(&body);
-            if let Some(k) = key {
-                rb = rb.header("idempotency-key", k);
-            }
-            rb.send().await.unwrap()
-        }
+        async move { send(&http, url, &body, key.as_deref()).await }
     };
     let key = unique("cap-key");
     let first = send(client(), sms(&to, &unique("cap")), Some(key.clone())).await;
@@ -256,11 +265,7 @@ async fn sms_and_whatsapp_to_one_number_are_capped_per_tenant() {
     let third = unique("cap-over");
     let res = send(client(), sms(&to, &third), None).await;
     assert_eq!(res.status(), 429, "the third SMS to {to} in the window");
-    let wait: u64 = res.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wait = retry_after(&res);
     assert!((1..=3600).contains(&wait), "Retry-After {wait}");
     let v: Value = res.json().await.unwrap();
     assert_error_shape(&v, "recipient_limit");
