@@ -4,7 +4,8 @@
 # loadgen against it. Usage: scripts/load.sh [loadgen options, e.g. --seconds 60]
 #   RECEIPTS=0   run without Twilio status callbacks (no PUBLIC_BASE_URL)
 #   LOAD_PORT    the service's port (default 3091)
-#   LOAD_FRESH=1 stop the local stack and wipe its data first (.stack/)
+#   LOAD_FRESH=1 stop the local stack and wipe its data first (.stack/); an --accept-only
+#                run leaves its whole backlog queued there, so the next run wants this
 #   LOAD_PROVIDER_RATE  sends a second per provider (default 100000: unlimited); 0.001
 #                and LOAD_PROVIDER_BURST=1 with --accept-only: the accept path while nothing is sent
 set -euo pipefail
