@@ -18,12 +18,15 @@ fn sms(to: &str, msg: &str) -> Value {
     json!({"type": "sms", "data": {"from": "+15550001111", "to": to, "msg": msg}})
 }
 
-/// A Redis URL on the stack's server but its own database `db`: a service started with
-/// it shares no stream with the shared service, so stopping it strands no entry that
-/// the shared service would have to wait out the claim time for.
-fn own_redis(db: u8) -> String {
+/// A service of its own on the shared stack, with Redis database `db` to itself: it
+/// shares no stream with the shared service, so stopping it strands no entry that the
+/// shared service would have to wait out the claim time for.
+fn start_isolated(db: u8, env: &[(&str, &str)]) -> common::Service {
     let (stack, _) = shared();
-    format!("redis://127.0.0.1:{}/{db}", stack.redis_port)
+    let redis = format!("redis://127.0.0.1:{}/{db}", stack.redis_port);
+    let mut env = env.to_vec();
+    env.push(("REDIS_URL", &redis));
+    stack.start_service(&env)
 }
 
 /// A phone number nobody else in this run texts.
@@ -180,8 +183,7 @@ async fn a_tenant_sees_only_its_own_messages() {
         .await;
         assert_eq!(v["items"][0]["id"], own.as_str(), "{v}");
     }
-    // Still one each once everything is indexed.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both are indexed now: still one each.
     for (http, own) in [(client(), &mine), (other.clone(), &theirs)] {
         let (_, v) = by(&http, q.clone()).await;
         assert_eq!(v["total"], 1, "{v}");
@@ -201,13 +203,7 @@ async fn a_tenant_sees_only_its_own_messages() {
 
 #[tokio::test]
 async fn each_key_has_a_rate_limit_answered_with_429_and_retry_after() {
-    let (stack, _) = shared();
-    let redis = own_redis(1);
-    let svc = stack.start_service(&[
-        ("API_RATE_PER_SEC", "0.2"),
-        ("API_BURST", "3"),
-        ("REDIS_URL", &redis),
-    ]);
+    let svc = start_isolated(1, &[("API_RATE_PER_SEC", "0.2"), ("API_BURST", "3")]);
     let mine = client();
     for i in 0..3 {
         let res = mine.get(svc.url("/api/v1/providers")).send().await.unwrap();
@@ -239,13 +235,10 @@ async fn each_key_has_a_rate_limit_answered_with_429_and_retry_after() {
 
 #[tokio::test]
 async fn sms_and_whatsapp_to_one_number_are_capped_per_tenant() {
-    let (stack, _) = shared();
-    let redis = own_redis(2);
-    let svc = stack.start_service(&[
-        ("RECIPIENT_MAX", "2"),
-        ("RECIPIENT_WINDOW_SECS", "3600"),
-        ("REDIS_URL", &redis),
-    ]);
+    let svc = start_isolated(
+        2,
+        &[("RECIPIENT_MAX", "2"), ("RECIPIENT_WINDOW_SECS", "3600")],
+    );
     let to = fresh_number();
     let send = |http: reqwest::Client, body: Value, key: Option<String>| {
         let url = svc.url("/api/v1/communication");
@@ -323,12 +316,7 @@ async fn without_keys_it_refuses_to_start_unless_dev_mode_is_on() {
     );
 
     // Development mode, switched on explicitly: no key needed, tenant "default".
-    let redis = own_redis(3);
-    let svc = stack.start_service(&[
-        ("API_KEYS", ""),
-        ("DEV_MODE", "true"),
-        ("REDIS_URL", &redis),
-    ]);
+    let svc = start_isolated(3, &[("API_KEYS", ""), ("DEV_MODE", "true")]);
     let msg = unique("dev");
     let res = reqwest::Client::new()
         .post(svc.url("/api/v1/communication"))

@@ -76,30 +76,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
 
-    /// Apply a provider's delivery receipt to the record with that provider message id,
-    /// if the move is allowed (see `Status::receipt_predecessors`).
-    async fn apply_receipt(
-        &self,
-        provider_message_id: &str,
-        status: crate::domain::Status,
-        error: Option<(String, String)>,
-    ) -> Result<ReceiptResult, DependencyError>;
-
-    /// Apply many receipts in one round trip; one answer per receipt, in order. The
-    /// default applies them one by one.
+    /// Apply providers' delivery receipts to the records with their provider message ids,
+    /// where the move is allowed (see `Status::receipt_predecessors`), in one round trip;
+    /// one answer per receipt, in order.
     async fn apply_receipts(
         &self,
         receipts: &[ReceiptUpdate],
-    ) -> Result<Vec<ReceiptResult>, DependencyError> {
-        let mut out = Vec::with_capacity(receipts.len());
-        for r in receipts {
-            out.push(
-                self.apply_receipt(&r.provider_message_id, r.status, r.error.clone())
-                    .await?,
-            );
-        }
-        Ok(out)
-    }
+    ) -> Result<Vec<ReceiptResult>, DependencyError>;
 
     async fn ping(&self) -> Result<(), DependencyError>;
 }

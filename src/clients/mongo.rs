@@ -492,11 +492,6 @@ impl Store for MongoStore {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
-        // A slow write (MongoDB down, the sender retrying) keeps its leases.
-        if let Err(e) = self.leases.renew(&ids, owner, self.lease_renewal()).await {
-            tracing::debug!(error = %e, "leases not renewed");
-        }
         let now = bdate(Utc::now());
         let sent_by = owner.rsplitn(3, ':').last().unwrap_or(owner);
         let open = doc! {"$in": ["pending", "sending"]};
@@ -585,7 +580,14 @@ impl Store for MongoStore {
                 "multi": true,
             });
         }
-        self.run_update(updates, false).await?;
+        if let Err(e) = self.run_update(updates, false).await {
+            // The sender tries again while MongoDB is down: its leases last that long too.
+            let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
+            if let Err(e) = self.leases.renew(&ids, owner, self.lease_renewal()).await {
+                tracing::debug!(error = %e, "leases not renewed");
+            }
+            return Err(e);
+        }
         let release: Vec<(&str, Release)> = outcomes
             .iter()
             .map(|(id, _, o)| {
@@ -638,52 +640,6 @@ impl Store for MongoStore {
             .await
             .map_err(err)?;
         Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
-    }
-
-    async fn apply_receipt(
-        &self,
-        provider_message_id: &str,
-        status: Status,
-        error: Option<(String, String)>,
-    ) -> Result<ReceiptResult, DependencyError> {
-        let now = bdate(Utc::now());
-        let field = format!("{}At", status.as_str());
-        let mut set = doc! {"status": status.as_str(), "updatedAt": now, field: now};
-        let mut update = doc! {};
-        if let Some((code, message)) = &error {
-            set.insert("lastError", message);
-            update.insert(
-                "$push",
-                doc! {"errors": {"attempt": 0, "at": now, "code": code, "message": message}},
-            );
-        }
-        update.insert("$set", set);
-        let options = mongodb::options::FindOneAndUpdateOptions::builder()
-            .return_document(mongodb::options::ReturnDocument::After)
-            .build();
-        let d = self
-            .coll
-            .find_one_and_update(
-                doc! {"providerMessageId": provider_message_id,
-                "status": {"$in": status.receipt_predecessors().to_vec()}},
-                update,
-            )
-            .with_options(options)
-            .await
-            .map_err(err)?;
-        if let Some(rec) = d.as_ref().and_then(MongoStore::from_doc) {
-            return Ok(ReceiptResult::Applied(Box::new(rec)));
-        }
-        let known = self
-            .coll
-            .count_documents(doc! {"providerMessageId": provider_message_id})
-            .await
-            .map_err(err)?;
-        Ok(if known > 0 {
-            ReceiptResult::NotMovable
-        } else {
-            ReceiptResult::Unknown
-        })
     }
 
     /// One `update` command for the batch (receipts without an error grouped by status
