@@ -140,9 +140,8 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
             consumer: "bench-1".into(),
             logs_index: "bench-logs".into(),
             communications_index: "bench-communications".into(),
-            max_docs,
-            max_bytes: 5_000_000,
-            max_wait: Duration::from_millis(50),
+            batch: actors::batch::BatchSettings::new(max_docs, Duration::from_millis(50))
+                .with_max_bytes(5_000_000),
         },
     )
     .await

@@ -126,7 +126,9 @@ async fn apply(
     status: Status,
     err: Option<(String, String)>,
 ) -> Result<bool, actors::ports::DependencyError> {
-    let unavailable = |why: &str| actors::ports::DependencyError::new("receipts", why);
+    let unavailable = |why: &str| {
+        actors::ports::DependencyError::new(actors::ports::Dependency::Actor("receipts"), why)
+    };
     let Some(actor) = ActorRef::<ReceiptMsg>::where_is(receipts::NAME.to_string()) else {
         return Err(unavailable("the receipt actor is restarting"));
     };

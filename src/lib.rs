@@ -11,6 +11,7 @@ pub mod limits;
 pub mod providers;
 pub mod search;
 
+use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::health::{BreakerConfig, ProviderHealth};
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
@@ -210,8 +211,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
         actors::receipts::ReceiptArgs {
             store: store.clone(),
             queue: queue.clone(),
-            linger: Duration::from_millis(10),
-            batch_max: 500,
+            batch: BatchSettings::new(500, Duration::from_millis(10)),
             wait_for_record: Duration::from_secs(10),
             recheck: Duration::from_millis(250),
         },
@@ -226,9 +226,11 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
             consumer: consumer.clone(),
             logs_index: cfg.elasticsearch.logs_index.clone(),
             communications_index: cfg.elasticsearch.communications_index.clone(),
-            max_docs: cfg.log_indexer.max_docs,
-            max_bytes: cfg.log_indexer.max_bytes,
-            max_wait: Config::ms(cfg.log_indexer.max_wait_ms),
+            batch: BatchSettings::new(
+                cfg.log_indexer.max_docs,
+                Config::ms(cfg.log_indexer.max_wait_ms),
+            )
+            .with_max_bytes(cfg.log_indexer.max_bytes),
         },
     ));
     for ch in Channel::ALL {
@@ -282,8 +284,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
         RouterArgs {
             store: store.clone(),
             queue: queue.clone(),
-            batch_max: cfg.router.batch_max,
-            linger: Config::ms(cfg.router.linger_ms),
+            batch: BatchSettings::new(cfg.router.batch_max, Config::ms(cfg.router.linger_ms)),
             max_inflight: cfg.router.max_inflight,
         },
     ));

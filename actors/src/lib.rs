@@ -8,6 +8,8 @@
 //! `domain` and `retry` are pure; `ports` names what the actors need from MongoDB, Redis,
 //! Elasticsearch and the providers, which the root crate implements.
 
+pub mod backoff;
+pub mod batch;
 pub mod domain;
 pub mod health;
 pub mod log_indexer;

@@ -2,7 +2,7 @@
 //! every event to `communication-logs`, and the record's current status to `communications`.
 //!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
-//! `max_docs` and `max_bytes`; while it is full, nothing more is read, so an Elasticsearch
+//! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an Elasticsearch
 //! outage leaves the backlog in Redis, not in memory).
 //! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes).
 //! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
@@ -10,8 +10,12 @@
 //! dead-lettered; a crash leaves the rest pending, read again first after the restart.
 //! Document ids are deterministic, so writing an event twice duplicates nothing.
 
+use crate::batch::BatchSettings;
 use crate::domain::{LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
-use crate::ports::{BulkAction, BulkOp, DependencyError, ItemResult, Queue, ReadFrom, SearchSink};
+use crate::ports::{
+    BulkAction, BulkOp, Dependency, DependencyError, ErrorKind, ItemResult, Queue, ReadFrom,
+    SearchSink,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use std::collections::HashMap;
@@ -32,9 +36,8 @@ pub struct IndexerArgs {
     pub consumer: String,
     pub logs_index: String,
     pub communications_index: String,
-    pub max_docs: usize,
-    pub max_bytes: usize,
-    pub max_wait: Duration,
+    /// Bulk request limits: documents (`max_items`), bytes and time.
+    pub batch: BatchSettings,
 }
 
 struct Pending {
@@ -114,7 +117,7 @@ impl Actor for LogIndexer {
                 )
                 .max(Duration::from_millis(50));
                 tracing::warn!(error = %err, backoff = ?state.backoff, buffered = state.buf.len(), "log indexing delayed");
-                if err.message.contains("NOGROUP") {
+                if err.kind == ErrorKind::MissingGroup {
                     state.group_ready = false;
                     state.from = ReadFrom::OwnPending("0".into());
                 }
@@ -131,10 +134,10 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
         a.queue.ensure_group(LOG_STREAM, &a.group).await?;
         state.group_ready = true;
     }
-    if state.buf.len() < a.max_docs && state.buf_bytes < a.max_bytes {
+    if !a.batch.is_full(state.buf.len(), state.buf_bytes) {
         let block = match state.first_at {
-            Some(t) => a.max_wait.saturating_sub(t.elapsed()),
-            None => a.max_wait,
+            Some(t) => a.batch.max_wait.saturating_sub(t.elapsed()),
+            None => a.batch.max_wait,
         }
         .max(Duration::from_millis(1));
         let entries = a
@@ -144,7 +147,7 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
                 &a.group,
                 &a.consumer,
                 state.from.clone(),
-                a.max_docs - state.buf.len(),
+                a.batch.max_items - state.buf.len(),
                 block,
             )
             .await?;
@@ -161,16 +164,17 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
             state.first_at.get_or_insert_with(Instant::now);
         }
     }
-    let due = state.buf.len() >= a.max_docs
-        || state.buf_bytes >= a.max_bytes
-        || state.first_at.is_some_and(|t| t.elapsed() >= a.max_wait);
+    let due = a.batch.is_full(state.buf.len(), state.buf_bytes)
+        || state
+            .first_at
+            .is_some_and(|t| t.elapsed() >= a.batch.max_wait);
     if due && !state.buf.is_empty() {
         if !state.prepared {
             a.search.prepare().await?;
             state.prepared = true;
         }
         if let Err(e) = flush(state).await {
-            if e.dependency == "elasticsearch" {
+            if e.dependency == Dependency::Elasticsearch {
                 state.prepared = false;
             }
             return Err(e);
@@ -440,9 +444,10 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     match request_error {
         Some(e) => Err(e),
         None if !state.buf.is_empty() => Err(DependencyError::new(
-            "elasticsearch",
+            Dependency::Elasticsearch,
             "some items asked to be retried",
-        )),
+        )
+        .with_kind(ErrorKind::ItemsToRetry)),
         None => Ok(()),
     }
 }

@@ -10,21 +10,66 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A dependency failed; the message says which and why, without driver internals leaking
-/// to API clients (the HTTP layer maps these to a generic 503).
+/// A dependency failed; `dependency` and `kind` say which and how (callers match on those,
+/// never on the text), the message says why for logs. Driver internals never reach API
+/// clients: the HTTP layer maps these to a generic 503.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{dependency} unavailable: {message}")]
 pub struct DependencyError {
-    pub dependency: &'static str,
+    pub dependency: Dependency,
+    pub kind: ErrorKind,
     pub message: String,
 }
 
+/// The outside system (or the actor of this process) that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependency {
+    MongoDb,
+    Redis,
+    Elasticsearch,
+    /// An actor of this process, by name (e.g. one that is restarting).
+    Actor(&'static str),
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dependency::MongoDb => "mongodb",
+            Dependency::Redis => "redis",
+            Dependency::Elasticsearch => "elasticsearch",
+            Dependency::Actor(name) => name,
+        })
+    }
+}
+
+/// What went wrong, where a caller acts differently on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Not reachable, timed out, or answered with an error: try again later.
+    Unavailable,
+    /// Redis: the stream's consumer group does not exist (`NOGROUP`), e.g. after Redis
+    /// restarted empty: make it again.
+    MissingGroup,
+    /// Redis: the consumer group exists already (`BUSYGROUP`).
+    GroupExists,
+    /// Redis: the key does not exist.
+    NoSuchKey,
+    /// A bulk request went through but some of its items asked to be sent again.
+    ItemsToRetry,
+}
+
 impl DependencyError {
-    pub fn new(dependency: &'static str, message: impl std::fmt::Display) -> Self {
+    /// An [`ErrorKind::Unavailable`] error.
+    pub fn new(dependency: Dependency, message: impl std::fmt::Display) -> Self {
         DependencyError {
             dependency,
+            kind: ErrorKind::Unavailable,
             message: message.to_string(),
         }
+    }
+
+    pub fn with_kind(self, kind: ErrorKind) -> Self {
+        DependencyError { kind, ..self }
     }
 }
 

@@ -13,6 +13,7 @@
 //! are dropped unanswered, so their callbacks time out into a 503 as well. Nothing is
 //! half-applied: a receipt is one conditional update of one record.
 
+use crate::batch::BatchSettings;
 use crate::domain::{LogEvent, Status, LOG_STREAM};
 use crate::ports::{DependencyError, Queue, ReceiptResult, ReceiptUpdate, Store};
 use chrono::Utc;
@@ -42,9 +43,8 @@ pub enum ReceiptMsg {
 pub struct ReceiptArgs {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
-    /// How long the first receipt of a batch waits for company.
-    pub linger: Duration,
-    pub batch_max: usize,
+    /// Most receipts applied in one round trip, and how long the first waits for company.
+    pub batch: BatchSettings,
     /// How long a receipt waits for its record to be recorded as sent.
     pub wait_for_record: Duration,
     /// How often a waiting receipt is tried again.
@@ -100,7 +100,7 @@ impl Actor for ReceiptActor {
                     reply,
                     give_up_at: Instant::now() + state.args.wait_for_record,
                 });
-                if state.batch.len() >= state.args.batch_max {
+                if state.args.batch.is_full(state.batch.len(), 0) {
                     flush(state).await;
                 }
             }
@@ -115,9 +115,9 @@ impl Actor for ReceiptActor {
                 state
                     .next_recheck
                     .saturating_duration_since(Instant::now())
-                    .max(state.args.linger)
+                    .max(state.args.batch.max_wait)
             } else {
-                state.args.linger
+                state.args.batch.max_wait
             };
             myself.send_after(after, || ReceiptMsg::Flush);
         }

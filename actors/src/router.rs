@@ -9,13 +9,14 @@
 //! nothing was stored for them. A request is answered `queued` only after MongoDB has it;
 //! if the stream append fails afterwards, the OutboxSweeper appends it after its grace time.
 
+use crate::batch::BatchSettings;
 use crate::domain::{Communication, LogEvent, NewCommunication, LOG_STREAM};
 use crate::ports::{DependencyError, InsertResult, Queue, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::Semaphore;
 
 pub const NAME: &str = "router";
@@ -56,10 +57,9 @@ pub enum RouterMsg {
 pub struct RouterArgs {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
-    /// Largest batch written in one round trip.
-    pub batch_max: usize,
-    /// How long the first request of a batch waits for company.
-    pub linger: Duration,
+    /// The group commit: most requests written in one round trip, and how long the first
+    /// of them waits for company.
+    pub batch: BatchSettings,
     /// Batches being written at once; beyond it, new requests wait in the mailbox.
     pub max_inflight: usize,
 }
@@ -88,7 +88,7 @@ impl Actor for RouterActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(RouterState {
             inflight: Arc::new(Semaphore::new(args.max_inflight.max(1))),
-            batch: Vec::with_capacity(args.batch_max),
+            batch: Vec::with_capacity(args.batch.max_items),
             flush_scheduled: false,
             redis_down_until: Arc::new(AtomicI64::new(0)),
             args,
@@ -108,11 +108,11 @@ impl Actor for RouterActor {
                 rec.tenant = sub.tenant;
                 rec.idempotency_key = sub.idempotency_key;
                 state.batch.push((rec, reply));
-                if state.batch.len() >= state.args.batch_max {
+                if state.args.batch.is_full(state.batch.len(), 0) {
                     flush(state).await;
                 } else if !state.flush_scheduled {
                     state.flush_scheduled = true;
-                    myself.send_after(state.args.linger, || RouterMsg::Flush);
+                    myself.send_after(state.args.batch.max_wait, || RouterMsg::Flush);
                 }
             }
             RouterMsg::Flush => {
@@ -132,7 +132,10 @@ async fn flush(state: &mut RouterState) {
     let Ok(permit) = state.inflight.clone().acquire_owned().await else {
         return;
     };
-    let batch = std::mem::replace(&mut state.batch, Vec::with_capacity(state.args.batch_max));
+    let batch = std::mem::replace(
+        &mut state.batch,
+        Vec::with_capacity(state.args.batch.max_items),
+    );
     let store = state.args.store.clone();
     let queue = state.args.queue.clone();
     let down = state.redis_down_until.clone();

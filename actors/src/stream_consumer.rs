@@ -95,7 +95,7 @@ impl Actor for StreamConsumer {
                     state.backoff = (state.backoff * 2)
                         .clamp(Duration::from_millis(100), Duration::from_secs(5));
                     tracing::warn!(error = %err, stream = state.args.channel.stream(), backoff = ?state.backoff, "stream read failed");
-                    if err.message.contains("NOGROUP") {
+                    if err.kind == crate::ports::ErrorKind::MissingGroup {
                         // The stream or group vanished (Redis restarted empty): make it again;
                         // the outbox sweep re-queues what the lost entries carried.
                         state.group_ready = false;

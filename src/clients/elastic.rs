@@ -1,7 +1,7 @@
 //! Elasticsearch: index creation with the seed's mappings, and `_bulk` for the LogIndexer.
 //! Implements `actors::ports::SearchSink`.
 
-use actors::ports::{BulkAction, BulkOp, DependencyError, ItemResult, SearchSink};
+use actors::ports::{BulkAction, BulkOp, Dependency, DependencyError, ItemResult, SearchSink};
 use async_trait::async_trait;
 use elasticsearch::auth::Credentials;
 use elasticsearch::http::request::JsonBody;
@@ -19,7 +19,7 @@ pub struct ElasticSink {
 }
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
-    DependencyError::new("elasticsearch", e)
+    DependencyError::new(Dependency::Elasticsearch, e)
 }
 
 /// The seed's `communications` model, plus the status fields the records carry.

@@ -14,7 +14,9 @@ use crate::clients::redis_queue::{RedisQueue, Release};
 use actors::domain::{
     AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status, DEFAULT_TENANT,
 };
-use actors::ports::{DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store};
+use actors::ports::{
+    Dependency, DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -44,7 +46,7 @@ pub struct MongoStore {
 }
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
-    DependencyError::new("mongodb", e)
+    DependencyError::new(Dependency::MongoDb, e)
 }
 
 fn bdate(t: DateTime<Utc>) -> BsonDate {

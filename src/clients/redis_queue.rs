@@ -2,7 +2,7 @@
 //! reconnects by itself after Redis restarts).
 
 use actors::domain::StreamEntry;
-use actors::ports::{DependencyError, Queue, ReadFrom};
+use actors::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
@@ -60,8 +60,17 @@ pub struct RedisQueue {
     conn: Mutex<Option<ConnectionManager>>,
 }
 
-fn err(e: impl std::fmt::Display) -> DependencyError {
-    DependencyError::new("redis", e)
+/// Classify a Redis error by the server's error code, so callers match kinds, not text.
+fn err(e: redis::RedisError) -> DependencyError {
+    let kind = match e.code() {
+        Some("NOGROUP") => ErrorKind::MissingGroup,
+        Some("BUSYGROUP") => ErrorKind::GroupExists,
+        Some("ERR") if e.detail().is_some_and(|d| d.contains("no such key")) => {
+            ErrorKind::NoSuchKey
+        }
+        _ => ErrorKind::Unavailable,
+    };
+    DependencyError::new(Dependency::Redis, e).with_kind(kind)
 }
 
 impl RedisQueue {
@@ -74,8 +83,9 @@ impl RedisQueue {
         let client = match ca_file {
             None => redis::Client::open(url).map_err(err)?,
             Some(path) => {
-                let pem =
-                    std::fs::read(path).map_err(|e| err(format!("REDIS_CA_FILE {path:?}: {e}")))?;
+                let pem = std::fs::read(path).map_err(|e| {
+                    DependencyError::new(Dependency::Redis, format!("REDIS_CA_FILE {path:?}: {e}"))
+                })?;
                 redis::Client::build_with_tls(
                     url,
                     redis::TlsCertificates {
@@ -129,7 +139,7 @@ impl RedisQueue {
         {
             Ok(Value::Array(g)) => g,
             Ok(_) => return Ok(None),
-            Err(e) if e.message.contains("no such key") => return Ok(None),
+            Err(e) if e.kind == ErrorKind::NoSuchKey => return Ok(None),
             Err(e) => return Err(e),
         };
         for g in groups {
@@ -357,7 +367,7 @@ impl Queue for RedisQueue {
             .await;
         match res {
             Ok(_) => Ok(()),
-            Err(e) if e.message.contains("BUSYGROUP") => Ok(()),
+            Err(e) if e.kind == ErrorKind::GroupExists => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -496,7 +506,7 @@ impl Queue for RedisQueue {
                 _ => 0,
             },
             Ok(_) => 0,
-            Err(e) if e.message.contains("NOGROUP") => 0,
+            Err(e) if e.kind == ErrorKind::MissingGroup => 0,
             Err(e) => return Err(e),
         };
         Ok((len, pending))
