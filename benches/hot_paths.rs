@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the per-message hot paths: request validation, stream entry and log
 //! event encoding/decoding, and reading a bulk answer. `make bench` prints the figures.
 
-use actors::domain::{validate, Communication, LogEvent, RawRequest, StreamEntry};
+use actors::domain::{validate, Communication, EventStatus, LogEvent, RawRequest, StreamEntry};
 use actors::log_indexer::ops_for;
 use chrono::Utc;
 use comm_aggregator::clients::elastic::parse_bulk_items;
@@ -25,7 +25,7 @@ fn hot_paths(c: &mut Criterion) {
     c.bench_function("stream entry fields", |b| {
         b.iter(|| black_box(&rec).stream_fields())
     });
-    let ev = LogEvent::for_record(&rec, "sms", "sent", 1, Utc::now());
+    let ev = LogEvent::for_record(&rec, "sms", EventStatus::Sent, 1, Utc::now());
     let entry = StreamEntry {
         id: "1-0".into(),
         fields: ev

@@ -7,7 +7,7 @@
 //! `ELASTICSEARCH_NODE` when both are set. `BENCH_EVENTS` (default 20000) sets N for the
 //! batched run; the one-by-one run uses N/10.
 
-use actors::domain::{Channel, Communication, LogEvent, NewCommunication, LOG_STREAM};
+use actors::domain::{Channel, Communication, EventStatus, LogEvent, NewCommunication, LOG_STREAM};
 use actors::log_indexer::{IndexerArgs, LogIndexer};
 use actors::ports::Queue;
 use actors::ractor::Actor;
@@ -113,7 +113,7 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
         let entries: Vec<(&str, Vec<(&str, String)>)> = chunk
             .iter()
             .map(|i| {
-                let mut ev = LogEvent::for_record(&rec, "sms", "sent", 1, Utc::now());
+                let mut ev = LogEvent::for_record(&rec, "sms", EventStatus::Sent, 1, Utc::now());
                 ev.communication_id = format!("{:024x}", i);
                 (LOG_STREAM, ev.to_fields())
             })

@@ -122,6 +122,101 @@ impl Status {
     }
 }
 
+/// What a log event reports: a step in a record's life, as `log_stream` fields and
+/// Elasticsearch documents spell it (lowercase). Two of them are not record statuses:
+/// `queued` (stored and on its stream) and `retrying` (a retryable failure, back to
+/// `pending` until its retry is due).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    Queued,
+    Retrying,
+    Sent,
+    Failed,
+    Delivered,
+    Undelivered,
+    Read,
+}
+
+impl EventStatus {
+    pub const ALL: [EventStatus; 7] = [
+        EventStatus::Queued,
+        EventStatus::Retrying,
+        EventStatus::Sent,
+        EventStatus::Failed,
+        EventStatus::Delivered,
+        EventStatus::Undelivered,
+        EventStatus::Read,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventStatus::Queued => "queued",
+            EventStatus::Retrying => "retrying",
+            EventStatus::Sent => "sent",
+            EventStatus::Failed => "failed",
+            EventStatus::Delivered => "delivered",
+            EventStatus::Undelivered => "undelivered",
+            EventStatus::Read => "read",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventStatus> {
+        EventStatus::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+
+    /// The record's status after this event (`queued` and `retrying` leave it `pending`).
+    pub fn record_status(self) -> Status {
+        match self {
+            EventStatus::Queued | EventStatus::Retrying => Status::Pending,
+            EventStatus::Sent => Status::Sent,
+            EventStatus::Failed => Status::Failed,
+            EventStatus::Delivered => Status::Delivered,
+            EventStatus::Undelivered => Status::Undelivered,
+            EventStatus::Read => Status::Read,
+        }
+    }
+
+    /// How far along a record is after this event, within one attempt: events applied out
+    /// of order must never move the record back.
+    pub fn rank(self) -> u64 {
+        match self {
+            EventStatus::Queued => 0,
+            EventStatus::Retrying => 1,
+            EventStatus::Sent => 2,
+            EventStatus::Failed | EventStatus::Delivered | EventStatus::Undelivered => 3,
+            EventStatus::Read => 4,
+        }
+    }
+}
+
+impl fmt::Display for EventStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record status that no event reports (`pending`, `sending`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no log event reports the status {0:?}")]
+pub struct NotAnEventStatus(pub Status);
+
+/// The statuses a provider receipt reports.
+impl TryFrom<Status> for EventStatus {
+    type Error = NotAnEventStatus;
+
+    fn try_from(s: Status) -> Result<EventStatus, NotAnEventStatus> {
+        match s {
+            Status::Sent => Ok(EventStatus::Sent),
+            Status::Failed => Ok(EventStatus::Failed),
+            Status::Delivered => Ok(EventStatus::Delivered),
+            Status::Undelivered => Ok(EventStatus::Undelivered),
+            Status::Read => Ok(EventStatus::Read),
+            Status::Pending | Status::Sending => Err(NotAnEventStatus(s)),
+        }
+    }
+}
+
 /// The body of `POST /api/v1/communication`, as received. Every field optional so that
 /// validation, not deserialization, names what is missing.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -508,7 +603,7 @@ pub struct LogEvent {
     #[serde(default = "default_tenant")]
     pub tenant: String,
     pub service: String,
-    pub status: String,
+    pub status: EventStatus,
     pub from: String,
     pub to: String,
     pub msg: String,
@@ -530,14 +625,14 @@ impl LogEvent {
     pub fn for_record(
         rec: &Communication,
         service: &str,
-        status: &str,
+        status: EventStatus,
         attempt: u32,
         now: DateTime<Utc>,
     ) -> LogEvent {
         LogEvent {
             tenant: rec.tenant.clone(),
             service: service.to_string(),
-            status: status.to_string(),
+            status,
             from: rec.from.clone(),
             to: rec.to.clone(),
             msg: rec.msg.clone(),
@@ -620,7 +715,7 @@ impl LogEvent {
         let mut f = vec![
             ("tenant", self.tenant.clone()),
             ("service", self.service.clone()),
-            ("status", self.status.clone()),
+            ("status", self.status.as_str().to_string()),
             ("from", self.from.clone()),
             ("to", self.to.clone()),
             ("msg", self.msg.clone()),
@@ -642,35 +737,50 @@ impl LogEvent {
         f
     }
 
-    /// Decode a `log_stream` entry; `None` names nothing, so the caller dead-letters it.
-    pub fn from_entry(e: &StreamEntry) -> Result<LogEvent, String> {
-        let req = |k: &str| {
-            e.field(k)
-                .map(str::to_string)
-                .ok_or_else(|| format!("missing field {k}"))
-        };
-        let time = |k: &str| -> Result<DateTime<Utc>, String> {
-            DateTime::parse_from_rfc3339(&req(k)?)
+    /// Decode a `log_stream` entry; an entry that does not decode is dead-lettered.
+    pub fn from_entry(e: &StreamEntry) -> Result<LogEvent, DecodeError> {
+        let req = |k: &'static str| e.field(k).ok_or(DecodeError::MissingField(k));
+        let time = |k: &'static str| -> Result<DateTime<Utc>, DecodeError> {
+            DateTime::parse_from_rfc3339(req(k)?)
                 .map(|t| t.with_timezone(&Utc))
-                .map_err(|err| format!("bad {k}: {err}"))
+                .map_err(|err| DecodeError::BadTime(k, err))
         };
+        let status = req("status")?;
+        let channel = req("type")?;
         Ok(LogEvent {
             tenant: e.field("tenant").unwrap_or(DEFAULT_TENANT).to_string(),
-            service: req("service")?,
-            status: req("status")?,
-            from: req("from")?,
-            to: req("to")?,
-            msg: req("msg")?,
+            service: req("service")?.to_string(),
+            status: EventStatus::parse(status)
+                .ok_or_else(|| DecodeError::BadStatus(status.to_string()))?,
+            from: req("from")?.to_string(),
+            to: req("to")?.to_string(),
+            msg: req("msg")?.to_string(),
             error: e.field("error").map(str::to_string),
-            communication_id: req("communicationId")?,
+            communication_id: req("communicationId")?.to_string(),
             timestamp: time("timestamp")?,
-            channel: Channel::parse(&req("type")?).ok_or("bad type")?,
-            attempt: req("attempt")?.parse().map_err(|_| "bad attempt")?,
+            channel: Channel::parse(channel)
+                .ok_or_else(|| DecodeError::BadChannel(channel.to_string()))?,
+            attempt: req("attempt")?.parse().map_err(DecodeError::BadAttempt)?,
             created_at: time("createdAt")?,
             provider: e.field("provider").map(str::to_string),
             provider_message_id: e.field("providerMessageId").map(str::to_string),
         })
     }
+}
+
+/// Why a `log_stream` entry is not a log event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    #[error("bad {0}: {1}")]
+    BadTime(&'static str, chrono::ParseError),
+    #[error("bad status {0:?}")]
+    BadStatus(String),
+    #[error("bad type {0:?}")]
+    BadChannel(String),
+    #[error("bad attempt: {0}")]
+    BadAttempt(std::num::ParseIntError),
 }
 
 /// The tenant of records stored before tenants existed, and of every request in local
@@ -834,7 +944,7 @@ mod tests {
             },
             Utc::now(),
         );
-        let ev = LogEvent::for_record(&rec, "sms", "sent", 1, Utc::now());
+        let ev = LogEvent::for_record(&rec, "sms", EventStatus::Sent, 1, Utc::now());
         assert_eq!(ev.log_doc_id(), "65f000000000000000000001:sent:1");
         let back: LogEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
         assert_eq!(back, ev);

@@ -11,7 +11,7 @@
 //! Document ids are deterministic, so writing an event twice duplicates nothing.
 
 use crate::batch::BatchSettings;
-use crate::domain::{LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
+use crate::domain::{EventStatus, LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
 use crate::ports::{
     BulkAction, BulkOp, Dependency, DependencyError, ErrorKind, ItemResult, Queue, ReadFrom,
     SearchSink,
@@ -185,25 +185,14 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
 
 /// Order of a record's states, for the `communications` document's external version:
 /// attempt first, then how far that attempt got.
-pub fn state_version(status: &str, attempt: u32) -> u64 {
-    let rank = match status {
-        "queued" => 0,
-        "retrying" => 1,
-        "sent" => 2,
-        "failed" | "delivered" | "undelivered" => 3,
-        "read" => 4,
-        _ => 0,
-    };
-    attempt as u64 * 10 + rank + 1
+pub fn state_version(status: EventStatus, attempt: u32) -> u64 {
+    attempt as u64 * 10 + status.rank() + 1
 }
 
 /// The two documents one event becomes.
 pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> Vec<BulkOp> {
     let log_doc = serde_json::to_value(ev).unwrap_or_default();
-    let status = match ev.status.as_str() {
-        "queued" | "retrying" => "pending",
-        s => s,
-    };
+    let status = ev.status.record_status().as_str();
     let mut current = json!({
         "communicationId": ev.communication_id,
         "status": status,
@@ -239,7 +228,7 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
         index: communications_index.to_string(),
         id: ev.communication_id.clone(),
         action: BulkAction::IndexVersioned {
-            version: state_version(&ev.status, ev.attempt),
+            version: state_version(ev.status, ev.attempt),
         },
         doc: full,
     };
@@ -265,7 +254,7 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
     let ops = match LogEvent::from_entry(&e) {
         Ok(ev) => ops_for(&ev, &a.logs_index, &a.communications_index),
         Err(why) => {
-            tracing::error!(entry = %e.id, why, "undecodable log event; dead-lettered");
+            tracing::error!(entry = %e.id, error = %why, "undecodable log event; dead-lettered");
             Vec::new()
         }
     };
@@ -475,7 +464,7 @@ mod tests {
             id: "65f000000000000000000002".into(),
             ..rec.clone()
         };
-        let ev = |r: &Communication, status: &str| {
+        let ev = |r: &Communication, status: EventStatus| {
             ops_for(
                 &LogEvent::for_record(r, "t", status, 1, Utc::now()),
                 "logs",
@@ -483,7 +472,11 @@ mod tests {
             )
         };
         // Out of order on purpose: `sent` before `queued` of the same record.
-        let batch = [ev(&rec, "sent"), ev(&other, "queued"), ev(&rec, "queued")];
+        let batch = [
+            ev(&rec, EventStatus::Sent),
+            ev(&other, EventStatus::Queued),
+            ev(&rec, EventStatus::Queued),
+        ];
         let (ops, owner, superseded) = newest_ops(batch.iter().map(Vec::as_slice));
         assert_eq!(superseded, 1);
         // Every log document, and one `communications` document per record.
@@ -499,13 +492,13 @@ mod tests {
                 (
                     "65f000000000000000000001",
                     &BulkAction::IndexVersioned {
-                        version: state_version("sent", 1)
+                        version: state_version(EventStatus::Sent, 1)
                     }
                 ),
                 (
                     "65f000000000000000000002",
                     &BulkAction::IndexVersioned {
-                        version: state_version("queued", 1)
+                        version: state_version(EventStatus::Queued, 1)
                     }
                 ),
             ]

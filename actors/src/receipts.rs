@@ -14,7 +14,7 @@
 //! half-applied: a receipt is one conditional update of one record.
 
 use crate::batch::BatchSettings;
-use crate::domain::{LogEvent, Status, LOG_STREAM};
+use crate::domain::{EventStatus, LogEvent, LOG_STREAM};
 use crate::ports::{DependencyError, Queue, ReceiptResult, ReceiptUpdate, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -53,6 +53,8 @@ pub struct ReceiptArgs {
 
 struct Waiting {
     receipt: Receipt,
+    /// The receipt's status as its log event reports it.
+    status: EventStatus,
     reply: ReceiptReply,
     give_up_at: Instant,
 }
@@ -95,8 +97,15 @@ impl Actor for ReceiptActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ReceiptMsg::Apply(receipt, reply) => {
+                let Ok(status) = EventStatus::try_from(receipt.update.status) else {
+                    // `pending`/`sending`: no receipt may move a record there.
+                    log_ignored(&receipt, &ReceiptResult::NotMovable);
+                    let _ = reply.send(Ok(false));
+                    return Ok(());
+                };
                 state.batch.push(Waiting {
                     receipt,
+                    status,
                     reply,
                     give_up_at: Instant::now() + state.args.wait_for_record,
                 });
@@ -154,13 +163,8 @@ async fn flush(state: &mut ReceiptState) {
         let u = &w.receipt.update;
         match result {
             ReceiptResult::Applied(rec) => {
-                let mut ev = LogEvent::for_record(
-                    &rec,
-                    w.receipt.service,
-                    u.status.as_str(),
-                    rec.attempts,
-                    stamp,
-                );
+                let mut ev =
+                    LogEvent::for_record(&rec, w.receipt.service, w.status, rec.attempts, stamp);
                 ev.provider_message_id = Some(u.provider_message_id.clone());
                 ev.error = u.error.as_ref().map(|(c, m)| format!("{c}: {m}"));
                 events.push((LOG_STREAM, ev.to_fields()));
@@ -170,7 +174,7 @@ async fn flush(state: &mut ReceiptState) {
             }
             ReceiptResult::Unknown if now < w.give_up_at => state.waiting.push(w),
             other => {
-                log_ignored(w.receipt.service, &u.provider_message_id, u.status, &other);
+                log_ignored(&w.receipt, &other);
                 answers.push((w.reply, false));
             }
         }
@@ -185,11 +189,11 @@ async fn flush(state: &mut ReceiptState) {
     }
 }
 
-fn log_ignored(service: &str, pmid: &str, status: Status, why: &ReceiptResult) {
+fn log_ignored(r: &Receipt, why: &ReceiptResult) {
     tracing::info!(
-        service,
-        provider_message_id = pmid,
-        status = status.as_str(),
+        service = r.service,
+        provider_message_id = r.update.provider_message_id,
+        status = r.update.status.as_str(),
         ?why,
         "receipt ignored: no record it can move"
     );

@@ -1,5 +1,8 @@
-//! Retry timing: exponential backoff with full jitter, as a pure function.
+//! The per-message retry policy: how many attempts a message gets, and how long it waits
+//! after each failed one. The policy decides; the wait is a [`Backoff`] with full jitter
+//! (uniform in `[0, min(cap, base·2^(attempt-1))]`), the one mechanism every retry uses.
 
+use crate::backoff::Backoff;
 use rand::Rng;
 use std::time::Duration;
 
@@ -22,10 +25,19 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The waits between attempts.
+    pub fn backoff(&self) -> Backoff {
+        Backoff::exponential(self.base, self.cap).with_full_jitter()
+    }
+
+    /// Whether a retryable failure of attempt `attempt` (1-based) gets another attempt.
+    pub fn allows_another(&self, attempt: u32) -> bool {
+        attempt < self.max_attempts
+    }
+
     /// The ceiling for the wait after `attempt` (1-based) failed: min(cap, base·2^(attempt-1)).
     pub fn ceiling(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(30);
-        self.base.saturating_mul(1u32 << exp).min(self.cap)
+        self.backoff().ceiling(attempt)
     }
 
     /// Full jitter: uniform in [0, ceiling], never below what the provider asked for.
@@ -35,8 +47,7 @@ impl RetryPolicy {
         retry_after: Option<Duration>,
         rng: &mut impl Rng,
     ) -> Duration {
-        let ceiling = self.ceiling(attempt);
-        let jittered = Duration::from_millis(rng.gen_range(0..=ceiling.as_millis() as u64));
+        let jittered = self.backoff().delay(attempt, rng);
         match retry_after {
             Some(ra) => jittered.max(ra),
             None => jittered,

@@ -10,7 +10,7 @@
 //! if the stream append fails afterwards, the OutboxSweeper appends it after its grace time.
 
 use crate::batch::BatchSettings;
-use crate::domain::{Communication, LogEvent, NewCommunication, LOG_STREAM};
+use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, LOG_STREAM};
 use crate::ports::{DependencyError, InsertResult, Queue, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -175,7 +175,7 @@ pub async fn write_batch(
                 // The log event first: the `communications` index sees `queued` before any outcome.
                 entries.push((
                     LOG_STREAM,
-                    LogEvent::for_record(&rec, "router", "queued", 0, now).to_fields(),
+                    LogEvent::for_record(&rec, "router", EventStatus::Queued, 0, now).to_fields(),
                 ));
                 entries.push((rec.channel.stream(), rec.stream_fields()));
                 metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())

@@ -1,0 +1,353 @@
+//! The sender's decision, pure: from what one provider call returned, the claimed record,
+//! the retry policy, the time and a random source, the outcome to record and the log event
+//! to emit. No I/O, no clock, no global randomness: every case is a row of a table test.
+
+use crate::domain::{
+    AttemptError, Claimed, ErrorClass, EventStatus, LogEvent, Outcome, ProviderError,
+};
+use crate::retry::RetryPolicy;
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use std::time::Duration;
+
+/// What one provider call came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallResult {
+    Accepted {
+        provider_message_id: Option<String>,
+    },
+    Refused(ProviderError),
+    /// No answer within the provider timeout: the message may or may not have gone out.
+    TimedOut(Duration),
+    /// The provider client panicked; the sender restarts once the batch is recorded.
+    Panicked,
+}
+
+impl CallResult {
+    /// The failure as the record keeps it; `None` when the provider took the message.
+    /// Timeouts and panics are retryable: nothing says the message cannot be sent.
+    pub fn error(&self, provider: &str) -> Option<ProviderError> {
+        let retryable = ErrorClass::Retryable { retry_after: None };
+        match self {
+            CallResult::Accepted { .. } => None,
+            CallResult::Refused(e) => Some(e.clone()),
+            CallResult::TimedOut(after) => Some(ProviderError {
+                class: retryable,
+                rate_limited: false,
+                code: Some("timeout".into()),
+                message: format!("no answer from {provider} within {after:?}"),
+            }),
+            CallResult::Panicked => Some(ProviderError {
+                class: retryable,
+                rate_limited: false,
+                code: Some("internal".into()),
+                message: "internal error: the provider call panicked".into(),
+            }),
+        }
+    }
+}
+
+/// What a decision is made against, the same for every call of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionContext<'a> {
+    /// The `service` of the log events: the channel.
+    pub service: &'a str,
+    /// The provider's name, for the record, the events and the error text.
+    pub provider: &'a str,
+    pub retry: &'a RetryPolicy,
+}
+
+/// What to record and what to tell.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub event: LogEvent,
+    /// The `outcome` label of `deliveries_total`.
+    pub label: &'static str,
+}
+
+/// Decide what the call `call` for `claimed` means.
+pub fn decide(
+    call: &CallResult,
+    claimed: &Claimed,
+    ctx: DecisionContext<'_>,
+    now: DateTime<Utc>,
+    rng: &mut impl Rng,
+) -> Decision {
+    let rec = &claimed.record;
+    let attempt = rec.attempts;
+    let provider = ctx.provider.to_string();
+    let event = |status| {
+        let mut ev = LogEvent::for_record(rec, ctx.service, status, attempt, now);
+        ev.provider = Some(provider.clone());
+        ev
+    };
+    let Some(err) = call.error(ctx.provider) else {
+        let provider_message_id = match call {
+            CallResult::Accepted {
+                provider_message_id,
+            } => provider_message_id.clone(),
+            _ => None,
+        };
+        let mut ev = event(EventStatus::Sent);
+        ev.provider_message_id = provider_message_id.clone();
+        return Decision {
+            outcome: Outcome::Sent {
+                provider,
+                provider_message_id,
+                possible_duplicate: claimed.possible_duplicate,
+            },
+            event: ev,
+            label: "sent",
+        };
+    };
+    let error = AttemptError {
+        attempt,
+        at: now,
+        code: err.code.clone(),
+        message: err.message.clone(),
+    };
+    let text = match &err.code {
+        Some(c) => format!("{} (code {c}): {}", ctx.provider, err.message),
+        None => format!("{}: {}", ctx.provider, err.message),
+    };
+    match err.class {
+        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(attempt) => {
+            let delay = ctx.retry.delay(attempt, retry_after, rng);
+            let not_before =
+                now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+            let mut ev = event(EventStatus::Retrying);
+            ev.error = Some(text);
+            Decision {
+                outcome: Outcome::Retry {
+                    provider,
+                    error,
+                    not_before,
+                },
+                event: ev,
+                label: "retry",
+            }
+        }
+        _ => {
+            let mut ev = event(EventStatus::Failed);
+            ev.error = Some(text);
+            Decision {
+                outcome: Outcome::Failed { provider, error },
+                event: ev,
+                label: "failed",
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Channel, Communication, NewCommunication};
+    use rand::SeedableRng;
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        max_attempts: 3,
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(60),
+    };
+
+    fn claimed(attempt: u32, possible_duplicate: bool) -> Claimed {
+        let mut record = Communication::new(
+            "65f000000000000000000001".into(),
+            NewCommunication {
+                channel: Channel::Sms,
+                from: "+15550001111".into(),
+                to: "+15557654321".into(),
+                msg: "hi".into(),
+                subject: None,
+            },
+            Utc::now(),
+        );
+        record.attempts = attempt;
+        Claimed {
+            record,
+            possible_duplicate,
+        }
+    }
+
+    fn refused(class: ErrorClass, code: Option<&str>) -> CallResult {
+        CallResult::Refused(ProviderError {
+            class,
+            rate_limited: false,
+            code: code.map(str::to_string),
+            message: "no".into(),
+        })
+    }
+
+    fn retryable(retry_after: Option<Duration>) -> ErrorClass {
+        ErrorClass::Retryable { retry_after }
+    }
+
+    fn run(call: &CallResult, attempt: u32, dup: bool, seed: u64) -> Decision {
+        let ctx = DecisionContext {
+            service: "sms",
+            provider: "twilio",
+            retry: &POLICY,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        decide(call, &claimed(attempt, dup), ctx, now(), &mut rng)
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-28T08:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    struct Row {
+        name: &'static str,
+        call: CallResult,
+        attempt: u32,
+        label: &'static str,
+        status: EventStatus,
+        error: Option<&'static str>,
+    }
+
+    #[test]
+    fn every_call_result_has_one_outcome() {
+        let accepted = CallResult::Accepted {
+            provider_message_id: Some("SM1".into()),
+        };
+        let rows = [
+            Row {
+                name: "sent",
+                call: accepted,
+                attempt: 1,
+                label: "sent",
+                status: EventStatus::Sent,
+                error: None,
+            },
+            Row {
+                name: "retryable, attempts left",
+                call: refused(retryable(None), Some("503")),
+                attempt: 1,
+                label: "retry",
+                status: EventStatus::Retrying,
+                error: Some("twilio (code 503): no"),
+            },
+            Row {
+                name: "retryable, last attempt",
+                call: refused(retryable(None), None),
+                attempt: 3,
+                label: "failed",
+                status: EventStatus::Failed,
+                error: Some("twilio: no"),
+            },
+            Row {
+                name: "permanent",
+                call: refused(ErrorClass::Permanent, Some("21211")),
+                attempt: 1,
+                label: "failed",
+                status: EventStatus::Failed,
+                error: Some("twilio (code 21211): no"),
+            },
+            Row {
+                name: "timeout",
+                call: CallResult::TimedOut(Duration::from_secs(10)),
+                attempt: 1,
+                label: "retry",
+                status: EventStatus::Retrying,
+                error: Some("twilio (code timeout): no answer from twilio within 10s"),
+            },
+            Row {
+                name: "timeout, last attempt",
+                call: CallResult::TimedOut(Duration::from_secs(10)),
+                attempt: 3,
+                label: "failed",
+                status: EventStatus::Failed,
+                error: Some("twilio (code timeout): no answer from twilio within 10s"),
+            },
+            Row {
+                name: "panic",
+                call: CallResult::Panicked,
+                attempt: 2,
+                label: "retry",
+                status: EventStatus::Retrying,
+                error: Some("twilio (code internal): internal error: the provider call panicked"),
+            },
+            Row {
+                name: "panic, last attempt",
+                call: CallResult::Panicked,
+                attempt: 3,
+                label: "failed",
+                status: EventStatus::Failed,
+                error: Some("twilio (code internal): internal error: the provider call panicked"),
+            },
+        ];
+        for Row {
+            name,
+            call,
+            attempt,
+            label,
+            status,
+            error,
+        } in rows
+        {
+            let d = run(&call, attempt, false, 7);
+            assert_eq!(d.label, label, "{name}");
+            assert_eq!(d.event.status, status, "{name}");
+            assert_eq!(d.event.error.as_deref(), error, "{name}");
+            assert_eq!(d.event.attempt, attempt, "{name}");
+            assert_eq!(d.event.provider.as_deref(), Some("twilio"), "{name}");
+            assert_eq!(d.event.service, "sms", "{name}");
+            assert_eq!(d.event.timestamp, now(), "{name}");
+            match (&d.outcome, label) {
+                (Outcome::Sent { .. }, "sent")
+                | (Outcome::Retry { .. }, "retry")
+                | (Outcome::Failed { .. }, "failed") => {}
+                (o, _) => panic!("{name}: {o:?} under label {label}"),
+            }
+            if let Outcome::Retry { error, .. } | Outcome::Failed { error, .. } = &d.outcome {
+                assert_eq!(error.attempt, attempt, "{name}");
+                assert_eq!(error.at, now(), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_send_carries_its_message_id_and_duplicate_mark() {
+        let call = CallResult::Accepted {
+            provider_message_id: Some("SM1".into()),
+        };
+        for dup in [false, true] {
+            let d = run(&call, 2, dup, 1);
+            assert_eq!(
+                d.outcome,
+                Outcome::Sent {
+                    provider: "twilio".into(),
+                    provider_message_id: Some("SM1".into()),
+                    possible_duplicate: dup,
+                }
+            );
+            assert_eq!(d.event.provider_message_id.as_deref(), Some("SM1"));
+        }
+    }
+
+    #[test]
+    fn a_retry_is_due_within_the_jitter_bounds_and_never_before_retry_after() {
+        for attempt in 1..POLICY.max_attempts {
+            let ceiling = chrono::Duration::from_std(POLICY.ceiling(attempt)).unwrap();
+            for seed in 0..50 {
+                let d = run(&refused(retryable(None), None), attempt, false, seed);
+                let Outcome::Retry { not_before, .. } = d.outcome else {
+                    panic!("attempt {attempt}: {:?}", d.outcome);
+                };
+                assert!(not_before >= now() && not_before <= now() + ceiling);
+            }
+        }
+        let asked = Duration::from_secs(30);
+        for seed in 0..50 {
+            let d = run(&refused(retryable(Some(asked)), None), 1, false, seed);
+            let Outcome::Retry { not_before, .. } = d.outcome else {
+                panic!("{:?}", d.outcome);
+            };
+            assert!(not_before >= now() + chrono::Duration::seconds(30));
+        }
+    }
+}
