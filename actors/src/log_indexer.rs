@@ -10,6 +10,7 @@
 //! dead-lettered; a crash leaves the rest pending, read again first after the restart.
 //! Document ids are deterministic, so writing an event twice duplicates nothing.
 
+use crate::backoff::{Backoff, Delays};
 use crate::batch::BatchSettings;
 use crate::domain::{EventStatus, LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
 use crate::ports::{
@@ -23,6 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const NAME: &str = "log-indexer";
+
+/// Waits after a failed step: full jitter, so restarted peers do not retry in step...
+const STEP_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_millis(200), Duration::from_secs(5)).with_full_jitter();
+/// ...but never so short that a down Elasticsearch is asked in a tight loop.
+const STEP_BACKOFF_FLOOR: Duration = Duration::from_millis(50);
 
 pub enum IndexerMsg {
     Poll,
@@ -53,8 +60,8 @@ pub struct IndexerState {
     buf: Vec<Pending>,
     buf_bytes: usize,
     first_at: Option<Instant>,
-    backoff: Duration,
-    ceiling: Duration,
+    /// Waits after failed steps, reset by a good one.
+    failures: Delays,
     prepared: bool,
     group_ready: bool,
 }
@@ -78,8 +85,7 @@ impl Actor for LogIndexer {
             buf: Vec::new(),
             buf_bytes: 0,
             first_at: None,
-            backoff: Duration::ZERO,
-            ceiling: Duration::ZERO,
+            failures: STEP_BACKOFF.delays(),
             prepared: false,
             group_ready: false,
         })
@@ -104,24 +110,17 @@ impl Actor for LogIndexer {
     ) -> Result<(), ActorProcessingErr> {
         match step(state).await {
             Ok(()) => {
-                state.backoff = Duration::ZERO;
-                state.ceiling = Duration::ZERO;
+                state.failures.reset();
                 myself.send_message(IndexerMsg::Poll)?;
             }
             Err(err) => {
-                // Exponential with full jitter, so restarted peers do not retry in step.
-                state.ceiling =
-                    (state.ceiling * 2).clamp(Duration::from_millis(200), Duration::from_secs(5));
-                state.backoff = Duration::from_millis(
-                    rand::random::<u64>() % (state.ceiling.as_millis() as u64 + 1),
-                )
-                .max(Duration::from_millis(50));
-                tracing::warn!(error = %err, backoff = ?state.backoff, buffered = state.buf.len(), "log indexing delayed");
+                let backoff = state.failures.next_delay().max(STEP_BACKOFF_FLOOR);
+                tracing::warn!(error = %err, ?backoff, buffered = state.buf.len(), "log indexing delayed");
                 if err.kind == ErrorKind::MissingGroup {
                     state.group_ready = false;
                     state.from = ReadFrom::OwnPending("0".into());
                 }
-                myself.send_after(state.backoff, || IndexerMsg::Poll);
+                myself.send_after(backoff, || IndexerMsg::Poll);
             }
         }
         Ok(())

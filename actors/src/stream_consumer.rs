@@ -11,6 +11,7 @@
 //! recorded, so a crash leaves every unfinished entry pending in the group; the restarted
 //! consumer (same name) reads them again first.
 
+use crate::backoff::{Backoff, Delays};
 use crate::domain::{Channel, StreamEntry};
 use crate::health::{Permit, ProviderHealth};
 use crate::ports::{DependencyError, Queue, ReadFrom, Store};
@@ -18,6 +19,10 @@ use crate::sender::{self, SenderMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Waits between failed reads (Redis down, group gone).
+const READ_BACKOFF: Backoff =
+    Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5));
 
 pub fn name(channel: Channel) -> String {
     format!("consumer-{channel}")
@@ -51,7 +56,8 @@ pub struct ConsumerState {
     args: ConsumerArgs,
     from: ReadFrom,
     last_autoclaim: Instant,
-    backoff: Duration,
+    /// Waits after failed reads, reset by a good one.
+    read_errors: Delays,
     group_ready: bool,
     /// Entries the sender could not take because a dependency failed: offered again from
     /// memory (not re-read, so an outage does not count as a failed delivery).
@@ -74,7 +80,7 @@ impl Actor for StreamConsumer {
         Ok(ConsumerState {
             from: ReadFrom::OwnPending("0".into()),
             last_autoclaim: Instant::now(),
-            backoff: Duration::ZERO,
+            read_errors: READ_BACKOFF.delays(),
             group_ready: false,
             held: Vec::new(),
             args,
@@ -92,18 +98,17 @@ impl Actor for StreamConsumer {
                 if let Err(err) = poll_once(state).await {
                     metrics::counter!("stream_read_errors_total", "stream" => state.args.channel.stream())
                         .increment(1);
-                    state.backoff = (state.backoff * 2)
-                        .clamp(Duration::from_millis(100), Duration::from_secs(5));
-                    tracing::warn!(error = %err, stream = state.args.channel.stream(), backoff = ?state.backoff, "stream read failed");
+                    let backoff = state.read_errors.next_delay();
+                    tracing::warn!(error = %err, stream = state.args.channel.stream(), ?backoff, "stream read failed");
                     if err.kind == crate::ports::ErrorKind::MissingGroup {
                         // The stream or group vanished (Redis restarted empty): make it again;
                         // the outbox sweep re-queues what the lost entries carried.
                         state.group_ready = false;
                     }
                     state.from = ReadFrom::OwnPending("0".into());
-                    myself.send_after(state.backoff, || ConsumerMsg::Poll);
+                    myself.send_after(backoff, || ConsumerMsg::Poll);
                 } else {
-                    state.backoff = Duration::ZERO;
+                    state.read_errors.reset();
                     myself.send_message(ConsumerMsg::Poll)?;
                 }
             }

@@ -13,6 +13,7 @@
 //! work), consumers next (their in-flight batch finishes), senders, then the LogIndexer,
 //! which flushes what it holds.
 
+use crate::backoff::Backoff;
 use futures::future::BoxFuture;
 use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
@@ -61,10 +62,8 @@ pub struct Supervisor;
 impl Supervisor {
     /// The backoff before the `n`-th restart within the window (1-based).
     pub fn backoff(args: &SupervisorArgs, n: usize) -> Duration {
-        let exp = (n.saturating_sub(1)).min(16) as u32;
-        args.backoff_base
-            .saturating_mul(1 << exp)
-            .min(args.backoff_max)
+        Backoff::exponential(args.backoff_base, args.backoff_max)
+            .ceiling(u32::try_from(n).unwrap_or(u32::MAX))
     }
 }
 
