@@ -22,5 +22,6 @@ pub mod stats;
 pub mod stream_consumer;
 pub mod supervisor;
 pub mod sweeper;
+pub mod testing;
 
 pub use ractor;

@@ -19,7 +19,8 @@ use crate::ports::{DependencyError, Queue, ReceiptResult, ReceiptUpdate, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub const NAME: &str = "receipts";
 

@@ -220,3 +220,138 @@ pub async fn write_batch(
     }
     metrics::histogram!("router_batch_seconds").record(started.elapsed().as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Channel, EventStatus};
+    use crate::ports::ErrorKind;
+    use crate::testing::{self, MemoryQueue, MemoryStore, QueueMethod, StoreMethod};
+    use std::time::Duration;
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        queue: MemoryQueue,
+        router: ActorRef<RouterMsg>,
+    }
+
+    /// A router whose batches close at `items` requests (or after 10 ms).
+    async fn fixture(items: usize) -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let queue = MemoryQueue::new();
+        let args = RouterArgs {
+            store: store.clone(),
+            queue: Arc::new(queue.clone()),
+            batch: BatchSettings::new(items, Duration::from_millis(10)),
+            max_inflight: 2,
+        };
+        let (router, _) = Actor::spawn(None, RouterActor, args).await.unwrap();
+        Fixture {
+            store,
+            queue,
+            router,
+        }
+    }
+
+    fn submission(n: u32, key: Option<&str>) -> Submission {
+        let r = testing::record(n, Channel::Sms);
+        Submission {
+            request: NewCommunication {
+                channel: r.channel,
+                from: r.from,
+                to: r.to,
+                msg: r.msg,
+                subject: None,
+            },
+            tenant: "acme".into(),
+            idempotency_key: key.map(str::to_string),
+        }
+    }
+
+    async fn accept_all(
+        router: &ActorRef<RouterMsg>,
+        subs: Vec<Submission>,
+    ) -> Vec<Result<Accepted, AcceptError>> {
+        let calls = subs.into_iter().map(|s| async move {
+            match router.call(|r| RouterMsg::Accept(s, r), None).await {
+                Ok(ractor::rpc::CallResult::Success(a)) => a,
+                _ => panic!("the router did not answer"),
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_one_insert_and_one_append() {
+        let f = fixture(3).await;
+        let answers = accept_all(&f.router, (1..=3).map(|n| submission(n, None)).collect()).await;
+        assert!(answers
+            .iter()
+            .all(|a| a.as_ref().is_ok_and(|a| !a.replayed)));
+        assert_eq!(f.store.script.sizes(StoreMethod::InsertMany), [3]);
+        // Per record, its `queued` event and its stream entry, in one pipeline.
+        assert_eq!(f.queue.script().sizes(QueueMethod::Append), [6]);
+        let events = f.queue.entries(LOG_STREAM);
+        assert_eq!(events.len(), 3);
+        for e in &events {
+            let ev = LogEvent::from_entry(e).unwrap();
+            assert_eq!(
+                (ev.status, ev.attempt, ev.tenant.as_str()),
+                (EventStatus::Queued, 0, "acme")
+            );
+        }
+        assert_eq!(f.queue.entries(Channel::Sms.stream()).len(), 3);
+        assert_eq!(f.store.records().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_taken_key_answers_with_the_earlier_record_or_a_conflict() {
+        let f = fixture(2).await;
+        let first = accept_all(&f.router, vec![submission(1, Some("k"))]).await;
+        let original = first[0].as_ref().unwrap().record.clone();
+        let answers = accept_all(
+            &f.router,
+            vec![submission(1, Some("k")), submission(2, Some("k"))],
+        )
+        .await;
+        let replay = answers[0].as_ref().unwrap();
+        assert!(replay.replayed);
+        assert_eq!(replay.record.id, original.id);
+        assert!(matches!(&answers[1], Err(AcceptError::KeyConflict(k)) if k == "k"));
+        // Nothing new to queue: the second batch appended nothing.
+        assert_eq!(f.queue.script().sizes(QueueMethod::Append), [2]);
+        assert_eq!(f.store.records().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_failure_is_answered_to_every_request_and_nothing_is_queued() {
+        let f = fixture(2).await;
+        f.store
+            .script
+            .fail_next(StoreMethod::InsertMany, 1, ErrorKind::Unavailable);
+        let answers = accept_all(&f.router, vec![submission(1, None), submission(2, None)]).await;
+        for a in answers {
+            assert!(
+                matches!(a, Err(AcceptError::Unavailable(e)) if e.dependency == crate::ports::Dependency::MongoDb)
+            );
+        }
+        assert_eq!(f.queue.script().count(QueueMethod::Append), 0);
+        assert!(f.store.records().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_redis_failure_still_answers_and_skips_appends_for_a_while() {
+        let f = fixture(1).await;
+        f.queue
+            .script()
+            .fail_next(QueueMethod::Append, 1, ErrorKind::Unavailable);
+        let answers = accept_all(&f.router, vec![submission(1, None)]).await;
+        assert!(answers[0].is_ok(), "stored, so answered");
+        assert_eq!(f.store.records().len(), 1);
+        // The next batch, right after, does not even try: the sweeper will queue both.
+        let answers = accept_all(&f.router, vec![submission(2, None)]).await;
+        assert!(answers[0].is_ok());
+        assert_eq!(f.queue.script().count(QueueMethod::Append), 1);
+        assert!(f.queue.entries(Channel::Sms.stream()).is_empty());
+    }
+}

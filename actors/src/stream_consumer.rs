@@ -18,7 +18,8 @@ use crate::ports::{DependencyError, Queue, ReadFrom, Store};
 use crate::sender::{self, SenderMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Waits between failed reads (Redis down, group gone).
 const READ_BACKOFF: Backoff =

@@ -1,0 +1,380 @@
+//! Redis Streams in memory: streams of entries, consumer groups with a last-delivered id
+//! and a pending list per entry (consumer, last delivery, delivery count).
+
+use super::{lock, Script};
+use crate::domain::StreamEntry;
+use crate::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueMethod {
+    Append,
+    EnsureGroup,
+    ReadGroup,
+    Ack,
+    Autoclaim,
+    PendingDeliveries,
+    Range,
+    StreamStats,
+    StreamLag,
+    TrimAcked,
+    Ping,
+}
+
+#[derive(Debug, Clone)]
+struct Delivery {
+    consumer: String,
+    at: Instant,
+    count: u64,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    last_delivered: u64,
+    pending: BTreeMap<u64, Delivery>,
+}
+
+#[derive(Debug, Default)]
+struct Stream {
+    entries: BTreeMap<u64, Vec<(String, String)>>,
+    groups: HashMap<String, Group>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    script: Script<QueueMethod>,
+    streams: Mutex<HashMap<String, Stream>>,
+    next_id: Mutex<u64>,
+    appended: Notify,
+}
+
+/// Entry ids are `{n}-0`, `n` counting up across all streams. Clones share the streams
+/// (as `dedicated` connections to one server do).
+#[derive(Debug, Clone)]
+pub struct MemoryQueue {
+    shared: Arc<Shared>,
+}
+
+impl Default for MemoryQueue {
+    fn default() -> Self {
+        MemoryQueue {
+            shared: Arc::new(Shared {
+                script: Script::new(Dependency::Redis),
+                streams: Mutex::new(HashMap::new()),
+                next_id: Mutex::new(0),
+                appended: Notify::new(),
+            }),
+        }
+    }
+}
+
+fn seq(id: &str) -> u64 {
+    id.split('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn entry(n: u64, fields: &[(String, String)]) -> StreamEntry {
+    StreamEntry {
+        id: format!("{n}-0"),
+        fields: fields.to_vec(),
+    }
+}
+
+fn missing_group(stream: &str, group: &str) -> DependencyError {
+    DependencyError::new(Dependency::Redis, format!("NOGROUP {stream} {group}"))
+        .with_kind(ErrorKind::MissingGroup)
+}
+
+impl MemoryQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn script(&self) -> &Script<QueueMethod> {
+        &self.shared.script
+    }
+
+    /// Every entry of `stream` still held, in order.
+    pub fn entries(&self, stream: &str) -> Vec<StreamEntry> {
+        lock(&self.shared.streams)
+            .get(stream)
+            .map(|s| s.entries.iter().map(|(n, f)| entry(*n, f)).collect())
+            .unwrap_or_default()
+    }
+
+    /// The ids of the entries of `stream` pending in `group`, with their consumer.
+    pub fn pending(&self, stream: &str, group: &str) -> Vec<(String, String)> {
+        lock(&self.shared.streams)
+            .get(stream)
+            .and_then(|s| s.groups.get(group))
+            .map(|g| {
+                g.pending
+                    .iter()
+                    .map(|(n, d)| (format!("{n}-0"), d.consumer.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Forget every stream and group, as a Redis restarted without its data.
+    pub fn flush_all(&self) {
+        lock(&self.shared.streams).clear();
+    }
+
+    /// One read attempt; `None` when the group is missing.
+    fn read_now(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: &ReadFrom,
+        count: usize,
+    ) -> Option<Vec<StreamEntry>> {
+        let mut all = lock(&self.shared.streams);
+        let s = all.get_mut(stream)?;
+        let g = s.groups.get_mut(group)?;
+        let now = Instant::now();
+        let picked: Vec<u64> = match from {
+            ReadFrom::OwnPending(after) => g
+                .pending
+                .range(seq(after) + 1..)
+                .filter(|(_, d)| d.consumer == consumer)
+                .map(|(n, _)| *n)
+                .take(count)
+                .collect(),
+            ReadFrom::New => s
+                .entries
+                .range(g.last_delivered + 1..)
+                .map(|(n, _)| *n)
+                .take(count)
+                .collect(),
+        };
+        if let ReadFrom::New = from {
+            for n in &picked {
+                g.last_delivered = *n;
+                g.pending.insert(
+                    *n,
+                    Delivery {
+                        consumer: consumer.to_string(),
+                        at: now,
+                        count: 1,
+                    },
+                );
+            }
+        }
+        Some(
+            picked
+                .iter()
+                .filter_map(|n| s.entries.get(n).map(|f| entry(*n, f)))
+                .collect(),
+        )
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn append(
+        &self,
+        entries: &[(&str, Vec<(&str, String)>)],
+    ) -> Result<Vec<String>, DependencyError> {
+        self.script()
+            .enter(QueueMethod::Append, entries.len())
+            .await?;
+        let mut ids = Vec::with_capacity(entries.len());
+        {
+            let mut all = lock(&self.shared.streams);
+            let mut next = lock(&self.shared.next_id);
+            for (stream, fields) in entries {
+                *next += 1;
+                let fields = fields.iter().map(|(k, v)| (k.to_string(), v.clone()));
+                all.entry(stream.to_string())
+                    .or_default()
+                    .entries
+                    .insert(*next, fields.collect());
+                ids.push(format!("{next}-0"));
+            }
+        }
+        self.shared.appended.notify_waiters();
+        Ok(ids)
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str) -> Result<(), DependencyError> {
+        self.script().enter(QueueMethod::EnsureGroup, 0).await?;
+        lock(&self.shared.streams)
+            .entry(stream.to_string())
+            .or_default()
+            .groups
+            .entry(group.to_string())
+            .or_default();
+        Ok(())
+    }
+
+    async fn read_group(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        from: ReadFrom,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        self.script().enter(QueueMethod::ReadGroup, count).await?;
+        let deadline = Instant::now() + block;
+        loop {
+            // Registered before looking, so an append in between is not missed.
+            let appended = self.shared.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let got = self
+                .read_now(stream, group, consumer, &from, count)
+                .ok_or_else(|| missing_group(stream, group))?;
+            // Like XREADGROUP: only a read of new entries blocks.
+            if !got.is_empty() || from != ReadFrom::New || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            let _ = tokio::time::timeout_at(deadline, appended).await;
+        }
+    }
+
+    async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError> {
+        self.script().enter(QueueMethod::Ack, ids.len()).await?;
+        if let Some(g) = lock(&self.shared.streams)
+            .get_mut(stream)
+            .and_then(|s| s.groups.get_mut(group))
+        {
+            for id in ids {
+                g.pending.remove(&seq(id));
+            }
+        }
+        Ok(())
+    }
+
+    async fn autoclaim(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        self.script().enter(QueueMethod::Autoclaim, count).await?;
+        let now = Instant::now();
+        let mut all = lock(&self.shared.streams);
+        let s = all
+            .get_mut(stream)
+            .ok_or_else(|| missing_group(stream, group))?;
+        let g = s
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| missing_group(stream, group))?;
+        let mut taken = Vec::new();
+        for (n, d) in g.pending.iter_mut() {
+            if taken.len() >= count {
+                break;
+            }
+            if now.saturating_duration_since(d.at) >= min_idle {
+                d.consumer = consumer.to_string();
+                d.at = now;
+                d.count += 1;
+                if let Some(f) = s.entries.get(n) {
+                    taken.push(entry(*n, f));
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn pending_deliveries(
+        &self,
+        stream: &str,
+        group: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<(String, u64)>, DependencyError> {
+        self.script()
+            .enter(QueueMethod::PendingDeliveries, count)
+            .await?;
+        let now = Instant::now();
+        let all = lock(&self.shared.streams);
+        let Some(g) = all.get(stream).and_then(|s| s.groups.get(group)) else {
+            return Err(missing_group(stream, group));
+        };
+        Ok(g.pending
+            .iter()
+            .filter(|(_, d)| now.saturating_duration_since(d.at) >= min_idle)
+            .take(count)
+            .map(|(n, d)| (format!("{n}-0"), d.count))
+            .collect())
+    }
+
+    async fn range(
+        &self,
+        stream: &str,
+        ids: &[String],
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        self.script().enter(QueueMethod::Range, ids.len()).await?;
+        let all = lock(&self.shared.streams);
+        let Some(s) = all.get(stream) else {
+            return Ok(Vec::new());
+        };
+        Ok(ids
+            .iter()
+            .filter_map(|id| s.entries.get(&seq(id)).map(|f| entry(seq(id), f)))
+            .collect())
+    }
+
+    async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError> {
+        self.script().enter(QueueMethod::StreamStats, 0).await?;
+        let all = lock(&self.shared.streams);
+        Ok(all.get(stream).map_or((0, 0), |s| {
+            let pending = s.groups.get(group).map_or(0, |g| g.pending.len());
+            (s.entries.len() as u64, pending as u64)
+        }))
+    }
+
+    async fn stream_lag(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
+        self.script().enter(QueueMethod::StreamLag, 0).await?;
+        let all = lock(&self.shared.streams);
+        Ok(all.get(stream).map_or(0, |s| {
+            s.groups.get(group).map_or(0, |g| {
+                s.entries.range(g.last_delivered + 1..).count() as u64
+            })
+        }))
+    }
+
+    async fn trim_acked(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
+        self.script().enter(QueueMethod::TrimAcked, 0).await?;
+        let mut all = lock(&self.shared.streams);
+        let Some(s) = all.get_mut(stream) else {
+            return Ok(0);
+        };
+        let Some(g) = s.groups.get(group) else {
+            return Ok(0);
+        };
+        let keep_from = g
+            .pending
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(g.last_delivered + 1);
+        let before = s.entries.len();
+        s.entries = s.entries.split_off(&keep_from);
+        Ok((before - s.entries.len()) as u64)
+    }
+
+    fn dedicated(&self) -> Arc<dyn Queue> {
+        Arc::new(self.clone())
+    }
+
+    async fn ping(&self) -> Result<(), DependencyError> {
+        self.script().enter(QueueMethod::Ping, 0).await
+    }
+}

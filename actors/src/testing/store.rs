@@ -1,0 +1,323 @@
+//! A source of truth in memory, with the claim, outcome and receipt rules of the MongoDB
+//! store: a claim lasts `stale_after`, a claim whose holder vanished makes the next one a
+//! possible duplicate, and receipts move a record only from their predecessors.
+
+use super::{lock, Script};
+use crate::domain::{Channel, ClaimResult, Claimed, Communication, Outcome, Status};
+use crate::ports::{
+    Dependency, DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreMethod {
+    InsertMany,
+    Fail,
+    Claim,
+    RecordOutcomes,
+    TakeDue,
+    Get,
+    ApplyReceipts,
+    Ping,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    record: Communication,
+    /// A retry is not due before this.
+    not_before: Option<DateTime<Utc>>,
+    /// The sweeper leaves the record alone until this.
+    next_look: Option<DateTime<Utc>>,
+    lease: Option<(String, Instant)>,
+}
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    pub script: Script<StoreMethod>,
+    records: Mutex<BTreeMap<String, Slot>>,
+    outcomes: Mutex<Vec<Vec<(String, u32, Outcome)>>>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            script: Script::new(Dependency::MongoDb),
+            records: Mutex::new(BTreeMap::new()),
+            outcomes: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Store a record as it is (any status).
+    pub fn put(&self, record: Communication) {
+        lock(&self.records).insert(
+            record.id.clone(),
+            Slot {
+                record,
+                not_before: None,
+                next_look: None,
+                lease: None,
+            },
+        );
+    }
+
+    /// The record as stored now.
+    pub fn record(&self, id: &str) -> Option<Communication> {
+        lock(&self.records).get(id).map(|s| s.record.clone())
+    }
+
+    pub fn records(&self) -> Vec<Communication> {
+        lock(&self.records)
+            .values()
+            .map(|s| s.record.clone())
+            .collect()
+    }
+
+    /// Let another worker hold a claim on `id` for `for_`.
+    pub fn hold(&self, id: &str, owner: &str, for_: Duration) {
+        if let Some(s) = lock(&self.records).get_mut(id) {
+            s.lease = Some((owner.to_string(), Instant::now() + for_));
+        }
+    }
+
+    /// The outcomes of every `record_outcomes` call that went through, in order.
+    pub fn recorded_outcomes(&self) -> Vec<Vec<(String, u32, Outcome)>> {
+        lock(&self.outcomes).clone()
+    }
+
+    fn claim_one(
+        slot: Option<&mut Slot>,
+        owner: &str,
+        stale_after: Duration,
+        now: Instant,
+    ) -> ClaimResult {
+        let Some(s) = slot else {
+            return ClaimResult::Skip("no such record");
+        };
+        if s.record.status.is_terminal() {
+            return ClaimResult::Skip("already final");
+        }
+        if s.not_before.is_some_and(|t| t > Utc::now()) {
+            return ClaimResult::Skip("retry not yet due");
+        }
+        if s.lease
+            .as_ref()
+            .is_some_and(|(o, until)| o != owner && *until > now)
+        {
+            return ClaimResult::Busy;
+        }
+        let possible_duplicate = s.record.status == Status::Sending;
+        s.record.status = Status::Sending;
+        s.record.attempts += 1;
+        s.lease = Some((owner.to_string(), now + stale_after));
+        ClaimResult::Claimed(Box::new(Claimed {
+            record: s.record.clone(),
+            possible_duplicate,
+        }))
+    }
+
+    fn apply_outcome(s: &mut Slot, attempt: u32, outcome: &Outcome) {
+        let r = &mut s.record;
+        r.attempts = attempt;
+        r.updated_at = Utc::now();
+        s.lease = None;
+        match outcome {
+            Outcome::Sent {
+                provider,
+                provider_message_id,
+                ..
+            } => {
+                r.status = Status::Sent;
+                r.provider = Some(provider.clone());
+                r.provider_message_id = provider_message_id.clone();
+            }
+            Outcome::Failed { provider, error } => {
+                r.status = Status::Failed;
+                r.provider = Some(provider.clone());
+                r.last_error = Some(error.message.clone());
+                r.errors.push(error.clone());
+            }
+            Outcome::Retry {
+                provider,
+                error,
+                not_before,
+            } => {
+                r.status = Status::Pending;
+                r.provider = Some(provider.clone());
+                r.last_error = Some(error.message.clone());
+                r.errors.push(error.clone());
+                s.not_before = Some(*not_before);
+            }
+        }
+    }
+
+    fn apply_receipt(records: &mut BTreeMap<String, Slot>, u: &ReceiptUpdate) -> ReceiptResult {
+        let Some(s) = records
+            .values_mut()
+            .find(|s| s.record.provider_message_id.as_deref() == Some(&u.provider_message_id))
+        else {
+            return ReceiptResult::Unknown;
+        };
+        if !u
+            .status
+            .receipt_predecessors()
+            .contains(&s.record.status.as_str())
+        {
+            return ReceiptResult::NotMovable;
+        }
+        s.record.status = u.status;
+        s.record.updated_at = Utc::now();
+        if let Some((code, message)) = &u.error {
+            s.record.last_error = Some(format!("{code}: {message}"));
+        }
+        ReceiptResult::Applied(Box::new(s.record.clone()))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn insert_many(
+        &self,
+        records: &[Communication],
+    ) -> Result<Vec<InsertResult>, DependencyError> {
+        self.script
+            .enter(StoreMethod::InsertMany, records.len())
+            .await?;
+        let mut all = lock(&self.records);
+        let mut answers = Vec::with_capacity(records.len());
+        for r in records {
+            let holder = r.idempotency_key.as_ref().and_then(|k| {
+                all.values().find(|s| {
+                    s.record.tenant == r.tenant && s.record.idempotency_key.as_ref() == Some(k)
+                })
+            });
+            if let Some(h) = holder {
+                answers.push(InsertResult::KeyTaken(Box::new(h.record.clone())));
+                continue;
+            }
+            let slot = Slot {
+                record: r.clone(),
+                not_before: None,
+                next_look: None,
+                lease: None,
+            };
+            all.insert(r.id.clone(), slot);
+            answers.push(InsertResult::Inserted);
+        }
+        Ok(answers)
+    }
+
+    async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError> {
+        self.script.enter(StoreMethod::Fail, 1).await?;
+        let mut all = lock(&self.records);
+        let Some(s) = all.get_mut(id) else {
+            return Ok(false);
+        };
+        if s.record.status.is_terminal() {
+            return Ok(false);
+        }
+        s.record.status = Status::Failed;
+        s.record.last_error = Some(reason.to_string());
+        s.lease = None;
+        Ok(true)
+    }
+
+    async fn claim(
+        &self,
+        ids: &[String],
+        owner: &str,
+        stale_after: Duration,
+    ) -> Result<Vec<ClaimResult>, DependencyError> {
+        self.script.enter(StoreMethod::Claim, ids.len()).await?;
+        let now = Instant::now();
+        let mut all = lock(&self.records);
+        let mut seen = HashSet::new();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                if !seen.insert(id) {
+                    return ClaimResult::Skip("duplicate entry in the same batch");
+                }
+                Self::claim_one(all.get_mut(id), owner, stale_after, now)
+            })
+            .collect())
+    }
+
+    async fn record_outcomes(
+        &self,
+        owner: &str,
+        outcomes: &[(String, u32, Outcome)],
+    ) -> Result<(), DependencyError> {
+        self.script
+            .enter(StoreMethod::RecordOutcomes, outcomes.len())
+            .await?;
+        let mut all = lock(&self.records);
+        for (id, attempt, outcome) in outcomes {
+            let Some(s) = all.get_mut(id) else { continue };
+            // Only the claim's holder records; a record taken over meanwhile is not touched.
+            if s.lease.as_ref().is_some_and(|(o, _)| o == owner) {
+                Self::apply_outcome(s, *attempt, outcome);
+            }
+        }
+        lock(&self.outcomes).push(outcomes.to_vec());
+        Ok(())
+    }
+
+    async fn take_due(
+        &self,
+        now: DateTime<Utc>,
+        recheck: Duration,
+        limit: usize,
+        channels: &[Channel],
+    ) -> Result<Vec<Communication>, DependencyError> {
+        self.script.enter(StoreMethod::TakeDue, limit).await?;
+        let next = now + chrono::Duration::from_std(recheck).unwrap_or_default();
+        let mut all = lock(&self.records);
+        let mut due = Vec::new();
+        for s in all.values_mut() {
+            let r = &s.record;
+            let ready = !r.status.is_terminal()
+                && channels.contains(&r.channel)
+                && s.not_before.is_none_or(|t| t <= now)
+                && s.next_look.is_none_or(|t| t <= now);
+            if ready && due.len() < limit {
+                s.next_look = Some(next);
+                due.push(r.clone());
+            }
+        }
+        Ok(due)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {
+        self.script.enter(StoreMethod::Get, 1).await?;
+        Ok(self.record(id))
+    }
+
+    async fn apply_receipts(
+        &self,
+        receipts: &[ReceiptUpdate],
+    ) -> Result<Vec<ReceiptResult>, DependencyError> {
+        self.script
+            .enter(StoreMethod::ApplyReceipts, receipts.len())
+            .await?;
+        let mut all = lock(&self.records);
+        Ok(receipts
+            .iter()
+            .map(|u| Self::apply_receipt(&mut all, u))
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), DependencyError> {
+        self.script.enter(StoreMethod::Ping, 0).await
+    }
+}
