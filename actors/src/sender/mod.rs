@@ -168,3 +168,264 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{
+        Channel, ErrorClass, EventStatus, LogEvent, Outcome, ProviderError, Status, LOG_STREAM,
+    };
+    use crate::health::BreakerConfig;
+    use crate::ports::ErrorKind;
+    use crate::testing::{
+        self, Answer, MemoryQueue, MemoryStore, QueueMethod, ScriptedProvider, StoreMethod,
+    };
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        queue: MemoryQueue,
+        provider: Arc<ScriptedProvider>,
+        args: SenderArgs,
+    }
+
+    /// A sender for SMS over in-memory ports, one provider call at a time (so a script's
+    /// answers go to the records in order), three attempts per message.
+    fn fixture() -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let queue = MemoryQueue::new();
+        let provider = Arc::new(ScriptedProvider::new("scripted"));
+        let breaker = BreakerConfig {
+            consecutive_failures: 100,
+            failure_ratio: 1.0,
+            window: 100,
+            min_calls: 100,
+            cooldown: Duration::from_secs(1),
+        };
+        let args = SenderArgs {
+            channel: Channel::Sms,
+            provider: provider.clone(),
+            store: store.clone(),
+            queue: Arc::new(queue.clone()),
+            owner: "test".into(),
+            stale_after: Duration::from_secs(30),
+            provider_timeout: Duration::from_secs(2),
+            concurrency: 1,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base: Duration::from_secs(1),
+                cap: Duration::from_secs(10),
+            },
+            record_patience: Duration::from_secs(3),
+            faults: false,
+            health: Arc::new(ProviderHealth::new(
+                "scripted", "sms", breaker, 1000.0, 1000.0,
+            )),
+        };
+        Fixture {
+            store,
+            queue,
+            provider,
+            args,
+        }
+    }
+
+    impl Fixture {
+        /// Store records `ns` and return their stream entries (entry `n-0` for record `n`).
+        fn entries(&self, ns: impl IntoIterator<Item = u32>) -> Vec<StreamEntry> {
+            ns.into_iter()
+                .map(|n| {
+                    let r = testing::record(n, Channel::Sms);
+                    self.store.put(r.clone());
+                    testing::stream_entry(&format!("{n}-0"), &r)
+                })
+                .collect()
+        }
+
+        async fn deliver(&self, entries: Vec<StreamEntry>) -> Delivery {
+            deliver(&self.args, "test:sms:0", entries).await
+        }
+
+        fn status(&self, n: u32) -> Status {
+            self.store
+                .record(&testing::record(n, Channel::Sms).id)
+                .unwrap()
+                .status
+        }
+
+        fn events(&self) -> Vec<LogEvent> {
+            self.queue
+                .entries(LOG_STREAM)
+                .iter()
+                .map(|e| LogEvent::from_entry(e).unwrap())
+                .collect()
+        }
+    }
+
+    fn refusal(class: ErrorClass) -> Answer {
+        Answer::Refuse(ProviderError {
+            class,
+            rate_limited: false,
+            code: Some("x".into()),
+            message: "refused".into(),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sent_retry_and_failed_are_recorded_in_one_write() {
+        let f = fixture();
+        f.provider.answer([
+            Answer::Accept(Some("SM1".into())),
+            refusal(ErrorClass::Retryable { retry_after: None }),
+            refusal(ErrorClass::Permanent),
+        ]);
+        let d = f.deliver(f.entries(1..=3)).await;
+        assert!(!d.panicked);
+        assert_eq!(d.report.ack, ["1-0", "2-0", "3-0"]);
+        assert!(d.report.retry.is_empty());
+        assert_eq!(f.store.script.sizes(StoreMethod::RecordOutcomes), [3]);
+        let outcomes = &f.store.recorded_outcomes()[0];
+        assert!(matches!(outcomes[0].2, Outcome::Sent { .. }));
+        assert!(matches!(outcomes[1].2, Outcome::Retry { .. }));
+        assert!(matches!(outcomes[2].2, Outcome::Failed { .. }));
+        assert_eq!(
+            [f.status(1), f.status(2), f.status(3)],
+            [Status::Sent, Status::Pending, Status::Failed]
+        );
+        let statuses: Vec<EventStatus> = f.events().iter().map(|e| e.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                EventStatus::Sent,
+                EventStatus::Retrying,
+                EventStatus::Failed
+            ]
+        );
+        assert_eq!(f.queue.script().sizes(QueueMethod::Append), [3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_records_stay_pending_and_finished_ones_are_acknowledged() {
+        let f = fixture();
+        let mut entries = f.entries([1, 2]);
+        f.store.hold(
+            &testing::record(1, Channel::Sms).id,
+            "other",
+            Duration::from_secs(30),
+        );
+        let mut sent = testing::record(2, Channel::Sms);
+        sent.status = Status::Sent;
+        f.store.put(sent);
+        entries.push(StreamEntry {
+            id: "9-0".into(),
+            fields: vec![("_id".into(), "nope".into())],
+        });
+        let d = f.deliver(entries).await;
+        // The sent one and the malformed one are done with; the busy one is left pending.
+        let mut ack = d.report.ack.clone();
+        ack.sort();
+        assert_eq!(ack, ["2-0", "9-0"]);
+        assert!(d.report.retry.is_empty());
+        assert!(f.provider.sent().is_empty());
+        assert_eq!(f.store.script.count(StoreMethod::RecordOutcomes), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_down_at_claim_hands_every_entry_back() {
+        let f = fixture();
+        f.store
+            .script
+            .fail_next(StoreMethod::Claim, 1, ErrorKind::Unavailable);
+        let d = f.deliver(f.entries(1..=2)).await;
+        assert_eq!(d.report.retry, ["1-0", "2-0"]);
+        assert!(d.report.ack.is_empty());
+        assert!(f.provider.sent().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outcomes_are_retried_within_patience_then_left_pending() {
+        let f = fixture();
+        f.store
+            .script
+            .fail_next(StoreMethod::RecordOutcomes, 2, ErrorKind::Unavailable);
+        let d = f.deliver(f.entries([1])).await;
+        assert_eq!(d.report.ack, ["1-0"]);
+        assert_eq!(f.store.script.count(StoreMethod::RecordOutcomes), 3);
+        assert_eq!(f.events().len(), 1);
+
+        let f = fixture();
+        f.store
+            .script
+            .fail_next(StoreMethod::RecordOutcomes, 1000, ErrorKind::Unavailable);
+        let started = tokio::time::Instant::now();
+        let d = f.deliver(f.entries([1])).await;
+        assert!(started.elapsed() >= f.args.record_patience);
+        assert!(
+            d.report.ack.is_empty(),
+            "not recorded: left pending to be claimed again"
+        );
+        assert!(
+            f.events().is_empty(),
+            "no event for an outcome not recorded"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn log_events_are_dropped_after_patience_but_the_entries_are_done() {
+        let f = fixture();
+        f.queue
+            .script()
+            .fail_next(QueueMethod::Append, 1000, ErrorKind::Unavailable);
+        let d = f.deliver(f.entries([1])).await;
+        assert_eq!(d.report.ack, ["1-0"]);
+        assert_eq!(f.status(1), Status::Sent);
+        assert!(f.queue.script().count(QueueMethod::Append) > 1);
+        assert!(f.events().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_provider_times_out_and_a_panic_restarts_the_sender() {
+        let f = fixture();
+        f.provider.answer([Answer::Hang, Answer::Panic]);
+        let d = f.deliver(f.entries(1..=2)).await;
+        assert!(d.panicked);
+        assert_eq!(d.report.ack, ["1-0", "2-0"]);
+        let outcomes = &f.store.recorded_outcomes()[0];
+        let codes: Vec<Option<&str>> = outcomes
+            .iter()
+            .map(|(_, _, o)| match o {
+                Outcome::Retry { error, .. } => error.code.as_deref(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(codes, [Some("timeout"), Some("internal")]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_claim_is_sent_again_as_a_possible_duplicate() {
+        let f = fixture();
+        let entries = f.entries([1]);
+        // A worker claimed it and died before recording anything.
+        f.store
+            .claim(
+                &[testing::record(1, Channel::Sms).id],
+                "dead",
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        f.deliver(entries).await;
+        let outcomes = &f.store.recorded_outcomes()[0];
+        assert!(matches!(
+            outcomes[0],
+            (
+                _,
+                2,
+                Outcome::Sent {
+                    possible_duplicate: true,
+                    ..
+                }
+            )
+        ));
+    }
+}
