@@ -13,7 +13,7 @@ use std::time::Duration;
 /// A dependency failed; `dependency` and `kind` say which and how (callers match on those,
 /// never on the text), the message says why for logs. Driver internals never reach API
 /// clients: the HTTP layer maps these to a generic 503.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{dependency} unavailable: {message}")]
 pub struct DependencyError {
     pub dependency: Dependency,

@@ -199,3 +199,125 @@ fn log_ignored(r: &Receipt, why: &ReceiptResult) {
         "receipt ignored: no record it can move"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Channel, Status};
+    use crate::testing::{self, MemoryQueue, MemoryStore, StoreMethod};
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        queue: MemoryQueue,
+        actor: ActorRef<ReceiptMsg>,
+    }
+
+    /// Batches of up to 10 receipts after 20 ms; a receipt waits 1 s for its record,
+    /// looked for again every 100 ms.
+    async fn fixture() -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let queue = MemoryQueue::new();
+        let args = ReceiptArgs {
+            store: store.clone(),
+            queue: Arc::new(queue.clone()),
+            batch: BatchSettings::new(10, Duration::from_millis(20)),
+            wait_for_record: Duration::from_secs(1),
+            recheck: Duration::from_millis(100),
+        };
+        let (actor, _) = Actor::spawn(None, ReceiptActor, args).await.unwrap();
+        Fixture {
+            store,
+            queue,
+            actor,
+        }
+    }
+
+    impl Fixture {
+        /// A `sent` record with provider message id `pm-{n}`.
+        fn sent(&self, n: u32) {
+            let mut r = testing::record(n, Channel::Sms);
+            r.status = Status::Sent;
+            r.provider_message_id = Some(format!("pm-{n}"));
+            self.store.put(r);
+        }
+
+        async fn apply(&self, n: u32, status: Status) -> Result<bool, DependencyError> {
+            let receipt = Receipt {
+                update: ReceiptUpdate {
+                    provider_message_id: format!("pm-{n}"),
+                    status,
+                    error: None,
+                },
+                service: "twilio-callback",
+            };
+            match self
+                .actor
+                .call(|r| ReceiptMsg::Apply(receipt, r), None)
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(a)) => a,
+                _ => panic!("no answer"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_receipts_are_one_store_write() {
+        let f = fixture().await;
+        for n in 1..=4 {
+            f.sent(n);
+        }
+        let answers =
+            futures::future::join_all((1..=4).map(|n| f.apply(n, Status::Delivered))).await;
+        assert!(answers.into_iter().all(|a| a == Ok(true)));
+        assert_eq!(f.store.script.sizes(StoreMethod::ApplyReceipts), [4]);
+        assert_eq!(f.queue.entries(LOG_STREAM).len(), 4);
+        let rec = f
+            .store
+            .record(&testing::record(1, Channel::Sms).id)
+            .unwrap();
+        assert_eq!(rec.status, Status::Delivered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receipt_that_overtook_its_send_waits_for_the_record() {
+        let f = fixture().await;
+        let waiting = f.apply(1, Status::Delivered);
+        let record_later = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            f.sent(1);
+        };
+        let (answer, ()) = tokio::join!(waiting, record_later);
+        assert_eq!(answer, Ok(true));
+        assert!(f.store.script.count(StoreMethod::ApplyReceipts) >= 2);
+        let ev = LogEvent::from_entry(&f.queue.entries(LOG_STREAM)[0]).unwrap();
+        assert_eq!(ev.status, EventStatus::Delivered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receipt_for_no_record_is_given_up_after_wait_for_record() {
+        let f = fixture().await;
+        let started = Instant::now();
+        assert_eq!(f.apply(1, Status::Delivered).await, Ok(false));
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        assert!(f.queue.entries(LOG_STREAM).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_failure_is_answered_and_a_backward_move_refused() {
+        let f = fixture().await;
+        f.sent(1);
+        f.store.script.fail_next(
+            StoreMethod::ApplyReceipts,
+            1,
+            crate::ports::ErrorKind::Unavailable,
+        );
+        assert!(f.apply(1, Status::Read).await.is_err());
+        assert_eq!(f.apply(1, Status::Read).await, Ok(true));
+        assert_eq!(
+            f.apply(1, Status::Delivered).await,
+            Ok(false),
+            "read never goes back"
+        );
+    }
+}
