@@ -21,7 +21,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub const NAME: &str = "log-indexer";
 
@@ -291,7 +292,6 @@ pub fn settle(
     (retry, dead)
 }
 
-/// Send the buffer; keep what must be tried again. Returns an error when anything is left.
 /// The operations of a batch of events (one list per event), each with the index of its
 /// event, and how many were left out. A record's `communications` document is written
 /// whole at each event, versioned by how far along the record is: of several in one
@@ -329,52 +329,122 @@ pub fn newest_ops<'a>(
     (out, owner, superseded)
 }
 
+/// What one bulk request made of the buffered events, event by event.
+struct Settlement {
+    /// Operations to send again.
+    left: Vec<Vec<BulkOp>>,
+    /// Events to dead-letter, with the reason.
+    dead: Vec<Option<String>>,
+    /// The first request-level failure, returned once the rest is done.
+    error: Option<DependencyError>,
+}
+
+/// Send the buffer; acknowledge what is stored or dead-lettered, keep the rest (only what
+/// is left of it). Returns an error when anything is left.
 async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     let a = state.args.clone();
+    let mut s = send_bulk(&a, &state.buf).await;
+    // Dead letters must be safe in Redis before their entries are acknowledged.
+    let dlq_ok = match store_dead_letters(&a, &state.buf, &s.dead).await {
+        Ok(()) => true,
+        Err(err) => {
+            s.error.get_or_insert(err);
+            false
+        }
+    };
+    let mut ack = Vec::new();
+    let mut keep = Vec::new();
+    for ((mut p, ops_left), d) in std::mem::take(&mut state.buf)
+        .into_iter()
+        .zip(s.left)
+        .zip(s.dead)
+    {
+        if ops_left.is_empty() && (d.is_none() || dlq_ok) {
+            ack.push(p.entry_id);
+        } else {
+            // Only what is left is sent again; a dead letter already stored stays stored.
+            p.ops = ops_left;
+            keep.push(p);
+        }
+    }
+    if !ack.is_empty() {
+        if let Err(err) = a.queue.ack(LOG_STREAM, &a.group, &ack).await {
+            // Documents are stored; unacknowledged entries are re-read and re-written
+            // under the same ids, which duplicates nothing.
+            s.error.get_or_insert(err);
+        }
+        metrics::counter!("log_events_indexed_total").increment(ack.len() as u64);
+    }
+    state.buf_bytes = keep.iter().map(|p| p.bytes).sum();
+    state.first_at = (!keep.is_empty()).then(Instant::now);
+    state.buf = keep;
+    match s.error {
+        Some(e) => Err(e),
+        None if !state.buf.is_empty() => Err(DependencyError::new(
+            Dependency::Elasticsearch,
+            "some items asked to be retried",
+        )
+        .with_kind(ErrorKind::ItemsToRetry)),
+        None => Ok(()),
+    }
+}
+
+/// One `_bulk` request for the buffer (the newest version of each record only), read item
+/// by item; an event that did not decode is dead-lettered without a request.
+async fn send_bulk(a: &IndexerArgs, buf: &[Pending]) -> Settlement {
     let started = Instant::now();
-    let (all_ops, owner, superseded) = newest_ops(state.buf.iter().map(|p| p.ops.as_slice()));
+    let (all_ops, owner, superseded) = newest_ops(buf.iter().map(|p| p.ops.as_slice()));
     metrics::counter!("log_indexer_superseded_total").increment(superseded);
-    let mut left: Vec<Vec<BulkOp>> = vec![Vec::new(); state.buf.len()];
-    let mut dead: Vec<Option<String>> = state
-        .buf
-        .iter()
-        .map(|p| {
-            p.ops
-                .is_empty()
-                .then(|| "undecodable log event".to_string())
-        })
-        .collect();
-    let mut request_error = None;
-    if !all_ops.is_empty() {
-        metrics::histogram!("log_indexer_batch_docs").record(all_ops.len() as f64);
-        match a.search.bulk(&all_ops).await {
-            Ok(results) => {
-                let (retry, rejected) = settle(&all_ops, &owner, &results, state.buf.len());
-                for (i, ops) in retry.into_iter().enumerate() {
-                    metrics::counter!("log_indexer_item_retries_total").increment(ops.len() as u64);
-                    left[i].extend(ops);
-                }
-                for (i, why) in rejected.into_iter().enumerate() {
-                    if let Some(why) = why {
-                        metrics::counter!("log_indexer_failed_items_total").increment(1);
-                        dead[i] = Some(why);
-                    }
-                }
+    let mut s = Settlement {
+        left: vec![Vec::new(); buf.len()],
+        dead: buf
+            .iter()
+            .map(|p| {
+                p.ops
+                    .is_empty()
+                    .then(|| "undecodable log event".to_string())
+            })
+            .collect(),
+        error: None,
+    };
+    if all_ops.is_empty() {
+        return s;
+    }
+    metrics::histogram!("log_indexer_batch_docs").record(all_ops.len() as f64);
+    match a.search.bulk(&all_ops).await {
+        Ok(results) => {
+            let (retry, rejected) = settle(&all_ops, &owner, &results, buf.len());
+            for (i, ops) in retry.into_iter().enumerate() {
+                metrics::counter!("log_indexer_item_retries_total").increment(ops.len() as u64);
+                s.left[i].extend(ops);
             }
-            Err(err) => {
-                for (op, i) in all_ops.into_iter().zip(owner) {
-                    left[i].push(op);
+            for (i, why) in rejected.into_iter().enumerate() {
+                if let Some(why) = why {
+                    metrics::counter!("log_indexer_failed_items_total").increment(1);
+                    s.dead[i] = Some(why);
                 }
-                request_error = Some(err);
             }
         }
-        metrics::histogram!("log_indexer_bulk_seconds").record(started.elapsed().as_secs_f64());
+        Err(err) => {
+            for (op, i) in all_ops.into_iter().zip(owner) {
+                s.left[i].push(op);
+            }
+            s.error = Some(err);
+        }
     }
-    // Dead letters must be safe in Redis before their entries are acknowledged.
-    let dlq: Vec<(&str, Vec<(&str, String)>)> = state
-        .buf
+    metrics::histogram!("log_indexer_bulk_seconds").record(started.elapsed().as_secs_f64());
+    s
+}
+
+/// Keep the events refused for good in `log_stream:dlq`, with the reason.
+async fn store_dead_letters(
+    a: &IndexerArgs,
+    buf: &[Pending],
+    dead: &[Option<String>],
+) -> Result<(), DependencyError> {
+    let dlq: Vec<(&str, Vec<(&str, String)>)> = buf
         .iter()
-        .zip(&dead)
+        .zip(dead)
         .filter_map(|(p, d)| d.as_ref().map(|why| (p, why)))
         .map(|(p, why)| {
             let mut f: Vec<(&str, String)> = p
@@ -387,57 +457,10 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
             (LOG_DEAD_LETTER_STREAM, f)
         })
         .collect();
-    let dlq_ok = if dlq.is_empty() {
-        true
-    } else {
-        match a.queue.append(&dlq).await {
-            Ok(_) => true,
-            Err(err) => {
-                request_error.get_or_insert(err);
-                false
-            }
-        }
-    };
-    let mut ack = Vec::new();
-    let mut keep = Vec::new();
-    for ((mut p, ops_left), d) in std::mem::take(&mut state.buf)
-        .into_iter()
-        .zip(left)
-        .zip(dead)
-    {
-        let dead_done = d.is_none() || dlq_ok;
-        if ops_left.is_empty() && dead_done {
-            ack.push(p.entry_id);
-        } else {
-            // Only what is left is sent again; a dead letter already stored stays stored.
-            p.ops = ops_left;
-            keep.push(p);
-        }
+    if !dlq.is_empty() {
+        a.queue.append(&dlq).await?;
     }
-    if !ack.is_empty() {
-        if let Err(err) = a.queue.ack(LOG_STREAM, &a.group, &ack).await {
-            // Documents are stored; unacknowledged entries are re-read and re-written
-            // under the same ids, which duplicates nothing.
-            request_error.get_or_insert(err);
-        }
-        metrics::counter!("log_events_indexed_total").increment(ack.len() as u64);
-    }
-    state.buf_bytes = keep.iter().map(|p| p.bytes).sum();
-    state.first_at = if keep.is_empty() {
-        None
-    } else {
-        Some(Instant::now())
-    };
-    state.buf = keep;
-    match request_error {
-        Some(e) => Err(e),
-        None if !state.buf.is_empty() => Err(DependencyError::new(
-            Dependency::Elasticsearch,
-            "some items asked to be retried",
-        )
-        .with_kind(ErrorKind::ItemsToRetry)),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -504,5 +527,85 @@ mod tests {
         );
         assert_eq!(owner.len(), ops.len());
         assert!(owner.iter().all(|i| *i < 3));
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+    use crate::domain::Channel;
+    use crate::testing::{self, MemoryQueue, MemorySearch, SearchMethod};
+    use chrono::Utc;
+
+    const GROUP: &str = "g";
+
+    async fn start(queue: &MemoryQueue, search: &Arc<MemorySearch>) {
+        let args = IndexerArgs {
+            queue: Arc::new(queue.clone()),
+            search: search.clone(),
+            group: GROUP.into(),
+            consumer: "i1".into(),
+            logs_index: "logs".into(),
+            communications_index: "comms".into(),
+            batch: BatchSettings::new(100, Duration::from_millis(10)),
+        };
+        Actor::spawn(None, LogIndexer, args).await.unwrap();
+    }
+
+    async fn append_events(queue: &MemoryQueue, ns: std::ops::RangeInclusive<u32>) {
+        for n in ns {
+            let r = testing::record(n, Channel::Sms);
+            let ev = LogEvent::for_record(&r, "router", EventStatus::Queued, 0, Utc::now());
+            queue.append(&[(LOG_STREAM, ev.to_fields())]).await.unwrap();
+        }
+    }
+
+    async fn settled(queue: &MemoryQueue) {
+        for _ in 0..1000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let read = !queue.entries(LOG_STREAM).is_empty()
+                && queue.script().count(crate::testing::QueueMethod::Ack) > 0;
+            if read && queue.pending(LOG_STREAM, GROUP).is_empty() {
+                return;
+            }
+        }
+        panic!("log events still pending");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_go_in_one_bulk_and_refusals_to_the_dead_letters() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        append_events(&queue, 1..=3).await;
+        queue
+            .append(&[(LOG_STREAM, vec![("status", "garbage".to_string())])])
+            .await
+            .unwrap();
+        // The first record's log document is refused for good.
+        search.answer_next_bulk(vec![ItemResult::Rejected("mapping".into())]);
+        start(&queue, &search).await;
+        settled(&queue).await;
+        assert_eq!(search.script.sizes(SearchMethod::Bulk), [6]);
+        let dead = queue.entries(LOG_DEAD_LETTER_STREAM);
+        let reasons: Vec<&str> = dead
+            .iter()
+            .filter_map(|e| e.field("deadLetterReason"))
+            .collect();
+        assert_eq!(reasons, ["logs: mapping", "undecodable log event"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_elasticsearch_outage_is_waited_out_and_the_indices_made_again() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        search
+            .script
+            .fail_next(SearchMethod::Bulk, 3, ErrorKind::Unavailable);
+        append_events(&queue, 1..=2).await;
+        start(&queue, &search).await;
+        settled(&queue).await;
+        assert_eq!(search.script.sizes(SearchMethod::Bulk), [4, 4, 4, 4]);
+        assert_eq!(search.script.count(SearchMethod::Prepare), 4);
+        assert_eq!(search.bulks().len(), 1);
+        assert!(queue.entries(LOG_DEAD_LETTER_STREAM).is_empty());
     }
 }
