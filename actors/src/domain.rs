@@ -374,102 +374,23 @@ pub fn validate(raw: &RawRequest) -> Result<NewCommunication, ValidationError> {
 }
 
 /// Validate a request body against every rule; the error names the first field that
-/// breaks one.
+/// breaks one (fields are checked in this order: type, data, from, to, msg, subject, then
+/// the addresses for the channel, then the body).
 pub fn validate_with(
     raw: &RawRequest,
     limits: &ValidationLimits,
 ) -> Result<NewCommunication, ValidationError> {
-    let channel = match &raw.kind {
-        None | Some(serde_json::Value::Null) => {
-            return Err(invalid(
-                "type",
-                "type is required: one of email, sms, whatsapp",
-            ))
-        }
-        Some(serde_json::Value::String(s)) => Channel::parse(s).ok_or_else(|| {
-            invalid(
-                "type",
-                format!("type must be one of email, sms, whatsapp (got {s:?})"),
-            )
-        })?,
-        Some(_) => {
-            return Err(invalid(
-                "type",
-                "type must be a string: email, sms or whatsapp",
-            ))
-        }
-    };
-    let data = match &raw.data {
-        Some(serde_json::Value::Object(map)) => map,
-        None | Some(serde_json::Value::Null) => {
-            return Err(invalid(
-                "data",
-                "data is required: an object with from, to and msg",
-            ))
-        }
-        Some(_) => {
-            return Err(invalid(
-                "data",
-                "data must be an object with from, to and msg",
-            ))
-        }
-    };
+    let channel = channel_of(raw.kind.as_ref())?;
+    let data = data_of(raw.data.as_ref())?;
     let from = required_string(data, "from")?;
     let to = required_string(data, "to")?;
     let msg = required_string(data, "msg")?;
-    let subject = match data.get("subject") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) if channel == Channel::Email => {
-            if s.chars().count() > 998 || has_forbidden_control(s) || s.contains('\n') {
-                return Err(invalid(
-                    "subject",
-                    "data.subject must be one line of at most 998 characters",
-                ));
-            }
-            Some(s.clone())
-        }
-        Some(serde_json::Value::String(_)) => {
-            return Err(invalid("subject", "data.subject is only allowed for email"))
-        }
-        Some(_) => return Err(invalid("subject", "data.subject must be a string")),
-    };
+    let subject = subject_of(data, channel)?;
     match channel {
-        Channel::Email => {
-            if !is_email_address(&from) {
-                return Err(invalid("from", "data.from must be an email address"));
-            }
-            if !is_email_address(&to) {
-                return Err(invalid("to", "data.to must be an email address"));
-            }
-        }
-        Channel::Sms | Channel::Whatsapp => {
-            if !is_phone_sender(&from) {
-                return Err(invalid(
-                    "from",
-                    "data.from must be an E.164 number (+15550001111) or a sender id",
-                ));
-            }
-            if !is_e164(&to) {
-                return Err(invalid(
-                    "to",
-                    "data.to must be an E.164 number: '+' then up to 15 digits, no leading 0",
-                ));
-            }
-        }
+        Channel::Email => check_email_addresses(&from, &to)?,
+        Channel::Sms | Channel::Whatsapp => check_phone_addresses(&from, &to)?,
     }
-    let max = limits.max_msg_chars(channel);
-    if msg.chars().count() > max {
-        return Err(invalid(
-            "msg",
-            format!("data.msg is longer than the {channel} limit of {max} characters"),
-        ));
-    }
-    if has_forbidden_control(&msg) {
-        return Err(invalid(
-            "msg",
-            "data.msg must not contain control characters other than newline and tab",
-        ));
-    }
+    check_msg(&msg, limits.max_msg_chars(channel), channel)?;
     Ok(NewCommunication {
         channel,
         from,
@@ -477,6 +398,106 @@ pub fn validate_with(
         msg,
         subject,
     })
+}
+
+fn channel_of(kind: Option<&serde_json::Value>) -> Result<Channel, ValidationError> {
+    match kind {
+        None | Some(serde_json::Value::Null) => Err(invalid(
+            "type",
+            "type is required: one of email, sms, whatsapp",
+        )),
+        Some(serde_json::Value::String(s)) => Channel::parse(s).ok_or_else(|| {
+            invalid(
+                "type",
+                format!("type must be one of email, sms, whatsapp (got {s:?})"),
+            )
+        }),
+        Some(_) => Err(invalid(
+            "type",
+            "type must be a string: email, sms or whatsapp",
+        )),
+    }
+}
+
+fn data_of(
+    data: Option<&serde_json::Value>,
+) -> Result<&serde_json::Map<String, serde_json::Value>, ValidationError> {
+    match data {
+        Some(serde_json::Value::Object(map)) => Ok(map),
+        None | Some(serde_json::Value::Null) => Err(invalid(
+            "data",
+            "data is required: an object with from, to and msg",
+        )),
+        Some(_) => Err(invalid(
+            "data",
+            "data must be an object with from, to and msg",
+        )),
+    }
+}
+
+/// Email only: one line of at most 998 characters (RFC 5322's line limit).
+fn subject_of(
+    data: &serde_json::Map<String, serde_json::Value>,
+    channel: Channel,
+) -> Result<Option<String>, ValidationError> {
+    match data.get("subject") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) if channel == Channel::Email => {
+            if s.chars().count() > 998 || has_forbidden_control(s) || s.contains('\n') {
+                return Err(invalid(
+                    "subject",
+                    "data.subject must be one line of at most 998 characters",
+                ));
+            }
+            Ok(Some(s.clone()))
+        }
+        Some(serde_json::Value::String(_)) => {
+            Err(invalid("subject", "data.subject is only allowed for email"))
+        }
+        Some(_) => Err(invalid("subject", "data.subject must be a string")),
+    }
+}
+
+fn check_email_addresses(from: &str, to: &str) -> Result<(), ValidationError> {
+    if !is_email_address(from) {
+        return Err(invalid("from", "data.from must be an email address"));
+    }
+    if !is_email_address(to) {
+        return Err(invalid("to", "data.to must be an email address"));
+    }
+    Ok(())
+}
+
+fn check_phone_addresses(from: &str, to: &str) -> Result<(), ValidationError> {
+    if !is_phone_sender(from) {
+        return Err(invalid(
+            "from",
+            "data.from must be an E.164 number (+15550001111) or a sender id",
+        ));
+    }
+    if !is_e164(to) {
+        return Err(invalid(
+            "to",
+            "data.to must be an E.164 number: '+' then up to 15 digits, no leading 0",
+        ));
+    }
+    Ok(())
+}
+
+fn check_msg(msg: &str, max: usize, channel: Channel) -> Result<(), ValidationError> {
+    if msg.chars().count() > max {
+        return Err(invalid(
+            "msg",
+            format!("data.msg is longer than the {channel} limit of {max} characters"),
+        ));
+    }
+    if has_forbidden_control(msg) {
+        return Err(invalid(
+            "msg",
+            "data.msg must not contain control characters other than newline and tab",
+        ));
+    }
+    Ok(())
 }
 
 /// One communication record, as the source of truth (MongoDB) holds it.
@@ -929,6 +950,57 @@ mod tests {
         assert!(!is_email_address(&format!("a{local}@example.com")));
         assert!(!is_email_address("a..b@example.com"));
         assert!(!is_email_address("ab@localhost"));
+    }
+
+    #[test]
+    fn event_statuses_keep_their_wire_spelling() {
+        let wire = [
+            "queued",
+            "retrying",
+            "sent",
+            "failed",
+            "delivered",
+            "undelivered",
+            "read",
+        ];
+        for (status, text) in EventStatus::ALL.into_iter().zip(wire) {
+            assert_eq!(status.as_str(), text);
+            assert_eq!(serde_json::to_value(status).unwrap(), json!(text));
+            assert_eq!(EventStatus::parse(text), Some(status));
+        }
+        assert_eq!(EventStatus::parse("pending"), None);
+        assert!(EventStatus::try_from(Status::Sending).is_err());
+        assert_eq!(EventStatus::try_from(Status::Read), Ok(EventStatus::Read));
+        let rec = Communication::new(
+            "65f000000000000000000001".into(),
+            NewCommunication {
+                channel: Channel::Sms,
+                from: "+1".into(),
+                to: "+2".into(),
+                msg: "m".into(),
+                subject: None,
+            },
+            Utc::now(),
+        );
+        let ev = LogEvent::for_record(&rec, "sms", EventStatus::Sent, 1, Utc::now());
+        let mut e = StreamEntry {
+            id: "1-0".into(),
+            fields: ev
+                .to_fields()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        };
+        let back = LogEvent::from_entry(&e).unwrap();
+        assert_eq!(
+            (back.status, back.communication_id),
+            (ev.status, ev.communication_id)
+        );
+        e.fields[2].1 = "lost".into();
+        assert_eq!(
+            LogEvent::from_entry(&e),
+            Err(DecodeError::BadStatus("lost".into()))
+        );
     }
 
     #[test]
