@@ -1,12 +1,40 @@
-//! The actor system of the communication aggregator.
+//! The actor system of the communication aggregator: the actors that move a communication
+//! from request to provider to search index, and the ports they reach the world through.
+//! Nothing here touches a driver: the root crate implements the ports over MongoDB, Redis,
+//! Elasticsearch and the providers, and [`testing`] implements them in memory.
+//!
+//! # The actor tree
 //!
 //! ```text
-//!                        Supervisor
-//!    ┌──────────┬────────────┼──────────────┬──────────────┬──────────┬────────┐
-//!  Router   StreamConsumer×3  Sender×3   LogIndexer   OutboxSweeper  Receipts  Stats
+//!                               Supervisor
+//!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┐
+//! Router  StreamConsumer×3  Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats
 //! ```
-//! `domain` and `retry` are pure; `ports` names what the actors need from MongoDB, Redis,
-//! Elasticsearch and the providers, which the root crate implements.
+//! A request goes HTTP → Router (stored, then on `{type}_stream` and `log_stream`) →
+//! StreamConsumer → Sender (claim, provider call, outcome) ; every step's log event goes
+//! `log_stream` → LogIndexer → Elasticsearch. Receipts apply the providers' delivery
+//! reports; the OutboxSweeper re-queues what MongoDB says should be moving; Stats trims
+//! streams and reports their gauges.
+//!
+//! # Layout
+//!
+//! - [`supervisor`]: starts the children, restarts one that fails, stops them in order.
+//! - [`router`]: RouterActor, the group commit of new requests.
+//! - [`stream_consumer`]: StreamConsumer, one per channel, reading its stream's group.
+//! - [`sender`]: SenderActor, one per channel, its stages (`sender/stages.rs`) and its
+//!   pure decision with table tests (`sender/decision.rs`).
+//! - [`receipts`]: ReceiptActor, providers' delivery receipts in batches.
+//! - [`log_indexer`]: LogIndexer, `log_stream` into Elasticsearch.
+//! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
+//! - [`stats`]: StatsActor, stream trimming and gauges.
+//! - [`domain`]: pure data and rules — channels, validation, records, outcomes, log
+//!   events ([`domain::EventStatus`]).
+//! - [`ports`]: the traits the actors need (`Store`, `Queue`, `SearchSink`, `Provider`) and
+//!   [`ports::DependencyError`] with its typed kinds.
+//! - [`testing`]: in-memory ports with scripted failures and recorded calls (test doubles).
+//! - [`health`]: per-provider circuit breaker and token bucket, pure over an explicit `now`.
+//! - [`retry`]: the per-message retry policy; [`backoff`]: the one backoff mechanism and
+//!   `retry_until`; [`batch`]: the batch limits (items, bytes, time).
 
 pub mod backoff;
 pub mod batch;

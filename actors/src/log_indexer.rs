@@ -2,13 +2,17 @@
 //! every event to `communication-logs`, and the record's current status to `communications`.
 //!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
-//! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an Elasticsearch
-//! outage leaves the backlog in Redis, not in memory).
+//! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
+//! Elasticsearch outage leaves the backlog in Redis, not in memory).
 //! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes).
 //! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
 //! On failure: entries are acknowledged only after their documents are stored or
 //! dead-lettered; a crash leaves the rest pending, read again first after the restart.
-//! Document ids are deterministic, so writing an event twice duplicates nothing.
+//! Document ids are deterministic, so writing an event twice duplicates nothing. A failed
+//! step waits by a full-jitter backoff (200 ms doubling to 5 s, at least 50 ms); the
+//! indices are made again after an Elasticsearch failure, the group after a missing one.
+//! A flush is three stages: one `_bulk` request read item by item, dead letters stored,
+//! then what settled acknowledged and the rest kept (only its unfinished operations).
 
 use crate::backoff::{Backoff, Delays};
 use crate::batch::BatchSettings;

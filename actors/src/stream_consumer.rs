@@ -9,7 +9,9 @@
 //! found and no stale reference is kept.
 //! On failure: it acknowledges an entry only after the sender reported its outcome
 //! recorded, so a crash leaves every unfinished entry pending in the group; the restarted
-//! consumer (same name) reads them again first.
+//! consumer (same name) reads them again first. A failed read waits by the crate's
+//! [`Backoff`] (100 ms doubling to 5 s) and starts again from its
+//! own pending entries; a missing group (Redis restarted empty) is made again.
 
 use crate::backoff::{Backoff, Delays};
 use crate::domain::{Channel, StreamEntry};

@@ -3,8 +3,8 @@
 //! Owns: the child specifications (how to start each child) and the restart history.
 //! Talks to it: `main` (`Shutdown`), ractor's supervision events from its children.
 //! Talks to: its children, only to start and stop them.
-//! On a child's failure: the child is restarted alone, after a backoff that doubles with
-//! each recent restart, as long as fewer than `max_restarts` happened within `window`;
+//! On a child's failure: the child is restarted alone, after a backoff (the crate's
+//! [`Backoff`], without jitter) that doubles with each recent restart, as long as fewer than `max_restarts` happened within `window`;
 //! past that it stops itself with the reason (escalation: the process exits non-zero and
 //! its own supervisor, systemd or the orchestrator, takes over). Children keep no
 //! references to one another: they look peers up by name when they need them, so a

@@ -2,16 +2,23 @@
 //!
 //! Owns: the channel's provider client and retry policy.
 //! Talks to it: the channel's StreamConsumer (`Deliver`, an RPC answered with the stream
-//! entry ids that may be acknowledged).
+//! entry ids that may be acknowledged, and those to offer again).
 //! Talks to: the store (claim before the call: a lease in Redis and one MongoDB read;
 //! outcome after it: one MongoDB write; one round trip per batch each), the provider,
 //! Redis (`log_stream` events).
-//! On failure (a panic, a dependency error): the consumer gets no answer and acknowledges
-//! nothing, so every entry of the batch stays pending in the consumer group. The dead
-//! batch's leases expire after `stale_after`; then those records are claimed again (the
-//! consumer hands autoclaimed entries over one at a time, which isolates a message that
-//! crashes its sender) and sent, marked `possibleDuplicate` on the record and counted in
-//! `possible_duplicate_sends_total`, since the provider call may have been made.
+//! A batch goes through named stages (`stages.rs`): partition the entries (valid ids vs
+//! malformed) → claim → call the provider (rate limit, timeout, panic caught, breaker
+//! told) → decide each call (`decision.rs`, pure: outcome, log event, metric label) →
+//! persist the outcomes → append the log events → report.
+//! On failure: a store error at claim hands the entries back to be offered again; outcome
+//! writes and log appends are retried for `record_patience` (then the entries stay pending,
+//! or the events are dropped and counted). A provider panic is recorded as a retry, the
+//! batch is reported, then the actor fails and is restarted. A crash mid-batch leaves the
+//! consumer without an answer, so every entry of the batch stays pending in the group; the
+//! dead batch's leases expire after `stale_after`, then those records are claimed again
+//! (the consumer hands autoclaimed entries over one at a time, which isolates a message
+//! that crashes its sender) and sent, marked `possibleDuplicate` on the record and counted
+//! in `possible_duplicate_sends_total`, since the provider call may have been made.
 
 mod decision;
 mod stages;
