@@ -86,7 +86,12 @@ fn servers() -> (String, String, Vec<Killed>) {
     )
 }
 
-async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
+/// Empty Redis and the bench indices, then put `n` log events on `log_stream`.
+async fn seed(
+    redis: &str,
+    es: &str,
+    n: usize,
+) -> (Arc<RedisQueue>, redis::aio::MultiplexedConnection) {
     let queue = Arc::new(RedisQueue::new(redis, None, Duration::from_secs(10)).unwrap());
     let mut c = redis::Client::open(redis)
         .unwrap()
@@ -120,6 +125,51 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
             .collect();
         queue.append(&entries).await.unwrap();
     }
+    (queue, c)
+}
+
+async fn indexed_count(http: &reqwest::Client, es: &str) -> u64 {
+    let _ = http.post(format!("{es}/bench-logs/_refresh")).send().await;
+    match http.get(format!("{es}/bench-logs/_count")).send().await {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["count"].as_u64())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Wait until every event is in the index and every entry acknowledged.
+async fn wait_indexed(
+    es: &str,
+    c: &mut redis::aio::MultiplexedConnection,
+    n: usize,
+    started: Instant,
+) {
+    let http = reqwest::Client::new();
+    loop {
+        let indexed = indexed_count(&http, es).await;
+        let p: redis::Value = redis::cmd("XPENDING")
+            .arg(LOG_STREAM)
+            .arg("bench")
+            .query_async(c)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        let none_pending = matches!(p, redis::Value::Array(ref a) if matches!(a.first(), Some(redis::Value::Int(0))));
+        if indexed == n as u64 && none_pending {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            panic!("indexing did not finish: {indexed} of {n}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
+    let (queue, mut c) = seed(redis, es, n).await;
     let search = Arc::new(
         ElasticSink::new(
             es,
@@ -146,48 +196,13 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
     )
     .await
     .unwrap();
-    // Done when every event is in the index and every entry acknowledged.
-    loop {
-        let _ = http.post(format!("{es}/bench-logs/_refresh")).send().await;
-        let indexed = match http.get(format!("{es}/bench-logs/_count")).send().await {
-            Ok(r) => r
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|v| v["count"].as_u64())
-                .unwrap_or(0),
-            Err(_) => 0,
-        };
-        let p: redis::Value = redis::cmd("XPENDING")
-            .arg(LOG_STREAM)
-            .arg("bench")
-            .query_async(&mut c)
-            .await
-            .unwrap_or(redis::Value::Nil);
-        let none_pending = matches!(p, redis::Value::Array(ref a) if matches!(a.first(), Some(redis::Value::Int(0))));
-        if indexed == n as u64 && none_pending {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            panic!("indexing did not finish: {indexed} of {n}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_indexed(es, &mut c, n, started).await;
     let secs = started.elapsed().as_secs_f64();
     actor.stop(None);
     let _ = handle.await;
-    let _ = http.post(format!("{es}/bench-logs/_refresh")).send().await;
-    let count: serde_json::Value = http
-        .get(format!("{es}/bench-logs/_count"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        count["count"].as_u64(),
-        Some(n as u64),
+        indexed_count(&reqwest::Client::new(), es).await,
+        n as u64,
         "every event indexed once"
     );
     n as f64 / secs
