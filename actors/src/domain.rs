@@ -153,11 +153,8 @@ impl EventStatus {
         match self {
             EventStatus::Queued => "queued",
             EventStatus::Retrying => "retrying",
-            EventStatus::Sent => "sent",
-            EventStatus::Failed => "failed",
-            EventStatus::Delivered => "delivered",
-            EventStatus::Undelivered => "undelivered",
-            EventStatus::Read => "read",
+            // The others are spelled as the status they leave the record in.
+            other => other.record_status().as_str(),
         }
     }
 
