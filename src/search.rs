@@ -26,8 +26,18 @@ pub struct SearchParams {
 }
 
 /// A refused parameter: its name and why.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{1}")]
 pub struct BadParam(pub &'static str, pub String);
+
+/// Why a search has no answer (the caller answers 503; the text is only logged).
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error(transparent)]
+    Elasticsearch(#[from] elasticsearch::Error),
+    #[error("search answered {0}")]
+    Status(elasticsearch::http::StatusCode),
+}
 
 fn time(name: &'static str, v: &str) -> Result<String, BadParam> {
     chrono::DateTime::parse_from_rfc3339(v)
@@ -124,22 +134,21 @@ pub async fn search(
     body: Value,
     page: u32,
     size: u32,
-) -> Result<Value, String> {
+) -> Result<Value, SearchError> {
     let res = es
         .search(SearchParts::Index(&[index]))
         .body(body)
         .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let code = res.status_code();
-    let v: Value = res.json().await.map_err(|e| e.to_string())?;
+    let v: Value = res.json().await?;
     if code.as_u16() == 404 {
         // No index yet: nothing was indexed.
         return Ok(json!({"total": 0, "page": page, "size": size, "items": [],
                          "counts": {"byStatus": {}, "byType": {}}}));
     }
     if !code.is_success() {
-        return Err(format!("search answered {code}"));
+        return Err(SearchError::Status(code));
     }
     let items: Vec<Value> = v["hits"]["hits"]
         .as_array()
