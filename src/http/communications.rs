@@ -7,10 +7,10 @@
 
 use crate::auth::{AuthError, Identity};
 use crate::clients::mongo::MongoStore;
+use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
-use crate::http::extract::{authenticated, limited_body, with_state};
 use crate::http::routes::{at, at_with_param, CREATE_COMMUNICATION, GET_COMMUNICATION};
-use crate::http::AppState;
+use crate::http::state::{authenticated, with_state, AppState};
 use crate::limits::CapDecision;
 use actors::call::CallError;
 use actors::domain::{validate_with, NewCommunication, RawRequest};

@@ -5,9 +5,8 @@
 //! never carries a driver's error.
 
 use crate::auth::AuthError;
-use crate::http::extract::{TooLarge, BODY_LIMIT};
-use crate::http::search::QueryError;
-use crate::search::BadParam;
+use crate::http::body::{TooLarge, BODY_LIMIT};
+use crate::search::{BadParam, QueryError};
 use actors::domain::{Channel, ValidationError};
 use serde_json::json;
 use warp::http::header::{self, HeaderName, HeaderValue};

@@ -6,8 +6,9 @@
 //! - `routes.rs`: the route table, written once; the filters, the metric labels and the
 //!   `Allow` of a 405 come from it.
 //! - `errors.rs`: [`ApiError`], its status, code, message and headers.
-//! - `extract.rs`: the identity, the bounded body and the state a handler takes.
-//! - `state.rs`: [`AppState`], what the handlers share.
+//! - `state.rs`: [`AppState`], what the handlers share, and the filters that hand it and
+//!   the caller's identity to them.
+//! - `body.rs`: the request body, bounded.
 //! - `communications.rs`: accept a communication, read one back.
 //! - `search.rs`: search the communications.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
@@ -16,17 +17,17 @@
 //! This file assembles the routes and wraps them in what every request gets: an
 //! `x-request-id`, a tracing span, and the request metrics.
 
+mod body;
 pub mod callbacks;
 mod communications;
 pub mod errors;
-mod extract;
 mod operations;
 pub mod routes;
 mod search;
 mod state;
 
+pub use body::BODY_LIMIT;
 pub use errors::ApiError;
-pub use extract::BODY_LIMIT;
 pub use operations::OPENAPI;
 pub use routes::{allowed_methods, ROUTES};
 pub use state::AppState;

@@ -3,9 +3,8 @@
 
 use crate::auth::{AuthError, Identity};
 use crate::http::errors::{respond, ApiError};
-use crate::http::extract::{authenticated, with_state};
 use crate::http::routes::{at, HEALTHZ, METRICS, OPENAPI_DOCUMENT, PROVIDERS, READYZ};
-use crate::http::AppState;
+use crate::http::state::{authenticated, with_state, AppState};
 use actors::ports::{DependencyError, SearchSink, Store};
 use serde_json::json;
 use std::sync::atomic::Ordering;

@@ -1,6 +1,7 @@
-//! What every handler may read: the clients, the limits and the switches, shared.
+//! What every handler may read (the clients, the limits and the switches, shared), and
+//! the filters that hand it, and the caller's identity, to a handler.
 
-use crate::auth::ApiKeys;
+use crate::auth::{ApiKeys, AuthError, Identity};
 use crate::clients::elastic::ElasticSink;
 use crate::clients::mongo::MongoStore;
 use crate::http::callbacks::CallbackConfig;
@@ -11,6 +12,7 @@ use actors::ports::Queue;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use warp::Filter;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -28,4 +30,22 @@ pub struct AppState {
     pub cap: Arc<RecipientCap>,
     pub validation: ValidationLimits,
     pub metrics_token: Option<String>,
+}
+
+/// The caller's identity (or why there is none), from `Authorization`. Taking it spends a
+/// token of the key's bucket, so it comes after the path and method have matched.
+pub fn authenticated(
+    state: &AppState,
+) -> impl Filter<Extract = (Result<Identity, AuthError>,), Error = warp::Rejection> + Clone {
+    let auth = state.auth.clone();
+    warp::header::optional::<String>("authorization")
+        .map(move |h: Option<String>| auth.authenticate(h.as_deref()))
+}
+
+/// A clone of the shared state for each request.
+pub fn with_state(
+    state: &AppState,
+) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
+    let s = state.clone();
+    warp::any().map(move || s.clone())
 }

@@ -3,8 +3,8 @@
 //! URL + every POST parameter name and value, sorted by name)).
 
 use super::{record, CallbackConfig};
+use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
-use crate::http::extract::limited_body;
 use crate::http::routes::{at, TWILIO_CALLBACK};
 use actors::domain::Status;
 use hmac::{Hmac, Mac};

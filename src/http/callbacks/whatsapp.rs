@@ -5,8 +5,8 @@
 //!   `sha256=` + hex(HMAC-SHA256(app secret, raw body)).
 
 use super::{record, CallbackConfig};
+use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
-use crate::http::extract::limited_body;
 use crate::http::routes::{at, WHATSAPP_CALLBACK, WHATSAPP_VERIFY};
 use actors::domain::Status;
 use hmac::{Hmac, Mac};

@@ -1,8 +1,5 @@
-//! What the handlers take from a request besides its path: the caller's identity, the
-//! body (bounded), and the shared state.
+//! The request body, read up to a limit whether or not a `content-length` declares it.
 
-use crate::auth::{AuthError, Identity};
-use crate::http::AppState;
 use warp::Filter;
 
 /// Largest request body accepted.
@@ -55,22 +52,4 @@ where
         }
     }
     Ok(out.freeze())
-}
-
-/// The caller's identity (or why there is none), from `Authorization`. Taking it spends a
-/// token of the key's bucket, so it comes after the path and method have matched.
-pub fn authenticated(
-    state: &AppState,
-) -> impl Filter<Extract = (Result<Identity, AuthError>,), Error = warp::Rejection> + Clone {
-    let auth = state.auth.clone();
-    warp::header::optional::<String>("authorization")
-        .map(move |h: Option<String>| auth.authenticate(h.as_deref()))
-}
-
-/// A clone of the shared state for each request.
-pub fn with_state(
-    state: &AppState,
-) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
-    let s = state.clone();
-    warp::any().map(move || s.clone())
 }
