@@ -38,47 +38,69 @@ fn valid_tenant(t: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-/// Parse `tenant:key` or `tenant:sha256:<hex>`; the error names the entry by position
-/// only, never by its secret.
-pub fn parse_entry(entry: &str, what: &str) -> Result<KeySpec, String> {
+/// A configured key that cannot be used. `at` names the entry by position only, never by
+/// its secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("{at}: expected tenant:key")]
+    NoTenant { at: String },
+    #[error("{at}: tenant {tenant:?} must be 1-64 letters, digits, '_', '-' or '.'")]
+    BadTenant { at: String, tenant: String },
+    #[error("{at}: sha256: must be followed by 64 hex digits")]
+    BadDigest { at: String },
+    #[error("{at}: the key for tenant {tenant:?} must be at least {MIN_KEY_LEN} visible ASCII characters")]
+    ShortKey { at: String, tenant: String },
+    #[error("the same API key is configured twice (tenant {0:?})")]
+    Twice(String),
+}
+
+/// Configuration reports its errors as sentences.
+impl From<KeyError> for String {
+    fn from(e: KeyError) -> String {
+        e.to_string()
+    }
+}
+
+/// `<64 hex digits>` → the digest.
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()?;
+    bytes.try_into().ok()
+}
+
+/// Parse `tenant:key` or `tenant:sha256:<hex>`; `at` says where the entry stands.
+pub fn parse_entry(entry: &str, at: &str) -> Result<KeySpec, KeyError> {
+    let at = || at.to_string();
     let Some((tenant, secret)) = entry.trim().split_once(':') else {
-        return Err(format!("{what}: expected tenant:key"));
+        return Err(KeyError::NoTenant { at: at() });
     };
-    if !valid_tenant(tenant) {
-        return Err(format!(
-            "{what}: tenant {tenant:?} must be 1-64 letters, digits, '_', '-' or '.'"
-        ));
+    let tenant = tenant.to_string();
+    if !valid_tenant(&tenant) {
+        return Err(KeyError::BadTenant { at: at(), tenant });
     }
     if let Some(hex) = secret.strip_prefix("sha256:") {
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| {
-                hex.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()
-            .filter(|b| b.len() == 32 && hex.len() == 64)
-            .ok_or_else(|| format!("{what}: sha256: must be followed by 64 hex digits"))?;
-        let mut d = [0u8; 32];
-        d.copy_from_slice(&bytes);
-        return Ok(KeySpec {
-            tenant: tenant.to_string(),
-            digest: d,
-        });
+        let digest = parse_digest(hex).ok_or_else(|| KeyError::BadDigest { at: at() })?;
+        return Ok(KeySpec { tenant, digest });
     }
     if secret.len() < MIN_KEY_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{what}: the key for tenant {tenant:?} must be at least {MIN_KEY_LEN} visible ASCII characters"
-        ));
+        return Err(KeyError::ShortKey { at: at(), tenant });
     }
     Ok(KeySpec {
-        tenant: tenant.to_string(),
+        tenant,
         digest: digest(secret.as_bytes()),
     })
 }
 
 /// All keys from the variable and the file's text; a key given twice is refused.
-pub fn parse_keys(env: Option<&str>, file: Option<(&str, &str)>) -> Result<Vec<KeySpec>, String> {
+pub fn parse_keys(env: Option<&str>, file: Option<(&str, &str)>) -> Result<Vec<KeySpec>, KeyError> {
     let mut out: Vec<KeySpec> = Vec::new();
     if let Some(v) = env {
         for (i, e) in v
@@ -100,10 +122,7 @@ pub fn parse_keys(env: Option<&str>, file: Option<(&str, &str)>) -> Result<Vec<K
     }
     for (i, a) in out.iter().enumerate() {
         if out[..i].iter().any(|b| b.digest == a.digest) {
-            return Err(format!(
-                "the same API key is configured twice (tenant {:?})",
-                a.tenant
-            ));
+            return Err(KeyError::Twice(a.tenant.clone()));
         }
     }
     Ok(out)
@@ -115,13 +134,17 @@ pub struct Identity {
     pub tenant: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Why a request has no identity; the text is what the client reads.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AuthError {
     /// No `Authorization: Bearer` header.
+    #[error("an API key is required: Authorization: Bearer <key>")]
     Missing,
     /// A key that is not configured (or a malformed header).
+    #[error("the API key is not valid")]
     Invalid,
     /// The key's bucket is empty; retry after this long.
+    #[error("too many requests for this API key; retry after the Retry-After seconds")]
     RateLimited(Duration),
 }
 
@@ -244,17 +267,44 @@ mod tests {
             k.authenticate(Some(&format!("Bearer {A}"))).unwrap().tenant,
             "acme"
         );
-        let e = parse_keys(Some("acme:short"), None).unwrap_err();
+        let e = parse_keys(Some("acme:short"), None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("API_KEYS entry 1") && !e.contains("short"),
             "{e}"
         );
-        let e = parse_keys(None, Some(("keys.txt", "acme:sha256:12"))).unwrap_err();
+        let e = parse_keys(None, Some(("keys.txt", "acme:sha256:12")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("keys.txt line 1"), "{e}");
         assert!(parse_keys(Some(&format!("a:{A},b:{A}")), None)
             .unwrap_err()
+            .to_string()
             .contains("twice"));
         assert!(parse_keys(Some(&format!("a b:{A}")), None).is_err());
+    }
+
+    #[test]
+    fn key_errors_read_as_before() {
+        let e = |entry: &str| {
+            parse_entry(entry, "API_KEYS entry 2")
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(e("nocolon"), "API_KEYS entry 2: expected tenant:key");
+        assert_eq!(
+            e("a b:x"),
+            "API_KEYS entry 2: tenant \"a b\" must be 1-64 letters, digits, '_', '-' or '.'"
+        );
+        assert_eq!(
+            e("acme:sha256:zz"),
+            "API_KEYS entry 2: sha256: must be followed by 64 hex digits"
+        );
+        assert_eq!(
+            e("acme:short"),
+            "API_KEYS entry 2: the key for tenant \"acme\" must be at least 16 visible ASCII characters"
+        );
     }
 
     #[test]

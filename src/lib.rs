@@ -3,7 +3,7 @@
 //! `actors` crate; `run` wires them together under one supervisor.
 
 pub mod auth;
-pub mod callbacks;
+pub use http::callbacks;
 pub mod clients;
 pub mod config;
 pub mod http;

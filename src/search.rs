@@ -1,5 +1,7 @@
-//! `GET /api/v1/communications`: search over the `communications` index. Elasticsearch
-//! serves it (MongoDB stays the source of truth for one record: `GET /communication/{id}`).
+//! Search over the `communications` index, behind `GET /api/v1/communications`
+//! (`http/search.rs`): the parameters read from a query string, the Elasticsearch query
+//! they make, and the answer. Elasticsearch serves it (MongoDB stays the source of truth
+//! for one record: `GET /communication/{id}`).
 //!
 //! Parameters: `q` (full text over the message), `type`, `status`, `to`, `from`,
 //! `since` / `until` (RFC 3339, on `createdAt`), `page` (from 1), `size` (1-100). Newest
@@ -25,9 +27,48 @@ pub struct SearchParams {
     pub size: Option<u32>,
 }
 
+/// A query string that does not read as search parameters; the text is what the client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0} must be a positive integer")]
+    NotANumber(String),
+    #[error("unknown parameter {0:?}")]
+    Unknown(String),
+    #[error(transparent)]
+    Malformed(#[from] serde_json::Error),
+}
+
+impl SearchParams {
+    /// A query string (`a=1&b=2`) → parameters; the error names what could not be read.
+    pub fn from_query(raw: &str) -> Result<SearchParams, QueryError> {
+        let mut map = serde_json::Map::new();
+        for (k, v) in url::form_urlencoded::parse(raw.as_bytes()) {
+            let val = match k.as_ref() {
+                "page" | "size" => json!(v
+                    .parse::<u32>()
+                    .map_err(|_| QueryError::NotANumber(k.to_string()))?),
+                "q" | "type" | "status" | "to" | "from" | "since" | "until" => json!(v),
+                other => return Err(QueryError::Unknown(other.to_string())),
+            };
+            map.insert(k.into_owned(), val);
+        }
+        Ok(serde_json::from_value(serde_json::Value::Object(map))?)
+    }
+}
+
 /// A refused parameter: its name and why.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("{1}")]
 pub struct BadParam(pub &'static str, pub String);
+
+/// Why a search has no answer (the caller answers 503; the text is only logged).
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error(transparent)]
+    Elasticsearch(#[from] elasticsearch::Error),
+    #[error("search answered {0}")]
+    Status(elasticsearch::http::StatusCode),
+}
 
 fn time(name: &'static str, v: &str) -> Result<String, BadParam> {
     chrono::DateTime::parse_from_rfc3339(v)
@@ -124,22 +165,21 @@ pub async fn search(
     body: Value,
     page: u32,
     size: u32,
-) -> Result<Value, String> {
+) -> Result<Value, SearchError> {
     let res = es
         .search(SearchParts::Index(&[index]))
         .body(body)
         .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let code = res.status_code();
-    let v: Value = res.json().await.map_err(|e| e.to_string())?;
+    let v: Value = res.json().await?;
     if code.as_u16() == 404 {
         // No index yet: nothing was indexed.
         return Ok(json!({"total": 0, "page": page, "size": size, "items": [],
                          "counts": {"byStatus": {}, "byType": {}}}));
     }
     if !code.is_success() {
-        return Err(format!("search answered {code}"));
+        return Err(SearchError::Status(code));
     }
     let items: Vec<Value> = v["hits"]["hits"]
         .as_array()
@@ -257,5 +297,17 @@ mod tests {
             }),
             "page"
         );
+    }
+
+    #[test]
+    fn query_strings_read_as_parameters_or_say_why_not() {
+        let p = SearchParams::from_query("q=code+4242&type=sms&page=2").unwrap();
+        assert_eq!(
+            (p.q.as_deref(), p.kind.as_deref(), p.page),
+            (Some("code 4242"), Some("sms"), Some(2))
+        );
+        let e = |raw: &str| SearchParams::from_query(raw).unwrap_err().to_string();
+        assert_eq!(e("size=-1"), "size must be a positive integer");
+        assert_eq!(e("colour=red"), "unknown parameter \"colour\"");
     }
 }

@@ -38,6 +38,7 @@
 
 pub mod backoff;
 pub mod batch;
+pub mod call;
 pub mod domain;
 pub mod health;
 pub mod log_indexer;

@@ -40,6 +40,16 @@ pub enum ReceiptMsg {
     Flush,
 }
 
+/// Hand a receipt to the running ReceiptActor and wait up to `timeout` for its answer (it
+/// holds a receipt that overtook its record for up to `wait_for_record`): `true` applied,
+/// `false` nothing it could move.
+pub async fn apply(
+    receipt: Receipt,
+    timeout: Duration,
+) -> Result<bool, crate::call::CallError<DependencyError>> {
+    crate::call::call_registered(NAME, |reply| ReceiptMsg::Apply(receipt, reply), timeout).await
+}
+
 #[derive(Clone)]
 pub struct ReceiptArgs {
     pub store: Arc<dyn Store>,

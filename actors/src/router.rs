@@ -53,6 +53,16 @@ pub enum RouterMsg {
     Flush,
 }
 
+/// Hand a submission to the running router and wait up to `timeout` for its answer (given
+/// once the record is stored). `NotRunning`: nothing was stored; `TimedOut`/`Stopped`: it
+/// may have been.
+pub async fn accept(
+    submission: Submission,
+    timeout: std::time::Duration,
+) -> Result<Accepted, crate::call::CallError<AcceptError>> {
+    crate::call::call_registered(NAME, |reply| RouterMsg::Accept(submission, reply), timeout).await
+}
+
 #[derive(Clone)]
 pub struct RouterArgs {
     pub store: Arc<dyn Store>,

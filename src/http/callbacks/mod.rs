@@ -1,0 +1,70 @@
+//! Provider callbacks (delivery receipts), verified before anything changes. One file per
+//! provider holds its routes, its signature scheme and the mapping of its statuses to
+//! ours:
+//! - [`twilio`]: `POST /api/v1/callbacks/twilio`, Twilio's status callback.
+//! - [`whatsapp`]: `GET /api/v1/callbacks/whatsapp` (Meta's webhook verification) and
+//!   `POST /api/v1/callbacks/whatsapp` (status notifications).
+//!
+//! A missing signature is 401, a wrong one 403; neither changes anything. A verified
+//! receipt goes to the ReceiptActor; if it is not recorded the answer is 503 and the
+//! provider sends it again.
+
+pub mod twilio;
+pub mod whatsapp;
+
+pub use twilio::signature as twilio_signature;
+pub use whatsapp::signature as meta_signature;
+
+use crate::http::errors::ApiError;
+use actors::domain::Status;
+use actors::ports::ReceiptUpdate;
+use actors::receipts::{self, Receipt};
+use std::sync::Arc;
+use std::time::Duration;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::Filter;
+
+/// How long a callback waits for the ReceiptActor (which holds a receipt that overtook its
+/// record for up to 10 s).
+const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone)]
+pub struct CallbackConfig {
+    /// The URL Twilio calls (the public base URL + the route); signatures are over it.
+    pub twilio_url: Option<String>,
+    pub twilio_auth_token: String,
+    pub whatsapp_app_secret: String,
+    pub whatsapp_verify_token: String,
+}
+
+pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
+    twilio::routes(cfg.clone())
+        .or(whatsapp::routes(cfg))
+        .unify()
+        .boxed()
+}
+
+/// Hand one receipt to the ReceiptActor and wait for its answer.
+async fn record(
+    service: &'static str,
+    provider_message_id: &str,
+    status: Status,
+    error: Option<(String, String)>,
+) -> Result<(), ApiError> {
+    let receipt = Receipt {
+        update: ReceiptUpdate {
+            provider_message_id: provider_message_id.to_string(),
+            status,
+            error,
+        },
+        service,
+    };
+    match receipts::apply(receipt, APPLY_TIMEOUT).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "receipt not recorded");
+            Err(ApiError::ReceiptNotRecorded)
+        }
+    }
+}

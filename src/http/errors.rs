@@ -1,0 +1,298 @@
+//! Every error the API answers: one enum, one JSON shape
+//! (`{"error":{"code":"...","message":"..."}}`, plus `field` where a field is to blame), a
+//! stable `code`, and the headers that tell a client what to do next (`Retry-After`,
+//! `Allow`, `WWW-Authenticate`). The `Display` text is the message a client reads, so it
+//! never carries a driver's error.
+
+use crate::auth::AuthError;
+use crate::http::body::{TooLarge, BODY_LIMIT};
+use crate::search::{BadParam, QueryError};
+use actors::domain::{Channel, ValidationError};
+use serde_json::json;
+use warp::http::header::{self, HeaderName, HeaderValue};
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("/metrics wants Authorization: Bearer <METRICS_TOKEN>")]
+    MetricsToken,
+    #[error("the service is shutting down; retry on another instance or shortly")]
+    ShuttingDown,
+    #[error("the body must be JSON, sent with content-type: application/json")]
+    NotJson,
+    /// The body is not the JSON asked for; says what was wrong with it.
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    InvalidQuery(#[from] QueryError),
+    #[error("a communication id is 24 hexadecimal digits")]
+    InvalidId,
+    #[error("data.to has had {max} {channel} messages in this window, the most allowed; retry after the Retry-After seconds")]
+    RecipientLimit {
+        max: u64,
+        channel: Channel,
+        retry_after_secs: u64,
+    },
+    #[error("Idempotency-Key {0:?} was already used for a different request")]
+    KeyReused(String),
+    #[error("no communication {0}")]
+    NoCommunication(String),
+    #[error("the router is restarting; nothing was stored, retry shortly")]
+    RouterRestarting,
+    #[error(
+        "the request could not be processed in time; it may not have been stored, retry later"
+    )]
+    NotProcessedInTime,
+    #[error("the message store is unavailable; nothing was stored, retry later")]
+    NothingStored,
+    #[error("the message store is unavailable, retry later")]
+    StoreUnavailable,
+    #[error(
+        "search is unavailable; GET /api/v1/communication/{{id}} still answers from the store"
+    )]
+    SearchUnavailable,
+    /// A provider's receipt was not recorded; the provider sends it again.
+    #[error("try again later")]
+    ReceiptNotRecorded,
+    /// The provider's signature header (named) is missing.
+    #[error("{0} is required")]
+    Unsigned(&'static str),
+    /// The provider's signature header (named) does not match.
+    #[error("{0} does not match")]
+    BadSignature(&'static str),
+    #[error("MessageSid and MessageStatus are required")]
+    InvalidCallback,
+    #[error("hub.verify_token does not match")]
+    VerificationFailed,
+    #[error("no such route")]
+    NoRoute,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed {
+        /// The methods the path answers, for `Allow`.
+        allow: Vec<&'static str>,
+    },
+    #[error("the body is larger than {BODY_LIMIT} bytes")]
+    PayloadTooLarge,
+    #[error("a content-length is required")]
+    LengthRequired,
+    #[error("unsupported content type")]
+    UnsupportedMediaType,
+    #[error("the request could not be read")]
+    Unreadable,
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl From<BadParam> for ApiError {
+    fn from(BadParam(field, message): BadParam) -> Self {
+        ApiError::Invalid { field, message }
+    }
+}
+
+impl ApiError {
+    /// The answer to a request warp turned away; `allow` gives the methods of its path.
+    pub fn from_rejection(
+        err: &warp::Rejection,
+        allow: impl FnOnce() -> Vec<&'static str>,
+    ) -> ApiError {
+        if err.is_not_found() {
+            ApiError::NoRoute
+        } else if err.find::<warp::reject::PayloadTooLarge>().is_some()
+            || err.find::<TooLarge>().is_some()
+        {
+            ApiError::PayloadTooLarge
+        } else if err.find::<warp::reject::LengthRequired>().is_some() {
+            ApiError::LengthRequired
+        } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+            ApiError::MethodNotAllowed { allow: allow() }
+        } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
+            ApiError::UnsupportedMediaType
+        } else {
+            tracing::debug!(?err, "unhandled rejection");
+            ApiError::Unreadable
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            Auth(AuthError::RateLimited(_)) | RecipientLimit { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Auth(_) | MetricsToken | Unsigned(_) => StatusCode::UNAUTHORIZED,
+            BadSignature(_) | VerificationFailed => StatusCode::FORBIDDEN,
+            NotJson | UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            InvalidJson(_)
+            | Invalid { .. }
+            | InvalidQuery(_)
+            | InvalidId
+            | InvalidCallback
+            | Unreadable => StatusCode::BAD_REQUEST,
+            KeyReused(_) => StatusCode::CONFLICT,
+            NoCommunication(_) | NoRoute => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            LengthRequired => StatusCode::LENGTH_REQUIRED,
+            ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
+            | StoreUnavailable | SearchUnavailable | ReceiptNotRecorded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The stable `code` clients match on.
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            Auth(AuthError::RateLimited(_)) => "rate_limited",
+            Auth(_) | MetricsToken => "unauthorized",
+            ShuttingDown => "shutting_down",
+            NotJson | UnsupportedMediaType => "unsupported_media_type",
+            InvalidJson(_) => "invalid_json",
+            Invalid { .. } => "validation_failed",
+            InvalidQuery(_) => "invalid_query",
+            InvalidId => "invalid_id",
+            RecipientLimit { .. } => "recipient_limit",
+            KeyReused(_) => "idempotency_key_reused",
+            NoCommunication(_) | NoRoute => "not_found",
+            RouterRestarting | NotProcessedInTime => "unavailable",
+            NothingStored | StoreUnavailable | ReceiptNotRecorded => "store_unavailable",
+            SearchUnavailable => "search_unavailable",
+            Unsigned(_) => "unsigned",
+            BadSignature(_) => "bad_signature",
+            InvalidCallback => "invalid_callback",
+            VerificationFailed => "verification_failed",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            PayloadTooLarge => "payload_too_large",
+            LengthRequired => "length_required",
+            Unreadable => "bad_request",
+        }
+    }
+
+    /// What the client should do next, as headers.
+    fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        use ApiError::*;
+        let retry_after = |secs: u64| vec![(header::RETRY_AFTER, HeaderValue::from(secs))];
+        match self {
+            Auth(AuthError::RateLimited(wait)) => {
+                retry_after(wait.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            Auth(_) | MetricsToken => {
+                vec![(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))]
+            }
+            RecipientLimit {
+                retry_after_secs, ..
+            } => retry_after(*retry_after_secs),
+            // Receipts answer without one: the provider keeps its own retry schedule.
+            ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
+            | StoreUnavailable | SearchUnavailable => retry_after(1),
+            MethodNotAllowed { allow } => HeaderValue::from_str(&allow.join(", "))
+                .map(|v| vec![(header::ALLOW, v)])
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let message = self.to_string();
+        let body = match &self {
+            ApiError::Invalid { field, .. } => {
+                json!({"error": {"code": code, "field": field, "message": message}})
+            }
+            _ => json!({"error": {"code": code, "message": message}}),
+        };
+        let mut r =
+            warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
+        r.headers_mut().extend(self.headers());
+        r
+    }
+}
+
+/// The response of a handler: its answer, or its error rendered.
+pub fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(Reply::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use warp::Filter;
+
+    async fn rendered(
+        e: impl Fn() -> ApiError + Clone + Send + Sync + 'static,
+    ) -> (u16, serde_json::Value, warp::http::HeaderMap) {
+        let r = warp::test::request()
+            .reply(&warp::any().map(move || e().into_response()))
+            .await;
+        let body = serde_json::from_slice(r.body()).unwrap();
+        (r.status().as_u16(), body, r.headers().clone())
+    }
+
+    #[tokio::test]
+    async fn errors_render_the_one_shape_with_their_headers() {
+        let (s, b, h) =
+            rendered(|| AuthError::RateLimited(Duration::from_millis(1200)).into()).await;
+        assert_eq!(s, 429);
+        assert_eq!(b["error"]["code"], "rate_limited");
+        assert_eq!(h[header::RETRY_AFTER], "2");
+        let (s, b, h) = rendered(|| AuthError::Missing.into()).await;
+        assert_eq!(
+            (s, &h[header::WWW_AUTHENTICATE]),
+            (401, &HeaderValue::from_static("Bearer"))
+        );
+        assert_eq!(
+            b,
+            json!({"error": {"code": "unauthorized",
+                "message": "an API key is required: Authorization: Bearer <key>"}})
+        );
+        let (s, b, _) = rendered(|| ApiError::Invalid {
+            field: "Idempotency-Key",
+            message: "m".into(),
+        })
+        .await;
+        assert_eq!(s, 400);
+        assert_eq!(
+            b,
+            json!({"error": {"code": "validation_failed", "field": "Idempotency-Key", "message": "m"}})
+        );
+        let (s, _, h) = rendered(|| ApiError::MethodNotAllowed {
+            allow: vec!["GET", "POST"],
+        })
+        .await;
+        assert_eq!(
+            (s, &h[header::ALLOW]),
+            (405, &HeaderValue::from_static("GET, POST"))
+        );
+        let (s, b, h) = rendered(|| ApiError::ReceiptNotRecorded).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (503, Some("store_unavailable"))
+        );
+        assert!(h.get(header::RETRY_AFTER).is_none());
+        let (_, b, h) = rendered(|| ApiError::SearchUnavailable).await;
+        assert_eq!(h[header::RETRY_AFTER], "1");
+        assert_eq!(
+            b["error"]["message"],
+            "search is unavailable; GET /api/v1/communication/{id} still answers from the store"
+        );
+    }
+}

@@ -1,0 +1,100 @@
+//! The HTTP edge (warp): the API, the provider callbacks, and the routes for operators.
+//! Every error is an [`ApiError`], with the shape `{"error":{"code":"...","message":"..."}}`;
+//! driver messages never reach clients.
+//!
+//! # Layout
+//! - `routes.rs`: the route table, written once; the filters, the metric labels and the
+//!   `Allow` of a 405 come from it.
+//! - `errors.rs`: [`ApiError`], its status, code, message and headers.
+//! - `state.rs`: [`AppState`], what the handlers share, and the filters that hand it and
+//!   the caller's identity to them.
+//! - `body.rs`: the request body, bounded.
+//! - `communications.rs`: accept a communication, read one back.
+//! - `search.rs`: search the communications.
+//! - `callbacks/`: the providers' delivery receipts, a file per provider.
+//! - `operations.rs`: health, readiness, metrics, the OpenAPI document, provider health.
+//!
+//! This file assembles the routes and wraps them in what every request gets: an
+//! `x-request-id`, a tracing span, and the request metrics.
+
+mod body;
+pub mod callbacks;
+mod communications;
+pub mod errors;
+mod operations;
+pub mod routes;
+mod search;
+mod state;
+
+pub use body::BODY_LIMIT;
+pub use errors::ApiError;
+pub use operations::OPENAPI;
+pub use routes::{allowed_methods, ROUTES};
+pub use state::AppState;
+
+use std::convert::Infallible;
+use warp::http::header::HeaderValue;
+use warp::path::FullPath;
+use warp::reply::{Reply, Response};
+use warp::{Filter, Rejection};
+
+pub fn routes(
+    state: AppState,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let api = [
+        communications::routes(&state),
+        search::routes(&state),
+        callbacks::routes(state.callbacks.clone()),
+        operations::routes(&state),
+    ]
+    .into_iter()
+    .reduce(|a, b| a.or(b).unify().boxed())
+    .expect("routes");
+    // A rejection is kept to be answered below, where the path (for `Allow`) is known.
+    let answer = api
+        .map(Ok)
+        .recover(|r| async move { Ok::<_, Infallible>(Err(r)) })
+        .unify();
+    request_id()
+        .and(warp::path::full())
+        .and(answer)
+        .map(finish)
+        .with(warp::trace(|info| {
+            tracing::info_span!("http", method = %info.method(), path = %info.path(),
+                request_id = tracing::field::Empty)
+        }))
+        .with(warp::log::custom(|info| {
+            let route = routes::route_label(info.path());
+            let status = info.status().as_u16().to_string();
+            metrics::counter!("http_requests_total", "route" => route, "status" => status)
+                .increment(1);
+            metrics::histogram!("http_request_duration_seconds", "route" => route)
+                .record(info.elapsed().as_secs_f64());
+        }))
+}
+
+/// The caller's `x-request-id`, or a new one; it is also put on the request's span, so a
+/// client's report finds its log lines.
+fn request_id() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
+    warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        let id = h
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+        tracing::Span::current().record("request_id", id.as_str());
+        id
+    })
+}
+
+/// The answer, or the rejection rendered, carrying the request id.
+fn finish(id: String, path: FullPath, answer: Result<Response, Rejection>) -> Response {
+    let mut r = answer.unwrap_or_else(|rejection| {
+        ApiError::from_rejection(&rejection, || allowed_methods(path.as_str())).into_response()
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        r.headers_mut().insert("x-request-id", v);
+    }
+    r
+}

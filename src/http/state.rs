@@ -1,0 +1,51 @@
+//! What every handler may read (the clients, the limits and the switches, shared), and
+//! the filters that hand it, and the caller's identity, to a handler.
+
+use crate::auth::{ApiKeys, AuthError, Identity};
+use crate::clients::elastic::ElasticSink;
+use crate::clients::mongo::MongoStore;
+use crate::http::callbacks::CallbackConfig;
+use crate::limits::RecipientCap;
+use actors::domain::ValidationLimits;
+use actors::health::ProviderHealth;
+use actors::ports::Queue;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use warp::Filter;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<MongoStore>,
+    pub queue: Arc<dyn Queue>,
+    pub search: Arc<ElasticSink>,
+    pub prometheus: PrometheusHandle,
+    /// Set once shutdown begins: new communications are refused and readiness fails, so
+    /// load balancers move on while in-flight work finishes.
+    pub shutting_down: Arc<AtomicBool>,
+    pub health: Vec<Arc<ProviderHealth>>,
+    pub callbacks: Arc<CallbackConfig>,
+    pub communications_index: String,
+    pub auth: Arc<ApiKeys>,
+    pub cap: Arc<RecipientCap>,
+    pub validation: ValidationLimits,
+    pub metrics_token: Option<String>,
+}
+
+/// The caller's identity (or why there is none), from `Authorization`. Taking it spends a
+/// token of the key's bucket, so it comes after the path and method have matched.
+pub fn authenticated(
+    state: &AppState,
+) -> impl Filter<Extract = (Result<Identity, AuthError>,), Error = warp::Rejection> + Clone {
+    let auth = state.auth.clone();
+    warp::header::optional::<String>("authorization")
+        .map(move |h: Option<String>| auth.authenticate(h.as_deref()))
+}
+
+/// A clone of the shared state for each request.
+pub fn with_state(
+    state: &AppState,
+) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
+    let s = state.clone();
+    warp::any().map(move || s.clone())
+}
