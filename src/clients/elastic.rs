@@ -141,7 +141,11 @@ pub struct ElasticAccess {
     pub api_key: Option<String>,
     /// PEM certificate (a CA, or the node's own) to trust for `https://`.
     pub ca_file: Option<String>,
+    /// One request, a `_bulk` included (`None`: [`DEFAULT_TIMEOUT`]).
+    pub timeout: Option<Duration>,
 }
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ElasticSink {
     pub fn new(
@@ -152,7 +156,7 @@ impl ElasticSink {
     ) -> Result<ElasticSink, DependencyError> {
         let url = url::Url::parse(node).map_err(err)?;
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
-            .timeout(Duration::from_secs(30));
+            .timeout(access.timeout.unwrap_or(DEFAULT_TIMEOUT));
         if let Some(k) = &access.api_key {
             builder = builder.auth(match k.split_once(':') {
                 Some((id, key)) => Credentials::ApiKey(id.into(), key.into()),
