@@ -30,13 +30,17 @@ async fn run_serves_sends_and_returns_ok_on_shutdown() {
     })
     .await;
     assert_eq!(answer["status"], "queued", "{answer}");
-    eventually(Duration::from_secs(20), "the SMS at the stand-in", || async {
-        stack
-            .sandbox_messages()
-            .await
-            .into_iter()
-            .find(|m| m["body"] == msg.as_str())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the SMS at the stand-in",
+        || async {
+            stack
+                .sandbox_messages()
+                .await
+                .into_iter()
+                .find(|m| m["body"] == msg.as_str())
+        },
+    )
     .await;
 
     stop.send(()).unwrap();

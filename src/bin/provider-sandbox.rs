@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
-use warp::Filter;
+use warp::{Filter, Rejection};
 
 pub const DEV_ACCOUNT_SID: &str = "AC00000000000000000000000000000000";
 pub const DEV_AUTH_TOKEN: &str = "sandbox-auth-token";
@@ -177,6 +177,20 @@ fn basic_auth(header: Option<&str>) -> Option<(String, String)> {
 }
 
 impl Sandbox {
+    fn set_fault(&self, f: Fault) -> Response {
+        if !["twilio", "whatsapp"].contains(&f.provider.as_str()) {
+            return json_status(
+                json!({"error": "provider must be twilio or whatsapp"}),
+                StatusCode::BAD_REQUEST,
+            );
+        }
+        self.faults
+            .lock()
+            .unwrap()
+            .insert(f.provider.clone(), f.clone());
+        json_status(json!({"fault": f}), StatusCode::OK)
+    }
+
     fn next_hex(&self, len: usize) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let t = std::time::SystemTime::now()
@@ -192,255 +206,308 @@ impl Sandbox {
         s[..len].to_string()
     }
 
+    /// Twilio's `Messages.json`: the checks Twilio makes, in its order, then the Message
+    /// resource, and the status callbacks if the request asked for them.
     fn twilio(&self, sid: String, auth: Option<String>, form: HashMap<String, String>) -> Response {
-        match basic_auth(auth.as_deref()) {
+        let req = match self.twilio_request(&sid, auth.as_deref(), &form) {
+            Ok(r) => r,
+            Err(answer) => return answer,
+        };
+        let msid = format!("SM{}", self.next_hex(32));
+        self.received.lock().unwrap().push(json!({
+            "provider": "twilio", "id": msid, "to": req.to, "from": req.from,
+            "messagingServiceSid": req.mss, "body": req.body,
+        }));
+        if let Some(cb) = form.get("StatusCallback") {
+            self.twilio_callbacks(cb.clone(), &req, &msid);
+        }
+        json_status(self.twilio_resource(&req, &msid), StatusCode::CREATED)
+    }
+
+    fn twilio_request<'a>(
+        &self,
+        sid: &str,
+        auth: Option<&str>,
+        form: &'a HashMap<String, String>,
+    ) -> Result<TwilioRequest<'a>, Response> {
+        match basic_auth(auth) {
             Some((u, p))
                 if u == self.account_sid && p == self.auth_token && sid == self.account_sid => {}
-            _ => return twilio_error(401, 20003, "Authenticate"),
+            _ => return Err(twilio_error(401, 20003, "Authenticate")),
         }
-        let to = form.get("To").map(String::as_str).unwrap_or("");
-        let body = form.get("Body").map(String::as_str).unwrap_or("");
-        let from = form.get("From").cloned();
-        let mss = form.get("MessagingServiceSid").cloned();
-        if to.is_empty() {
-            return twilio_error(400, 21604, "A 'To' phone number is required.");
-        }
-        if body.is_empty() {
-            return twilio_error(400, 21602, "Message body is required.");
-        }
-        if from.is_none() && mss.is_none() {
-            return twilio_error(
-                400,
+        let field = |k: &str| form.get(k).map(String::as_str);
+        let req = TwilioRequest {
+            to: field("To").unwrap_or(""),
+            body: field("Body").unwrap_or(""),
+            from: field("From"),
+            mss: field("MessagingServiceSid"),
+        };
+        let to = req.to;
+        let refusal = if to.is_empty() {
+            Some((21604, "A 'To' phone number is required.".to_string()))
+        } else if req.body.is_empty() {
+            Some((21602, "Message body is required.".into()))
+        } else if req.from.is_none() && req.mss.is_none() {
+            Some((
                 21603,
-                "A 'From' or 'MessagingServiceSid' parameter is required to send a message.",
-            );
-        }
-        if body.chars().count() > 1600 {
-            return twilio_error(
-                400,
+                "A 'From' or 'MessagingServiceSid' parameter is required to send a message.".into(),
+            ))
+        } else if req.body.chars().count() > 1600 {
+            Some((
                 21617,
-                "The concatenated message body exceeds the 1600 character limit.",
-            );
-        }
-        if !is_e164(to) || to == "+15005550001" {
-            return twilio_error(
-                400,
+                "The concatenated message body exceeds the 1600 character limit.".into(),
+            ))
+        } else if !is_e164(to) || to == "+15005550001" {
+            Some((
                 21211,
-                &format!("The 'To' number {to} is not a valid phone number."),
-            );
-        }
-        if to == "+15005550009" {
-            return twilio_error(
-                400,
+                format!("The 'To' number {to} is not a valid phone number."),
+            ))
+        } else if to == "+15005550009" {
+            Some((
                 21614,
-                &format!("'To' number {to} is not a valid mobile number"),
-            );
+                format!("'To' number {to} is not a valid mobile number"),
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some((code, message)) => Err(twilio_error(400, code, &message)),
+            None => Ok(req),
         }
-        let msid = format!("SM{}", self.next_hex(32));
+    }
+
+    fn twilio_resource(&self, req: &TwilioRequest, msid: &str) -> Value {
         let now = chrono::Utc::now().to_rfc2822();
-        let resource = json!({
-            "account_sid": self.account_sid,
+        let account = &self.account_sid;
+        json!({
+            "account_sid": account,
             "api_version": "2010-04-01",
-            "body": body,
+            "body": req.body,
             "date_created": now,
             "date_sent": null,
             "date_updated": now,
             "direction": "outbound-api",
             "error_code": null,
             "error_message": null,
-            "from": from,
-            "messaging_service_sid": mss,
+            "from": req.from,
+            "messaging_service_sid": req.mss,
             "num_media": "0",
             "num_segments": "1",
             "price": null,
             "price_unit": "USD",
             "sid": msid,
-            "status": if mss.is_some() { "accepted" } else { "queued" },
-            "subresource_uris": {"media": format!("/2010-04-01/Accounts/{}/Messages/{msid}/Media.json", self.account_sid)},
-            "to": to,
-            "uri": format!("/2010-04-01/Accounts/{}/Messages/{msid}.json", self.account_sid),
-        });
-        self.received.lock().unwrap().push(json!({
-            "provider": "twilio", "id": msid, "to": to, "from": from,
-            "messagingServiceSid": mss, "body": body,
-        }));
-        if let Some(cb) = form.get("StatusCallback").cloned() {
-            // Twilio posts the message's status changes to StatusCallback, signed.
-            let (status, code) = if to == "+15005550004" {
-                ("undelivered", "30003")
-            } else {
-                ("delivered", "")
-            };
-            let mut params: Vec<(String, String)> = vec![
-                ("AccountSid".into(), self.account_sid.clone()),
-                ("ApiVersion".into(), "2010-04-01".into()),
-                ("From".into(), from.clone().unwrap_or_default()),
-                ("MessageSid".into(), msid.clone()),
-                ("MessageStatus".into(), status.into()),
-                ("SmsSid".into(), msid.clone()),
-                ("SmsStatus".into(), status.into()),
-                ("To".into(), to.into()),
-            ];
-            if !code.is_empty() {
-                params.push(("ErrorCode".into(), code.into()));
-            }
-            let sent: Vec<(String, String)> = params
-                .iter()
-                .map(|(k, v)| match k.as_str() {
-                    "MessageStatus" | "SmsStatus" => (k.clone(), "sent".to_string()),
-                    _ => (k.clone(), v.clone()),
-                })
-                .filter(|(k, _)| k != "ErrorCode")
-                .collect();
-            let (http, token) = (self.http.clone(), self.auth_token.clone());
-            tokio::spawn(async move {
-                for p in [sent, params] {
-                    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-                    let sig = comm_aggregator::callbacks::twilio_signature(&token, &cb, &p);
-                    let r = http
-                        .post(&cb)
-                        .header("X-Twilio-Signature", sig)
-                        .form(&p)
-                        .send()
-                        .await;
-                    if let Err(e) = r {
-                        eprintln!("status callback to {cb} failed: {e}");
-                    }
-                }
-            });
-        }
-        json_status(resource, StatusCode::CREATED)
+            "status": if req.mss.is_some() { "accepted" } else { "queued" },
+            "subresource_uris": {"media": format!("/2010-04-01/Accounts/{account}/Messages/{msid}/Media.json")},
+            "to": req.to,
+            "uri": format!("/2010-04-01/Accounts/{account}/Messages/{msid}.json"),
+        })
     }
 
-    fn whatsapp(&self, phone_id: String, auth: Option<String>, body: Value) -> Response {
-        match auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) {
-            Some(t) if t == self.wa_token => {}
-            _ => {
-                return meta_error(
-                    401,
-                    190,
-                    "Invalid OAuth access token - Cannot parse access token",
-                    "Invalid OAuth access token",
-                )
-            }
-        }
-        if phone_id != self.phone_number_id {
-            return meta_error(400, 100, "Unsupported post request.", "Object with ID does not exist, cannot be loaded due to missing permissions, or does not support this operation");
-        }
-        if body.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
-            return meta_error(
-                400,
-                100,
-                "(#100) The parameter messaging_product is required.",
-                "messaging_product must be \"whatsapp\"",
-            );
-        }
-        let Some(to) = body.get("to").and_then(Value::as_str) else {
-            return meta_error(
-                400,
-                100,
-                "(#100) The parameter to is required.",
-                "to is required",
-            );
-        };
-        if body.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
-            return meta_error(
-                400,
-                131051,
-                "Unsupported message type",
-                "only text messages are simulated",
-            );
-        }
-        let Some(text) = body.pointer("/text/body").and_then(Value::as_str) else {
-            return meta_error(
-                400,
-                100,
-                "(#100) The parameter text['body'] is required.",
-                "text.body is required",
-            );
-        };
-        let normalized = if to.starts_with('+') {
-            to.to_string()
+    /// Twilio posts the message's status changes to `StatusCallback`, signed: `sent`,
+    /// then `delivered` (or `undelivered` for +15005550004).
+    fn twilio_callbacks(&self, cb: String, req: &TwilioRequest, msid: &str) {
+        let final_status = if req.to == "+15005550004" {
+            "undelivered"
         } else {
-            format!("+{to}")
+            "delivered"
         };
-        if !is_e164(&normalized) {
-            return meta_error(
-                400,
-                100,
-                "(#100) Invalid parameter",
-                &format!("Invalid phone number {to}"),
-            );
-        }
-        if normalized == "+15005550001" {
-            return meta_error(
-                400,
-                131026,
-                "Message undeliverable",
-                "Unable to deliver message: the recipient is not a WhatsApp user",
-            );
-        }
+        let params = |status: &str| {
+            let mut p: Vec<(String, String)> = vec![
+                ("AccountSid".into(), self.account_sid.clone()),
+                ("ApiVersion".into(), "2010-04-01".into()),
+                ("From".into(), req.from.unwrap_or_default().into()),
+                ("MessageSid".into(), msid.into()),
+                ("MessageStatus".into(), status.into()),
+                ("SmsSid".into(), msid.into()),
+                ("SmsStatus".into(), status.into()),
+                ("To".into(), req.to.into()),
+            ];
+            if status == "undelivered" {
+                p.push(("ErrorCode".into(), "30003".into()));
+            }
+            p
+        };
+        let steps = [params("sent"), params(final_status)];
+        let (http, token) = (self.http.clone(), self.auth_token.clone());
+        tokio::spawn(async move {
+            for p in steps {
+                tokio::time::sleep(CALLBACK_PAUSE).await;
+                let sig = comm_aggregator::callbacks::twilio_signature(&token, &cb, &p);
+                let r = http
+                    .post(&cb)
+                    .header("X-Twilio-Signature", sig)
+                    .form(&p)
+                    .send()
+                    .await;
+                if let Err(e) = r {
+                    eprintln!("status callback to {cb} failed: {e}");
+                }
+            }
+        });
+    }
+
+    /// Meta's `messages`: the checks the Cloud API makes, then the answer, and the status
+    /// webhooks if a webhook URL is set.
+    fn whatsapp(&self, phone_id: String, auth: Option<String>, body: Value) -> Response {
+        let req = match self.whatsapp_request(&phone_id, auth.as_deref(), &body) {
+            Ok(r) => r,
+            Err(answer) => return answer,
+        };
         let wamid = format!("wamid.{}", self.next_hex(40));
         self.received.lock().unwrap().push(json!({
-            "provider": "whatsapp", "id": wamid, "to": to, "body": text, "phoneNumberId": phone_id,
+            "provider": "whatsapp", "id": wamid, "to": req.to, "body": req.text, "phoneNumberId": phone_id,
         }));
         let hook = self.whatsapp_webhook.lock().unwrap().clone();
         if let Some(url) = hook {
-            let statuses: Vec<(&str, Option<Value>)> = if normalized == "+15005550004" {
-                vec![
-                    ("sent", None),
-                    (
-                        "failed",
-                        Some(json!([{"code": 131026, "title": "Message undeliverable"}])),
-                    ),
-                ]
-            } else {
-                vec![("sent", None), ("delivered", None), ("read", None)]
-            };
-            let (http, secret, wamid, phone_id) = (
-                self.http.clone(),
-                self.app_secret.clone(),
-                wamid.clone(),
-                phone_id.clone(),
-            );
-            let recipient = normalized.trim_start_matches('+').to_string();
-            tokio::spawn(async move {
-                for (status, errors) in statuses {
-                    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-                    let mut st = json!({"id": wamid, "status": status, "recipient_id": recipient,
-                        "timestamp": chrono::Utc::now().timestamp().to_string()});
-                    if let Some(e) = errors {
-                        st["errors"] = e;
-                    }
-                    let body = json!({"object": "whatsapp_business_account", "entry": [{
-                        "id": "WHATSAPP_BUSINESS_ACCOUNT_ID",
-                        "changes": [{"field": "messages", "value": {
-                            "messaging_product": "whatsapp",
-                            "metadata": {"display_phone_number": "15550001111", "phone_number_id": phone_id},
-                            "statuses": [st]}}]}]});
-                    let raw = serde_json::to_vec(&body).unwrap();
-                    let sig = comm_aggregator::callbacks::meta_signature(&secret, &raw);
-                    let r = http
-                        .post(&url)
-                        .header("X-Hub-Signature-256", sig)
-                        .header("content-type", "application/json")
-                        .body(raw)
-                        .send()
-                        .await;
-                    if let Err(e) = r {
-                        eprintln!("webhook to {url} failed: {e}");
-                    }
-                }
-            });
+            self.whatsapp_webhooks(url, &req, &wamid, &phone_id);
         }
         json_status(
             json!({"messaging_product": "whatsapp",
-                   "contacts": [{"input": to, "wa_id": normalized.trim_start_matches('+')}],
+                   "contacts": [{"input": req.to, "wa_id": req.wa_id()}],
                    "messages": [{"id": wamid}]}),
             StatusCode::OK,
         )
     }
+
+    fn whatsapp_request<'a>(
+        &self,
+        phone_id: &str,
+        auth: Option<&str>,
+        body: &'a Value,
+    ) -> Result<WhatsAppRequest<'a>, Response> {
+        if auth.and_then(|a| a.strip_prefix("Bearer ")) != Some(self.wa_token.as_str()) {
+            return Err(meta_error(
+                401,
+                190,
+                "Invalid OAuth access token - Cannot parse access token",
+                "Invalid OAuth access token",
+            ));
+        }
+        if phone_id != self.phone_number_id {
+            return Err(meta_error(400, 100, "Unsupported post request.", "Object with ID does not exist, cannot be loaded due to missing permissions, or does not support this operation"));
+        }
+        let missing = |what: &str, details: &str| {
+            meta_error(
+                400,
+                100,
+                &format!("(#100) The parameter {what} is required."),
+                details,
+            )
+        };
+        if body.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
+            return Err(missing(
+                "messaging_product",
+                "messaging_product must be \"whatsapp\"",
+            ));
+        }
+        let Some(to) = body.get("to").and_then(Value::as_str) else {
+            return Err(missing("to", "to is required"));
+        };
+        if body.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
+            return Err(meta_error(
+                400,
+                131051,
+                "Unsupported message type",
+                "only text messages are simulated",
+            ));
+        }
+        let Some(text) = body.pointer("/text/body").and_then(Value::as_str) else {
+            return Err(missing("text['body']", "text.body is required"));
+        };
+        let req = WhatsAppRequest {
+            to,
+            text,
+            normalized: if to.starts_with('+') {
+                to.to_string()
+            } else {
+                format!("+{to}")
+            },
+        };
+        if !is_e164(&req.normalized) {
+            let details = format!("Invalid phone number {to}");
+            return Err(meta_error(400, 100, "(#100) Invalid parameter", &details));
+        }
+        if req.normalized == "+15005550001" {
+            return Err(meta_error(
+                400,
+                131026,
+                "Message undeliverable",
+                "Unable to deliver message: the recipient is not a WhatsApp user",
+            ));
+        }
+        Ok(req)
+    }
+
+    /// Meta posts status webhooks, signed: `sent`, `delivered`, `read` (or `sent`, then
+    /// `failed` with 131026 for +15005550004).
+    fn whatsapp_webhooks(&self, url: String, req: &WhatsAppRequest, wamid: &str, phone_id: &str) {
+        let statuses: Vec<(&str, Option<Value>)> = if req.normalized == "+15005550004" {
+            let undeliverable = json!([{"code": 131026, "title": "Message undeliverable"}]);
+            vec![("sent", None), ("failed", Some(undeliverable))]
+        } else {
+            vec![("sent", None), ("delivered", None), ("read", None)]
+        };
+        let bodies: Vec<Vec<u8>> = statuses
+            .into_iter()
+            .map(|(status, errors)| {
+                let mut st = json!({"id": wamid, "status": status, "recipient_id": req.wa_id(),
+                    "timestamp": chrono::Utc::now().timestamp().to_string()});
+                if let Some(e) = errors {
+                    st["errors"] = e;
+                }
+                let body = json!({"object": "whatsapp_business_account", "entry": [{
+                    "id": "WHATSAPP_BUSINESS_ACCOUNT_ID",
+                    "changes": [{"field": "messages", "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": {"display_phone_number": "15550001111", "phone_number_id": phone_id},
+                        "statuses": [st]}}]}]});
+                serde_json::to_vec(&body).unwrap()
+            })
+            .collect();
+        let (http, secret) = (self.http.clone(), self.app_secret.clone());
+        tokio::spawn(async move {
+            for raw in bodies {
+                tokio::time::sleep(CALLBACK_PAUSE).await;
+                let sig = comm_aggregator::callbacks::meta_signature(&secret, &raw);
+                let r = http
+                    .post(&url)
+                    .header("X-Hub-Signature-256", sig)
+                    .header("content-type", "application/json")
+                    .body(raw)
+                    .send()
+                    .await;
+                if let Err(e) = r {
+                    eprintln!("webhook to {url} failed: {e}");
+                }
+            }
+        });
+    }
 }
+
+/// A Twilio request that passed Twilio's checks.
+struct TwilioRequest<'a> {
+    to: &'a str,
+    body: &'a str,
+    from: Option<&'a str>,
+    mss: Option<&'a str>,
+}
+
+/// A WhatsApp request that passed Meta's checks.
+struct WhatsAppRequest<'a> {
+    to: &'a str,
+    text: &'a str,
+    /// `to` with its `+`.
+    normalized: String,
+}
+
+impl WhatsAppRequest<'_> {
+    fn wa_id(&self) -> &str {
+        self.normalized.trim_start_matches('+')
+    }
+}
+
+/// The pause before each status callback, as a provider reports a little later.
+const CALLBACK_PAUSE: std::time::Duration = std::time::Duration::from_millis(150);
 
 #[derive(Deserialize)]
 struct ListQuery {
@@ -448,17 +515,31 @@ struct ListQuery {
 }
 
 fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let with = {
-        let sb = sb.clone();
-        warp::any().map(move || sb.clone())
-    };
+    provider_routes(sb.clone())
+        .or(admin_routes(sb))
+        .unify()
+        .recover(|_r: warp::Rejection| async {
+            Ok::<_, Infallible>(json_status(
+                json!({"error": "not found"}),
+                StatusCode::NOT_FOUND,
+            ))
+        })
+        .unify()
+}
+
+fn with(sb: Sandbox) -> impl Filter<Extract = (Sandbox,), Error = Infallible> + Clone {
+    warp::any().map(move || sb.clone())
+}
+
+/// What the service calls: Twilio's and Meta's send endpoints, behind the fault knobs.
+fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let twilio = warp::post()
         .and(warp::path!(
             "2010-04-01" / "Accounts" / String / "Messages.json"
         ))
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::form::<HashMap<String, String>>())
-        .and(with.clone())
+        .and(with(sb.clone()))
         .then(|sid, auth, form, sb: Sandbox| async move {
             match fault_for(&sb, "twilio").await {
                 Some(r) => r,
@@ -474,7 +555,7 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
         .unify()
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::bytes())
-        .and(with.clone())
+        .and(with(sb))
         .then(|id, auth, body: bytes::Bytes, sb: Sandbox| async move {
             if let Some(r) = fault_for(&sb, "whatsapp").await {
                 return r;
@@ -484,50 +565,17 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
                 Err(_) => meta_error(400, 100, "(#100) Invalid parameter", "the body is not JSON"),
             }
         });
-    let set_fault = warp::post()
-        .and(warp::path!("__sandbox" / "faults"))
-        .and(warp::body::json::<Fault>())
-        .and(with.clone())
-        .map(|f: Fault, sb: Sandbox| {
-            if !["twilio", "whatsapp"].contains(&f.provider.as_str()) {
-                return json_status(
-                    json!({"error": "provider must be twilio or whatsapp"}),
-                    StatusCode::BAD_REQUEST,
-                );
-            }
-            sb.faults
-                .lock()
-                .unwrap()
-                .insert(f.provider.clone(), f.clone());
-            json_status(json!({"fault": f}), StatusCode::OK)
-        });
-    let list_faults = warp::get()
-        .and(warp::path!("__sandbox" / "faults"))
-        .and(with.clone())
-        .map(|sb: Sandbox| {
-            let all: Vec<Fault> = sb.faults.lock().unwrap().values().cloned().collect();
-            json_status(json!({"faults": all}), StatusCode::OK)
-        });
-    let webhooks = warp::post()
-        .and(warp::path!("__sandbox" / "webhooks"))
-        .and(warp::body::json::<Value>())
-        .and(with.clone())
-        .map(|v: Value, sb: Sandbox| {
-            let url = v["whatsapp"].as_str().map(str::to_string);
-            *sb.whatsapp_webhook.lock().unwrap() = url.clone();
-            json_status(json!({"whatsapp": url}), StatusCode::OK)
-        });
-    let clear_faults = warp::delete()
-        .and(warp::path!("__sandbox" / "faults"))
-        .and(with.clone())
-        .map(|sb: Sandbox| {
-            sb.faults.lock().unwrap().clear();
-            StatusCode::NO_CONTENT.into_response()
-        });
+    twilio.or(whatsapp).unify()
+}
+
+/// What the tests call: `/__sandbox/messages`, `/__sandbox/faults`, `/__sandbox/webhooks`.
+fn admin_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let messages = warp::path!("__sandbox" / "messages");
+    let faults = warp::path!("__sandbox" / "faults");
     let list = warp::get()
-        .and(warp::path!("__sandbox" / "messages"))
+        .and(messages)
         .and(warp::query::<ListQuery>())
-        .and(with.clone())
+        .and(with(sb.clone()))
         .map(|q: ListQuery, sb: Sandbox| {
             let all = sb.received.lock().unwrap();
             let items: Vec<&Value> = all
@@ -537,18 +585,41 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
             warp::reply::json(&json!({"messages": items})).into_response()
         });
     let clear = warp::delete()
-        .and(warp::path!("__sandbox" / "messages"))
-        .and(with)
+        .and(messages)
+        .and(with(sb.clone()))
         .map(|sb: Sandbox| {
             sb.received.lock().unwrap().clear();
             StatusCode::NO_CONTENT.into_response()
         });
-    twilio
-        .or(whatsapp)
-        .unify()
-        .or(list)
-        .unify()
-        .or(clear)
+    let set_fault = warp::post()
+        .and(faults)
+        .and(warp::body::json::<Fault>())
+        .and(with(sb.clone()))
+        .map(|f: Fault, sb: Sandbox| sb.set_fault(f));
+    let list_faults = warp::get()
+        .and(faults)
+        .and(with(sb.clone()))
+        .map(|sb: Sandbox| {
+            let all: Vec<Fault> = sb.faults.lock().unwrap().values().cloned().collect();
+            json_status(json!({"faults": all}), StatusCode::OK)
+        });
+    let clear_faults = warp::delete()
+        .and(faults)
+        .and(with(sb.clone()))
+        .map(|sb: Sandbox| {
+            sb.faults.lock().unwrap().clear();
+            StatusCode::NO_CONTENT.into_response()
+        });
+    let webhooks = warp::post()
+        .and(warp::path!("__sandbox" / "webhooks"))
+        .and(warp::body::json::<Value>())
+        .and(with(sb))
+        .map(|v: Value, sb: Sandbox| {
+            let url = v["whatsapp"].as_str().map(str::to_string);
+            *sb.whatsapp_webhook.lock().unwrap() = url.clone();
+            json_status(json!({"whatsapp": url}), StatusCode::OK)
+        });
+    list.or(clear)
         .unify()
         .or(set_fault)
         .unify()
@@ -557,13 +628,6 @@ fn routes(sb: Sandbox) -> impl Filter<Extract = (impl Reply,), Error = Infallibl
         .or(clear_faults)
         .unify()
         .or(webhooks)
-        .unify()
-        .recover(|_r: warp::Rejection| async {
-            Ok::<_, Infallible>(json_status(
-                json!({"error": "not found"}),
-                StatusCode::NOT_FOUND,
-            ))
-        })
         .unify()
 }
 
