@@ -211,7 +211,7 @@ impl Sandbox {
     fn twilio(&self, sid: String, auth: Option<String>, form: HashMap<String, String>) -> Response {
         let req = match self.twilio_request(&sid, auth.as_deref(), &form) {
             Ok(r) => r,
-            Err(answer) => return answer,
+            Err(no) => return twilio_error(no.status, no.code, &no.message),
         };
         let msid = format!("SM{}", self.next_hex(32));
         self.received.lock().unwrap().push(json!({
@@ -229,11 +229,11 @@ impl Sandbox {
         sid: &str,
         auth: Option<&str>,
         form: &'a HashMap<String, String>,
-    ) -> Result<TwilioRequest<'a>, Response> {
+    ) -> Result<TwilioRequest<'a>, Refusal> {
         match basic_auth(auth) {
             Some((u, p))
                 if u == self.account_sid && p == self.auth_token && sid == self.account_sid => {}
-            _ => return Err(twilio_error(401, 20003, "Authenticate")),
+            _ => return Err(Refusal::new(401, 20003, "Authenticate", "")),
         }
         let field = |k: &str| form.get(k).map(String::as_str);
         let req = TwilioRequest {
@@ -271,7 +271,7 @@ impl Sandbox {
             None
         };
         match refusal {
-            Some((code, message)) => Err(twilio_error(400, code, &message)),
+            Some((code, message)) => Err(Refusal::new(400, code, &message, "")),
             None => Ok(req),
         }
     }
@@ -351,7 +351,7 @@ impl Sandbox {
     fn whatsapp(&self, phone_id: String, auth: Option<String>, body: Value) -> Response {
         let req = match self.whatsapp_request(&phone_id, auth.as_deref(), &body) {
             Ok(r) => r,
-            Err(answer) => return answer,
+            Err(no) => return meta_error(no.status, no.code, &no.message, &no.details),
         };
         let wamid = format!("wamid.{}", self.next_hex(40));
         self.received.lock().unwrap().push(json!({
@@ -374,9 +374,9 @@ impl Sandbox {
         phone_id: &str,
         auth: Option<&str>,
         body: &'a Value,
-    ) -> Result<WhatsAppRequest<'a>, Response> {
+    ) -> Result<WhatsAppRequest<'a>, Refusal> {
         if auth.and_then(|a| a.strip_prefix("Bearer ")) != Some(self.wa_token.as_str()) {
-            return Err(meta_error(
+            return Err(Refusal::new(
                 401,
                 190,
                 "Invalid OAuth access token - Cannot parse access token",
@@ -384,10 +384,10 @@ impl Sandbox {
             ));
         }
         if phone_id != self.phone_number_id {
-            return Err(meta_error(400, 100, "Unsupported post request.", "Object with ID does not exist, cannot be loaded due to missing permissions, or does not support this operation"));
+            return Err(Refusal::new(400, 100, "Unsupported post request.", "Object with ID does not exist, cannot be loaded due to missing permissions, or does not support this operation"));
         }
         let missing = |what: &str, details: &str| {
-            meta_error(
+            Refusal::new(
                 400,
                 100,
                 &format!("(#100) The parameter {what} is required."),
@@ -404,7 +404,7 @@ impl Sandbox {
             return Err(missing("to", "to is required"));
         };
         if body.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
-            return Err(meta_error(
+            return Err(Refusal::new(
                 400,
                 131051,
                 "Unsupported message type",
@@ -425,10 +425,10 @@ impl Sandbox {
         };
         if !is_e164(&req.normalized) {
             let details = format!("Invalid phone number {to}");
-            return Err(meta_error(400, 100, "(#100) Invalid parameter", &details));
+            return Err(Refusal::new(400, 100, "(#100) Invalid parameter", &details));
         }
         if req.normalized == "+15005550001" {
-            return Err(meta_error(
+            return Err(Refusal::new(
                 400,
                 131026,
                 "Message undeliverable",
@@ -481,6 +481,26 @@ impl Sandbox {
                 }
             }
         });
+    }
+}
+
+/// Why a provider refuses a request, before it is written as that provider's error body.
+struct Refusal {
+    status: u16,
+    code: u32,
+    message: String,
+    /// Meta's `error_data.details`.
+    details: String,
+}
+
+impl Refusal {
+    fn new(status: u16, code: u32, message: &str, details: &str) -> Refusal {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+            details: details.into(),
+        }
     }
 }
 
