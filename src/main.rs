@@ -8,9 +8,9 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: comm-aggregator [--config PATH]";
 
 fn main() -> ExitCode {
-    let path = match config_path(std::env::args().skip(1)) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
+    let path = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Run(p)) => p,
+        Ok(Command::Help) => {
             println!(
                 "{USAGE}\nSee README.md for the settings. Environment variables:\n{}",
                 config::env_help()
@@ -47,17 +47,30 @@ fn main() -> ExitCode {
     }
 }
 
-/// The configuration file named by `--config` (default `config.toml`); `None` for `--help`.
-fn config_path(mut args: impl Iterator<Item = String>) -> Result<Option<PathBuf>, String> {
+enum Command {
+    /// Run with the configuration file named by `--config` (default `config.toml`).
+    Run(PathBuf),
+    Help,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UsageError {
+    #[error("--config needs a path")]
+    ConfigWithoutPath,
+    #[error("unknown argument {0:?}; {USAGE}")]
+    Unknown(String),
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
     let mut path = PathBuf::from("config.toml");
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--config" => path = PathBuf::from(args.next().ok_or("--config needs a path")?),
-            "--help" | "-h" => return Ok(None),
-            other => return Err(format!("unknown argument {other:?}; {USAGE}")),
+            "--config" => path = args.next().ok_or(UsageError::ConfigWithoutPath)?.into(),
+            "--help" | "-h" => return Ok(Command::Help),
+            _ => return Err(UsageError::Unknown(a)),
         }
     }
-    Ok(Some(path))
+    Ok(Command::Run(path))
 }
 
 fn init_tracing(cfg: &Config) {
