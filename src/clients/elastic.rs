@@ -132,7 +132,8 @@ pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
     body
 }
 
-/// How to reach a secured cluster; every field comes from the environment.
+/// How to reach the cluster: credentials and certificate (from the environment only), and
+/// how long a request may take.
 #[derive(Debug, Clone, Default)]
 pub struct ElasticAccess {
     pub user: Option<String>,

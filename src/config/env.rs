@@ -14,8 +14,12 @@ pub struct Value {
 }
 
 impl Value {
-    fn text(self) -> String {
-        self.raw
+    fn text(self) -> Result<String, ConfigError> {
+        Ok(self.raw)
+    }
+
+    fn some(self) -> Result<Option<String>, ConfigError> {
+        Ok(Some(self.raw))
     }
 
     fn num<T: FromStr>(&self) -> Result<T, ConfigError> {
@@ -48,7 +52,7 @@ pub struct EnvVar {
     /// The `config.toml` setting it overrides; empty for environment-only values.
     pub setting: &'static str,
     pub doc: &'static str,
-    /// `None`: read elsewhere (`API_KEYS` with the keys file, `RUST_LOG` by the log filter).
+    /// `None`: see [`read_elsewhere`].
     set: Option<Setter>,
 }
 
@@ -61,383 +65,85 @@ const fn var(name: &'static str, setting: &'static str, doc: &'static str, set: 
     }
 }
 
+/// Read where it is used (`API_KEYS` with the keys file, `RUST_LOG` by the log filter).
+const fn read_elsewhere(name: &'static str, doc: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        setting: "",
+        doc,
+        set: None,
+    }
+}
+
+/// A [`Setter`] that parses with a [`Value`] method and stores the result at a setting;
+/// `channels.*.x` stores it in every channel.
+macro_rules! set {
+    ($parse:ident => channels.*.$field:ident) => {
+        |c: &mut Config, v: Value| {
+            let x = v.$parse()?;
+            c.channels.all_mut().into_iter().for_each(|ch| ch.$field = x);
+            Ok(())
+        }
+    };
+    ($parse:ident => $($place:ident).+) => {
+        |c: &mut Config, v: Value| v.$parse().map(|x| c.$($place).+ = x)
+    };
+}
+
 pub(super) const API_KEYS: &str = "API_KEYS";
 
-/// Every environment variable.
+/// Every environment variable: name, setting, meaning, how it is applied. One a line, as
+/// a table reads best.
+#[rustfmt::skip]
 pub const ENV: [EnvVar; 48] = [
-    var("HOST", "server.host", "listen address", |c, v| {
-        c.server.host = v.text();
-        Ok(())
-    }),
-    var("PORT", "server.port", "listen port", |c, v| {
-        v.num().map(|n| c.server.port = n)
-    }),
-    var(
-        "SHUTDOWN_DEADLINE_MS",
-        "server.shutdown_deadline_ms",
-        "longest graceful shutdown",
-        |c, v| v.millis().map(|d| c.server.shutdown_deadline = d),
-    ),
-    var(
-        "LOG_FORMAT",
-        "server.log_format",
-        "`text` or `json`",
-        |c, v| {
-            c.server.log_format = v.text();
-            Ok(())
-        },
-    ),
-    EnvVar {
-        name: "RUST_LOG",
-        setting: "",
-        doc: "log levels, as tracing's EnvFilter reads them (default `info,warp=warn`)",
-        set: None,
-    },
-    var("MONGODB_URL", "mongodb.url", "MongoDB", |c, v| {
-        c.mongodb.url = v.text();
-        Ok(())
-    }),
-    var(
-        "MONGODB_DATABASE",
-        "mongodb.database",
-        "database",
-        |c, v| {
-            c.mongodb.database = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "REDIS_URL",
-        "redis.url",
-        "Redis (`rediss://` for TLS)",
-        |c, v| {
-            c.redis.url = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "REDIS_GROUP",
-        "redis.group",
-        "consumer group on every stream",
-        |c, v| {
-            c.redis.group = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "CONSUMER_NAME",
-        "redis.consumer_name",
-        "this instance's consumer name",
-        |c, v| {
-            c.redis.consumer_name = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "CLAIM_IDLE_MS",
-        "redis.claim_idle_ms",
-        "entries idle this long are taken over",
-        |c, v| v.millis().map(|d| c.redis.claim_idle = d),
-    ),
-    var(
-        "MAX_DELIVERIES",
-        "redis.max_deliveries",
-        "deliveries before the dead-letter stream",
-        |c, v| v.num().map(|n| c.redis.max_deliveries = n),
-    ),
-    var(
-        "ELASTICSEARCH_NODE",
-        "elasticsearch.node",
-        "Elasticsearch (`https://` for TLS)",
-        |c, v| {
-            c.elasticsearch.node = v.text();
-            Ok(())
-        },
-    ),
-    var("ELASTICSEARCH_USER", "", "basic auth user", |c, v| {
-        c.elasticsearch.user = Some(v.text());
-        Ok(())
-    }),
-    var(
-        "ELASTICSEARCH_PASSWORD",
-        "",
-        "basic auth password",
-        |c, v| {
-            c.elasticsearch.password = Some(v.text());
-            Ok(())
-        },
-    ),
-    var(
-        "ELASTICSEARCH_API_KEY",
-        "",
-        "API key (`encoded` or `id:api_key`)",
-        |c, v| {
-            c.elasticsearch.api_key = Some(v.text());
-            Ok(())
-        },
-    ),
-    var(
-        "ELASTICSEARCH_CA_FILE",
-        "",
-        "PEM certificate to trust for `https://`",
-        |c, v| {
-            c.elasticsearch.ca_file = Some(v.text());
-            Ok(())
-        },
-    ),
-    var(
-        "REDIS_CA_FILE",
-        "",
-        "PEM certificates to trust for `rediss://`",
-        |c, v| {
-            c.redis.ca_file = Some(v.text());
-            Ok(())
-        },
-    ),
-    EnvVar {
-        name: API_KEYS,
-        setting: "",
-        doc: "`tenant:key,…` (or `tenant:sha256:<hex>`)",
-        set: None,
-    },
-    var(
-        "API_KEYS_FILE",
-        "auth.keys_file",
-        "file of `tenant:key` lines",
-        |c, v| {
-            c.auth.keys_file = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "DEV_MODE",
-        "auth.dev_mode",
-        "without keys, serve everybody as tenant `default`",
-        |c, v| v.flag().map(|b| c.auth.dev_mode = b),
-    ),
-    var(
-        "API_RATE_PER_SEC",
-        "auth.rate_per_sec",
-        "requests a second per key",
-        |c, v| v.num().map(|n| c.auth.rate_per_sec = n),
-    ),
-    var(
-        "API_BURST",
-        "auth.burst",
-        "requests at once per key",
-        |c, v| v.num().map(|n| c.auth.burst = n),
-    ),
-    var(
-        "METRICS_TOKEN",
-        "",
-        "bearer token `/metrics` wants, when set",
-        |c, v| {
-            c.auth.metrics_token = Some(v.text());
-            Ok(())
-        },
-    ),
-    var(
-        "RECIPIENT_MAX",
-        "limits.recipient_max",
-        "messages to one number per tenant per window",
-        |c, v| v.num().map(|n| c.limits.recipient_max = n),
-    ),
-    var(
-        "RECIPIENT_WINDOW_SECS",
-        "limits.recipient_window_secs",
-        "that window",
-        |c, v| v.num().map(|n| c.limits.recipient_window_secs = n),
-    ),
-    var(
-        "EMAIL_MAX_CHARS",
-        "limits.email_max_chars",
-        "longest email body",
-        |c, v| v.num().map(|n| c.limits.email_max_chars = n),
-    ),
-    var(
-        "STALE_AFTER_MS",
-        "sender.stale_after_ms",
-        "how long a record's lease lasts",
-        |c, v| v.millis().map(|d| c.sender.stale_after = d),
-    ),
-    var(
-        "FAULT_INJECTION",
-        "sender.fault_injection",
-        "honour the test markers",
-        |c, v| v.flag().map(|b| c.sender.fault_injection = b),
-    ),
-    var(
-        "SWEEP_RECHECK_MS",
-        "sweeper.recheck_ms",
-        "a record not moving this long is queued again",
-        |c, v| v.millis().map(|d| c.sweeper.recheck = d),
-    ),
-    var(
-        "PROVIDER_TIMEOUT_MS",
-        "providers.timeout_ms",
-        "one provider call",
-        |c, v| v.millis().map(|d| c.providers.timeout = d),
-    ),
-    var(
-        "MAX_ATTEMPTS",
-        "channels.*.max_attempts",
-        "attempts before `failed`, every channel",
-        |c, v| {
-            let n = v.num()?;
-            c.channels
-                .all_mut()
-                .into_iter()
-                .for_each(|ch| ch.max_attempts = n);
-            Ok(())
-        },
-    ),
-    var(
-        "BACKOFF_BASE_MS",
-        "channels.*.backoff_base_ms",
-        "first retry wait, every channel",
-        |c, v| {
-            let d = v.millis()?;
-            c.channels
-                .all_mut()
-                .into_iter()
-                .for_each(|ch| ch.backoff_base = d);
-            Ok(())
-        },
-    ),
-    var(
-        "BREAKER_COOLDOWN_MS",
-        "channels.*.breaker_cooldown_ms",
-        "how long a breaker stays open",
-        |c, v| {
-            let d = v.millis()?;
-            c.channels
-                .all_mut()
-                .into_iter()
-                .for_each(|ch| ch.breaker_cooldown = d);
-            Ok(())
-        },
-    ),
-    var(
-        "PROVIDER_RATE_PER_SEC",
-        "channels.*.rate_per_sec",
-        "sends a second, every channel",
-        |c, v| {
-            let n = v.num()?;
-            c.channels
-                .all_mut()
-                .into_iter()
-                .for_each(|ch| ch.rate_per_sec = n);
-            Ok(())
-        },
-    ),
-    var(
-        "PROVIDER_BURST",
-        "channels.*.burst",
-        "sends at once, every channel",
-        |c, v| {
-            let n = v.num()?;
-            c.channels.all_mut().into_iter().for_each(|ch| ch.burst = n);
-            Ok(())
-        },
-    ),
-    var(
-        "PUBLIC_BASE_URL",
-        "callbacks.public_base_url",
-        "how providers reach this service",
-        |c, v| {
-            c.callbacks.public_base_url = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "WHATSAPP_APP_SECRET",
-        "",
-        "WhatsApp webhook signature secret",
-        |c, v| {
-            c.callbacks.whatsapp_app_secret = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "WHATSAPP_VERIFY_TOKEN",
-        "",
-        "WhatsApp webhook verification token",
-        |c, v| {
-            c.callbacks.whatsapp_verify_token = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "TWILIO_API_BASE",
-        "providers.sms.api_base",
-        "Twilio API",
-        |c, v| {
-            c.providers.sms.api_base = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "ACCOUNTSID",
-        "providers.sms.account_sid",
-        "Twilio Account SID",
-        |c, v| {
-            c.providers.sms.account_sid = v.text();
-            Ok(())
-        },
-    ),
-    var("AUTHTOKEN", "", "Twilio auth token", |c, v| {
-        c.providers.sms.auth_token = v.text();
-        Ok(())
-    }),
-    var(
-        "MSG_ID",
-        "providers.sms.messaging_service_sid",
-        "Twilio Messaging Service SID",
-        |c, v| {
-            c.providers.sms.messaging_service_sid = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "WHATSAPP_API_BASE",
-        "providers.whatsapp.api_base",
-        "Cloud API base, with version",
-        |c, v| {
-            c.providers.whatsapp.api_base = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "WHATSAPP_PHONE_NUMBER_ID",
-        "providers.whatsapp.phone_number_id",
-        "sender phone number id",
-        |c, v| {
-            c.providers.whatsapp.phone_number_id = v.text();
-            Ok(())
-        },
-    ),
-    var("WHATSAPP_TOKEN", "", "WhatsApp access token", |c, v| {
-        c.providers.whatsapp.token = v.text();
-        Ok(())
-    }),
-    var(
-        "SMTP_URL",
-        "providers.email.smtp_url",
-        "SMTP server, credentials in the URL",
-        |c, v| {
-            c.providers.email.smtp_url = v.text();
-            Ok(())
-        },
-    ),
-    var(
-        "EMAIL_DEFAULT_SUBJECT",
-        "providers.email.default_subject",
-        "subject when the request has none",
-        |c, v| {
-            c.providers.email.default_subject = v.text();
-            Ok(())
-        },
-    ),
+    var("HOST", "server.host", "listen address", set!(text => server.host)),
+    var("PORT", "server.port", "listen port", set!(num => server.port)),
+    var("SHUTDOWN_DEADLINE_MS", "server.shutdown_deadline_ms", "longest graceful shutdown", set!(millis => server.shutdown_deadline)),
+    var("LOG_FORMAT", "server.log_format", "`text` or `json`", set!(text => server.log_format)),
+    read_elsewhere("RUST_LOG", "log levels, as tracing's EnvFilter reads them (default `info,warp=warn`)"),
+    var("MONGODB_URL", "mongodb.url", "MongoDB", set!(text => mongodb.url)),
+    var("MONGODB_DATABASE", "mongodb.database", "database", set!(text => mongodb.database)),
+    var("REDIS_URL", "redis.url", "Redis (`rediss://` for TLS)", set!(text => redis.url)),
+    var("REDIS_GROUP", "redis.group", "consumer group on every stream", set!(text => redis.group)),
+    var("CONSUMER_NAME", "redis.consumer_name", "this instance's consumer name", set!(text => redis.consumer_name)),
+    var("CLAIM_IDLE_MS", "redis.claim_idle_ms", "entries idle this long are taken over", set!(millis => redis.claim_idle)),
+    var("MAX_DELIVERIES", "redis.max_deliveries", "deliveries before the dead-letter stream", set!(num => redis.max_deliveries)),
+    var("ELASTICSEARCH_NODE", "elasticsearch.node", "Elasticsearch (`https://` for TLS)", set!(text => elasticsearch.node)),
+    var("ELASTICSEARCH_USER", "", "basic auth user", set!(some => elasticsearch.user)),
+    var("ELASTICSEARCH_PASSWORD", "", "basic auth password", set!(some => elasticsearch.password)),
+    var("ELASTICSEARCH_API_KEY", "", "API key (`encoded` or `id:api_key`)", set!(some => elasticsearch.api_key)),
+    var("ELASTICSEARCH_CA_FILE", "", "PEM certificate to trust for `https://`", set!(some => elasticsearch.ca_file)),
+    var("REDIS_CA_FILE", "", "PEM certificates to trust for `rediss://`", set!(some => redis.ca_file)),
+    read_elsewhere(API_KEYS, "`tenant:key,…` (or `tenant:sha256:<hex>`)"),
+    var("API_KEYS_FILE", "auth.keys_file", "file of `tenant:key` lines", set!(text => auth.keys_file)),
+    var("DEV_MODE", "auth.dev_mode", "without keys, serve everybody as tenant `default`", set!(flag => auth.dev_mode)),
+    var("API_RATE_PER_SEC", "auth.rate_per_sec", "requests a second per key", set!(num => auth.rate_per_sec)),
+    var("API_BURST", "auth.burst", "requests at once per key", set!(num => auth.burst)),
+    var("METRICS_TOKEN", "", "bearer token `/metrics` wants, when set", set!(some => auth.metrics_token)),
+    var("RECIPIENT_MAX", "limits.recipient_max", "messages to one number per tenant per window", set!(num => limits.recipient_max)),
+    var("RECIPIENT_WINDOW_SECS", "limits.recipient_window_secs", "that window", set!(num => limits.recipient_window_secs)),
+    var("EMAIL_MAX_CHARS", "limits.email_max_chars", "longest email body", set!(num => limits.email_max_chars)),
+    var("STALE_AFTER_MS", "sender.stale_after_ms", "how long a record's lease lasts", set!(millis => sender.stale_after)),
+    var("FAULT_INJECTION", "sender.fault_injection", "honour the test markers", set!(flag => sender.fault_injection)),
+    var("SWEEP_RECHECK_MS", "sweeper.recheck_ms", "a record not moving this long is queued again", set!(millis => sweeper.recheck)),
+    var("PROVIDER_TIMEOUT_MS", "providers.timeout_ms", "one provider call", set!(millis => providers.timeout)),
+    var("MAX_ATTEMPTS", "channels.*.max_attempts", "attempts before `failed`, every channel", set!(num => channels.*.max_attempts)),
+    var("BACKOFF_BASE_MS", "channels.*.backoff_base_ms", "first retry wait, every channel", set!(millis => channels.*.backoff_base)),
+    var("BREAKER_COOLDOWN_MS", "channels.*.breaker_cooldown_ms", "how long a breaker stays open", set!(millis => channels.*.breaker_cooldown)),
+    var("PROVIDER_RATE_PER_SEC", "channels.*.rate_per_sec", "sends a second, every channel", set!(num => channels.*.rate_per_sec)),
+    var("PROVIDER_BURST", "channels.*.burst", "sends at once, every channel", set!(num => channels.*.burst)),
+    var("PUBLIC_BASE_URL", "callbacks.public_base_url", "how providers reach this service", set!(text => callbacks.public_base_url)),
+    var("WHATSAPP_APP_SECRET", "", "WhatsApp webhook signature secret", set!(text => callbacks.whatsapp_app_secret)),
+    var("WHATSAPP_VERIFY_TOKEN", "", "WhatsApp webhook verification token", set!(text => callbacks.whatsapp_verify_token)),
+    var("TWILIO_API_BASE", "providers.sms.api_base", "Twilio API", set!(text => providers.sms.api_base)),
+    var("ACCOUNTSID", "providers.sms.account_sid", "Twilio Account SID", set!(text => providers.sms.account_sid)),
+    var("AUTHTOKEN", "", "Twilio auth token", set!(text => providers.sms.auth_token)),
+    var("MSG_ID", "providers.sms.messaging_service_sid", "Twilio Messaging Service SID", set!(text => providers.sms.messaging_service_sid)),
+    var("WHATSAPP_API_BASE", "providers.whatsapp.api_base", "Cloud API base, with version", set!(text => providers.whatsapp.api_base)),
+    var("WHATSAPP_PHONE_NUMBER_ID", "providers.whatsapp.phone_number_id", "sender phone number id", set!(text => providers.whatsapp.phone_number_id)),
+    var("WHATSAPP_TOKEN", "", "WhatsApp access token", set!(text => providers.whatsapp.token)),
+    var("SMTP_URL", "providers.email.smtp_url", "SMTP server, credentials in the URL", set!(text => providers.email.smtp_url)),
+    var("EMAIL_DEFAULT_SUBJECT", "providers.email.default_subject", "subject when the request has none", set!(text => providers.email.default_subject)),
 ];
 
 const fn names() -> [&'static str; ENV.len()] {
