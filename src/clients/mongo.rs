@@ -758,3 +758,125 @@ impl Store for MongoStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: &str, attempts: i32, not_before: DateTime<Utc>) -> Document {
+        doc! {
+            "_id": ObjectId::new(), "tenant": "t", "type": "sms", "from": "+15550001111",
+            "to": "+15557654321", "msg": "hi", "status": status, "attempts": attempts,
+            "createdAt": bdate(Utc::now()), "notBefore": bdate(not_before), "errors": [],
+        }
+    }
+
+    /// (try number, status, stored attempts, due) → (answer, attempts claimed, possible
+    /// duplicate, lease undone).
+    #[test]
+    fn claim_decisions() {
+        let now = Utc::now();
+        let later = now + chrono::Duration::seconds(60);
+        let claimed = |attempts, dup| Some((attempts, dup));
+        for (n, status, stored, due, want, undo) in [
+            (-1, "pending", 0, true, None, false),
+            (1, "pending", 0, true, claimed(1, false), false),
+            (3, "pending", 1, true, claimed(3, true), false),
+            (2, "pending", 1, true, claimed(2, false), false),
+            (1, "sending", 0, true, claimed(1, true), false),
+            (1, "sent", 1, true, None, true),
+            (1, "failed", 1, true, None, true),
+            (1, "pending", 1, false, None, true),
+        ] {
+            let d = record(status, stored, if due { now } else { later });
+            let (got, undone) = claim_one(n, Some(&d), now);
+            let got = match got {
+                ClaimResult::Claimed(c) => Some((c.record.attempts, c.possible_duplicate)),
+                _ => None,
+            };
+            assert_eq!(
+                (got, undone),
+                (want, undo),
+                "n={n} {status} stored={stored}"
+            );
+        }
+    }
+
+    #[test]
+    fn claims_that_are_not_sends() {
+        let now = Utc::now();
+        assert_eq!(claim_one(-1, None, now), (ClaimResult::Busy, false));
+        let missing = ClaimResult::Skip("no such record");
+        assert_eq!(claim_one(1, None, now), (missing.clone(), true));
+        assert_eq!(claim_one(0, None, now), (missing, false));
+        let unreadable = doc! {"_id": ObjectId::new(), "status": "pending"};
+        assert_eq!(
+            claim_one(1, Some(&unreadable), now),
+            (ClaimResult::Skip("unreadable record"), true)
+        );
+        let final_doc = record("delivered", 1, now);
+        assert_eq!(
+            claim_one(1, Some(&final_doc), now).0,
+            ClaimResult::Skip("already final")
+        );
+    }
+
+    fn sent(provider: &str, dup: bool) -> Outcome {
+        Outcome::Sent {
+            provider: provider.into(),
+            provider_message_id: Some("m".into()),
+            possible_duplicate: dup,
+        }
+    }
+
+    /// One statement per failure or retry; the `sent` ones grouped by provider and
+    /// possible-duplicate flag, in statements of at most `SENT_CHUNK` records.
+    #[test]
+    fn outcome_statements_group_the_sent_ones() {
+        let error = AttemptError {
+            attempt: 1,
+            at: Utc::now(),
+            code: Some("21211".into()),
+            message: "invalid".into(),
+        };
+        let mut outcomes: Vec<(String, u32, Outcome)> = (0..SENT_CHUNK + 1)
+            .map(|_| (ObjectId::new().to_hex(), 1, sent("twilio", false)))
+            .collect();
+        outcomes.push((ObjectId::new().to_hex(), 2, sent("twilio", true)));
+        outcomes.push((ObjectId::new().to_hex(), 1, sent("smtp", false)));
+        let failed = Outcome::Failed {
+            provider: "twilio".into(),
+            error: error.clone(),
+        };
+        outcomes.push((ObjectId::new().to_hex(), 1, failed));
+        let retry = Outcome::Retry {
+            provider: "twilio".into(),
+            error,
+            not_before: Utc::now(),
+        };
+        outcomes.push((ObjectId::new().to_hex(), 1, retry));
+        let statements = outcome_statements("host-1:sms:0", &outcomes, bdate(Utc::now())).unwrap();
+        // failed, retry; twilio 25 + 1; twilio duplicate; smtp.
+        assert_eq!(statements.len(), 2 + 2 + 1 + 1);
+        let multi: Vec<usize> = statements
+            .iter()
+            .filter(|s| s.get_bool("multi").unwrap_or(false))
+            .map(|s| s.get_document("q").unwrap().get_document("_id").unwrap())
+            .map(|q| q.get_array("$in").unwrap().len())
+            .collect();
+        let mut sizes = multi.clone();
+        sizes.sort_unstable();
+        assert_eq!(sizes, [1, 1, 1, SENT_CHUNK]);
+        let set = |s: &Document| s.get_array("u").unwrap()[0].as_document().unwrap().clone();
+        for s in statements.iter().filter(|s| s.get_bool("multi").is_ok()) {
+            let set = set(s).get_document("$set").unwrap().clone();
+            assert_eq!(set.get_str("sentBy").unwrap(), "host-1");
+        }
+        assert!(outcome_statements(
+            "o",
+            &[("not-an-id".into(), 1, sent("x", false))],
+            bdate(Utc::now())
+        )
+        .is_err());
+    }
+}
