@@ -61,7 +61,7 @@ const ESCALATION_STOP: Duration = Duration::from_secs(2);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let prometheus = install_metrics()?;
     let parts = Parts::build(&cfg).await?;
-    spawn_index_creation(&cfg, parts.store.clone());
+    let _indexes = spawn_index_creation(&cfg, parts.store.clone());
     let (supervisor, mut supervisor_done) = start_actors(&cfg, &parts).await?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = http_state(&cfg, &parts, prometheus, shutting_down.clone());
@@ -86,11 +86,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     Ok(())
 }
 
-/// MongoDB indexes: made in the background, retried until MongoDB answers.
-fn spawn_index_creation(cfg: &Config, store: Arc<MongoStore>) {
+/// MongoDB indexes: made in the background, retried until MongoDB answers or `run` returns.
+fn spawn_index_creation(cfg: &Config, store: Arc<MongoStore>) -> AbortOnDrop {
     let backoff =
         Backoff::exponential(cfg.mongodb.index_retry_initial, cfg.mongodb.index_retry_max);
-    tokio::spawn(async move {
+    AbortOnDrop(tokio::spawn(async move {
         let _ = retry_until(
             &backoff,
             None,
@@ -98,7 +98,16 @@ fn spawn_index_creation(cfg: &Config, store: Arc<MongoStore>) {
             |e, _| tracing::warn!(error = %e, "cannot create MongoDB indexes yet"),
         )
         .await;
-    });
+    }))
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn start_actors(

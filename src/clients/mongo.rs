@@ -548,10 +548,10 @@ impl Store for MongoStore {
     }
 
     /// A claim costs MongoDB one read and no write: the lease that makes one worker the
-    /// only one to call the provider for a record lives in Redis (`lease:{id}`, expiring
-    /// after `stale_after`), together with the record's try count (`tries:{id}`). The
-    /// record itself stays `pending` until its outcome is recorded, which is the one
-    /// write a send costs. A try count beyond the stored attempts means an earlier lease
+    /// only one to call the provider for a record lives in Redis ([`RedisLeases`]:
+    /// `lease:{id}`, expiring after `stale_after`), together with the record's try count
+    /// (`tries:{id}`). The record itself stays `pending` until its outcome is recorded,
+    /// which is the one write a send costs. A try count beyond the stored attempts means an earlier lease
     /// ended without an outcome: its provider call may have gone through.
     async fn claim(
         &self,
