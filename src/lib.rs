@@ -31,7 +31,7 @@
 //! ├── sender-{channel}   claims, calls the provider, records the outcome (one per channel)
 //! ├── consumer-{channel} reads its channel's stream for its sender (one per channel)
 //! ├── router             accepted requests into MongoDB and onto the streams (group commit)
-//! ├── stats              stream lengths and pending counts for /metrics
+//! ├── stats              trims what the group acknowledged; stream gauges for /metrics
 //! └── sweeper            queues again what was stored but never reached a stream
 //! ```
 //!
