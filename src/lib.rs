@@ -19,7 +19,7 @@
 //!   one worker send a record), Elasticsearch.
 //! - [`providers`]: Twilio, WhatsApp Cloud API and SMTP, and the pure classification of
 //!   their answers (retry, give up, rate limited).
-//! - `main.rs`: the binary; `bin/provider-sandbox.rs` (the providers' stand-in) and
+//! - `main.rs`: the binary; `bin/provider-sandbox/` (the providers' stand-in) and
 //!   `bin/loadgen.rs` (the load tool).
 //!
 //! # The actor tree
