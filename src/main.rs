@@ -1,31 +1,27 @@
-//! `comm-aggregator [--config PATH]`: the service.
+//! `comm-aggregator [--config PATH]`: the service. Loads the configuration, sets up the
+//! logs, and runs [`comm_aggregator::run`] until SIGTERM or SIGINT.
 
-use comm_aggregator::config::Config;
+use comm_aggregator::config::{self, Config};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+const USAGE: &str = "usage: comm-aggregator [--config PATH]";
+
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let mut path = PathBuf::from("config.toml");
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" => match args.next() {
-                Some(p) => path = PathBuf::from(p),
-                None => {
-                    eprintln!("--config needs a path");
-                    return ExitCode::from(2);
-                }
-            },
-            "--help" | "-h" => {
-                println!("usage: comm-aggregator [--config PATH]\nSee README.md for settings and environment variables.");
-                return ExitCode::SUCCESS;
-            }
-            other => {
-                eprintln!("unknown argument {other:?}; usage: comm-aggregator [--config PATH]");
-                return ExitCode::from(2);
-            }
+    let path = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Run(p)) => p,
+        Ok(Command::Help) => {
+            println!(
+                "{USAGE}\nSee README.md for the settings. Environment variables:\n{}",
+                config::env_help()
+            );
+            return ExitCode::SUCCESS;
         }
-    }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = match Config::from_process_env(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -33,6 +29,51 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_tracing(&cfg);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(comm_aggregator::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("comm-aggregator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Command {
+    /// Run with the configuration file named by `--config` (default `config.toml`).
+    Run(PathBuf),
+    Help,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum UsageError {
+    #[error("--config needs a path")]
+    ConfigWithoutPath,
+    #[error("unknown argument {0:?}; {USAGE}")]
+    Unknown(String),
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
+    let mut path = PathBuf::from("config.toml");
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" => path = args.next().ok_or(UsageError::ConfigWithoutPath)?.into(),
+            "--help" | "-h" => return Ok(Command::Help),
+            _ => return Err(UsageError::Unknown(a)),
+        }
+    }
+    Ok(Command::Run(path))
+}
+
+fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,warp=warn"));
     if cfg.server.log_format == "json" {
@@ -43,23 +84,22 @@ fn main() -> ExitCode {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
         }
-    };
-    let result = runtime.block_on(async {
-        let prometheus = comm_aggregator::install_metrics()?;
-        comm_aggregator::run(cfg, prometheus).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("comm-aggregator: {e}");
-            ExitCode::FAILURE
-        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
     }
 }

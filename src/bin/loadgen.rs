@@ -104,120 +104,187 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-#[tokio::main]
-async fn main() {
-    let url = arg("--url", "http://127.0.0.1:3001");
-    let conns: usize = arg("--connections", "32").parse().expect("--connections");
-    let secs: u64 = arg("--seconds", "20").parse().expect("--seconds");
-    let kind = arg("--type", "sms");
-    let key = std::env::var("LOADGEN_API_KEY").unwrap_or_default();
-    let key = arg("--api-key", &key);
-    let mut headers = reqwest::header::HeaderMap::new();
-    if !key.is_empty() {
-        headers.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {key}").parse().expect("--api-key"),
-        );
+/// What the command line asks for.
+struct Options {
+    url: String,
+    connections: usize,
+    seconds: u64,
+    kind: String,
+    api_key: String,
+    accept_only: bool,
+}
+
+impl Options {
+    fn from_args() -> Options {
+        let key = std::env::var("LOADGEN_API_KEY").unwrap_or_default();
+        Options {
+            url: arg("--url", "http://127.0.0.1:3001"),
+            connections: arg("--connections", "32").parse().expect("--connections"),
+            seconds: arg("--seconds", "20").parse().expect("--seconds"),
+            kind: arg("--type", "sms"),
+            api_key: arg("--api-key", &key),
+            accept_only: std::env::args().any(|a| a == "--accept-only"),
+        }
     }
-    let http = reqwest::Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(conns)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
-    let metrics = |http: reqwest::Client, url: String| async move {
-        http.get(format!("{url}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()
-    };
-    let before = metrics(http.clone(), url.clone())
+
+    fn client(&self) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if !self.api_key.is_empty() {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {}", self.api_key)
+                    .parse()
+                    .expect("--api-key"),
+            );
+        }
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(self.connections)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// `deliveries_total` of this run's channel, outcome `sent`, in a `/metrics` text.
+    fn sent(&self, metrics: &str) -> f64 {
+        metric_sum(
+            metrics,
+            "deliveries_total",
+            &[&format!("channel=\"{}\"", self.kind), "outcome=\"sent\""],
+        )
+    }
+}
+
+async fn metrics(http: &reqwest::Client, url: &str) -> Option<String> {
+    http.get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// What the service and the servers looked like before the run.
+struct Before {
+    metrics: String,
+    procs: HashMap<&'static str, Vec<(i32, u64)>>,
+    service_pid: Option<i32>,
+    idle_rss: Option<u64>,
+}
+
+async fn before(http: &reqwest::Client, opts: &Options) -> Before {
+    let metrics = metrics(http, &opts.url)
         .await
         .expect("the service's /metrics (is it running?)");
-    let sent_before = metric_sum(
-        &before,
-        "deliveries_total",
-        &[&format!("channel=\"{kind}\""), "outcome=\"sent\""],
-    );
-    let buckets_before = buckets(&before, &kind);
-    let procs_before = processes();
-    let service_pid = procs_before
+    let procs = processes();
+    let service_pid = procs
         .get("comm-aggregator")
         .and_then(|v| v.first())
         .map(|p| p.0);
-    let idle_rss = service_pid.and_then(|p| status_kb(p, "VmRSS:"));
+    Before {
+        metrics,
+        procs,
+        service_pid,
+        idle_rss: service_pid.and_then(|p| status_kb(p, "VmRSS:")),
+    }
+}
 
+/// Phase 1: `connections` workers POST until the deadline. The latencies (µs) of the
+/// accepted requests, sorted, and the count of the others.
+async fn accept_phase(
+    http: &reqwest::Client,
+    opts: &Options,
+    deadline: Instant,
+) -> (Vec<u64>, u64) {
     let counter = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let run_id = std::process::id() as u64 % 100;
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs(secs);
-    let mut workers = Vec::new();
-    for _ in 0..conns {
-        let (http, url, kind, counter, errors) = (
-            http.clone(),
-            url.clone(),
-            kind.clone(),
-            counter.clone(),
-            errors.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(4096);
-            while Instant::now() < deadline {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let to = format!("+1555{:02}{:05}", run_id, n % 100_000);
-                let (to, from) = if kind == "email" {
-                    (format!("user{n}@example.com"), "noreply@example.com".to_string())
-                } else {
-                    (to, "+15550001111".to_string())
-                };
-                let body = json!({"type": kind, "data": {"from": from, "to": to, "msg": format!("load {n}")}});
-                let t = Instant::now();
-                match http.post(format!("{url}/api/v1/communication")).json(&body).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        let _ = r.bytes().await;
-                        lat.push(t.elapsed().as_micros() as u64);
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            lat
-        }));
-    }
+    let workers: Vec<_> = (0..opts.connections)
+        .map(|_| {
+            let worker = Worker {
+                http: http.clone(),
+                url: opts.url.clone(),
+                kind: opts.kind.clone(),
+                counter: counter.clone(),
+                errors: errors.clone(),
+            };
+            tokio::spawn(worker.run(deadline))
+        })
+        .collect();
     let mut lat: Vec<u64> = Vec::new();
     for w in workers {
         lat.extend(w.await.unwrap());
     }
-    let accept_secs = start.elapsed().as_secs_f64();
-    let procs_mid = processes();
     lat.sort_unstable();
-    let ok = lat.len() as f64;
+    (lat, errors.load(Ordering::Relaxed))
+}
+
+struct Worker {
+    http: reqwest::Client,
+    url: String,
+    kind: String,
+    counter: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+impl Worker {
+    /// POST one request after another, each to a new recipient, until `deadline`.
+    async fn run(self, deadline: Instant) -> Vec<u64> {
+        let run_id = std::process::id() as u64 % 100;
+        let mut lat = Vec::with_capacity(4096);
+        while Instant::now() < deadline {
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let (to, from) = if self.kind == "email" {
+                (
+                    format!("user{n}@example.com"),
+                    "noreply@example.com".to_string(),
+                )
+            } else {
+                (
+                    format!("+1555{:02}{:05}", run_id, n % 100_000),
+                    "+15550001111".to_string(),
+                )
+            };
+            let body = json!({"type": self.kind, "data": {"from": from, "to": to, "msg": format!("load {n}")}});
+            let t = Instant::now();
+            let url = format!("{}/api/v1/communication", self.url);
+            match self.http.post(url).json(&body).send().await {
+                Ok(r) if r.status() == 200 => {
+                    let _ = r.bytes().await;
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+                _ => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        lat
+    }
+}
+
+fn report_accept(opts: &Options, lat: &[u64], errors: u64, secs: f64, before: &Before) {
     println!(
         "accept: {} connections, {:.1} s, {} accepted, {} errors",
-        conns,
-        accept_secs,
+        opts.connections,
+        secs,
         lat.len(),
-        errors.load(Ordering::Relaxed)
+        errors
     );
-    println!("accepted requests/s: {:.0}", ok / accept_secs);
+    println!("accepted requests/s: {:.0}", lat.len() as f64 / secs);
     println!(
         "accept latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        pct(&lat, 0.50),
-        pct(&lat, 0.99),
-        pct(&lat, 0.999),
-        pct(&lat, 1.0)
+        pct(lat, 0.50),
+        pct(lat, 0.99),
+        pct(lat, 0.999),
+        pct(lat, 1.0)
     );
     println!("CPU during the accept phase (cores):");
-    for (name, list) in &procs_mid {
+    for (name, list) in &processes() {
         let used: u64 = list
             .iter()
             .map(|(pid, t)| {
-                let b = procs_before
+                let b = before
+                    .procs
                     .get(name)
                     .and_then(|v| v.iter().find(|(p, _)| p == pid))
                     .map(|x| x.1)
@@ -225,72 +292,86 @@ async fn main() {
                 t.saturating_sub(b)
             })
             .sum();
-        println!("  {name:<24} {:.2}", used as f64 / 100.0 / accept_secs);
+        println!("  {name:<24} {:.2}", used as f64 / 100.0 / secs);
     }
+}
 
-    if std::env::args().any(|a| a == "--accept-only") {
-        if let Some(pid) = service_pid {
-            if let Some(kb) = status_kb(pid, "VmHWM:") {
-                println!("service RSS: peak {} MB (VmHWM)", kb / 1024);
+/// Phase 2: poll `/metrics` until `accepted` more messages are reported sent. The time
+/// from the start when they were (`None`: not within the limit), and the last metrics.
+async fn wait_drained(
+    http: &reqwest::Client,
+    opts: &Options,
+    before: &Before,
+    accepted: f64,
+    start: Instant,
+) -> (Option<f64>, String) {
+    let sent_before = opts.sent(&before.metrics);
+    let mut last = before.metrics.clone();
+    loop {
+        if let Some(m) = metrics(http, &opts.url).await {
+            let sent = opts.sent(&m) - sent_before;
+            last = m;
+            if sent >= accepted {
+                return (Some(start.elapsed().as_secs_f64()), last);
             }
+        }
+        if start.elapsed() > Duration::from_secs(opts.seconds + 600) {
+            return (None, last);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The p99 accept→sent latency of this run: the histogram's growth since `before`.
+fn p99_accept_to_sent(before: &str, after: &str, kind: &str) -> Option<f64> {
+    let earlier = buckets(before, kind);
+    let delta: Vec<(f64, f64)> = buckets(after, kind)
+        .into_iter()
+        .map(|(le, c)| {
+            let was = earlier.iter().find(|(l, _)| *l == le).map_or(0.0, |x| x.1);
+            (le, c - was)
+        })
+        .collect();
+    let total = delta.last().map(|x| x.1).filter(|t| *t > 0.0)?;
+    Some(
+        delta
+            .iter()
+            .find(|(_, c)| *c >= 0.99 * total)
+            .map_or(f64::INFINITY, |x| x.0),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let opts = Options::from_args();
+    let http = opts.client();
+    let before = before(&http, &opts).await;
+    let start = Instant::now();
+    let (lat, errors) = accept_phase(&http, &opts, start + Duration::from_secs(opts.seconds)).await;
+    report_accept(&opts, &lat, errors, start.elapsed().as_secs_f64(), &before);
+    if opts.accept_only {
+        if let Some(kb) = before.service_pid.and_then(|p| status_kb(p, "VmHWM:")) {
+            println!("service RSS: peak {} MB (VmHWM)", kb / 1024);
         }
         return;
     }
-
-    // End to end: until every accepted message is reported sent.
-    let mut last = before;
-    let drained = loop {
-        if let Some(m) = metrics(http.clone(), url.clone()).await {
-            let sent = metric_sum(
-                &m,
-                "deliveries_total",
-                &[&format!("channel=\"{kind}\""), "outcome=\"sent\""],
-            ) - sent_before;
-            last = m;
-            if sent >= ok {
-                break Some(start.elapsed().as_secs_f64());
-            }
-        }
-        if start.elapsed() > Duration::from_secs(secs + 600) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let accepted = lat.len() as f64;
+    let (drained, last) = wait_drained(&http, &opts, &before, accepted, start).await;
     match drained {
         Some(t) => println!(
-            "end to end: {} messages sent in {:.1} s: {:.0} messages/s",
+            "end to end: {} messages sent in {t:.1} s: {:.0} messages/s",
             lat.len(),
-            t,
-            ok / t
+            accepted / t
         ),
         None => println!("end to end: not drained within the time limit"),
     }
-    let after = buckets(&last, &kind);
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, c)| {
-            (
-                *le,
-                c - buckets_before
-                    .iter()
-                    .find(|(l, _)| l == le)
-                    .map(|x| x.1)
-                    .unwrap_or(0.0),
-            )
-        })
-        .collect();
-    if let Some(total) = delta.last().map(|x| x.1).filter(|t| *t > 0.0) {
-        let p99 = delta
-            .iter()
-            .find(|(_, c)| *c >= 0.99 * total)
-            .map(|x| x.0)
-            .unwrap_or(f64::INFINITY);
+    if let Some(p99) = p99_accept_to_sent(&before.metrics, &last, &opts.kind) {
         println!("accept->sent latency p99: <= {p99} s (histogram bucket)");
     }
-    if let Some(pid) = service_pid {
+    if let Some(pid) = before.service_pid {
         println!(
             "service RSS: idle {} MB, peak {} MB (VmHWM)",
-            idle_rss.unwrap_or(0) / 1024,
+            before.idle_rss.unwrap_or(0) / 1024,
             status_kb(pid, "VmHWM:").unwrap_or(0) / 1024
         );
     }

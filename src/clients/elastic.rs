@@ -132,7 +132,8 @@ pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
     body
 }
 
-/// How to reach a secured cluster; every field comes from the environment.
+/// How to reach the cluster: credentials and certificate (from the environment only), and
+/// how long a request may take.
 #[derive(Debug, Clone, Default)]
 pub struct ElasticAccess {
     pub user: Option<String>,
@@ -141,7 +142,11 @@ pub struct ElasticAccess {
     pub api_key: Option<String>,
     /// PEM certificate (a CA, or the node's own) to trust for `https://`.
     pub ca_file: Option<String>,
+    /// One request, a `_bulk` included (`None`: [`DEFAULT_TIMEOUT`]).
+    pub timeout: Option<Duration>,
 }
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ElasticSink {
     pub fn new(
@@ -152,7 +157,7 @@ impl ElasticSink {
     ) -> Result<ElasticSink, DependencyError> {
         let url = url::Url::parse(node).map_err(err)?;
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
-            .timeout(Duration::from_secs(30));
+            .timeout(access.timeout.unwrap_or(DEFAULT_TIMEOUT));
         if let Some(k) = &access.api_key {
             builder = builder.auth(match k.split_once(':') {
                 Some((id, key)) => Credentials::ApiKey(id.into(), key.into()),

@@ -11,51 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// How a lease is given back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Release {
-    Undo,
-    Final,
-    Keep,
-}
-
-/// How long a record's try count outlives its last lease.
-const TRIES_TTL_SECS: u64 = 7 * 24 * 3600;
-
-/// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, lease ms, tries ttl. A lease already
-/// held is -1, whoever holds it: a dead batch's leases are left to expire, so that a
-/// message that crashes its sender is retried only after the consumer has split it from
-/// the others (an XAUTOCLAIM delivers one entry at a time). The answer counts every lease
-/// taken: the attempt number, which tells a crashed attempt (one that never recorded an
-/// outcome) from a fresh one.
-const LEASE_SCRIPT: &str = r"
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return -1 end
-local n = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-return n
-";
-
-/// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, undo|final|keep. Only the holder
-/// releases.
-const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] == 'undo' then
-  if redis.call('DECR', KEYS[2]) <= 0 then redis.call('DEL', KEYS[2]) end
-elseif ARGV[2] == 'final' then
-  redis.call('DEL', KEYS[2])
-end
-return 1
-";
-
-/// KEYS: `lease:{id}`. ARGV: token, lease ms.
-const RENEW_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-";
+/// Making a connection, unless [`RedisQueue::with_connect_timeout`] says otherwise.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct RedisQueue {
     client: redis::Client,
+    connect_timeout: Duration,
+    /// The longest any command may take, a blocking read included.
     response_timeout: Duration,
     conn: Mutex<Option<ConnectionManager>>,
 }
@@ -98,9 +60,17 @@ impl RedisQueue {
         };
         Ok(RedisQueue {
             client,
+            connect_timeout: CONNECT_TIMEOUT,
             response_timeout,
             conn: Mutex::new(None),
         })
+    }
+
+    pub fn with_connect_timeout(self, connect_timeout: Duration) -> RedisQueue {
+        RedisQueue {
+            connect_timeout,
+            ..self
+        }
     }
 
     /// The connection, made on first use and again after a failed attempt.
@@ -110,7 +80,7 @@ impl RedisQueue {
             return Ok(c.clone());
         }
         let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
@@ -165,85 +135,13 @@ impl RedisQueue {
         Ok(None)
     }
 
-    /// Take the lease of each record for one provider call (see [`LEASE_SCRIPT`]): one
-    /// answer per id, the attempt number (the count of leases ever taken on the record),
-    /// or -1 when another worker holds it.
-    pub async fn lease(
+    /// Run a pipeline on the shared connection (the leases use it).
+    pub(crate) async fn pipeline<T: redis::FromRedisValue>(
         &self,
-        ids: &[&str],
-        token: &str,
-        lease: Duration,
-    ) -> Result<Vec<i64>, DependencyError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("EVAL")
-                .arg(LEASE_SCRIPT)
-                .arg(2)
-                .arg(format!("lease:{id}"))
-                .arg(format!("tries:{id}"))
-                .arg(token)
-                .arg(lease.as_millis().max(1) as u64)
-                .arg(TRIES_TTL_SECS);
-        }
+        pipe: &redis::Pipeline,
+    ) -> Result<T, DependencyError> {
         let mut c = self.conn().await?;
         pipe.query_async(&mut c).await.map_err(err)
-    }
-
-    /// Give leases back. `Undo`: the lease led to no provider call (the record was final,
-    /// not due, or unreadable), so its try is not counted; `Final`: the record reached a
-    /// final state, its try count goes too; `Keep`: a retry is scheduled.
-    pub async fn release(
-        &self,
-        ids: &[(&str, Release)],
-        token: &str,
-    ) -> Result<(), DependencyError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for (id, how) in ids {
-            pipe.cmd("EVAL")
-                .arg(RELEASE_SCRIPT)
-                .arg(2)
-                .arg(format!("lease:{id}"))
-                .arg(format!("tries:{id}"))
-                .arg(token)
-                .arg(match how {
-                    Release::Undo => "undo",
-                    Release::Final => "final",
-                    Release::Keep => "keep",
-                })
-                .ignore();
-        }
-        let mut c = self.conn().await?;
-        pipe.query_async::<()>(&mut c).await.map_err(err)
-    }
-
-    /// Extend leases still held by `token` (a slow outcome write keeps its leases).
-    pub async fn renew(
-        &self,
-        ids: &[&str],
-        token: &str,
-        lease: Duration,
-    ) -> Result<(), DependencyError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("EVAL")
-                .arg(RENEW_SCRIPT)
-                .arg(1)
-                .arg(format!("lease:{id}"))
-                .arg(token)
-                .arg(lease.as_millis().max(1) as u64)
-                .ignore();
-        }
-        let mut c = self.conn().await?;
-        pipe.query_async::<()>(&mut c).await.map_err(err)
     }
 
     /// Count one more event under `key`, which lives `ttl_secs`; the count so far.
@@ -557,6 +455,7 @@ impl Queue for RedisQueue {
     fn dedicated(&self) -> Arc<dyn Queue> {
         Arc::new(RedisQueue {
             client: self.client.clone(),
+            connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             conn: Mutex::new(None),
         })

@@ -9,15 +9,19 @@ use lettre::message::{header::ContentType, Mailbox};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use std::time::Duration;
 
+/// `SMTP_URL` is not one lettre can use.
+#[derive(Debug, thiserror::Error)]
+#[error("SMTP_URL: {0}")]
+pub struct SmtpUrlError(#[from] lettre::transport::smtp::Error);
+
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     default_subject: String,
 }
 
 impl Smtp {
-    pub fn new(url: &str, default_subject: &str, timeout: Duration) -> Result<Smtp, String> {
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-            .map_err(|e| format!("SMTP_URL: {e}"))?
+    pub fn new(url: &str, default_subject: &str, timeout: Duration) -> Result<Smtp, SmtpUrlError> {
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)?
             .timeout(Some(timeout))
             .build();
         Ok(Smtp {

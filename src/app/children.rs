@@ -1,0 +1,172 @@
+//! The supervisor's children, in start order, each with its arguments from configuration.
+
+use super::parts::Parts;
+use crate::config::Config;
+use actors::domain::Channel;
+use actors::log_indexer::{self, IndexerArgs, LogIndexer};
+use actors::ports::{Queue, SearchSink, Store};
+use actors::ractor::Actor;
+use actors::receipts::{self, ReceiptActor, ReceiptArgs};
+use actors::router::{self, RouterActor, RouterArgs};
+use actors::sender::{self, SenderActor, SenderArgs};
+use actors::stats::{self, StatsActor, StatsArgs};
+use actors::stream_consumer::{self, ConsumerArgs, StreamConsumer};
+use actors::supervisor::{ChildSpec, SpawnFn};
+use actors::sweeper::{self, OutboxSweeper, SweeperArgs};
+use futures::FutureExt;
+use std::sync::Arc;
+
+/// The consumer name: configured, or `<hostname>-<port>`, unique per instance on a host
+/// and the same across restarts of that instance.
+pub fn consumer_name(cfg: &Config) -> String {
+    if !cfg.redis.consumer_name.is_empty() {
+        return cfg.redis.consumer_name.clone();
+    }
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", cfg.server.port)
+}
+
+/// The ports every child shares, as the actors see them.
+struct Ports {
+    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    search: Arc<dyn SearchSink>,
+    consumer: String,
+}
+
+/// The supervisor's children, in start order: receipts and the LogIndexer first (the
+/// senders report to them), then the senders, the consumers that feed them, the router,
+/// the stats and the sweeper.
+pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
+    let ports = Ports {
+        store: parts.store.clone(),
+        queue: parts.queue.clone(),
+        search: parts.search.clone(),
+        consumer: consumer_name(cfg),
+    };
+    let mut specs = vec![receipts_spec(cfg, &ports), indexer_spec(cfg, &ports)];
+    specs.extend(Channel::ALL.map(|ch| sender_spec(cfg, parts, &ports, ch)));
+    specs.extend(Channel::ALL.map(|ch| consumer_spec(cfg, parts, &ports, ch)));
+    specs.push(router_spec(cfg, &ports));
+    specs.push(stats_spec(cfg, &ports));
+    specs.push(sweeper_spec(cfg, &ports));
+    specs
+}
+
+fn spec<A, F>(name: String, actor: F, args: A::Arguments) -> ChildSpec
+where
+    A: Actor,
+    A::Arguments: Clone + Send + Sync + 'static,
+    F: Fn() -> A + Send + Sync + 'static,
+{
+    let actor = Arc::new(actor);
+    let n = name.clone();
+    let spawn: SpawnFn = Arc::new(move |sup| {
+        let args = args.clone();
+        let n = n.clone();
+        let handler = actor();
+        async move {
+            let (r, _) = A::spawn_linked(Some(n), handler, args, sup).await?;
+            Ok(r.get_cell())
+        }
+        .boxed()
+    });
+    ChildSpec { name, spawn }
+}
+
+fn receipts_spec(cfg: &Config, p: &Ports) -> ChildSpec {
+    let args = ReceiptArgs {
+        store: p.store.clone(),
+        queue: p.queue.clone(),
+        batch: cfg.receipts.batch(),
+        wait_for_record: cfg.receipts.wait_for_record,
+        recheck: cfg.receipts.recheck,
+    };
+    spec(receipts::NAME.to_string(), || ReceiptActor, args)
+}
+
+fn indexer_spec(cfg: &Config, p: &Ports) -> ChildSpec {
+    let args = IndexerArgs {
+        queue: p.queue.dedicated(),
+        search: p.search.clone(),
+        group: cfg.redis.group.clone(),
+        consumer: p.consumer.clone(),
+        logs_index: cfg.elasticsearch.logs_index.clone(),
+        communications_index: cfg.elasticsearch.communications_index.clone(),
+        batch: cfg.log_indexer.batch(),
+    };
+    spec(log_indexer::NAME.to_string(), || LogIndexer, args)
+}
+
+fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec {
+    let args = SenderArgs {
+        channel: ch,
+        provider: parts.providers[&ch].clone(),
+        store: p.store.clone(),
+        queue: p.queue.clone(),
+        owner: p.consumer.clone(),
+        stale_after: cfg.sender.stale_after,
+        provider_timeout: cfg.providers.timeout,
+        concurrency: cfg.channels.get(ch).concurrency,
+        retry: cfg.channels.get(ch).retry(),
+        health: parts.health[&ch].clone(),
+        record_patience: cfg.sender.record_patience,
+        faults: cfg.sender.fault_injection,
+    };
+    spec(sender::name(ch), || SenderActor, args)
+}
+
+fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec {
+    let args = ConsumerArgs {
+        channel: ch,
+        queue: p.queue.dedicated(),
+        group: cfg.redis.group.clone(),
+        consumer: p.consumer.clone(),
+        count: cfg.redis.read_count,
+        block: cfg.redis.block,
+        claim_idle: cfg.redis.claim_idle,
+        // The longest a sender may take with a batch: every provider call and the
+        // recording of the outcomes.
+        deliver_timeout: cfg.sender.record_patience
+            + cfg.providers.timeout * 2
+            + cfg.redis.deliver_grace,
+        max_deliveries: cfg.redis.max_deliveries,
+        store: p.store.clone(),
+        health: parts.health[&ch].clone(),
+    };
+    spec(stream_consumer::name(ch), || StreamConsumer, args)
+}
+
+fn router_spec(cfg: &Config, p: &Ports) -> ChildSpec {
+    let args = RouterArgs {
+        store: p.store.clone(),
+        queue: p.queue.clone(),
+        batch: cfg.router.batch(),
+        max_inflight: cfg.router.max_inflight,
+    };
+    spec(router::NAME.to_string(), || RouterActor, args)
+}
+
+fn stats_spec(cfg: &Config, p: &Ports) -> ChildSpec {
+    let args = StatsArgs {
+        queue: p.queue.clone(),
+        group: cfg.redis.group.clone(),
+        interval: cfg.stats.interval,
+    };
+    spec(stats::NAME.to_string(), || StatsActor, args)
+}
+
+fn sweeper_spec(cfg: &Config, p: &Ports) -> ChildSpec {
+    let args = SweeperArgs {
+        store: p.store.clone(),
+        queue: p.queue.clone(),
+        interval: cfg.sweeper.interval,
+        recheck: cfg.sweeper.recheck,
+        batch: cfg.sweeper.batch,
+        group: cfg.redis.group.clone(),
+    };
+    spec(sweeper::NAME.to_string(), || OutboxSweeper, args)
+}

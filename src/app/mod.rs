@@ -1,0 +1,245 @@
+//! The wiring: build the clients and providers from configuration, start the actors under
+//! one supervisor and the HTTP server in front of them, and stop both in order when
+//! `shutdown` resolves. [`run`] is all `main` calls, and what the tests call in-process.
+
+mod children;
+mod parts;
+mod telemetry;
+
+pub use children::{child_specs, consumer_name};
+pub use parts::Parts;
+pub use telemetry::{install_metrics, MetricsError};
+
+use crate::clients::mongo::MongoStore;
+use crate::config::Config;
+use crate::providers::smtp::SmtpUrlError;
+use crate::{auth, callbacks, http, limits};
+use actors::backoff::{retry_until, Backoff};
+use actors::domain::Channel;
+use actors::ports::DependencyError;
+use actors::ractor::{Actor, ActorRef, SpawnErr};
+use actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Why the service could not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("REDIS_URL: {0}")]
+    Redis(DependencyError),
+    #[error("MONGODB_URL: {0}")]
+    MongoDb(DependencyError),
+    #[error("ELASTICSEARCH_NODE: {0}")]
+    Elasticsearch(DependencyError),
+    #[error("http client: {0}")]
+    HttpClient(reqwest::Error),
+    #[error(transparent)]
+    Smtp(#[from] SmtpUrlError),
+    #[error("starting the actors: {0}")]
+    Actors(SpawnErr),
+    #[error("cannot listen on {addr} (HOST/PORT): {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the supervisor gave up (restart intensity exceeded); see the log")]
+    SupervisorGaveUp,
+}
+
+/// How long the HTTP server gets to close when the supervisor has given up.
+const ESCALATION_STOP: Duration = Duration::from_secs(2);
+
+/// Run the service until `shutdown` resolves (then stop in order within
+/// `server.shutdown_deadline_ms`) or until the supervisor gives up.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let prometheus = install_metrics()?;
+    let parts = Parts::build(&cfg).await?;
+    let _indexes = spawn_index_creation(&cfg, parts.store.clone());
+    let (supervisor, mut supervisor_done) = start_actors(&cfg, &parts).await?;
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = http_state(&cfg, &parts, prometheus, shutting_down.clone());
+    log_start(&cfg, &state);
+    let server = match HttpServer::start(&cfg, state).await {
+        Ok(s) => s,
+        Err(e) => {
+            supervisor.stop(None);
+            return Err(e);
+        }
+    };
+    let escalated = tokio::select! {
+        _ = shutdown => false,
+        _ = &mut supervisor_done => true,
+    };
+    shutting_down.store(true, Ordering::SeqCst);
+    if escalated {
+        server.stop_within(ESCALATION_STOP).await;
+        return Err(RunError::SupervisorGaveUp);
+    }
+    drain(&cfg, supervisor, server).await;
+    Ok(())
+}
+
+/// MongoDB indexes: made in the background, retried until MongoDB answers or `run` returns.
+fn spawn_index_creation(cfg: &Config, store: Arc<MongoStore>) -> AbortOnDrop {
+    let backoff =
+        Backoff::exponential(cfg.mongodb.index_retry_initial, cfg.mongodb.index_retry_max);
+    AbortOnDrop(tokio::spawn(async move {
+        let _ = retry_until(
+            &backoff,
+            None,
+            || store.ensure_indexes(),
+            |e, _| tracing::warn!(error = %e, "cannot create MongoDB indexes yet"),
+        )
+        .await;
+    }))
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn start_actors(
+    cfg: &Config,
+    parts: &Parts,
+) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), RunError> {
+    let args = SupervisorArgs {
+        children: child_specs(cfg, parts),
+        max_restarts: cfg.supervisor.max_restarts,
+        window: cfg.supervisor.window,
+        backoff_base: cfg.supervisor.backoff_base,
+        backoff_max: cfg.supervisor.backoff_max,
+        stop_timeout: cfg.server.shutdown_deadline,
+    };
+    Actor::spawn(Some("supervisor".into()), Supervisor, args)
+        .await
+        .map_err(RunError::Actors)
+}
+
+fn http_state(
+    cfg: &Config,
+    parts: &Parts,
+    prometheus: PrometheusHandle,
+    shutting_down: Arc<AtomicBool>,
+) -> http::AppState {
+    http::AppState {
+        store: parts.store.clone(),
+        queue: parts.queue.clone(),
+        search: parts.search.clone(),
+        prometheus,
+        shutting_down,
+        health: Channel::ALL
+            .iter()
+            .map(|c| parts.health[c].clone())
+            .collect(),
+        callbacks: Arc::new(callbacks::CallbackConfig {
+            twilio_url: cfg.callbacks.twilio_url(),
+            twilio_auth_token: cfg.providers.sms.auth_token.clone(),
+            whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
+            whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
+        }),
+        communications_index: cfg.elasticsearch.communications_index.clone(),
+        auth: Arc::new(auth::ApiKeys::new(
+            cfg.auth.keys.clone(),
+            cfg.auth.dev_mode,
+            cfg.auth.rate_per_sec,
+            cfg.auth.burst,
+        )),
+        cap: Arc::new(limits::RecipientCap {
+            max: cfg.limits.recipient_max,
+            window_secs: cfg.limits.recipient_window_secs.max(1),
+            redis: parts.queue.clone(),
+        }),
+        validation: actors::domain::ValidationLimits {
+            email_max_chars: cfg.limits.email_max_chars,
+        },
+        metrics_token: cfg.auth.metrics_token.clone(),
+    }
+}
+
+fn log_start(cfg: &Config, state: &http::AppState) {
+    if state.auth.is_dev_mode() {
+        tracing::warn!(
+            "DEV_MODE: no API keys are configured and every request is served as tenant \"default\"; never expose this service like this"
+        );
+    } else {
+        tracing::info!(keys = cfg.auth.keys.len(), "API keys loaded");
+    }
+    if cfg.sender.fault_injection {
+        tracing::warn!("FAULT_INJECTION is on: test markers in message bodies crash the sender");
+    }
+}
+
+/// The HTTP server, running, and how to stop it.
+struct HttpServer {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl HttpServer {
+    async fn start(cfg: &Config, state: http::AppState) -> Result<HttpServer, RunError> {
+        let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| RunError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+        tracing::info!(%addr, consumer = %consumer_name(cfg), "listening");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(
+            warp::serve(http::routes(state))
+                .incoming(listener)
+                .graceful(async move {
+                    let _ = stopped.await;
+                })
+                .run(),
+        );
+        Ok(HttpServer { stop, task })
+    }
+
+    /// Close the listener and wait for the requests inside to be answered.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+
+    async fn stop_within(self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.stop()).await;
+    }
+}
+
+/// Shutdown in order, within the deadline: requests already inside get their answers (new
+/// ones get 503 until the listener closes), then the supervisor stops its children in
+/// reverse start order (consumers finish their batch, senders their calls, the LogIndexer
+/// flushes).
+async fn drain(cfg: &Config, supervisor: ActorRef<SupervisorMsg>, server: HttpServer) {
+    let deadline = cfg.server.shutdown_deadline;
+    tracing::info!(
+        ?deadline,
+        "shutting down: no new requests, finishing in-flight work"
+    );
+    let drain = async {
+        tokio::time::sleep(cfg.server.drain_grace).await;
+        let _ = server.stop.send(());
+        let _ = supervisor
+            .call(SupervisorMsg::Shutdown, Some(deadline))
+            .await;
+        let _ = server.task.await;
+    };
+    if tokio::time::timeout(deadline, drain).await.is_err() {
+        tracing::warn!("shutdown deadline passed; stopping now (unfinished entries stay pending)");
+    }
+    tracing::info!("stopped");
+}

@@ -1,0 +1,115 @@
+//! Everything the service is made of, built from configuration: the clients and the
+//! providers (no I/O yet: every client connects on first use).
+
+use super::RunError;
+use crate::clients::elastic::{ElasticAccess, ElasticSink};
+use crate::clients::lease::RedisLeases;
+use crate::clients::mongo::MongoStore;
+use crate::clients::redis_queue::RedisQueue;
+use crate::config::Config;
+use crate::providers::{smtp::Smtp, twilio::Twilio, whatsapp::WhatsApp};
+use actors::domain::Channel;
+use actors::health::ProviderHealth;
+use actors::ports::Provider;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct Parts {
+    pub store: Arc<MongoStore>,
+    pub queue: Arc<RedisQueue>,
+    pub search: Arc<ElasticSink>,
+    pub providers: HashMap<Channel, Arc<dyn Provider>>,
+    /// Breaker and rate limit per provider, shared by sender, consumer and `/api/v1/providers`.
+    pub health: HashMap<Channel, Arc<ProviderHealth>>,
+}
+
+impl Parts {
+    pub async fn build(cfg: &Config) -> Result<Parts, RunError> {
+        let queue = Arc::new(
+            RedisQueue::new(
+                &cfg.redis.url,
+                cfg.redis.ca_file.as_deref(),
+                cfg.redis.response_timeout(),
+            )
+            .map_err(RunError::Redis)?
+            .with_connect_timeout(cfg.redis.connect_timeout),
+        );
+        let leases = Arc::new(RedisLeases::new(queue.clone()));
+        let store = MongoStore::new(&cfg.mongodb, cfg.sweeper.recheck, leases)
+            .await
+            .map_err(RunError::MongoDb)?;
+        let providers = providers(cfg)?;
+        let health = health(cfg, &providers);
+        Ok(Parts {
+            store: Arc::new(store),
+            queue,
+            search: Arc::new(search(cfg)?),
+            providers,
+            health,
+        })
+    }
+}
+
+fn search(cfg: &Config) -> Result<ElasticSink, RunError> {
+    let es = &cfg.elasticsearch;
+    let access = ElasticAccess {
+        user: es.user.clone(),
+        password: es.password.clone(),
+        api_key: es.api_key.clone(),
+        ca_file: es.ca_file.clone(),
+        timeout: Some(es.timeout),
+    };
+    ElasticSink::new(&es.node, &access, &es.communications_index, &es.logs_index)
+        .map_err(RunError::Elasticsearch)
+}
+
+fn providers(cfg: &Config) -> Result<HashMap<Channel, Arc<dyn Provider>>, RunError> {
+    let p = &cfg.providers;
+    let http = reqwest::Client::builder()
+        .timeout(p.timeout)
+        .connect_timeout(p.connect_timeout)
+        .pool_max_idle_per_host(p.pool_max_idle_per_host)
+        .user_agent(concat!("comm-aggregator/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(RunError::HttpClient)?;
+    let sms = Twilio::new(
+        http.clone(),
+        &p.sms.api_base,
+        &p.sms.account_sid,
+        &p.sms.auth_token,
+        &p.sms.messaging_service_sid,
+        cfg.callbacks.twilio_url(),
+    );
+    let whatsapp = WhatsApp::new(
+        http,
+        &p.whatsapp.api_base,
+        &p.whatsapp.phone_number_id,
+        &p.whatsapp.token,
+    );
+    let email = Smtp::new(&p.email.smtp_url, &p.email.default_subject, p.timeout)?;
+    Ok(HashMap::from([
+        (Channel::Sms, Arc::new(sms) as Arc<dyn Provider>),
+        (Channel::Whatsapp, Arc::new(whatsapp) as Arc<dyn Provider>),
+        (Channel::Email, Arc::new(email) as Arc<dyn Provider>),
+    ]))
+}
+
+fn health(
+    cfg: &Config,
+    providers: &HashMap<Channel, Arc<dyn Provider>>,
+) -> HashMap<Channel, Arc<ProviderHealth>> {
+    Channel::ALL
+        .into_iter()
+        .map(|ch| {
+            let c = cfg.channels.get(ch);
+            let h = ProviderHealth::new(
+                providers[&ch].name(),
+                ch.as_str(),
+                c.breaker(),
+                c.rate_per_sec,
+                c.burst,
+            );
+            (ch, Arc::new(h))
+        })
+        .collect()
+}

@@ -1,0 +1,115 @@
+//! The fault knobs: per provider, a latency, and a share of requests answered with an
+//! outage (`5xx`, `429`), a hang, or a fixed error in the provider's own body.
+
+use crate::twilio::twilio_error;
+use crate::whatsapp::meta_error;
+use crate::{json_status, Sandbox};
+use serde::Deserialize;
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct Fault {
+    provider: String,
+    #[serde(default = "none_mode")]
+    mode: String,
+    status: Option<u16>,
+    code: Option<u32>,
+    message: Option<String>,
+    retry_after: Option<u64>,
+    #[serde(default)]
+    latency_ms: u64,
+    #[serde(default = "one")]
+    rate: f64,
+}
+
+fn none_mode() -> String {
+    "none".into()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn with_retry_after(mut r: Response, secs: Option<u64>) -> Response {
+    if let Some(s) = secs {
+        r.headers_mut().insert(
+            warp::http::header::RETRY_AFTER,
+            warp::http::HeaderValue::from_str(&s.to_string()).unwrap(),
+        );
+    }
+    r
+}
+
+/// Apply the provider's fault, if any: `Some(answer)` short-cuts the request.
+pub async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
+    let f = sb.faults.lock().unwrap().get(provider).cloned()?;
+    if f.latency_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(f.latency_ms)).await;
+    }
+    if f.mode == "none" || rand::random::<f64>() >= f.rate {
+        return None;
+    }
+    let twilio = provider == "twilio";
+    Some(match f.mode.as_str() {
+        "hang" => {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            json_status(json!({}), StatusCode::GATEWAY_TIMEOUT)
+        }
+        "429" if twilio => {
+            with_retry_after(twilio_error(429, 20429, "Too Many Requests"), f.retry_after)
+        }
+        "429" => with_retry_after(
+            meta_error(
+                429,
+                130429,
+                "Rate limit hit",
+                "Cloud API message throughput has been reached.",
+            ),
+            f.retry_after,
+        ),
+        "5xx" if twilio => with_retry_after(
+            twilio_error(
+                f.status.unwrap_or(503),
+                20500,
+                "An internal server error has occurred",
+            ),
+            f.retry_after,
+        ),
+        "5xx" => with_retry_after(
+            meta_error(
+                f.status.unwrap_or(503),
+                131016,
+                "Service unavailable",
+                "A service is temporarily unavailable.",
+            ),
+            f.retry_after,
+        ),
+        _ => {
+            let status = f.status.unwrap_or(400);
+            let msg = f.message.clone().unwrap_or_else(|| "Injected error".into());
+            if twilio {
+                twilio_error(status, f.code.unwrap_or(21211), &msg)
+            } else {
+                meta_error(status, f.code.unwrap_or(131026), &msg, &msg)
+            }
+        }
+    })
+}
+
+impl Sandbox {
+    pub fn set_fault(&self, f: Fault) -> Response {
+        if !["twilio", "whatsapp"].contains(&f.provider.as_str()) {
+            return json_status(
+                json!({"error": "provider must be twilio or whatsapp"}),
+                StatusCode::BAD_REQUEST,
+            );
+        }
+        self.faults
+            .lock()
+            .unwrap()
+            .insert(f.provider.clone(), f.clone());
+        json_status(json!({"fault": f}), StatusCode::OK)
+    }
+}

@@ -1,0 +1,208 @@
+//! Start-up validations: one small function per rule, each error naming the variable or
+//! setting to fix. They run in the order of [`RULES`]; the first failure stops start-up.
+
+use super::{bad, ChannelSettings, Config, ConfigError};
+
+type Rule = fn(&Config) -> Result<(), ConfigError>;
+
+const RULES: &[Rule] = &[
+    urls_have_known_schemes,
+    provider_credentials_are_set,
+    api_keys_or_dev_mode,
+    api_rate_limit_is_usable,
+    limits_are_usable,
+    log_format_is_known,
+    claims_outlast_a_provider_call,
+    leases_outlast_a_provider_call,
+    counts_are_at_least_one,
+    channels_are_usable,
+];
+
+pub(super) fn run(cfg: &Config) -> Result<(), ConfigError> {
+    RULES.iter().try_for_each(|rule| rule(cfg))
+}
+
+fn url(name: &str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let u = url::Url::parse(v).map_err(|e| bad(format!("{name}={v:?} is not a URL: {e}")))?;
+    if !schemes.contains(&u.scheme()) {
+        return Err(bad(format!(
+            "{name}={v:?}: scheme must be one of {schemes:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn urls_have_known_schemes(c: &Config) -> Result<(), ConfigError> {
+    const WEB: &[&str] = &["http", "https"];
+    url("MONGODB_URL", &c.mongodb.url, &["mongodb", "mongodb+srv"])?;
+    url(
+        "REDIS_URL",
+        &c.redis.url,
+        &["redis", "rediss", "redis+unix", "unix"],
+    )?;
+    url("ELASTICSEARCH_NODE", &c.elasticsearch.node, WEB)?;
+    url("TWILIO_API_BASE", &c.providers.sms.api_base, WEB)?;
+    url("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, WEB)?;
+    url("SMTP_URL", &c.providers.email.smtp_url, &["smtp", "smtps"])?;
+    if !c.callbacks.public_base_url.is_empty() {
+        url("PUBLIC_BASE_URL", &c.callbacks.public_base_url, WEB)?;
+    }
+    Ok(())
+}
+
+fn provider_credentials_are_set(c: &Config) -> Result<(), ConfigError> {
+    let p = &c.providers;
+    for (name, v, why) in [
+        (
+            "ACCOUNTSID",
+            &p.sms.account_sid,
+            "the Twilio Account SID (starts with AC)",
+        ),
+        ("AUTHTOKEN", &p.sms.auth_token, "the Twilio auth token"),
+        (
+            "WHATSAPP_PHONE_NUMBER_ID",
+            &p.whatsapp.phone_number_id,
+            "the WhatsApp Business phone number id",
+        ),
+        (
+            "WHATSAPP_TOKEN",
+            &p.whatsapp.token,
+            "the WhatsApp Cloud API access token",
+        ),
+    ] {
+        if v.trim().is_empty() {
+            return Err(bad(format!("{name} is not set: {why}")));
+        }
+    }
+    Ok(())
+}
+
+fn api_keys_or_dev_mode(c: &Config) -> Result<(), ConfigError> {
+    if c.auth.keys.is_empty() && !c.auth.dev_mode {
+        return Err(bad(
+            "no API keys configured: set API_KEYS=tenant:key,... or auth.keys_file \
+             (API_KEYS_FILE); or, for local development only, DEV_MODE=true",
+        ));
+    }
+    Ok(())
+}
+
+fn api_rate_limit_is_usable(c: &Config) -> Result<(), ConfigError> {
+    if !(c.auth.rate_per_sec > 0.0 && c.auth.burst >= 1.0) {
+        return Err(bad("auth.rate_per_sec must be > 0 and auth.burst >= 1"));
+    }
+    Ok(())
+}
+
+fn limits_are_usable(c: &Config) -> Result<(), ConfigError> {
+    if c.limits.recipient_max > 0 && c.limits.recipient_window_secs == 0 {
+        return Err(bad("limits.recipient_window_secs must be at least 1"));
+    }
+    if c.limits.email_max_chars == 0 {
+        return Err(bad("limits.email_max_chars must be at least 1"));
+    }
+    Ok(())
+}
+
+fn log_format_is_known(c: &Config) -> Result<(), ConfigError> {
+    if !["text", "json"].contains(&c.server.log_format.as_str()) {
+        return Err(bad(format!(
+            "LOG_FORMAT={:?}: must be \"text\" or \"json\"",
+            c.server.log_format
+        )));
+    }
+    Ok(())
+}
+
+/// A consumer that took over entries still being sent would send them twice.
+fn claims_outlast_a_provider_call(c: &Config) -> Result<(), ConfigError> {
+    if c.redis.claim_idle <= c.providers.timeout {
+        return Err(bad(format!(
+            "redis.claim_idle_ms ({}) must be longer than providers.timeout_ms ({}), or live sends get taken over",
+            c.redis.claim_idle.as_millis(),
+            c.providers.timeout.as_millis()
+        )));
+    }
+    Ok(())
+}
+
+fn leases_outlast_a_provider_call(c: &Config) -> Result<(), ConfigError> {
+    if c.sender.stale_after <= c.providers.timeout {
+        return Err(bad(format!(
+            "sender.stale_after_ms ({}) must be longer than providers.timeout_ms ({})",
+            c.sender.stale_after.as_millis(),
+            c.providers.timeout.as_millis()
+        )));
+    }
+    Ok(())
+}
+
+fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
+    for (name, v) in [
+        ("router.batch_max", c.router.batch_max),
+        ("receipts.batch_max", c.receipts.batch_max),
+        ("redis.read_count", c.redis.read_count),
+        ("log_indexer.max_docs", c.log_indexer.max_docs),
+        ("sweeper.batch", c.sweeper.batch),
+        ("redis.max_deliveries", c.redis.max_deliveries as usize),
+    ] {
+        if v == 0 {
+            return Err(bad(format!("{name} must be at least 1")));
+        }
+    }
+    Ok(())
+}
+
+fn channels_are_usable(c: &Config) -> Result<(), ConfigError> {
+    c.channels
+        .all()
+        .into_iter()
+        .try_for_each(|(name, ch)| channel_is_usable(name, ch))
+}
+
+fn channel_is_usable(name: &str, ch: &ChannelSettings) -> Result<(), ConfigError> {
+    if ch.concurrency == 0 || ch.max_attempts == 0 || ch.breaker_consecutive_failures == 0 {
+        return Err(bad(format!(
+            "channels.{name}: concurrency, max_attempts and breaker_consecutive_failures must be at least 1"
+        )));
+    }
+    if !(ch.rate_per_sec > 0.0 && ch.burst >= 1.0) {
+        return Err(bad(format!(
+            "channels.{name}: rate_per_sec must be > 0 and burst >= 1"
+        )));
+    }
+    if !(ch.breaker_failure_ratio > 0.0 && ch.breaker_failure_ratio <= 1.0) {
+        return Err(bad(format!(
+            "channels.{name}.breaker_failure_ratio must be in (0, 1]"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{load, CREDS};
+
+    fn error_with(extra: &[(&'static str, &'static str)]) -> String {
+        let mut v = CREDS.to_vec();
+        v.extend_from_slice(extra);
+        load(&v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_rule_names_its_setting() {
+        for (vars, names) in [
+            (&[("LOG_FORMAT", "xml")][..], "LOG_FORMAT"),
+            (&[("CLAIM_IDLE_MS", "10000")][..], "redis.claim_idle_ms"),
+            (&[("STALE_AFTER_MS", "10")][..], "sender.stale_after_ms"),
+            (&[("MAX_DELIVERIES", "0")][..], "redis.max_deliveries"),
+            (&[("PROVIDER_BURST", "0.5")][..], "channels.email"),
+            (&[("API_BURST", "0")][..], "auth.burst"),
+            (&[("EMAIL_MAX_CHARS", "0")][..], "limits.email_max_chars"),
+            (&[("SMTP_URL", "http://x")][..], "SMTP_URL"),
+        ] {
+            let err = error_with(vars);
+            assert!(err.contains(names), "{vars:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The environment variables, in one table: each names the setting it overrides, says in a
+//! line what it means, and applies itself. [`ENV_VARS`] (which `tests/deploy.rs` checks the
+//! deployment files against), `--help` and the README's Configuration table (checked by a
+//! test below) all come from it.
+
+use super::{bad, Config, ConfigError};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One variable's value, with its name for error messages.
+pub struct Value {
+    name: &'static str,
+    raw: String,
+}
+
+impl Value {
+    fn text(self) -> Result<String, ConfigError> {
+        Ok(self.raw)
+    }
+
+    fn some(self) -> Result<Option<String>, ConfigError> {
+        Ok(Some(self.raw))
+    }
+
+    fn num<T: FromStr>(&self) -> Result<T, ConfigError> {
+        self.raw.trim().parse().map_err(|_| {
+            bad(format!(
+                "{}={:?} is not a valid number",
+                self.name, self.raw
+            ))
+        })
+    }
+
+    fn millis(&self) -> Result<Duration, ConfigError> {
+        self.num().map(Duration::from_millis)
+    }
+
+    fn flag(&self) -> Result<bool, ConfigError> {
+        match self.raw.as_str() {
+            "1" | "true" | "yes" => Ok(true),
+            "0" | "false" | "no" => Ok(false),
+            _ => Err(bad(format!("{}={:?}: true or false", self.name, self.raw))),
+        }
+    }
+}
+
+type Setter = fn(&mut Config, Value) -> Result<(), ConfigError>;
+
+/// An environment variable the service reads.
+pub struct EnvVar {
+    pub name: &'static str,
+    /// The `config.toml` setting it overrides; empty for environment-only values.
+    pub setting: &'static str,
+    pub doc: &'static str,
+    /// `None`: see [`read_elsewhere`].
+    set: Option<Setter>,
+}
+
+const fn var(name: &'static str, setting: &'static str, doc: &'static str, set: Setter) -> EnvVar {
+    EnvVar {
+        name,
+        setting,
+        doc,
+        set: Some(set),
+    }
+}
+
+/// Read where it is used (`API_KEYS` with the keys file, `RUST_LOG` by the log filter).
+const fn read_elsewhere(name: &'static str, doc: &'static str) -> EnvVar {
+    EnvVar {
+        name,
+        setting: "",
+        doc,
+        set: None,
+    }
+}
+
+/// A [`Setter`] that parses with a [`Value`] method and stores the result at a setting;
+/// `channels.*.x` stores it in every channel.
+macro_rules! set {
+    ($parse:ident => channels.*.$field:ident) => {
+        |c: &mut Config, v: Value| {
+            let x = v.$parse()?;
+            c.channels.all_mut().into_iter().for_each(|ch| ch.$field = x);
+            Ok(())
+        }
+    };
+    ($parse:ident => $($place:ident).+) => {
+        |c: &mut Config, v: Value| v.$parse().map(|x| c.$($place).+ = x)
+    };
+}
+
+pub(super) const API_KEYS: &str = "API_KEYS";
+
+/// Every environment variable: name, setting, meaning, how it is applied. One a line, as
+/// a table reads best.
+#[rustfmt::skip]
+pub const ENV: [EnvVar; 48] = [
+    var("HOST", "server.host", "listen address", set!(text => server.host)),
+    var("PORT", "server.port", "listen port", set!(num => server.port)),
+    var("SHUTDOWN_DEADLINE_MS", "server.shutdown_deadline_ms", "longest graceful shutdown", set!(millis => server.shutdown_deadline)),
+    var("LOG_FORMAT", "server.log_format", "`text` or `json`", set!(text => server.log_format)),
+    read_elsewhere("RUST_LOG", "log levels, as tracing's EnvFilter reads them (default `info,warp=warn`)"),
+    var("MONGODB_URL", "mongodb.url", "MongoDB", set!(text => mongodb.url)),
+    var("MONGODB_DATABASE", "mongodb.database", "database", set!(text => mongodb.database)),
+    var("REDIS_URL", "redis.url", "Redis (`rediss://` for TLS)", set!(text => redis.url)),
+    var("REDIS_GROUP", "redis.group", "consumer group on every stream", set!(text => redis.group)),
+    var("CONSUMER_NAME", "redis.consumer_name", "this instance's consumer name", set!(text => redis.consumer_name)),
+    var("CLAIM_IDLE_MS", "redis.claim_idle_ms", "entries idle this long are taken over", set!(millis => redis.claim_idle)),
+    var("MAX_DELIVERIES", "redis.max_deliveries", "deliveries before the dead-letter stream", set!(num => redis.max_deliveries)),
+    var("ELASTICSEARCH_NODE", "elasticsearch.node", "Elasticsearch (`https://` for TLS)", set!(text => elasticsearch.node)),
+    var("ELASTICSEARCH_USER", "", "basic auth user", set!(some => elasticsearch.user)),
+    var("ELASTICSEARCH_PASSWORD", "", "basic auth password", set!(some => elasticsearch.password)),
+    var("ELASTICSEARCH_API_KEY", "", "API key (`encoded` or `id:api_key`)", set!(some => elasticsearch.api_key)),
+    var("ELASTICSEARCH_CA_FILE", "", "PEM certificate to trust for `https://`", set!(some => elasticsearch.ca_file)),
+    var("REDIS_CA_FILE", "", "PEM certificates to trust for `rediss://`", set!(some => redis.ca_file)),
+    read_elsewhere(API_KEYS, "`tenant:key,…` (or `tenant:sha256:<hex>`)"),
+    var("API_KEYS_FILE", "auth.keys_file", "file of `tenant:key` lines", set!(text => auth.keys_file)),
+    var("DEV_MODE", "auth.dev_mode", "without keys, serve everybody as tenant `default`", set!(flag => auth.dev_mode)),
+    var("API_RATE_PER_SEC", "auth.rate_per_sec", "requests a second per key", set!(num => auth.rate_per_sec)),
+    var("API_BURST", "auth.burst", "requests at once per key", set!(num => auth.burst)),
+    var("METRICS_TOKEN", "", "bearer token `/metrics` wants, when set", set!(some => auth.metrics_token)),
+    var("RECIPIENT_MAX", "limits.recipient_max", "messages to one number per tenant per window", set!(num => limits.recipient_max)),
+    var("RECIPIENT_WINDOW_SECS", "limits.recipient_window_secs", "that window", set!(num => limits.recipient_window_secs)),
+    var("EMAIL_MAX_CHARS", "limits.email_max_chars", "longest email body", set!(num => limits.email_max_chars)),
+    var("STALE_AFTER_MS", "sender.stale_after_ms", "how long a record's lease lasts", set!(millis => sender.stale_after)),
+    var("FAULT_INJECTION", "sender.fault_injection", "honour the test markers", set!(flag => sender.fault_injection)),
+    var("SWEEP_RECHECK_MS", "sweeper.recheck_ms", "a record not moving this long is queued again", set!(millis => sweeper.recheck)),
+    var("PROVIDER_TIMEOUT_MS", "providers.timeout_ms", "one provider call", set!(millis => providers.timeout)),
+    var("MAX_ATTEMPTS", "channels.*.max_attempts", "attempts before `failed`, every channel", set!(num => channels.*.max_attempts)),
+    var("BACKOFF_BASE_MS", "channels.*.backoff_base_ms", "first retry wait, every channel", set!(millis => channels.*.backoff_base)),
+    var("BREAKER_COOLDOWN_MS", "channels.*.breaker_cooldown_ms", "how long a breaker stays open", set!(millis => channels.*.breaker_cooldown)),
+    var("PROVIDER_RATE_PER_SEC", "channels.*.rate_per_sec", "sends a second, every channel", set!(num => channels.*.rate_per_sec)),
+    var("PROVIDER_BURST", "channels.*.burst", "sends at once, every channel", set!(num => channels.*.burst)),
+    var("PUBLIC_BASE_URL", "callbacks.public_base_url", "how providers reach this service", set!(text => callbacks.public_base_url)),
+    var("WHATSAPP_APP_SECRET", "", "WhatsApp webhook signature secret", set!(text => callbacks.whatsapp_app_secret)),
+    var("WHATSAPP_VERIFY_TOKEN", "", "WhatsApp webhook verification token", set!(text => callbacks.whatsapp_verify_token)),
+    var("TWILIO_API_BASE", "providers.sms.api_base", "Twilio API", set!(text => providers.sms.api_base)),
+    var("ACCOUNTSID", "providers.sms.account_sid", "Twilio Account SID", set!(text => providers.sms.account_sid)),
+    var("AUTHTOKEN", "", "Twilio auth token", set!(text => providers.sms.auth_token)),
+    var("MSG_ID", "providers.sms.messaging_service_sid", "Twilio Messaging Service SID", set!(text => providers.sms.messaging_service_sid)),
+    var("WHATSAPP_API_BASE", "providers.whatsapp.api_base", "Cloud API base, with version", set!(text => providers.whatsapp.api_base)),
+    var("WHATSAPP_PHONE_NUMBER_ID", "providers.whatsapp.phone_number_id", "sender phone number id", set!(text => providers.whatsapp.phone_number_id)),
+    var("WHATSAPP_TOKEN", "", "WhatsApp access token", set!(text => providers.whatsapp.token)),
+    var("SMTP_URL", "providers.email.smtp_url", "SMTP server, credentials in the URL", set!(text => providers.email.smtp_url)),
+    var("EMAIL_DEFAULT_SUBJECT", "providers.email.default_subject", "subject when the request has none", set!(text => providers.email.default_subject)),
+];
+
+const fn names() -> [&'static str; ENV.len()] {
+    let mut out = [""; ENV.len()];
+    let mut i = 0;
+    while i < ENV.len() {
+        out[i] = ENV[i].name;
+        i += 1;
+    }
+    out
+}
+
+/// Every environment variable the service reads (deployment files are checked against it).
+pub const ENV_VARS: [&str; ENV.len()] = names();
+
+/// Apply every variable that is set, in the table's order.
+pub(super) fn apply(
+    cfg: &mut Config,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    for var in &ENV {
+        if let (Some(set), Some(raw)) = (var.set, env(var.name)) {
+            set(
+                cfg,
+                Value {
+                    name: var.name,
+                    raw,
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The variables as `--help` lists them.
+pub fn env_help() -> String {
+    let width = ENV.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    ENV.iter()
+        .map(|v| {
+            let setting = if v.setting.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", v.setting)
+            };
+            format!("  {:width$}  {}{setting}\n", v.name, v.doc)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn names_are_unique() {
+        let set: BTreeSet<&str> = ENV_VARS.iter().copied().collect();
+        assert_eq!(set.len(), ENV_VARS.len());
+    }
+
+    /// The README's Configuration table lists exactly the variables of [`ENV`].
+    #[test]
+    fn readme_lists_the_table() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|s| s.split("\n### ").next())
+            .expect("a Configuration section");
+        let mut documented = BTreeSet::new();
+        for row in section.lines().filter(|l| l.starts_with('|')) {
+            let first = row.split('|').nth(1).unwrap_or("");
+            for name in first.split('`').skip(1).step_by(2) {
+                documented.insert(name);
+            }
+        }
+        let table: BTreeSet<&str> = ENV_VARS.iter().copied().collect();
+        assert_eq!(documented, table);
+    }
+}

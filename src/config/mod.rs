@@ -1,0 +1,533 @@
+//! Configuration: `config.toml` for defaults, the environment for overrides and secrets.
+//! A bad value stops start-up with a message naming the setting or variable.
+//!
+//! - this file: the settings, as serde structs (durations are `Duration`s, read from the
+//!   same `*_ms` keys), and the small builders that turn them into the actors' policies;
+//! - [`env`]: the one table of environment variables (what each overrides, how it is
+//!   parsed, what it means), from which [`ENV_VARS`] and `--help` are derived;
+//! - [`checks`]: the validations, one small named function each.
+
+mod checks;
+mod env;
+
+pub use env::{env_help, EnvVar, ENV, ENV_VARS};
+
+use actors::batch::BatchSettings;
+use actors::domain::Channel;
+use actors::health::BreakerConfig;
+use actors::retry::RetryPolicy;
+use serde::{Deserialize, Deserializer};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration: {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// A value the service cannot run with; the message names the variable or setting.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+pub(crate) fn bad(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// `*_ms` keys hold whole milliseconds.
+fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_millis)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub mongodb: Mongo,
+    pub redis: Redis,
+    pub elasticsearch: Elastic,
+    pub router: Router,
+    pub receipts: Receipts,
+    pub sender: Sender,
+    pub channels: Channels,
+    pub sweeper: Sweeper,
+    pub log_indexer: LogIndexer,
+    pub stats: Stats,
+    pub supervisor: Supervisor,
+    pub callbacks: Callbacks,
+    pub providers: Providers,
+    pub auth: Auth,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub keys_file: String,
+    pub dev_mode: bool,
+    pub rate_per_sec: f64,
+    pub burst: f64,
+    /// Parsed from `API_KEYS` and `keys_file`.
+    #[serde(skip)]
+    pub keys: Vec<crate::auth::KeySpec>,
+    /// `METRICS_TOKEN`: when set, `/metrics` wants `Authorization: Bearer <it>`.
+    #[serde(skip)]
+    pub metrics_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub recipient_max: u64,
+    pub recipient_window_secs: u64,
+    pub email_max_chars: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Callbacks {
+    pub public_base_url: String,
+    #[serde(skip)]
+    pub whatsapp_app_secret: String,
+    #[serde(skip)]
+    pub whatsapp_verify_token: String,
+}
+
+impl Callbacks {
+    pub fn twilio_url(&self) -> Option<String> {
+        (!self.public_base_url.is_empty()).then(|| {
+            format!(
+                "{}/api/v1/callbacks/twilio",
+                self.public_base_url.trim_end_matches('/')
+            )
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    #[serde(rename = "shutdown_deadline_ms", deserialize_with = "millis")]
+    pub shutdown_deadline: Duration,
+    /// On shutdown, how long requests already inside have to be answered before the
+    /// listener closes.
+    #[serde(rename = "drain_grace_ms", deserialize_with = "millis")]
+    pub drain_grace: Duration,
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mongo {
+    pub url: String,
+    pub database: String,
+    /// Used unless the URL sets `connectTimeoutMS`.
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
+    pub connect_timeout: Duration,
+    /// Used unless the URL sets `serverSelectionTimeoutMS`.
+    #[serde(rename = "server_selection_timeout_ms", deserialize_with = "millis")]
+    pub server_selection_timeout: Duration,
+    /// The indexes are made in the background, retried from this wait...
+    #[serde(rename = "index_retry_initial_ms", deserialize_with = "millis")]
+    pub index_retry_initial: Duration,
+    /// ...doubling up to this one.
+    #[serde(rename = "index_retry_max_ms", deserialize_with = "millis")]
+    pub index_retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: String,
+    pub group: String,
+    pub consumer_name: String,
+    pub read_count: usize,
+    #[serde(rename = "block_ms", deserialize_with = "millis")]
+    pub block: Duration,
+    #[serde(rename = "claim_idle_ms", deserialize_with = "millis")]
+    pub claim_idle: Duration,
+    pub max_deliveries: u64,
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
+    pub connect_timeout: Duration,
+    /// A blocking read answers within `block`; any answer may take this much longer.
+    #[serde(rename = "response_grace_ms", deserialize_with = "millis")]
+    pub response_grace: Duration,
+    /// A consumer waits for its sender `record_patience` plus two provider timeouts plus
+    /// this before it gives a delivery up.
+    #[serde(rename = "deliver_grace_ms", deserialize_with = "millis")]
+    pub deliver_grace: Duration,
+    /// `REDIS_CA_FILE`: PEM roots for `rediss://` (default: the Mozilla roots).
+    #[serde(skip)]
+    pub ca_file: Option<String>,
+}
+
+impl Redis {
+    /// The longest a command may take: a blocking read's `block` and the grace.
+    pub fn response_timeout(&self) -> Duration {
+        self.block + self.response_grace
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Elastic {
+    pub node: String,
+    pub communications_index: String,
+    pub logs_index: String,
+    /// One request, a `_bulk` included.
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
+    #[serde(skip)]
+    pub user: Option<String>,
+    #[serde(skip)]
+    pub password: Option<String>,
+    /// `ELASTICSEARCH_API_KEY`: the base64 `encoded` form, or `id:api_key`.
+    #[serde(skip)]
+    pub api_key: Option<String>,
+    /// `ELASTICSEARCH_CA_FILE`: PEM certificate to trust for `https://`.
+    #[serde(skip)]
+    pub ca_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Router {
+    pub batch_max: usize,
+    #[serde(rename = "linger_ms", deserialize_with = "millis")]
+    pub linger: Duration,
+    pub max_inflight: usize,
+}
+
+impl Router {
+    pub fn batch(&self) -> BatchSettings {
+        BatchSettings::new(self.batch_max, self.linger)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipts {
+    pub batch_max: usize,
+    #[serde(rename = "linger_ms", deserialize_with = "millis")]
+    pub linger: Duration,
+    #[serde(rename = "wait_for_record_ms", deserialize_with = "millis")]
+    pub wait_for_record: Duration,
+    #[serde(rename = "recheck_ms", deserialize_with = "millis")]
+    pub recheck: Duration,
+}
+
+impl Receipts {
+    pub fn batch(&self) -> BatchSettings {
+        BatchSettings::new(self.batch_max, self.linger)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sender {
+    #[serde(rename = "stale_after_ms", deserialize_with = "millis")]
+    pub stale_after: Duration,
+    #[serde(rename = "record_patience_ms", deserialize_with = "millis")]
+    pub record_patience: Duration,
+    pub fault_injection: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channels {
+    pub email: ChannelSettings,
+    pub sms: ChannelSettings,
+    pub whatsapp: ChannelSettings,
+}
+
+impl Channels {
+    pub fn get(&self, ch: Channel) -> &ChannelSettings {
+        match ch {
+            Channel::Email => &self.email,
+            Channel::Sms => &self.sms,
+            Channel::Whatsapp => &self.whatsapp,
+        }
+    }
+
+    fn all(&self) -> [(&'static str, &ChannelSettings); 3] {
+        [
+            ("email", &self.email),
+            ("sms", &self.sms),
+            ("whatsapp", &self.whatsapp),
+        ]
+    }
+
+    fn all_mut(&mut self) -> [&mut ChannelSettings; 3] {
+        [&mut self.email, &mut self.sms, &mut self.whatsapp]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    #[serde(rename = "backoff_base_ms", deserialize_with = "millis")]
+    pub backoff_base: Duration,
+    #[serde(rename = "backoff_cap_ms", deserialize_with = "millis")]
+    pub backoff_cap: Duration,
+    pub rate_per_sec: f64,
+    pub burst: f64,
+    pub breaker_consecutive_failures: u32,
+    pub breaker_failure_ratio: f64,
+    pub breaker_window: usize,
+    pub breaker_min_calls: usize,
+    #[serde(rename = "breaker_cooldown_ms", deserialize_with = "millis")]
+    pub breaker_cooldown: Duration,
+}
+
+impl ChannelSettings {
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            base: self.backoff_base,
+            cap: self.backoff_cap,
+        }
+    }
+
+    pub fn breaker(&self) -> BreakerConfig {
+        BreakerConfig {
+            consecutive_failures: self.breaker_consecutive_failures,
+            failure_ratio: self.breaker_failure_ratio,
+            window: self.breaker_window,
+            min_calls: self.breaker_min_calls,
+            cooldown: self.breaker_cooldown,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sweeper {
+    #[serde(rename = "interval_ms", deserialize_with = "millis")]
+    pub interval: Duration,
+    #[serde(rename = "recheck_ms", deserialize_with = "millis")]
+    pub recheck: Duration,
+    pub batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogIndexer {
+    pub max_docs: usize,
+    pub max_bytes: usize,
+    #[serde(rename = "max_wait_ms", deserialize_with = "millis")]
+    pub max_wait: Duration,
+}
+
+impl LogIndexer {
+    pub fn batch(&self) -> BatchSettings {
+        BatchSettings::new(self.max_docs, self.max_wait).with_max_bytes(self.max_bytes)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    #[serde(rename = "interval_ms", deserialize_with = "millis")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Supervisor {
+    pub max_restarts: usize,
+    #[serde(rename = "window_ms", deserialize_with = "millis")]
+    pub window: Duration,
+    #[serde(rename = "backoff_base_ms", deserialize_with = "millis")]
+    pub backoff_base: Duration,
+    #[serde(rename = "backoff_max_ms", deserialize_with = "millis")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Providers {
+    /// One provider call, and the SMTP transport's timeout.
+    #[serde(rename = "timeout_ms", deserialize_with = "millis")]
+    pub timeout: Duration,
+    /// Making a connection to Twilio or Meta.
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
+    pub connect_timeout: Duration,
+    /// Idle HTTP connections kept per provider host.
+    pub pool_max_idle_per_host: usize,
+    pub sms: Sms,
+    pub whatsapp: Whatsapp,
+    pub email: Email,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sms {
+    pub api_base: String,
+    pub account_sid: String,
+    pub messaging_service_sid: String,
+    #[serde(skip)]
+    pub auth_token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Whatsapp {
+    pub api_base: String,
+    pub phone_number_id: String,
+    #[serde(skip)]
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Email {
+    pub smtp_url: String,
+    pub default_subject: String,
+}
+
+impl Config {
+    /// Read `path`, then apply the environment (`env` looks a variable up).
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        env::apply(&mut cfg, env)?;
+        cfg.load_keys(env)?;
+        checks::run(&cfg)?;
+        Ok(cfg)
+    }
+
+    pub fn from_process_env(path: &Path) -> Result<Config, ConfigError> {
+        Config::load(path, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// The API keys: `API_KEYS` and the lines of `auth.keys_file` (both may be set).
+    fn load_keys(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let file = if self.auth.keys_file.is_empty() {
+            None
+        } else {
+            let text = std::fs::read_to_string(&self.auth.keys_file).map_err(|e| {
+                bad(format!(
+                    "auth.keys_file / API_KEYS_FILE {:?}: {e}",
+                    self.auth.keys_file
+                ))
+            })?;
+            Some((self.auth.keys_file.clone(), text))
+        };
+        self.auth.keys = crate::auth::parse_keys(
+            env(env::API_KEYS).as_deref(),
+            file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    pub(super) fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        Config::load(&path, &move |k| m.get(k).cloned())
+    }
+
+    pub(super) const CREDS: [(&str, &str); 5] = [
+        ("API_KEYS", "acme:acme-0123456789abcdef"),
+        ("ACCOUNTSID", "AC00000000000000000000000000000000"),
+        ("AUTHTOKEN", "t"),
+        ("WHATSAPP_PHONE_NUMBER_ID", "1"),
+        ("WHATSAPP_TOKEN", "w"),
+    ];
+
+    #[test]
+    fn shipped_file_loads_and_env_overrides_it() {
+        let mut v = CREDS.to_vec();
+        v.push(("PORT", "4000"));
+        v.push(("REDIS_URL", "redis://127.0.0.1:7000"));
+        v.push(("PROVIDER_TIMEOUT_MS", "1500"));
+        v.push(("BACKOFF_BASE_MS", "200"));
+        let c = load(&v).unwrap();
+        assert_eq!(c.server.port, 4000);
+        assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
+        assert_eq!(c.mongodb.database, "communication-aggregator");
+        assert_eq!(c.providers.timeout, Duration::from_millis(1500));
+        assert_eq!(c.server.shutdown_deadline, Duration::from_secs(15));
+        for ch in Channel::ALL {
+            assert_eq!(c.channels.get(ch).retry().base, Duration::from_millis(200));
+        }
+        assert_eq!(c.receipts.batch().max_items, 500);
+        assert_eq!(c.log_indexer.batch().max_bytes, 5_000_000);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let mut v = CREDS.to_vec();
+        v.push(("PORT", "http"));
+        assert!(load(&v).unwrap_err().to_string().contains("PORT"));
+        let mut v = CREDS.to_vec();
+        v.push(("MONGODB_URL", "postgres://x"));
+        assert!(load(&v).unwrap_err().to_string().contains("MONGODB_URL"));
+        let err = load(&CREDS[..1]).unwrap_err().to_string();
+        assert!(err.contains("ACCOUNTSID"), "{err}");
+    }
+
+    #[test]
+    fn no_keys_no_start_unless_dev_mode() {
+        let err = load(&CREDS[1..]).unwrap_err().to_string();
+        assert!(
+            err.contains("API_KEYS") && err.contains("DEV_MODE"),
+            "{err}"
+        );
+        let mut v = CREDS[1..].to_vec();
+        v.push(("DEV_MODE", "true"));
+        let c = load(&v).unwrap();
+        assert!(c.auth.dev_mode && c.auth.keys.is_empty());
+        let c = load(&CREDS).unwrap();
+        assert_eq!(c.auth.keys.len(), 1);
+        assert!(!c.auth.dev_mode, "dev mode is off unless switched on");
+    }
+
+    #[test]
+    fn keys_file_is_read_and_bad_entries_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("keys-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "# tenants
+zeta:zeta-0123456789abcdef
+",
+        )
+        .unwrap();
+        let mut v = CREDS.to_vec();
+        let path = dir.to_string_lossy().to_string();
+        v.push(("API_KEYS_FILE", &path));
+        let c = load(&v).unwrap();
+        let tenants: Vec<&str> = c.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
+        assert_eq!(tenants, ["acme", "zeta"]);
+        std::fs::write(&dir, "zeta\n").unwrap();
+        let err = load(&v).unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+        std::fs::remove_file(&dir).unwrap();
+    }
+}
