@@ -4,8 +4,8 @@
 //! Owns: the receipts waiting for the next batch, and those waiting for their record (a
 //! receipt can overtake the recording of its send: the provider answers the call, calls
 //! back at once, and the sender's outcome write is still to come).
-//! Talks to it: the HTTP callbacks (`Apply`, an RPC answered once the receipt is applied,
-//! found inapplicable, or given up on after `wait_for_record`).
+//! Talks to it: the HTTP callbacks, through [`apply`] (`Apply`, an RPC answered once the
+//! receipt is applied, found inapplicable, or given up on after `wait_for_record`).
 //! Talks to: the store (one batched write and one read per batch, however many receipts),
 //! Redis (the receipts' log events, one pipeline per batch).
 //! On failure: receipts in the batch being written are answered with the error (the

@@ -1,7 +1,8 @@
 //! RouterActor: turns validated requests into stored, queued communications.
 //!
 //! Owns: the batch of requests waiting for the next group commit.
-//! Talks to it: the HTTP layer (`Accept`, an RPC answered once the record is stored).
+//! Talks to it: the HTTP layer, through [`accept`] (`Accept`, an RPC answered once the record
+//! is stored; the caller gets a typed error, never ractor's call result).
 //! Talks to: MongoDB (one `insert_many` per batch), Redis (one pipeline per batch: the
 //! `queued` log event to `log_stream`, the entry to `{type}_stream`).
 //! On failure: a batch already handed to its writer task finishes and answers its callers;

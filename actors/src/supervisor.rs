@@ -1,7 +1,8 @@
 //! Supervisor: starts every actor, restarts one that fails, and stops them all in order.
 //!
 //! Owns: the child specifications (how to start each child) and the restart history.
-//! Talks to it: `main` (`Shutdown`), ractor's supervision events from its children.
+//! Talks to it: the wiring's `app::run` (`Shutdown`), ractor's supervision events from its
+//! children.
 //! Talks to: its children, only to start and stop them.
 //! On a child's failure: the child is restarted alone, after a backoff (the crate's
 //! [`Backoff`], without jitter) that doubles with each recent restart, as long as fewer than `max_restarts` happened within `window`;

@@ -148,6 +148,7 @@ fn http_state(
             twilio_auth_token: cfg.providers.sms.auth_token.clone(),
             whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
             whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
+            apply_timeout: cfg.receipts.apply_timeout,
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
         auth: Arc::new(auth::ApiKeys::new(

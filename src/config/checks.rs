@@ -16,7 +16,17 @@ const RULES: &[Rule] = &[
     leases_outlast_a_provider_call,
     counts_are_at_least_one,
     channels_are_usable,
+    callbacks_outwait_receipts,
 ];
+
+fn callbacks_outwait_receipts(c: &Config) -> Result<(), ConfigError> {
+    if c.receipts.apply_timeout <= c.receipts.wait_for_record {
+        return Err(bad(
+            "receipts.apply_timeout_ms must exceed receipts.wait_for_record_ms".to_string(),
+        ));
+    }
+    Ok(())
+}
 
 pub(super) fn run(cfg: &Config) -> Result<(), ConfigError> {
     RULES.iter().try_for_each(|rule| rule(cfg))

@@ -223,6 +223,10 @@ pub struct Receipts {
     pub wait_for_record: Duration,
     #[serde(rename = "recheck_ms", deserialize_with = "millis")]
     pub recheck: Duration,
+    /// How long a callback waits for the ReceiptActor's answer; longer than
+    /// `wait_for_record`, so a receipt that overtook its record is answered, not cut off.
+    #[serde(rename = "apply_timeout_ms", deserialize_with = "millis")]
+    pub apply_timeout: Duration,
 }
 
 impl Receipts {

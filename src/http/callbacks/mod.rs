@@ -25,10 +25,6 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::Filter;
 
-/// How long a callback waits for the ReceiptActor (which holds a receipt that overtook its
-/// record for up to 10 s).
-const APPLY_TIMEOUT: Duration = Duration::from_secs(15);
-
 #[derive(Clone)]
 pub struct CallbackConfig {
     /// The URL Twilio calls (the public base URL + the route); signatures are over it.
@@ -36,6 +32,8 @@ pub struct CallbackConfig {
     pub twilio_auth_token: String,
     pub whatsapp_app_secret: String,
     pub whatsapp_verify_token: String,
+    /// How long a callback waits for the ReceiptActor (`receipts.apply_timeout_ms`).
+    pub apply_timeout: Duration,
 }
 
 pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
@@ -47,6 +45,7 @@ pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
 
 /// Hand one receipt to the ReceiptActor and wait for its answer.
 async fn record(
+    apply_timeout: Duration,
     service: &'static str,
     provider_message_id: &str,
     status: Status,
@@ -60,7 +59,7 @@ async fn record(
         },
         service,
     };
-    match receipts::apply(receipt, APPLY_TIMEOUT).await {
+    match receipts::apply(receipt, apply_timeout).await {
         Ok(_) => Ok(()),
         Err(e) => {
             tracing::warn!(error = %e, "receipt not recorded");

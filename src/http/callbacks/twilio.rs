@@ -100,7 +100,7 @@ async fn callback(
         .get("ErrorCode")
         .filter(|c| !c.is_empty())
         .map(|c| (c.to_string(), format!("Twilio reported {st} (error {c})")));
-    record("twilio-callback", sid, status, err).await?;
+    record(cfg.apply_timeout, "twilio-callback", sid, status, err).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
