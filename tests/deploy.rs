@@ -123,3 +123,84 @@ fn grafana_dashboard_parses_and_queries_our_metrics() {
         assert!(all.contains(m), "a panel over {m}");
     }
 }
+
+/// What the compose file publishes and protects, as shipped: nothing that holds message
+/// bodies or secrets is reachable without a credential, and the operators' UIs listen on
+/// the host's loopback only.
+#[test]
+fn compose_file_is_locked_down_as_shipped() {
+    let y: Yaml = serde_yaml::from_str(&read("docker-compose.yml")).unwrap();
+    let s = &y["services"];
+    let env = |svc: &str, k: &str| -> String {
+        s[svc]["environment"][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("{svc} sets {k}"))
+            .to_string()
+    };
+    // A `${VAR:?message}` value: compose refuses to start without it.
+    let required = |v: &str| v.starts_with("${") && v.contains(":?");
+
+    // Elasticsearch: security on; the service authenticates with an API key.
+    assert_eq!(env("elasticsearch", "xpack.security.enabled"), "true");
+    assert!(required(&env("elasticsearch", "ELASTIC_PASSWORD")));
+    assert!(required(&env("comm-aggregator", "ELASTICSEARCH_API_KEY")));
+    assert!(required(&env("kibana", "ELASTICSEARCH_PASSWORD")));
+
+    // Redis: a password, and the service's URL carries it.
+    let redis_cmd = format!("{:?}", s["redis"]["command"]);
+    assert!(redis_cmd.contains("--requirepass"), "{redis_cmd}");
+    assert!(required(&env("redis", "REDIS_PASSWORD")));
+    assert!(env("comm-aggregator", "REDIS_URL").contains(":${REDIS_PASSWORD}@"));
+
+    // MongoDB: a root user, and the service's URL authenticates.
+    assert!(required(&env("mongo", "MONGO_INITDB_ROOT_USERNAME")));
+    assert!(required(&env("mongo", "MONGO_INITDB_ROOT_PASSWORD")));
+    let mongo_cmd = format!("{:?}", s["mongo"]["command"]);
+    assert!(
+        mongo_cmd.contains("--keyFile"),
+        "a replica set with auth: {mongo_cmd}"
+    );
+    let url = env("comm-aggregator", "MONGODB_URL");
+    assert!(
+        url.contains("@mongo:27017") && url.contains("authSource=admin"),
+        "{url}"
+    );
+
+    // /metrics wants a token.
+    assert!(required(&env("comm-aggregator", "METRICS_TOKEN")));
+
+    // Only the API is published on every interface; the UIs on the host's loopback.
+    for svc in ["kibana", "prometheus", "grafana"] {
+        for p in s[svc]["ports"].as_sequence().unwrap() {
+            let p = p.as_str().unwrap();
+            assert!(p.starts_with("127.0.0.1:"), "{svc} publishes {p}");
+        }
+    }
+    for svc in ["mongo", "redis", "elasticsearch"] {
+        assert!(s[svc]["ports"].is_null(), "{svc} is not published");
+    }
+    assert!(
+        required(&env("grafana", "GF_SECURITY_ADMIN_PASSWORD")),
+        "Grafana's admin password is not the default"
+    );
+}
+
+/// Prometheus sends the token `/metrics` wants, from a compose secret made of
+/// `METRICS_TOKEN`.
+#[test]
+fn prometheus_scrapes_with_the_metrics_token() {
+    let y: Yaml = serde_yaml::from_str(&read("prometheus.yml")).unwrap();
+    let job = &y["scrape_configs"][0];
+    assert_eq!(
+        job["authorization"]["credentials_file"].as_str(),
+        Some("/run/secrets/metrics_token"),
+        "{job:?}"
+    );
+    let c: Yaml = serde_yaml::from_str(&read("docker-compose.yml")).unwrap();
+    assert_eq!(
+        c["secrets"]["metrics_token"]["environment"].as_str(),
+        Some("METRICS_TOKEN")
+    );
+    let mounted = format!("{:?}", c["services"]["prometheus"]["secrets"]);
+    assert!(mounted.contains("metrics_token"), "{mounted}");
+}

@@ -17,6 +17,8 @@ const RULES: &[Rule] = &[
     counts_are_at_least_one,
     channels_are_usable,
     callbacks_outwait_receipts,
+    super::transport::transports_are_encrypted,
+    super::transport::dev_mode_only_on_loopback,
 ];
 
 fn callbacks_outwait_receipts(c: &Config) -> Result<(), ConfigError> {

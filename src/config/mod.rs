@@ -9,6 +9,7 @@
 
 mod checks;
 mod env;
+mod transport;
 
 pub use env::{env_help, EnvVar, ENV, ENV_VARS};
 
@@ -123,6 +124,9 @@ pub struct Server {
     #[serde(rename = "drain_grace_ms", deserialize_with = "millis")]
     pub drain_grace: Duration,
     pub log_format: String,
+    /// Unencrypted links to other hosts are refused at start-up unless this is set (a
+    /// private network); see `transport.rs`.
+    pub allow_insecure_transport: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
