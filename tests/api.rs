@@ -668,3 +668,37 @@ async fn redis_over_tls_with_a_private_ca() {
     drop(svc);
     drop(redis);
 }
+
+/// Without `PUBLIC_BASE_URL` the service cannot know the URL Twilio signs, so it neither
+/// asks for status callbacks nor takes them: a callback signed over a URL made up from the
+/// `Host` header is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twilio_callbacks_are_refused_without_a_public_base_url() {
+    let svc = start_isolated(5, &[("PUBLIC_BASE_URL", "")]);
+    let url = svc.url("/api/v1/callbacks/twilio");
+    let form = vec![
+        (
+            "MessageSid".to_string(),
+            "SM00000000000000000000000000000000".to_string(),
+        ),
+        ("MessageStatus".to_string(), "delivered".to_string()),
+    ];
+    let sig = comm_aggregator::callbacks::twilio_signature("sandbox-auth-token", &url, &form);
+    let r = reqwest::Client::new()
+        .post(&url)
+        .header("X-Twilio-Signature", sig)
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "callbacks_not_configured", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("PUBLIC_BASE_URL"),
+        "{v}"
+    );
+}

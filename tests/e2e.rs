@@ -652,3 +652,55 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
         assert!(after.contains(present), "{present} missing from /metrics");
     }
 }
+
+/// A receipt moves only a record its own provider sent: a Twilio-signed status callback
+/// naming another provider's message id changes nothing (and is acknowledged, so Twilio
+/// does not resend it); the same receipt twice is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_touches_only_its_own_providers_records_and_applies_once() {
+    let (_, svc) = shared();
+    let http = common::client();
+    let url = svc.url("/api/v1/callbacks/twilio");
+    let twilio_callback = |sid: String, status: &'static str| {
+        let form = vec![
+            ("MessageSid".to_string(), sid),
+            ("MessageStatus".to_string(), status.to_string()),
+        ];
+        let sig = comm_aggregator::callbacks::twilio_signature("sandbox-auth-token", &url, &form);
+        http.post(&url)
+            .header("X-Twilio-Signature", sig)
+            .form(&form)
+            .send()
+    };
+
+    // An email (sent over SMTP, with its Message-ID as the provider message id).
+    let email = accept(
+        json!({"type":"email","data":{"from":"noreply@example.com","to":"ada@example.org","msg":unique("not twilio's")}}),
+        "email_stream",
+    )
+    .await;
+    let rec = wait_status(&email, "sent").await;
+    let mid = rec.get_str("providerMessageId").unwrap().to_string();
+    let r = twilio_callback(mid, "delivered").await.unwrap();
+    assert_eq!(r.status(), 204);
+    let rec = record(&email).await.unwrap();
+    assert_eq!(rec.get_str("status").unwrap(), "sent", "{rec}");
+    assert!(rec.get_datetime("deliveredAt").is_err(), "{rec}");
+
+    // A delivered SMS, and Twilio's `delivered` callback once more.
+    let sms = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":unique("twice")}}),
+        "sms_stream",
+    )
+    .await;
+    let rec = wait_status(&sms, "delivered").await;
+    let sid = rec.get_str("providerMessageId").unwrap().to_string();
+    let r = twilio_callback(sid, "delivered").await.unwrap();
+    assert_eq!(r.status(), 204);
+    let again = record(&sms).await.unwrap();
+    assert_eq!(
+        again.get_datetime("deliveredAt").unwrap(),
+        rec.get_datetime("deliveredAt").unwrap(),
+        "the second `delivered` changed nothing"
+    );
+}

@@ -135,6 +135,9 @@ pub trait Store: Send + Sync + 'static {
 /// A provider's report on a message it accepted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReceiptUpdate {
+    /// The provider that reports (its `Provider::name`): a receipt moves only the records
+    /// that provider sent, whatever another provider's message ids look like.
+    pub provider: String,
     pub provider_message_id: String,
     pub status: crate::domain::Status,
     /// The provider's error code and message, for `undelivered` / `failed`.

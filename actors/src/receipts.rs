@@ -248,12 +248,14 @@ mod tests {
             let mut r = testing::record(n, Channel::Sms);
             r.status = Status::Sent;
             r.provider_message_id = Some(format!("pm-{n}"));
+            r.provider = Some("twilio".into());
             self.store.put(r);
         }
 
         async fn apply(&self, n: u32, status: Status) -> Result<bool, DependencyError> {
             let receipt = Receipt {
                 update: ReceiptUpdate {
+                    provider: "twilio".into(),
                     provider_message_id: format!("pm-{n}"),
                     status,
                     error: None,
@@ -302,6 +304,19 @@ mod tests {
         assert!(f.store.script.count(StoreMethod::ApplyReceipts) >= 2);
         let ev = LogEvent::from_entry(&f.queue.entries(LOG_STREAM)[0]).unwrap();
         assert_eq!(ev.status, EventStatus::Delivered);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receipt_moves_only_its_own_providers_record() {
+        let f = fixture().await;
+        f.sent(1);
+        let id = testing::record(1, Channel::Sms).id;
+        let mut rec = f.store.record(&id).unwrap();
+        rec.provider = Some("smtp".into());
+        f.store.put(rec);
+        assert_eq!(f.apply(1, Status::Delivered).await, Ok(false));
+        assert_eq!(f.store.record(&id).unwrap().status, Status::Sent);
+        assert!(f.queue.entries(LOG_STREAM).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -668,9 +668,10 @@ impl Store for MongoStore {
         Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
     }
 
-    /// One `update` command for the batch (receipts without an error grouped by status
-    /// into one statement each, the others one statement each), then one read of every
-    /// record concerned. A record this batch moved carries the batch's stamp.
+    /// One `update` command for the batch (receipts without an error grouped by provider
+    /// and status into one statement each, the others one statement each), then one read of
+    /// every record concerned. A record this batch moved carries the batch's stamp. Every
+    /// statement names the reporting provider: a receipt moves only that provider's records.
     async fn apply_receipts(
         &self,
         receipts: &[ReceiptUpdate],
@@ -678,39 +679,9 @@ impl Store for MongoStore {
         if receipts.is_empty() {
             return Ok(Vec::new());
         }
-        let now = bdate(Utc::now());
         let stamp = ObjectId::new().to_hex();
-        let mut plain: HashMap<Status, Vec<&str>> = HashMap::new();
-        let mut updates = Vec::new();
-        for r in receipts {
-            let field = format!("{}At", r.status.as_str());
-            let preds = r.status.receipt_predecessors().to_vec();
-            match &r.error {
-                None => plain
-                    .entry(r.status)
-                    .or_default()
-                    .push(r.provider_message_id.as_str()),
-                Some((code, message)) => updates.push(doc! {
-                    "q": {"providerMessageId": &r.provider_message_id, "status": {"$in": preds}},
-                    "u": {
-                        "$set": {"status": r.status.as_str(), "updatedAt": now, field: now,
-                                 "lastError": message, "receiptStamp": &stamp},
-                        "$push": {"errors": {"attempt": 0, "at": now, "code": code, "message": message}},
-                    },
-                }),
-            }
-        }
-        for (status, pmids) in plain {
-            let field = format!("{}At", status.as_str());
-            updates.push(doc! {
-                "q": {"providerMessageId": {"$in": pmids},
-                      "status": {"$in": status.receipt_predecessors().to_vec()}},
-                "u": {"$set": {"status": status.as_str(), "updatedAt": now, field: now,
-                               "receiptStamp": &stamp}},
-                "multi": true,
-            });
-        }
-        self.run_update(updates, false).await?;
+        self.run_update(receipt_statements(receipts, &stamp, Utc::now()), false)
+            .await?;
         let pmids: Vec<&str> = receipts
             .iter()
             .map(|r| r.provider_message_id.as_str())
@@ -723,25 +694,9 @@ impl Store for MongoStore {
             .try_collect()
             .await
             .map_err(err)?;
-        let by_pmid: HashMap<&str, &Document> = docs
-            .iter()
-            .filter_map(|d| Some((d.get_str("providerMessageId").ok()?, d)))
-            .collect();
         Ok(receipts
             .iter()
-            .map(|r| match by_pmid.get(r.provider_message_id.as_str()) {
-                None => ReceiptResult::Unknown,
-                Some(d)
-                    if d.get_str("receiptStamp").ok() == Some(stamp.as_str())
-                        && d.get_str("status").ok() == Some(r.status.as_str()) =>
-                {
-                    match MongoStore::from_doc(d) {
-                        Some(rec) => ReceiptResult::Applied(Box::new(rec)),
-                        None => ReceiptResult::NotMovable,
-                    }
-                }
-                Some(_) => ReceiptResult::NotMovable,
-            })
+            .map(|r| receipt_result(r, &docs, &stamp))
             .collect())
     }
 
@@ -756,6 +711,69 @@ impl Store for MongoStore {
     async fn ping(&self) -> Result<(), DependencyError> {
         self.db.run_command(doc! {"ping": 1}).await.map_err(err)?;
         Ok(())
+    }
+}
+
+/// The update statements for a batch of receipts (see `apply_receipts`).
+fn receipt_statements(
+    receipts: &[ReceiptUpdate],
+    stamp: &str,
+    now: chrono::DateTime<Utc>,
+) -> Vec<Document> {
+    let now = bdate(now);
+    let mut plain: HashMap<(Status, &str), Vec<&str>> = HashMap::new();
+    let mut updates = Vec::new();
+    for r in receipts {
+        let field = format!("{}At", r.status.as_str());
+        let preds = r.status.receipt_predecessors().to_vec();
+        match &r.error {
+            None => plain
+                .entry((r.status, r.provider.as_str()))
+                .or_default()
+                .push(r.provider_message_id.as_str()),
+            Some((code, message)) => updates.push(doc! {
+                "q": {"providerMessageId": &r.provider_message_id, "provider": &r.provider,
+                      "status": {"$in": preds}},
+                "u": {
+                    "$set": {"status": r.status.as_str(), "updatedAt": now, field: now,
+                             "lastError": message, "receiptStamp": stamp},
+                    "$push": {"errors": {"attempt": 0, "at": now, "code": code, "message": message}},
+                },
+            }),
+        }
+    }
+    for ((status, provider), pmids) in plain {
+        let field = format!("{}At", status.as_str());
+        updates.push(doc! {
+            "q": {"providerMessageId": {"$in": pmids}, "provider": provider,
+                  "status": {"$in": status.receipt_predecessors().to_vec()}},
+            "u": {"$set": {"status": status.as_str(), "updatedAt": now, field: now,
+                           "receiptStamp": stamp}},
+            "multi": true,
+        });
+    }
+    updates
+}
+
+/// What one receipt did, from the records read back after the batch's update: applied
+/// (the record carries this batch's stamp and the receipt's status), not movable (the
+/// record is in a later state, or another provider sent it), or unknown (no record yet).
+fn receipt_result(r: &ReceiptUpdate, docs: &[Document], stamp: &str) -> ReceiptResult {
+    let mut same_id = docs
+        .iter()
+        .filter(|d| d.get_str("providerMessageId").ok() == Some(r.provider_message_id.as_str()))
+        .peekable();
+    if same_id.peek().is_none() {
+        return ReceiptResult::Unknown;
+    }
+    let Some(d) = same_id.find(|d| d.get_str("provider").ok() == Some(r.provider.as_str())) else {
+        return ReceiptResult::NotMovable;
+    };
+    let applied = d.get_str("receiptStamp").ok() == Some(stamp)
+        && d.get_str("status").ok() == Some(r.status.as_str());
+    match MongoStore::from_doc(d) {
+        Some(rec) if applied => ReceiptResult::Applied(Box::new(rec)),
+        _ => ReceiptResult::NotMovable,
     }
 }
 

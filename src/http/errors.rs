@@ -70,6 +70,11 @@ pub enum ApiError {
     BadSignature(&'static str),
     #[error("MessageSid and MessageStatus are required")]
     InvalidCallback,
+    /// Twilio signs the URL it calls, which only `PUBLIC_BASE_URL` tells this service.
+    #[error(
+        "Twilio status callbacks are off: set PUBLIC_BASE_URL, the URL Twilio calls and signs"
+    )]
+    CallbacksNotConfigured,
     #[error("hub.verify_token does not match")]
     VerificationFailed,
     #[error("no such route")]
@@ -135,7 +140,7 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Auth(_) | MetricsToken | Unsigned(_) => StatusCode::UNAUTHORIZED,
-            BadSignature(_) | VerificationFailed => StatusCode::FORBIDDEN,
+            BadSignature(_) | VerificationFailed | CallbacksNotConfigured => StatusCode::FORBIDDEN,
             NotJson | UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             InvalidJson(_)
             | Invalid { .. }
@@ -176,6 +181,7 @@ impl ApiError {
             Unsigned(_) => "unsigned",
             BadSignature(_) => "bad_signature",
             InvalidCallback => "invalid_callback",
+            CallbacksNotConfigured => "callbacks_not_configured",
             VerificationFailed => "verification_failed",
             MethodNotAllowed { .. } => "method_not_allowed",
             PayloadTooLarge => "payload_too_large",

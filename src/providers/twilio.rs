@@ -9,6 +9,9 @@ use actors::ports::Provider;
 use async_trait::async_trait;
 use serde_json::Value;
 
+/// The provider name on records, metrics and receipts.
+pub const NAME: &str = "twilio";
+
 pub struct Twilio {
     http: reqwest::Client,
     url: String,
@@ -46,7 +49,7 @@ impl Twilio {
 #[async_trait]
 impl Provider for Twilio {
     fn name(&self) -> &'static str {
-        "twilio"
+        NAME
     }
 
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {

@@ -9,6 +9,9 @@ use actors::ports::Provider;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
+/// The provider name on records, metrics and receipts.
+pub const NAME: &str = "meta-whatsapp";
+
 pub struct WhatsApp {
     http: reqwest::Client,
     url: String,
@@ -37,7 +40,7 @@ impl WhatsApp {
 #[async_trait]
 impl Provider for WhatsApp {
     fn name(&self) -> &'static str {
-        "meta-whatsapp"
+        NAME
     }
 
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {

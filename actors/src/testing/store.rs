@@ -168,6 +168,9 @@ impl MemoryStore {
         else {
             return ReceiptResult::Unknown;
         };
+        if s.record.provider.as_deref() != Some(u.provider.as_str()) {
+            return ReceiptResult::NotMovable;
+        }
         if !u
             .status
             .receipt_predecessors()

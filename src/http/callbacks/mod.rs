@@ -46,6 +46,7 @@ pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
 /// Hand one receipt to the ReceiptActor and wait for its answer.
 async fn record(
     apply_timeout: Duration,
+    provider: &'static str,
     service: &'static str,
     provider_message_id: &str,
     status: Status,
@@ -53,6 +54,7 @@ async fn record(
 ) -> Result<(), ApiError> {
     let receipt = Receipt {
         update: ReceiptUpdate {
+            provider: provider.to_string(),
             provider_message_id: provider_message_id.to_string(),
             status,
             error,

@@ -19,13 +19,11 @@ const SIGNATURE_HEADER: &str = "X-Twilio-Signature";
 
 pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
     at(TWILIO_CALLBACK)
-        .and(warp::header::optional::<String>("host"))
-        .and(warp::path::full())
         .and(warp::header::optional::<String>("x-twilio-signature"))
         .and(limited_body())
-        .then(move |host, path: warp::path::FullPath, sig, body| {
+        .then(move |sig, body| {
             let cfg = cfg.clone();
-            async move { respond(callback(&cfg, host, path.as_str(), sig, body).await) }
+            async move { respond(callback(&cfg, sig, body).await) }
         })
         .boxed()
 }
@@ -72,18 +70,18 @@ pub fn status(s: &str) -> Option<Status> {
 
 async fn callback(
     cfg: &CallbackConfig,
-    host: Option<String>,
-    path: &str,
     signature: Option<String>,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let sig = signature.ok_or(ApiError::Unsigned(SIGNATURE_HEADER))?;
-    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    // Without the public URL the signature could only be checked against one built from
+    // the caller's own `Host` header, which the caller chooses.
     let url = cfg
         .twilio_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}{path}", host.unwrap_or_default()));
-    if !valid(&cfg.twilio_auth_token, &url, &params, &sig) {
+        .as_deref()
+        .ok_or(ApiError::CallbacksNotConfigured)?;
+    let sig = signature.ok_or(ApiError::Unsigned(SIGNATURE_HEADER))?;
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    if !valid(&cfg.twilio_auth_token, url, &params, &sig) {
         return Err(ApiError::BadSignature(SIGNATURE_HEADER));
     }
     let p: HashMap<&str, &str> = params
@@ -100,7 +98,15 @@ async fn callback(
         .get("ErrorCode")
         .filter(|c| !c.is_empty())
         .map(|c| (c.to_string(), format!("Twilio reported {st} (error {c})")));
-    record(cfg.apply_timeout, "twilio-callback", sid, status, err).await?;
+    record(
+        cfg.apply_timeout,
+        crate::providers::twilio::NAME,
+        "twilio-callback",
+        sid,
+        status,
+        err,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

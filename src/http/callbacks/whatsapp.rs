@@ -131,7 +131,15 @@ async fn callback(
     };
     for (id, status, err) in receipts(&v) {
         // Meta sends the whole notification again when the answer is not a 200.
-        record(cfg.apply_timeout, "whatsapp-webhook", id, status, err).await?;
+        record(
+            cfg.apply_timeout,
+            crate::providers::whatsapp::NAME,
+            "whatsapp-webhook",
+            id,
+            status,
+            err,
+        )
+        .await?;
     }
     Ok(StatusCode::OK.into_response())
 }
