@@ -4,6 +4,7 @@
 
 mod children;
 mod parts;
+pub mod server;
 mod telemetry;
 
 pub use children::{child_specs, consumer_name};
@@ -199,14 +200,14 @@ impl HttpServer {
             })?;
         tracing::info!(%addr, consumer = %consumer_name(cfg), "listening");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(
-            warp::serve(http::routes(state))
-                .incoming(listener)
-                .graceful(async move {
-                    let _ = stopped.await;
-                })
-                .run(),
-        );
+        let task = tokio::spawn(server::serve(
+            listener,
+            http::routes(state),
+            cfg.server.limits(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(HttpServer { stop, task })
     }
 

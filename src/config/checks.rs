@@ -152,6 +152,7 @@ fn leases_outlast_a_provider_call(c: &Config) -> Result<(), ConfigError> {
 fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
     for (name, v) in [
         ("router.batch_max", c.router.batch_max),
+        ("server.max_connections", c.server.max_connections),
         ("receipts.batch_max", c.receipts.batch_max),
         ("redis.read_count", c.redis.read_count),
         ("log_indexer.max_docs", c.log_indexer.max_docs),

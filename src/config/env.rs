@@ -95,11 +95,13 @@ pub(super) const API_KEYS: &str = "API_KEYS";
 /// Every environment variable: name, setting, meaning, how it is applied. One a line, as
 /// a table reads best.
 #[rustfmt::skip]
-pub const ENV: [EnvVar; 49] = [
+pub const ENV: [EnvVar; 51] = [
     var("HOST", "server.host", "listen address", set!(text => server.host)),
     var("PORT", "server.port", "listen port", set!(num => server.port)),
     var("SHUTDOWN_DEADLINE_MS", "server.shutdown_deadline_ms", "longest graceful shutdown", set!(millis => server.shutdown_deadline)),
     var("LOG_FORMAT", "server.log_format", "`text` or `json`", set!(text => server.log_format)),
+    var("HEADER_READ_TIMEOUT_MS", "server.header_read_timeout_ms", "headers not complete by then close the connection", set!(millis => server.header_read_timeout)),
+    var("MAX_CONNECTIONS", "server.max_connections", "open connections at once", set!(num => server.max_connections)),
     var("ALLOW_INSECURE_TRANSPORT", "server.allow_insecure_transport", "let unencrypted links leave this host (private networks only)", set!(flag => server.allow_insecure_transport)),
     read_elsewhere("RUST_LOG", "log levels, as tracing's EnvFilter reads them (default `info,warp=warn`)"),
     var("MONGODB_URL", "mongodb.url", "MongoDB", set!(text => mongodb.url)),

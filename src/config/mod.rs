@@ -127,6 +127,24 @@ pub struct Server {
     /// Unencrypted links to other hosts are refused at start-up unless this is set (a
     /// private network); see `transport.rs`.
     pub allow_insecure_transport: bool,
+    /// Slowloris: headers not complete by then close the connection.
+    #[serde(rename = "header_read_timeout_ms", deserialize_with = "millis")]
+    pub header_read_timeout: Duration,
+    #[serde(rename = "request_timeout_ms", deserialize_with = "millis")]
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+}
+
+impl Server {
+    pub fn limits(&self) -> crate::app::server::ServerLimits {
+        crate::app::server::ServerLimits {
+            header_read_timeout: self.header_read_timeout,
+            request_timeout: self.request_timeout,
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

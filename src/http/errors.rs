@@ -70,6 +70,9 @@ pub enum ApiError {
     BadSignature(&'static str),
     #[error("MessageSid and MessageStatus are required")]
     InvalidCallback,
+    /// The request, body included, was not complete and answered in time.
+    #[error("the request was not complete within {0:?}")]
+    RequestTimeout(std::time::Duration),
     /// Twilio signs the URL it calls, which only `PUBLIC_BASE_URL` tells this service.
     #[error(
         "Twilio status callbacks are off: set PUBLIC_BASE_URL, the URL Twilio calls and signs"
@@ -152,6 +155,7 @@ impl ApiError {
             NoCommunication(_) | NoRoute => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             LengthRequired => StatusCode::LENGTH_REQUIRED,
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
             | StoreUnavailable | SearchUnavailable | ReceiptNotRecorded => {
@@ -185,6 +189,7 @@ impl ApiError {
             VerificationFailed => "verification_failed",
             MethodNotAllowed { .. } => "method_not_allowed",
             PayloadTooLarge => "payload_too_large",
+            RequestTimeout(_) => "request_timeout",
             LengthRequired => "length_required",
             Unreadable => "bad_request",
         }
