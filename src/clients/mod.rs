@@ -1,6 +1,7 @@
 //! Clients for the servers: MongoDB (the source of truth), Redis (streams, and the leases
 //! that make one worker the only one to send a record), Elasticsearch.
 pub mod elastic;
+pub mod indexes;
 pub mod lease;
 pub mod mongo;
 pub mod redis_queue;

@@ -21,8 +21,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime as BsonDate, Document};
-use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::options::{ClientOptions, WriteConcern};
+use mongodb::{Client, Collection, Database};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,48 +81,6 @@ impl MongoStore {
             first_look,
             leases,
         })
-    }
-
-    /// Indexes the queries need. Idempotent.
-    pub async fn ensure_indexes(&self) -> Result<(), DependencyError> {
-        let models = vec![
-            IndexModel::builder()
-                .keys(doc! {"status": 1, "nextAttemptAt": 1})
-                .options(IndexOptions::builder().name("due".to_string()).build())
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"tenant": 1, "idempotencyKey": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("idempotency_per_tenant".to_string())
-                        .unique(true)
-                        .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"providerMessageId": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("provider_message".to_string())
-                        .build(),
-                )
-                .build(),
-        ];
-        // Records from before tenants existed belong to the default tenant; the key index
-        // from then (one key space for everybody) gives way to one per tenant.
-        self.coll
-            .update_many(
-                doc! {"tenant": {"$exists": false}},
-                doc! {"$set": {"tenant": DEFAULT_TENANT}},
-            )
-            .await
-            .map_err(err)?;
-        if let Err(e) = self.coll.drop_index("idempotency").await {
-            tracing::debug!(error = %e, "no tenant-less idempotency index to drop");
-        }
-        self.coll.create_indexes(models).await.map_err(err)?;
-        Ok(())
     }
 
     /// The record holding `key` for `tenant`, if any.

@@ -2,10 +2,12 @@
 //! (one record, from MongoDB, the source of truth).
 //!
 //! Accepting goes in named steps: authenticate → refuse during shutdown → read the JSON
-//! body → validate → check the `Idempotency-Key` → the per-recipient cap → hand to the
-//! router (answered once MongoDB has the record) → render.
+//! body → validate → check the `Idempotency-Key` → the per-recipient cap → wait for
+//! MongoDB's indexes (they exist a moment after start-up) → hand to the router (answered
+//! once MongoDB has the record) → render. The waits after arrival share one deadline.
 
 use crate::auth::{AuthError, Identity};
+use crate::clients::indexes::IndexState;
 use crate::clients::mongo::MongoStore;
 use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
@@ -18,6 +20,7 @@ use actors::router::{self, AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio::time::Instant;
 use warp::filters::BoxedFilter;
 use warp::http::header::HeaderValue;
 use warp::reply::{Reply, Response};
@@ -50,6 +53,7 @@ async fn create(
     body: bytes::Bytes,
     state: AppState,
 ) -> Result<Response, ApiError> {
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
     let who = who?;
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::ShuttingDown);
@@ -60,6 +64,7 @@ async fn create(
         check_idempotency_key(key)?;
     }
     check_recipient_cap(&state, &who.tenant, &request, idempotency_key.as_deref()).await?;
+    indexes_in_place(&state, deadline).await?;
     let submission = Submission {
         request,
         tenant: who.tenant,
@@ -69,6 +74,16 @@ async fn create(
         .await
         .map_err(accept_error)?;
     Ok(render_accepted(accepted))
+}
+
+/// Nothing is stored before the unique `Idempotency-Key` index exists: a request that
+/// comes in the first moments after start-up waits for it, within its deadline.
+async fn indexes_in_place(state: &AppState, deadline: Instant) -> Result<(), ApiError> {
+    match state.indexes.wait_until(deadline).await {
+        Ok(()) => Ok(()),
+        Err(IndexState::Failed(_)) => Err(ApiError::IndexesFailed),
+        Err(_) => Err(ApiError::IndexesBuilding),
+    }
 }
 
 /// `application/json` or any `+json` type, parameters aside.

@@ -3,6 +3,7 @@
 
 use crate::auth::{ApiKeys, AuthError, Identity};
 use crate::clients::elastic::ElasticSink;
+use crate::clients::indexes::IndexReadiness;
 use crate::clients::mongo::MongoStore;
 use crate::http::callbacks::CallbackConfig;
 use crate::limits::RecipientCap;
@@ -23,6 +24,9 @@ pub struct AppState {
     /// Set once shutdown begins: new communications are refused and readiness fails, so
     /// load balancers move on while in-flight work finishes.
     pub shutting_down: Arc<AtomicBool>,
+    /// Whether MongoDB's indexes exist: until then no communication is accepted (the
+    /// unique index is what makes an `Idempotency-Key` hold) and readiness fails.
+    pub indexes: IndexReadiness,
     pub health: Vec<Arc<ProviderHealth>>,
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,
