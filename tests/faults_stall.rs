@@ -65,6 +65,11 @@ async fn a_frozen_mongodb_gets_503_in_time_and_nothing_answered_503_is_ever_sent
         .await
         .unwrap();
     assert_eq!(sendable, 0, "a request answered 503 was stored to be sent");
+    let voided = coll
+        .count_documents(doc! {"msg": {"$in": &bodies}, "status": "void"})
+        .await
+        .unwrap();
+    println!("inserts that landed after their 503 and were voided: {voided}");
     let seen = stack.sandbox_messages().await;
     let leaked: Vec<&str> = seen
         .iter()

@@ -134,6 +134,10 @@ fn http_state(
 ) -> http::AppState {
     http::AppState {
         indexes,
+        admission: actors::router::Admission::new(
+            cfg.router.max_pending,
+            cfg.router.accept_deadline,
+        ),
         store: parts.store.clone(),
         queue: parts.queue.clone(),
         search: parts.search.clone(),

@@ -16,18 +16,14 @@ use crate::http::state::{authenticated, with_state, AppState};
 use crate::limits::CapDecision;
 use actors::call::CallError;
 use actors::domain::{validate_with, NewCommunication, RawRequest};
-use actors::router::{self, AcceptError, Accepted, Submission};
+use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 use tokio::time::Instant;
 use warp::filters::BoxedFilter;
 use warp::http::header::HeaderValue;
 use warp::reply::{Reply, Response};
 use warp::Filter;
-
-/// How long a request waits for the router's answer.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
     let create = at(CREATE_COMMUNICATION)
@@ -53,7 +49,7 @@ async fn create(
     body: bytes::Bytes,
     state: AppState,
 ) -> Result<Response, ApiError> {
-    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    let deadline = state.admission.deadline_from(Instant::now());
     let who = who?;
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::ShuttingDown);
@@ -70,7 +66,9 @@ async fn create(
         tenant: who.tenant,
         idempotency_key,
     };
-    let accepted = router::accept(submission, ACCEPT_TIMEOUT)
+    let accepted = state
+        .admission
+        .accept(submission, deadline)
         .await
         .map_err(accept_error)?;
     Ok(render_accepted(accepted))
@@ -155,7 +153,9 @@ fn accept_error(e: CallError<AcceptError>) -> ApiError {
             tracing::warn!(error = %e, "request not stored");
             ApiError::NothingStored
         }
+        CallError::Refused(AcceptError::QueueFull) => ApiError::AcceptQueueFull,
         CallError::NotRunning(_) => ApiError::RouterRestarting,
+        // The router dropped the request, or voids its record: nothing is stored.
         CallError::TimedOut(_) | CallError::Stopped(_) => ApiError::NotProcessedInTime,
     }
 }

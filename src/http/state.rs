@@ -10,6 +10,7 @@ use crate::limits::RecipientCap;
 use actors::domain::ValidationLimits;
 use actors::health::ProviderHealth;
 use actors::ports::Queue;
+use actors::router::Admission;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct AppState {
     /// Whether MongoDB's indexes exist: until then no communication is accepted (the
     /// unique index is what makes an `Idempotency-Key` hold) and readiness fails.
     pub indexes: IndexReadiness,
+    /// The bounded way into the router, with the accept deadline.
+    pub admission: Admission,
     pub health: Vec<Arc<ProviderHealth>>,
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,
