@@ -59,7 +59,8 @@ async fn create(
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key)?;
     }
-    check_recipient_cap(&state, &who.tenant, &request, idempotency_key.as_deref()).await?;
+    let key = idempotency_key.as_deref();
+    check_recipient_cap(&state, &who.tenant, &request, key, deadline).await?;
     indexes_in_place(&state, deadline).await?;
     let submission = Submission {
         request,
@@ -120,12 +121,13 @@ fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 }
 
 /// Over the cap is a 429, unless this is a retry of a request already accepted: that one
-/// is answered as before.
+/// is answered as before. Looking that up waits for MongoDB until the deadline at most.
 async fn check_recipient_cap(
     state: &AppState,
     tenant: &str,
     request: &NewCommunication,
     idempotency_key: Option<&str>,
+    deadline: Instant,
 ) -> Result<(), ApiError> {
     let CapDecision::Exceeded { retry_after_secs } =
         state.cap.check(tenant, request.channel, &request.to).await
@@ -133,7 +135,13 @@ async fn check_recipient_cap(
         return Ok(());
     };
     let replay = match idempotency_key {
-        Some(k) => matches!(state.store.idempotency_holder(tenant, k).await, Ok(Some(_))),
+        Some(k) => {
+            let holder = state.store.idempotency_holder(tenant, k);
+            match tokio::time::timeout_at(deadline, holder).await {
+                Ok(found) => matches!(found, Ok(Some(_))),
+                Err(_) => return Err(ApiError::NotProcessedInTime),
+            }
+        }
         None => false,
     };
     if replay {
