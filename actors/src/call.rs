@@ -2,10 +2,87 @@
 //! its registered name (after a restart its `ActorRef` changes, so none is kept), ask,
 //! wait up to a timeout, and say in a type why no answer came. Callers never see ractor's
 //! `CallResult` or `MessagingErr`.
+//!
+//! [`call_registered_until`] adds a [`Ticket`] for calls whose answer must be the truth:
+//! when the caller stops waiting at its deadline, the actor learns it, so it never acts on
+//! a request whose caller was already told "no".
 
 use ractor::rpc::CallResult;
 use ractor::{ActorRef, Message, RpcReplyPort};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
+
+const WAITING: u8 = 0;
+const COMMITTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Shared by a caller that may stop waiting and the actor that answers it: exactly one of
+/// "the actor commits to answering" ([`Ticket::commit`]) and "the caller gives up"
+/// ([`Ticket::abandon`]) happens, whatever the timing.
+#[derive(Debug, Clone, Default)]
+pub struct Ticket(Arc<AtomicU8>);
+
+impl Ticket {
+    pub fn new() -> Ticket {
+        Ticket::default()
+    }
+
+    /// The actor will answer now; `false` if the caller has given up already.
+    pub fn commit(&self) -> bool {
+        let won = self
+            .0
+            .compare_exchange(WAITING, COMMITTED, Ordering::SeqCst, Ordering::SeqCst);
+        matches!(won, Ok(_) | Err(COMMITTED))
+    }
+
+    /// Nobody will wait for an answer any more (the caller's deadline passed); `false` if
+    /// the actor committed first, and its answer is on the way.
+    pub fn abandon(&self) -> bool {
+        let won = self
+            .0
+            .compare_exchange(WAITING, ABANDONED, Ordering::SeqCst, Ordering::SeqCst);
+        matches!(won, Ok(_) | Err(ABANDONED))
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == ABANDONED
+    }
+}
+
+/// Ask the actor registered as `name` and wait until `deadline` at most. At the deadline
+/// the ticket is abandoned (`TimedOut`: the actor will not act on the request) unless the
+/// actor has committed to its answer, which is then awaited (it is being sent).
+pub async fn call_registered_until<M, T, E>(
+    name: &'static str,
+    ask: impl FnOnce(RpcReplyPort<Result<T, E>>, Ticket) -> M,
+    deadline: Instant,
+) -> Result<T, CallError<E>>
+where
+    M: Message,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let actor = ActorRef::<M>::where_is(name.to_string()).ok_or(CallError::NotRunning(name))?;
+    let ticket = Ticket::new();
+    let (tx, mut rx) = ractor::concurrency::oneshot();
+    if actor.cast(ask(tx.into(), ticket.clone())).is_err() {
+        return Err(CallError::Stopped(name));
+    }
+    let answer = match tokio::time::timeout_at(deadline, &mut rx).await {
+        Ok(answer) => answer,
+        Err(_) if ticket.abandon() => return Err(CallError::TimedOut(name)),
+        Err(_) => rx.await,
+    };
+    match answer {
+        Ok(answer) => answer.map_err(CallError::Refused),
+        Err(_) => {
+            ticket.abandon();
+            Err(CallError::Stopped(name))
+        }
+    }
+}
 
 /// Why a call brought no answer, or the actor's own refusal (`Refused`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +172,82 @@ mod tests {
             Duration::from_millis(50),
         )
         .await
+    }
+
+    #[test]
+    fn a_ticket_is_either_committed_or_abandoned() {
+        let t = Ticket::new();
+        assert!(
+            t.commit() && t.commit(),
+            "committing twice is still committed"
+        );
+        assert!(!t.abandon() && !t.is_abandoned());
+        let t = Ticket::new();
+        assert!(t.abandon() && t.abandon() && t.is_abandoned());
+        assert!(!t.commit());
+    }
+
+    struct Slow;
+
+    enum SlowMsg {
+        /// Commit after `commit_after`, answer `answer_after` later.
+        Ask(
+            Duration,
+            Duration,
+            RpcReplyPort<Result<u32, String>>,
+            Ticket,
+        ),
+    }
+
+    impl Actor for Slow {
+        type Msg = SlowMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(&self, _: ActorRef<SlowMsg>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<SlowMsg>,
+            msg: SlowMsg,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            let SlowMsg::Ask(commit_after, answer_after, reply, ticket) = msg;
+            tokio::spawn(async move {
+                tokio::time::sleep(commit_after).await;
+                if ticket.commit() {
+                    tokio::time::sleep(answer_after).await;
+                    let _ = reply.send(Ok(1));
+                }
+            });
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_call_abandons_unless_the_actor_committed_first() {
+        let (actor, handle) = Actor::spawn(Some("call-test-slow".into()), Slow, ())
+            .await
+            .unwrap();
+        let ms = Duration::from_millis;
+        let ask = |commit, answer| {
+            call_registered_until(
+                "call-test-slow",
+                move |r, t| SlowMsg::Ask(ms(commit), ms(answer), r, t),
+                Instant::now() + ms(100),
+            )
+        };
+        assert_eq!(ask(10, 0).await, Ok(1));
+        assert_eq!(
+            ask(200, 0).await,
+            Err(CallError::TimedOut("call-test-slow"))
+        );
+        // Committed just before the deadline: the answer is awaited past it.
+        assert_eq!(ask(90, 50).await, Ok(1));
+        actor.stop(None);
+        handle.await.unwrap();
     }
 
     #[tokio::test]

@@ -56,6 +56,9 @@ pub enum ErrorKind {
     NoSuchKey,
     /// A bulk request went through but some of its items asked to be sent again.
     ItemsToRetry,
+    /// The request may or may not have been applied (it left, then the connection broke or
+    /// an answer never came): read back to learn which.
+    Ambiguous,
 }
 
 impl DependencyError {
@@ -83,6 +86,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         records: &[Communication],
     ) -> Result<Vec<InsertResult>, DependencyError>;
+
+    /// Which of these records are stored (and not void), in order: the read-back after an
+    /// ambiguous insert.
+    async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError>;
+
+    /// Make sure these records, whose callers were answered "not stored", are never sent,
+    /// whether their insert landed, lands later or never does: a stored one still
+    /// `pending` becomes `void` (and gives its idempotency key up); for one not stored, a
+    /// `void` placeholder takes its id, so a late insert of it fails. Answers how many had
+    /// already moved past `pending` (too late to void; should never happen).
+    async fn void(&self, ids: &[String]) -> Result<usize, DependencyError>;
 
     /// Mark a record `failed` for a reason outside any provider call (dead-lettered).
     /// `false` when it was already final (nothing changed).
@@ -148,6 +162,9 @@ pub struct ReceiptUpdate {
 #[derive(Debug, Clone, PartialEq)]
 pub enum InsertResult {
     Inserted,
+    /// Refused for itself alone (its id is voided already, or another write error); the
+    /// rest of the batch is unaffected.
+    NotStored,
     /// The idempotency key belongs to this earlier record.
     KeyTaken(Box<Communication>),
 }

@@ -1,24 +1,35 @@
 //! RouterActor: turns validated requests into stored, queued communications.
 //!
 //! Owns: the batch of requests waiting for the next group commit.
-//! Talks to it: the HTTP layer, through [`accept`] (`Accept`, an RPC answered once the record
-//! is stored; the caller gets a typed error, never ractor's call result).
-//! Talks to: MongoDB (one `insert_many` per batch), Redis (one pipeline per batch: the
-//! `queued` log event to `log_stream`, the entry to `{type}_stream`).
+//! Talks to it: the HTTP layer, through [`Admission`] (`Accept`, answered once the record
+//! is stored, or 503 at the request's deadline).
+//! Talks to: MongoDB (one `insert_many` per batch; a read-back by `_id` after an ambiguous
+//! insert; `void` for records whose callers were already answered), Redis (one pipeline
+//! per batch: the `queued` log event to `log_stream`, the entry to `{type}_stream`).
 //! On failure: a batch already handed to its writer task finishes and answers its callers;
 //! requests still in the mailbox are dropped unanswered, so their callers get 503 and
 //! nothing was stored for them. A request is answered `queued` only after MongoDB has it;
 //! if the stream append fails afterwards, the OutboxSweeper appends it after its grace time.
+//!
+//! A 503 means "not stored": [`Admission`] bounds the requests waiting (full: 503 at once)
+//! and gives each a deadline. A request whose deadline passes before its batch is written
+//! is dropped from the batch; one whose insert is under way when it passes is voided
+//! ([`Store::void`]), so whether the insert lands before, after or never, the record is
+//! never sent. After an ambiguous insert error the batch is read back by `_id`.
 
+use crate::backoff::{retry_until, Backoff};
 use crate::batch::BatchSettings;
+use crate::call::{CallError, Ticket};
 use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, LOG_STREAM};
-use crate::ports::{DependencyError, InsertResult, Queue, Store};
+use crate::ports::{DependencyError, ErrorKind, InsertResult, Queue, Store};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::Semaphore;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 pub const NAME: &str = "router";
 
@@ -36,6 +47,9 @@ pub enum AcceptError {
     Unavailable(#[from] DependencyError),
     #[error("the Idempotency-Key {0:?} was already used for a different request")]
     KeyConflict(String),
+    /// `max_pending` requests wait for the store already.
+    #[error("too many requests are waiting for the store")]
+    QueueFull,
 }
 
 pub type AcceptReply = RpcReplyPort<Result<Accepted, AcceptError>>;
@@ -49,19 +63,81 @@ pub struct Submission {
     pub idempotency_key: Option<String>,
 }
 
+/// A submission on its way to the store, with who waits for it and until when.
+pub struct Pending {
+    pub submission: Submission,
+    pub reply: AcceptReply,
+    pub ticket: Ticket,
+    pub deadline: Instant,
+    /// Its place in the bounded queue, given back when it is answered or dropped.
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
 pub enum RouterMsg {
-    Accept(Submission, AcceptReply),
+    Accept(Box<Pending>),
     Flush,
 }
 
-/// Hand a submission to the running router and wait up to `timeout` for its answer (given
-/// once the record is stored). `NotRunning`: nothing was stored; `TimedOut`/`Stopped`: it
-/// may have been.
-pub async fn accept(
-    submission: Submission,
-    timeout: std::time::Duration,
-) -> Result<Accepted, crate::call::CallError<AcceptError>> {
-    crate::call::call_registered(NAME, |reply| RouterMsg::Accept(submission, reply), timeout).await
+/// The way in: at most `max_pending` requests admitted and not yet answered (beyond it,
+/// `QueueFull` at once, so a frozen store grows no queue), each answered by its deadline.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    slots: Arc<Semaphore>,
+    max_pending: usize,
+    deadline: Duration,
+}
+
+impl Admission {
+    pub fn new(max_pending: usize, deadline: Duration) -> Admission {
+        let max_pending = max_pending.max(1);
+        Admission {
+            slots: Arc::new(Semaphore::new(max_pending)),
+            max_pending,
+            deadline,
+        }
+    }
+
+    /// The deadline of a request that arrived at `arrived`.
+    pub fn deadline_from(&self, arrived: Instant) -> Instant {
+        arrived + self.deadline
+    }
+
+    /// Hand a submission to the running router and wait until `deadline` at most.
+    /// Every error means nothing is stored for it (or ever will be): `TimedOut` requests
+    /// are dropped or voided by the router.
+    pub async fn accept(
+        &self,
+        submission: Submission,
+        deadline: Instant,
+    ) -> Result<Accepted, CallError<AcceptError>> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("router_queue_full_total").increment(1);
+            CallError::Refused(AcceptError::QueueFull)
+        })?;
+        metrics::gauge!("router_pending_requests")
+            .set((self.max_pending - self.slots.available_permits()) as f64);
+        self.ask(NAME, submission, slot, deadline).await
+    }
+
+    /// The call itself, to the router registered as `name` (tests run several).
+    async fn ask(
+        &self,
+        name: &'static str,
+        submission: Submission,
+        slot: OwnedSemaphorePermit,
+        deadline: Instant,
+    ) -> Result<Accepted, CallError<AcceptError>> {
+        let ask = |reply, ticket| {
+            RouterMsg::Accept(Box::new(Pending {
+                submission,
+                reply,
+                ticket,
+                deadline,
+                slot: Some(slot),
+            }))
+        };
+        crate::call::call_registered_until(name, ask, deadline).await
+    }
 }
 
 #[derive(Clone)]
@@ -75,9 +151,29 @@ pub struct RouterArgs {
     pub max_inflight: usize,
 }
 
+/// A request in a batch: its record, and who waits for it until when.
+struct Waiting {
+    record: Communication,
+    reply: AcceptReply,
+    ticket: Ticket,
+    deadline: Instant,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Waiting {
+    /// Still worth writing: its caller waits, and has time left. A request past its
+    /// deadline is given up here, so its caller's 503 is the truth.
+    fn is_live(&self, now: Instant) -> bool {
+        if self.ticket.is_abandoned() {
+            return false;
+        }
+        self.deadline > now || !self.ticket.abandon()
+    }
+}
+
 pub struct RouterState {
     args: RouterArgs,
-    batch: Vec<(Communication, AcceptReply)>,
+    batch: Vec<Waiting>,
     flush_scheduled: bool,
     inflight: Arc<Semaphore>,
     /// After a failed append, appends are skipped until this time (ms since the epoch), so
@@ -113,12 +209,24 @@ impl Actor for RouterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::Accept(sub, reply) => {
+            RouterMsg::Accept(p) => {
+                let p = *p;
                 let id = bson::oid::ObjectId::new().to_hex();
-                let mut rec = Communication::new(id, sub.request, Utc::now());
-                rec.tenant = sub.tenant;
-                rec.idempotency_key = sub.idempotency_key;
-                state.batch.push((rec, reply));
+                let mut record = Communication::new(id, p.submission.request, Utc::now());
+                record.tenant = p.submission.tenant;
+                record.idempotency_key = p.submission.idempotency_key;
+                let waiting = Waiting {
+                    record,
+                    reply: p.reply,
+                    ticket: p.ticket,
+                    deadline: p.deadline,
+                    _slot: p.slot,
+                };
+                if !waiting.is_live(Instant::now()) {
+                    metrics::counter!("router_expired_total").increment(1);
+                    return Ok(());
+                }
+                state.batch.push(waiting);
                 if state.args.batch.is_full(state.batch.len(), 0) {
                     flush(state).await;
                 } else if !state.flush_scheduled {
@@ -139,106 +247,259 @@ async fn flush(state: &mut RouterState) {
     if state.batch.is_empty() {
         return;
     }
-    // Waiting here is the backpressure: the mailbox holds new requests meanwhile.
+    // Waiting here is the backpressure: the mailbox holds new requests meanwhile, and
+    // `Admission` bounds how many.
     let Ok(permit) = state.inflight.clone().acquire_owned().await else {
         return;
     };
-    let batch = std::mem::replace(
+    let mut batch = std::mem::replace(
         &mut state.batch,
         Vec::with_capacity(state.args.batch.max_items),
     );
-    let store = state.args.store.clone();
-    let queue = state.args.queue.clone();
-    let down = state.redis_down_until.clone();
+    // Requests whose deadline passed while the writers were busy are not written.
+    let now = Instant::now();
+    let before = batch.len();
+    batch.retain(|w| w.is_live(now));
+    metrics::counter!("router_expired_total").increment((before - batch.len()) as u64);
+    if batch.is_empty() {
+        return;
+    }
+    let writer = Writer {
+        store: state.args.store.clone(),
+        queue: state.args.queue.clone(),
+        redis_down_until: state.redis_down_until.clone(),
+    };
     tokio::spawn(async move {
-        write_batch(store.as_ref(), queue.as_ref(), &down, batch).await;
+        writer.write_batch(batch).await;
         drop(permit);
     });
 }
 
-/// Group commit: one insert, one pipeline, then every caller is answered.
-pub async fn write_batch(
-    store: &dyn Store,
-    queue: &dyn Queue,
-    redis_down_until: &AtomicI64,
-    batch: Vec<(Communication, AcceptReply)>,
-) {
-    let started = Instant::now();
-    let records: Vec<Communication> = batch.iter().map(|(r, _)| r.clone()).collect();
-    metrics::histogram!("router_batch_size").record(records.len() as f64);
-    let results = match store.insert_many(&records).await {
-        Ok(r) => r,
-        Err(err) => {
-            tracing::warn!(error = %err, batch = records.len(), "store refused a batch; answering 503");
-            metrics::counter!("router_store_failures_total").increment(1);
-            for (_, reply) in batch {
-                let _ = reply.send(Err(err.clone().into()));
+/// What a batch's writer task needs.
+struct Writer {
+    store: Arc<dyn Store>,
+    queue: Arc<dyn Queue>,
+    redis_down_until: Arc<AtomicI64>,
+}
+
+/// A caller's answer, to be sent once the batch is settled.
+type Answer = (AcceptReply, Result<Accepted, AcceptError>);
+
+impl Writer {
+    /// Group commit: one insert (racing the callers' deadlines), then every caller still
+    /// waiting is answered, then one pipeline queues what was stored.
+    async fn write_batch(&self, batch: Vec<Waiting>) {
+        let started = std::time::Instant::now();
+        let records: Vec<Communication> = batch.iter().map(|w| w.record.clone()).collect();
+        metrics::histogram!("router_batch_size").record(records.len() as f64);
+        let mut voided = vec![false; batch.len()];
+        let insert = self.store.insert_many(&records);
+        let results = match self.race_deadlines(insert, &batch, &mut voided).await {
+            Ok(r) => r.into_iter().map(Ok).collect(),
+            Err(e) if e.kind == ErrorKind::Ambiguous => {
+                self.read_back(&batch, &mut voided, e).await
             }
-            return;
+            Err(e) => {
+                tracing::warn!(error = %e, batch = records.len(), "store refused a batch; answering 503");
+                metrics::counter!("router_store_failures_total").increment(1);
+                vec![Err(e); batch.len()]
+            }
+        };
+        let (answers, entries, late) = settle(batch, results, &voided);
+        self.void(late);
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
         }
-    };
-    let now = Utc::now();
-    let mut answers = Vec::with_capacity(batch.len());
-    let mut entries: Vec<(&str, Vec<(&str, String)>)> = Vec::with_capacity(records.len() * 2);
-    for ((rec, reply), result) in batch.into_iter().zip(results) {
-        match result {
-            InsertResult::Inserted => {
-                // The log event first: the `communications` index sees `queued` before any outcome.
-                entries.push((
-                    LOG_STREAM,
-                    LogEvent::for_record(&rec, "router", EventStatus::Queued, 0, now).to_fields(),
-                ));
-                entries.push((rec.channel.stream(), rec.stream_fields()));
-                metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
-                    .increment(1);
-                answers.push((
-                    reply,
-                    Ok(Accepted {
-                        record: rec,
-                        replayed: false,
-                    }),
-                ));
+        self.append(&entries).await;
+        metrics::histogram!("router_batch_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// Await `op` while the callers' deadlines pass: each caller whose deadline comes
+    /// first is given up (its HTTP request answers 503) and its record voided.
+    async fn race_deadlines<T>(
+        &self,
+        op: impl Future<Output = T>,
+        batch: &[Waiting],
+        voided: &mut [bool],
+    ) -> T {
+        tokio::pin!(op);
+        loop {
+            let next = batch
+                .iter()
+                .zip(voided.iter())
+                .filter(|(_, v)| !**v)
+                .map(|(w, _)| w.deadline)
+                .min();
+            let Some(next) = next else {
+                return op.await;
+            };
+            tokio::select! {
+                out = &mut op => return out,
+                _ = tokio::time::sleep_until(next) => {}
             }
-            InsertResult::KeyTaken(original) if original.request_hash == rec.request_hash => {
-                metrics::counter!("idempotent_replays_total").increment(1);
-                answers.push((
-                    reply,
-                    Ok(Accepted {
-                        record: *original,
-                        replayed: true,
-                    }),
-                ));
+            let now = Instant::now();
+            let mut late = Vec::new();
+            for (w, v) in batch.iter().zip(voided.iter_mut()) {
+                if !*v && w.deadline <= now && w.ticket.abandon() {
+                    *v = true;
+                    late.push(w.record.id.clone());
+                }
             }
-            InsertResult::KeyTaken(_) => {
-                let key = rec.idempotency_key.clone().unwrap_or_default();
-                answers.push((reply, Err(AcceptError::KeyConflict(key))));
-            }
+            self.void(late);
         }
     }
-    let now_ms = now.timestamp_millis();
-    if !entries.is_empty() {
-        if redis_down_until.load(Ordering::Relaxed) > now_ms {
+
+    /// After an ambiguous insert: what is stored is stored (and answered so); what is not
+    /// is fenced off with `void`, since the insert may still land, and answered 503.
+    async fn read_back(
+        &self,
+        batch: &[Waiting],
+        voided: &mut [bool],
+        e: DependencyError,
+    ) -> Vec<Result<InsertResult, DependencyError>> {
+        metrics::counter!("router_ambiguous_inserts_total").increment(1);
+        let ids: Vec<String> = batch.iter().map(|w| w.record.id.clone()).collect();
+        let stored = self
+            .race_deadlines(self.store.stored(&ids), batch, voided)
+            .await
+            .unwrap_or_else(|read| {
+                tracing::warn!(error = %read, "cannot read an ambiguous batch back; voiding it");
+                vec![false; ids.len()]
+            });
+        tracing::warn!(error = %e, stored = stored.iter().filter(|s| **s).count(),
+            batch = ids.len(), "ambiguous insert read back by _id");
+        let mut fence = Vec::new();
+        let results = stored
+            .iter()
+            .zip(voided.iter_mut())
+            .zip(&ids)
+            .map(|((stored, v), id)| {
+                if *stored {
+                    return Ok(InsertResult::Inserted);
+                }
+                if !*v {
+                    *v = true;
+                    fence.push(id.clone());
+                }
+                Err(e.clone())
+            })
+            .collect();
+        self.void(fence);
+        results
+    }
+
+    /// Void `ids` in the background until MongoDB has done it (it may be frozen or down
+    /// now): those records are never sent, whenever their inserts land.
+    fn void(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        metrics::counter!("router_voided_total").increment(ids.len() as u64);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let backoff = Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5));
+            let done = retry_until(
+                &backoff,
+                None,
+                || store.void(&ids),
+                |e, _| {
+                    tracing::warn!(error = %e, records = ids.len(), "cannot void records answered 503 yet; retrying");
+                },
+            );
+            if let Ok(too_late) = done.await {
+                if too_late > 0 {
+                    tracing::error!(
+                        too_late,
+                        "records answered 503 had moved on before they could be voided"
+                    );
+                    metrics::counter!("router_void_too_late_total").increment(too_late as u64);
+                }
+            }
+        });
+    }
+
+    /// Queue what was stored: its `queued` event and its stream entry, one pipeline.
+    async fn append(&self, entries: &[(&str, Vec<(&str, String)>)]) {
+        if entries.is_empty() {
+            return;
+        }
+        let now_ms = Utc::now().timestamp_millis();
+        if self.redis_down_until.load(Ordering::Relaxed) > now_ms {
             metrics::counter!("router_queue_skipped_total").increment(1);
-        } else if let Err(err) = queue.append(&entries).await {
+        } else if let Err(err) = self.queue.append(entries).await {
             tracing::warn!(error = %err, batch = entries.len() / 2,
                 "stored but not yet queued; the outbox sweep will queue them");
             metrics::counter!("router_queue_failures_total").increment(1);
-            redis_down_until.store(now_ms + 2000, Ordering::Relaxed);
+            self.redis_down_until
+                .store(now_ms + 2000, Ordering::Relaxed);
         }
     }
-    for (reply, answer) in answers {
-        let _ = reply.send(answer);
+}
+
+/// The stream entries of the stored records answered `queued`.
+type Entries = Vec<(&'static str, Vec<(&'static str, String)>)>;
+
+/// Per request, its answer (if its caller still waits: the ticket is committed first) and
+/// its stream entries; and the stored records whose callers were already answered 503,
+/// which must be voided.
+fn settle(
+    batch: Vec<Waiting>,
+    results: Vec<Result<InsertResult, DependencyError>>,
+    voided: &[bool],
+) -> (Vec<Answer>, Entries, Vec<String>) {
+    let now = Utc::now();
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut entries: Entries = Vec::with_capacity(batch.len() * 2);
+    let mut late = Vec::new();
+    for ((w, result), voided) in batch.into_iter().zip(results).zip(voided) {
+        let rec = w.record;
+        let answer = match result {
+            Ok(InsertResult::Inserted) if !w.ticket.commit() => {
+                if !voided {
+                    late.push(rec.id);
+                }
+                continue;
+            }
+            Ok(InsertResult::Inserted) => {
+                // The log event first: the `communications` index sees `queued` before any outcome.
+                let event = LogEvent::for_record(&rec, "router", EventStatus::Queued, 0, now);
+                entries.push((LOG_STREAM, event.to_fields()));
+                entries.push((rec.channel.stream(), rec.stream_fields()));
+                metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
+                    .increment(1);
+                Ok(Accepted {
+                    record: rec,
+                    replayed: false,
+                })
+            }
+            Ok(InsertResult::KeyTaken(original)) if original.request_hash == rec.request_hash => {
+                metrics::counter!("idempotent_replays_total").increment(1);
+                Ok(Accepted {
+                    record: *original,
+                    replayed: true,
+                })
+            }
+            Ok(InsertResult::KeyTaken(_)) => Err(AcceptError::KeyConflict(
+                rec.idempotency_key.clone().unwrap_or_default(),
+            )),
+            Ok(InsertResult::NotStored) => Err(AcceptError::Unavailable(DependencyError::new(
+                crate::ports::Dependency::MongoDb,
+                "the record was refused",
+            ))),
+            Err(e) => Err(e.into()),
+        };
+        if w.ticket.commit() {
+            answers.push((w.reply, answer));
+        }
     }
-    metrics::histogram!("router_batch_seconds").record(started.elapsed().as_secs_f64());
+    (answers, entries, late)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{Channel, EventStatus};
-    use crate::ports::ErrorKind;
     use crate::testing::{self, MemoryQueue, MemoryStore, QueueMethod, StoreMethod};
-    use std::time::Duration;
 
     struct Fixture {
         store: Arc<MemoryStore>,
@@ -283,13 +544,168 @@ mod tests {
         router: &ActorRef<RouterMsg>,
         subs: Vec<Submission>,
     ) -> Vec<Result<Accepted, AcceptError>> {
-        let calls = subs.into_iter().map(|s| async move {
-            match router.call(|r| RouterMsg::Accept(s, r), None).await {
+        let calls = subs.into_iter().map(|submission| async move {
+            let ask = |reply| {
+                RouterMsg::Accept(Box::new(Pending {
+                    submission,
+                    reply,
+                    ticket: Ticket::new(),
+                    deadline: Instant::now() + Duration::from_secs(60),
+                    slot: None,
+                }))
+            };
+            match router.call(ask, None).await {
                 Ok(ractor::rpc::CallResult::Success(a)) => a,
                 _ => panic!("the router did not answer"),
             }
         });
-        futures::future::join_all(calls).await
+        let answers = futures::future::join_all(calls).await;
+        // The answers go out before the stream append: let the writer finish.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        answers
+    }
+
+    /// A router registered as `name` (so [`Admission`] finds it) whose store answers
+    /// inserts after `insert_delay`.
+    async fn named(name: &'static str, insert_delay: Duration, max_inflight: usize) -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        store.script.delay(StoreMethod::InsertMany, insert_delay);
+        let queue = MemoryQueue::new();
+        let args = RouterArgs {
+            store: store.clone(),
+            queue: Arc::new(queue.clone()),
+            batch: BatchSettings::new(1, Duration::from_millis(1)),
+            max_inflight,
+        };
+        let (router, _) = Actor::spawn(Some(name.into()), RouterActor, args)
+            .await
+            .unwrap();
+        Fixture {
+            store,
+            queue,
+            router,
+        }
+    }
+
+    async fn accept_via(
+        admission: &Admission,
+        name: &'static str,
+        sub: Submission,
+    ) -> Result<Accepted, CallError<AcceptError>> {
+        let deadline = admission.deadline_from(Instant::now());
+        let slot = admission
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CallError::Refused(AcceptError::QueueFull))?;
+        admission.ask(name, sub, slot, deadline).await
+    }
+
+    /// A store slower than the deadline: the caller gets `TimedOut` at the deadline; the
+    /// insert lands later, and the record is voided and never queued.
+    #[tokio::test(start_paused = true)]
+    async fn an_insert_slower_than_the_deadline_is_answered_in_time_and_voided() {
+        let name = "router-test-slow-insert";
+        let f = named(name, Duration::from_secs(5), 2).await;
+        let admission = Admission::new(8, Duration::from_secs(2));
+        let started = Instant::now();
+        let answer = accept_via(&admission, name, submission(1, None)).await;
+        assert!(matches!(answer, Err(CallError::TimedOut(_))), "{answer:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(f.store.script.count(StoreMethod::InsertMany), 1);
+        assert!(f.store.records().is_empty(), "voided once it landed");
+        assert_eq!(f.store.voided().len(), 1);
+        assert_eq!(f.queue.script().count(QueueMethod::Append), 0);
+        f.router.stop(None);
+    }
+
+    /// The same when the void reaches the store after the late insert (MongoDB thawing):
+    /// the stored record is voided, never queued.
+    #[tokio::test(start_paused = true)]
+    async fn a_void_that_lands_after_the_insert_still_voids_the_record() {
+        let name = "router-test-late-void";
+        let f = named(name, Duration::from_secs(3), 2).await;
+        f.store
+            .script
+            .delay(StoreMethod::Void, Duration::from_secs(6));
+        let admission = Admission::new(8, Duration::from_secs(2));
+        let answer = accept_via(&admission, name, submission(1, None)).await;
+        assert!(matches!(answer, Err(CallError::TimedOut(_))));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(f.store.records().len(), 1, "landed, the void not yet");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(f.store.records().is_empty());
+        assert_eq!(f.queue.script().count(QueueMethod::Append), 0);
+        f.router.stop(None);
+    }
+
+    /// While the store is frozen, at most `max_pending` requests wait; the next ones are
+    /// refused at once, and a request that expired waiting is never written.
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_is_bounded_and_expired_requests_are_not_written() {
+        let name = "router-test-bounded";
+        let f = named(name, Duration::from_secs(30), 1).await;
+        let admission = Admission::new(3, Duration::from_secs(2));
+        let waiting: Vec<_> = (1..=3)
+            .map(|n| {
+                let a = admission.clone();
+                tokio::spawn(async move { accept_via(&a, name, submission(n, None)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        let full = accept_via(&admission, name, submission(4, None)).await;
+        assert!(matches!(
+            full,
+            Err(CallError::Refused(AcceptError::QueueFull))
+        ));
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused at once");
+        for w in waiting {
+            assert!(matches!(w.await.unwrap(), Err(CallError::TimedOut(_))));
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // One batch reached the store (max_inflight 1); the two behind it expired unwritten.
+        assert_eq!(f.store.script.sizes(StoreMethod::InsertMany), [1]);
+        assert!(f.store.records().is_empty());
+        assert_eq!(f.store.voided().len(), 1);
+        assert_eq!(f.queue.script().count(QueueMethod::Append), 0);
+        assert_eq!(
+            admission.slots.available_permits(),
+            3,
+            "every place free again"
+        );
+        f.router.stop(None);
+    }
+
+    /// An insert that went through but whose answer was lost is read back by `_id`: the
+    /// caller learns the truth (stored) and the record is queued.
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_insert_that_landed_is_read_back_and_answered_stored() {
+        let f = fixture(2).await;
+        f.store.lose_next_insert_answer();
+        let answers = accept_all(&f.router, vec![submission(1, None), submission(2, None)]).await;
+        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert_eq!(f.store.script.count(StoreMethod::Stored), 1);
+        assert_eq!(f.store.records().len(), 2);
+        assert_eq!(f.queue.entries(Channel::Sms.stream()).len(), 2);
+        assert!(f.store.voided().is_empty());
+    }
+
+    /// An ambiguous insert that did not land: 503, and the ids are fenced so that a late
+    /// landing stores nothing.
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_insert_that_did_not_land_is_fenced_and_answered_503() {
+        let f = fixture(1).await;
+        f.store
+            .script
+            .fail_next(StoreMethod::InsertMany, 1, ErrorKind::Ambiguous);
+        let answers = accept_all(&f.router, vec![submission(1, None)]).await;
+        assert!(matches!(&answers[0], Err(AcceptError::Unavailable(_))));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(f.store.voided().len(), 1);
+        assert!(f.store.records().is_empty());
+        assert_eq!(f.queue.script().count(QueueMethod::Append), 0);
     }
 
     #[tokio::test(start_paused = true)]

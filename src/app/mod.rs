@@ -11,11 +11,12 @@ pub use children::{child_specs, consumer_name};
 pub use parts::Parts;
 pub use telemetry::{install_metrics, MetricsError};
 
+use crate::clients::indexes::{self, IndexReadiness};
 use crate::clients::mongo::MongoStore;
 use crate::config::Config;
 use crate::providers::smtp::SmtpUrlError;
 use crate::{auth, callbacks, http, limits};
-use actors::backoff::{retry_until, Backoff};
+use actors::backoff::Backoff;
 use actors::domain::Channel;
 use actors::ports::DependencyError;
 use actors::ractor::{Actor, ActorRef, SpawnErr};
@@ -62,10 +63,10 @@ const ESCALATION_STOP: Duration = Duration::from_secs(2);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let prometheus = install_metrics()?;
     let parts = Parts::build(&cfg).await?;
-    let _indexes = spawn_index_creation(&cfg, parts.store.clone());
+    let (_index_task, indexes) = spawn_index_creation(&cfg, &parts.store);
     let (supervisor, mut supervisor_done) = start_actors(&cfg, &parts).await?;
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let state = http_state(&cfg, &parts, prometheus, shutting_down.clone());
+    let state = http_state(&cfg, &parts, prometheus, shutting_down.clone(), indexes);
     log_start(&cfg, &state);
     let server = match HttpServer::start(&cfg, state).await {
         Ok(s) => s,
@@ -87,19 +88,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     Ok(())
 }
 
-/// MongoDB indexes: made in the background, retried until MongoDB answers or `run` returns.
-fn spawn_index_creation(cfg: &Config, store: Arc<MongoStore>) -> AbortOnDrop {
+/// MongoDB indexes: made in the background (retried until MongoDB answers, or until the
+/// records that block them are fixed), ended with `run`. Until they exist, readiness fails
+/// and no communication is accepted: the unique index is what makes idempotency hold.
+fn spawn_index_creation(cfg: &Config, store: &MongoStore) -> (AbortOnDrop, IndexReadiness) {
     let backoff =
         Backoff::exponential(cfg.mongodb.index_retry_initial, cfg.mongodb.index_retry_max);
-    AbortOnDrop(tokio::spawn(async move {
-        let _ = retry_until(
-            &backoff,
-            None,
-            || store.ensure_indexes(),
-            |e, _| tracing::warn!(error = %e, "cannot create MongoDB indexes yet"),
-        )
-        .await;
-    }))
+    let (status, readiness) = IndexReadiness::new();
+    let coll = store.collection().clone();
+    let task = tokio::spawn(indexes::build(coll, backoff, status));
+    (AbortOnDrop(task), readiness)
 }
 
 /// A background task that ends with its owner.
@@ -133,8 +131,14 @@ fn http_state(
     parts: &Parts,
     prometheus: PrometheusHandle,
     shutting_down: Arc<AtomicBool>,
+    indexes: IndexReadiness,
 ) -> http::AppState {
     http::AppState {
+        indexes,
+        admission: actors::router::Admission::new(
+            cfg.router.max_pending,
+            cfg.router.accept_deadline,
+        ),
         store: parts.store.clone(),
         queue: parts.queue.clone(),
         search: parts.search.clone(),

@@ -15,14 +15,14 @@ use actors::domain::{
     AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status, DEFAULT_TENANT,
 };
 use actors::ports::{
-    Dependency, DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store,
+    Dependency, DependencyError, ErrorKind, InsertResult, ReceiptResult, ReceiptUpdate, Store,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime as BsonDate, Document};
-use mongodb::options::{ClientOptions, IndexOptions, WriteConcern};
-use mongodb::{Client, Collection, Database, IndexModel};
+use mongodb::options::{ClientOptions, WriteConcern};
+use mongodb::{Client, Collection, Database};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,15 @@ pub struct MongoStore {
 fn err(e: impl std::fmt::Display) -> DependencyError {
     DependencyError::new(Dependency::MongoDb, e)
 }
+
+/// A write that may or may not have been applied.
+fn ambiguous(e: impl std::fmt::Display) -> DependencyError {
+    err(e).with_kind(ErrorKind::Ambiguous)
+}
+
+/// The status of a record whose caller was answered 503 while its insert was under way
+/// (or of the placeholder that keeps that insert from landing): never sent.
+pub const VOID: &str = "void";
 
 fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
@@ -81,48 +90,6 @@ impl MongoStore {
             first_look,
             leases,
         })
-    }
-
-    /// Indexes the queries need. Idempotent.
-    pub async fn ensure_indexes(&self) -> Result<(), DependencyError> {
-        let models = vec![
-            IndexModel::builder()
-                .keys(doc! {"status": 1, "nextAttemptAt": 1})
-                .options(IndexOptions::builder().name("due".to_string()).build())
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"tenant": 1, "idempotencyKey": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("idempotency_per_tenant".to_string())
-                        .unique(true)
-                        .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"providerMessageId": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("provider_message".to_string())
-                        .build(),
-                )
-                .build(),
-        ];
-        // Records from before tenants existed belong to the default tenant; the key index
-        // from then (one key space for everybody) gives way to one per tenant.
-        self.coll
-            .update_many(
-                doc! {"tenant": {"$exists": false}},
-                doc! {"$set": {"tenant": DEFAULT_TENANT}},
-            )
-            .await
-            .map_err(err)?;
-        if let Err(e) = self.coll.drop_index("idempotency").await {
-            tracing::debug!(error = %e, "no tenant-less idempotency index to drop");
-        }
-        self.coll.create_indexes(models).await.map_err(err)?;
-        Ok(())
     }
 
     /// The record holding `key` for `tenant`, if any.
@@ -290,6 +257,56 @@ impl MongoStore {
             }
         }
         Ok(reply)
+    }
+
+    /// The answers of an unordered insert that had write errors: a duplicate key whose
+    /// idempotency key has another holder is that holder's (a replay or a conflict); any
+    /// other error (a `void` placeholder holding the `_id`, a refused document) leaves that
+    /// record alone unstored. The others are stored.
+    async fn settle_write_errors(
+        &self,
+        records: &[Communication],
+        write_errors: &[mongodb::error::IndexedWriteError],
+    ) -> Result<Vec<InsertResult>, DependencyError> {
+        let mut results = vec![InsertResult::Inserted; records.len()];
+        let keys: Vec<&String> = write_errors
+            .iter()
+            .filter(|w| w.code == 11000)
+            .filter_map(|w| records.get(w.index)?.idempotency_key.as_ref())
+            .collect();
+        let holders: Vec<Document> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            // The rest of the batch is stored: a failure here leaves it ambiguous.
+            let found = self.coll.find(doc! {"idempotencyKey": {"$in": keys}}).await;
+            found
+                .map_err(ambiguous)?
+                .try_collect()
+                .await
+                .map_err(ambiguous)?
+        };
+        for w in write_errors {
+            let Some(r) = records.get(w.index) else {
+                continue;
+            };
+            let holder = holders
+                .iter()
+                .filter(|_| w.code == 11000)
+                .find(|d| {
+                    d.get_str("idempotencyKey").ok() == r.idempotency_key.as_deref()
+                        && d.get_str("tenant").unwrap_or(DEFAULT_TENANT) == r.tenant
+                        && d.get_object_id("_id").ok().map(|o| o.to_hex()) != Some(r.id.clone())
+                })
+                .and_then(MongoStore::from_doc);
+            results[w.index] = match holder {
+                Some(h) => InsertResult::KeyTaken(Box::new(h)),
+                None => {
+                    tracing::warn!(id = %r.id, code = w.code, message = %w.message, "record not stored");
+                    InsertResult::NotStored
+                }
+            };
+        }
+        Ok(results)
     }
 }
 
@@ -481,52 +498,88 @@ impl Store for MongoStore {
             .iter()
             .map(|r| MongoStore::to_doc(r, next_look))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut results = vec![InsertResult::Inserted; records.len()];
         let e = match self.coll.insert_many(docs).ordered(false).await {
-            Ok(_) => return Ok(results),
+            Ok(_) => return Ok(vec![InsertResult::Inserted; records.len()]),
             Err(e) => e,
         };
-        // With ordered(false) every record was tried: only duplicate idempotency keys
-        // (11000 on the partial unique index) are expected; anything else is an outage.
-        let mongodb::error::ErrorKind::InsertMany(ime) = e.kind.as_ref() else {
-            return Err(err(e));
+        // With ordered(false) every record was tried, and those without a write error are
+        // stored. Anything else may have been applied or not: the router reads it back.
+        let write_errors = match e.kind.as_ref() {
+            mongodb::error::ErrorKind::InsertMany(ime)
+                if ime.write_concern_error.is_none()
+                    && ime.write_errors.as_ref().is_some_and(|w| !w.is_empty()) =>
+            {
+                ime.write_errors.clone().unwrap_or_default()
+            }
+            // Nothing was sent: no server to send it to.
+            mongodb::error::ErrorKind::ServerSelection { .. } => return Err(err(e)),
+            _ => return Err(ambiguous(e)),
         };
-        let write_errors = ime.write_errors.clone().unwrap_or_default();
-        let only_key_clashes = write_errors.iter().all(|w| {
-            w.code == 11000
-                && records
-                    .get(w.index)
-                    .is_some_and(|r| r.idempotency_key.is_some())
-        });
-        if ime.write_concern_error.is_some() || write_errors.is_empty() || !only_key_clashes {
-            return Err(err(e));
-        }
-        let keys: Vec<&String> = write_errors
+        self.settle_write_errors(records, &write_errors).await
+    }
+
+    async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError> {
+        let oids: Vec<ObjectId> = ids
             .iter()
-            .filter_map(|w| records[w.index].idempotency_key.as_ref())
+            .filter_map(|i| ObjectId::parse_str(i).ok())
             .collect();
-        let holders: Vec<Document> = self
+        let found: Vec<Document> = self
             .coll
-            .find(doc! {"idempotencyKey": {"$in": keys}})
+            .find(doc! {"_id": {"$in": oids}, "status": {"$ne": VOID}})
+            .projection(doc! {"_id": 1})
             .await
             .map_err(err)?
             .try_collect()
             .await
             .map_err(err)?;
-        for w in write_errors {
-            let key = records[w.index].idempotency_key.as_deref();
-            let tenant = records[w.index].tenant.as_str();
-            let holder = holders
-                .iter()
-                .find(|d| {
-                    d.get_str("idempotencyKey").ok() == key
-                        && d.get_str("tenant").unwrap_or(DEFAULT_TENANT) == tenant
-                })
-                .and_then(MongoStore::from_doc)
-                .ok_or_else(|| err("duplicate idempotency key, but its holder is not readable"))?;
-            results[w.index] = InsertResult::KeyTaken(Box::new(holder));
+        let found: HashSet<String> = found
+            .iter()
+            .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
+            .collect();
+        Ok(ids.iter().map(|id| found.contains(id)).collect())
+    }
+
+    /// One upsert a record, matching it only while `pending` (or already void): a stored
+    /// record becomes `void` and gives its idempotency key up; a missing one gets a `void`
+    /// placeholder under its id, so its late insert fails on the `_id` index. A record
+    /// that has moved on makes the upsert clash on `_id` (11000): too late, counted.
+    async fn void(&self, ids: &[String]) -> Result<usize, DependencyError> {
+        let now = bdate(Utc::now());
+        let updates: Vec<Document> = ids
+            .iter()
+            .filter_map(|i| ObjectId::parse_str(i).ok())
+            .map(|oid| {
+                doc! {
+                    "q": {"_id": oid, "status": {"$in": ["pending", VOID]}},
+                    "u": {
+                        "$set": {"status": VOID, "voidedAt": now, "updatedAt": now,
+                                 "lastError": "answered 503 before its insert completed; never sent"},
+                        "$unset": {"idempotencyKey": "", "nextAttemptAt": ""},
+                    },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        if updates.is_empty() {
+            return Ok(0);
         }
-        Ok(results)
+        let reply = self
+            .db
+            .run_command(
+                doc! {"update": COLLECTION, "updates": updates, "ordered": false,
+                "writeConcern": {"j": true}},
+            )
+            .await
+            .map_err(err)?;
+        let errors = reply.get_array("writeErrors").cloned().unwrap_or_default();
+        let codes = errors
+            .iter()
+            .filter_map(|w| w.as_document()?.get_i32("code").ok());
+        let (too_late, other): (Vec<i32>, Vec<i32>) = codes.partition(|c| *c == 11000);
+        if !other.is_empty() {
+            return Err(err(format!("void refused: {errors:?}")));
+        }
+        Ok(too_late.len())
     }
 
     async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError> {

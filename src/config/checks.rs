@@ -113,6 +113,11 @@ fn limits_are_usable(c: &Config) -> Result<(), ConfigError> {
     if c.limits.email_max_chars == 0 {
         return Err(bad("limits.email_max_chars must be at least 1"));
     }
+    if c.router.accept_deadline.is_zero() {
+        return Err(bad(
+            "ACCEPT_DEADLINE_MS (router.accept_deadline_ms) must be at least 1",
+        ));
+    }
     Ok(())
 }
 
@@ -153,6 +158,7 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
     for (name, v) in [
         ("router.batch_max", c.router.batch_max),
         ("server.max_connections", c.server.max_connections),
+        ("router.max_pending", c.router.max_pending),
         ("receipts.batch_max", c.receipts.batch_max),
         ("redis.read_count", c.redis.read_count),
         ("log_indexer.max_docs", c.log_indexer.max_docs),

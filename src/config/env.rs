@@ -95,7 +95,7 @@ pub(super) const API_KEYS: &str = "API_KEYS";
 /// Every environment variable: name, setting, meaning, how it is applied. One a line, as
 /// a table reads best.
 #[rustfmt::skip]
-pub const ENV: [EnvVar; 51] = [
+pub const ENV: &[EnvVar] = &[
     var("HOST", "server.host", "listen address", set!(text => server.host)),
     var("PORT", "server.port", "listen port", set!(num => server.port)),
     var("SHUTDOWN_DEADLINE_MS", "server.shutdown_deadline_ms", "longest graceful shutdown", set!(millis => server.shutdown_deadline)),
@@ -126,6 +126,7 @@ pub const ENV: [EnvVar; 51] = [
     var("RECIPIENT_MAX", "limits.recipient_max", "messages to one number per tenant per window", set!(num => limits.recipient_max)),
     var("RECIPIENT_WINDOW_SECS", "limits.recipient_window_secs", "that window", set!(num => limits.recipient_window_secs)),
     var("EMAIL_MAX_CHARS", "limits.email_max_chars", "longest email body", set!(num => limits.email_max_chars)),
+    var("ACCEPT_DEADLINE_MS", "router.accept_deadline_ms", "a POST is answered by then: stored, or 503 with nothing stored", set!(millis => router.accept_deadline)),
     var("STALE_AFTER_MS", "sender.stale_after_ms", "how long a record's lease lasts", set!(millis => sender.stale_after)),
     var("FAULT_INJECTION", "sender.fault_injection", "honour the test markers", set!(flag => sender.fault_injection)),
     var("SWEEP_RECHECK_MS", "sweeper.recheck_ms", "a record not moving this long is queued again", set!(millis => sweeper.recheck)),
@@ -167,7 +168,7 @@ pub(super) fn apply(
     cfg: &mut Config,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
-    for var in &ENV {
+    for var in ENV {
         if let (Some(set), Some(raw)) = (var.set, env(var.name)) {
             set(
                 cfg,

@@ -227,6 +227,12 @@ pub struct Router {
     #[serde(rename = "linger_ms", deserialize_with = "millis")]
     pub linger: Duration,
     pub max_inflight: usize,
+    /// A POST is answered by then (from its arrival): `queued` once stored, else 503 with
+    /// nothing stored.
+    #[serde(rename = "accept_deadline_ms", deserialize_with = "millis")]
+    pub accept_deadline: Duration,
+    /// Requests admitted and not yet answered; beyond it, 503 at once.
+    pub max_pending: usize,
 }
 
 impl Router {

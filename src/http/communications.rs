@@ -2,10 +2,12 @@
 //! (one record, from MongoDB, the source of truth).
 //!
 //! Accepting goes in named steps: authenticate → refuse during shutdown → read the JSON
-//! body → validate → check the `Idempotency-Key` → the per-recipient cap → hand to the
-//! router (answered once MongoDB has the record) → render.
+//! body → validate → check the `Idempotency-Key` → the per-recipient cap → wait for
+//! MongoDB's indexes (they exist a moment after start-up) → hand to the router (answered
+//! once MongoDB has the record) → render. The waits after arrival share one deadline.
 
 use crate::auth::{AuthError, Identity};
+use crate::clients::indexes::IndexState;
 use crate::clients::mongo::MongoStore;
 use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
@@ -14,17 +16,14 @@ use crate::http::state::{authenticated, with_state, AppState};
 use crate::limits::CapDecision;
 use actors::call::CallError;
 use actors::domain::{validate_with, NewCommunication, RawRequest};
-use actors::router::{self, AcceptError, Accepted, Submission};
+use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use tokio::time::Instant;
 use warp::filters::BoxedFilter;
 use warp::http::header::HeaderValue;
 use warp::reply::{Reply, Response};
 use warp::Filter;
-
-/// How long a request waits for the router's answer.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
     let create = at(CREATE_COMMUNICATION)
@@ -50,6 +49,7 @@ async fn create(
     body: bytes::Bytes,
     state: AppState,
 ) -> Result<Response, ApiError> {
+    let deadline = state.admission.deadline_from(Instant::now());
     let who = who?;
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(ApiError::ShuttingDown);
@@ -59,16 +59,30 @@ async fn create(
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key)?;
     }
-    check_recipient_cap(&state, &who.tenant, &request, idempotency_key.as_deref()).await?;
+    let key = idempotency_key.as_deref();
+    check_recipient_cap(&state, &who.tenant, &request, key, deadline).await?;
+    indexes_in_place(&state, deadline).await?;
     let submission = Submission {
         request,
         tenant: who.tenant,
         idempotency_key,
     };
-    let accepted = router::accept(submission, ACCEPT_TIMEOUT)
+    let accepted = state
+        .admission
+        .accept(submission, deadline)
         .await
         .map_err(accept_error)?;
     Ok(render_accepted(accepted))
+}
+
+/// Nothing is stored before the unique `Idempotency-Key` index exists: a request that
+/// comes in the first moments after start-up waits for it, within its deadline.
+async fn indexes_in_place(state: &AppState, deadline: Instant) -> Result<(), ApiError> {
+    match state.indexes.wait_until(deadline).await {
+        Ok(()) => Ok(()),
+        Err(IndexState::Failed(_)) => Err(ApiError::IndexesFailed),
+        Err(_) => Err(ApiError::IndexesBuilding),
+    }
 }
 
 /// `application/json` or any `+json` type, parameters aside.
@@ -107,12 +121,13 @@ fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 }
 
 /// Over the cap is a 429, unless this is a retry of a request already accepted: that one
-/// is answered as before.
+/// is answered as before. Looking that up waits for MongoDB until the deadline at most.
 async fn check_recipient_cap(
     state: &AppState,
     tenant: &str,
     request: &NewCommunication,
     idempotency_key: Option<&str>,
+    deadline: Instant,
 ) -> Result<(), ApiError> {
     let CapDecision::Exceeded { retry_after_secs } =
         state.cap.check(tenant, request.channel, &request.to).await
@@ -120,7 +135,13 @@ async fn check_recipient_cap(
         return Ok(());
     };
     let replay = match idempotency_key {
-        Some(k) => matches!(state.store.idempotency_holder(tenant, k).await, Ok(Some(_))),
+        Some(k) => {
+            let holder = state.store.idempotency_holder(tenant, k);
+            match tokio::time::timeout_at(deadline, holder).await {
+                Ok(found) => matches!(found, Ok(Some(_))),
+                Err(_) => return Err(ApiError::NotProcessedInTime),
+            }
+        }
         None => false,
     };
     if replay {
@@ -140,7 +161,9 @@ fn accept_error(e: CallError<AcceptError>) -> ApiError {
             tracing::warn!(error = %e, "request not stored");
             ApiError::NothingStored
         }
+        CallError::Refused(AcceptError::QueueFull) => ApiError::AcceptQueueFull,
         CallError::NotRunning(_) => ApiError::RouterRestarting,
+        // The router dropped the request, or voids its record: nothing is stored.
         CallError::TimedOut(_) | CallError::Stopped(_) => ApiError::NotProcessedInTime,
     }
 }

@@ -47,10 +47,21 @@ pub enum ApiError {
     NoCommunication(String),
     #[error("the router is restarting; nothing was stored, retry shortly")]
     RouterRestarting,
-    #[error(
-        "the request could not be processed in time; it may not have been stored, retry later"
-    )]
+    /// The accept deadline passed before the store answered: the request is dropped, and a
+    /// record whose insert was already under way is voided, so it is never sent.
+    #[error("the message store did not answer in time; nothing was stored, retry later")]
     NotProcessedInTime,
+    /// Too many requests wait for the store already (it is slow or frozen).
+    #[error(
+        "too many requests are waiting for the message store; nothing was stored, retry later"
+    )]
+    AcceptQueueFull,
+    /// MongoDB's indexes (the unique Idempotency-Key index among them) do not exist yet.
+    #[error("the service is starting (its MongoDB indexes are being built); nothing was stored, retry shortly")]
+    IndexesBuilding,
+    /// MongoDB's indexes cannot be built as the data stands; `/readyz` says why.
+    #[error("the service cannot accept communications: its MongoDB indexes cannot be built (see /readyz and the log); nothing was stored")]
+    IndexesFailed,
     #[error("the message store is unavailable; nothing was stored, retry later")]
     NothingStored,
     #[error("the message store is unavailable, retry later")]
@@ -158,9 +169,8 @@ impl ApiError {
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             LengthRequired => StatusCode::LENGTH_REQUIRED,
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
-            | StoreUnavailable | SearchUnavailable | ReceiptNotRecorded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | AcceptQueueFull | IndexesBuilding | IndexesFailed | StoreUnavailable
+            | SearchUnavailable | ReceiptNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -179,8 +189,9 @@ impl ApiError {
             RecipientLimit { .. } => "recipient_limit",
             KeyReused(_) => "idempotency_key_reused",
             NoCommunication(_) | NoRoute => "not_found",
-            RouterRestarting | NotProcessedInTime => "unavailable",
-            NothingStored | StoreUnavailable | ReceiptNotRecorded => "store_unavailable",
+            RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
+            NotProcessedInTime | NothingStored | AcceptQueueFull | StoreUnavailable
+            | ReceiptNotRecorded => "store_unavailable",
             SearchUnavailable => "search_unavailable",
             Unsigned(_) => "unsigned",
             BadSignature(_) => "bad_signature",
@@ -211,7 +222,11 @@ impl ApiError {
             } => retry_after(*retry_after_secs),
             // Receipts answer without one: the provider keeps its own retry schedule.
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
-            | StoreUnavailable | SearchUnavailable => retry_after(1),
+            | AcceptQueueFull | IndexesBuilding | StoreUnavailable | SearchUnavailable => {
+                retry_after(1)
+            }
+            // Someone has to fix the data first; a client should not hammer meanwhile.
+            IndexesFailed => retry_after(30),
             MethodNotAllowed { allow } => HeaderValue::from_str(&allow.join(", "))
                 .map(|v| vec![(header::ALLOW, v)])
                 .unwrap_or_default(),

@@ -2,6 +2,7 @@
 //! Prometheus metrics (`/metrics`), the OpenAPI document, and the providers' health.
 
 use crate::auth::{AuthError, Identity};
+use crate::clients::indexes::IndexState;
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, HEALTHZ, METRICS, OPENAPI_DOCUMENT, PROVIDERS, READYZ};
 use crate::http::state::{authenticated, with_state, AppState};
@@ -86,7 +87,9 @@ fn metrics(authorization: Option<&str>, state: &AppState) -> Result<Response, Ap
     ))
 }
 
-/// Ready when MongoDB, Redis and Elasticsearch answer and shutdown has not begun.
+/// Ready when MongoDB, Redis and Elasticsearch answer, MongoDB's indexes exist (so an
+/// `Idempotency-Key` holds from the first request) and shutdown has not begun; a failed
+/// index build is named in `indexError`.
 async fn readiness(state: AppState) -> Response {
     let t = READINESS_TIMEOUT;
     let (m, r, e) = tokio::join!(
@@ -96,10 +99,15 @@ async fn readiness(state: AppState) -> Response {
     );
     let ok = |x: Result<Result<(), DependencyError>, _>| matches!(x, Ok(Ok(())));
     let (m, r, e) = (ok(m), ok(r), ok(e));
-    let checks = json!({"mongodb": m, "redis": r, "elasticsearch": e});
+    let index_state = state.indexes.state();
+    let i = index_state == IndexState::Ready;
+    let checks = json!({"mongodb": m, "redis": r, "elasticsearch": e, "indexes": i});
     let shutting = state.shutting_down.load(Ordering::Relaxed);
-    let ready = m && r && e && !shutting;
-    let body = json!({"ready": ready, "checks": checks, "shuttingDown": shutting});
+    let ready = m && r && e && i && !shutting;
+    let mut body = json!({"ready": ready, "checks": checks, "shuttingDown": shutting});
+    if let IndexState::Failed(why) = index_state {
+        body["indexError"] = json!(why);
+    }
     let status = if ready {
         StatusCode::OK
     } else {

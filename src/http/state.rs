@@ -3,12 +3,14 @@
 
 use crate::auth::{ApiKeys, AuthError, Identity};
 use crate::clients::elastic::ElasticSink;
+use crate::clients::indexes::IndexReadiness;
 use crate::clients::mongo::MongoStore;
 use crate::http::callbacks::CallbackConfig;
 use crate::limits::RecipientCap;
 use actors::domain::ValidationLimits;
 use actors::health::ProviderHealth;
 use actors::ports::Queue;
+use actors::router::Admission;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -23,6 +25,11 @@ pub struct AppState {
     /// Set once shutdown begins: new communications are refused and readiness fails, so
     /// load balancers move on while in-flight work finishes.
     pub shutting_down: Arc<AtomicBool>,
+    /// Whether MongoDB's indexes exist: until then no communication is accepted (the
+    /// unique index is what makes an `Idempotency-Key` hold) and readiness fails.
+    pub indexes: IndexReadiness,
+    /// The bounded way into the router, with the accept deadline.
+    pub admission: Admission,
     pub health: Vec<Arc<ProviderHealth>>,
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,

@@ -745,3 +745,45 @@ pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }
+
+impl Stack {
+    /// Send `sig` to the named server (e.g. SIGSTOP / SIGCONT to freeze and thaw it).
+    pub fn signal(&self, name: &str, sig: i32) {
+        let procs = self.procs.lock().unwrap();
+        let p = procs
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no server named {name}"));
+        p.signal(sig);
+    }
+
+    /// Start the service binary and return the moment its port opens, before anything
+    /// else (no `/readyz` wait, no webhook set-up): for tests of what it does at start-up.
+    pub fn start_service_bare(&self, extra_env: &[(&str, &str)]) -> Service {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
+        cmd.current_dir(root());
+        for (k, v) in self.service_env(port) {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn(&format!("service-{port}"), &self.dir, &mut cmd);
+        let start = Instant::now();
+        while !port_open(port) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the service did not open port {port}:\n{}",
+                proc.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Service { port, proc }
+    }
+}
+
+/// An SMS request body with message `msg`.
+pub fn sms(msg: &str) -> Value {
+    serde_json::json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":msg}})
+}

@@ -1,6 +1,7 @@
 //! A source of truth in memory, with the claim, outcome and receipt rules of the MongoDB
 //! store: a claim lasts `stale_after`, a claim whose holder vanished makes the next one a
-//! possible duplicate, and receipts move a record only from their predecessors.
+//! possible duplicate, and receipts move a record only from their predecessors. A voided
+//! id is never stored again, as MongoDB's `void` placeholder makes a late insert fail.
 
 use super::{lock, Script};
 use crate::domain::{Channel, ClaimResult, Claimed, Communication, Outcome, Status};
@@ -10,6 +11,7 @@ use crate::ports::{
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -24,6 +26,8 @@ pub enum StoreMethod {
     Get,
     ApplyReceipts,
     Ping,
+    Stored,
+    Void,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +45,10 @@ pub struct MemoryStore {
     pub script: Script<StoreMethod>,
     records: Mutex<BTreeMap<String, Slot>>,
     outcomes: Mutex<Vec<Vec<(String, u32, Outcome)>>>,
+    /// Ids voided: never stored again (as MongoDB's `void` placeholder fences them).
+    voided: Mutex<HashSet<String>>,
+    /// The next `insert_many` is applied, then answers an ambiguous error.
+    lose_next_insert_answer: AtomicBool,
 }
 
 impl Default for MemoryStore {
@@ -49,6 +57,8 @@ impl Default for MemoryStore {
             script: Script::new(Dependency::MongoDb),
             records: Mutex::new(BTreeMap::new()),
             outcomes: Mutex::new(Vec::new()),
+            voided: Mutex::new(HashSet::new()),
+            lose_next_insert_answer: AtomicBool::new(false),
         }
     }
 }
@@ -69,6 +79,18 @@ impl MemoryStore {
                 lease: None,
             },
         );
+    }
+
+    /// The next `insert_many` stores its records, then fails with
+    /// [`ErrorKind::Ambiguous`](crate::ports::ErrorKind::Ambiguous), as a connection that
+    /// breaks after the write went through.
+    pub fn lose_next_insert_answer(&self) {
+        self.lose_next_insert_answer.store(true, Ordering::SeqCst);
+    }
+
+    /// The ids voided so far.
+    pub fn voided(&self) -> HashSet<String> {
+        lock(&self.voided).clone()
     }
 
     /// The record as stored now.
@@ -197,8 +219,13 @@ impl Store for MemoryStore {
             .enter(StoreMethod::InsertMany, records.len())
             .await?;
         let mut all = lock(&self.records);
+        let voided = lock(&self.voided);
         let mut answers = Vec::with_capacity(records.len());
         for r in records {
+            if voided.contains(&r.id) {
+                answers.push(InsertResult::NotStored);
+                continue;
+            }
             let holder = r.idempotency_key.as_ref().and_then(|k| {
                 all.values().find(|s| {
                     s.record.tenant == r.tenant && s.record.idempotency_key.as_ref() == Some(k)
@@ -217,7 +244,34 @@ impl Store for MemoryStore {
             all.insert(r.id.clone(), slot);
             answers.push(InsertResult::Inserted);
         }
+        if self.lose_next_insert_answer.swap(false, Ordering::SeqCst) {
+            let lost = DependencyError::new(Dependency::MongoDb, "connection reset");
+            return Err(lost.with_kind(crate::ports::ErrorKind::Ambiguous));
+        }
         Ok(answers)
+    }
+
+    async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError> {
+        self.script.enter(StoreMethod::Stored, ids.len()).await?;
+        let all = lock(&self.records);
+        Ok(ids.iter().map(|id| all.contains_key(id)).collect())
+    }
+
+    async fn void(&self, ids: &[String]) -> Result<usize, DependencyError> {
+        self.script.enter(StoreMethod::Void, ids.len()).await?;
+        let mut all = lock(&self.records);
+        let mut voided = lock(&self.voided);
+        let mut too_late = 0;
+        for id in ids {
+            match all.get(id).map(|s| s.record.status) {
+                Some(Status::Pending) | None => {
+                    all.remove(id);
+                    voided.insert(id.clone());
+                }
+                Some(_) => too_late += 1,
+            }
+        }
+        Ok(too_late)
     }
 
     async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError> {

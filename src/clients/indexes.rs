@@ -1,0 +1,269 @@
+//! The MongoDB indexes of `communications`, and whether they exist yet.
+//!
+//! Idempotency rests on the unique index `idempotency_per_tenant`: until it exists two
+//! concurrent requests with one key can both be stored. So the service builds the indexes
+//! at start-up and says whether they exist ([`IndexReadiness`]): `/readyz` is 503 and
+//! `POST /api/v1/communication` refuses (or holds) requests until then. The index that
+//! replaces an older one is created before the older one is dropped, so there is no moment
+//! without a unique index. Records that already share a key (written by a version that
+//! served without the index) make the build impossible: that is an error naming them and
+//! saying what to do, checked again every `index_retry_max_ms` so fixing the data heals it.
+
+use actors::backoff::Backoff;
+use actors::domain::DEFAULT_TENANT;
+use actors::ports::DependencyError;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, IndexModel};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The unique index that makes an `Idempotency-Key` hold (per tenant).
+pub const IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
+/// Its predecessor, one key space for every tenant; dropped once the new one exists.
+const OLD_IDEMPOTENCY_INDEX: &str = "idempotency";
+/// Examples of clashing keys named in the error.
+const CLASH_EXAMPLES: i64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Unavailable(#[from] DependencyError),
+    /// Records share an idempotency key, so the unique index cannot be built.
+    #[error("{}", clash_message(.0))]
+    KeyClashes(Vec<KeyClash>),
+}
+
+/// Records holding the same (tenant, `idempotencyKey`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyClash {
+    pub tenant: String,
+    pub key: String,
+    pub ids: Vec<String>,
+}
+
+fn clash_message(clashes: &[KeyClash]) -> String {
+    let examples: Vec<String> = clashes
+        .iter()
+        .map(|c| {
+            format!(
+                "tenant {:?} key {:?}: {}",
+                c.tenant,
+                c.key,
+                c.ids.join(", ")
+            )
+        })
+        .collect();
+    format!(
+        "cannot build the unique index {IDEMPOTENCY_INDEX}: records share an Idempotency-Key \
+         ({}); keep one record of each and remove the key from the others \
+         (db.communications.updateOne({{_id: ObjectId(\"<id>\")}}, {{$unset: {{idempotencyKey: \"\"}}}})); \
+         the service tries again every index_retry_max_ms, and until then /readyz is 503 \
+         and new communications are refused",
+        examples.join("; ")
+    )
+}
+
+/// Where the index build stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexState {
+    Building,
+    Ready,
+    /// The build cannot succeed as the data stands; the message says what to do.
+    Failed(String),
+}
+
+/// Whether the indexes exist, for those who must not act before (readiness, accepting).
+#[derive(Debug, Clone)]
+pub struct IndexReadiness(watch::Receiver<IndexState>);
+
+impl IndexReadiness {
+    /// A readiness that is set through the returned sender.
+    pub fn new() -> (watch::Sender<IndexState>, IndexReadiness) {
+        let (tx, rx) = watch::channel(IndexState::Building);
+        (tx, IndexReadiness(rx))
+    }
+
+    /// Already built (for tests and tools that made the indexes themselves).
+    pub fn ready() -> IndexReadiness {
+        IndexReadiness(watch::channel(IndexState::Ready).1)
+    }
+
+    pub fn state(&self) -> IndexState {
+        self.0.borrow().clone()
+    }
+
+    /// Wait while the indexes are being built, until `until` at most; the state then if
+    /// they do not exist (a failed build answers at once).
+    pub async fn wait_until(&self, until: Instant) -> Result<(), IndexState> {
+        let mut rx = self.0.clone();
+        let building = |s: &IndexState| *s != IndexState::Building;
+        let _ = tokio::time::timeout_at(until, async { rx.wait_for(building).await.is_ok() }).await;
+        match self.state() {
+            IndexState::Ready => Ok(()),
+            other => Err(other),
+        }
+    }
+}
+
+/// Build the indexes, retrying while MongoDB does not answer (waits from `backoff`) and
+/// every `backoff.max` while records clash, until they exist; `status` follows.
+pub async fn build(
+    coll: Collection<Document>,
+    backoff: Backoff,
+    status: watch::Sender<IndexState>,
+) {
+    let mut delays = backoff.delays();
+    loop {
+        let wait = match ensure(&coll).await {
+            Ok(()) => {
+                tracing::info!("MongoDB indexes in place; accepting communications");
+                status.send_replace(IndexState::Ready);
+                return;
+            }
+            Err(IndexError::Unavailable(e)) => {
+                let wait = delays.next_delay();
+                tracing::warn!(error = %e, ?wait, "cannot create MongoDB indexes yet; not accepting communications until they exist");
+                wait
+            }
+            Err(e @ IndexError::KeyClashes(_)) => {
+                let message = e.to_string();
+                tracing::error!("{message}");
+                metrics::counter!("mongodb_index_build_failures_total").increment(1);
+                status.send_replace(IndexState::Failed(message));
+                backoff.max
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn models() -> Vec<IndexModel> {
+    let named = |name: &str| IndexOptions::builder().name(name.to_string());
+    vec![
+        IndexModel::builder()
+            .keys(doc! {"status": 1, "nextAttemptAt": 1})
+            .options(named("due").build())
+            .build(),
+        IndexModel::builder()
+            .keys(doc! {"tenant": 1, "idempotencyKey": 1})
+            .options(
+                named(IDEMPOTENCY_INDEX)
+                    .unique(true)
+                    .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
+                    .build(),
+            )
+            .build(),
+        IndexModel::builder()
+            .keys(doc! {"providerMessageId": 1})
+            .options(named("provider_message").build())
+            .build(),
+    ]
+}
+
+fn err(e: impl std::fmt::Display) -> DependencyError {
+    DependencyError::new(actors::ports::Dependency::MongoDb, e)
+}
+
+/// The indexes the queries need. Idempotent. Records from before tenants existed are given
+/// the default tenant first; the tenant-less key index goes only once its successor exists.
+pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
+    coll.update_many(
+        doc! {"tenant": {"$exists": false}},
+        doc! {"$set": {"tenant": DEFAULT_TENANT}},
+    )
+    .await
+    .map_err(err)?;
+    if let Err(e) = coll.create_indexes(models()).await {
+        let clashes = key_clashes(coll).await?;
+        if clashes.is_empty() {
+            return Err(err(e).into());
+        }
+        return Err(IndexError::KeyClashes(clashes));
+    }
+    if let Err(e) = coll.drop_index(OLD_IDEMPOTENCY_INDEX).await {
+        tracing::debug!(error = %e, "no tenant-less idempotency index to drop");
+    }
+    Ok(())
+}
+
+/// Some (tenant, key) pairs held by more than one record, with their ids.
+pub async fn key_clashes(coll: &Collection<Document>) -> Result<Vec<KeyClash>, IndexError> {
+    let pipeline = vec![
+        doc! {"$match": {"idempotencyKey": {"$exists": true}}},
+        doc! {"$group": {"_id": {"tenant": "$tenant", "key": "$idempotencyKey"},
+        "ids": {"$push": "$_id"}, "n": {"$sum": 1}}},
+        doc! {"$match": {"n": {"$gt": 1}}},
+        doc! {"$limit": CLASH_EXAMPLES},
+    ];
+    let groups: Vec<Document> = coll
+        .aggregate(pipeline)
+        .await
+        .map_err(err)?
+        .try_collect()
+        .await
+        .map_err(err)?;
+    Ok(groups.iter().filter_map(clash_of).collect())
+}
+
+fn clash_of(group: &Document) -> Option<KeyClash> {
+    let id = group.get_document("_id").ok()?;
+    Some(KeyClash {
+        tenant: id.get_str("tenant").unwrap_or(DEFAULT_TENANT).to_string(),
+        key: id.get_str("key").ok()?.to_string(),
+        ids: group
+            .get_array("ids")
+            .ok()?
+            .iter()
+            .filter_map(|b| b.as_object_id().map(|o| o.to_hex()))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_clash_names_the_records_and_the_fix() {
+        let e = IndexError::KeyClashes(vec![KeyClash {
+            tenant: "acme".into(),
+            key: "order-42".into(),
+            ids: vec!["65f0a".into(), "65f0b".into()],
+        }]);
+        let m = e.to_string();
+        for part in [
+            "idempotency_per_tenant",
+            "\"acme\"",
+            "\"order-42\"",
+            "65f0a, 65f0b",
+            "$unset",
+        ] {
+            assert!(m.contains(part), "{part} missing from {m}");
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_indexes_ends_when_they_exist_or_at_the_deadline() {
+        let (tx, r) = IndexReadiness::new();
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert_eq!(r.wait_until(soon).await, Err(IndexState::Building));
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait_until(Instant::now() + Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send_replace(IndexState::Ready);
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert_eq!(IndexReadiness::ready().state(), IndexState::Ready);
+        let (tx, r) = IndexReadiness::new();
+        tx.send_replace(IndexState::Failed("clash".into()));
+        let forever = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(
+            r.wait_until(forever).await,
+            Err(IndexState::Failed("clash".into()))
+        );
+    }
+}
