@@ -554,7 +554,9 @@ impl Store for MongoStore {
                     "u": {
                         "$set": {"status": VOID, "voidedAt": now, "updatedAt": now,
                                  "lastError": "answered 503 before its insert completed; never sent"},
-                        "$unset": {"idempotencyKey": "", "nextAttemptAt": ""},
+                        // Never accepted: the record keeps nothing of the message.
+                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "msg": "",
+                                   "from": "", "to": "", "subject": "", "requestHash": ""},
                     },
                     "upsert": true,
                 }
