@@ -1,5 +1,8 @@
 //! The fault knobs: per provider, a latency, and a share of requests answered with an
-//! outage (`5xx`, `429`), a hang, or a fixed error in the provider's own body.
+//! outage (`5xx`, `429`), a hang, or a fixed error in the provider's own body; or taken
+//! and answered late (`late`: the message is accepted at once, the answer comes after
+//! `latency_ms`, as when a provider is slow to reply or a proxy times out after the
+//! provider took the request).
 
 use crate::twilio::twilio_error;
 use crate::whatsapp::meta_error;
@@ -45,6 +48,9 @@ fn with_retry_after(mut r: Response, secs: Option<u64>) -> Response {
 /// Apply the provider's fault, if any: `Some(answer)` short-cuts the request.
 pub async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
     let f = sb.faults.lock().unwrap().get(provider).cloned()?;
+    if f.mode == "late" {
+        return None;
+    }
     if f.latency_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(f.latency_ms)).await;
     }
@@ -96,6 +102,14 @@ pub async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
             }
         }
     })
+}
+
+/// Under the `late` knob (for the share `rate` of requests), how long to hold the answer
+/// of a request that is otherwise handled as usual (the message is taken first).
+pub fn late_answer(sb: &Sandbox, provider: &str) -> Option<std::time::Duration> {
+    let f = sb.faults.lock().unwrap().get(provider).cloned()?;
+    (f.mode == "late" && rand::random::<f64>() < f.rate)
+        .then(|| std::time::Duration::from_millis(f.latency_ms))
 }
 
 impl Sandbox {
