@@ -9,28 +9,26 @@ mod common;
 
 use common::*;
 use mongodb::bson::{doc, oid::ObjectId, Document};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
 
 const BOOKS_WAIT: Duration = Duration::from_secs(45);
 
-async fn set_fault(stack: &Stack, fault: Value) {
-    let r = client()
-        .post(format!("{}/__sandbox/faults", stack.sandbox()))
-        .json(&fault)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
-async fn clear_faults(stack: &Stack) {
-    client()
-        .delete(format!("{}/__sandbox/faults", stack.sandbox()))
-        .send()
-        .await
-        .unwrap();
+/// A stack whose `provider` stand-in takes every message and answers 3 s later, and a
+/// service that waits 1.5 s for an answer.
+async fn late_provider(provider: &str, max_attempts: &'static str) -> (Stack, Service) {
+    let stack = Stack::start();
+    let svc = stack.start_service(&fast_env(&[
+        ("PROVIDER_TIMEOUT_MS", "1500"),
+        ("MAX_ATTEMPTS", max_attempts),
+    ]));
+    set_fault(
+        &stack,
+        json!({"provider": provider, "mode": "late", "latency_ms": 3000}),
+    )
+    .await;
+    (stack, svc)
 }
 
 /// POST `n` messages of `channel` with bodies `{tag}-{i}`; all must be accepted.
@@ -116,16 +114,7 @@ async fn duplicates_counted(svc: &Service, channel: &str, cause: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_twilio_answer_after_the_timeout_is_found_not_sent_again() {
     let _one = one_at_a_time().await;
-    let stack = Stack::start();
-    let svc = stack.start_service(&fast_env(&[
-        ("PROVIDER_TIMEOUT_MS", "1500"),
-        ("MAX_ATTEMPTS", "5"),
-    ]));
-    set_fault(
-        &stack,
-        json!({"provider": "twilio", "mode": "late", "latency_ms": 3000}),
-    )
-    .await;
+    let (stack, svc) = late_provider("twilio", "5").await;
     let tag = unique("late-sms");
     let accepted = post_all(&svc, "sms", &tag, 10).await;
     let records = final_records(&stack, &accepted).await;
@@ -141,7 +130,11 @@ async fn a_twilio_answer_after_the_timeout_is_found_not_sent_again() {
             "{body} reached Twilio {} times: {d}",
             sids.len()
         );
-        assert_eq!(d.get_str("status").ok(), Some("sent"), "{d}");
+        // Sent; Twilio's status callbacks (matched by that SID) may have moved it on.
+        assert!(
+            matches!(d.get_str("status"), Ok("sent" | "delivered")),
+            "{d}"
+        );
         assert_eq!(
             d.get_str("providerMessageId").ok(),
             Some(sids[0].as_str()),
@@ -167,16 +160,7 @@ async fn a_twilio_answer_after_the_timeout_is_found_not_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_resend_after_a_timeout_is_flagged_and_counted() {
     let _one = one_at_a_time().await;
-    let stack = Stack::start();
-    let svc = stack.start_service(&fast_env(&[
-        ("PROVIDER_TIMEOUT_MS", "1500"),
-        ("MAX_ATTEMPTS", "8"),
-    ]));
-    set_fault(
-        &stack,
-        json!({"provider": "whatsapp", "mode": "late", "latency_ms": 3000}),
-    )
-    .await;
+    let (stack, svc) = late_provider("whatsapp", "8").await;
     let tag = unique("late-wa");
     let accepted = post_all(&svc, "whatsapp", &tag, 10).await;
     // Every first call times out; then the provider answers in time again.

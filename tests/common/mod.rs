@@ -745,3 +745,23 @@ pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }
+
+/// Set one of the provider stand-in's fault knobs (see `src/bin/provider-sandbox/faults.rs`).
+pub async fn set_fault(stack: &Stack, fault: Value) {
+    let r = client()
+        .post(format!("{}/__sandbox/faults", stack.sandbox()))
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Clear every fault knob of the provider stand-in.
+pub async fn clear_faults(stack: &Stack) {
+    client()
+        .delete(format!("{}/__sandbox/faults", stack.sandbox()))
+        .send()
+        .await
+        .unwrap();
+}

@@ -3,7 +3,9 @@
 //! possible duplicate, and receipts move a record only from their predecessors.
 
 use super::{lock, Script};
-use crate::domain::{Channel, ClaimResult, Claimed, Communication, Outcome, Status};
+use crate::domain::{
+    Ambiguity, Channel, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
+};
 use crate::ports::{
     Dependency, DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store,
 };
@@ -34,6 +36,10 @@ struct Slot {
     /// The sweeper leaves the record alone until this.
     next_look: Option<DateTime<Utc>>,
     lease: Option<(String, Instant)>,
+    /// An attempt whose outcome is unknown, for the next claim.
+    unknown: Option<UnknownAttempt>,
+    /// The latest possible duplicate recorded (the record's `possibleDuplicate`).
+    flagged: Option<UnknownAttempt>,
 }
 
 #[derive(Debug)]
@@ -67,6 +73,8 @@ impl MemoryStore {
                 not_before: None,
                 next_look: None,
                 lease: None,
+                unknown: None,
+                flagged: None,
             },
         );
     }
@@ -74,6 +82,11 @@ impl MemoryStore {
     /// The record as stored now.
     pub fn record(&self, id: &str) -> Option<Communication> {
         lock(&self.records).get(id).map(|s| s.record.clone())
+    }
+
+    /// The record's possible-duplicate flag (`possibleDuplicate` with its attempt and cause).
+    pub fn flagged(&self, id: &str) -> Option<UnknownAttempt> {
+        lock(&self.records).get(id).and_then(|s| s.flagged)
     }
 
     pub fn records(&self) -> Vec<Communication> {
@@ -116,13 +129,21 @@ impl MemoryStore {
         {
             return ClaimResult::Busy;
         }
-        let possible_duplicate = s.record.status == Status::Sending;
+        // Still `sending`: the last claim ended without an outcome.
+        if s.record.status == Status::Sending {
+            let since = s.unknown.map_or(s.record.updated_at, |u| u.since);
+            s.unknown = Some(UnknownAttempt {
+                attempt: s.record.attempts,
+                cause: Ambiguity::StaleLease,
+                since: since.min(s.record.updated_at),
+            });
+        }
         s.record.status = Status::Sending;
         s.record.attempts += 1;
         s.lease = Some((owner.to_string(), now + stale_after));
         ClaimResult::Claimed(Box::new(Claimed {
             record: s.record.clone(),
-            possible_duplicate,
+            unknown: s.unknown,
         }))
     }
 
@@ -131,6 +152,7 @@ impl MemoryStore {
         r.attempts = attempt;
         r.updated_at = Utc::now();
         s.lease = None;
+        s.flagged = outcome.possible_duplicate().or(s.flagged);
         match outcome {
             Outcome::Sent {
                 provider,
@@ -141,7 +163,9 @@ impl MemoryStore {
                 r.provider = Some(provider.clone());
                 r.provider_message_id = provider_message_id.clone();
             }
-            Outcome::Failed { provider, error } => {
+            Outcome::Failed {
+                provider, error, ..
+            } => {
                 r.status = Status::Failed;
                 r.provider = Some(provider.clone());
                 r.last_error = Some(error.message.clone());
@@ -151,7 +175,10 @@ impl MemoryStore {
                 provider,
                 error,
                 not_before,
+                unknown,
+                ..
             } => {
+                s.unknown = unknown.or(s.unknown);
                 r.status = Status::Pending;
                 r.provider = Some(provider.clone());
                 r.last_error = Some(error.message.clone());
@@ -210,6 +237,8 @@ impl Store for MemoryStore {
                 not_before: None,
                 next_look: None,
                 lease: None,
+                unknown: None,
+                flagged: None,
             };
             all.insert(r.id.clone(), slot);
             answers.push(InsertResult::Inserted);
