@@ -154,6 +154,39 @@ async fn a_twilio_answer_after_the_timeout_is_found_not_sent_again() {
     assert_eq!(duplicates_counted(&svc, "sms", "timeout").await, 0);
 }
 
+/// A proxy in front of Twilio loses the answer: the message is taken, the service gets a
+/// bare `502 Bad Gateway` (no Twilio body). That outcome is unknown too: the lookup finds
+/// the message, and each SMS reaches Twilio once and is recorded with Twilio's SID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_502_after_twilio_took_the_message_is_found_not_sent_again() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let svc = stack.start_service(&fast_env(&[("MAX_ATTEMPTS", "5")]));
+    set_fault(&stack, json!({"provider": "twilio", "mode": "gateway"})).await;
+    let tag = unique("gateway-sms");
+    let accepted = post_all(&svc, "sms", &tag, 5).await;
+    let records = final_records(&stack, &accepted).await;
+    clear_faults(&stack).await;
+    let seen = seen_by_body(&stack).await;
+    for (body, id) in &accepted {
+        let d = &records[id];
+        let sids = seen.get(body).cloned().unwrap_or_default();
+        assert_eq!(
+            sids.len(),
+            1,
+            "{body} reached Twilio {} times: {d}",
+            sids.len()
+        );
+        assert_eq!(
+            d.get_str("providerMessageId").ok(),
+            Some(sids[0].as_str()),
+            "{d}"
+        );
+        assert_eq!(d.get_str("unknownCause").ok(), Some("ambiguous_5xx"), "{d}");
+        assert!(d.get_bool("possibleDuplicate").is_err(), "{d}");
+    }
+}
+
 /// Meta has no lookup: after a timeout the message is sent again, and every record the
 /// stand-in saw more than once is flagged `possibleDuplicate` (cause `timeout`, with the
 /// attempt that timed out) and counted. A duplicate nobody flagged fails the test.

@@ -28,6 +28,9 @@ pub enum CallResult {
         provider_message_id: Option<String>,
     },
     Refused(ProviderError),
+    /// No call made: the attempts are spent, an earlier attempt's outcome is unknown, and
+    /// the provider could not say it has the message.
+    NotResent,
     /// No answer within the provider timeout: the message may or may not have gone out.
     TimedOut(Duration),
     /// The provider client panicked; the sender restarts once the batch is recorded.
@@ -52,6 +55,15 @@ impl CallResult {
             }),
             // The panic is in our client code, not a word from the provider; where it fell
             // is not known, and the retry is not flagged (as before).
+            CallResult::NotResent => Some(ProviderError {
+                class: ErrorClass::Permanent,
+                ambiguous: None,
+                rate_limited: false,
+                code: Some("outcome_unknown".into()),
+                message: format!(
+                    "no attempt left, and {provider} cannot tell whether the last one took the message"
+                ),
+            }),
             CallResult::Panicked => Some(ProviderError {
                 class: retryable,
                 ambiguous: None,
@@ -104,7 +116,7 @@ pub fn decide(
     // A call made after an attempt of unknown outcome may be a second send; a message
     // found at the provider was not sent again.
     let possible_duplicate = match call {
-        CallResult::Found { .. } => None,
+        CallResult::Found { .. } | CallResult::NotResent => None,
         _ => claimed.unknown,
     };
     let Some(err) = call.error(ctx.provider) else {
@@ -139,8 +151,11 @@ pub fn decide(
         Some(c) => format!("{} (code {c}): {}", ctx.provider, err.message),
         None => format!("{}: {}", ctx.provider, err.message),
     };
+    // The last attempt's outcome is unknown: one more claim, to ask the provider before
+    // the record is called failed (the sender makes no further send; see `NotResent`).
+    let verify = err.ambiguous.is_some() && attempt == ctx.retry.max_attempts;
     match err.class {
-        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(attempt) => {
+        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(attempt) || verify => {
             let delay = ctx.retry.delay(attempt, retry_after, rng);
             let not_before =
                 now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
@@ -317,11 +332,11 @@ mod tests {
                 error: Some("twilio (code timeout): no answer from twilio within 10s"),
             },
             Row {
-                name: "timeout, last attempt",
+                name: "timeout, last attempt: one more claim, to ask the provider",
                 call: CallResult::TimedOut(Duration::from_secs(10)),
                 attempt: 3,
-                label: "failed",
-                status: EventStatus::Failed,
+                label: "retry",
+                status: EventStatus::Retrying,
                 error: Some("twilio (code timeout): no answer from twilio within 10s"),
             },
             Row {
@@ -527,13 +542,40 @@ mod tests {
                 Some(earlier),
             ),
             (
-                "resent and timed out on the last attempt: failed, flagged",
-                timeout,
+                "resent and timed out on the last attempt: one more claim, to ask",
+                timeout.clone(),
+                3,
+                Some(earlier),
+                "retry",
+                Some(unknown(3, Ambiguity::Timeout, ago(60))),
+                Some(earlier),
+            ),
+            (
+                "a definite failure of the last attempt fails it",
+                refused(retryable(None), Some("20500")),
                 3,
                 Some(earlier),
                 "failed",
                 None,
                 Some(earlier),
+            ),
+            (
+                "no attempt left and the provider cannot tell: failed, nothing resent",
+                CallResult::NotResent,
+                4,
+                Some(earlier),
+                "failed",
+                None,
+                None,
+            ),
+            (
+                "a timeout past the last attempt (a stale claim made it) fails it",
+                timeout,
+                4,
+                Some(stale),
+                "failed",
+                None,
+                Some(stale),
             ),
         ];
         for (name, call, attempt, claimed_unknown, label, retry_unknown, dup) in rows {

@@ -498,4 +498,33 @@ mod tests {
             assert_eq!((flag.attempt, flag.cause), (1, Ambiguity::StaleLease));
         }
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_attempt_left_an_unknown_outcome_is_asked_about_never_resent() {
+        for (lookup, status) in [
+            (
+                Lookup::Found(ProviderReceipt {
+                    provider_message_id: Some("SM-found".into()),
+                }),
+                Status::Sent,
+            ),
+            (Lookup::CannotTell, Status::Failed),
+        ] {
+            let f = fixture();
+            // The last of the three attempts ended without an outcome.
+            let mut r = testing::record(1, Channel::Sms);
+            r.status = Status::Sending;
+            r.attempts = f.args.retry.max_attempts;
+            f.store.put(r.clone());
+            let entry = testing::stream_entry("1-0", &r);
+            f.provider.answer_lookups([Ok(lookup)]);
+            f.deliver(vec![entry]).await;
+            assert!(
+                f.provider.sent().is_empty(),
+                "no attempt left: nothing resent"
+            );
+            assert_eq!(f.status(1), status);
+            assert_eq!(f.store.flagged(&r.id), None);
+        }
+    }
 }

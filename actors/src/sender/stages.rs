@@ -174,7 +174,8 @@ fn outbound(claimed: &Claimed) -> OutboundMessage {
 
 /// The provider call, unless an earlier attempt's outcome is unknown and the provider
 /// says it has the message already. Where it cannot tell (or the lookup fails), the
-/// message is sent again: the decision flags that send as a possible duplicate.
+/// message is sent again (the decision flags that send as a possible duplicate), unless
+/// the attempts are spent: the claim was only to ask.
 async fn find_or_call(args: &SenderArgs, claimed: &Claimed) -> CallResult {
     let provider = args.provider.as_ref();
     let msg = outbound(claimed);
@@ -190,6 +191,14 @@ async fn find_or_call(args: &SenderArgs, claimed: &Claimed) -> CallResult {
             return CallResult::Found {
                 provider_message_id: receipt.provider_message_id,
             };
+        }
+        if !args.retry.allows_another(claimed.record.attempts - 1) {
+            tracing::warn!(
+                attempt = unknown.attempt,
+                cause = unknown.cause.as_str(),
+                "no attempt left and the provider cannot tell whether the last one went through"
+            );
+            return CallResult::NotResent;
         }
         tracing::warn!(
             attempt = unknown.attempt,
@@ -262,6 +271,8 @@ fn report_health(health: &ProviderHealth, result: &CallResult) {
         // A permanent refusal is a healthy provider answering.
         CallResult::Refused(e) => health.record(e.class == ErrorClass::Permanent),
         CallResult::TimedOut(_) | CallResult::Panicked => health.record(false),
+        // No call made beyond the lookup, which could not tell: nothing learnt.
+        CallResult::NotResent => {}
     }
 }
 

@@ -15,10 +15,11 @@
 //! - `GET /__sandbox/messages` lists what was accepted (`?provider=twilio|whatsapp`);
 //!   `DELETE /__sandbox/messages` forgets it.
 //! - Fault knobs, per provider: `POST /__sandbox/faults` with
-//!   `{"provider":"twilio"|"whatsapp","mode":"none"|"5xx"|"429"|"hang"|"error"|"late",
+//!   `{"provider":"twilio"|"whatsapp","mode":"none"|"5xx"|"429"|"hang"|"error"|"late"|"gateway",
 //!     "status":503,"code":20500,"message":"...","retry_after":2,"latency_ms":0,"rate":1.0}`
 //!   (`rate`: the share of requests affected; `error` answers `status` with the provider's
-//!   error body for `code`; `late` takes the message, then answers after `latency_ms`);
+//!   error body for `code`; `late` takes the message, then answers after `latency_ms`;
+//!   `gateway` takes it, then answers a bare `502 Bad Gateway` as a proxy would);
 //!   `DELETE /__sandbox/faults` clears them; `GET` lists them.
 //!
 //! `twilio.rs` and `whatsapp.rs` hold each provider's checks, answers and callbacks,
@@ -32,7 +33,7 @@ mod faults;
 mod twilio;
 mod whatsapp;
 
-use faults::{fault_for, late_answer, Fault};
+use faults::{after_taking, answer_after, fault_for, Fault};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -142,12 +143,12 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
         .and(warp::body::form::<HashMap<String, String>>())
         .and(with(sb.clone()))
         .then(|sid, auth, form, sb: Sandbox| async move {
-            let late = late_answer(&sb, "twilio");
+            let after = after_taking(&sb, "twilio");
             let answer = match fault_for(&sb, "twilio").await {
                 Some(r) => r,
                 None => sb.twilio(sid, auth, form),
             };
-            answer_after(late, answer).await
+            answer_after(after, answer).await
         });
     let twilio_list = warp::get()
         .and(warp::path!(
@@ -168,7 +169,7 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
         .and(warp::body::bytes())
         .and(with(sb))
         .then(|id, auth, body: bytes::Bytes, sb: Sandbox| async move {
-            let late = late_answer(&sb, "whatsapp");
+            let after = after_taking(&sb, "whatsapp");
             if let Some(r) = fault_for(&sb, "whatsapp").await {
                 return r;
             }
@@ -176,17 +177,9 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
                 Ok(v) => sb.whatsapp(id, auth, v),
                 Err(_) => meta_error(400, 100, "(#100) Invalid parameter", "the body is not JSON"),
             };
-            answer_after(late, answer).await
+            answer_after(after, answer).await
         });
     twilio.or(twilio_list).unify().or(whatsapp).unify()
-}
-
-/// The `late` knob: the request is handled (the message taken) first, then answered late.
-async fn answer_after(late: Option<std::time::Duration>, answer: Response) -> Response {
-    if let Some(d) = late {
-        tokio::time::sleep(d).await;
-    }
-    answer
 }
 
 /// What the tests call: `/__sandbox/messages`, `/__sandbox/faults`, `/__sandbox/webhooks`.
