@@ -38,6 +38,19 @@ pub enum CallResult {
 }
 
 impl CallResult {
+    /// The provider's id for the message it took (sent now, or found).
+    pub fn provider_message_id(&self) -> Option<String> {
+        match self {
+            CallResult::Accepted {
+                provider_message_id,
+            }
+            | CallResult::Found {
+                provider_message_id,
+            } => provider_message_id.clone(),
+            _ => None,
+        }
+    }
+
     /// The failure as the record keeps it; `None` when the provider took the message.
     /// Timeouts and panics are retryable: nothing says the message cannot be sent. A
     /// timeout leaves the outcome unknown.
@@ -120,15 +133,7 @@ pub fn decide(
         _ => claimed.unknown,
     };
     let Some(err) = call.error(ctx.provider) else {
-        let provider_message_id = match call {
-            CallResult::Accepted {
-                provider_message_id,
-            }
-            | CallResult::Found {
-                provider_message_id,
-            } => provider_message_id.clone(),
-            _ => None,
-        };
+        let provider_message_id = call.provider_message_id();
         let mut ev = event(EventStatus::Sent);
         ev.provider_message_id = provider_message_id.clone();
         return Decision {
@@ -141,16 +146,7 @@ pub fn decide(
             label: "sent",
         };
     };
-    let error = AttemptError {
-        attempt,
-        at: now,
-        code: err.code.clone(),
-        message: err.message.clone(),
-    };
-    let text = match &err.code {
-        Some(c) => format!("{} (code {c}): {}", ctx.provider, err.message),
-        None => format!("{}: {}", ctx.provider, err.message),
-    };
+    let (error, text) = attempt_error(&err, attempt, now, ctx.provider);
     // The last attempt's outcome is unknown: one more claim, to ask the provider before
     // the record is called failed (the sender makes no further send; see `NotResent`).
     let verify = err.ambiguous.is_some() && attempt == ctx.retry.max_attempts;
@@ -187,6 +183,26 @@ pub fn decide(
             }
         }
     }
+}
+
+/// The failure as the record keeps it, and as the log event tells it.
+fn attempt_error(
+    err: &ProviderError,
+    attempt: u32,
+    now: DateTime<Utc>,
+    provider: &str,
+) -> (AttemptError, String) {
+    let text = match &err.code {
+        Some(c) => format!("{provider} (code {c}): {}", err.message),
+        None => format!("{provider}: {}", err.message),
+    };
+    let error = AttemptError {
+        attempt,
+        at: now,
+        code: err.code.clone(),
+        message: err.message.clone(),
+    };
+    (error, text)
 }
 
 /// The unknown attempt a retry carries when this attempt's outcome is unknown: this
