@@ -190,24 +190,6 @@ async fn elasticsearch_down_delays_indexing_and_loses_no_document() {
     assert_eq!(stack.pending("log_stream", "comm-aggregator").await, 0);
 }
 
-async fn set_fault(stack: &Stack, fault: serde_json::Value) {
-    let r = common::client()
-        .post(format!("{}/__sandbox/faults", stack.sandbox()))
-        .json(&fault)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
-async fn clear_faults(stack: &Stack) {
-    common::client()
-        .delete(format!("{}/__sandbox/faults", stack.sandbox()))
-        .send()
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_5xx_and_timeouts_are_retried_and_4xx_fails_at_once() {
     let _one = one_at_a_time().await;

@@ -574,13 +574,64 @@ pub struct AttemptError {
     pub message: String,
 }
 
+/// Why an attempt's outcome is unknown: the provider may have taken the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ambiguity {
+    /// The claim went stale (the worker died or stalled) with the provider call possibly
+    /// made.
+    StaleLease,
+    /// No answer within the timeout, after the request may have left.
+    Timeout,
+    /// The connection broke after the request may have been written.
+    ConnectionReset,
+    /// 502/503/504 without the provider's own error body: a proxy or load balancer in
+    /// front of the provider answered, and the provider may have taken the message.
+    Gateway5xx,
+}
+
+impl Ambiguity {
+    /// The `cause` label of `possible_duplicate_sends_total` and the record's
+    /// `possibleDuplicateCause`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ambiguity::StaleLease => "stale_lease",
+            Ambiguity::Timeout => "timeout",
+            Ambiguity::ConnectionReset => "connection_reset",
+            Ambiguity::Gateway5xx => "ambiguous_5xx",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Ambiguity> {
+        [
+            Ambiguity::StaleLease,
+            Ambiguity::Timeout,
+            Ambiguity::ConnectionReset,
+            Ambiguity::Gateway5xx,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+    }
+}
+
+/// An attempt whose outcome is unknown: the provider may have the message.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnknownAttempt {
+    /// The attempt whose outcome is unknown (the latest such, if several).
+    pub attempt: u32,
+    pub cause: Ambiguity,
+    /// No earlier than the start of the first attempt whose outcome is unknown: where a
+    /// lookup at the provider begins.
+    pub since: DateTime<Utc>,
+}
+
 /// A record claimed by one worker for one provider call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claimed {
     pub record: Communication,
-    /// The previous claim went stale with the provider call possibly made: a resend may
-    /// duplicate.
-    pub possible_duplicate: bool,
+    /// An earlier attempt ended without a known outcome (a stale claim, a timeout, a
+    /// reset, an ambiguous 5xx): the provider may have the message, so ask it before
+    /// sending again where it can tell, and flag a resend as a possible duplicate.
+    pub unknown: Option<UnknownAttempt>,
 }
 
 /// What the claim step decided for one id.
@@ -599,18 +650,40 @@ pub enum Outcome {
     Sent {
         provider: String,
         provider_message_id: Option<String>,
-        /// An earlier attempt ended without an outcome: this may be a second send.
-        possible_duplicate: bool,
+        /// This call was a resend after an attempt of unknown outcome: it may be a second
+        /// send (flagged on the record, with that attempt and its cause).
+        possible_duplicate: Option<UnknownAttempt>,
     },
     Failed {
         provider: String,
         error: AttemptError,
+        possible_duplicate: Option<UnknownAttempt>,
     },
     Retry {
         provider: String,
         error: AttemptError,
         not_before: DateTime<Utc>,
+        possible_duplicate: Option<UnknownAttempt>,
+        /// This attempt's own outcome is unknown: the next claim asks the provider first.
+        unknown: Option<UnknownAttempt>,
     },
+}
+
+impl Outcome {
+    /// The call this outcome records was a resend that may duplicate.
+    pub fn possible_duplicate(&self) -> Option<UnknownAttempt> {
+        match self {
+            Outcome::Sent {
+                possible_duplicate, ..
+            }
+            | Outcome::Failed {
+                possible_duplicate, ..
+            }
+            | Outcome::Retry {
+                possible_duplicate, ..
+            } => *possible_duplicate,
+        }
+    }
 }
 
 /// A log event, the seed's `communication-logs` model plus what the `communications` index
@@ -715,11 +788,25 @@ pub enum ErrorClass {
     Permanent,
 }
 
+/// What a provider could tell of a message we may have sent it before.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    /// It has the message (matched on recipient, sender, body and time).
+    Found(ProviderReceipt),
+    /// It has no such message.
+    NotFound,
+    /// It offers no way to tell (Meta's Cloud API, SMTP).
+    CannotTell,
+}
+
 /// A provider's refusal, with its own code and message kept for the record.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{message}")]
 pub struct ProviderError {
     pub class: ErrorClass,
+    /// The call failed in a way that leaves open whether the provider took the message
+    /// (a timeout or reset after the request left, a 502/503/504 from a proxy).
+    pub ambiguous: Option<Ambiguity>,
     /// The provider said "too many requests" (HTTP 429, Twilio 20429, Meta 130429…): a
     /// matter for the rate limit, not for the circuit breaker.
     pub rate_limited: bool,

@@ -2,7 +2,7 @@
 //! `src/providers`) implement them over MongoDB, Redis, Elasticsearch and the providers.
 
 use crate::domain::{
-    ClaimResult, Communication, OutboundMessage, Outcome, ProviderError, ProviderReceipt,
+    ClaimResult, Communication, Lookup, OutboundMessage, Outcome, ProviderError, ProviderReceipt,
     StreamEntry,
 };
 use async_trait::async_trait;
@@ -310,4 +310,16 @@ pub trait Provider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError>;
+
+    /// Whether the provider already has `msg`, sent no earlier than `since`: asked before
+    /// resending a message whose earlier attempt had no known outcome. By default the
+    /// provider cannot tell, and the message is sent again (flagged as a possible
+    /// duplicate).
+    async fn lookup(
+        &self,
+        _msg: &OutboundMessage,
+        _since: DateTime<Utc>,
+    ) -> Result<Lookup, ProviderError> {
+        Ok(Lookup::CannotTell)
+    }
 }

@@ -3,8 +3,12 @@
 //! One document per communication in `communications`; fields in camelCase:
 //! `_id, tenant, type, from, to, msg, subject?, status, attempts, createdAt, updatedAt,
 //! notBefore, nextAttemptAt, sentAt?, failedAt?, deliveredAt?, readAt?, undeliveredAt?,
-//! provider?, providerMessageId?, possibleDuplicate?, lastError?, errors[],
-//! idempotencyKey?, requestHash`. There is deliberately no unique index on `to`.
+//! provider?, providerMessageId?, possibleDuplicate?, possibleDuplicateCause?,
+//! possibleDuplicateAttempt?, unknownAttempt?, unknownCause?, unknownSince?, lastError?,
+//! errors[], idempotencyKey?, requestHash`. There is deliberately no unique index on `to`.
+//! `unknown*` name an attempt whose outcome is unknown (timeout, reset, ambiguous 5xx), so
+//! the next claim asks the provider before sending again; `possibleDuplicate*` mark a
+//! send made after one (or after a stale claim), with that attempt and its cause.
 //!
 //! Per message sent, MongoDB does one insert (batched by the router), one read (batched
 //! by the sender's claim) and one write (the batch's outcomes); the claim itself is a
@@ -12,7 +16,8 @@
 
 use crate::clients::lease::{RedisLeases, Release};
 use actors::domain::{
-    AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status, DEFAULT_TENANT,
+    Ambiguity, AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status,
+    UnknownAttempt, DEFAULT_TENANT,
 };
 use actors::ports::{
     Dependency, DependencyError, ErrorKind, InsertResult, ReceiptResult, ReceiptUpdate, Store,
@@ -354,10 +359,11 @@ fn claim_one(n: i64, doc: Option<&Document>, now: DateTime<Utc>) -> (ClaimResult
         (Some(Status::Pending | Status::Sending), Some(mut record)) if due => {
             let stored = record.attempts as i64;
             record.attempts = n.max(stored + 1) as u32;
+            // More tries than outcomes: a lease ended without one. (A record left
+            // `sending` by an older version is the same.)
+            let stale = n > stored + 1 || status == Some(Status::Sending);
             let claimed = Claimed {
-                // More tries than outcomes: a lease ended without one. (A record left
-                // `sending` by an older version is the same.)
-                possible_duplicate: n > stored + 1 || status == Some(Status::Sending),
+                unknown: unknown_attempt(d, stale, &record),
                 record,
             };
             (ClaimResult::Claimed(Box::new(claimed)), false)
@@ -365,6 +371,42 @@ fn claim_one(n: i64, doc: Option<&Document>, now: DateTime<Utc>) -> (ClaimResult
         (Some(s), _) if s.is_terminal() => (ClaimResult::Skip("already final"), true),
         (Some(_), Some(_)) => (ClaimResult::Skip("retry not yet due"), true),
         _ => (ClaimResult::Skip("unreadable record"), true),
+    }
+}
+
+/// The attempt of unknown outcome a claim carries: the stale claim's (the try before
+/// this one), else the one recorded by an earlier retry (`unknownAttempt`); looked up from
+/// the earliest start known.
+fn unknown_attempt(d: &Document, stale: bool, record: &Communication) -> Option<UnknownAttempt> {
+    let recorded = match (
+        d.get_i32("unknownAttempt"),
+        d.get_str("unknownCause").ok().and_then(Ambiguity::parse),
+        cdate(d, "unknownSince"),
+    ) {
+        (Ok(attempt), Some(cause), Some(since)) => Some(UnknownAttempt {
+            attempt: attempt as u32,
+            cause,
+            since,
+        }),
+        _ => None,
+    };
+    if !stale {
+        return recorded;
+    }
+    let since = recorded.map_or(record.updated_at, |u| u.since.min(record.updated_at));
+    Some(UnknownAttempt {
+        attempt: record.attempts.saturating_sub(1),
+        cause: Ambiguity::StaleLease,
+        since,
+    })
+}
+
+/// The `$set` fields of a possible duplicate: the flag, its cause and the attempt.
+fn duplicate_fields(dup: &UnknownAttempt) -> Document {
+    doc! {
+        "possibleDuplicate": true,
+        "possibleDuplicateCause": dup.cause.as_str(),
+        "possibleDuplicateAttempt": dup.attempt as i32,
     }
 }
 
@@ -376,13 +418,15 @@ fn error_doc(e: &AttemptError) -> Document {
     d
 }
 
-/// The `sent` outcomes of one provider (and one possible-duplicate flag): records, their
-/// provider message ids and attempt numbers, in step.
+/// The `sent` outcomes of one provider (and one possible-duplicate cause): records, their
+/// provider message ids, attempt numbers and the attempts that make them possible
+/// duplicates, in step.
 #[derive(Default)]
 struct SentGroup {
     oids: Vec<ObjectId>,
     message_ids: Vec<Bson>,
     attempts: Vec<i32>,
+    duplicate_of: Vec<i32>,
 }
 
 /// The statements of one outcome write: failures and retries one each, the `sent` ones
@@ -394,7 +438,7 @@ fn outcome_statements(
     now: BsonDate,
 ) -> Result<Vec<Document>, DependencyError> {
     let open = doc! {"$in": ["pending", "sending"]};
-    let mut sent: HashMap<(&str, bool), SentGroup> = HashMap::new();
+    let mut sent: HashMap<(&str, Option<Ambiguity>), SentGroup> = HashMap::new();
     let mut updates = Vec::with_capacity(outcomes.len());
     for (id, attempt, outcome) in outcomes {
         let oid = ObjectId::parse_str(id).map_err(err)?;
@@ -405,31 +449,50 @@ fn outcome_statements(
                 possible_duplicate,
             } => {
                 let g = sent
-                    .entry((provider.as_str(), *possible_duplicate))
+                    .entry((provider.as_str(), possible_duplicate.map(|d| d.cause)))
                     .or_default();
                 g.oids.push(oid);
                 g.message_ids
                     .push(provider_message_id.clone().map_or(Bson::Null, Bson::String));
                 g.attempts.push(*attempt as i32);
+                g.duplicate_of
+                    .push(possible_duplicate.map_or(0, |d| d.attempt as i32));
                 continue;
             }
-            Outcome::Failed { provider, error } => doc! {
-                "$set": {"status": "failed", "failedAt": now, "updatedAt": now, "provider": provider,
-                         "lastError": &error.message, "attempts": *attempt as i32},
-                "$push": {"errors": error_doc(error)},
-                "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
-            },
+            Outcome::Failed {
+                provider,
+                error,
+                possible_duplicate,
+            } => {
+                let mut set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
+                "provider": provider, "lastError": &error.message, "attempts": *attempt as i32};
+                set.extend(
+                    possible_duplicate
+                        .as_ref()
+                        .map(duplicate_fields)
+                        .unwrap_or_default(),
+                );
+                doc! {
+                    "$set": set,
+                    "$push": {"errors": error_doc(error)},
+                    "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
+                }
+            }
             Outcome::Retry {
                 provider,
                 error,
                 not_before,
-            } => doc! {
-                "$set": {"status": "pending", "updatedAt": now, "provider": provider,
-                         "lastError": &error.message, "notBefore": bdate(*not_before),
-                         "nextAttemptAt": bdate(*not_before), "attempts": *attempt as i32},
-                "$push": {"errors": error_doc(error)},
-                "$unset": {"claimedBy": "", "claimKind": ""},
-            },
+                possible_duplicate,
+                unknown,
+            } => retry_update(
+                provider,
+                error,
+                *not_before,
+                *possible_duplicate,
+                *unknown,
+                *attempt,
+                now,
+            ),
         };
         updates.push(doc! {"q": {"_id": oid, "status": open.clone()}, "u": u});
     }
@@ -440,13 +503,46 @@ fn outcome_statements(
     Ok(updates)
 }
 
+/// A retry: back to `pending` until `not_before`, the attempt's error kept; an attempt of
+/// unknown outcome is remembered for the next claim (`unknown*`, the lookup window's start
+/// kept from the first), and a possible duplicate flagged.
+fn retry_update(
+    provider: &str,
+    error: &AttemptError,
+    not_before: DateTime<Utc>,
+    possible_duplicate: Option<UnknownAttempt>,
+    unknown: Option<UnknownAttempt>,
+    attempt: u32,
+    now: BsonDate,
+) -> Document {
+    let mut set = doc! {"status": "pending", "updatedAt": now, "provider": provider,
+    "lastError": &error.message, "notBefore": bdate(not_before),
+    "nextAttemptAt": bdate(not_before), "attempts": attempt as i32};
+    set.extend(
+        possible_duplicate
+            .as_ref()
+            .map(duplicate_fields)
+            .unwrap_or_default(),
+    );
+    if let Some(u) = unknown {
+        set.insert("unknownAttempt", u.attempt as i32);
+        set.insert("unknownCause", u.cause.as_str());
+        set.insert("unknownSince", bdate(u.since));
+    }
+    doc! {
+        "$set": set,
+        "$push": {"errors": error_doc(error)},
+        "$unset": {"claimedBy": "", "claimKind": ""},
+    }
+}
+
 /// Every `sent` of a group in statements of [`SENT_CHUNK`] records: a pipeline update that
 /// picks each record's provider message id and attempt number from arrays. Each record
 /// looks itself up in its statement's arrays, so a long array costs every record of it
 /// (measured on SecantusDB: 25 a statement writes about 1.35x as fast as 100).
 fn sent_statements(
     provider: &str,
-    possible_duplicate: bool,
+    possible_duplicate: Option<Ambiguity>,
     group: &SentGroup,
     sent_by: &str,
     now: BsonDate,
@@ -456,19 +552,25 @@ fn sent_statements(
         .oids
         .chunks(SENT_CHUNK)
         .zip(group.message_ids.chunks(SENT_CHUNK))
-        .zip(group.attempts.chunks(SENT_CHUNK));
+        .zip(group.attempts.chunks(SENT_CHUNK))
+        .zip(group.duplicate_of.chunks(SENT_CHUNK));
     chunks
-        .map(|((oids, message_ids), attempts)| {
+        .map(|(((oids, message_ids), attempts), duplicate_of)| {
             let ids: Vec<Bson> = oids.iter().map(|o| Bson::ObjectId(*o)).collect();
             let at = doc! {"$indexOfArray": [Bson::Array(ids), "$_id"]};
             let mut set = doc! {
                 "status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
                 "sentBy": sent_by,
                 "providerMessageId": {"$arrayElemAt": [message_ids.to_vec(), at.clone()]},
-                "attempts": {"$arrayElemAt": [attempts.to_vec(), at]},
+                "attempts": {"$arrayElemAt": [attempts.to_vec(), at.clone()]},
             };
-            if possible_duplicate {
+            if let Some(cause) = possible_duplicate {
                 set.insert("possibleDuplicate", true);
+                set.insert("possibleDuplicateCause", cause.as_str());
+                set.insert(
+                    "possibleDuplicateAttempt",
+                    doc! {"$arrayElemAt": [duplicate_of.to_vec(), at]},
+                );
             }
             doc! {
                 "q": {"_id": {"$in": oids.to_vec()}, "status": open.clone()},
@@ -864,7 +966,10 @@ mod tests {
             let d = record(status, stored, if due { now } else { later });
             let (got, undone) = claim_one(n, Some(&d), now);
             let got = match got {
-                ClaimResult::Claimed(c) => Some((c.record.attempts, c.possible_duplicate)),
+                ClaimResult::Claimed(c) => Some((
+                    c.record.attempts,
+                    c.unknown.map(|u| u.cause) == Some(Ambiguity::StaleLease),
+                )),
                 _ => None,
             };
             assert_eq!(
@@ -898,7 +1003,100 @@ mod tests {
         Outcome::Sent {
             provider: provider.into(),
             provider_message_id: Some("m".into()),
-            possible_duplicate: dup,
+            possible_duplicate: dup.then_some(UnknownAttempt {
+                attempt: 1,
+                cause: Ambiguity::Timeout,
+                since: Utc::now(),
+            }),
+        }
+    }
+
+    /// A stale claim and a recorded unknown attempt both reach the next claim; the lookup
+    /// starts at the earliest of them.
+    #[test]
+    fn a_claim_carries_the_unknown_attempt() {
+        let now = Utc::now();
+        let first = now - chrono::Duration::seconds(90);
+        let mut d = record("pending", 1, now);
+        let none = claim_one(2, Some(&d), now).0;
+        assert!(matches!(none, ClaimResult::Claimed(c) if c.unknown.is_none()));
+        d.insert("unknownAttempt", 1);
+        d.insert("unknownCause", "ambiguous_5xx");
+        d.insert("unknownSince", bdate(first));
+        let want = UnknownAttempt {
+            attempt: 1,
+            cause: Ambiguity::Gateway5xx,
+            // Stored to the millisecond.
+            since: cdate(&d, "unknownSince").unwrap(),
+        };
+        let ClaimResult::Claimed(c) = claim_one(2, Some(&d), now).0 else {
+            panic!("not claimed");
+        };
+        assert_eq!(c.unknown, Some(want));
+        // Try 3 with one outcome stored: try 2 went stale.
+        let ClaimResult::Claimed(c) = claim_one(3, Some(&d), now).0 else {
+            panic!("not claimed");
+        };
+        let u = c.unknown.unwrap();
+        assert_eq!(
+            (u.attempt, u.cause, u.since),
+            (2, Ambiguity::StaleLease, want.since)
+        );
+    }
+
+    /// Every outcome of a resend after an unknown attempt flags the record, with the cause
+    /// and the attempt; a retry of unknown outcome is remembered for the next claim.
+    #[test]
+    fn possible_duplicates_are_flagged_whatever_the_outcome() {
+        let error = AttemptError {
+            attempt: 2,
+            at: Utc::now(),
+            code: Some("timeout".into()),
+            message: "no answer".into(),
+        };
+        let dup = UnknownAttempt {
+            attempt: 1,
+            cause: Ambiguity::Timeout,
+            since: Utc::now(),
+        };
+        let outcomes = [
+            sent("meta-whatsapp", true),
+            Outcome::Failed {
+                provider: "meta-whatsapp".into(),
+                error: error.clone(),
+                possible_duplicate: Some(dup),
+            },
+            Outcome::Retry {
+                provider: "meta-whatsapp".into(),
+                error,
+                not_before: Utc::now(),
+                possible_duplicate: Some(dup),
+                unknown: Some(UnknownAttempt { attempt: 2, ..dup }),
+            },
+        ];
+        let outcomes: Vec<(String, u32, Outcome)> = outcomes
+            .into_iter()
+            .map(|o| (ObjectId::new().to_hex(), 2, o))
+            .collect();
+        let statements = outcome_statements("h:whatsapp:0", &outcomes, bdate(Utc::now())).unwrap();
+        assert_eq!(statements.len(), 3);
+        for st in &statements {
+            let set = match st.get_array("u") {
+                Ok(pipeline) => pipeline[0].as_document().unwrap().get_document("$set"),
+                Err(_) => st.get_document("u").unwrap().get_document("$set"),
+            }
+            .unwrap();
+            assert_eq!(set.get_bool("possibleDuplicate").ok(), Some(true), "{st}");
+            assert_eq!(
+                set.get_str("possibleDuplicateCause").ok(),
+                Some("timeout"),
+                "{st}"
+            );
+            if set.get_str("status").ok() == Some("pending") {
+                assert_eq!(set.get_i32("possibleDuplicateAttempt").ok(), Some(1));
+                assert_eq!(set.get_i32("unknownAttempt").ok(), Some(2));
+                assert_eq!(set.get_str("unknownCause").ok(), Some("timeout"));
+            }
         }
     }
 
@@ -920,12 +1118,15 @@ mod tests {
         let failed = Outcome::Failed {
             provider: "twilio".into(),
             error: error.clone(),
+            possible_duplicate: None,
         };
         outcomes.push((ObjectId::new().to_hex(), 1, failed));
         let retry = Outcome::Retry {
             provider: "twilio".into(),
             error,
             not_before: Utc::now(),
+            possible_duplicate: None,
+            unknown: None,
         };
         outcomes.push((ObjectId::new().to_hex(), 1, retry));
         let statements = outcome_statements("host-1:sms:0", &outcomes, bdate(Utc::now())).unwrap();

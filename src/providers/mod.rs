@@ -5,7 +5,7 @@ pub mod smtp;
 pub mod twilio;
 pub mod whatsapp;
 
-use actors::domain::{ErrorClass, ProviderError};
+use actors::domain::{Ambiguity, ErrorClass, ProviderError};
 use std::time::Duration;
 
 /// `Retry-After` in seconds (the form Twilio and Meta send).
@@ -21,13 +21,36 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// A transport failure (connection refused, reset, timeout): always worth another try.
+/// Its outcome is unknown unless the connection was never made (see
+/// [`transport_ambiguity`]).
 pub fn network_error(provider: &str, e: &reqwest::Error) -> ProviderError {
     ProviderError {
         class: ErrorClass::Retryable { retry_after: None },
+        ambiguous: transport_ambiguity(e.is_connect(), e.is_timeout()),
         rate_limited: false,
         code: Some(if e.is_timeout() { "timeout" } else { "network" }.into()),
         message: format!("{provider} unreachable: {e}"),
     }
+}
+
+/// Whether a transport failure leaves the outcome unknown. Failing to connect (refused,
+/// no route, connect timeout) means the request never left: a plain failure. Anything
+/// after (a timeout waiting for the answer, a reset while writing or reading) may have
+/// come after the provider took the message.
+pub fn transport_ambiguity(connecting: bool, timed_out: bool) -> Option<Ambiguity> {
+    match (connecting, timed_out) {
+        (true, _) => None,
+        (false, true) => Some(Ambiguity::Timeout),
+        (false, false) => Some(Ambiguity::ConnectionReset),
+    }
+}
+
+/// Whether an HTTP error answer leaves the outcome unknown: a 502, 503 or 504 without the
+/// provider's own error body came from something in front of the provider (a proxy, a
+/// load balancer) that may have passed the request on. With the provider's body, the
+/// provider itself refused: a plain failure.
+pub fn status_ambiguity(status: u16, provider_body: bool) -> Option<Ambiguity> {
+    (matches!(status, 502..=504) && !provider_body).then_some(Ambiguity::Gateway5xx)
 }
 
 /// Twilio: HTTP status plus Twilio's own error code
@@ -105,6 +128,45 @@ mod tests {
         );
         assert_eq!(classify_meta(400, Some(100), None), ErrorClass::Permanent);
         assert_eq!(classify_meta(401, Some(190), None), ErrorClass::Permanent);
+    }
+
+    /// (status, the provider's own error body?) → unknown outcome?
+    #[test]
+    fn gateway_errors_without_the_providers_body_are_ambiguous() {
+        let g = Some(Ambiguity::Gateway5xx);
+        let rows = [
+            (502, false, g),
+            (503, false, g),
+            (504, false, g),
+            (502, true, None),
+            (503, true, None),
+            (504, true, None),
+            (500, false, None),
+            (429, false, None),
+            (400, false, None),
+            (200, false, None),
+        ];
+        for (status, body, want) in rows {
+            assert_eq!(status_ambiguity(status, body), want, "{status} {body}");
+        }
+    }
+
+    /// (failed while connecting?, timed out?) → unknown outcome?
+    #[test]
+    fn transport_failures_after_connecting_are_ambiguous() {
+        let rows = [
+            (true, false, None),
+            (true, true, None),
+            (false, true, Some(Ambiguity::Timeout)),
+            (false, false, Some(Ambiguity::ConnectionReset)),
+        ];
+        for (connecting, timed_out, want) in rows {
+            assert_eq!(
+                transport_ambiguity(connecting, timed_out),
+                want,
+                "{connecting} {timed_out}"
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! Email over SMTP with lettre: `smtp://` (plain), `smtp://…?tls=required` (STARTTLS) or
 //! `smtps://` (implicit TLS), credentials in the URL. A pooled async transport.
+//!
+//! SMTP has no lookup (`lookup` keeps the port's default, "cannot tell"): a message whose
+//! earlier attempt timed out is sent again, flagged as a possible duplicate. Its
+//! `Message-ID` is `<{communication id}@comm-aggregator>`, the same on every attempt, so
+//! mail systems downstream that dedupe on it see the resend as the same message.
 
 use super::classify_smtp;
-use actors::domain::{ErrorClass, OutboundMessage, ProviderError, ProviderReceipt};
+use actors::domain::{Ambiguity, ErrorClass, OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
 use async_trait::async_trait;
 use lettre::message::{header::ContentType, Mailbox};
@@ -34,10 +39,16 @@ impl Smtp {
 fn permanent(message: String) -> ProviderError {
     ProviderError {
         class: ErrorClass::Permanent,
+        ambiguous: None,
         rate_limited: false,
         code: Some("invalid-message".into()),
         message,
     }
+}
+
+/// The `Message-ID`: from the communication id alone, the same on every attempt.
+fn message_id(communication_id: &str) -> String {
+    format!("<{communication_id}@comm-aggregator>")
 }
 
 #[async_trait]
@@ -52,7 +63,7 @@ impl Provider for Smtp {
             .parse()
             .map_err(|e| permanent(format!("from: {e}")))?;
         let to: Mailbox = msg.to.parse().map_err(|e| permanent(format!("to: {e}")))?;
-        let message_id = format!("<{}@comm-aggregator>", msg.communication_id);
+        let message_id = message_id(&msg.communication_id);
         let email = Message::builder()
             .from(from)
             .to(to)
@@ -73,6 +84,8 @@ impl Provider for Smtp {
                 let code = e.status().map(u16::from);
                 Err(ProviderError {
                     class: classify_smtp(code),
+                    // No reply before the timeout: the server may have taken the data.
+                    ambiguous: (code.is_none() && e.is_timeout()).then_some(Ambiguity::Timeout),
                     // 421 / 450-452: the server is busy or limits us.
                     rate_limited: matches!(code, Some(421) | Some(450) | Some(451) | Some(452)),
                     code: Some(
@@ -83,5 +96,18 @@ impl Provider for Smtp {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_message_id_depends_on_the_communication_alone() {
+        let id = "65f000000000000000000001";
+        assert_eq!(
+            super::message_id(id),
+            "<65f000000000000000000001@comm-aggregator>"
+        );
+        assert_eq!(super::message_id(id), super::message_id(id));
     }
 }

@@ -1,9 +1,11 @@
 //! Meta WhatsApp Cloud API: `POST {base}/{phone-number-id}/messages` with a bearer token and
 //! `{"messaging_product":"whatsapp","recipient_type":"individual","to":...,"type":"text",
 //! "text":{"body":...}}`. Success is `200` with `messages[0].id`; errors are
-//! `{"error":{"message","type","code","error_data","fbtrace_id"}}`.
+//! `{"error":{"message","type","code","error_data","fbtrace_id"}}`. The Cloud API offers no
+//! way to ask whether a message was taken, so `lookup` keeps the port's default ("cannot
+//! tell") and a message whose earlier attempt is unknown is sent again, flagged.
 
-use super::{classify_meta, network_error, retry_after};
+use super::{classify_meta, network_error, retry_after, status_ambiguity};
 use actors::domain::{OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
 use async_trait::async_trait;
@@ -84,6 +86,7 @@ impl Provider for WhatsApp {
         }
         Err(ProviderError {
             class: classify_meta(status, code, ra),
+            ambiguous: status_ambiguity(status, code.is_some()),
             rate_limited: status == 429
                 || matches!(code, Some(4) | Some(80007) | Some(130429) | Some(131056)),
             code: Some(

@@ -787,3 +787,23 @@ impl Stack {
 pub fn sms(msg: &str) -> Value {
     serde_json::json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654321","msg":msg}})
 }
+
+/// Set one of the provider stand-in's fault knobs (see `src/bin/provider-sandbox/faults.rs`).
+pub async fn set_fault(stack: &Stack, fault: Value) {
+    let r = client()
+        .post(format!("{}/__sandbox/faults", stack.sandbox()))
+        .json(&fault)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Clear every fault knob of the provider stand-in.
+pub async fn clear_faults(stack: &Stack) {
+    client()
+        .delete(format!("{}/__sandbox/faults", stack.sandbox()))
+        .send()
+        .await
+        .unwrap();
+}

@@ -1,9 +1,15 @@
 //! The sender's decision, pure: from what one provider call returned, the claimed record,
 //! the retry policy, the time and a random source, the outcome to record and the log event
 //! to emit. No I/O, no clock, no global randomness: every case is a row of a table test.
+//!
+//! An outcome can be unknown (a timeout, a reset after the request left, a 502/503/504
+//! from a proxy): it is retried like a failure, but the retry carries the unknown attempt,
+//! so the next claim asks the provider before sending again, and a resend after it is
+//! flagged as a possible duplicate whatever it comes to.
 
 use crate::domain::{
-    AttemptError, Claimed, ErrorClass, EventStatus, LogEvent, Outcome, ProviderError,
+    Ambiguity, AttemptError, Claimed, ErrorClass, EventStatus, LogEvent, Outcome, ProviderError,
+    UnknownAttempt,
 };
 use crate::retry::RetryPolicy;
 use chrono::{DateTime, Utc};
@@ -16,7 +22,15 @@ pub enum CallResult {
     Accepted {
         provider_message_id: Option<String>,
     },
+    /// No call made: asked about an earlier attempt of unknown outcome, the provider said
+    /// it has the message.
+    Found {
+        provider_message_id: Option<String>,
+    },
     Refused(ProviderError),
+    /// No call made: the attempts are spent, an earlier attempt's outcome is unknown, and
+    /// the provider could not say it has the message.
+    NotResent,
     /// No answer within the provider timeout: the message may or may not have gone out.
     TimedOut(Duration),
     /// The provider client panicked; the sender restarts once the batch is recorded.
@@ -24,21 +38,48 @@ pub enum CallResult {
 }
 
 impl CallResult {
+    /// The provider's id for the message it took (sent now, or found).
+    pub fn provider_message_id(&self) -> Option<String> {
+        match self {
+            CallResult::Accepted {
+                provider_message_id,
+            }
+            | CallResult::Found {
+                provider_message_id,
+            } => provider_message_id.clone(),
+            _ => None,
+        }
+    }
+
     /// The failure as the record keeps it; `None` when the provider took the message.
-    /// Timeouts and panics are retryable: nothing says the message cannot be sent.
+    /// Timeouts and panics are retryable: nothing says the message cannot be sent. A
+    /// timeout leaves the outcome unknown.
     pub fn error(&self, provider: &str) -> Option<ProviderError> {
         let retryable = ErrorClass::Retryable { retry_after: None };
         match self {
-            CallResult::Accepted { .. } => None,
+            CallResult::Accepted { .. } | CallResult::Found { .. } => None,
             CallResult::Refused(e) => Some(e.clone()),
             CallResult::TimedOut(after) => Some(ProviderError {
                 class: retryable,
+                ambiguous: Some(Ambiguity::Timeout),
                 rate_limited: false,
                 code: Some("timeout".into()),
                 message: format!("no answer from {provider} within {after:?}"),
             }),
+            // The panic is in our client code, not a word from the provider; where it fell
+            // is not known, and the retry is not flagged (as before).
+            CallResult::NotResent => Some(ProviderError {
+                class: ErrorClass::Permanent,
+                ambiguous: None,
+                rate_limited: false,
+                code: Some("outcome_unknown".into()),
+                message: format!(
+                    "no attempt left, and {provider} cannot tell whether the last one took the message"
+                ),
+            }),
             CallResult::Panicked => Some(ProviderError {
                 class: retryable,
+                ambiguous: None,
                 rate_limited: false,
                 code: Some("internal".into()),
                 message: "internal error: the provider call panicked".into(),
@@ -55,6 +96,9 @@ pub struct DecisionContext<'a> {
     /// The provider's name, for the record, the events and the error text.
     pub provider: &'a str,
     pub retry: &'a RetryPolicy,
+    /// The provider timeout: a call whose outcome is unknown started at most this long
+    /// before its decision.
+    pub timeout: Duration,
 }
 
 /// What to record and what to tell.
@@ -82,37 +126,32 @@ pub fn decide(
         ev.provider = Some(provider.clone());
         ev
     };
+    // A call made after an attempt of unknown outcome may be a second send; a message
+    // found at the provider was not sent again.
+    let possible_duplicate = match call {
+        CallResult::Found { .. } | CallResult::NotResent => None,
+        _ => claimed.unknown,
+    };
     let Some(err) = call.error(ctx.provider) else {
-        let provider_message_id = match call {
-            CallResult::Accepted {
-                provider_message_id,
-            } => provider_message_id.clone(),
-            _ => None,
-        };
+        let provider_message_id = call.provider_message_id();
         let mut ev = event(EventStatus::Sent);
         ev.provider_message_id = provider_message_id.clone();
         return Decision {
             outcome: Outcome::Sent {
                 provider,
                 provider_message_id,
-                possible_duplicate: claimed.possible_duplicate,
+                possible_duplicate,
             },
             event: ev,
             label: "sent",
         };
     };
-    let error = AttemptError {
-        attempt,
-        at: now,
-        code: err.code.clone(),
-        message: err.message.clone(),
-    };
-    let text = match &err.code {
-        Some(c) => format!("{} (code {c}): {}", ctx.provider, err.message),
-        None => format!("{}: {}", ctx.provider, err.message),
-    };
+    let (error, text) = attempt_error(&err, attempt, now, ctx.provider);
+    // The last attempt's outcome is unknown: one more claim, to ask the provider before
+    // the record is called failed (the sender makes no further send; see `NotResent`).
+    let verify = err.ambiguous.is_some() && attempt == ctx.retry.max_attempts;
     match err.class {
-        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(attempt) => {
+        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(attempt) || verify => {
             let delay = ctx.retry.delay(attempt, retry_after, rng);
             let not_before =
                 now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
@@ -123,6 +162,8 @@ pub fn decide(
                     provider,
                     error,
                     not_before,
+                    possible_duplicate,
+                    unknown: unknown_attempt(&err, claimed, ctx.timeout, now),
                 },
                 event: ev,
                 label: "retry",
@@ -132,12 +173,57 @@ pub fn decide(
             let mut ev = event(EventStatus::Failed);
             ev.error = Some(text);
             Decision {
-                outcome: Outcome::Failed { provider, error },
+                outcome: Outcome::Failed {
+                    provider,
+                    error,
+                    possible_duplicate,
+                },
                 event: ev,
                 label: "failed",
             }
         }
     }
+}
+
+/// The failure as the record keeps it, and as the log event tells it.
+fn attempt_error(
+    err: &ProviderError,
+    attempt: u32,
+    now: DateTime<Utc>,
+    provider: &str,
+) -> (AttemptError, String) {
+    let text = match &err.code {
+        Some(c) => format!("{provider} (code {c}): {}", err.message),
+        None => format!("{provider}: {}", err.message),
+    };
+    let error = AttemptError {
+        attempt,
+        at: now,
+        code: err.code.clone(),
+        message: err.message.clone(),
+    };
+    (error, text)
+}
+
+/// The unknown attempt a retry carries when this attempt's outcome is unknown: this
+/// attempt and its cause, looked up from the start of the first unknown attempt (this
+/// call started at most `timeout` ago).
+fn unknown_attempt(
+    err: &ProviderError,
+    claimed: &Claimed,
+    timeout: Duration,
+    now: DateTime<Utc>,
+) -> Option<UnknownAttempt> {
+    let cause = err.ambiguous?;
+    let started = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::zero());
+    let since = claimed
+        .unknown
+        .map_or(started, |earlier| earlier.since.min(started));
+    Some(UnknownAttempt {
+        attempt: claimed.record.attempts,
+        cause,
+        since,
+    })
 }
 
 #[cfg(test)]
@@ -152,7 +238,7 @@ mod tests {
         cap: Duration::from_secs(60),
     };
 
-    fn claimed(attempt: u32, possible_duplicate: bool) -> Claimed {
+    fn claimed(attempt: u32, unknown: Option<UnknownAttempt>) -> Claimed {
         let mut record = Communication::new(
             "65f000000000000000000001".into(),
             NewCommunication {
@@ -165,15 +251,13 @@ mod tests {
             Utc::now(),
         );
         record.attempts = attempt;
-        Claimed {
-            record,
-            possible_duplicate,
-        }
+        Claimed { record, unknown }
     }
 
     fn refused(class: ErrorClass, code: Option<&str>) -> CallResult {
         CallResult::Refused(ProviderError {
             class,
+            ambiguous: None,
             rate_limited: false,
             code: code.map(str::to_string),
             message: "no".into(),
@@ -184,14 +268,22 @@ mod tests {
         ErrorClass::Retryable { retry_after }
     }
 
-    fn run(call: &CallResult, attempt: u32, dup: bool, seed: u64) -> Decision {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn run(
+        call: &CallResult,
+        attempt: u32,
+        unknown: Option<UnknownAttempt>,
+        seed: u64,
+    ) -> Decision {
         let ctx = DecisionContext {
             service: "sms",
             provider: "twilio",
             retry: &POLICY,
+            timeout: TIMEOUT,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        decide(call, &claimed(attempt, dup), ctx, now(), &mut rng)
+        decide(call, &claimed(attempt, unknown), ctx, now(), &mut rng)
     }
 
     fn now() -> DateTime<Utc> {
@@ -256,11 +348,11 @@ mod tests {
                 error: Some("twilio (code timeout): no answer from twilio within 10s"),
             },
             Row {
-                name: "timeout, last attempt",
+                name: "timeout, last attempt: one more claim, to ask the provider",
                 call: CallResult::TimedOut(Duration::from_secs(10)),
                 attempt: 3,
-                label: "failed",
-                status: EventStatus::Failed,
+                label: "retry",
+                status: EventStatus::Retrying,
                 error: Some("twilio (code timeout): no answer from twilio within 10s"),
             },
             Row {
@@ -289,7 +381,7 @@ mod tests {
             error,
         } in rows
         {
-            let d = run(&call, attempt, false, 7);
+            let d = run(&call, attempt, None, 7);
             assert_eq!(d.label, label, "{name}");
             assert_eq!(d.event.status, status, "{name}");
             assert_eq!(d.event.error.as_deref(), error, "{name}");
@@ -315,7 +407,12 @@ mod tests {
         let call = CallResult::Accepted {
             provider_message_id: Some("SM1".into()),
         };
-        for dup in [false, true] {
+        let stale = UnknownAttempt {
+            attempt: 1,
+            cause: Ambiguity::StaleLease,
+            since: now(),
+        };
+        for dup in [None, Some(stale)] {
             let d = run(&call, 2, dup, 1);
             assert_eq!(
                 d.outcome,
@@ -334,7 +431,7 @@ mod tests {
         for attempt in 1..POLICY.max_attempts {
             let ceiling = chrono::Duration::from_std(POLICY.ceiling(attempt)).unwrap();
             for seed in 0..50 {
-                let d = run(&refused(retryable(None), None), attempt, false, seed);
+                let d = run(&refused(retryable(None), None), attempt, None, seed);
                 let Outcome::Retry { not_before, .. } = d.outcome else {
                     panic!("attempt {attempt}: {:?}", d.outcome);
                 };
@@ -343,11 +440,176 @@ mod tests {
         }
         let asked = Duration::from_secs(30);
         for seed in 0..50 {
-            let d = run(&refused(retryable(Some(asked)), None), 1, false, seed);
+            let d = run(&refused(retryable(Some(asked)), None), 1, None, seed);
             let Outcome::Retry { not_before, .. } = d.outcome else {
                 panic!("{:?}", d.outcome);
             };
             assert!(not_before >= now() + chrono::Duration::seconds(30));
+        }
+    }
+
+    /// An outcome that is unknown, and what follows one: (call, attempt, the unknown
+    /// attempt the claim carries) → (label, the unknown attempt the retry carries, the
+    /// possible-duplicate mark).
+    #[test]
+    fn unknown_outcomes_are_remembered_and_a_resend_after_one_is_flagged() {
+        let ago = |s: i64| now() - chrono::Duration::seconds(s);
+        let unknown = |attempt, cause, since| UnknownAttempt {
+            attempt,
+            cause,
+            since,
+        };
+        let earlier = unknown(1, Ambiguity::Timeout, ago(60));
+        let stale = unknown(1, Ambiguity::StaleLease, ago(120));
+        let gateway = CallResult::Refused(ProviderError {
+            class: retryable(None),
+            ambiguous: Some(Ambiguity::Gateway5xx),
+            rate_limited: false,
+            code: Some("http-502".into()),
+            message: "HTTP 502".into(),
+        });
+        let accepted = CallResult::Accepted {
+            provider_message_id: Some("SM2".into()),
+        };
+        let found = CallResult::Found {
+            provider_message_id: Some("SM1".into()),
+        };
+        let timeout = CallResult::TimedOut(TIMEOUT);
+        type Row = (
+            &'static str,
+            CallResult,
+            u32,
+            Option<UnknownAttempt>,
+            &'static str,
+            Option<UnknownAttempt>,
+            Option<UnknownAttempt>,
+        );
+        let rows: Vec<Row> = vec![
+            (
+                "a first timeout is unknown, from the call's start",
+                timeout.clone(),
+                1,
+                None,
+                "retry",
+                Some(unknown(1, Ambiguity::Timeout, ago(10))),
+                None,
+            ),
+            (
+                "a 502 without the provider's body is unknown",
+                gateway,
+                1,
+                None,
+                "retry",
+                Some(unknown(1, Ambiguity::Gateway5xx, ago(10))),
+                None,
+            ),
+            (
+                "a definite retryable failure is not unknown",
+                refused(retryable(None), Some("20500")),
+                1,
+                None,
+                "retry",
+                None,
+                None,
+            ),
+            (
+                "found at the provider: sent, nothing resent, nothing flagged",
+                found,
+                2,
+                Some(earlier),
+                "sent",
+                None,
+                None,
+            ),
+            (
+                "resent and accepted: flagged with the unknown attempt",
+                accepted.clone(),
+                2,
+                Some(earlier),
+                "sent",
+                None,
+                Some(earlier),
+            ),
+            (
+                "resent after a stale claim: flagged as such",
+                accepted,
+                2,
+                Some(stale),
+                "sent",
+                None,
+                Some(stale),
+            ),
+            (
+                "resent and timed out again: the lookup window keeps the first start",
+                timeout.clone(),
+                2,
+                Some(earlier),
+                "retry",
+                Some(unknown(2, Ambiguity::Timeout, ago(60))),
+                Some(earlier),
+            ),
+            (
+                "resent and refused for good: still flagged (the first may have gone)",
+                refused(ErrorClass::Permanent, Some("21211")),
+                2,
+                Some(earlier),
+                "failed",
+                None,
+                Some(earlier),
+            ),
+            (
+                "resent and timed out on the last attempt: one more claim, to ask",
+                timeout.clone(),
+                3,
+                Some(earlier),
+                "retry",
+                Some(unknown(3, Ambiguity::Timeout, ago(60))),
+                Some(earlier),
+            ),
+            (
+                "a definite failure of the last attempt fails it",
+                refused(retryable(None), Some("20500")),
+                3,
+                Some(earlier),
+                "failed",
+                None,
+                Some(earlier),
+            ),
+            (
+                "no attempt left and the provider cannot tell: failed, nothing resent",
+                CallResult::NotResent,
+                4,
+                Some(earlier),
+                "failed",
+                None,
+                None,
+            ),
+            (
+                "a timeout past the last attempt (a stale claim made it) fails it",
+                timeout,
+                4,
+                Some(stale),
+                "failed",
+                None,
+                Some(stale),
+            ),
+        ];
+        for (name, call, attempt, claimed_unknown, label, retry_unknown, dup) in rows {
+            let d = run(&call, attempt, claimed_unknown, 3);
+            assert_eq!(d.label, label, "{name}");
+            assert_eq!(d.outcome.possible_duplicate(), dup, "{name}");
+            let carried = match &d.outcome {
+                Outcome::Retry { unknown, .. } => *unknown,
+                _ => None,
+            };
+            assert_eq!(carried, retry_unknown, "{name}");
+            if let Outcome::Sent {
+                provider_message_id,
+                ..
+            } = &d.outcome
+            {
+                assert_eq!(provider_message_id, &d.event.provider_message_id, "{name}");
+            }
         }
     }
 }

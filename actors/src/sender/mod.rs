@@ -8,7 +8,8 @@
 //! Redis (`log_stream` events).
 //! A batch goes through named stages (`stages.rs`): partition the entries (valid ids vs
 //! malformed) → claim → call the provider (rate limit, timeout, panic caught, breaker
-//! told) → decide each call (`decision.rs`, pure: outcome, log event, metric label) →
+//! told; for a record whose earlier attempt has an unknown outcome, first ask the
+//! provider whether it has the message, and send only if it cannot say yes) → decide each call (`decision.rs`, pure: outcome, log event, metric label) →
 //! persist the outcomes → append the log events → report.
 //! On failure: a store error at claim hands the entries back to be offered again; outcome
 //! writes and log appends are retried for `record_patience` (then the entries stay pending,
@@ -17,8 +18,10 @@
 //! consumer without an answer, so every entry of the batch stays pending in the group; the
 //! dead batch's leases expire after `stale_after`, then those records are claimed again
 //! (the consumer hands autoclaimed entries over one at a time, which isolates a message
-//! that crashes its sender) and sent, marked `possibleDuplicate` on the record and counted
-//! in `possible_duplicate_sends_total`, since the provider call may have been made.
+//! that crashes its sender), looked up at the provider, and sent again only if it cannot
+//! find it: marked `possibleDuplicate` on the record (cause `stale_lease`) and counted in
+//! `possible_duplicate_sends_total{channel,cause}`, since the provider call may have been
+//! made. A timeout, a reset or an ambiguous 5xx is handled the same way on the next try.
 
 mod decision;
 mod stages;
@@ -180,7 +183,8 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
 mod tests {
     use super::*;
     use crate::domain::{
-        Channel, ErrorClass, EventStatus, LogEvent, Outcome, ProviderError, Status, LOG_STREAM,
+        Ambiguity, Channel, ErrorClass, EventStatus, LogEvent, Lookup, Outcome, ProviderError,
+        ProviderReceipt, Status, LOG_STREAM,
     };
     use crate::health::BreakerConfig;
     use crate::ports::ErrorKind;
@@ -271,6 +275,7 @@ mod tests {
     fn refusal(class: ErrorClass) -> Answer {
         Answer::Refuse(ProviderError {
             class,
+            ambiguous: None,
             rate_limited: false,
             code: Some("x".into()),
             message: "refused".into(),
@@ -410,8 +415,36 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stale_claim_is_sent_again_as_a_possible_duplicate() {
         let f = fixture();
+        let entries = stale(&f).await;
+        f.deliver(entries).await;
+        let outcomes = &f.store.recorded_outcomes()[0];
+        let (_, attempt, sent) = &outcomes[0];
+        assert_eq!(*attempt, 2);
+        assert!(matches!(sent, Outcome::Sent { .. }), "{sent:?}");
+        let dup = sent.possible_duplicate().expect("flagged");
+        assert_eq!((dup.attempt, dup.cause), (1, Ambiguity::StaleLease));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_is_recorded_as_an_unknown_outcome() {
+        let f = fixture();
+        f.provider.answer([Answer::Hang]);
+        f.deliver(f.entries([1])).await;
+        let outcomes = &f.store.recorded_outcomes()[0];
+        let Outcome::Retry {
+            unknown: Some(u),
+            possible_duplicate: None,
+            ..
+        } = &outcomes[0].2
+        else {
+            panic!("{:?}", outcomes[0].2);
+        };
+        assert_eq!((u.attempt, u.cause), (1, Ambiguity::Timeout));
+    }
+
+    /// A worker claimed record 1 and died before recording anything; its lease expires.
+    async fn stale(f: &Fixture) -> Vec<StreamEntry> {
         let entries = f.entries([1]);
-        // A worker claimed it and died before recording anything.
         f.store
             .claim(
                 &[testing::record(1, Channel::Sms).id],
@@ -421,18 +454,77 @@ mod tests {
             .await
             .unwrap();
         tokio::time::advance(Duration::from_secs(2)).await;
+        entries
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_the_provider_has_already_is_not_sent_again() {
+        let f = fixture();
+        let entries = stale(&f).await;
+        f.provider
+            .answer_lookups([Ok(Lookup::Found(ProviderReceipt {
+                provider_message_id: Some("SM-found".into()),
+            }))]);
         f.deliver(entries).await;
-        let outcomes = &f.store.recorded_outcomes()[0];
-        assert!(matches!(
-            outcomes[0],
+        assert!(f.provider.sent().is_empty(), "found: not sent again");
+        assert_eq!(f.provider.looked_up().len(), 1);
+        let id = testing::record(1, Channel::Sms).id;
+        let rec = f.store.record(&id).unwrap();
+        assert_eq!(rec.status, Status::Sent);
+        assert_eq!(rec.provider_message_id.as_deref(), Some("SM-found"));
+        assert_eq!(f.store.flagged(&id), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_lookup_or_none_found_means_a_flagged_resend() {
+        for answer in [
+            Ok(Lookup::NotFound),
+            Err(ProviderError {
+                class: ErrorClass::Retryable { retry_after: None },
+                ambiguous: None,
+                rate_limited: false,
+                code: Some("http-500".into()),
+                message: "down".into(),
+            }),
+        ] {
+            let f = fixture();
+            let entries = stale(&f).await;
+            f.provider.answer_lookups([answer]);
+            f.deliver(entries).await;
+            assert_eq!(f.provider.sent().len(), 1);
+            let id = testing::record(1, Channel::Sms).id;
+            assert_eq!(f.store.record(&id).unwrap().status, Status::Sent);
+            let flag = f.store.flagged(&id).expect("flagged");
+            assert_eq!((flag.attempt, flag.cause), (1, Ambiguity::StaleLease));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_attempt_left_an_unknown_outcome_is_asked_about_never_resent() {
+        for (lookup, status) in [
             (
-                _,
-                2,
-                Outcome::Sent {
-                    possible_duplicate: true,
-                    ..
-                }
-            )
-        ));
+                Lookup::Found(ProviderReceipt {
+                    provider_message_id: Some("SM-found".into()),
+                }),
+                Status::Sent,
+            ),
+            (Lookup::CannotTell, Status::Failed),
+        ] {
+            let f = fixture();
+            // The last of the three attempts ended without an outcome.
+            let mut r = testing::record(1, Channel::Sms);
+            r.status = Status::Sending;
+            r.attempts = f.args.retry.max_attempts;
+            f.store.put(r.clone());
+            let entry = testing::stream_entry("1-0", &r);
+            f.provider.answer_lookups([Ok(lookup)]);
+            f.deliver(vec![entry]).await;
+            assert!(
+                f.provider.sent().is_empty(),
+                "no attempt left: nothing resent"
+            );
+            assert_eq!(f.status(1), status);
+            assert_eq!(f.store.flagged(&r.id), None);
+        }
     }
 }

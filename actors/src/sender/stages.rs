@@ -7,8 +7,8 @@ use super::decision::{decide, CallResult, DecisionContext};
 use super::SenderArgs;
 use crate::backoff::{retry_until, Backoff};
 use crate::domain::{
-    Channel, ClaimResult, Claimed, ErrorClass, LogEvent, OutboundMessage, Outcome, StreamEntry,
-    LOG_STREAM,
+    Channel, ClaimResult, Claimed, ErrorClass, LogEvent, Lookup, OutboundMessage, Outcome,
+    StreamEntry, LOG_STREAM,
 };
 use crate::health::ProviderHealth;
 use crate::ports::{DependencyError, Provider};
@@ -23,6 +23,9 @@ use tracing::Instrument;
 /// Recording outcomes is retried this way within `record_patience`.
 const RECORD_BACKOFF: Backoff =
     Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5));
+/// How far before an unknown attempt's start a lookup at the provider begins: the
+/// provider's clock and ours may differ by this much.
+const LOOKUP_CLOCK_SKEW: chrono::Duration = chrono::Duration::seconds(60);
 /// Appending log events is retried this way within `record_patience`.
 const LOG_BACKOFF: Backoff =
     Backoff::exponential(Duration::from_millis(100), Duration::from_secs(2));
@@ -142,12 +145,7 @@ pub async fn call_provider(args: &SenderArgs, to_send: Vec<ToSend>) -> Vec<Call>
         async move {
             args.health.acquire().await;
             let started = Instant::now();
-            let result = call_once(
-                args.provider.as_ref(),
-                &outbound(&t.claimed),
-                args.provider_timeout,
-            )
-            .await;
+            let result = find_or_call(args, &t.claimed).await;
             report_health(&args.health, &result);
             Call {
                 entry_id: t.entry_id,
@@ -174,6 +172,72 @@ fn outbound(claimed: &Claimed) -> OutboundMessage {
     }
 }
 
+/// The provider call, unless an earlier attempt's outcome is unknown and the provider
+/// says it has the message already. Where it cannot tell (or the lookup fails), the
+/// message is sent again (the decision flags that send as a possible duplicate), unless
+/// the attempts are spent: the claim was only to ask.
+async fn find_or_call(args: &SenderArgs, claimed: &Claimed) -> CallResult {
+    let provider = args.provider.as_ref();
+    let msg = outbound(claimed);
+    if let Some(unknown) = claimed.unknown {
+        let since = unknown.since - LOOKUP_CLOCK_SKEW;
+        let found = lookup_once(provider, &msg, since, args.provider_timeout).await;
+        if let Lookup::Found(receipt) = found {
+            tracing::info!(
+                attempt = unknown.attempt,
+                cause = unknown.cause.as_str(),
+                "the provider has the message already; not sending it again"
+            );
+            return CallResult::Found {
+                provider_message_id: receipt.provider_message_id,
+            };
+        }
+        if !args.retry.allows_another(claimed.record.attempts - 1) {
+            tracing::warn!(
+                attempt = unknown.attempt,
+                cause = unknown.cause.as_str(),
+                "no attempt left and the provider cannot tell whether the last one went through"
+            );
+            return CallResult::NotResent;
+        }
+        tracing::warn!(
+            attempt = unknown.attempt,
+            cause = unknown.cause.as_str(),
+            "resending a message whose earlier provider call may have gone through"
+        );
+    }
+    call_once(provider, &msg, args.provider_timeout).await
+}
+
+/// Ask the provider about `msg` within `timeout`; a failed, slow or panicking lookup
+/// tells nothing. Counted in `provider_lookups_total{provider,result}`.
+async fn lookup_once(
+    provider: &dyn Provider,
+    msg: &OutboundMessage,
+    since: DateTime<Utc>,
+    timeout: Duration,
+) -> Lookup {
+    let call = AssertUnwindSafe(tokio::time::timeout(timeout, provider.lookup(msg, since)));
+    let (lookup, result) = match call.catch_unwind().await {
+        Ok(Ok(Ok(l))) => {
+            let label = match &l {
+                Lookup::Found(_) => "found",
+                Lookup::NotFound => "not_found",
+                Lookup::CannotTell => "cannot_tell",
+            };
+            (l, label)
+        }
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "the provider lookup failed; cannot tell");
+            (Lookup::CannotTell, "error")
+        }
+        Ok(Err(_)) | Err(_) => (Lookup::CannotTell, "error"),
+    };
+    metrics::counter!("provider_lookups_total", "provider" => provider.name(), "result" => result)
+        .increment(1);
+    lookup
+}
+
 async fn call_once(
     provider: &dyn Provider,
     msg: &OutboundMessage,
@@ -194,7 +258,7 @@ async fn call_once(
 /// nothing of the provider's health.
 fn report_health(health: &ProviderHealth, result: &CallResult) {
     match result {
-        CallResult::Accepted { .. } => health.record(true),
+        CallResult::Accepted { .. } | CallResult::Found { .. } => health.record(true),
         CallResult::Refused(e) if e.rate_limited => {
             let wait = match e.class {
                 ErrorClass::Retryable {
@@ -207,6 +271,8 @@ fn report_health(health: &ProviderHealth, result: &CallResult) {
         // A permanent refusal is a healthy provider answering.
         CallResult::Refused(e) => health.record(e.class == ErrorClass::Permanent),
         CallResult::TimedOut(_) | CallResult::Panicked => health.record(false),
+        // No call made beyond the lookup, which could not tell: nothing learnt.
+        CallResult::NotResent => {}
     }
 }
 
@@ -223,6 +289,7 @@ pub fn decide_all(
         service: channel,
         provider,
         retry: &args.retry,
+        timeout: args.provider_timeout,
     };
     let mut d = Decided::default();
     for call in calls {
@@ -230,11 +297,11 @@ pub fn decide_all(
         d.panicked |= call.result == CallResult::Panicked;
         metrics::histogram!("provider_call_seconds", "provider" => provider)
             .record(call.took.as_secs_f64());
-        if call.claimed.possible_duplicate {
-            metrics::counter!("possible_duplicate_sends_total", "channel" => channel).increment(1);
-            tracing::warn!(id = %rec.id, "resending a message whose earlier provider call may have gone through");
-        }
         let decision = decide(&call.result, &call.claimed, ctx, now, rng);
+        if let Some(dup) = decision.outcome.possible_duplicate() {
+            metrics::counter!("possible_duplicate_sends_total", "channel" => channel, "cause" => dup.cause.as_str())
+                .increment(1);
+        }
         if let Outcome::Sent { .. } = decision.outcome {
             let latency = (now - rec.created_at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::histogram!("accept_to_sent_seconds", "channel" => channel).record(latency);

@@ -1,9 +1,10 @@
 //! A provider that answers each call from a script.
 
 use super::lock;
-use crate::domain::{OutboundMessage, ProviderError, ProviderReceipt};
+use crate::domain::{Lookup, OutboundMessage, ProviderError, ProviderReceipt};
 use crate::ports::Provider;
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,11 +24,15 @@ pub enum Answer {
 
 /// Answers from its script in order; once the script is empty, accepts every message
 /// (provider message ids `{name}-1`, `{name}-2`...). Keeps every message it was given.
+/// Lookups answer from their own script, then "cannot tell" (the default of the port).
 #[derive(Debug)]
 pub struct ScriptedProvider {
     name: &'static str,
     script: Mutex<VecDeque<Answer>>,
     sent: Mutex<Vec<OutboundMessage>>,
+    lookups: Mutex<VecDeque<Result<Lookup, ProviderError>>>,
+    /// Every lookup asked: the message's communication id and the `since` given.
+    looked_up: Mutex<Vec<(String, DateTime<Utc>)>>,
 }
 
 impl ScriptedProvider {
@@ -36,7 +41,19 @@ impl ScriptedProvider {
             name,
             script: Mutex::new(VecDeque::new()),
             sent: Mutex::new(Vec::new()),
+            lookups: Mutex::new(VecDeque::new()),
+            looked_up: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Answer the next lookups with `answers`, in order.
+    pub fn answer_lookups(&self, answers: impl IntoIterator<Item = Result<Lookup, ProviderError>>) {
+        lock(&self.lookups).extend(answers);
+    }
+
+    /// Every lookup asked: (communication id, since), in order.
+    pub fn looked_up(&self) -> Vec<(String, DateTime<Utc>)> {
+        lock(&self.looked_up).clone()
     }
 
     /// Answer the next calls with `answers`, in order.
@@ -81,5 +98,16 @@ impl Provider for ScriptedProvider {
                 }
             }
         }
+    }
+
+    async fn lookup(
+        &self,
+        msg: &OutboundMessage,
+        since: DateTime<Utc>,
+    ) -> Result<Lookup, ProviderError> {
+        lock(&self.looked_up).push((msg.communication_id.clone(), since));
+        lock(&self.lookups)
+            .pop_front()
+            .unwrap_or(Ok(Lookup::CannotTell))
     }
 }

@@ -4,7 +4,9 @@
 //! id is never stored again, as MongoDB's `void` placeholder makes a late insert fail.
 
 use super::{lock, Script};
-use crate::domain::{Channel, ClaimResult, Claimed, Communication, Outcome, Status};
+use crate::domain::{
+    Ambiguity, Channel, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
+};
 use crate::ports::{
     Dependency, DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store,
 };
@@ -38,6 +40,10 @@ struct Slot {
     /// The sweeper leaves the record alone until this.
     next_look: Option<DateTime<Utc>>,
     lease: Option<(String, Instant)>,
+    /// An attempt whose outcome is unknown, for the next claim.
+    unknown: Option<UnknownAttempt>,
+    /// The latest possible duplicate recorded (the record's `possibleDuplicate`).
+    flagged: Option<UnknownAttempt>,
 }
 
 #[derive(Debug)]
@@ -77,6 +83,8 @@ impl MemoryStore {
                 not_before: None,
                 next_look: None,
                 lease: None,
+                unknown: None,
+                flagged: None,
             },
         );
     }
@@ -96,6 +104,11 @@ impl MemoryStore {
     /// The record as stored now.
     pub fn record(&self, id: &str) -> Option<Communication> {
         lock(&self.records).get(id).map(|s| s.record.clone())
+    }
+
+    /// The record's possible-duplicate flag (`possibleDuplicate` with its attempt and cause).
+    pub fn flagged(&self, id: &str) -> Option<UnknownAttempt> {
+        lock(&self.records).get(id).and_then(|s| s.flagged)
     }
 
     pub fn records(&self) -> Vec<Communication> {
@@ -138,13 +151,21 @@ impl MemoryStore {
         {
             return ClaimResult::Busy;
         }
-        let possible_duplicate = s.record.status == Status::Sending;
+        // Still `sending`: the last claim ended without an outcome.
+        if s.record.status == Status::Sending {
+            let since = s.unknown.map_or(s.record.updated_at, |u| u.since);
+            s.unknown = Some(UnknownAttempt {
+                attempt: s.record.attempts,
+                cause: Ambiguity::StaleLease,
+                since: since.min(s.record.updated_at),
+            });
+        }
         s.record.status = Status::Sending;
         s.record.attempts += 1;
         s.lease = Some((owner.to_string(), now + stale_after));
         ClaimResult::Claimed(Box::new(Claimed {
             record: s.record.clone(),
-            possible_duplicate,
+            unknown: s.unknown,
         }))
     }
 
@@ -153,6 +174,7 @@ impl MemoryStore {
         r.attempts = attempt;
         r.updated_at = Utc::now();
         s.lease = None;
+        s.flagged = outcome.possible_duplicate().or(s.flagged);
         match outcome {
             Outcome::Sent {
                 provider,
@@ -163,7 +185,9 @@ impl MemoryStore {
                 r.provider = Some(provider.clone());
                 r.provider_message_id = provider_message_id.clone();
             }
-            Outcome::Failed { provider, error } => {
+            Outcome::Failed {
+                provider, error, ..
+            } => {
                 r.status = Status::Failed;
                 r.provider = Some(provider.clone());
                 r.last_error = Some(error.message.clone());
@@ -173,7 +197,10 @@ impl MemoryStore {
                 provider,
                 error,
                 not_before,
+                unknown,
+                ..
             } => {
+                s.unknown = unknown.or(s.unknown);
                 r.status = Status::Pending;
                 r.provider = Some(provider.clone());
                 r.last_error = Some(error.message.clone());
@@ -240,6 +267,8 @@ impl Store for MemoryStore {
                 not_before: None,
                 next_look: None,
                 lease: None,
+                unknown: None,
+                flagged: None,
             };
             all.insert(r.id.clone(), slot);
             answers.push(InsertResult::Inserted);

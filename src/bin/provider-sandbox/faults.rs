@@ -1,5 +1,9 @@
 //! The fault knobs: per provider, a latency, and a share of requests answered with an
-//! outage (`5xx`, `429`), a hang, or a fixed error in the provider's own body.
+//! outage (`5xx`, `429`), a hang, or a fixed error in the provider's own body; or taken
+//! and answered late (`late`: the message is accepted at once, the answer comes after
+//! `latency_ms`, as when a provider is slow to reply) or by a proxy (`gateway`: the
+//! message is accepted, the answer is a bare `502 Bad Gateway`, as when a proxy in front
+//! of the provider loses the answer).
 
 use crate::twilio::twilio_error;
 use crate::whatsapp::meta_error;
@@ -7,7 +11,7 @@ use crate::{json_status, Sandbox};
 use serde::Deserialize;
 use serde_json::json;
 use warp::http::StatusCode;
-use warp::reply::Response;
+use warp::reply::{Reply, Response};
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Fault {
@@ -45,6 +49,9 @@ fn with_retry_after(mut r: Response, secs: Option<u64>) -> Response {
 /// Apply the provider's fault, if any: `Some(answer)` short-cuts the request.
 pub async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
     let f = sb.faults.lock().unwrap().get(provider).cloned()?;
+    if f.mode == "late" || f.mode == "gateway" {
+        return None;
+    }
     if f.latency_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(f.latency_ms)).await;
     }
@@ -96,6 +103,47 @@ pub async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
             }
         }
     })
+}
+
+/// What becomes of the answer of a request that is otherwise handled as usual (the
+/// message is taken first).
+pub enum AfterTaking {
+    /// `late`: held this long.
+    Late(std::time::Duration),
+    /// `gateway`: replaced by a proxy's `502 Bad Gateway`, without the provider's body.
+    Gateway,
+}
+
+/// Under the `late` or `gateway` knob (for the share `rate` of requests), what becomes of
+/// the answer.
+pub fn after_taking(sb: &Sandbox, provider: &str) -> Option<AfterTaking> {
+    let f = sb.faults.lock().unwrap().get(provider).cloned()?;
+    if rand::random::<f64>() >= f.rate {
+        return None;
+    }
+    match f.mode.as_str() {
+        "late" => Some(AfterTaking::Late(std::time::Duration::from_millis(
+            f.latency_ms,
+        ))),
+        "gateway" => Some(AfterTaking::Gateway),
+        _ => None,
+    }
+}
+
+/// The answer, as `after` makes it.
+pub async fn answer_after(after: Option<AfterTaking>, answer: Response) -> Response {
+    match after {
+        None => answer,
+        Some(AfterTaking::Late(d)) => {
+            tokio::time::sleep(d).await;
+            answer
+        }
+        Some(AfterTaking::Gateway) => warp::reply::with_status(
+            warp::reply::html("<html><body><h1>502 Bad Gateway</h1></body></html>"),
+            StatusCode::BAD_GATEWAY,
+        )
+        .into_response(),
+    }
 }
 
 impl Sandbox {

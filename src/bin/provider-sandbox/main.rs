@@ -10,13 +10,17 @@
 //!   JSON body; answers `200 {"messaging_product","contacts","messages":[{"id"}]}` or
 //!   `{"error":{"message","type","code","error_data","fbtrace_id"}}`. Recipient
 //!   +15005550001 → 131026 (undeliverable).
+//!   `GET /2010-04-01/Accounts/{AccountSid}/Messages.json` lists Message resources as
+//!   Twilio does (filters `To`, `From`, `DateSent`, `DateSent<`, `DateSent>`; paged).
 //! - `GET /__sandbox/messages` lists what was accepted (`?provider=twilio|whatsapp`);
 //!   `DELETE /__sandbox/messages` forgets it.
 //! - Fault knobs, per provider: `POST /__sandbox/faults` with
-//!   `{"provider":"twilio"|"whatsapp","mode":"none"|"5xx"|"429"|"hang"|"error",
+//!   `{"provider":"twilio"|"whatsapp","mode":"none"|"5xx"|"429"|"hang"|"error"|"late"|"gateway",
 //!     "status":503,"code":20500,"message":"...","retry_after":2,"latency_ms":0,"rate":1.0}`
 //!   (`rate`: the share of requests affected; `error` answers `status` with the provider's
-//!   error body for `code`); `DELETE /__sandbox/faults` clears them; `GET` lists them.
+//!   error body for `code`; `late` takes the message, then answers after `latency_ms`;
+//!   `gateway` takes it, then answers a bare `502 Bad Gateway` as a proxy would);
+//!   `DELETE /__sandbox/faults` clears them; `GET` lists them.
 //!
 //! `twilio.rs` and `whatsapp.rs` hold each provider's checks, answers and callbacks,
 //! `faults.rs` the fault knobs; this file the shared state, the routes and `main`.
@@ -29,7 +33,7 @@ mod faults;
 mod twilio;
 mod whatsapp;
 
-use faults::{fault_for, Fault};
+use faults::{after_taking, answer_after, fault_for, Fault};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -139,11 +143,21 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
         .and(warp::body::form::<HashMap<String, String>>())
         .and(with(sb.clone()))
         .then(|sid, auth, form, sb: Sandbox| async move {
-            match fault_for(&sb, "twilio").await {
+            let after = after_taking(&sb, "twilio");
+            let answer = match fault_for(&sb, "twilio").await {
                 Some(r) => r,
                 None => sb.twilio(sid, auth, form),
-            }
+            };
+            answer_after(after, answer).await
         });
+    let twilio_list = warp::get()
+        .and(warp::path!(
+            "2010-04-01" / "Accounts" / String / "Messages.json"
+        ))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::<HashMap<String, String>>())
+        .and(with(sb.clone()))
+        .map(|sid, auth, query, sb: Sandbox| sb.twilio_list(sid, auth, query));
     let wa_versioned = warp::post()
         .and(warp::path!(String / String / "messages"))
         .map(|_version: String, id: String| id);
@@ -155,15 +169,17 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
         .and(warp::body::bytes())
         .and(with(sb))
         .then(|id, auth, body: bytes::Bytes, sb: Sandbox| async move {
+            let after = after_taking(&sb, "whatsapp");
             if let Some(r) = fault_for(&sb, "whatsapp").await {
                 return r;
             }
-            match serde_json::from_slice(&body) {
+            let answer = match serde_json::from_slice(&body) {
                 Ok(v) => sb.whatsapp(id, auth, v),
                 Err(_) => meta_error(400, 100, "(#100) Invalid parameter", "the body is not JSON"),
-            }
+            };
+            answer_after(after, answer).await
         });
-    twilio.or(whatsapp).unify()
+    twilio.or(twilio_list).unify().or(whatsapp).unify()
 }
 
 /// What the tests call: `/__sandbox/messages`, `/__sandbox/faults`, `/__sandbox/webhooks`.

@@ -28,6 +28,15 @@ fn basic_auth(header: Option<&str>) -> Option<(String, String)> {
     Some((u.to_string(), p.to_string()))
 }
 
+/// The GMT day (`YYYY-MM-DD`) of a Message resource's `date_sent` (RFC 2822).
+fn sent_day(resource: &Value) -> String {
+    resource["date_sent"]
+        .as_str()
+        .and_then(|d| chrono::DateTime::parse_from_rfc2822(d).ok())
+        .map(|d| d.with_timezone(&chrono::Utc).format("%Y-%m-%d").to_string())
+        .unwrap_or_default()
+}
+
 /// A Twilio request that passed Twilio's checks.
 struct TwilioRequest<'a> {
     to: &'a str,
@@ -50,14 +59,92 @@ impl Sandbox {
             Err(no) => return twilio_error(no.status, no.code, &no.message),
         };
         let msid = format!("SM{}", self.next_hex(32));
+        let resource = self.twilio_resource(&req, &msid);
         self.received.lock().unwrap().push(json!({
             "provider": "twilio", "id": msid, "to": req.to, "from": req.from,
-            "messagingServiceSid": req.mss, "body": req.body,
+            "messagingServiceSid": req.mss, "body": req.body, "resource": resource,
         }));
         if let Some(cb) = form.get("StatusCallback") {
             self.twilio_callbacks(cb.clone(), &req, &msid);
         }
-        json_status(self.twilio_resource(&req, &msid), StatusCode::CREATED)
+        json_status(resource, StatusCode::CREATED)
+    }
+
+    /// Twilio's `GET .../Messages.json` (read multiple Message resources): filters `To`,
+    /// `From`, `DateSent` / `DateSent<` / `DateSent>` (`YYYY-MM-DD`, GMT, inclusive), newest
+    /// first, paged with `PageSize` (default 50, at most 1000) and `Page`; the page answer
+    /// carries `messages`, `page`, `page_size`, `start`, `end`, `uri`, `first_page_uri`,
+    /// `next_page_uri` and `previous_page_uri` as Twilio's does.
+    pub fn twilio_list(
+        &self,
+        sid: String,
+        auth: Option<String>,
+        query: HashMap<String, String>,
+    ) -> Response {
+        if !self.twilio_auth_ok(&sid, auth.as_deref()) {
+            return twilio_error(401, 20003, "Authenticate");
+        }
+        let q = |k: &str| query.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        let day = |k: &str| q(k).map(|v| v.get(..10).unwrap_or(v).to_string());
+        let (on, before, after) = (day("DateSent"), day("DateSent<"), day("DateSent>"));
+        let page_size: usize = q("PageSize")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50)
+            .clamp(1, 1000);
+        let page: usize = q("Page").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let all: Vec<Value> = self
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .filter(|m| m["provider"] == "twilio")
+            .map(|m| m["resource"].clone())
+            .filter(|r| q("To").is_none_or(|to| r["to"] == to))
+            .filter(|r| q("From").is_none_or(|from| r["from"] == from))
+            .filter(|r| {
+                let sent = sent_day(r);
+                on.as_ref().is_none_or(|d| &sent == d)
+                    && before.as_ref().is_none_or(|d| &sent <= d)
+                    && after.as_ref().is_none_or(|d| &sent >= d)
+            })
+            .collect();
+        let start = page * page_size;
+        let items: Vec<Value> = all.iter().skip(start).take(page_size).cloned().collect();
+        let mut filters: Vec<(String, String)> =
+            ["To", "From", "DateSent", "DateSent<", "DateSent>"]
+                .iter()
+                .filter_map(|k| q(k).map(|v| (k.to_string(), v.to_string())))
+                .collect();
+        filters.push(("PageSize".into(), page_size.to_string()));
+        let uri = |p: usize| {
+            let mut f = filters.clone();
+            f.push(("Page".into(), p.to_string()));
+            let qs = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(f)
+                .finish();
+            format!("/2010-04-01/Accounts/{sid}/Messages.json?{qs}")
+        };
+        let more = start + items.len() < all.len();
+        json_status(
+            json!({
+                "messages": items,
+                "page": page,
+                "page_size": page_size,
+                "start": start,
+                "end": (start + items.len()).saturating_sub(1),
+                "uri": uri(page),
+                "first_page_uri": uri(0),
+                "next_page_uri": if more { Value::from(uri(page + 1)) } else { Value::Null },
+                "previous_page_uri": if page > 0 { Value::from(uri(page - 1)) } else { Value::Null },
+            }),
+            StatusCode::OK,
+        )
+    }
+
+    fn twilio_auth_ok(&self, sid: &str, auth: Option<&str>) -> bool {
+        matches!(basic_auth(auth), Some((u, p))
+            if u == self.account_sid && p == self.auth_token && sid == self.account_sid)
     }
 
     fn twilio_request<'a>(
@@ -66,10 +153,8 @@ impl Sandbox {
         auth: Option<&str>,
         form: &'a HashMap<String, String>,
     ) -> Result<TwilioRequest<'a>, Refusal> {
-        match basic_auth(auth) {
-            Some((u, p))
-                if u == self.account_sid && p == self.auth_token && sid == self.account_sid => {}
-            _ => return Err(Refusal::new(401, 20003, "Authenticate", "")),
+        if !self.twilio_auth_ok(sid, auth) {
+            return Err(Refusal::new(401, 20003, "Authenticate", ""));
         }
         let field = |k: &str| form.get(k).map(String::as_str);
         let req = TwilioRequest {
@@ -112,6 +197,8 @@ impl Sandbox {
         }
     }
 
+    /// The Message resource. The stand-in hands a message on at once, so `date_sent` is
+    /// its creation time (Twilio sets it once the carrier takes it).
     fn twilio_resource(&self, req: &TwilioRequest, msid: &str) -> Value {
         let now = chrono::Utc::now().to_rfc2822();
         let account = &self.account_sid;
@@ -120,7 +207,7 @@ impl Sandbox {
             "api_version": "2010-04-01",
             "body": req.body,
             "date_created": now,
-            "date_sent": null,
+            "date_sent": now,
             "date_updated": now,
             "direction": "outbound-api",
             "error_code": null,
