@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{client, client_for, eventually, shared, unique, Proc, API_KEY, OTHER_KEY};
+use common::{
+    client, client_for, eventually, shared, start_isolated, unique, Proc, API_KEY, OTHER_KEY,
+};
 use mongodb::bson::{doc, oid::ObjectId};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
@@ -16,17 +18,6 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn sms(to: &str, msg: &str) -> Value {
     json!({"type": "sms", "data": {"from": "+15550001111", "to": to, "msg": msg}})
-}
-
-/// A service of its own on the shared stack, with Redis database `db` to itself: it
-/// shares no stream with the shared service, so stopping it strands no entry that the
-/// shared service would have to wait out the claim time for.
-fn start_isolated(db: u8, env: &[(&str, &str)]) -> common::Service {
-    let (stack, _) = shared();
-    let redis = format!("redis://127.0.0.1:{}/{db}", stack.redis_port);
-    let mut env = env.to_vec();
-    env.push(("REDIS_URL", &redis));
-    stack.start_service(&env)
 }
 
 /// A phone number nobody else in this run texts.

@@ -3,19 +3,10 @@
 
 mod common;
 
-use common::shared;
+use common::start_isolated;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A service of its own (Redis database `db`), so its limits touch no other test.
-fn start_isolated(db: u8, env: &[(&str, &str)]) -> common::Service {
-    let (stack, _) = shared();
-    let redis = format!("redis://127.0.0.1:{}/{db}", stack.redis_port);
-    let mut env = env.to_vec();
-    env.push(("REDIS_URL", &redis));
-    stack.start_service(&env)
-}
 
 /// A slowloris client: the start of a request, then one header byte every 300 ms, never
 /// finishing. Returns how long the server let it live (it stops trying after `give_up`).

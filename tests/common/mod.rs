@@ -421,8 +421,9 @@ impl Stack {
         .collect()
     }
 
-    /// Start the service binary against this stack; waits for `/healthz`.
-    pub fn start_service(&self, extra_env: &[(&str, &str)]) -> Service {
+    /// Spawn the service binary on a free port with this stack's environment plus
+    /// `extra_env`; nothing is waited for.
+    fn spawn_service(&self, extra_env: &[(&str, &str)]) -> (u16, Proc) {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
         cmd.current_dir(root());
@@ -432,7 +433,13 @@ impl Stack {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let mut proc = Proc::spawn(&format!("service-{port}"), &self.dir, &mut cmd);
+        let proc = Proc::spawn(&format!("service-{port}"), &self.dir, &mut cmd);
+        (port, proc)
+    }
+
+    /// Start the service binary against this stack; waits for `/healthz`.
+    pub fn start_service(&self, extra_env: &[(&str, &str)]) -> Service {
+        let (port, mut proc) = self.spawn_service(extra_env);
         proc.wait_port(port, Duration::from_secs(20));
         // Point the stand-in's WhatsApp webhook here, as one would in Meta's dashboard.
         let hook = format!("http://127.0.0.1:{port}/api/v1/callbacks/whatsapp");
@@ -760,16 +767,7 @@ impl Stack {
     /// Start the service binary and return the moment its port opens, before anything
     /// else (no `/readyz` wait, no webhook set-up): for tests of what it does at start-up.
     pub fn start_service_bare(&self, extra_env: &[(&str, &str)]) -> Service {
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
-        cmd.current_dir(root());
-        for (k, v) in self.service_env(port) {
-            cmd.env(k, v);
-        }
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let proc = Proc::spawn(&format!("service-{port}"), &self.dir, &mut cmd);
+        let (port, proc) = self.spawn_service(extra_env);
         let start = Instant::now();
         while !port_open(port) {
             assert!(
@@ -806,4 +804,15 @@ pub async fn clear_faults(stack: &Stack) {
         .send()
         .await
         .unwrap();
+}
+
+/// A service of its own on the shared stack, with Redis database `db` to itself: it
+/// shares no stream with the shared service, so stopping it strands no entry that the
+/// shared service would have to wait out the claim time for.
+pub fn start_isolated(db: u8, env: &[(&str, &str)]) -> Service {
+    let (stack, _) = shared();
+    let redis = format!("redis://127.0.0.1:{}/{db}", stack.redis_port);
+    let mut env = env.to_vec();
+    env.push(("REDIS_URL", &redis));
+    stack.start_service(&env)
 }
