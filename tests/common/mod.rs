@@ -48,12 +48,33 @@ pub fn venv() -> PathBuf {
     root().join(".venv")
 }
 
+/// A port for a server of the test stack: below Linux's ephemeral range (32768-60999 by
+/// default), so no outgoing connection can be holding it as its source port by the time the
+/// server binds it, and never the same port twice in one test binary (two servers handed one
+/// port made one of them answer for the other).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let mut given = GIVEN.get_or_init(|| Mutex::new(HashSet::new())).lock().unwrap();
+    // Spread the processes of parallel test binaries over the range from different places.
+    let seed = std::process::id() as u64 ^ std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .subsec_nanos() as u64;
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    for i in 0..SPAN {
+        let port = (LOW + (seed.wrapping_mul(7_919) + i * 37) % SPAN) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN);
 }
 
 fn port_open(port: u16) -> bool {
@@ -122,6 +143,16 @@ impl Proc {
         let start = Instant::now();
         while start.elapsed() < within {
             if port_open(port) {
+                // Someone answers; make sure it is this process and not an old listener it
+                // failed to bind beside.
+                std::thread::sleep(Duration::from_millis(30));
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!(
+                        "{} exited ({status}) although port {port} is open:\n{}",
+                        self.name,
+                        self.log_tail()
+                    );
+                }
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
