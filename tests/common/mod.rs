@@ -56,12 +56,16 @@ pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock};
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let mut given = GIVEN.get_or_init(|| Mutex::new(HashSet::new())).lock().unwrap();
+    let mut given = GIVEN
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .unwrap();
     // Spread the processes of parallel test binaries over the range from different places.
-    let seed = std::process::id() as u64 ^ std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
     const LOW: u64 = 20_000;
     const SPAN: u64 = 12_000;
     for i in 0..SPAN {
