@@ -204,3 +204,35 @@ fn prometheus_scrapes_with_the_metrics_token() {
     let mounted = format!("{:?}", c["services"]["prometheus"]["secrets"]);
     assert!(mounted.contains("metrics_token"), "{mounted}");
 }
+
+/// `cargo tree` of the root crate with the given dependency kinds, features shown.
+fn feature_tree(edges: &str) -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["tree", "--locked", "--offline", "-p", "comm-aggregator"])
+        .args(["-e", edges, "--prefix", "none", "-i", "actors"])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn fault_injection_is_compiled_into_test_builds_only() {
+    const FEATURE: &str = "actors feature \"fault-injection\"";
+    // What `cargo build --release` compiles: no dev-dependencies, so no fault markers.
+    let release = feature_tree("normal,build,features");
+    assert!(
+        !release.contains(FEATURE),
+        "a release build must not have the fault markers:\n{release}"
+    );
+    // What `cargo test` compiles (this binary among it) has them, and says so.
+    let test = feature_tree("normal,build,dev,features");
+    assert!(test.contains(FEATURE), "{test}");
+    const { assert!(actors::FAULT_INJECTION_BUILT) };
+}

@@ -54,3 +54,7 @@ pub mod sweeper;
 pub mod testing;
 
 pub use ractor;
+
+/// Whether this build honours the fault suite's markers (the `fault-injection` feature, which
+/// only test builds enable). The service refuses `FAULT_INJECTION=true` when it is `false`.
+pub const FAULT_INJECTION_BUILT: bool = cfg!(feature = "fault-injection");

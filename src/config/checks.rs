@@ -19,7 +19,20 @@ const RULES: &[Rule] = &[
     callbacks_outwait_receipts,
     super::transport::transports_are_encrypted,
     super::transport::dev_mode_only_on_loopback,
+    fault_injection_only_in_test_builds,
 ];
+
+/// `FAULT_INJECTION` is a test switch: a build without the `fault-injection` feature (every
+/// release build) has no code that honours the markers, and says so instead of starting as if
+/// it had.
+fn fault_injection_only_in_test_builds(c: &Config) -> Result<(), ConfigError> {
+    if c.sender.fault_injection && !actors::FAULT_INJECTION_BUILT {
+        return Err(bad(
+            "FAULT_INJECTION=true (sender.fault_injection): this build has no fault injection; it is compiled only into test builds (the actors crate's `fault-injection` feature)".to_string(),
+        ));
+    }
+    Ok(())
+}
 
 fn callbacks_outwait_receipts(c: &Config) -> Result<(), ConfigError> {
     if c.receipts.apply_timeout <= c.receipts.wait_for_record {

@@ -131,9 +131,11 @@ pub struct Delivery {
     pub panicked: bool,
 }
 
-/// Fault injection for the fault suite, off unless `faults.enabled`: a message whose body
-/// holds `#panic-always#` crashes the sender before any provider call of its batch, every
-/// time (a poison message); `#panic-once#` does so on its first attempt only.
+/// Fault injection for the fault suite, off unless `faults` is set, and compiled in only with
+/// the `fault-injection` feature (test builds): a message whose body holds `#panic-always#`
+/// crashes the sender before any provider call of its batch, every time (a poison message);
+/// `#panic-once#` does so on its first attempt only.
+#[cfg(feature = "fault-injection")]
 fn injected_crash(args: &SenderArgs, to_send: &[ToSend]) {
     if !args.faults {
         return;
@@ -147,6 +149,10 @@ fn injected_crash(args: &SenderArgs, to_send: &[ToSend]) {
         }
     }
 }
+
+/// Without the `fault-injection` feature no marker is honoured, whatever the settings say.
+#[cfg(not(feature = "fault-injection"))]
+fn injected_crash(_args: &SenderArgs, _to_send: &[ToSend]) {}
 
 /// One batch through every stage. `owner` names this batch's claims.
 pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) -> Delivery {
