@@ -176,22 +176,14 @@ impl MongoStore {
         })
     }
 
-    /// The document as the API shows it.
+    /// The document as JSON: `_id` as `id`, dates as RFC 3339. What of it a tenant sees is
+    /// decided by the HTTP edge's allow-list (`http/view.rs`).
     pub fn to_api_json(d: &Document) -> serde_json::Value {
         let mut v: serde_json::Value = Bson::Document(d.clone()).into_relaxed_extjson();
         if let Some(obj) = v.as_object_mut() {
             if let Ok(id) = d.get_object_id("_id") {
                 obj.remove("_id");
                 obj.insert("id".into(), serde_json::Value::String(id.to_hex()));
-            }
-            for k in [
-                "claimedBy",
-                "claimKind",
-                "nextAttemptAt",
-                "requestHash",
-                "receiptStamp",
-            ] {
-                obj.remove(k);
             }
             for (_, val) in obj.iter_mut() {
                 flatten_dates(val);

@@ -197,7 +197,10 @@ async fn get(
         return Err(ApiError::InvalidId);
     }
     match state.store.get_doc(&id, &who.tenant).await {
-        Ok(Some(d)) => Ok(warp::reply::json(&MongoStore::to_api_json(&d)).into_response()),
+        Ok(Some(d)) => {
+            let shown = super::view::record(MongoStore::to_api_json(&d));
+            Ok(warp::reply::json(&shown).into_response())
+        }
         Ok(None) => Err(ApiError::NoCommunication(id)),
         Err(e) => {
             tracing::warn!(error = %e, "lookup failed");

@@ -12,6 +12,7 @@
 //! - `communications.rs`: accept a communication, read one back.
 //! - `search.rs`: search the communications.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
+//! - `view.rs`: what a tenant sees of a record, an allow-list of fields.
 //! - `operations.rs`: health, readiness, metrics, the OpenAPI document, provider health.
 //!
 //! This file assembles the routes and wraps them in what every request gets: an
@@ -25,6 +26,7 @@ mod operations;
 pub mod routes;
 mod search;
 mod state;
+mod view;
 
 pub use body::BODY_LIMIT;
 pub use errors::ApiError;

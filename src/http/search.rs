@@ -31,7 +31,7 @@ async fn search_communications(
     let (body, page, size) = search::build_query(&params, &who.tenant)?;
     let es = state.search.client();
     match search::search(es, &state.communications_index, body, page, size).await {
-        Ok(v) => Ok(warp::reply::json(&v).into_response()),
+        Ok(v) => Ok(warp::reply::json(&super::view::search_answer(v)).into_response()),
         Err(e) => {
             tracing::warn!(error = %e, "search failed");
             Err(ApiError::SearchUnavailable)

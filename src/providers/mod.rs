@@ -1,6 +1,7 @@
 //! Provider clients, each speaking the provider's documented API, and the pure functions
 //! that classify their answers as success, retryable or permanent.
 
+pub mod scrub;
 pub mod smtp;
 pub mod twilio;
 pub mod whatsapp;

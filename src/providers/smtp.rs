@@ -7,6 +7,7 @@
 //! mail systems downstream that dedupe on it see the resend as the same message.
 
 use super::classify_smtp;
+use super::scrub::Scrub;
 use actors::domain::{Ambiguity, ErrorClass, OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
 use async_trait::async_trait;
@@ -22,6 +23,7 @@ pub struct SmtpUrlError(#[from] lettre::transport::smtp::Error);
 pub struct Smtp {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     default_subject: String,
+    scrub: Scrub,
 }
 
 impl Smtp {
@@ -29,9 +31,27 @@ impl Smtp {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)?
             .timeout(Some(timeout))
             .build();
+        let parsed = url::Url::parse(url).ok();
+        let host = parsed
+            .as_ref()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let user = parsed
+            .as_ref()
+            .map(|u| u.username().to_string())
+            .unwrap_or_default();
+        let password = parsed
+            .as_ref()
+            .and_then(|u| u.password().map(str::to_string))
+            .unwrap_or_default();
         Ok(Smtp {
             transport,
             default_subject: default_subject.into(),
+            scrub: Scrub::new([
+                (host.as_str(), "<relay>"),
+                (user.as_str(), "<user>"),
+                (password.as_str(), "<secret>"),
+            ]),
         })
     }
 }
@@ -57,7 +77,14 @@ impl Provider for Smtp {
         "smtp"
     }
 
+    /// Errors scrubbed of our identifiers (see [`Scrub`]): they are stored on records.
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
+        self.send_raw(msg).await.map_err(|e| self.scrub.error(e))
+    }
+}
+
+impl Smtp {
+    async fn send_raw(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
         let from: Mailbox = msg
             .from
             .parse()

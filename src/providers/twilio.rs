@@ -11,6 +11,7 @@
 //! What it cannot rule out: an identical body sent to the same number by something else
 //! in that window would be taken for ours.
 
+use super::scrub::Scrub;
 use super::{classify_twilio, network_error, retry_after, status_ambiguity};
 use actors::domain::{Lookup, OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
@@ -35,6 +36,7 @@ pub struct Twilio {
     auth_token: String,
     messaging_service_sid: Option<String>,
     status_callback: Option<String>,
+    scrub: Scrub,
 }
 
 impl Twilio {
@@ -59,6 +61,11 @@ impl Twilio {
             messaging_service_sid: Some(messaging_service_sid.to_string())
                 .filter(|s| !s.is_empty()),
             status_callback,
+            scrub: Scrub::new([
+                (account_sid, "<account>"),
+                (auth_token, "<secret>"),
+                (messaging_service_sid, "<messaging service>"),
+            ]),
         }
     }
 }
@@ -66,7 +73,14 @@ impl Twilio {
 impl Twilio {
     /// One request with Twilio's basic auth: the JSON body of a 2xx answer, else Twilio's
     /// error (see [`classify_twilio`]; a 502/503/504 without Twilio's body is ambiguous).
+    /// Errors scrubbed of our identifiers (see [`Scrub`]): they are stored on records.
     async fn call(&self, request: reqwest::RequestBuilder) -> Result<Value, ProviderError> {
+        self.call_raw(request)
+            .await
+            .map_err(|e| self.scrub.error(e))
+    }
+
+    async fn call_raw(&self, request: reqwest::RequestBuilder) -> Result<Value, ProviderError> {
         let res = request
             .basic_auth(&self.account_sid, Some(&self.auth_token))
             .send()

@@ -5,6 +5,7 @@
 //! way to ask whether a message was taken, so `lookup` keeps the port's default ("cannot
 //! tell") and a message whose earlier attempt is unknown is sent again, flagged.
 
+use super::scrub::Scrub;
 use super::{classify_meta, network_error, retry_after, status_ambiguity};
 use actors::domain::{OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
@@ -18,6 +19,7 @@ pub struct WhatsApp {
     http: reqwest::Client,
     url: String,
     token: String,
+    scrub: Scrub,
 }
 
 impl WhatsApp {
@@ -35,6 +37,7 @@ impl WhatsApp {
                 phone_number_id
             ),
             token: token.into(),
+            scrub: Scrub::new([(phone_number_id, "<phone-number-id>"), (token, "<secret>")]),
         }
     }
 }
@@ -45,7 +48,14 @@ impl Provider for WhatsApp {
         NAME
     }
 
+    /// Errors scrubbed of our identifiers (see [`Scrub`]): they are stored on records.
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
+        self.send_raw(msg).await.map_err(|e| self.scrub.error(e))
+    }
+}
+
+impl WhatsApp {
+    async fn send_raw(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
         let body = json!({
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
