@@ -72,3 +72,28 @@ fn dev_mode_on_a_public_address_stops_start_up() {
     assert!(!status.success());
     assert!(out.contains("DEV_MODE") && out.contains("HOST"), "{out}");
 }
+
+#[test]
+fn a_refused_url_is_named_without_its_credentials() {
+    for (var, value) in [
+        ("MONGODB_URL", "postgres://admin:s3cret-pw@db.internal/x"),
+        ("REDIS_URL", "redis://:s3cret-pw@cache.example.com:6379/0"),
+        ("SMTP_URL", "smtp://mailer:s3cret-pw@mail.example.com:25"),
+        (
+            "ELASTICSEARCH_NODE",
+            "ftp://elastic:s3cret-pw@search.example.com",
+        ),
+        ("MONGODB_URL", "mongodb://admin:s3cret-pw@[::1"),
+    ] {
+        let (status, out) = start_with(&[(var, value)]);
+        assert!(
+            !status.success(),
+            "{var}={value} must stop start-up:\n{out}"
+        );
+        assert!(out.contains(var), "the message names {var}:\n{out}");
+        assert!(
+            !out.contains("s3cret-pw"),
+            "the password of {var} is printed:\n{out}"
+        );
+    }
+}

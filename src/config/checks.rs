@@ -47,11 +47,13 @@ pub(super) fn run(cfg: &Config) -> Result<(), ConfigError> {
     RULES.iter().try_for_each(|rule| rule(cfg))
 }
 
+/// `v` is shown with its credentials replaced ([`super::redact::url`]).
 fn url(name: &str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
-    let u = url::Url::parse(v).map_err(|e| bad(format!("{name}={v:?} is not a URL: {e}")))?;
+    let shown = super::redact::url(v);
+    let u = url::Url::parse(v).map_err(|e| bad(format!("{name}={shown:?} is not a URL: {e}")))?;
     if !schemes.contains(&u.scheme()) {
         return Err(bad(format!(
-            "{name}={v:?}: scheme must be one of {schemes:?}"
+            "{name}={shown:?}: scheme must be one of {schemes:?}"
         )));
     }
     Ok(())

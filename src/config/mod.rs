@@ -9,6 +9,7 @@
 
 mod checks;
 mod env;
+pub mod redact;
 mod transport;
 
 pub use env::{env_help, EnvVar, ENV, ENV_VARS};
