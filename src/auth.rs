@@ -230,6 +230,20 @@ impl ApiKeys {
     }
 }
 
+impl ApiKeys {
+    /// The tenant a bearer key names, without spending anything (for the audit trail).
+    pub fn tenant_of(&self, key: Option<&str>) -> Option<String> {
+        if self.dev.is_some() {
+            return Some(DEFAULT_TENANT.to_string());
+        }
+        let presented = digest(key?.as_bytes());
+        self.entries
+            .iter()
+            .find(|e| ct_eq(&e.spec.digest, &presented))
+            .map(|e| e.spec.tenant.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@
 //! - [`log_indexer`]: LogIndexer, `log_stream` into Elasticsearch.
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
 //! - [`stats`]: StatsActor, stream trimming and gauges.
+//! - [`audit`]: AuditActor, security events into their own index.
 //! - [`domain`]: pure data and rules — channels, validation, records, outcomes, log
 //!   events ([`domain::EventStatus`]).
 //! - [`ports`]: the traits the actors need (`Store`, `Queue`, `SearchSink`, `Provider`) and
@@ -36,6 +37,7 @@
 //! - [`retry`]: the per-message retry policy; [`backoff`]: the one backoff mechanism and
 //!   `retry_until`; [`batch`]: the batch limits (items, bytes, time).
 
+pub mod audit;
 pub mod backoff;
 pub mod batch;
 pub mod call;

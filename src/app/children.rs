@@ -2,6 +2,8 @@
 
 use super::parts::Parts;
 use crate::config::Config;
+use actors::audit::{self, AuditActor, AuditArgs};
+use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Queue, SearchSink, Store};
@@ -37,7 +39,7 @@ struct Ports {
     consumer: String,
 }
 
-/// The supervisor's children, in start order: receipts and the LogIndexer first (the
+/// The supervisor's children, in start order: the audit trail, receipts and the LogIndexer first (the
 /// senders report to them), then the senders, the consumers that feed them, the router,
 /// the stats and the sweeper.
 pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
@@ -47,7 +49,11 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
         search: parts.search.clone(),
         consumer: consumer_name(cfg),
     };
-    let mut specs = vec![receipts_spec(cfg, &ports), indexer_spec(cfg, &ports)];
+    let mut specs = vec![
+        audit_spec(cfg, &ports),
+        receipts_spec(cfg, &ports),
+        indexer_spec(cfg, &ports),
+    ];
     specs.extend(Channel::ALL.map(|ch| sender_spec(cfg, parts, &ports, ch)));
     specs.extend(Channel::ALL.map(|ch| consumer_spec(cfg, parts, &ports, ch)));
     specs.push(router_spec(cfg, &ports));
@@ -157,6 +163,16 @@ fn stats_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         interval: cfg.stats.interval,
     };
     spec(stats::NAME.to_string(), || StatsActor, args)
+}
+
+fn audit_spec(cfg: &Config, p: &Ports) -> ChildSpec {
+    let args = AuditArgs {
+        search: p.search.clone(),
+        index: cfg.audit.index.clone(),
+        batch: BatchSettings::new(cfg.audit.batch_max, cfg.audit.linger),
+        max_buffered: cfg.audit.max_buffered,
+    };
+    spec(audit::NAME.to_string(), || AuditActor, args)
 }
 
 fn sweeper_spec(cfg: &Config, p: &Ports) -> ChildSpec {

@@ -7,7 +7,8 @@ mod parts;
 pub mod server;
 mod telemetry;
 
-pub use children::{child_specs, consumer_name};
+use actors::audit::{AuditEvent, AuditKind};
+use children::{child_specs, consumer_name};
 pub use parts::Parts;
 pub use telemetry::{install_metrics, MetricsError};
 
@@ -185,6 +186,35 @@ fn log_start(cfg: &Config, state: &http::AppState) {
     if cfg.sender.fault_injection {
         tracing::warn!("FAULT_INJECTION is on: test markers in message bodies crash the sender");
     }
+    let mut started = AuditEvent::new(AuditKind::ConfigLoaded, config_summary(cfg));
+    started.route = Some(format!("start {}", consumer_name(cfg)));
+    actors::audit::record(started);
+}
+
+/// What a process started with, for the audit trail: the switches and where it connects,
+/// never a secret (URLs through [`crate::config::redact::url`], keys as a count per tenant).
+fn config_summary(cfg: &Config) -> serde_json::Value {
+    use crate::config::redact::url;
+    let mut tenants: Vec<&str> = cfg.auth.keys.iter().map(|k| k.tenant.as_str()).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    serde_json::json!({
+        "keys": cfg.auth.keys.len(),
+        "tenants": tenants,
+        "devMode": cfg.auth.dev_mode,
+        "faultInjection": cfg.sender.fault_injection,
+        "allowInsecureTransport": cfg.server.allow_insecure_transport,
+        "metricsToken": cfg.auth.metrics_token.is_some(),
+        "publicBaseUrl": url(&cfg.callbacks.public_base_url),
+        "mongodb": url(&cfg.mongodb.url),
+        "redis": url(&cfg.redis.url),
+        "elasticsearch": url(&cfg.elasticsearch.node),
+        "smtp": url(&cfg.providers.email.smtp_url),
+        "twilioApiBase": url(&cfg.providers.sms.api_base),
+        "whatsappApiBase": url(&cfg.providers.whatsapp.api_base),
+        "ratePerSec": cfg.auth.rate_per_sec,
+        "burst": cfg.auth.burst,
+    })
 }
 
 /// The HTTP server, running, and how to stop it.

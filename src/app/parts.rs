@@ -60,6 +60,7 @@ fn search(cfg: &Config) -> Result<ElasticSink, RunError> {
         timeout: Some(es.timeout),
     };
     ElasticSink::new(&es.node, &access, &es.communications_index, &es.logs_index)
+        .map(|sink| sink.with_audit_index(&cfg.audit.index))
         .map_err(RunError::Elasticsearch)
 }
 

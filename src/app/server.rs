@@ -46,8 +46,8 @@ pub async fn serve<F, R>(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors and the like: wait a moment rather than spin.
                 tracing::warn!(error = %err, "cannot accept a connection");
@@ -63,6 +63,7 @@ pub async fn serve<F, R>(
         let service = RequestDeadline {
             inner: warp::service(routes.clone()),
             limit: limits.request_timeout,
+            peer,
         };
         let conn = builder(&limits)
             .serve_connection_with_upgrades(
@@ -93,11 +94,13 @@ fn builder(limits: &ServerLimits) -> Builder<TokioExecutor> {
 }
 
 /// A request that is not answered within `limit` (a body trickling in, say) is answered
-/// 408 and its handler dropped.
+/// 408 and its handler dropped. Each request also carries the client's address.
 #[derive(Clone)]
 struct RequestDeadline<S> {
     inner: S,
     limit: Duration,
+    /// The client's address, handed to the routes as [`crate::http::Peer`].
+    peer: std::net::SocketAddr,
 }
 
 impl<S, B> Service<warp::http::Request<B>> for RequestDeadline<S>
@@ -116,7 +119,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: warp::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: warp::http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(crate::http::Peer(self.peer));
         let limit = self.limit;
         tokio::time::timeout(limit, self.inner.call(req))
             .map(move |answer| match answer {

@@ -16,6 +16,8 @@ pub struct ElasticSink {
     client: Elasticsearch,
     communications_index: String,
     logs_index: String,
+    /// The security audit index, made with the others when set.
+    audit_index: Option<String>,
 }
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
@@ -40,6 +42,19 @@ pub fn communications_mapping() -> Value {
         "provider": {"type": "keyword"},
         "providerMessageId": {"type": "keyword"},
         "lastError": {"type": "text"}
+    }}})
+}
+
+/// The security audit trail (`actors::audit::AuditEvent::to_doc`): searchable by tenant,
+/// kind, key digest and source.
+pub fn audit_mapping() -> Value {
+    json!({"mappings": {"properties": {
+        "timestamp": {"type": "date"},
+        "kind": {"type": "keyword"},
+        "tenant": {"type": "keyword"},
+        "source": {"type": "keyword"},
+        "keyDigest": {"type": "keyword"},
+        "route": {"type": "keyword"}
     }}})
 }
 
@@ -178,7 +193,14 @@ impl ElasticSink {
             client: Elasticsearch::new(transport),
             communications_index: communications_index.into(),
             logs_index: logs_index.into(),
+            audit_index: None,
         })
+    }
+
+    /// Also make (and keep making after a failure) the security audit index.
+    pub fn with_audit_index(mut self, name: &str) -> ElasticSink {
+        self.audit_index = Some(name.to_string());
+        self
     }
 
     pub fn client(&self) -> &Elasticsearch {
@@ -222,7 +244,11 @@ impl SearchSink for ElasticSink {
     async fn prepare(&self) -> Result<(), DependencyError> {
         self.ensure_index(&self.communications_index, communications_mapping())
             .await?;
-        self.ensure_index(&self.logs_index, logs_mapping()).await
+        self.ensure_index(&self.logs_index, logs_mapping()).await?;
+        if let Some(audit) = &self.audit_index {
+            self.ensure_index(audit, audit_mapping()).await?;
+        }
+        Ok(())
     }
 
     async fn bulk(&self, ops: &[BulkOp]) -> Result<Vec<ItemResult>, DependencyError> {

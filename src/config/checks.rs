@@ -179,6 +179,8 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
         ("log_indexer.max_docs", c.log_indexer.max_docs),
         ("sweeper.batch", c.sweeper.batch),
         ("redis.max_deliveries", c.redis.max_deliveries as usize),
+        ("audit.batch_max", c.audit.batch_max),
+        ("audit.max_buffered", c.audit.max_buffered),
     ] {
         if v == 0 {
             return Err(bad(format!("{name} must be at least 1")));

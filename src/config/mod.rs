@@ -67,6 +67,7 @@ pub struct Config {
     pub providers: Providers,
     pub auth: Auth,
     pub limits: Limits,
+    pub audit: Audit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -373,6 +374,17 @@ impl LogIndexer {
 pub struct Stats {
     #[serde(rename = "interval_ms", deserialize_with = "millis")]
     pub interval: Duration,
+}
+
+/// The security audit trail (`actors::audit`): its index and how events are batched.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    pub index: String,
+    pub batch_max: usize,
+    #[serde(rename = "linger_ms", deserialize_with = "millis")]
+    pub linger: Duration,
+    pub max_buffered: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

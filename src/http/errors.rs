@@ -7,6 +7,7 @@
 use crate::auth::AuthError;
 use crate::http::body::{TooLarge, BODY_LIMIT};
 use crate::search::{BadParam, QueryError};
+use actors::audit::AuditKind;
 use actors::domain::{Channel, ValidationError};
 use serde_json::json;
 use warp::http::header::{self, HeaderName, HeaderValue};
@@ -248,7 +249,35 @@ impl Reply for ApiError {
         let mut r =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
         r.headers_mut().extend(self.headers());
+        if let Some(kind) = self.audit_kind() {
+            r.extensions_mut().insert(AuditNote { kind, code });
+        }
         r
+    }
+}
+
+/// On a response whose error is a security event: what the HTTP edge records in the audit
+/// trail once it knows who asked (see `http::finish`).
+#[derive(Debug, Clone, Copy)]
+pub struct AuditNote {
+    pub kind: AuditKind,
+    pub code: &'static str,
+}
+
+impl ApiError {
+    /// The security event this error is, if it is one.
+    pub fn audit_kind(&self) -> Option<AuditKind> {
+        Some(match self {
+            ApiError::Auth(AuthError::Missing | AuthError::Invalid) | ApiError::MetricsToken => {
+                AuditKind::AuthFailed
+            }
+            ApiError::Auth(AuthError::RateLimited(_)) => AuditKind::RateLimited,
+            ApiError::RecipientLimit { .. } => AuditKind::RecipientLimited,
+            ApiError::Unsigned(_) | ApiError::BadSignature(_) | ApiError::VerificationFailed => {
+                AuditKind::BadCallbackSignature
+            }
+            _ => return None,
+        })
     }
 }
 

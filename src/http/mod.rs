@@ -34,6 +34,8 @@ pub use operations::OPENAPI;
 pub use routes::{allowed_methods, ROUTES};
 pub use state::AppState;
 
+use crate::auth::ApiKeys;
+use actors::audit::{key_digest, AuditEvent};
 use std::convert::Infallible;
 use warp::http::header::HeaderValue;
 use warp::path::FullPath;
@@ -57,10 +59,16 @@ pub fn routes(
         .map(Ok)
         .recover(|r| async move { Ok::<_, Infallible>(Err(r)) })
         .unify();
+    let keys = state.auth.clone();
     request_id()
         .and(warp::path::full())
+        .and(asker())
         .and(answer)
-        .map(finish)
+        .map(move |id, path: FullPath, asker: Asker, answer| {
+            let r = finish(id, path.as_str(), answer);
+            audit_refusal(&r, path.as_str(), &asker, &keys);
+            r
+        })
         .with(warp::trace(|info| {
             tracing::info_span!("http", method = %info.method(), path = %info.path(),
                 request_id = tracing::field::Empty)
@@ -90,10 +98,55 @@ fn request_id() -> impl Filter<Extract = (String,), Error = Infallible> + Clone 
     })
 }
 
+/// The client's address, put on each request by the server's accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// Who asked, as far as the audit trail needs it.
+#[derive(Debug, Clone)]
+struct Asker {
+    method: warp::http::Method,
+    peer: Option<Peer>,
+    /// The bearer key presented, if any: only its digest is ever recorded.
+    key: Option<String>,
+}
+
+fn asker() -> impl Filter<Extract = (Asker,), Error = Infallible> + Clone {
+    warp::method()
+        .and(warp::ext::optional::<Peer>())
+        .and(warp::header::headers_cloned())
+        .map(|method, peer, h: warp::http::HeaderMap| {
+            let key = h
+                .get(warp::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, key)| key.trim().to_string());
+            Asker { method, peer, key }
+        })
+}
+
+/// A refusal that is a security event (see [`errors::AuditNote`]) goes to the audit trail,
+/// with the caller's address, its key's digest and, where the key is valid, its tenant.
+fn audit_refusal(r: &Response, path: &str, asker: &Asker, keys: &ApiKeys) {
+    let Some(note) = r.extensions().get::<errors::AuditNote>() else {
+        return;
+    };
+    let mut event = AuditEvent::new(
+        note.kind,
+        serde_json::json!({"code": note.code, "status": r.status().as_u16()}),
+    );
+    event.route = Some(format!("{} {}", asker.method, routes::route_label(path)));
+    event.source = asker.peer.map(|p| p.0.to_string());
+    event.key_digest = asker.key.as_deref().map(key_digest);
+    event.tenant = keys.tenant_of(asker.key.as_deref());
+    actors::audit::record(event);
+}
+
 /// The answer, or the rejection rendered, carrying the request id.
-fn finish(id: String, path: FullPath, answer: Result<Response, Rejection>) -> Response {
+fn finish(id: String, path: &str, answer: Result<Response, Rejection>) -> Response {
     let mut r = answer.unwrap_or_else(|rejection| {
-        ApiError::from_rejection(&rejection, || allowed_methods(path.as_str())).into_response()
+        ApiError::from_rejection(&rejection, || allowed_methods(path)).into_response()
     });
     if let Ok(v) = HeaderValue::from_str(&id) {
         r.headers_mut().insert("x-request-id", v);
