@@ -281,8 +281,9 @@ async fn deliver(
     let a = &state.args;
     let stream = a.channel.stream();
     let Some(sender) = ActorRef::<SenderMsg>::where_is(sender::name(a.channel)) else {
-        // The sender is being restarted: offer these again once it is back.
-        state.held.extend(entries);
+        // The sender is being restarted (perhaps by one of these entries): they stay
+        // pending and are taken over one at a time when idle, so a poison entry is found.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         return Ok(());
     };
     let n = entries.len();
