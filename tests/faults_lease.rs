@@ -168,7 +168,7 @@ async fn record(stack: &Stack, id: &str) -> Document {
 /// one's entries for the record pass `MAX_DELIVERIES` (each claim finds the record busy and
 /// leaves the entry pending). Dead-lettering must wait: failing the record under the other
 /// process's call would record `failed` for a message being sent. Once the other process
-/// lets go without a call, the entry is dead-lettered, once.
+/// lets go without a call, the record is dead-lettered or sent, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
     let _one = one_at_a_time().await;
@@ -229,20 +229,26 @@ async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
         .unwrap();
     let accepted = vec![(body.clone(), id.clone())];
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
-    assert_eq!((books.sent, books.failed), (0, 1), "dead-lettered");
-    let d = record(&stack, &id).await;
-    assert!(
-        d.get_str("lastError")
-            .unwrap_or("")
-            .contains("dead-lettered"),
-        "{d}"
-    );
-    assert_eq!(seen_by_body(&stack).await.get(&body), None, "never sent");
+    assert_eq!(books.sent + books.failed, 1);
     eventually(Duration::from_secs(10), "every entry settled", || async {
         sms_pending(&stack).await.is_empty().then_some(())
     })
     .await;
-    assert_eq!(dead_letters(&stack).await, 1, "dead-lettered once");
+    // Now free, the record is dead-lettered, or sent by a delivery still under the limit
+    // (a re-queued entry): either way once.
+    let d = record(&stack, &id).await;
+    let sends = seen_by_body(&stack).await.get(&body).copied().unwrap_or(0);
+    if books.failed == 1 {
+        assert!(
+            d.get_str("lastError")
+                .unwrap_or("")
+                .contains("dead-lettered"),
+            "{d}"
+        );
+        assert_eq!((sends, dead_letters(&stack).await), (0, 1), "{d}");
+    } else {
+        assert_eq!((sends, dead_letters(&stack).await), (1, 0), "{d}");
+    }
 }
 
 /// SecantusDB reports itself as a one-member replica set, as MongoDB does: every write of

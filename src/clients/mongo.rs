@@ -948,22 +948,24 @@ impl Store for MongoStore {
             if matched.map_or(true, |n| n < held.len() as i64) {
                 fenced.extend(self.not_written(&held).await?);
             }
-            let release: Vec<(&str, Release)> = held
-                .iter()
-                .filter(|(id, _, _)| !fenced.contains(id))
-                .map(|(id, _, o)| {
-                    let how = match o {
-                        Outcome::Retry { .. } => Release::Keep,
-                        _ => Release::Final,
-                    };
-                    (id.as_str(), how)
-                })
-                .collect();
-            if let Err(e) = self.leases.release(&release, owner).await {
-                tracing::debug!(error = %e, "leases not given back; they expire");
-            }
         }
         self.flag_lost(outcomes, &fenced).await?;
+        // Last: a failure before this leaves the leases held for the sender's next try,
+        // which then finds its own writes made rather than taking them for lost ones.
+        let release: Vec<(&str, Release)> = held
+            .iter()
+            .filter(|(id, _, _)| !fenced.contains(id))
+            .map(|(id, _, o)| {
+                let how = match o {
+                    Outcome::Retry { .. } => Release::Keep,
+                    _ => Release::Final,
+                };
+                (id.as_str(), how)
+            })
+            .collect();
+        if let Err(e) = self.leases.release(&release, owner).await {
+            tracing::debug!(error = %e, "leases not given back; they expire");
+        }
         Ok(fenced)
     }
 

@@ -11,6 +11,12 @@
 //! told; for a record whose earlier attempt has an unknown outcome, first ask the
 //! provider whether it has the message, and send only if it cannot say yes) → decide each call (`decision.rs`, pure: outcome, log event, metric label) →
 //! persist the outcomes → append the log events → report.
+//! Leases: each record's lease is confirmed right before its own call (a claim whose
+//! lease another worker took makes none), renewed while the call runs and until the
+//! batch's outcomes are written, and fences the outcome write (a write whose lease was
+//! lost is not made; the record is flagged where the call may have reached the provider).
+//! A `Retry-After` pause longer than a waiting claim's lease is not slept under it: the
+//! claim is given back and the record rescheduled for the pause's end.
 //! On failure: a store error at claim hands the entries back to be offered again; outcome
 //! writes and log appends are retried for `record_patience` (then the entries stay pending,
 //! or the events are dropped and counted). A provider panic is recorded as a retry, the
