@@ -100,6 +100,70 @@ async fn a_retry_after_beyond_the_lease_sends_nothing_twice_across_two_processes
     assert_eq!(extra, 0, "no claim outlived its lease: nothing sent twice");
 }
 
+/// POST `n` WhatsApp messages with bodies `{tag}-{i}`, 16 at a time; all must be accepted.
+async fn post_whatsapp(svc: &Service, tag: &str, n: usize) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let body = format!("{tag}-{i}");
+            let (s, v) = svc
+                .post(json!({"type": "whatsapp", "data": {"from": "+15550001111", "to": "+15557654321", "msg": body}}))
+                .await;
+            assert_eq!(s, 200, "{v}");
+            (body, v["id"].as_str().unwrap().to_string())
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// The slow calls: the provider answers each message after 1.8 s (within a 2.5 s
+/// timeout), claims go idle after 3 s and leases last 3 s, and a rate limit of 20 a second
+/// makes a batch of 100 take 5 s to call. Process B comes up while A works through it and
+/// takes A's idle entries over, the leases having lapsed under A's calls. WhatsApp, since
+/// Meta cannot be asked whether it has a message (Twilio's list hides this for SMS): B
+/// sent them again. Now A's leases are renewed through its calls and until its outcomes
+/// are written (B finds them busy), and a claim whose lease B took makes no call: each
+/// message reaches the provider once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_calls_outlasting_their_lease_are_not_taken_over_by_a_second_process() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let env = |name: &'static str| {
+        fast_env(&[
+            ("PROVIDER_TIMEOUT_MS", "2500"),
+            ("CLAIM_IDLE_MS", "3000"),
+            ("STALE_AFTER_MS", "3000"),
+            ("PROVIDER_RATE_PER_SEC", "20"),
+            ("PROVIDER_BURST", "20"),
+            ("CONSUMER_NAME", name),
+        ])
+    };
+    let a = stack.start_service(&env("node-a"));
+    set_fault(&stack, json!({"provider": "whatsapp", "latency_ms": 1800})).await;
+    let tag = unique("slow");
+    let accepted = post_whatsapp(&a, &tag, 100).await;
+    eventually(Duration::from_secs(10), "A read every entry", || async {
+        let n = stack.pending("whatsapp_stream", "comm-aggregator").await;
+        (n >= 95).then_some(())
+    })
+    .await;
+    let b = stack.start_service(&env("node-b"));
+    let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
+    assert_eq!(books.sent, 100, "calls within the timeout all succeed");
+    let seen = seen_by_body(&stack).await;
+    let extra: usize = accepted
+        .iter()
+        .map(|(body, _)| seen.get(body).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let counted = duplicates_counted(&a).await + duplicates_counted(&b).await;
+    println!(
+        "extra sends {extra}, counted {counted}, flagged {}",
+        books.duplicates
+    );
+    assert_eq!(extra, 0, "no lease lapsed under a call: nothing sent twice");
+}
+
 /// Take `lease:{id}` as another process's sender would (the lease and its try), retrying
 /// while the service still holds it.
 async fn hold_lease(stack: &Stack, id: &str, token: &str) {
