@@ -587,6 +587,9 @@ pub enum Ambiguity {
     /// 502/503/504 without the provider's own error body: a proxy or load balancer in
     /// front of the provider answered, and the provider may have taken the message.
     Gateway5xx,
+    /// This worker's lease lapsed and another worker claimed the record while this
+    /// worker's provider call may have gone through (its outcome write was fenced off).
+    LostLease,
 }
 
 impl Ambiguity {
@@ -598,6 +601,7 @@ impl Ambiguity {
             Ambiguity::Timeout => "timeout",
             Ambiguity::ConnectionReset => "connection_reset",
             Ambiguity::Gateway5xx => "ambiguous_5xx",
+            Ambiguity::LostLease => "lost_lease",
         }
     }
 
@@ -607,6 +611,7 @@ impl Ambiguity {
             Ambiguity::Timeout,
             Ambiguity::ConnectionReset,
             Ambiguity::Gateway5xx,
+            Ambiguity::LostLease,
         ]
         .into_iter()
         .find(|a| a.as_str() == s)
@@ -670,6 +675,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The call this outcome records may have left the message with the provider: it was
+    /// accepted, or its answer was lost (a retry of unknown outcome).
+    pub fn may_have_reached_provider(&self) -> bool {
+        match self {
+            Outcome::Sent { .. } => true,
+            Outcome::Retry { unknown, .. } => unknown.is_some(),
+            Outcome::Failed { .. } => false,
+        }
+    }
+
     /// The call this outcome records was a resend that may duplicate.
     pub fn possible_duplicate(&self) -> Option<UnknownAttempt> {
         match self {

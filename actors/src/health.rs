@@ -302,6 +302,24 @@ impl ProviderHealth {
         }
     }
 
+    /// Wait for a token, unless the provider's `Retry-After` pause would last beyond
+    /// `limit` from now (a claim's lease): then the pause left, at once.
+    pub async fn acquire_within(&self, limit: Duration) -> Result<(), Duration> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (wait, paused) = {
+                let mut g = self.lock();
+                let now = Instant::now();
+                (g.bucket.take(now), g.bucket.paused_for(now))
+            };
+            let Err(d) = wait else { return Ok(()) };
+            if let Some(p) = paused.filter(|p| Instant::now() + *p > deadline) {
+                return Err(p);
+            }
+            tokio::time::sleep(d.min(Duration::from_secs(5))).await;
+        }
+    }
+
     /// The probe found nothing to send: allow another one at once.
     pub fn release_probe(&self) {
         let mut g = self.lock();

@@ -98,9 +98,10 @@ pub trait Store: Send + Sync + 'static {
     /// already moved past `pending` (too late to void; should never happen).
     async fn void(&self, ids: &[String]) -> Result<usize, DependencyError>;
 
-    /// Mark a record `failed` for a reason outside any provider call (dead-lettered).
-    /// `false` when it was already final (nothing changed).
-    async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError>;
+    /// Mark a record `failed` for a reason outside any provider call (dead-lettered),
+    /// unless it is final already or another worker holds its lease (its provider call may
+    /// be under way: failing it now would record `failed` for a message being sent).
+    async fn fail(&self, id: &str, reason: &str) -> Result<FailResult, DependencyError>;
 
     /// Claim records for one provider call each: `pending` ones whose retry is due, that
     /// no other live worker holds. A claim lasts `stale_after` (then another worker may
@@ -115,12 +116,37 @@ pub trait Store: Send + Sync + 'static {
         stale_after: Duration,
     ) -> Result<Vec<ClaimResult>, DependencyError>;
 
+    /// Confirm each claim (`owner`, record id, attempt) right before its provider call, and
+    /// keep it while the call runs and its outcome waits to be recorded: a lease still held
+    /// is renewed for `stale_after`; one that lapsed is taken again if nobody has claimed
+    /// the record since. One answer per claim, in order: `false` means another worker has
+    /// claimed the record, so this claim must not call the provider.
+    async fn renew(
+        &self,
+        owner: &str,
+        claims: &[(String, u32)],
+        stale_after: Duration,
+    ) -> Result<Vec<bool>, DependencyError>;
+
+    /// Give claims back without a provider call (their try is not counted), the records
+    /// due again at `not_before`: for a provider's `Retry-After` that outlasts the lease.
+    async fn reschedule(
+        &self,
+        owner: &str,
+        ids: &[String],
+        not_before: DateTime<Utc>,
+    ) -> Result<(), DependencyError>;
+
     /// Record outcomes of claims made by `owner`, in one round trip, and end the claims.
+    /// Fenced by the lease: a claim that lost its lease to another worker writes nothing
+    /// (the other worker records the outcome); where its call may have reached the
+    /// provider, the record is flagged `possibleDuplicate` (cause `lost_lease`) instead.
+    /// Answers the ids of those fenced claims (empty when every outcome was written).
     async fn record_outcomes(
         &self,
         owner: &str,
         outcomes: &[(String, u32, Outcome)],
-    ) -> Result<(), DependencyError>;
+    ) -> Result<Vec<String>, DependencyError>;
 
     /// Records that should be on a stream but may not be (never appended, Redis lost
     /// them, a retry came due, a claim went stale). Pushes their next look to
@@ -144,6 +170,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<ReceiptResult>, DependencyError>;
 
     async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// What dead-lettering did to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailResult {
+    /// Marked `failed`.
+    Failed,
+    /// Already final: nothing changed.
+    AlreadyFinal,
+    /// Another worker holds the record's lease: nothing changed, ask again later.
+    Leased,
 }
 
 /// A provider's report on a message it accepted.
@@ -224,6 +261,20 @@ pub trait Queue: Send + Sync + 'static {
         min_idle: Duration,
         count: usize,
     ) -> Result<Vec<StreamEntry>, DependencyError>;
+
+    /// One page of [`Queue::autoclaim`], from `start` (`0-0` for the beginning of the
+    /// pending list): the entries taken over, and where the next page starts (`0-0` once
+    /// the whole list has been scanned). Redis scans a bounded stretch of the pending list
+    /// a call, so idle entries behind a long run of live ones are reached only by paging.
+    async fn autoclaim_from(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        start: &str,
+        count: usize,
+    ) -> Result<(String, Vec<StreamEntry>), DependencyError>;
 
     /// Pending entries idle at least `min_idle`, with how often each was delivered.
     async fn pending_deliveries(

@@ -16,7 +16,7 @@
 use crate::backoff::{Backoff, Delays};
 use crate::domain::{Channel, StreamEntry};
 use crate::health::{Permit, ProviderHealth};
-use crate::ports::{DependencyError, Queue, ReadFrom, Store};
+use crate::ports::{DependencyError, FailResult, Queue, ReadFrom, Store};
 use crate::sender::{self, SenderMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
@@ -59,6 +59,8 @@ pub struct ConsumerState {
     args: ConsumerArgs,
     from: ReadFrom,
     last_autoclaim: Instant,
+    /// Where the next XAUTOCLAIM starts in the group's pending list (`0-0`: the start).
+    autoclaim_cursor: String,
     /// Waits after failed reads, reset by a good one.
     read_errors: Delays,
     group_ready: bool,
@@ -83,6 +85,7 @@ impl Actor for StreamConsumer {
         Ok(ConsumerState {
             from: ReadFrom::OwnPending("0".into()),
             last_autoclaim: Instant::now(),
+            autoclaim_cursor: "0-0".into(),
             read_errors: READ_BACKOFF.delays(),
             group_ready: false,
             held: Vec::new(),
@@ -152,19 +155,34 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
         state.last_autoclaim = Instant::now();
         dead_letter(state).await?;
         let a = &state.args;
-        let taken = a
+        let (next, taken) = a
             .queue
-            .autoclaim(stream, &a.group, &a.consumer, a.claim_idle, count)
+            .autoclaim_from(
+                stream,
+                &a.group,
+                &a.consumer,
+                a.claim_idle,
+                &state.autoclaim_cursor,
+                count,
+            )
             .await?;
+        // Page on through the pending list next time, so that idle entries behind many
+        // live ones are reached too; `0-0` once the whole list was looked at.
+        state.autoclaim_cursor = next;
         if !taken.is_empty() {
             tracing::info!(stream, n = taken.len(), "took over idle entries");
             metrics::counter!("stream_autoclaimed_total", "stream" => stream)
                 .increment(taken.len() as u64);
         }
         // These failed before (or their consumer died): one at a time, so that one poison
-        // entry cannot hold the others back.
-        for e in taken {
-            deliver(state, vec![e]).await?;
+        // entry cannot hold the others back. Every one is kept: should a delivery fail,
+        // those not yet offered are held and offered again.
+        let mut taken = taken.into_iter();
+        while let Some(e) = taken.next() {
+            if let Err(err) = deliver(state, vec![e]).await {
+                state.held.extend(taken);
+                return Err(err);
+            }
         }
         return Ok(());
     }
@@ -198,7 +216,8 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
 }
 
 /// Entries delivered `max_deliveries` times without an outcome: kept in `{stream}:dlq`
-/// with the reason, their records marked `failed`, then acknowledged.
+/// with the reason, their records marked `failed`, then acknowledged. An entry whose record
+/// another worker holds the lease of is left pending: that worker records the outcome.
 async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
     let a = &state.args;
     let stream = a.channel.stream();
@@ -229,11 +248,17 @@ async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
             .iter()
             .find(|(k, _)| *k == "_id")
             .map(|(_, v)| v.clone());
-        let newly_failed = match &record {
+        let failed = match &record {
             Some(rid) => a.store.fail(rid, &reason).await?,
-            None => true,
+            None => FailResult::Failed,
         };
-        if newly_failed {
+        if failed == FailResult::Leased {
+            // Another worker holds the record's lease (its provider call may be under
+            // way): it records the outcome; the entry stays pending until then.
+            tracing::info!(stream, entry = %id, "dead-lettering waits for the record's lease");
+            continue;
+        }
+        if failed == FailResult::Failed {
             let mut dl = fields.clone();
             dl.push(("deadLetterReason", reason.clone()));
             dl.push(("sourceEntry", id.clone()));
@@ -256,7 +281,8 @@ async fn deliver(
     let a = &state.args;
     let stream = a.channel.stream();
     let Some(sender) = ActorRef::<SenderMsg>::where_is(sender::name(a.channel)) else {
-        // The sender is being restarted; these stay pending and are taken over when idle.
+        // The sender is being restarted (perhaps by one of these entries): they stay
+        // pending and are taken over one at a time when idle, so a poison entry is found.
         tokio::time::sleep(Duration::from_millis(100)).await;
         return Ok(());
     };
@@ -284,10 +310,11 @@ async fn deliver(
         a.queue.ack(stream, &a.group, &report.ack).await?;
     }
     if !report.retry.is_empty() {
-        state.held = entries
-            .into_iter()
-            .filter(|e| report.retry.contains(&e.id))
-            .collect();
+        // Added to what is held already (other batches' entries, the rest of the held
+        // list offered in parts): none is dropped.
+        state
+            .held
+            .extend(entries.into_iter().filter(|e| report.retry.contains(&e.id)));
     }
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! Leases in Redis: which worker may make a record's provider call, and how many tries the
-//! record has had. `MongoStore` takes them in its `claim` and gives them back (or renews
-//! them) in its `record_outcomes`, so that a claim costs MongoDB no write.
+//! record has had. `MongoStore` takes them in its `claim`, the sender confirms and renews
+//! them around each provider call (`renew`), and `record_outcomes` checks them before it
+//! writes and gives them back after, so that a claim costs MongoDB no write. The try count
+//! is the lease's fencing token: it grows with every claim, so a worker whose lease lapsed
+//! can tell whether somebody else has claimed the record since.
 //!
 //! Per record: `lease:{id}` (the holder's token, expiring after the lease time) and
 //! `tries:{id}` (leases ever taken, kept a week after the last).
 
 use crate::clients::redis_queue::RedisQueue;
 use actors::ports::DependencyError;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,9 +38,6 @@ impl Release {
 /// How long a record's try count outlives its last lease.
 const TRIES_TTL_SECS: u64 = 7 * 24 * 3600;
 
-/// What a renewal lasts until the first lease is asked for.
-const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-
 /// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, lease ms, tries ttl. A lease already
 /// held is -1, whoever holds it: a dead batch's leases are left to expire, so that a
 /// message that crashes its sender is retried only after the consumer has split it from
@@ -65,16 +64,23 @@ end
 return 1
 ";
 
-/// KEYS: `lease:{id}`. ARGV: token, lease ms.
+/// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, lease ms, the claim's try number.
+/// The holder's lease is extended; a lease that lapsed is taken again only while the try
+/// count shows that nobody has claimed the record since (any claim counts a try). 1: held.
 const RENEW_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if cur then return 0 end
+if tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[3]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 ";
 
 pub struct RedisLeases {
     redis: Arc<RedisQueue>,
-    /// The lease time last asked for (the senders' `stale_after`): a renewal lasts as long.
-    lease_ms: AtomicU64,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -84,10 +90,7 @@ fn millis(d: Duration) -> u64 {
 impl RedisLeases {
     /// Leases over the queue's connection.
     pub fn new(redis: Arc<RedisQueue>) -> RedisLeases {
-        RedisLeases {
-            redis,
-            lease_ms: AtomicU64::new(millis(DEFAULT_LEASE)),
-        }
+        RedisLeases { redis }
     }
 
     /// Take the lease of each record for one provider call (see [`LEASE_SCRIPT`]): one
@@ -99,7 +102,6 @@ impl RedisLeases {
         token: &str,
         lease: Duration,
     ) -> Result<Vec<i64>, DependencyError> {
-        self.lease_ms.store(millis(lease), Ordering::Relaxed);
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -140,23 +142,30 @@ impl RedisLeases {
         self.redis.pipeline(&pipe).await
     }
 
-    /// Extend leases still held by `token` by the lease time last asked for: a slow
-    /// outcome write keeps its leases while the sender tries again.
-    pub async fn renew(&self, ids: &[&str], token: &str) -> Result<(), DependencyError> {
-        if ids.is_empty() {
-            return Ok(());
+    /// Keep the leases of these claims (record id, try number) for another `lease` (see
+    /// [`RENEW_SCRIPT`]): one answer per claim, `false` where another worker has claimed
+    /// the record since.
+    pub async fn renew(
+        &self,
+        claims: &[(&str, u32)],
+        token: &str,
+        lease: Duration,
+    ) -> Result<Vec<bool>, DependencyError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
         }
-        let lease = self.lease_ms.load(Ordering::Relaxed);
         let mut pipe = redis::pipe();
-        for id in ids {
+        for (id, attempt) in claims {
             pipe.cmd("EVAL")
                 .arg(RENEW_SCRIPT)
-                .arg(1)
+                .arg(2)
                 .arg(format!("lease:{id}"))
+                .arg(format!("tries:{id}"))
                 .arg(token)
-                .arg(lease)
-                .ignore();
+                .arg(millis(lease))
+                .arg(*attempt);
         }
-        self.redis.pipeline(&pipe).await
+        let held: Vec<i64> = self.redis.pipeline(&pipe).await?;
+        Ok(held.into_iter().map(|h| h == 1).collect())
     }
 }

@@ -20,19 +20,24 @@ use actors::domain::{
     UnknownAttempt, DEFAULT_TENANT,
 };
 use actors::ports::{
-    Dependency, DependencyError, ErrorKind, InsertResult, ReceiptResult, ReceiptUpdate, Store,
+    Dependency, DependencyError, ErrorKind, FailResult, InsertResult, ReceiptResult, ReceiptUpdate,
+    Store,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime as BsonDate, Document};
-use mongodb::options::{ClientOptions, WriteConcern};
+use mongodb::options::{Acknowledgment, ClientOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const COLLECTION: &str = "communications";
+
+/// How long dead-lettering holds a record's lease (one write).
+const DEAD_LETTER_LEASE: Duration = Duration::from_secs(30);
 
 /// Records per `sent` statement of an outcome write.
 const SENT_CHUNK: usize = 25;
@@ -45,6 +50,11 @@ pub struct MongoStore {
     first_look: Duration,
     /// Who may make a record's provider call: a lease in Redis (see `claim`).
     leases: Arc<RedisLeases>,
+    /// The write concern of every write, also for the writes sent as commands.
+    write_concern: Document,
+    /// The lease time the senders last asked for (`stale_after`, in ms): the lease an
+    /// outcome write renews before it is made lasts as long.
+    lease_ms: Arc<AtomicU64>,
 }
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
@@ -78,11 +88,15 @@ impl MongoStore {
     ) -> Result<MongoStore, DependencyError> {
         let mut opts = ClientOptions::parse(&cfg.url).await.map_err(err)?;
         opts.app_name = Some("comm-aggregator".into());
-        // Acknowledged means journaled: an acknowledged write survives a server crash
-        // (without j, SecantusDB was seen to lose acknowledged inserts on kill -9).
-        if opts.write_concern.is_none() {
-            opts.write_concern = Some(WriteConcern::builder().journal(true).build());
-        }
+        // Acknowledged means journaled (without j, SecantusDB was seen to lose acknowledged
+        // inserts on kill -9) and, on a replica set, held by a majority: a write only the
+        // primary has can be rolled back by a failover, and an insert rolled back after
+        // its `queued` answer would be acknowledged away as "no such record". A standalone
+        // server takes `majority` as its own acknowledgement. A URL's `w`/`journal` wins.
+        let wc = opts.write_concern.get_or_insert_with(WriteConcern::default);
+        wc.w.get_or_insert(Acknowledgment::Majority);
+        wc.journal.get_or_insert(true);
+        let write_concern = mongodb::bson::to_document(&*wc).map_err(err)?;
         opts.server_selection_timeout
             .get_or_insert(cfg.server_selection_timeout);
         opts.connect_timeout.get_or_insert(cfg.connect_timeout);
@@ -94,6 +108,8 @@ impl MongoStore {
             coll,
             first_look,
             leases,
+            write_concern,
+            lease_ms: Arc::new(AtomicU64::new(30_000)),
         })
     }
 
@@ -244,7 +260,7 @@ impl MongoStore {
             .db
             .run_command(
                 doc! {"update": COLLECTION, "updates": updates, "ordered": ordered,
-                "writeConcern": {"j": true}},
+                "writeConcern": self.write_concern.clone()},
             )
             .await
             .map_err(err)?;
@@ -254,6 +270,98 @@ impl MongoStore {
             }
         }
         Ok(reply)
+    }
+
+    fn remember_lease(&self, lease: Duration) {
+        self.lease_ms
+            .store(lease.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// Split outcomes by their claims' leases, renewed here for the write: those still
+    /// held (or taken again, nobody having claimed the record since), and the ids of
+    /// those another worker has claimed since, which must not be written.
+    async fn fence(
+        &self,
+        owner: &str,
+        outcomes: &[(String, u32, Outcome)],
+    ) -> Result<(Vec<(String, u32, Outcome)>, Vec<String>), DependencyError> {
+        let claims: Vec<(&str, u32)> = outcomes
+            .iter()
+            .map(|(id, a, _)| (id.as_str(), *a))
+            .collect();
+        let lease = Duration::from_millis(self.lease_ms.load(Ordering::Relaxed));
+        let leases = self.leases.renew(&claims, owner, lease).await?;
+        let (mut held, mut lost) = (Vec::new(), Vec::new());
+        for (o, holds) in outcomes.iter().zip(leases) {
+            if holds {
+                held.push(o.clone());
+            } else {
+                lost.push(o.0.clone());
+            }
+        }
+        Ok((held, lost))
+    }
+
+    /// The ids whose outcome the last write did not apply, read back: a record this
+    /// write moved carries its attempt number and a status the outcome leads to.
+    async fn not_written(
+        &self,
+        outcomes: &[(String, u32, Outcome)],
+    ) -> Result<Vec<String>, DependencyError> {
+        let oids: Vec<ObjectId> = outcomes
+            .iter()
+            .filter_map(|(id, _, _)| ObjectId::parse_str(id).ok())
+            .collect();
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id": {"$in": oids}})
+            .projection(doc! {"status": 1, "attempts": 1})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        let written = |id: &str, attempt: u32, o: &Outcome| {
+            docs.iter().any(|d| {
+                d.get_object_id("_id").is_ok_and(|x| x.to_hex() == id)
+                    && d.get_i32("attempts").ok() == Some(attempt as i32)
+                    && d.get_str("status").is_ok_and(|s| outcome_led_to(o, s))
+            })
+        };
+        Ok(outcomes
+            .iter()
+            .filter(|(id, a, o)| !written(id, *a, o))
+            .map(|(id, _, _)| id.clone())
+            .collect())
+    }
+
+    /// Flag the records of fenced claims whose call may have reached the provider: the
+    /// worker that holds the record now records its outcome, and the provider may have the
+    /// message twice. A flag already set (with its own cause) is kept.
+    async fn flag_lost(
+        &self,
+        outcomes: &[(String, u32, Outcome)],
+        fenced: &[String],
+    ) -> Result<(), DependencyError> {
+        let now = bdate(Utc::now());
+        let updates: Vec<Document> = outcomes
+            .iter()
+            .filter(|(id, _, o)| fenced.contains(id) && o.may_have_reached_provider())
+            .filter_map(|(id, attempt, _)| {
+                let oid = ObjectId::parse_str(id).ok()?;
+                Some(doc! {
+                    "q": {"_id": oid, "possibleDuplicate": {"$ne": true}},
+                    "u": {"$set": {"possibleDuplicate": true,
+                                   "possibleDuplicateCause": Ambiguity::LostLease.as_str(),
+                                   "possibleDuplicateAttempt": *attempt as i32,
+                                   "updatedAt": now}},
+                })
+            })
+            .collect();
+        if updates.is_empty() {
+            return Ok(());
+        }
+        self.run_update(updates, false).await.map(|_| ())
     }
 
     /// The answers of an unordered insert that had write errors: a duplicate key whose
@@ -323,6 +431,16 @@ fn flatten_dates(v: &mut serde_json::Value) {
         }
         serde_json::Value::Array(a) => a.iter_mut().for_each(flatten_dates),
         _ => {}
+    }
+}
+
+/// Whether a record in `status` may be one this outcome was written to (receipts may have
+/// moved a sent one on since).
+fn outcome_led_to(o: &Outcome, status: &str) -> bool {
+    match o {
+        Outcome::Sent { .. } => matches!(status, "sent" | "delivered" | "read" | "undelivered"),
+        Outcome::Failed { .. } => status == "failed",
+        Outcome::Retry { .. } => status == "pending",
     }
 }
 
@@ -663,7 +781,7 @@ impl Store for MongoStore {
             .db
             .run_command(
                 doc! {"update": COLLECTION, "updates": updates, "ordered": false,
-                "writeConcern": {"j": true}},
+                "writeConcern": self.write_concern.clone()},
             )
             .await
             .map_err(err)?;
@@ -678,8 +796,16 @@ impl Store for MongoStore {
         Ok(too_late.len())
     }
 
-    async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError> {
+    /// Under a lease of its own, so that a record whose provider call another worker is
+    /// making is never failed under it: that worker records the outcome, and the entry is
+    /// dead-lettered later (or acknowledged, the record being final by then).
+    async fn fail(&self, id: &str, reason: &str) -> Result<FailResult, DependencyError> {
         let oid = ObjectId::parse_str(id).map_err(err)?;
+        let token = format!("dead-letter:{}", ObjectId::new().to_hex());
+        let leased = self.leases.lease(&[id], &token, DEAD_LETTER_LEASE).await?;
+        if leased.first().is_none_or(|n| *n < 0) {
+            return Ok(FailResult::Leased);
+        }
         let now = bdate(Utc::now());
         let r = self
             .coll
@@ -691,9 +817,16 @@ impl Store for MongoStore {
                     "$unset": {"claimedBy": "", "nextAttemptAt": ""},
                 },
             )
-            .await
-            .map_err(err)?;
-        Ok(r.modified_count > 0)
+            .await;
+        let (how, result) = match &r {
+            Ok(u) if u.modified_count > 0 => (Release::Final, FailResult::Failed),
+            _ => (Release::Undo, FailResult::AlreadyFinal),
+        };
+        if let Err(e) = self.leases.release(&[(id, how)], &token).await {
+            tracing::debug!(error = %e, "dead-letter lease not given back; it expires");
+        }
+        r.map_err(err)?;
+        Ok(result)
     }
 
     /// A claim costs MongoDB one read and no write: the lease that makes one worker the
@@ -708,6 +841,7 @@ impl Store for MongoStore {
         owner: &str,
         stale_after: Duration,
     ) -> Result<Vec<ClaimResult>, DependencyError> {
+        self.remember_lease(stale_after);
         let unique = unique_ids(ids);
         let tries = self.leases.lease(&unique, owner, stale_after).await?;
         let try_of: HashMap<&str, i64> = unique.iter().copied().zip(tries).collect();
@@ -744,27 +878,75 @@ impl Store for MongoStore {
         Ok(results)
     }
 
-    /// One write for the batch (see [`outcome_statements`]), then the leases go back; if
-    /// the write fails, they are renewed instead, for the sender's next try.
+    async fn renew(
+        &self,
+        owner: &str,
+        claims: &[(String, u32)],
+        stale_after: Duration,
+    ) -> Result<Vec<bool>, DependencyError> {
+        self.remember_lease(stale_after);
+        let claims: Vec<(&str, u32)> = claims.iter().map(|(id, a)| (id.as_str(), *a)).collect();
+        self.leases.renew(&claims, owner, stale_after).await
+    }
+
+    /// One write: due again at `not_before` (records still open only), then the leases go
+    /// back with their tries uncounted.
+    async fn reschedule(
+        &self,
+        owner: &str,
+        ids: &[String],
+        not_before: DateTime<Utc>,
+    ) -> Result<(), DependencyError> {
+        let oids: Vec<ObjectId> = ids
+            .iter()
+            .filter_map(|i| ObjectId::parse_str(i).ok())
+            .collect();
+        if oids.is_empty() {
+            return Ok(());
+        }
+        let due = bdate(not_before);
+        self.coll
+            .update_many(
+                doc! {"_id": {"$in": oids}, "status": {"$in": ["pending", "sending"]}},
+                doc! {"$set": {"notBefore": due, "nextAttemptAt": due, "updatedAt": bdate(Utc::now())}},
+            )
+            .await
+            .map_err(err)?;
+        let undo: Vec<(&str, Release)> =
+            ids.iter().map(|id| (id.as_str(), Release::Undo)).collect();
+        if let Err(e) = self.leases.release(&undo, owner).await {
+            tracing::debug!(error = %e, "leases not given back; they expire");
+        }
+        Ok(())
+    }
+
+    /// Fenced by the leases (see [`MongoStore::fence`]), then one write for the outcomes
+    /// of the claims that hold theirs (see [`outcome_statements`]), then those leases go
+    /// back. A statement that matched nothing (the record moved on under another worker's
+    /// claim meanwhile) is found by reading the batch back, and fenced too.
     async fn record_outcomes(
         &self,
         owner: &str,
         outcomes: &[(String, u32, Outcome)],
-    ) -> Result<(), DependencyError> {
+    ) -> Result<Vec<String>, DependencyError> {
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let updates = outcome_statements(owner, outcomes, bdate(Utc::now()))?;
-        if let Err(e) = self.run_update(updates, false).await {
-            // The sender tries again while MongoDB is down: its leases last that long too.
-            let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
-            if let Err(e) = self.leases.renew(&ids, owner).await {
-                tracing::debug!(error = %e, "leases not renewed");
+        let (held, mut fenced) = self.fence(owner, outcomes).await?;
+        if !held.is_empty() {
+            let updates = outcome_statements(owner, &held, bdate(Utc::now()))?;
+            let reply = self.run_update(updates, false).await?;
+            let matched = reply.get_i32("n").map(i64::from).or(reply.get_i64("n"));
+            if matched.map_or(true, |n| n < held.len() as i64) {
+                fenced.extend(self.not_written(&held).await?);
             }
-            return Err(e);
         }
-        let release: Vec<(&str, Release)> = outcomes
+        self.flag_lost(outcomes, &fenced).await?;
+        // Last: a failure before this leaves the leases held for the sender's next try,
+        // which then finds its own writes made rather than taking them for lost ones.
+        let release: Vec<(&str, Release)> = held
             .iter()
+            .filter(|(id, _, _)| !fenced.contains(id))
             .map(|(id, _, o)| {
                 let how = match o {
                     Outcome::Retry { .. } => Release::Keep,
@@ -776,7 +958,7 @@ impl Store for MongoStore {
         if let Err(e) = self.leases.release(&release, owner).await {
             tracing::debug!(error = %e, "leases not given back; they expire");
         }
-        Ok(())
+        Ok(fenced)
     }
 
     async fn take_due(

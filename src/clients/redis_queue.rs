@@ -313,6 +313,21 @@ impl Queue for RedisQueue {
         min_idle: Duration,
         count: usize,
     ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let (_, entries) = self
+            .autoclaim_from(stream, group, consumer, min_idle, "0-0", count)
+            .await?;
+        Ok(entries)
+    }
+
+    async fn autoclaim_from(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        start: &str,
+        count: usize,
+    ) -> Result<(String, Vec<StreamEntry>), DependencyError> {
         let v = self
             .query(
                 redis::cmd("XAUTOCLAIM")
@@ -320,17 +335,21 @@ impl Queue for RedisQueue {
                     .arg(group)
                     .arg(consumer)
                     .arg(min_idle.as_millis() as u64)
-                    .arg("0-0")
+                    .arg(start)
                     .arg("COUNT")
                     .arg(count.max(1)),
             )
             .await?;
         match v {
-            Value::Array(parts) if parts.len() >= 2 => Ok(parse_entries(&parts[1])
-                .into_iter()
-                .filter(|e| !e.fields.is_empty())
-                .collect()),
-            _ => Ok(Vec::new()),
+            Value::Array(parts) if parts.len() >= 2 => {
+                let next = text(&parts[0]).unwrap_or_else(|| "0-0".into());
+                let entries = parse_entries(&parts[1])
+                    .into_iter()
+                    .filter(|e| !e.fields.is_empty())
+                    .collect();
+                Ok((next, entries))
+            }
+            _ => Ok(("0-0".into(), Vec::new())),
         }
     }
 

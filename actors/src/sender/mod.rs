@@ -11,6 +11,12 @@
 //! told; for a record whose earlier attempt has an unknown outcome, first ask the
 //! provider whether it has the message, and send only if it cannot say yes) → decide each call (`decision.rs`, pure: outcome, log event, metric label) →
 //! persist the outcomes → append the log events → report.
+//! Leases: each record's lease is confirmed right before its own call (a claim whose
+//! lease another worker took makes none), renewed while the call runs and until the
+//! batch's outcomes are written, and fences the outcome write (a write whose lease was
+//! lost is not made; the record is flagged where the call may have reached the provider).
+//! A `Retry-After` pause longer than a waiting claim's lease is not slept under it: the
+//! claim is given back and the record rescheduled for the pause's end.
 //! On failure: a store error at claim hands the entries back to be offered again; outcome
 //! writes and log appends are retried for `record_patience` (then the entries stay pending,
 //! or the events are dropped and counted). A provider panic is recorded as a retry, the
@@ -162,6 +168,7 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
     if valid.is_empty() {
         return out;
     }
+    let claimed_at = tokio::time::Instant::now();
     let claims = match stages::claim(args, owner, valid).await {
         Ok(c) => c,
         Err(offer_again) => {
@@ -174,23 +181,74 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
         return out;
     }
     injected_crash(args, &claims.to_send);
-    let calls = stages::call_provider(args, claims.to_send).await;
-    let mut rng = rand::rngs::StdRng::from_entropy();
-    let decided = stages::decide_all(args, calls, Utc::now(), &mut rng);
-    out.panicked = decided.panicked;
-    if stages::persist(args, owner, &decided.outcomes).await {
-        stages::append_log(args, &decided.events).await;
-        out.report.ack.extend(decided.acks);
+    let held = stages::Held::default();
+    let work = send_and_record(args, owner, &held, claims.to_send, claimed_at, &mut out);
+    tokio::select! {
+        biased;
+        () = work => {}
+        () = stages::keep_leases(args, owner, &held) => {}
     }
     out
+}
+
+/// The claimed records' calls, decisions and outcome writes (while the caller keeps the
+/// leases of `held`), into `out`.
+async fn send_and_record(
+    args: &SenderArgs,
+    owner: &str,
+    held: &stages::Held,
+    to_send: Vec<ToSend>,
+    claimed_at: tokio::time::Instant,
+    out: &mut Delivery,
+) {
+    let calls = stages::call_provider(args, owner, held, to_send, claimed_at).await;
+    // Lost: the worker that has the record now settles the entry.
+    out.report.retry.extend(calls.unconfirmed);
+    out.report
+        .ack
+        .extend(postpone(args, owner, calls.postponed).await);
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let decided = stages::decide_all(args, calls.made, Utc::now(), &mut rng);
+    out.panicked = decided.panicked;
+    if let Some(fenced) = stages::persist(args, owner, &decided.outcomes).await {
+        // A fenced write recorded nothing: no event for it.
+        let events: Vec<_> = decided
+            .events
+            .into_iter()
+            .filter(|e| !fenced.contains(&e.communication_id))
+            .collect();
+        stages::append_log(args, &events).await;
+        out.report.ack.extend(decided.acks);
+    }
+}
+
+/// Give postponed claims back, due again when the provider's pause ends; their entries are
+/// done with (the OutboxSweeper queues the records again then). If the store cannot take
+/// it, they are offered again instead.
+async fn postpone(
+    args: &SenderArgs,
+    owner: &str,
+    postponed: Vec<(stages::EntryRef, chrono::DateTime<Utc>)>,
+) -> Vec<String> {
+    let Some(due) = postponed.iter().map(|(_, t)| *t).max() else {
+        return Vec::new();
+    };
+    let ids: Vec<String> = postponed.iter().map(|(e, _)| e.record_id.clone()).collect();
+    match args.store.reschedule(owner, &ids, due).await {
+        Ok(()) => postponed.into_iter().map(|(e, _)| e.entry_id).collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, n = ids.len(), "postponed claims not given back; they expire");
+            Vec::new()
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{
-        Ambiguity, Channel, ErrorClass, EventStatus, LogEvent, Lookup, Outcome, ProviderError,
-        ProviderReceipt, Status, LOG_STREAM,
+        Ambiguity, Channel, ClaimResult, ErrorClass, EventStatus, LogEvent, Lookup, Outcome,
+        ProviderError, ProviderReceipt, Status, LOG_STREAM,
     };
     use crate::health::BreakerConfig;
     use crate::ports::ErrorKind;
@@ -446,6 +504,123 @@ mod tests {
             panic!("{:?}", outcomes[0].2);
         };
         assert_eq!((u.attempt, u.cause), (1, Ambiguity::Timeout));
+    }
+
+    fn id(n: u32) -> String {
+        testing::record(n, Channel::Sms).id
+    }
+
+    /// A 429 with `Retry-After: 60` pauses the provider for longer than the 30 s lease:
+    /// the claims still waiting for their call are given back at once, due when the pause
+    /// ends, their try not counted; nothing sleeps the minute out under a lease.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_longer_than_the_lease_is_not_slept_under_it() {
+        let f = fixture();
+        f.provider.answer([Answer::Refuse(ProviderError {
+            class: ErrorClass::Retryable {
+                retry_after: Some(Duration::from_secs(60)),
+            },
+            ambiguous: None,
+            rate_limited: true,
+            code: Some("20429".into()),
+            message: "Too Many Requests".into(),
+        })]);
+        let started = tokio::time::Instant::now();
+        let d = f.deliver(f.entries(1..=3)).await;
+        assert!(
+            started.elapsed() < f.args.stale_after,
+            "slept under the lease"
+        );
+        assert_eq!(f.provider.sent().len(), 1, "only the first was called");
+        let mut ack = d.report.ack.clone();
+        ack.sort();
+        assert_eq!(
+            ack,
+            ["1-0", "2-0", "3-0"],
+            "the postponed ones are done with"
+        );
+        assert_eq!(f.store.script.sizes(StoreMethod::Reschedule), [2]);
+        for n in [2, 3] {
+            let r = f.store.record(&id(n)).unwrap();
+            assert_eq!((r.status, r.attempts), (Status::Pending, 0), "{n}");
+            let ids = [id(n)];
+            let again = f.store.claim(&ids, "later", Duration::from_secs(30));
+            let again = again.await.unwrap();
+            assert_eq!(again, [ClaimResult::Skip("retry not yet due")], "{n}");
+        }
+    }
+
+    /// A batch that outlasts the lease (three calls of 1.5 s one at a time, leases of
+    /// 3 s): the leases of the calls made are renewed until their outcomes are written, so
+    /// another worker cannot claim the first record in the meantime.
+    #[tokio::test(start_paused = true)]
+    async fn leases_are_kept_while_a_long_batch_runs() {
+        let mut f = fixture();
+        f.args.stale_after = Duration::from_secs(3);
+        let slow = || Answer::After(Duration::from_millis(1500), Box::new(Answer::Accept(None)));
+        f.provider.answer([slow(), slow(), slow()]);
+        let entries = f.entries(1..=3);
+        let store = f.store.clone();
+        let other = async {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            store.claim(&[id(1)], "other", Duration::from_secs(3)).await
+        };
+        let (d, other) = tokio::join!(f.deliver(entries), other);
+        assert_eq!(other.unwrap(), [ClaimResult::Busy], "the lease lapsed");
+        assert_eq!(d.report.ack, ["1-0", "2-0", "3-0"]);
+        assert_eq!(
+            [f.status(1), f.status(2), f.status(3)],
+            [Status::Sent, Status::Sent, Status::Sent]
+        );
+    }
+
+    /// Another worker took the lease while the call ran (this process stalled past it):
+    /// the outcome write is fenced off (the record is the other worker's to record), the
+    /// record is flagged `possibleDuplicate` with cause `lost_lease`, and no event is
+    /// emitted for a write that was not made.
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_whose_lease_was_lost_is_not_written_but_flagged() {
+        let f = fixture();
+        let slow = Answer::After(Duration::from_secs(1), Box::new(Answer::Accept(None)));
+        f.provider.answer([slow]);
+        let entries = f.entries([1]);
+        let store = f.store.clone();
+        let take_over = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            store.hold(&id(1), "other", Duration::from_secs(30));
+        };
+        let (d, ()) = tokio::join!(f.deliver(entries), take_over);
+        assert_eq!(d.report.ack, ["1-0"]);
+        assert_ne!(f.status(1), Status::Sent, "written under another's lease");
+        let flag = f.store.flagged(&id(1)).expect("flagged");
+        assert_eq!((flag.attempt, flag.cause), (1, Ambiguity::LostLease));
+        assert!(f.events().is_empty(), "an event for a write not made");
+    }
+
+    /// The lease of a claim waiting for its turn lapsed and another worker claimed the
+    /// record: checked right before the call, it makes none, and its entry is left to
+    /// that worker.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_whose_lease_was_taken_while_it_waited_makes_no_call() {
+        let f = fixture();
+        let slow = Answer::After(Duration::from_secs(1), Box::new(Answer::Accept(None)));
+        f.provider.answer([slow]);
+        let entries = f.entries(1..=2);
+        let store = f.store.clone();
+        let take_over = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            store.hold(&id(2), "other", Duration::from_secs(30));
+        };
+        let (d, ()) = tokio::join!(f.deliver(entries), take_over);
+        let sent: Vec<String> = f
+            .provider
+            .sent()
+            .iter()
+            .map(|m| m.communication_id.clone())
+            .collect();
+        assert_eq!(sent, [id(1)]);
+        assert_eq!(d.report.ack, ["1-0"]);
+        assert!(d.report.retry.is_empty());
     }
 
     /// A worker claimed record 1 and died before recording anything; its lease expires.

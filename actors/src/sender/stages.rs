@@ -1,14 +1,15 @@
 //! The stages of one `Deliver`, each a function with a named hand-off:
 //! [`partition`] (valid ids vs malformed entries) → [`claim`] → [`call_provider`] →
 //! [`decide_all`] → [`persist`] → [`append_log`]; `deliver` in the actor strings them
-//! together and reports.
+//! together and reports, while [`keep_leases`] renews the leases of the calls under way
+//! until their outcomes are recorded.
 
 use super::decision::{decide, CallResult, DecisionContext};
 use super::SenderArgs;
 use crate::backoff::{retry_until, Backoff};
 use crate::domain::{
-    Channel, ClaimResult, Claimed, ErrorClass, LogEvent, Lookup, OutboundMessage, Outcome,
-    StreamEntry, LOG_STREAM,
+    Ambiguity, Channel, ClaimResult, Claimed, ErrorClass, LogEvent, Lookup, OutboundMessage,
+    Outcome, StreamEntry, LOG_STREAM,
 };
 use crate::health::ProviderHealth;
 use crate::ports::{DependencyError, Provider};
@@ -136,29 +137,146 @@ pub async fn claim(
     Ok(claims)
 }
 
-/// Call the provider for every claimed record, `concurrency` at a time, each within the
-/// rate limit and the provider timeout; a panic is caught and becomes a result.
-pub async fn call_provider(args: &SenderArgs, to_send: Vec<ToSend>) -> Vec<Call> {
-    let channel = args.channel.as_str();
-    futures::stream::iter(to_send.into_iter().map(|t| {
-        let span = tracing::info_span!("communication", id = %t.claimed.record.id, channel);
-        async move {
-            args.health.acquire().await;
-            let started = Instant::now();
-            let result = find_or_call(args, &t.claimed).await;
-            report_health(&args.health, &result);
-            Call {
-                entry_id: t.entry_id,
-                claimed: t.claimed,
-                result,
-                took: started.elapsed(),
-            }
+/// What the call stage came to: the calls made, and the claims that made none.
+#[derive(Debug, Default)]
+pub struct Calls {
+    pub made: Vec<Call>,
+    /// Another worker claimed these records after their lease lapsed in the queue: no
+    /// call; their entries stay pending (that worker records the outcomes).
+    pub lost: Vec<String>,
+    /// The lease could not be confirmed (Redis unavailable): no call; offer them again.
+    pub unconfirmed: Vec<String>,
+    /// The provider asked (`Retry-After`) for a pause longer than the lease: no call;
+    /// given back, due again at the time given.
+    pub postponed: Vec<(EntryRef, DateTime<Utc>)>,
+}
+
+/// What became of one claim in the call stage.
+enum Turn {
+    Called(Box<Call>),
+    Lost(String),
+    Unconfirmed(String),
+    Postponed(EntryRef, DateTime<Utc>),
+}
+
+/// The claims whose provider call has started: their leases are kept (see
+/// [`keep_leases`]) until their outcomes are recorded.
+#[derive(Debug, Default)]
+pub struct Held(std::sync::Mutex<Vec<(String, u32)>>);
+
+impl Held {
+    fn add(&self, id: &str, attempt: u32) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.push((id.to_string(), attempt));
+    }
+
+    fn all(&self) -> Vec<(String, u32)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Renew the leases of `held` every third of `stale_after`, for as long as this is polled
+/// (a batch's calls and the recording of their outcomes): a slow call, a long batch or a
+/// slow outcome write never lets a lease lapse under a call. Never returns.
+pub async fn keep_leases(args: &SenderArgs, owner: &str, held: &Held) {
+    let every = (args.stale_after / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let claims = held.all();
+        if claims.is_empty() {
+            continue;
         }
-        .instrument(span)
+        match args.store.renew(owner, &claims, args.stale_after).await {
+            Ok(kept) => {
+                for ((id, _), _) in claims.iter().zip(kept).filter(|(_, k)| !k) {
+                    // Only a lapse (Redis unreachable, this process stalled) gets here: the
+                    // outcome write is fenced off and the record flagged.
+                    tracing::warn!(%id, "lease lost to another worker during the call");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "leases not renewed; trying again"),
+        }
+    }
+}
+
+/// Call the provider for every claimed record, `concurrency` at a time, each within the
+/// rate limit and the provider timeout; a panic is caught and becomes a result. Right
+/// before its call each claim's lease is confirmed (renewed, or taken again if it lapsed
+/// in the queue and nobody claimed the record since) and joins `held`; a claim that lost
+/// its lease makes no call. A `Retry-After` pause that would outlast a claim's lease
+/// (counted from `claimed_at`) is not waited out under it: the claim is postponed.
+pub async fn call_provider(
+    args: &SenderArgs,
+    owner: &str,
+    held: &Held,
+    to_send: Vec<ToSend>,
+    claimed_at: Instant,
+) -> Calls {
+    let channel = args.channel.as_str();
+    let turns: Vec<Turn> = futures::stream::iter(to_send.into_iter().map(|t| {
+        let span = tracing::info_span!("communication", id = %t.claimed.record.id, channel);
+        take_turn(args, owner, held, t, claimed_at).instrument(span)
     }))
     .buffer_unordered(args.concurrency.max(1))
     .collect()
-    .await
+    .await;
+    let mut calls = Calls::default();
+    for turn in turns {
+        match turn {
+            Turn::Called(c) => calls.made.push(*c),
+            Turn::Lost(e) => calls.lost.push(e),
+            Turn::Unconfirmed(e) => calls.unconfirmed.push(e),
+            Turn::Postponed(e, t) => calls.postponed.push((e, t)),
+        }
+    }
+    calls
+}
+
+/// One claim's turn: the rate limit, the lease check, the call.
+async fn take_turn(
+    args: &SenderArgs,
+    owner: &str,
+    held: &Held,
+    t: ToSend,
+    claimed_at: Instant,
+) -> Turn {
+    let record = &t.claimed.record;
+    let entry = EntryRef {
+        entry_id: t.entry_id.clone(),
+        record_id: record.id.clone(),
+    };
+    let lease_left = (claimed_at + args.stale_after).saturating_duration_since(Instant::now());
+    if let Err(pause) = args.health.acquire_within(lease_left).await {
+        tracing::info!(
+            ?pause,
+            "the provider asked for a pause longer than the lease; postponed"
+        );
+        let due = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
+        return Turn::Postponed(entry, due);
+    }
+    let claim = [(record.id.clone(), record.attempts)];
+    match args.store.renew(owner, &claim, args.stale_after).await {
+        Ok(kept) if kept == [true] => held.add(&record.id, record.attempts),
+        Ok(_) => {
+            tracing::warn!("the lease lapsed and another worker claimed the record; not calling");
+            metrics::counter!("sender_leases_lost_total", "channel" => args.channel.as_str())
+                .increment(1);
+            return Turn::Lost(t.entry_id);
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot confirm the lease; will offer again");
+            return Turn::Unconfirmed(t.entry_id);
+        }
+    }
+    let started = Instant::now();
+    let result = find_or_call(args, &t.claimed).await;
+    report_health(&args.health, &result);
+    Turn::Called(Box::new(Call {
+        entry_id: t.entry_id,
+        claimed: t.claimed,
+        result,
+        took: started.elapsed(),
+    }))
 }
 
 fn outbound(claimed: &Claimed) -> OutboundMessage {
@@ -317,9 +435,16 @@ pub fn decide_all(
 }
 
 /// Record the outcomes, trying for `record_patience`: the provider has spoken, and nothing
-/// else on this channel can progress without the store anyway. `false`: not recorded, so
-/// the entries stay pending and are claimed again once stale.
-pub async fn persist(args: &SenderArgs, owner: &str, outcomes: &[(String, u32, Outcome)]) -> bool {
+/// else on this channel can progress without the store anyway. `None`: not recorded, so
+/// the entries stay pending and are claimed again when stale. `Some(fenced)`: recorded,
+/// except for the records in `fenced`, whose leases another worker took meanwhile (that
+/// worker records them; the ones whose call may have reached the provider are flagged and
+/// counted as possible duplicates, cause `lost_lease`).
+pub async fn persist(
+    args: &SenderArgs,
+    owner: &str,
+    outcomes: &[(String, u32, Outcome)],
+) -> Option<Vec<String>> {
     let channel = args.channel.as_str();
     let deadline = Instant::now() + args.record_patience;
     let recorded = retry_until(
@@ -331,14 +456,25 @@ pub async fn persist(args: &SenderArgs, owner: &str, outcomes: &[(String, u32, O
         },
     )
     .await;
-    if recorded.is_err() {
+    let Ok(fenced) = recorded else {
         tracing::error!(
             channel,
             n = outcomes.len(),
             "outcomes not recorded; entries stay pending and will be claimed again when stale"
         );
+        return None;
+    };
+    for (id, attempt, outcome) in outcomes.iter().filter(|(id, _, _)| fenced.contains(id)) {
+        metrics::counter!("sender_fenced_writes_total", "channel" => channel).increment(1);
+        if outcome.may_have_reached_provider() {
+            tracing::error!(%id, attempt, channel, "lease lost after a call that may have reached the provider: flagged as a possible duplicate");
+            metrics::counter!("possible_duplicate_sends_total", "channel" => channel, "cause" => Ambiguity::LostLease.as_str())
+                .increment(1);
+        } else {
+            tracing::warn!(%id, attempt, channel, "lease lost; outcome left to the worker that holds the record");
+        }
     }
-    recorded.is_ok()
+    Some(fenced)
 }
 
 /// Append the log events, trying for `record_patience` (without Redis the consumer cannot

@@ -156,6 +156,15 @@ impl MemoryQueue {
                 .take(count)
                 .collect(),
         };
+        if let ReadFrom::OwnPending(_) = from {
+            // As XREADGROUP with an id: delivered again, so no longer idle.
+            for n in &picked {
+                if let Some(d) = g.pending.get_mut(n) {
+                    d.at = now;
+                    d.count += 1;
+                }
+            }
+        }
         if let ReadFrom::New = from {
             for n in &picked {
                 g.last_delivered = *n;
@@ -264,8 +273,30 @@ impl Queue for MemoryQueue {
         min_idle: Duration,
         count: usize,
     ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let (_, taken) = self
+            .autoclaim_from(stream, group, consumer, min_idle, "0-0", count)
+            .await?;
+        Ok(taken)
+    }
+
+    /// As Redis: from `start`, at most `count` entries taken and `count * 10` pending
+    /// entries looked at; the next page starts after the last one looked at.
+    async fn autoclaim_from(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        start: &str,
+        count: usize,
+    ) -> Result<(String, Vec<StreamEntry>), DependencyError> {
         self.script().enter(QueueMethod::Autoclaim, count).await?;
         let now = Instant::now();
+        let from: u64 = start
+            .split('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         let mut all = lock(&self.shared.streams);
         let s = all
             .get_mut(stream)
@@ -275,8 +306,10 @@ impl Queue for MemoryQueue {
             .get_mut(group)
             .ok_or_else(|| missing_group(stream, group))?;
         let mut taken = Vec::new();
-        for (n, d) in g.pending.iter_mut() {
-            if taken.len() >= count {
+        let mut next = 0;
+        for (looked, (n, d)) in g.pending.range_mut(from..).enumerate() {
+            if taken.len() >= count || looked >= count * 10 {
+                next = *n;
                 break;
             }
             if now.saturating_duration_since(d.at) >= min_idle {
@@ -288,7 +321,7 @@ impl Queue for MemoryQueue {
                 }
             }
         }
-        Ok(taken)
+        Ok((format!("{next}-0"), taken))
     }
 
     async fn pending_deliveries(

@@ -8,7 +8,7 @@ use crate::domain::{
     Ambiguity, Channel, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
 };
 use crate::ports::{
-    Dependency, DependencyError, InsertResult, ReceiptResult, ReceiptUpdate, Store,
+    Dependency, DependencyError, FailResult, InsertResult, ReceiptResult, ReceiptUpdate, Store,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -30,6 +30,8 @@ pub enum StoreMethod {
     Ping,
     Stored,
     Void,
+    Renew,
+    Reschedule,
 }
 
 #[derive(Debug, Clone)]
@@ -303,19 +305,25 @@ impl Store for MemoryStore {
         Ok(too_late)
     }
 
-    async fn fail(&self, id: &str, reason: &str) -> Result<bool, DependencyError> {
+    async fn fail(&self, id: &str, reason: &str) -> Result<FailResult, DependencyError> {
         self.script.enter(StoreMethod::Fail, 1).await?;
         let mut all = lock(&self.records);
         let Some(s) = all.get_mut(id) else {
-            return Ok(false);
+            return Ok(FailResult::AlreadyFinal);
         };
         if s.record.status.is_terminal() {
-            return Ok(false);
+            return Ok(FailResult::AlreadyFinal);
+        }
+        if s.lease
+            .as_ref()
+            .is_some_and(|(_, until)| *until > Instant::now())
+        {
+            return Ok(FailResult::Leased);
         }
         s.record.status = Status::Failed;
         s.record.last_error = Some(reason.to_string());
         s.lease = None;
-        Ok(true)
+        Ok(FailResult::Failed)
     }
 
     async fn claim(
@@ -339,24 +347,85 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn renew(
+        &self,
+        owner: &str,
+        claims: &[(String, u32)],
+        stale_after: Duration,
+    ) -> Result<Vec<bool>, DependencyError> {
+        self.script.enter(StoreMethod::Renew, claims.len()).await?;
+        let now = Instant::now();
+        let mut all = lock(&self.records);
+        Ok(claims
+            .iter()
+            .map(|(id, attempt)| {
+                let Some(s) = all.get_mut(id) else {
+                    return false;
+                };
+                let holds = match &s.lease {
+                    Some((o, _)) => o == owner,
+                    // Given back since: taken again only if nobody has claimed it since.
+                    None => s.record.attempts == *attempt && !s.record.status.is_terminal(),
+                };
+                if holds {
+                    s.lease = Some((owner.to_string(), now + stale_after));
+                }
+                holds
+            })
+            .collect())
+    }
+
+    async fn reschedule(
+        &self,
+        owner: &str,
+        ids: &[String],
+        not_before: DateTime<Utc>,
+    ) -> Result<(), DependencyError> {
+        self.script
+            .enter(StoreMethod::Reschedule, ids.len())
+            .await?;
+        let mut all = lock(&self.records);
+        for id in ids {
+            let Some(s) = all.get_mut(id) else { continue };
+            if s.lease.as_ref().is_some_and(|(o, _)| o == owner) {
+                s.lease = None;
+                s.record.attempts -= 1;
+                s.record.status = Status::Pending;
+                s.not_before = Some(not_before);
+            }
+        }
+        Ok(())
+    }
+
     async fn record_outcomes(
         &self,
         owner: &str,
         outcomes: &[(String, u32, Outcome)],
-    ) -> Result<(), DependencyError> {
+    ) -> Result<Vec<String>, DependencyError> {
         self.script
             .enter(StoreMethod::RecordOutcomes, outcomes.len())
             .await?;
         let mut all = lock(&self.records);
+        let mut fenced = Vec::new();
         for (id, attempt, outcome) in outcomes {
             let Some(s) = all.get_mut(id) else { continue };
-            // Only the claim's holder records; a record taken over meanwhile is not touched.
+            // Only the claim's holder records; a record taken over meanwhile is not
+            // touched, only flagged where this claim's call may have reached the provider.
             if s.lease.as_ref().is_some_and(|(o, _)| o == owner) {
                 Self::apply_outcome(s, *attempt, outcome);
+                continue;
             }
+            if outcome.may_have_reached_provider() && s.flagged.is_none() {
+                s.flagged = Some(UnknownAttempt {
+                    attempt: *attempt,
+                    cause: Ambiguity::LostLease,
+                    since: s.record.updated_at,
+                });
+            }
+            fenced.push(id.clone());
         }
         lock(&self.outcomes).push(outcomes.to_vec());
-        Ok(())
+        Ok(fenced)
     }
 
     async fn take_due(

@@ -1,0 +1,365 @@
+//! Leases and the writes they fence (issue 12, items 2 and 11): a record's lease is held
+//! for its own provider call (confirmed right before it, renewed while it runs and until its
+//! outcome is written), an outcome write whose lease was lost writes nothing and is flagged
+//! and counted, dead-lettering waits for a live lease, and every write asks a replica set
+//! for a majority. Each scenario starts its own stack, runs one at a time, and ends with the
+//! books: accepted = sent + failed + dead-lettered, every send seen by the stand-in, every
+//! duplicate flagged and counted.
+
+mod common;
+
+use common::*;
+use mongodb::bson::{doc, oid::ObjectId, Document};
+use serde_json::json;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const BOOKS_WAIT: Duration = Duration::from_secs(60);
+
+/// `possible_duplicate_sends_total` of one service, every channel and cause together.
+async fn duplicates_counted(svc: &Service) -> u64 {
+    let text = get(svc.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("possible_duplicate_sends_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// How often the stand-in saw each body.
+async fn seen_by_body(stack: &Stack) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for m in stack.sandbox_messages().await {
+        if let Some(b) = m["body"].as_str() {
+            *seen.entry(b.to_string()).or_default() += 1;
+        }
+    }
+    seen
+}
+
+/// The issue's scenario (two processes, Twilio calls within a 2.5 s timeout, claims
+/// idle after 3 s, leases of 3 s), with the batch outlasting its lease the way a provider
+/// makes it: a 429 with `Retry-After: 8` pauses process A's sender while a batch of SMS
+/// waits to be called under leases of 3 s. Process B comes up, takes the idle entries over
+/// and, the leases having lapsed, sends them; A wakes up and sends them again. Now a claim
+/// does not sleep out a pause longer than its lease (it is given back and rescheduled for
+/// the pause's end), and a lease is confirmed right before its call: each message reaches
+/// Twilio once, and the books hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_beyond_the_lease_sends_nothing_twice_across_two_processes() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let env = |name: &'static str| {
+        fast_env(&[
+            ("PROVIDER_TIMEOUT_MS", "2500"),
+            ("CLAIM_IDLE_MS", "3000"),
+            ("STALE_AFTER_MS", "3000"),
+            ("CONSUMER_NAME", name),
+        ])
+    };
+    let a = stack.start_service(&env("node-a"));
+    set_fault(
+        &stack,
+        json!({"provider": "twilio", "mode": "429", "retry_after": 8}),
+    )
+    .await;
+    let tag = unique("paused");
+    let accepted = load(a.port, &tag, 60, Duration::ZERO).await;
+    assert_eq!(accepted.len(), 60);
+    let coll = stack.records().await;
+    eventually(Duration::from_secs(10), "a 429 recorded", || {
+        let coll = coll.clone();
+        async move {
+            let n = coll
+                .count_documents(doc! {"errors.code": "20429"})
+                .await
+                .ok()?;
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+    clear_faults(&stack).await;
+    let b = stack.start_service(&env("node-b"));
+    let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
+    assert_eq!(books.sent, 60);
+    let seen = seen_by_body(&stack).await;
+    let extra: usize = accepted
+        .iter()
+        .map(|(body, _)| seen.get(body).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let counted = duplicates_counted(&a).await + duplicates_counted(&b).await;
+    println!(
+        "extra sends {extra}, counted {counted}, flagged {}",
+        books.duplicates
+    );
+    assert_eq!(extra, 0, "no claim outlived its lease: nothing sent twice");
+}
+
+/// POST `n` WhatsApp messages with bodies `{tag}-{i}`, 16 at a time; all must be accepted.
+async fn post_whatsapp(svc: &Service, tag: &str, n: usize) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    futures::stream::iter(0..n)
+        .map(|i| async move {
+            let body = format!("{tag}-{i}");
+            let (s, v) = svc
+                .post(json!({"type": "whatsapp", "data": {"from": "+15550001111", "to": "+15557654321", "msg": body}}))
+                .await;
+            assert_eq!(s, 200, "{v}");
+            (body, v["id"].as_str().unwrap().to_string())
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// The issue's slow calls: the provider answers each message after 1.8 s (within a 2.5 s
+/// timeout), claims go idle after 3 s and leases last 3 s, and a rate limit of 20 a second
+/// makes a batch of 100 take 5 s to call. Process B comes up while A works through it and
+/// takes A's idle entries over, the leases having lapsed under A's calls. WhatsApp, since
+/// Meta cannot be asked whether it has a message (Twilio's list hides this for SMS): B
+/// sent them again. Now A's leases are renewed through its calls and until its outcomes
+/// are written (B finds them busy), and a claim whose lease B took makes no call: each
+/// message reaches the provider once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_calls_outlasting_their_lease_are_not_taken_over_by_a_second_process() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let env = |name: &'static str| {
+        fast_env(&[
+            ("PROVIDER_TIMEOUT_MS", "2500"),
+            ("CLAIM_IDLE_MS", "3000"),
+            ("STALE_AFTER_MS", "3000"),
+            ("PROVIDER_RATE_PER_SEC", "20"),
+            ("PROVIDER_BURST", "20"),
+            ("CONSUMER_NAME", name),
+        ])
+    };
+    let a = stack.start_service(&env("node-a"));
+    set_fault(&stack, json!({"provider": "whatsapp", "latency_ms": 1800})).await;
+    let tag = unique("slow");
+    let accepted = post_whatsapp(&a, &tag, 100).await;
+    eventually(Duration::from_secs(10), "A read every entry", || async {
+        let n = stack.pending("whatsapp_stream", "comm-aggregator").await;
+        (n >= 95).then_some(())
+    })
+    .await;
+    let b = stack.start_service(&env("node-b"));
+    let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
+    assert_eq!(books.sent, 100, "calls within the timeout all succeed");
+    let seen = seen_by_body(&stack).await;
+    let extra: usize = accepted
+        .iter()
+        .map(|(body, _)| seen.get(body).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let counted = duplicates_counted(&a).await + duplicates_counted(&b).await;
+    println!(
+        "extra sends {extra}, counted {counted}, flagged {}",
+        books.duplicates
+    );
+    assert_eq!(extra, 0, "no lease lapsed under a call: nothing sent twice");
+}
+
+/// Take `lease:{id}` as another process's sender would (the lease and its try), retrying
+/// while the service still holds it.
+async fn hold_lease(stack: &Stack, id: &str, token: &str) {
+    let mut c = stack.redis().await;
+    eventually(Duration::from_secs(10), "the lease to be free", || {
+        let mut c = c.clone();
+        async move {
+            let ok: Option<String> = redis::cmd("SET")
+                .arg(format!("lease:{id}"))
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(60_000)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            ok.map(|_| ())
+        }
+    })
+    .await;
+    let _: i64 = redis::cmd("INCR")
+        .arg(format!("tries:{id}"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+/// The pending entries of `sms_stream` for the service's group: (id, deliveries).
+async fn sms_pending(stack: &Stack) -> Vec<(String, i64)> {
+    let mut c = stack.redis().await;
+    let v: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg("sms_stream")
+        .arg("comm-aggregator")
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default();
+    v.into_iter().map(|(id, _, _, n)| (id, n)).collect()
+}
+
+async fn dead_letters(stack: &Stack) -> usize {
+    let mut c = stack.redis().await;
+    let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg("sms_stream:dlq")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    dlq.len()
+}
+
+async fn record(stack: &Stack, id: &str) -> Document {
+    stack
+        .records()
+        .await
+        .find_one(doc! {"_id": ObjectId::parse_str(id).unwrap()})
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Another process holds a record's lease (its provider call may be under way) while this
+/// one's entries for the record pass `MAX_DELIVERIES` (each claim finds the record busy and
+/// leaves the entry pending). Dead-lettering must wait: failing the record under the other
+/// process's call would record `failed` for a message being sent. Once the other process
+/// lets go without a call, the record is dead-lettered or sent, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let svc = stack.start_service(&fast_env(&[]));
+    // A first attempt answered 429, Retry-After 4 s: a window to take the lease in.
+    set_fault(
+        &stack,
+        json!({"provider": "twilio", "mode": "429", "retry_after": 4}),
+    )
+    .await;
+    let body = unique("leased");
+    let (s, v) = svc.post(sms(&body)).await;
+    assert_eq!(s, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "the first attempt refused", || {
+        let stack = &stack;
+        let id = id.clone();
+        async move { (record(stack, &id).await.get_i32("attempts").ok()? == 1).then_some(()) }
+    })
+    .await;
+    hold_lease(&stack, &id, "other-process:sms:0").await;
+    clear_faults(&stack).await;
+    // The retry comes due and is queued again; every delivery finds the record busy.
+    eventually(
+        Duration::from_secs(30),
+        "an entry delivered MAX_DELIVERIES (3) times",
+        || async {
+            sms_pending(&stack)
+                .await
+                .iter()
+                .any(|(_, n)| *n >= 3)
+                .then_some(())
+        },
+    )
+    .await;
+    // Several dead-letter passes (every CLAIM_IDLE_MS / 2) while the lease is held.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let d = record(&stack, &id).await;
+    assert_eq!(
+        d.get_str("status").ok(),
+        Some("pending"),
+        "a record under another process's lease was failed: {d}"
+    );
+    assert_eq!(dead_letters(&stack).await, 0);
+
+    // The other process lets go without calling (as one that finds the record not due).
+    let mut c = stack.redis().await;
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(format!("lease:{id}"))
+        .ignore()
+        .cmd("DECR")
+        .arg(format!("tries:{id}"))
+        .ignore()
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let accepted = vec![(body.clone(), id.clone())];
+    let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
+    assert_eq!(books.sent + books.failed, 1);
+    eventually(Duration::from_secs(10), "every entry settled", || async {
+        sms_pending(&stack).await.is_empty().then_some(())
+    })
+    .await;
+    // Now free, the record is dead-lettered, or sent by a delivery still under the limit
+    // (a re-queued entry): either way once.
+    let d = record(&stack, &id).await;
+    let sends = seen_by_body(&stack).await.get(&body).copied().unwrap_or(0);
+    if books.failed == 1 {
+        assert!(
+            d.get_str("lastError")
+                .unwrap_or("")
+                .contains("dead-lettered"),
+            "{d}"
+        );
+        assert_eq!((sends, dead_letters(&stack).await), (0, 1), "{d}");
+    } else {
+        assert_eq!((sends, dead_letters(&stack).await), (1, 0), "{d}");
+    }
+}
+
+/// SecantusDB reports itself as a one-member replica set, as MongoDB does: every write of
+/// a record (insert, claim-free outcome write, sweeps) asks for `w: "majority"` and the
+/// journal, so that no acknowledged write can be rolled back by a failover. Seen in
+/// MongoDB's own profiler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_write_asks_the_replica_set_for_a_majority() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let svc = stack.start_service(&fast_env(&[]));
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    let hello = db.run_command(doc! {"hello": 1}).await.unwrap();
+    assert!(hello.get_str("setName").is_ok(), "a replica set: {hello}");
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    let tag = unique("majority");
+    let accepted = load(svc.port, &tag, 5, Duration::ZERO).await;
+    let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
+    assert_eq!(books.sent, 5);
+    let profiled: Vec<Document> = {
+        use futures::TryStreamExt;
+        db.collection::<Document>("system.profile")
+            .find(doc! {"ns": "communication-aggregator.communications",
+            "op": {"$in": ["insert", "update"]}})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let ops: Vec<&str> = profiled
+        .iter()
+        .filter_map(|p| p.get_str("op").ok())
+        .collect();
+    assert!(
+        ops.contains(&"insert") && ops.contains(&"update"),
+        "the inserts and outcome writes were profiled: {ops:?}"
+    );
+    for p in &profiled {
+        let wc = p
+            .get_document("command")
+            .and_then(|c| c.get_document("writeConcern"))
+            .unwrap_or_else(|_| panic!("a write without a write concern: {p}"));
+        assert_eq!(wc.get_str("w").ok(), Some("majority"), "{p}");
+        assert_eq!(wc.get_bool("j").ok(), Some(true), "{p}");
+    }
+}
