@@ -113,6 +113,10 @@ impl MongoStore {
         &self.coll
     }
 
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     fn to_doc(r: &Communication, next_look: DateTime<Utc>) -> Result<Document, DependencyError> {
         let oid = ObjectId::parse_str(&r.id).map_err(err)?;
         let mut d = doc! {
@@ -190,6 +194,7 @@ impl MongoStore {
                 "nextAttemptAt",
                 "requestHash",
                 "receiptStamp",
+                "outcomeStamp",
             ] {
                 obj.remove(k);
             }
@@ -312,6 +317,68 @@ impl MongoStore {
             };
         }
         Ok(results)
+    }
+}
+
+/// Mark every statement of an outcome write with the write's stamp, so the records it
+/// matched can be told apart when some did not match.
+fn stamp_statements(updates: &mut [Document], stamp: &str) {
+    for st in updates {
+        if let Ok(pipeline) = st.get_array_mut("u") {
+            pipeline.push(Bson::Document(doc! {"$set": {"outcomeStamp": stamp}}));
+        } else if let Ok(set) = st
+            .get_document_mut("u")
+            .and_then(|u| u.get_document_mut("$set"))
+        {
+            set.insert("outcomeStamp", stamp);
+        }
+    }
+}
+
+impl MongoStore {
+    /// Which outcomes of a write matched their record: all of them when the write matched
+    /// as many records as it had outcomes (the usual case, no read), else those read back
+    /// with the write's stamp. If that read fails, all are taken as matched (their events
+    /// go out; the reconciler corrects search if one was not).
+    async fn matched(
+        &self,
+        outcomes: &[(String, u32, Outcome)],
+        reply: &Document,
+        stamp: &str,
+    ) -> Vec<bool> {
+        let n = reply
+            .get_i32("n")
+            .map(i64::from)
+            .or_else(|_| reply.get_i64("n"))
+            .unwrap_or(i64::MAX);
+        if n >= outcomes.len() as i64 {
+            return vec![true; outcomes.len()];
+        }
+        let oids: Vec<ObjectId> = outcomes
+            .iter()
+            .filter_map(|(id, _, _)| ObjectId::parse_str(id).ok())
+            .collect();
+        let read = async {
+            self.coll
+                .find(doc! {"_id": {"$in": oids}, "outcomeStamp": stamp})
+                .projection(doc! {"_id": 1})
+                .await?
+                .try_collect::<Vec<Document>>()
+                .await
+        };
+        match read.await {
+            Ok(docs) => {
+                let hit: HashSet<String> = docs
+                    .iter()
+                    .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
+                    .collect();
+                outcomes.iter().map(|(id, _, _)| hit.contains(id)).collect()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell which outcomes matched; taking all");
+                vec![true; outcomes.len()]
+            }
+        }
     }
 }
 
@@ -758,19 +825,25 @@ impl Store for MongoStore {
         &self,
         owner: &str,
         outcomes: &[(String, u32, Outcome)],
-    ) -> Result<(), DependencyError> {
+    ) -> Result<Vec<bool>, DependencyError> {
         if outcomes.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let updates = outcome_statements(owner, outcomes, bdate(Utc::now()))?;
-        if let Err(e) = self.run_update(updates, false).await {
-            // The sender tries again while MongoDB is down: its leases last that long too.
-            let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
-            if let Err(e) = self.leases.renew(&ids, owner).await {
-                tracing::debug!(error = %e, "leases not renewed");
+        let stamp = ObjectId::new().to_hex();
+        let mut updates = outcome_statements(owner, outcomes, bdate(Utc::now()))?;
+        stamp_statements(&mut updates, &stamp);
+        let reply = match self.run_update(updates, false).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The sender tries again while MongoDB is down: its leases last that long too.
+                let ids: Vec<&str> = outcomes.iter().map(|(id, _, _)| id.as_str()).collect();
+                if let Err(e) = self.leases.renew(&ids, owner).await {
+                    tracing::debug!(error = %e, "leases not renewed");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
+        let matched = self.matched(outcomes, &reply, &stamp).await;
         let release: Vec<(&str, Release)> = outcomes
             .iter()
             .map(|(id, _, o)| {
@@ -784,7 +857,7 @@ impl Store for MongoStore {
         if let Err(e) = self.leases.release(&release, owner).await {
             tracing::debug!(error = %e, "leases not given back; they expire");
         }
-        Ok(())
+        Ok(matched)
     }
 
     async fn take_due(

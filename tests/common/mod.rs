@@ -56,12 +56,16 @@ pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock};
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let mut given = GIVEN.get_or_init(|| Mutex::new(HashSet::new())).lock().unwrap();
+    let mut given = GIVEN
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .unwrap();
     // Spread the processes of parallel test binaries over the range from different places.
-    let seed = std::process::id() as u64 ^ std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64;
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
     const LOW: u64 = 20_000;
     const SPAN: u64 = 12_000;
     for i in 0..SPAN {
@@ -455,9 +459,14 @@ impl Stack {
     /// Spawn the service binary on a free port with this stack's environment plus
     /// `extra_env`; nothing is waited for.
     fn spawn_service(&self, extra_env: &[(&str, &str)]) -> (u16, Proc) {
+        self.spawn_service_args(extra_env, &[])
+    }
+
+    /// [`Stack::spawn_service`] with command-line arguments (`--config PATH`).
+    fn spawn_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> (u16, Proc) {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
-        cmd.current_dir(root());
+        cmd.current_dir(root()).args(args);
         for (k, v) in self.service_env(port) {
             cmd.env(k, v);
         }
@@ -470,7 +479,34 @@ impl Stack {
 
     /// Start the service binary against this stack; waits for `/healthz`.
     pub fn start_service(&self, extra_env: &[(&str, &str)]) -> Service {
-        let (port, mut proc) = self.spawn_service(extra_env);
+        self.start_service_args(extra_env, &[])
+    }
+
+    /// [`Stack::start_service`] with `config.toml` changed by `settings` (`("section.key",
+    /// value)`), written to this stack's folder: for settings no variable overrides.
+    pub fn start_service_configured(
+        &self,
+        extra_env: &[(&str, &str)],
+        settings: &[(&str, toml::Value)],
+    ) -> Service {
+        let mut cfg: toml::Table = std::fs::read_to_string(root().join("config.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        for (key, value) in settings {
+            let (section, name) = key.split_once('.').unwrap();
+            cfg[section]
+                .as_table_mut()
+                .unwrap()
+                .insert(name.to_string(), value.clone());
+        }
+        let path = self.dir.join(format!("config-{}.toml", free_port()));
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        self.start_service_args(extra_env, &["--config".into(), path.display().to_string()])
+    }
+
+    fn start_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> Service {
+        let (port, mut proc) = self.spawn_service_args(extra_env, args);
         proc.wait_port(port, Duration::from_secs(20));
         // Point the stand-in's WhatsApp webhook here, as one would in Meta's dashboard.
         let hook = format!("http://127.0.0.1:{port}/api/v1/callbacks/whatsapp");

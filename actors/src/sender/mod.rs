@@ -172,8 +172,16 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
     let mut rng = rand::rngs::StdRng::from_entropy();
     let decided = stages::decide_all(args, calls, Utc::now(), &mut rng);
     out.panicked = decided.panicked;
-    if stages::persist(args, owner, &decided.outcomes).await {
-        stages::append_log(args, &decided.events).await;
+    if let Some(matched) = stages::persist(args, owner, &decided.outcomes).await {
+        // An event only for a write that matched: search follows MongoDB, never a write
+        // that changed nothing.
+        let events: Vec<_> = decided
+            .events
+            .into_iter()
+            .zip(matched)
+            .filter_map(|(ev, m)| m.then_some(ev))
+            .collect();
+        stages::append_log(args, &events).await;
         out.report.ack.extend(decided.acks);
     }
     out
@@ -313,6 +321,27 @@ mod tests {
             ]
         );
         assert_eq!(f.queue.script().sizes(QueueMethod::Append), [3]);
+    }
+
+    /// The record is dead-lettered (`failed`) while its provider call is under way: the
+    /// `sent` write matches nothing, and no `sent` event reaches search.
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_whose_write_matched_nothing_has_no_event() {
+        let f = fixture();
+        f.provider.answer([Answer::Accept(Some("SM1".into()))]);
+        f.store
+            .script
+            .delay(StoreMethod::RecordOutcomes, Duration::from_millis(500));
+        let id = testing::record(1, Channel::Sms).id;
+        let entries = f.entries([1]);
+        let fail_meanwhile = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(f.store.fail(&id, "dead-lettered").await.unwrap());
+        };
+        let (d, ()) = tokio::join!(f.deliver(entries), fail_meanwhile);
+        assert_eq!(d.report.ack, ["1-0"]);
+        assert_eq!(f.status(1), Status::Failed);
+        assert!(f.events().is_empty(), "{:?}", f.events());
     }
 
     #[tokio::test(start_paused = true)]

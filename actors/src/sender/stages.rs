@@ -317,9 +317,15 @@ pub fn decide_all(
 }
 
 /// Record the outcomes, trying for `record_patience`: the provider has spoken, and nothing
-/// else on this channel can progress without the store anyway. `false`: not recorded, so
-/// the entries stay pending and are claimed again once stale.
-pub async fn persist(args: &SenderArgs, owner: &str, outcomes: &[(String, u32, Outcome)]) -> bool {
+/// else on this channel can progress without the store anyway. `None`: not recorded, so
+/// the entries stay pending and are claimed again once stale; else whether each write
+/// matched its record (one that moved on meanwhile is left alone, counted in
+/// `outcomes_unmatched_total{channel}`, and gets no log event).
+pub async fn persist(
+    args: &SenderArgs,
+    owner: &str,
+    outcomes: &[(String, u32, Outcome)],
+) -> Option<Vec<bool>> {
     let channel = args.channel.as_str();
     let deadline = Instant::now() + args.record_patience;
     let recorded = retry_until(
@@ -331,14 +337,19 @@ pub async fn persist(args: &SenderArgs, owner: &str, outcomes: &[(String, u32, O
         },
     )
     .await;
-    if recorded.is_err() {
+    let Ok(matched) = recorded else {
         tracing::error!(
             channel,
             n = outcomes.len(),
             "outcomes not recorded; entries stay pending and will be claimed again when stale"
         );
+        return None;
+    };
+    for ((id, attempt, _), _) in outcomes.iter().zip(&matched).filter(|(_, m)| !**m) {
+        tracing::warn!(%id, attempt, channel, "outcome matched no open record (it moved on meanwhile); no event");
+        metrics::counter!("outcomes_unmatched_total", "channel" => channel).increment(1);
     }
-    recorded.is_ok()
+    Some(matched)
 }
 
 /// Append the log events, trying for `record_patience` (without Redis the consumer cannot

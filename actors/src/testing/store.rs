@@ -343,20 +343,28 @@ impl Store for MemoryStore {
         &self,
         owner: &str,
         outcomes: &[(String, u32, Outcome)],
-    ) -> Result<(), DependencyError> {
+    ) -> Result<Vec<bool>, DependencyError> {
         self.script
             .enter(StoreMethod::RecordOutcomes, outcomes.len())
             .await?;
         let mut all = lock(&self.records);
+        let mut matched = Vec::with_capacity(outcomes.len());
         for (id, attempt, outcome) in outcomes {
-            let Some(s) = all.get_mut(id) else { continue };
-            // Only the claim's holder records; a record taken over meanwhile is not touched.
-            if s.lease.as_ref().is_some_and(|(o, _)| o == owner) {
+            let Some(s) = all.get_mut(id) else {
+                matched.push(false);
+                continue;
+            };
+            // Only the claim's holder records, and only a record still open: one taken
+            // over or finished meanwhile is not touched.
+            let open = matches!(s.record.status, Status::Pending | Status::Sending);
+            let held = s.lease.as_ref().is_some_and(|(o, _)| o == owner);
+            if open && held {
                 Self::apply_outcome(s, *attempt, outcome);
             }
+            matched.push(open && held);
         }
         lock(&self.outcomes).push(outcomes.to_vec());
-        Ok(())
+        Ok(matched)
     }
 
     async fn take_due(
