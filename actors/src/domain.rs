@@ -175,14 +175,26 @@ impl EventStatus {
     }
 
     /// How far along a record is after this event, within one attempt: events applied out
-    /// of order must never move the record back.
+    /// of order must never move the record back, and every move MongoDB allows is a step
+    /// up (`delivered` → `undelivered`, `failed` or `read`: a receipt's
+    /// `receipt_predecessors`), so no allowed move is lost to an equal version.
     pub fn rank(self) -> u64 {
         match self {
             EventStatus::Queued => 0,
             EventStatus::Retrying => 1,
             EventStatus::Sent => 2,
-            EventStatus::Failed | EventStatus::Delivered | EventStatus::Undelivered => 3,
-            EventStatus::Read => 4,
+            EventStatus::Delivered => 3,
+            EventStatus::Failed | EventStatus::Undelivered | EventStatus::Read => 4,
+        }
+    }
+
+    /// The event that leaves a record as it is now (`pending`: `queued` before any
+    /// attempt, else `retrying`); `None` for `sending`, which no event reports.
+    pub fn of_record(status: Status, attempts: u32) -> Option<EventStatus> {
+        match status {
+            Status::Pending if attempts == 0 => Some(EventStatus::Queued),
+            Status::Pending => Some(EventStatus::Retrying),
+            other => EventStatus::try_from(other).ok(),
         }
     }
 }
@@ -1100,6 +1112,31 @@ mod tests {
             LogEvent::from_entry(&e),
             Err(DecodeError::BadStatus("lost".into()))
         );
+    }
+
+    #[test]
+    fn every_move_a_receipt_may_make_is_a_step_up() {
+        for to in [
+            Status::Delivered,
+            Status::Undelivered,
+            Status::Failed,
+            Status::Read,
+        ] {
+            let after = EventStatus::try_from(to).unwrap();
+            for from in to.receipt_predecessors() {
+                let before = EventStatus::try_from(Status::parse(from).unwrap()).unwrap();
+                assert!(after.rank() > before.rank(), "{before} -> {after}");
+            }
+        }
+        assert_eq!(
+            EventStatus::of_record(Status::Pending, 0),
+            Some(EventStatus::Queued)
+        );
+        assert_eq!(
+            EventStatus::of_record(Status::Pending, 2),
+            Some(EventStatus::Retrying)
+        );
+        assert_eq!(EventStatus::of_record(Status::Sending, 1), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! ```text
 //!                               Supervisor
 //!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┐
-//! Router  StreamConsumer×3  Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats
+//! Router  StreamConsumer×3  Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler
 //! ```
 //! A request goes HTTP → Router (stored, then on `{type}_stream` and `log_stream`) →
 //! StreamConsumer → Sender (claim, provider call, outcome) ; every step's log event goes
@@ -25,6 +25,7 @@
 //!   pure decision with table tests (`sender/decision.rs`).
 //! - [`receipts`]: ReceiptActor, providers' delivery receipts in batches.
 //! - [`log_indexer`]: LogIndexer, `log_stream` into Elasticsearch.
+//! - [`reconciler`]: Reconciler, makes search agree with MongoDB for recent records.
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
 //! - [`stats`]: StatsActor, stream trimming and gauges.
 //! - [`audit`]: AuditActor, security events into their own index.
@@ -46,6 +47,7 @@ pub mod health;
 pub mod log_indexer;
 pub mod ports;
 pub mod receipts;
+pub mod reconciler;
 pub mod retry;
 pub mod router;
 pub mod sender;

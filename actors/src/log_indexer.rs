@@ -4,7 +4,9 @@
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
 //! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
 //! Elasticsearch outage leaves the backlog in Redis, not in memory).
-//! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes).
+//! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes the
+//! buffer and what `log_stream` still holds for it; a blocking read lasts at most 1 s, so
+//! a stop is never held up by a long `max_wait`).
 //! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
 //! On failure: entries are acknowledged only after their documents are stored or
 //! dead-lettered; a crash leaves the rest pending, read again first after the restart.
@@ -35,6 +37,11 @@ const STEP_BACKOFF: Backoff =
     Backoff::exponential(Duration::from_millis(200), Duration::from_secs(5)).with_full_jitter();
 /// ...but never so short that a down Elasticsearch is asked in a tight loop.
 const STEP_BACKOFF_FLOOR: Duration = Duration::from_millis(50);
+/// The longest blocking read: a stop is handled between steps, so it waits at most this
+/// long, however long `max_wait` is.
+const READ_BLOCK_MAX: Duration = Duration::from_secs(1);
+/// On stop, at most this many more reads of what `log_stream` holds for this consumer.
+const STOP_ROUNDS: usize = 100;
 
 pub enum IndexerMsg {
     Poll,
@@ -96,13 +103,31 @@ impl Actor for LogIndexer {
         })
     }
 
+    /// Index what is buffered and what the stream still holds for this consumer (the last
+    /// senders' and receipts' events), until it is empty or a step fails; the stop's
+    /// deadline bounds it. What is left stays pending, indexed after the restart.
     async fn post_stop(
         &self,
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if !state.buf.is_empty() {
-            let _ = flush(state).await;
+        for _ in 0..STOP_ROUNDS {
+            let Ok(read) = read(state, Duration::from_millis(1)).await else {
+                break;
+            };
+            if state.buf.is_empty() {
+                break;
+            }
+            if state_flush(state).await.is_err() || read == 0 {
+                break;
+            }
+        }
+        let left = state.buf.len();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "log events not indexed at stop; pending in log_stream"
+            );
         }
         Ok(())
     }
@@ -134,16 +159,46 @@ impl Actor for LogIndexer {
 
 async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
     let a = state.args.clone();
+    let block = match state.first_at {
+        Some(t) => a.batch.max_wait.saturating_sub(t.elapsed()),
+        None => a.batch.max_wait,
+    }
+    .clamp(Duration::from_millis(1), READ_BLOCK_MAX);
+    read(state, block).await?;
+    let due = a.batch.is_full(state.buf.len(), state.buf_bytes)
+        || state
+            .first_at
+            .is_some_and(|t| t.elapsed() >= a.batch.max_wait);
+    if due && !state.buf.is_empty() {
+        state_flush(state).await?;
+    }
+    Ok(())
+}
+
+/// Flush the buffer, making the indices first if needed.
+async fn state_flush(state: &mut IndexerState) -> Result<(), DependencyError> {
+    if !state.prepared {
+        state.args.search.prepare().await?;
+        state.prepared = true;
+    }
+    if let Err(e) = flush(state).await {
+        if e.dependency == Dependency::Elasticsearch {
+            state.prepared = false;
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Read into the buffer what fits, waiting up to `block`; answers how many were read.
+async fn read(state: &mut IndexerState, block: Duration) -> Result<usize, DependencyError> {
+    let a = state.args.clone();
     if !state.group_ready {
         a.queue.ensure_group(LOG_STREAM, &a.group).await?;
         state.group_ready = true;
     }
+    let mut n = 0;
     if !a.batch.is_full(state.buf.len(), state.buf_bytes) {
-        let block = match state.first_at {
-            Some(t) => a.batch.max_wait.saturating_sub(t.elapsed()),
-            None => a.batch.max_wait,
-        }
-        .max(Duration::from_millis(1));
         let entries = a
             .queue
             .read_group(
@@ -161,6 +216,7 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
                 None => ReadFrom::New,
             };
         }
+        n = entries.len();
         for e in entries {
             let p = to_pending(&a, e);
             state.buf_bytes += p.bytes;
@@ -168,23 +224,7 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
             state.first_at.get_or_insert_with(Instant::now);
         }
     }
-    let due = a.batch.is_full(state.buf.len(), state.buf_bytes)
-        || state
-            .first_at
-            .is_some_and(|t| t.elapsed() >= a.batch.max_wait);
-    if due && !state.buf.is_empty() {
-        if !state.prepared {
-            a.search.prepare().await?;
-            state.prepared = true;
-        }
-        if let Err(e) = flush(state).await {
-            if e.dependency == Dependency::Elasticsearch {
-                state.prepared = false;
-            }
-            return Err(e);
-        }
-    }
-    Ok(())
+    Ok(n)
 }
 
 /// Order of a record's states, for the `communications` document's external version:

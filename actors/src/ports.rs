@@ -195,6 +195,60 @@ pub struct ReceiptUpdate {
     pub error: Option<(String, String)>,
 }
 
+/// A receipt kept in the store because its record was not known when it came (the receipt
+/// overtook the recording of its send): tried again until the record catches up, across
+/// restarts, however long that takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedReceipt {
+    pub update: ReceiptUpdate,
+    /// Who reported it (`twilio-callback`, `whatsapp-webhook`), for the log event.
+    pub service: String,
+    /// Tries since it was parked (the wait before the next one doubles with each).
+    pub tries: u32,
+}
+
+impl ParkedReceipt {
+    /// One key per provider, message and status: parking the same receipt twice (the
+    /// provider sent it again) keeps one.
+    pub fn key(&self) -> String {
+        let u = &self.update;
+        format!(
+            "{}:{}:{}",
+            u.provider,
+            u.provider_message_id,
+            u.status.as_str()
+        )
+    }
+}
+
+/// Where receipts wait for their records, durably (MongoDB's `parked_receipts`).
+#[async_trait]
+pub trait ReceiptParking: Send + Sync + 'static {
+    /// Keep these receipts, each first tried again at `next_try`; one already parked stays
+    /// parked once.
+    async fn park(
+        &self,
+        receipts: &[ParkedReceipt],
+        next_try: DateTime<Utc>,
+    ) -> Result<(), DependencyError>;
+
+    /// Parked receipts due by `now`, oldest first, at most `limit`, and how many are
+    /// parked in all.
+    async fn due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<(Vec<ParkedReceipt>, u64), DependencyError>;
+
+    /// Forget the receipts `done` (applied, or found to move nothing), and try the ones in
+    /// `later` again at their times (counting a try each).
+    async fn settle(
+        &self,
+        done: &[String],
+        later: &[(String, DateTime<Utc>)],
+    ) -> Result<(), DependencyError>;
+}
+
 /// What became of one record of an `insert_many`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InsertResult {
@@ -320,6 +374,9 @@ pub enum BulkAction {
     /// Replace the document unless the stored one has a version at least this high
     /// (external versioning): events applied out of order never move a document back.
     IndexVersioned { version: u64 },
+    /// Replace the document unless the stored one has a higher version (`external_gte`):
+    /// the reconciler's repair from MongoDB, which wins over an equal version.
+    IndexAtLeast { version: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -352,6 +409,36 @@ pub trait SearchSink: Send + Sync + 'static {
     async fn bulk(&self, ops: &[BulkOp]) -> Result<Vec<ItemResult>, DependencyError>;
 
     async fn ping(&self) -> Result<(), DependencyError>;
+}
+
+/// A record's `communications` document as the reconciler compares it with MongoDB.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexedState {
+    pub status: String,
+    /// The document's (external) version.
+    pub version: u64,
+}
+
+/// The records the reconciler looks at: those MongoDB changed recently.
+#[async_trait]
+pub trait RecentRecords: Send + Sync + 'static {
+    /// Records last changed between `from` and `to`, newest first, at most `limit`.
+    async fn changed_between(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Communication>, DependencyError>;
+}
+
+/// What the search index holds of records, for the reconciler.
+#[async_trait]
+pub trait IndexedRecords: Send + Sync + 'static {
+    /// The `communications` documents of these records, by id (missing ones are absent).
+    async fn indexed(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, IndexedState>, DependencyError>;
 }
 
 /// A message provider (Twilio, Meta WhatsApp Cloud API, SMTP).

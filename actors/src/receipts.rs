@@ -3,19 +3,31 @@
 //!
 //! Owns: the receipts waiting for the next batch, and those waiting for their record (a
 //! receipt can overtake the recording of its send: the provider answers the call, calls
-//! back at once, and the sender's outcome write is still to come).
+//! back at once, and the sender's outcome write is still to come). A receipt whose record
+//! is still unknown after `wait_for_record` is parked in the store ([`ReceiptParking`],
+//! MongoDB's `parked_receipts`) before its callback is answered, and tried again from there
+//! (waits doubling from `parked_recheck` to `parked_recheck_max`) until its record catches
+//! up, however long that takes and across restarts; counted in `receipts_parked_total`,
+//! with the gauge `receipts_parked`.
 //! Talks to it: the HTTP callbacks, through [`apply`] (`Apply`, an RPC answered once the
-//! receipt is applied, found inapplicable, or given up on after `wait_for_record`).
-//! Talks to: the store (one batched write and one read per batch, however many receipts),
-//! Redis (the receipts' log events, one pipeline per batch).
+//! receipt is applied, found inapplicable, or parked); the shutdown (`Drain`: apply the
+//! batch now and park every receipt still waiting).
+//! Talks to: the store (one batched write and one read per batch, however many receipts,
+//! parked ones included), the parking (one write per batch that parks, one read and one
+//! write per look at the parked ones), Redis (the receipts' log events, one pipeline per
+//! batch).
 //! On failure: receipts in the batch being written are answered with the error (the
 //! callback answers 503, and the provider sends it again); receipts still in the mailbox
-//! are dropped unanswered, so their callbacks time out into a 503 as well. Nothing is
-//! half-applied: a receipt is one conditional update of one record.
+//! are dropped unanswered, so their callbacks time out into a 503 as well. A stop (not a
+//! crash) applies the batch and parks what waits. Parked receipts are in the store: a
+//! failure loses none. Nothing is half-applied: a receipt is one conditional update of one
+//! record, and a parked one is forgotten only after it was applied or found to move nothing.
 
 use crate::batch::BatchSettings;
 use crate::domain::{EventStatus, LogEvent, LOG_STREAM};
-use crate::ports::{DependencyError, Queue, ReceiptResult, ReceiptUpdate, Store};
+use crate::ports::{
+    DependencyError, ParkedReceipt, Queue, ReceiptParking, ReceiptResult, ReceiptUpdate, Store,
+};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
@@ -32,17 +44,21 @@ pub struct Receipt {
     pub service: &'static str,
 }
 
-/// `true`: applied; `false`: nothing it could move (logged).
+/// `true`: applied; `false`: nothing it could move now (logged), or parked until its
+/// record is known.
 pub type ReceiptReply = RpcReplyPort<Result<bool, DependencyError>>;
 
 pub enum ReceiptMsg {
     Apply(Receipt, ReceiptReply),
     Flush,
+    /// Shutting down: apply the batch now and park every receipt still waiting, so their
+    /// callbacks are answered before the HTTP server closes.
+    Drain(RpcReplyPort<()>),
 }
 
 /// Hand a receipt to the running ReceiptActor and wait up to `timeout` for its answer (it
-/// holds a receipt that overtook its record for up to `wait_for_record`): `true` applied,
-/// `false` nothing it could move.
+/// holds a receipt that overtook its record for up to `wait_for_record`, then parks it):
+/// `true` applied, `false` nothing it could move now, or parked.
 pub async fn apply(
     receipt: Receipt,
     timeout: Duration,
@@ -54,12 +70,18 @@ pub async fn apply(
 pub struct ReceiptArgs {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
+    /// Where receipts wait for records that take long to appear.
+    pub parking: Arc<dyn ReceiptParking>,
     /// Most receipts applied in one round trip, and how long the first waits for company.
     pub batch: BatchSettings,
-    /// How long a receipt waits for its record to be recorded as sent.
+    /// How long a receipt waits in memory for its record before it is parked.
     pub wait_for_record: Duration,
     /// How often a waiting receipt is tried again.
     pub recheck: Duration,
+    /// The first wait of a parked receipt before it is tried again; doubles with each try...
+    pub parked_recheck: Duration,
+    /// ...up to this.
+    pub parked_recheck_max: Duration,
 }
 
 struct Waiting {
@@ -77,6 +99,20 @@ pub struct ReceiptState {
     waiting: Vec<Waiting>,
     next_recheck: Instant,
     flush_scheduled: bool,
+    /// Receipts may be parked (true at start: a previous run may have parked some).
+    parked_maybe: bool,
+    next_parked_look: Instant,
+    /// The wall clock at start and the monotonic clock then: parked receipts' times are
+    /// wall-clock times (they outlive the process), read off the monotonic clock so that
+    /// they follow tokio's (paused) time in tests.
+    started: (chrono::DateTime<Utc>, Instant),
+}
+
+impl ReceiptState {
+    fn wall_now(&self) -> chrono::DateTime<Utc> {
+        let (wall, at) = self.started;
+        wall + chrono::Duration::from_std(at.elapsed()).unwrap_or_default()
+    }
 }
 
 pub struct ReceiptActor;
@@ -88,16 +124,30 @@ impl Actor for ReceiptActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: ReceiptArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // Look at what a previous run parked.
+        myself.send_message(ReceiptMsg::Flush)?;
         Ok(ReceiptState {
             batch: Vec::new(),
             waiting: Vec::new(),
             next_recheck: Instant::now(),
             flush_scheduled: false,
+            parked_maybe: true,
+            next_parked_look: Instant::now(),
+            started: (Utc::now(), Instant::now()),
             args,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        flush(state, true).await;
+        Ok(())
     }
 
     async fn handle(
@@ -110,7 +160,7 @@ impl Actor for ReceiptActor {
             ReceiptMsg::Apply(receipt, reply) => {
                 let Ok(status) = EventStatus::try_from(receipt.update.status) else {
                     // `pending`/`sending`: no receipt may move a record there.
-                    log_ignored(&receipt, &ReceiptResult::NotMovable);
+                    log_ignored(&receipt.update, receipt.service, &ReceiptResult::NotMovable);
                     let _ = reply.send(Ok(false));
                     return Ok(());
                 };
@@ -121,43 +171,109 @@ impl Actor for ReceiptActor {
                     give_up_at: Instant::now() + state.args.wait_for_record,
                 });
                 if state.args.batch.is_full(state.batch.len(), 0) {
-                    flush(state).await;
+                    flush(state, false).await;
                 }
             }
             ReceiptMsg::Flush => {
                 state.flush_scheduled = false;
-                flush(state).await;
+                flush(state, false).await;
+            }
+            ReceiptMsg::Drain(reply) => {
+                flush(state, true).await;
+                let _ = reply.send(());
             }
         }
-        if !state.flush_scheduled && (!state.batch.is_empty() || !state.waiting.is_empty()) {
-            state.flush_scheduled = true;
-            let after = if state.batch.is_empty() {
-                state
-                    .next_recheck
-                    .saturating_duration_since(Instant::now())
-                    .max(state.args.batch.max_wait)
-            } else {
-                state.args.batch.max_wait
-            };
-            myself.send_after(after, || ReceiptMsg::Flush);
-        }
+        schedule(&myself, state);
         Ok(())
     }
 }
 
-async fn flush(state: &mut ReceiptState) {
+/// The next `Flush`: soon for a batch, at the next recheck for waiting receipts, at the next
+/// look for parked ones.
+fn schedule(myself: &ActorRef<ReceiptMsg>, state: &mut ReceiptState) {
+    if state.flush_scheduled {
+        return;
+    }
+    let now = Instant::now();
+    let mut at: Option<Instant> = None;
+    if !state.waiting.is_empty() {
+        at = Some(state.next_recheck);
+    }
+    if state.parked_maybe {
+        at = Some(at.map_or(state.next_parked_look, |t| t.min(state.next_parked_look)));
+    }
+    let after = match at {
+        _ if !state.batch.is_empty() => state.args.batch.max_wait,
+        Some(t) => t
+            .saturating_duration_since(now)
+            .max(state.args.batch.max_wait),
+        None => return,
+    };
+    state.flush_scheduled = true;
+    myself.send_after(after, || ReceiptMsg::Flush);
+}
+
+/// The parked receipts due for another try, if it is time to look.
+async fn due_parked(state: &mut ReceiptState, now: Instant) -> Vec<ParkedReceipt> {
+    if !state.parked_maybe || now < state.next_parked_look {
+        return Vec::new();
+    }
+    state.next_parked_look = now + state.args.parked_recheck;
+    match state
+        .args
+        .parking
+        .due(state.wall_now(), state.args.batch.max_items)
+        .await
+    {
+        Ok((due, total)) => {
+            metrics::gauge!("receipts_parked").set(total as f64);
+            state.parked_maybe = total > 0;
+            due
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "parked receipts not read; looking again later");
+            Vec::new()
+        }
+    }
+}
+
+/// What a batch came to, before anything is answered.
+#[derive(Default)]
+struct Settled {
+    events: Vec<LogEvent>,
+    answers: Vec<(ReceiptReply, Result<bool, DependencyError>)>,
+    /// Live receipts whose record is still unknown after their wait: parked, then answered.
+    to_park: Vec<Waiting>,
+    /// Parked receipts to forget, and to try again later.
+    done: Vec<String>,
+    later: Vec<(String, chrono::DateTime<Utc>)>,
+}
+
+/// Apply the batch (with the waiting receipts when they are due, and the parked ones when
+/// they are), park what waited long enough (`draining`: everything still waiting), record
+/// the log events, then answer.
+async fn flush(state: &mut ReceiptState, draining: bool) {
     let now = Instant::now();
     let mut work = std::mem::take(&mut state.batch);
-    if now >= state.next_recheck {
+    if draining || now >= state.next_recheck {
         work.append(&mut state.waiting);
         state.next_recheck = now + state.args.recheck;
     }
-    if work.is_empty() {
+    let parked = if draining {
+        Vec::new()
+    } else {
+        due_parked(state, now).await
+    };
+    if work.is_empty() && parked.is_empty() {
         return;
     }
-    metrics::histogram!("receipt_batch_size").record(work.len() as f64);
-    let updates: Vec<ReceiptUpdate> = work.iter().map(|w| w.receipt.update.clone()).collect();
-    let results = match state.args.store.apply_receipts(&updates).await {
+    metrics::histogram!("receipt_batch_size").record((work.len() + parked.len()) as f64);
+    let updates: Vec<ReceiptUpdate> = work
+        .iter()
+        .map(|w| w.receipt.update.clone())
+        .chain(parked.iter().map(|p| p.update.clone()))
+        .collect();
+    let mut results = match state.args.store.apply_receipts(&updates).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, receipts = work.len(), "receipts not recorded; the callbacks answer 503");
@@ -167,44 +283,161 @@ async fn flush(state: &mut ReceiptState) {
             return;
         }
     };
-    let stamp = Utc::now();
-    let mut events = Vec::new();
-    let mut answers = Vec::new();
+    let parked_results = results.split_off(work.len().min(results.len()));
+    let mut out = Settled::default();
     for (w, result) in work.into_iter().zip(results) {
-        let u = &w.receipt.update;
-        match result {
-            ReceiptResult::Applied(rec) => {
-                let mut ev =
-                    LogEvent::for_record(&rec, w.receipt.service, w.status, rec.attempts, stamp);
-                ev.provider_message_id = Some(u.provider_message_id.clone());
-                ev.error = u.error.as_ref().map(|(c, m)| format!("{c}: {m}"));
-                events.push((LOG_STREAM, ev.to_fields()));
-                metrics::counter!("delivery_receipts_total", "service" => w.receipt.service, "status" => u.status.as_str())
-                    .increment(1);
-                answers.push((w.reply, true));
-            }
-            ReceiptResult::Unknown if now < w.give_up_at => state.waiting.push(w),
-            other => {
-                log_ignored(&w.receipt, &other);
-                answers.push((w.reply, false));
-            }
+        settle_live(w, result, now, draining, &mut out, &mut state.waiting);
+    }
+    let wall = state.wall_now();
+    settle_parked(&state.args, wall, parked, parked_results, &mut out);
+    park(state, &mut out).await;
+    if !out.done.is_empty() || !out.later.is_empty() {
+        if let Err(e) = state.args.parking.settle(&out.done, &out.later).await {
+            // Applied ones are tried again and move nothing then: forgotten next time.
+            tracing::warn!(error = %e, "parked receipts not settled; tried again later");
         }
     }
-    if !events.is_empty() {
-        if let Err(e) = state.args.queue.append(&events).await {
-            tracing::warn!(error = %e, "receipts recorded but their log events were not queued");
-        }
-    }
-    for (reply, applied) in answers {
-        let _ = reply.send(Ok(applied));
+    record_events(&state.args, &out.events).await;
+    for (reply, answer) in out.answers {
+        let _ = reply.send(answer);
     }
 }
 
-fn log_ignored(r: &Receipt, why: &ReceiptResult) {
+/// One live receipt's result: applied (its event and answer), still unknown (waits on, or
+/// is parked once its wait is over or the actor is draining), or nothing to move.
+fn settle_live(
+    w: Waiting,
+    result: ReceiptResult,
+    now: Instant,
+    draining: bool,
+    out: &mut Settled,
+    waiting: &mut Vec<Waiting>,
+) {
+    match result {
+        ReceiptResult::Applied(rec) => {
+            out.events.push(receipt_event(
+                &rec,
+                &w.receipt.update,
+                w.receipt.service,
+                w.status,
+            ));
+            out.answers.push((w.reply, Ok(true)));
+        }
+        ReceiptResult::Unknown if draining || now >= w.give_up_at => out.to_park.push(w),
+        ReceiptResult::Unknown => waiting.push(w),
+        other => {
+            log_ignored(&w.receipt.update, w.receipt.service, &other);
+            out.answers.push((w.reply, Ok(false)));
+        }
+    }
+}
+
+/// The parked receipts' results: applied or not movable are done with; unknown ones wait
+/// longer, doubling with each try.
+fn settle_parked(
+    args: &ReceiptArgs,
+    now: chrono::DateTime<Utc>,
+    parked: Vec<ParkedReceipt>,
+    results: Vec<ReceiptResult>,
+    out: &mut Settled,
+) {
+    for (p, result) in parked.into_iter().zip(results) {
+        match result {
+            ReceiptResult::Applied(rec) => {
+                if let Ok(status) = EventStatus::try_from(p.update.status) {
+                    out.events
+                        .push(receipt_event(&rec, &p.update, &p.service, status));
+                }
+                tracing::info!(provider_message_id = %p.update.provider_message_id, tries = p.tries, "parked receipt applied");
+                out.done.push(p.key());
+            }
+            ReceiptResult::Unknown => {
+                let wait = parked_wait(args, p.tries + 1);
+                let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                out.later.push((p.key(), at));
+            }
+            other => {
+                log_ignored(&p.update, &p.service, &other);
+                out.done.push(p.key());
+            }
+        }
+    }
+}
+
+/// The wait before try `n` of a parked receipt: `parked_recheck` doubling, at most
+/// `parked_recheck_max`.
+pub fn parked_wait(args: &ReceiptArgs, n: u32) -> Duration {
+    let doubled = args
+        .parked_recheck
+        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(20)));
+    doubled.min(args.parked_recheck_max)
+}
+
+/// Park the receipts whose wait is over, then answer their callbacks: parked (`false`),
+/// or the store's error (503: the provider sends the receipt again).
+async fn park(state: &mut ReceiptState, out: &mut Settled) {
+    if out.to_park.is_empty() {
+        return;
+    }
+    let parked: Vec<ParkedReceipt> = out
+        .to_park
+        .iter()
+        .map(|w| ParkedReceipt {
+            update: w.receipt.update.clone(),
+            service: w.receipt.service.to_string(),
+            tries: 0,
+        })
+        .collect();
+    let next = state.wall_now()
+        + chrono::Duration::from_std(state.args.parked_recheck).unwrap_or_default();
+    let result = state.args.parking.park(&parked, next).await;
+    match &result {
+        Ok(()) => {
+            tracing::info!(
+                n = parked.len(),
+                "receipts parked until their records are known"
+            );
+            metrics::counter!("receipts_parked_total").increment(parked.len() as u64);
+            metrics::gauge!("receipts_parked").increment(parked.len() as f64);
+            state.parked_maybe = true;
+        }
+        Err(e) => tracing::warn!(error = %e, "receipts not parked; the callbacks answer 503"),
+    }
+    for w in out.to_park.drain(..) {
+        out.answers.push((w.reply, result.clone().map(|()| false)));
+    }
+}
+
+fn receipt_event(
+    rec: &crate::domain::Communication,
+    u: &ReceiptUpdate,
+    service: &str,
+    status: EventStatus,
+) -> LogEvent {
+    let mut ev = LogEvent::for_record(rec, service, status, rec.attempts, Utc::now());
+    ev.provider_message_id = Some(u.provider_message_id.clone());
+    ev.error = u.error.as_ref().map(|(c, m)| format!("{c}: {m}"));
+    metrics::counter!("delivery_receipts_total", "service" => service.to_string(), "status" => u.status.as_str())
+        .increment(1);
+    ev
+}
+
+async fn record_events(args: &ReceiptArgs, events: &[LogEvent]) {
+    if events.is_empty() {
+        return;
+    }
+    let entries: Vec<(&str, Vec<(&str, String)>)> =
+        events.iter().map(|e| (LOG_STREAM, e.to_fields())).collect();
+    if let Err(e) = args.queue.append(&entries).await {
+        tracing::warn!(error = %e, "receipts recorded but their log events were not queued");
+    }
+}
+
+fn log_ignored(u: &ReceiptUpdate, service: &str, why: &ReceiptResult) {
     tracing::info!(
-        service = r.service,
-        provider_message_id = r.update.provider_message_id,
-        status = r.update.status.as_str(),
+        service,
+        provider_message_id = u.provider_message_id,
+        status = u.status.as_str(),
         ?why,
         "receipt ignored: no record it can move"
     );
@@ -214,30 +447,45 @@ fn log_ignored(r: &Receipt, why: &ReceiptResult) {
 mod tests {
     use super::*;
     use crate::domain::{Channel, Status};
-    use crate::testing::{self, MemoryQueue, MemoryStore, StoreMethod};
+    use crate::testing::{self, MemoryParking, MemoryQueue, MemoryStore, StoreMethod};
 
     struct Fixture {
         store: Arc<MemoryStore>,
         queue: MemoryQueue,
+        parking: Arc<MemoryParking>,
         actor: ActorRef<ReceiptMsg>,
     }
 
     /// Batches of up to 10 receipts after 20 ms; a receipt waits 1 s for its record,
-    /// looked for again every 100 ms.
-    async fn fixture() -> Fixture {
-        let store = Arc::new(MemoryStore::new());
-        let queue = MemoryQueue::new();
-        let args = ReceiptArgs {
+    /// looked for again every 100 ms, then is parked and tried every 2 s (doubling to 8 s).
+    fn args(
+        store: &Arc<MemoryStore>,
+        queue: &MemoryQueue,
+        parking: &Arc<MemoryParking>,
+    ) -> ReceiptArgs {
+        ReceiptArgs {
             store: store.clone(),
             queue: Arc::new(queue.clone()),
+            parking: parking.clone(),
             batch: BatchSettings::new(10, Duration::from_millis(20)),
             wait_for_record: Duration::from_secs(1),
             recheck: Duration::from_millis(100),
-        };
-        let (actor, _) = Actor::spawn(None, ReceiptActor, args).await.unwrap();
+            parked_recheck: Duration::from_secs(2),
+            parked_recheck_max: Duration::from_secs(8),
+        }
+    }
+
+    async fn fixture() -> Fixture {
+        let store = Arc::new(MemoryStore::new());
+        let queue = MemoryQueue::new();
+        let parking = Arc::new(MemoryParking::new());
+        let (actor, _) = Actor::spawn(None, ReceiptActor, args(&store, &queue, &parking))
+            .await
+            .unwrap();
         Fixture {
             store,
             queue,
+            parking,
             actor,
         }
     }
@@ -319,13 +567,76 @@ mod tests {
         assert!(f.queue.entries(LOG_STREAM).is_empty());
     }
 
+    /// The record of a parked receipt's message, `sent` by now, has its receipt applied.
+    async fn applied_eventually(f: &Fixture, n: u32) {
+        let id = testing::record(n, Channel::Sms).id;
+        for _ in 0..200 {
+            if f.store.record(&id).map(|r| r.status) == Some(Status::Delivered) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the parked receipt was never applied");
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_receipt_for_no_record_is_given_up_after_wait_for_record() {
+    async fn a_receipt_whose_record_takes_long_is_parked_then_applied() {
         let f = fixture().await;
         let started = Instant::now();
         assert_eq!(f.apply(1, Status::Delivered).await, Ok(false));
         assert!(started.elapsed() >= Duration::from_secs(1));
-        assert!(f.queue.entries(LOG_STREAM).is_empty());
+        assert_eq!(f.parking.parked().len(), 1, "parked before the answer");
+        // The record is recorded a minute later: the parked receipt is still applied.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        f.sent(1);
+        applied_eventually(&f, 1).await;
+        assert!(f.parking.parked().is_empty(), "forgotten once applied");
+        let ev = LogEvent::from_entry(&f.queue.entries(LOG_STREAM)[0]).unwrap();
+        assert_eq!(ev.status, EventStatus::Delivered);
+        assert_eq!(ev.service, "twilio-callback");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_receipt_is_applied_by_the_next_actor() {
+        let f = fixture().await;
+        assert_eq!(f.apply(1, Status::Delivered).await, Ok(false));
+        f.actor.stop(None);
+        f.sent(1);
+        let (next, _) = Actor::spawn(None, ReceiptActor, args(&f.store, &f.queue, &f.parking))
+            .await
+            .unwrap();
+        let f = Fixture { actor: next, ..f };
+        applied_eventually(&f, 1).await;
+        assert!(f.parking.parked().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_applies_the_batch_and_parks_what_waits() {
+        let f = fixture().await;
+        f.sent(2);
+        let waiting = f.apply(1, Status::Delivered);
+        let batched = f.apply(2, Status::Delivered);
+        let drain = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            f.actor.call(ReceiptMsg::Drain, None).await.unwrap();
+            Instant::now()
+        };
+        let started = Instant::now();
+        let (w, b, drained) = tokio::join!(waiting, batched, drain);
+        assert_eq!((w, b), (Ok(false), Ok(true)));
+        assert!(
+            drained - started < Duration::from_secs(1),
+            "not held to wait_for_record"
+        );
+        assert_eq!(f.parking.parked().len(), 1);
+    }
+
+    #[test]
+    fn a_parked_receipt_waits_longer_with_each_try() {
+        let store = Arc::new(MemoryStore::new());
+        let a = args(&store, &MemoryQueue::new(), &Arc::new(MemoryParking::new()));
+        let waits: Vec<u64> = (1..=5).map(|n| parked_wait(&a, n).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 8, 8]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,7 @@
 //! own pending entries; a missing group (Redis restarted empty) is made again.
 
 use crate::backoff::{Backoff, Delays};
-use crate::domain::{Channel, StreamEntry};
+use crate::domain::{Channel, EventStatus, LogEvent, StreamEntry, LOG_STREAM};
 use crate::health::{Permit, ProviderHealth};
 use crate::ports::{DependencyError, FailResult, Queue, ReadFrom, Store};
 use crate::sender::{self, SenderMsg};
@@ -216,8 +216,9 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
 }
 
 /// Entries delivered `max_deliveries` times without an outcome: kept in `{stream}:dlq`
-/// with the reason, their records marked `failed`, then acknowledged. An entry whose record
-/// another worker holds the lease of is left pending: that worker records the outcome.
+/// with the reason, their records marked `failed` (with a `failed` log event, so search
+/// follows), then acknowledged. An entry whose record another worker holds the lease of is
+/// left pending: that worker records the outcome.
 async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
     let a = &state.args;
     let stream = a.channel.stream();
@@ -262,7 +263,12 @@ async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
             let mut dl = fields.clone();
             dl.push(("deadLetterReason", reason.clone()));
             dl.push(("sourceEntry", id.clone()));
-            a.queue.append(&[(dlq.as_str(), dl)]).await?;
+            let mut appends = vec![(dlq.as_str(), dl)];
+            // The record's `failed` reaches search as every other outcome does.
+            if let Some(ev) = failed_event(a, record.as_deref(), &reason).await? {
+                appends.push((LOG_STREAM, ev.to_fields()));
+            }
+            a.queue.append(&appends).await?;
         }
         // Otherwise the record is already final (a second entry for it): just let it go.
         a.queue
@@ -272,6 +278,29 @@ async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
         metrics::counter!("dead_lettered_total", "stream" => stream).increment(1);
     }
     Ok(())
+}
+
+/// The `failed` log event of a record just dead-lettered (read back for its fields).
+async fn failed_event(
+    a: &ConsumerArgs,
+    record: Option<&str>,
+    reason: &str,
+) -> Result<Option<LogEvent>, DependencyError> {
+    let Some(rid) = record else {
+        return Ok(None);
+    };
+    let Some(rec) = a.store.get(rid).await? else {
+        return Ok(None);
+    };
+    let mut ev = LogEvent::for_record(
+        &rec,
+        "dead-letter",
+        EventStatus::Failed,
+        rec.attempts,
+        chrono::Utc::now(),
+    );
+    ev.error = Some(reason.to_string());
+    Ok(Some(ev))
 }
 
 async fn deliver(

@@ -10,9 +10,12 @@
 //! its own supervisor, systemd or the orchestrator, takes over). Children keep no
 //! references to one another: they look peers up by name when they need them, so a
 //! restarted peer is found under its old name.
-//! Shutdown stops children in the reverse of their start order: the router first (no new
-//! work), consumers next (their in-flight batch finishes), senders, then the LogIndexer,
-//! which flushes what it holds.
+//! Shutdown goes by stages (`StopStage`, one per stage, each within its own deadline): the
+//! wiring names the children of each stage in groups, a group's children are stopped
+//! together and the groups one after another; whatever is still running when the stage's
+//! deadline passes is killed, so the next stage always runs (the LogIndexer and the
+//! ReceiptActor flush even when the senders used up theirs). `Shutdown` then stops what is
+//! left, in the reverse of the start order, and the supervisor itself.
 
 use crate::backoff::Backoff;
 use futures::future::BoxFuture;
@@ -47,6 +50,9 @@ pub struct SupervisorArgs {
 
 pub enum SupervisorMsg {
     Restart(String),
+    /// Stop these children (group after group, each group's at once) within the deadline,
+    /// then kill what still runs; no child is restarted any more. Answers the names killed.
+    StopStage(Vec<Vec<String>>, Duration, RpcReplyPort<Vec<String>>),
     Shutdown(RpcReplyPort<()>),
 }
 
@@ -126,6 +132,11 @@ impl Actor for Supervisor {
                     }
                 }
             }
+            SupervisorMsg::StopStage(groups, within, reply) => {
+                state.shutting_down = true;
+                let killed = stop_stage(state, groups, within).await;
+                let _ = reply.send(killed);
+            }
             SupervisorMsg::Shutdown(reply) => {
                 state.shutting_down = true;
                 let order: Vec<String> = state
@@ -175,6 +186,37 @@ impl Actor for Supervisor {
         child_down(&myself, state, name, &why);
         Ok(())
     }
+}
+
+/// Stop the groups in order within `within`; kill (without its `post_stop`) every child
+/// of them still running at the deadline, and name those.
+async fn stop_stage(
+    state: &mut SupervisorState,
+    groups: Vec<Vec<String>>,
+    within: Duration,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut killed = Vec::new();
+    for group in groups {
+        let cells: Vec<(String, ActorCell)> = group
+            .into_iter()
+            .filter_map(|name| state.cells.remove(&name).map(|c| (name, c)))
+            .collect();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let stops = cells.iter().map(|(name, cell)| {
+            tracing::info!(actor = %name, "stopping");
+            cell.stop_and_wait(Some("shutdown".into()), Some(left))
+        });
+        let results = futures::future::join_all(stops).await;
+        for ((name, cell), result) in cells.into_iter().zip(results) {
+            if result.is_err() {
+                tracing::warn!(actor = %name, "not stopped within its stage's deadline; killed");
+                cell.kill();
+                killed.push(name);
+            }
+        }
+    }
+    killed
 }
 
 fn child_down(
@@ -295,6 +337,116 @@ mod tests {
             .expect("the supervisor gave up")
             .unwrap();
         assert_eq!(sup.get_status(), ractor::ActorStatus::Stopped);
+    }
+
+    /// Blocks in its first message for an hour; its `post_stop` counts.
+    struct Stuck;
+
+    impl Actor for Stuck {
+        type Msg = ();
+        type State = ();
+        type Arguments = Arc<std::sync::atomic::AtomicUsize>;
+
+        async fn pre_start(
+            &self,
+            me: ActorRef<()>,
+            _: Self::Arguments,
+        ) -> Result<(), ActorProcessingErr> {
+            me.send_message(())?;
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            _: (),
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+    }
+
+    /// A quick child: stops at once, and counts its `post_stop` (its flush).
+    struct Quick;
+
+    impl Actor for Quick {
+        type Msg = ();
+        type State = Arc<std::sync::atomic::AtomicUsize>;
+        type Arguments = Arc<std::sync::atomic::AtomicUsize>;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<()>,
+            n: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(n)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<()>,
+            _: (),
+            _: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn post_stop(
+            &self,
+            _: ActorRef<()>,
+            n: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn child_spec<A>(name: &str, actor: fn() -> A, args: A::Arguments) -> ChildSpec
+    where
+        A: Actor<Msg = ()>,
+        A::Arguments: Clone + Sync,
+    {
+        let n = name.to_string();
+        let spawn: SpawnFn = Arc::new(move |sup| {
+            let (n, args) = (n.clone(), args.clone());
+            async move {
+                let (r, _) = Actor::spawn_linked(Some(n), actor(), args, sup).await?;
+                Ok(r.get_cell())
+            }
+            .boxed()
+        });
+        ChildSpec {
+            name: name.to_string(),
+            spawn,
+        }
+    }
+
+    /// A stage whose child never stops is cut at its deadline (the child killed), and the
+    /// next stage still stops its children, with their `post_stop`.
+    #[tokio::test]
+    async fn a_stage_past_its_deadline_is_cut_and_the_next_stage_still_runs() {
+        let flushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut a = args("unused-stage", 1);
+        a.children = vec![
+            child_spec("quick-stage", || Quick, flushed.clone()),
+            child_spec("stuck-stage", || Stuck, flushed.clone()),
+        ];
+        let (sup, _h) = Actor::spawn(None, Supervisor, a).await.unwrap();
+        let started = Instant::now();
+        let stage = |name: &str, within| {
+            let groups = vec![vec![name.to_string()]];
+            sup.call(move |r| SupervisorMsg::StopStage(groups, within, r), None)
+        };
+        let killed = stage("stuck-stage", Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(killed.unwrap(), ["stuck-stage"]);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let killed = stage("quick-stage", Duration::from_secs(1)).await.unwrap();
+        assert!(killed.unwrap().is_empty());
+        assert_eq!(flushed.load(std::sync::atomic::Ordering::SeqCst), 1);
+        sup.stop(None);
     }
 
     #[test]

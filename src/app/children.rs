@@ -1,6 +1,8 @@
 //! The supervisor's children, in start order, each with its arguments from configuration.
 
 use super::parts::Parts;
+use crate::clients::parked::MongoParking;
+use crate::clients::reconcile::ElasticIndexed;
 use crate::config::Config;
 use actors::audit::{self, AuditActor, AuditArgs};
 use actors::batch::BatchSettings;
@@ -9,6 +11,7 @@ use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Queue, SearchSink, Store};
 use actors::ractor::Actor;
 use actors::receipts::{self, ReceiptActor, ReceiptArgs};
+use actors::reconciler::{self, Reconciler, ReconcilerArgs};
 use actors::router::{self, RouterActor, RouterArgs};
 use actors::sender::{self, SenderActor, SenderArgs};
 use actors::stats::{self, StatsActor, StatsArgs};
@@ -32,22 +35,25 @@ pub fn consumer_name(cfg: &Config) -> String {
 }
 
 /// The ports every child shares, as the actors see them.
-struct Ports {
+struct Ports<'a> {
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     search: Arc<dyn SearchSink>,
     consumer: String,
+    /// MongoDB's database, for the collections beside the records (parked receipts).
+    database: &'a mongodb::Database,
 }
 
 /// The supervisor's children, in start order: the audit trail, receipts and the LogIndexer first (the
 /// senders report to them), then the senders, the consumers that feed them, the router,
-/// the stats and the sweeper.
+/// the stats, the sweeper and the reconciler.
 pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     let ports = Ports {
         store: parts.store.clone(),
         queue: parts.queue.clone(),
         search: parts.search.clone(),
         consumer: consumer_name(cfg),
+        database: parts.store.database(),
     };
     let mut specs = vec![
         audit_spec(cfg, &ports),
@@ -59,7 +65,28 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     specs.push(router_spec(cfg, &ports));
     specs.push(stats_spec(cfg, &ports));
     specs.push(sweeper_spec(cfg, &ports));
+    specs.push(reconciler_spec(cfg, parts));
     specs
+}
+
+/// The children each shutdown stage stops, in groups stopped one after another (see
+/// `drain`): accepting (router, sweeper, stats), sending (consumers, then senders),
+/// flushing (receipts, then the LogIndexer, which indexes the receipts' events too).
+pub fn shutdown_stages() -> [Vec<Vec<String>>; 3] {
+    let names = |f: fn(Channel) -> String| Channel::ALL.map(f).to_vec();
+    [
+        vec![vec![
+            router::NAME.to_string(),
+            sweeper::NAME.to_string(),
+            stats::NAME.to_string(),
+            reconciler::NAME.to_string(),
+        ]],
+        vec![names(stream_consumer::name), names(sender::name)],
+        vec![
+            vec![receipts::NAME.to_string()],
+            vec![log_indexer::NAME.to_string()],
+        ],
+    ]
 }
 
 fn spec<A, F>(name: String, actor: F, args: A::Arguments) -> ChildSpec
@@ -87,9 +114,12 @@ fn receipts_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = ReceiptArgs {
         store: p.store.clone(),
         queue: p.queue.clone(),
+        parking: Arc::new(MongoParking::new(p.database)),
         batch: cfg.receipts.batch(),
         wait_for_record: cfg.receipts.wait_for_record,
         recheck: cfg.receipts.recheck,
+        parked_recheck: cfg.receipts.parked_recheck,
+        parked_recheck_max: cfg.receipts.parked_recheck_max,
     };
     spec(receipts::NAME.to_string(), || ReceiptActor, args)
 }
@@ -185,4 +215,23 @@ fn sweeper_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         group: cfg.redis.group.clone(),
     };
     spec(sweeper::NAME.to_string(), || OutboxSweeper, args)
+}
+
+fn reconciler_spec(cfg: &Config, parts: &Parts) -> ChildSpec {
+    let es = &cfg.elasticsearch;
+    let args = ReconcilerArgs {
+        records: parts.store.clone(),
+        indexed: Arc::new(ElasticIndexed {
+            client: parts.search.client().clone(),
+            index: es.communications_index.clone(),
+        }),
+        search: parts.search.clone(),
+        logs_index: es.logs_index.clone(),
+        communications_index: es.communications_index.clone(),
+        interval: cfg.reconciler.interval,
+        lookback: cfg.reconciler.lookback,
+        settle: cfg.reconciler.settle,
+        batch: cfg.reconciler.batch,
+    };
+    spec(reconciler::NAME.to_string(), || Reconciler, args)
 }

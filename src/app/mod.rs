@@ -60,7 +60,7 @@ pub enum RunError {
 const ESCALATION_STOP: Duration = Duration::from_secs(2);
 
 /// Run the service until `shutdown` resolves (then stop in order within
-/// `server.shutdown_deadline_ms`) or until the supervisor gives up.
+/// three stages, see [`drain`]) or until the supervisor gives up.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let prometheus = install_metrics()?;
     let parts = Parts::build(&cfg).await?;
@@ -120,7 +120,7 @@ async fn start_actors(
         window: cfg.supervisor.window,
         backoff_base: cfg.supervisor.backoff_base,
         backoff_max: cfg.supervisor.backoff_max,
-        stop_timeout: cfg.server.shutdown_deadline,
+        stop_timeout: cfg.server.shutdown_flush,
     };
     Actor::spawn(Some("supervisor".into()), Supervisor, args)
         .await
@@ -256,26 +256,70 @@ impl HttpServer {
     }
 }
 
-/// Shutdown in order, within the deadline: requests already inside get their answers (new
-/// ones get 503 until the listener closes), then the supervisor stops its children in
-/// reverse start order (consumers finish their batch, senders their calls, the LogIndexer
-/// flushes).
+/// Shutdown in three stages, each within its own deadline, so a stage that uses its
+/// deadline up takes nothing from the next:
+/// 1. stop accepting (`server.shutdown_accept_ms`): new requests get 503; the ReceiptActor
+///    applies its batch and parks what waits, so the callbacks inside are answered; the
+///    listener closes once the requests inside are answered; the router, sweeper and stats
+///    stop;
+/// 2. in-flight sends (`server.shutdown_deadline_ms`): consumers finish their batch,
+///    senders their calls; what is still running then is cut (its entries stay pending,
+///    and its records are claimed again once their leases expire, flagged);
+/// 3. flush (`server.shutdown_flush_ms`): the ReceiptActor applies and parks what it holds,
+///    then the LogIndexer indexes what it holds and what `log_stream` still has for it.
 async fn drain(cfg: &Config, supervisor: ActorRef<SupervisorMsg>, server: HttpServer) {
-    let deadline = cfg.server.shutdown_deadline;
+    let s = &cfg.server;
     tracing::info!(
-        ?deadline,
+        accept = ?s.shutdown_accept, send = ?s.shutdown_deadline, flush = ?s.shutdown_flush,
         "shutting down: no new requests, finishing in-flight work"
     );
-    let drain = async {
-        tokio::time::sleep(cfg.server.drain_grace).await;
-        let _ = server.stop.send(());
-        let _ = supervisor
-            .call(SupervisorMsg::Shutdown, Some(deadline))
-            .await;
-        let _ = server.task.await;
+    let [accepting, sending, flushing] = children::shutdown_stages();
+    let accept = async {
+        tokio::time::sleep(s.drain_grace).await;
+        use actors::receipts::{ReceiptMsg, NAME};
+        if let Some(receipts) = ActorRef::<ReceiptMsg>::where_is(NAME.to_string()) {
+            let _ = receipts
+                .call(ReceiptMsg::Drain, Some(s.shutdown_accept))
+                .await;
+        }
+        server.stop().await;
     };
-    if tokio::time::timeout(deadline, drain).await.is_err() {
-        tracing::warn!("shutdown deadline passed; stopping now (unfinished entries stay pending)");
+    if tokio::time::timeout(s.shutdown_accept, accept)
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still inside at the accept stage's deadline; closing");
     }
+    stop_stage(&supervisor, "accept", accepting, s.shutdown_accept).await;
+    stop_stage(&supervisor, "send", sending, s.shutdown_deadline).await;
+    stop_stage(&supervisor, "flush", flushing, s.shutdown_flush).await;
+    let _ = supervisor
+        .call(SupervisorMsg::Shutdown, Some(s.shutdown_flush))
+        .await;
     tracing::info!("stopped");
+}
+
+/// One stage of the shutdown: its children stopped within `within`, or killed.
+async fn stop_stage(
+    supervisor: &ActorRef<SupervisorMsg>,
+    stage: &'static str,
+    groups: Vec<Vec<String>>,
+    within: Duration,
+) {
+    let asked = supervisor
+        .call(
+            |reply| SupervisorMsg::StopStage(groups, within, reply),
+            // The supervisor kills what is left at `within`; a margin for the answer.
+            Some(within + Duration::from_secs(1)),
+        )
+        .await;
+    match asked {
+        Ok(actors::ractor::rpc::CallResult::Success(killed)) if killed.is_empty() => {
+            tracing::info!(stage, "shutdown stage done")
+        }
+        Ok(actors::ractor::rpc::CallResult::Success(killed)) => {
+            tracing::warn!(stage, ?killed, "shutdown stage's deadline passed; cut")
+        }
+        _ => tracing::warn!(stage, "shutdown stage not confirmed"),
+    }
 }

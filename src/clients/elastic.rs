@@ -135,6 +135,14 @@ pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
                 );
                 body.push(op.doc.clone().into());
             }
+            BulkAction::IndexAtLeast { version } => {
+                body.push(
+                    json!({"index": {"_index": op.index, "_id": op.id,
+                        "version": version, "version_type": "external_gte"}})
+                    .into(),
+                );
+                body.push(op.doc.clone().into());
+            }
             BulkAction::Update { upsert } => {
                 body.push(
                     json!({"update": {"_index": op.index, "_id": op.id, "retry_on_conflict": 3}})

@@ -159,6 +159,11 @@ fn models() -> Vec<IndexModel> {
             .keys(doc! {"providerMessageId": 1})
             .options(named("provider_message").build())
             .build(),
+        // The Reconciler's look at recently changed records.
+        IndexModel::builder()
+            .keys(doc! {"updatedAt": -1})
+            .options(named("recently_changed").build())
+            .build(),
     ]
 }
 

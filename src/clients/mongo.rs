@@ -129,6 +129,10 @@ impl MongoStore {
         &self.coll
     }
 
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     fn to_doc(r: &Communication, next_look: DateTime<Utc>) -> Result<Document, DependencyError> {
         let oid = ObjectId::parse_str(&r.id).map_err(err)?;
         let mut d = doc! {

@@ -175,6 +175,7 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
         ("server.max_connections", c.server.max_connections),
         ("router.max_pending", c.router.max_pending),
         ("receipts.batch_max", c.receipts.batch_max),
+        ("reconciler.batch", c.reconciler.batch),
         ("redis.read_count", c.redis.read_count),
         ("log_indexer.max_docs", c.log_indexer.max_docs),
         ("sweeper.batch", c.sweeper.batch),

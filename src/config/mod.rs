@@ -62,6 +62,7 @@ pub struct Config {
     pub sweeper: Sweeper,
     pub log_indexer: LogIndexer,
     pub stats: Stats,
+    pub reconciler: Reconciler,
     pub supervisor: Supervisor,
     pub callbacks: Callbacks,
     pub providers: Providers,
@@ -119,8 +120,15 @@ impl Callbacks {
 pub struct Server {
     pub host: String,
     pub port: u16,
+    /// Shutdown, stage 1: requests inside answered, the router's batch written.
+    #[serde(rename = "shutdown_accept_ms", deserialize_with = "millis")]
+    pub shutdown_accept: Duration,
+    /// Shutdown, stage 2: in-flight sends finished (then cut).
     #[serde(rename = "shutdown_deadline_ms", deserialize_with = "millis")]
     pub shutdown_deadline: Duration,
+    /// Shutdown, stage 3: receipts and the LogIndexer flushed.
+    #[serde(rename = "shutdown_flush_ms", deserialize_with = "millis")]
+    pub shutdown_flush: Duration,
     /// On shutdown, how long requests already inside have to be answered before the
     /// listener closes.
     #[serde(rename = "drain_grace_ms", deserialize_with = "millis")]
@@ -257,6 +265,13 @@ pub struct Receipts {
     /// `wait_for_record`, so a receipt that overtook its record is answered, not cut off.
     #[serde(rename = "apply_timeout_ms", deserialize_with = "millis")]
     pub apply_timeout: Duration,
+    /// A receipt whose record is still unknown after `wait_for_record` is parked in
+    /// MongoDB and tried again after this, doubling with each try...
+    #[serde(rename = "parked_recheck_ms", deserialize_with = "millis")]
+    pub parked_recheck: Duration,
+    /// ...up to this.
+    #[serde(rename = "parked_recheck_max_ms", deserialize_with = "millis")]
+    pub parked_recheck_max: Duration,
 }
 
 impl Receipts {
@@ -385,6 +400,20 @@ pub struct Audit {
     #[serde(rename = "linger_ms", deserialize_with = "millis")]
     pub linger: Duration,
     pub max_buffered: usize,
+}
+
+/// The Reconciler: every `interval`, records MongoDB changed between `lookback` and
+/// `settle` ago (at most `batch`) are compared with their search documents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reconciler {
+    #[serde(rename = "interval_ms", deserialize_with = "millis")]
+    pub interval: Duration,
+    #[serde(rename = "lookback_ms", deserialize_with = "millis")]
+    pub lookback: Duration,
+    #[serde(rename = "settle_ms", deserialize_with = "millis")]
+    pub settle: Duration,
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

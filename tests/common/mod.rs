@@ -459,9 +459,14 @@ impl Stack {
     /// Spawn the service binary on a free port with this stack's environment plus
     /// `extra_env`; nothing is waited for.
     fn spawn_service(&self, extra_env: &[(&str, &str)]) -> (u16, Proc) {
+        self.spawn_service_args(extra_env, &[])
+    }
+
+    /// [`Stack::spawn_service`] with command-line arguments (`--config PATH`).
+    fn spawn_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> (u16, Proc) {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
-        cmd.current_dir(root());
+        cmd.current_dir(root()).args(args);
         for (k, v) in self.service_env(port) {
             cmd.env(k, v);
         }
@@ -474,7 +479,34 @@ impl Stack {
 
     /// Start the service binary against this stack; waits for `/healthz`.
     pub fn start_service(&self, extra_env: &[(&str, &str)]) -> Service {
-        let (port, mut proc) = self.spawn_service(extra_env);
+        self.start_service_args(extra_env, &[])
+    }
+
+    /// [`Stack::start_service`] with `config.toml` changed by `settings` (`("section.key",
+    /// value)`), written to this stack's folder: for settings no variable overrides.
+    pub fn start_service_configured(
+        &self,
+        extra_env: &[(&str, &str)],
+        settings: &[(&str, toml::Value)],
+    ) -> Service {
+        let mut cfg: toml::Table = std::fs::read_to_string(root().join("config.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        for (key, value) in settings {
+            let (section, name) = key.split_once('.').unwrap();
+            cfg[section]
+                .as_table_mut()
+                .unwrap()
+                .insert(name.to_string(), value.clone());
+        }
+        let path = self.dir.join(format!("config-{}.toml", free_port()));
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        self.start_service_args(extra_env, &["--config".into(), path.display().to_string()])
+    }
+
+    fn start_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> Service {
+        let (port, mut proc) = self.spawn_service_args(extra_env, args);
         proc.wait_port(port, Duration::from_secs(20));
         // Point the stand-in's WhatsApp webhook here, as one would in Meta's dashboard.
         let hook = format!("http://127.0.0.1:{port}/api/v1/callbacks/whatsapp");

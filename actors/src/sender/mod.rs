@@ -211,7 +211,8 @@ async fn send_and_record(
     let decided = stages::decide_all(args, calls.made, Utc::now(), &mut rng);
     out.panicked = decided.panicked;
     if let Some(fenced) = stages::persist(args, owner, &decided.outcomes).await {
-        // A fenced write recorded nothing: no event for it.
+        // A fenced write recorded nothing: no event for it (search follows MongoDB, never a
+        // write that changed nothing).
         let events: Vec<_> = decided
             .events
             .into_iter()
@@ -379,6 +380,8 @@ mod tests {
         assert_eq!(f.queue.script().sizes(QueueMethod::Append), [3]);
     }
 
+    /// The record is dead-lettered (`failed`) while its provider call is under way: the
+    /// `sent` write matches nothing, and no `sent` event reaches search.
     #[tokio::test(start_paused = true)]
     async fn busy_records_stay_pending_and_finished_ones_are_acknowledged() {
         let f = fixture();

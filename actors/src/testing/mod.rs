@@ -1,5 +1,5 @@
 //! Test doubles: in-memory implementations of the ports ([`MemoryStore`], [`MemoryQueue`],
-//! [`MemorySearch`], [`ScriptedProvider`]) with scripted failures and recorded calls, so
+//! [`MemorySearch`], [`ScriptedProvider`], [`MemoryParking`]) with scripted failures and recorded calls, so
 //! that actor logic is tested in milliseconds and without servers. Compiled always (not
 //! only under `cfg(test)`) so the root crate's tests may use them too; nothing in
 //! production builds one.
@@ -9,11 +9,13 @@
 //! it wait first, and `calls()` / `sizes(method)` tell what was called, in order, with how
 //! many items.
 
+mod parking;
 mod provider;
 mod queue;
 mod search;
 mod store;
 
+pub use parking::{MemoryParking, ParkingMethod};
 pub use provider::{Answer, ScriptedProvider};
 pub use queue::{MemoryQueue, QueueMethod};
 pub use search::{MemorySearch, SearchMethod};

@@ -409,9 +409,11 @@ impl Store for MemoryStore {
         let mut fenced = Vec::new();
         for (id, attempt, outcome) in outcomes {
             let Some(s) = all.get_mut(id) else { continue };
-            // Only the claim's holder records; a record taken over meanwhile is not
-            // touched, only flagged where this claim's call may have reached the provider.
-            if s.lease.as_ref().is_some_and(|(o, _)| o == owner) {
+            // Only the claim's holder records, and only a record still open: one taken over
+            // or finished meanwhile is not touched, only flagged where this claim's call may
+            // have reached the provider.
+            let open = matches!(s.record.status, Status::Pending | Status::Sending);
+            if open && s.lease.as_ref().is_some_and(|(o, _)| o == owner) {
                 Self::apply_outcome(s, *attempt, outcome);
                 continue;
             }
