@@ -4,5 +4,6 @@
 pub mod elastic;
 pub mod indexes;
 pub mod lease;
+pub mod limiter;
 pub mod mongo;
 pub mod redis_queue;

@@ -66,6 +66,7 @@ pub struct Config {
     pub providers: Providers,
     pub auth: Auth,
     pub limits: Limits,
+    pub tenants: TenantDefaults,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +90,47 @@ pub struct Limits {
     pub recipient_max: u64,
     pub recipient_window_secs: u64,
     pub email_max_chars: usize,
+}
+
+/// `[tenants]`: what every tenant gets unless its table in `file` says otherwise (see
+/// `crate::tenants`), and how the limits behave when Redis cannot be asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantDefaults {
+    /// `TENANTS_FILE`: one TOML table per tenant.
+    pub file: String,
+    /// E.164 prefixes SMS and WhatsApp may go to; `*` is every country.
+    pub countries: Vec<String>,
+    /// Messages a UTC day per channel; 0: no quota.
+    pub daily_quota: crate::tenants::PerChannel<u64>,
+    /// Distinct SMS/WhatsApp numbers a tenant may text an hour; 0: no limit.
+    pub recipients_per_hour: u64,
+    /// Channels accepted when Redis cannot be asked; the others get 503.
+    pub fail_open: Vec<Channel>,
+    #[serde(rename = "check_timeout_ms", deserialize_with = "millis")]
+    pub check_timeout: Duration,
+    /// The service's own senders: what a tenant without senders of its own may use, and
+    /// its `from` when a request leaves it out.
+    pub default_from: crate::tenants::PerChannel<String>,
+    /// The tenants' tables, read from `file`.
+    #[serde(skip)]
+    pub tables: std::collections::HashMap<String, crate::tenants::TenantSettings>,
+}
+
+impl Config {
+    /// The defaults every tenant's policy starts from.
+    pub fn tenant_defaults(&self) -> crate::tenants::Defaults {
+        let t = &self.tenants;
+        crate::tenants::Defaults {
+            countries: t.countries.clone(),
+            daily_quota: t.daily_quota.clone(),
+            recipients_per_hour: t.recipients_per_hour,
+            rate_per_sec: self.auth.rate_per_sec,
+            burst: self.auth.burst,
+            default_from: t.default_from.clone(),
+            dev_mode: self.auth.dev_mode && self.auth.keys.is_empty(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -441,12 +483,26 @@ impl Config {
         })?;
         env::apply(&mut cfg, env)?;
         cfg.load_keys(env)?;
+        cfg.load_tenants()?;
         checks::run(&cfg)?;
         Ok(cfg)
     }
 
     pub fn from_process_env(path: &Path) -> Result<Config, ConfigError> {
         Config::load(path, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// The tenants' tables from `tenants.file`, if one is named.
+    fn load_tenants(&mut self) -> Result<(), ConfigError> {
+        let name = self.tenants.file.clone();
+        if name.is_empty() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&name)
+            .map_err(|e| bad(format!("tenants.file / TENANTS_FILE {name:?}: {e}")))?;
+        self.tenants.tables = crate::tenants::parse_file(&format!("TENANTS_FILE {name}"), &text)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(())
     }
 
     /// The API keys: `API_KEYS` and the lines of `auth.keys_file` (both may be set).
