@@ -88,90 +88,50 @@ countries = ["+1", "+44"]
 numbers = ["+15550002222"]
 "#;
 
-/// Requests with a `from` the tenant does not own, or to a country it may not send to: each
-/// is a 403 with its code, and none is stored or sent.
-async fn refused_requests(url: &str) -> Vec<String> {
-    let rows = [
-        (
-            API_KEY,
-            "sms",
-            Some("+15550002222"),
-            "+15557654321",
-            "sender_not_allowed",
-        ),
-        (
-            API_KEY,
-            "sms",
-            Some("GlobexBank"),
-            "+15557654321",
-            "sender_not_allowed",
-        ),
-        (
-            API_KEY,
-            "sms",
-            Some("MG0123456789abcdef0123456789abcdee"),
-            "+15557654321",
-            "sender_not_allowed",
-        ),
-        (
-            API_KEY,
-            "whatsapp",
-            Some("+15550002222"),
-            "+15557654321",
-            "sender_not_allowed",
-        ),
-        (
-            API_KEY,
-            "email",
-            Some("security@globex.com"),
-            "ada@example.org",
-            "sender_not_allowed",
-        ),
-        (
-            API_KEY,
-            "email",
-            Some("ceo@mail.example.com"),
-            "ada@example.org",
-            "sender_not_allowed",
-        ),
-        (
-            OTHER_KEY,
-            "sms",
-            Some("+15550001111"),
-            "+15557654321",
-            "sender_not_allowed",
-        ),
-        (
-            BARE_KEY,
-            "sms",
-            Some("+15550001111"),
-            "+15557654321",
-            "sender_not_allowed",
-        ),
-        (
-            API_KEY,
-            "sms",
-            Some("+15550001111"),
-            "+881612345678",
-            "destination_not_allowed",
-        ),
-        (
-            API_KEY,
-            "whatsapp",
-            Some("+15550001111"),
-            "+4915112345678",
-            "destination_not_allowed",
-        ),
-        (
-            BARE_KEY,
-            "sms",
-            None,
-            "+447700900123",
-            "destination_not_allowed",
-        ),
-    ];
+/// One request of a table: key, type, `from` (`None`: left out), `to`, and what is expected
+/// (the error code of a refusal, or the `From` the stand-in sees; "" for the SID).
+type Row = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    &'static str,
+);
+
+const SID: &str = "MG0123456789abcdef0123456789abcdef";
+
+/// A `from` the tenant does not own, or a country it may not send to: each a 403.
+#[rustfmt::skip]
+const REFUSED: &[Row] = &[
+    (API_KEY, "sms", Some("+15550002222"), "+15557654321", "sender_not_allowed"),
+    (API_KEY, "sms", Some("GlobexBank"), "+15557654321", "sender_not_allowed"),
+    (API_KEY, "sms", Some("MG0123456789abcdef0123456789abcdee"), "+15557654321", "sender_not_allowed"),
+    (API_KEY, "whatsapp", Some("+15550002222"), "+15557654321", "sender_not_allowed"),
+    (API_KEY, "email", Some("security@globex.com"), "ada@example.org", "sender_not_allowed"),
+    (API_KEY, "email", Some("ceo@mail.example.com"), "ada@example.org", "sender_not_allowed"),
+    (OTHER_KEY, "sms", Some("+15550001111"), "+15557654321", "sender_not_allowed"),
+    (BARE_KEY, "sms", Some("+15550001111"), "+15557654321", "sender_not_allowed"),
+    (API_KEY, "sms", Some("+15550001111"), "+881612345678", "destination_not_allowed"),
+    (API_KEY, "whatsapp", Some("+15550001111"), "+4915112345678", "destination_not_allowed"),
+    (BARE_KEY, "sms", None, "+447700900123", "destination_not_allowed"),
+];
+
+/// What each tenant owns goes through; a left-out `from` is the tenant's default.
+#[rustfmt::skip]
+const ALLOWED: &[Row] = &[
+    (API_KEY, "sms", Some("+15550001111"), "+447700900123", "+15550001111"),
+    (API_KEY, "sms", None, "+15557654321", "TESTS"),
+    (API_KEY, "sms", Some("tests"), "+15557654321", "tests"),
+    (API_KEY, "sms", Some(SID), "+15557654321", ""),
+    (OTHER_KEY, "sms", Some("+15550002222"), "+15557654321", "+15550002222"),
+    (BARE_KEY, "sms", None, "+15557654321", "+15550009999"),
+    (BARE_KEY, "sms", Some("+15550009999"), "+15557654321", "+15550009999"),
+];
+
+/// Send the refused rows: each is a 403 with its code. Their bodies.
+async fn send_refused(url: &str) -> Vec<String> {
     let mut bodies = Vec::new();
-    for (key, kind, from, to, code) in rows {
+    for &(key, kind, from, to, code) in REFUSED {
         let msg = unique("spoof");
         let a = post(url, key, message(kind, from, to, &msg)).await;
         assert_eq!(a.status, 403, "{kind} from {from:?} to {to}: {}", a.body);
@@ -181,64 +141,33 @@ async fn refused_requests(url: &str) -> Vec<String> {
     bodies
 }
 
+/// Send the allowed rows: each is accepted. (body, id, expected `From`).
+async fn send_allowed(url: &str) -> Vec<(String, String, &'static str)> {
+    let mut accepted = Vec::new();
+    for &(key, kind, from, to, sent_as) in ALLOWED {
+        let msg = unique("own");
+        let a = post(url, key, message(kind, from, to, &msg)).await;
+        assert_eq!(a.status, 200, "{kind} from {from:?}: {}", a.body);
+        let id = a.body["id"].as_str().unwrap().to_string();
+        accepted.push((msg, id, sent_as));
+    }
+    accepted
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spoofed_sender_is_403_and_reaches_neither_the_provider_nor_mongodb() {
     let (stack, _) = shared();
     let keys = format!("tests:{API_KEY},other:{OTHER_KEY},bare:{BARE_KEY}");
     let file = tenants_file(stack, SENDERS);
-    let svc = start_isolated(
-        1,
-        &[
-            ("API_KEYS", &keys),
-            ("TENANTS_FILE", &file),
-            ("SMS_FROM", "+15550009999"),
-        ],
-    );
-    let url = svc.url("");
-    let refused = refused_requests(&url).await;
-
-    // What each tenant owns goes through; a left-out `from` is the tenant's default.
-    let allowed = [
-        (
-            API_KEY,
-            "sms",
-            Some("+15550001111"),
-            "+447700900123",
-            "+15550001111",
-        ),
-        (API_KEY, "sms", None, "+15557654321", "TESTS"),
-        (API_KEY, "sms", Some("tests"), "+15557654321", "tests"),
-        (
-            API_KEY,
-            "sms",
-            Some("MG0123456789abcdef0123456789abcdef"),
-            "+15557654321",
-            "",
-        ),
-        (
-            OTHER_KEY,
-            "sms",
-            Some("+15550002222"),
-            "+15557654321",
-            "+15550002222",
-        ),
-        (BARE_KEY, "sms", None, "+15557654321", "+15550009999"),
-        (
-            BARE_KEY,
-            "sms",
-            Some("+15550009999"),
-            "+15557654321",
-            "+15550009999",
-        ),
+    let env = [
+        ("API_KEYS", keys.as_str()),
+        ("TENANTS_FILE", &file),
+        ("SMS_FROM", "+15550009999"),
     ];
-    let mut accepted = Vec::new();
-    for (key, kind, from, to, sent_as) in allowed {
-        let msg = unique("own");
-        let a = post(&url, key, message(kind, from, to, &msg)).await;
-        assert_eq!(a.status, 200, "{kind} from {from:?}: {}", a.body);
-        let id = a.body["id"].as_str().unwrap().to_string();
-        accepted.push((msg, id, sent_as));
-    }
+    let svc = start_isolated(1, &env);
+    let url = svc.url("");
+    let refused = send_refused(&url).await;
+    let accepted = send_allowed(&url).await;
     let mail = unique("own-mail");
     let a = post(
         &url,
@@ -269,13 +198,9 @@ async fn a_spoofed_sender_is_403_and_reaches_neither_the_provider_nor_mongodb() 
     let seen = stack.sandbox_messages().await;
     for (msg, _, sent_as) in &accepted {
         let m = seen.iter().find(|m| m["body"] == msg.as_str()).unwrap();
-        if sent_as.is_empty() {
-            assert_eq!(
-                m["messagingServiceSid"],
-                "MG0123456789abcdef0123456789abcdef"
-            );
-        } else {
-            assert_eq!(m["from"], *sent_as, "{m}");
+        match *sent_as {
+            "" => assert_eq!(m["messagingServiceSid"], SID, "{m}"),
+            from => assert_eq!(m["from"], from, "{m}"),
         }
     }
     eventually(WAIT, "the email at the SMTP server", || async {
