@@ -46,9 +46,13 @@ impl Value {
             .collect())
     }
 
-    /// A comma-separated list of channel names.
+    /// A comma-separated list of channel names; `none` for none (an empty variable counts
+    /// as unset).
     fn channels(self) -> Result<Vec<actors::domain::Channel>, ConfigError> {
         let name = self.name;
+        if self.raw.trim() == "none" {
+            return Ok(Vec::new());
+        }
         self.list()?
             .iter()
             .map(|c| {

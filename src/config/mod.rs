@@ -598,6 +598,53 @@ mod tests {
     }
 
     #[test]
+    fn tenant_settings_from_the_file_and_the_environment() {
+        let c = load(&CREDS).unwrap();
+        assert_eq!(c.tenants.countries, ["+1"]);
+        assert_eq!(c.tenants.fail_open, [Channel::Email]);
+        assert_eq!((c.auth.rate_per_sec, c.auth.burst), (20.0, 40.0));
+        let file = std::env::temp_dir().join(format!("tenants-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[acme]\nnumbers = [\"+15550001111\"]\ndaily_quota = { sms = 7 }\n",
+        )
+        .unwrap();
+        let path = file.to_string_lossy().to_string();
+        let mut v = CREDS.to_vec();
+        v.extend([
+            ("TENANTS_FILE", path.as_str()),
+            ("DAILY_QUOTA", "50"),
+            ("DESTINATION_COUNTRIES", "+1, +44"),
+            ("LIMITER_FAIL_OPEN", "none"),
+            ("SMS_FROM", "+15550009999"),
+        ]);
+        let c = load(&v).unwrap();
+        assert_eq!(c.tenants.countries, ["+1", "+44"]);
+        assert!(c.tenants.fail_open.is_empty());
+        let tenants = crate::tenants::Tenants::new(&c.tenants.tables, &c.tenant_defaults());
+        assert_eq!(tenants.policy("acme").daily_quota.sms, 7);
+        assert_eq!(tenants.policy("acme").daily_quota.email, 50);
+        assert_eq!(
+            tenants.policy("zeta").default_from(Channel::Sms),
+            Some("+15550009999")
+        );
+        for (var, value, named) in [
+            ("LIMITER_FAIL_OPEN", "fax", "LIMITER_FAIL_OPEN"),
+            ("DESTINATION_COUNTRIES", "44", "DESTINATION_COUNTRIES"),
+            ("SMS_FROM", "not a sender!", "SMS_FROM"),
+        ] {
+            let mut bad = CREDS.to_vec();
+            bad.push((var, value));
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
+        std::fs::write(&file, "[acmee]\nnumbers = [\"+15550001111\"]\n").unwrap();
+        let err = load(&v).unwrap_err().to_string();
+        assert!(err.contains("[acmee]") && err.contains("API_KEYS"), "{err}");
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
     fn keys_file_is_read_and_bad_entries_name_the_line() {
         let dir = std::env::temp_dir().join(format!("keys-{}", std::process::id()));
         std::fs::write(
