@@ -42,7 +42,7 @@ pub enum ApiError {
         retry_after_secs: u64,
     },
     /// The `from` is not one of this tenant's senders (nothing stored, nothing sent).
-    #[error("data.from is not a {channel} sender of this tenant; use one configured for it, or leave from out to use its default")]
+    #[error("data.from is not one of this tenant's {channel} senders; use one configured for it, or leave from out for its default")]
     SenderNotAllowed { channel: Channel },
     /// The destination's country is not one this tenant may send to.
     #[error("data.to is in a country this tenant may not send {channel} to")]
