@@ -21,7 +21,7 @@ SANDBOX_BIN=target/release/provider-sandbox scripts/stack.sh up
 export PORT="${LOAD_PORT:-3091}"
 eval "$(scripts/stack.sh env)"
 if [ "${RECEIPTS:-1}" = 0 ]; then unset PUBLIC_BASE_URL; fi
-export DEV_MODE=true API_RATE_PER_SEC=1000000 API_BURST=1000000 RECIPIENT_MAX=0 \
+export DEV_MODE=true API_RATE_PER_SEC=1000000 API_BURST=1000000 RECIPIENT_MAX=0 DAILY_QUOTA=0 RECIPIENTS_PER_HOUR=0 \
   PROVIDER_RATE_PER_SEC="${LOAD_PROVIDER_RATE:-100000}" PROVIDER_BURST="${LOAD_PROVIDER_BURST:-100000}"
 target/release/comm-aggregator >"$ROOT/.stack/load-service.log" 2>&1 &
 pid=$!

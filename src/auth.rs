@@ -3,7 +3,9 @@
 //! A key arrives as `Authorization: Bearer <key>` and names a tenant. Keys are held only
 //! as SHA-256 digests and every digest is compared in constant time, so neither the
 //! memory of the process nor the time of an answer tells a key. Each key has its own
-//! token bucket; an empty one is a 429 with `Retry-After`.
+//! token bucket; an empty one is a 429 with `Retry-After`. This bucket is per process, a
+//! first guard that costs no round trip and holds while Redis is away; the bucket that
+//! every process shares is in Redis (`limits.rs`).
 //!
 //! Keys come from `API_KEYS` (`tenant:key,tenant:key`) and/or the file named by
 //! `auth.keys_file` / `API_KEYS_FILE` (one `tenant:key` per line, `#` comments). Either
@@ -132,6 +134,9 @@ pub fn parse_keys(env: Option<&str>, file: Option<(&str, &str)>) -> Result<Vec<K
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub tenant: String,
+    /// Names the key in Redis and logs without telling it: 12 hex digits of the SHA-256 of
+    /// its digest (`dev` in `DEV_MODE`).
+    pub key_id: String,
 }
 
 /// Why a request has no identity; the text is what the client reads.
@@ -168,18 +173,39 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// The id of a key: 12 hex digits of the SHA-256 of its digest.
+fn key_id(digest: &[u8; 32]) -> String {
+    Sha256::digest(digest)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl ApiKeys {
     /// `dev_mode` only matters when `keys` is empty.
     pub fn new(keys: Vec<KeySpec>, dev_mode: bool, rate: f64, burst: f64) -> ApiKeys {
+        ApiKeys::with_rates(keys, dev_mode, &|_| (rate, burst))
+    }
+
+    /// Each key's bucket with its tenant's rate and burst (`rates(tenant)`).
+    pub fn with_rates(
+        keys: Vec<KeySpec>,
+        dev_mode: bool,
+        rates: &dyn Fn(&str) -> (f64, f64),
+    ) -> ApiKeys {
         let now = Instant::now();
-        let dev =
-            (keys.is_empty() && dev_mode).then(|| Mutex::new(TokenBucket::new(rate, burst, now)));
+        let bucket = |tenant: &str| {
+            let (rate, burst) = rates(tenant);
+            Mutex::new(TokenBucket::new(rate, burst, now))
+        };
+        let dev = (keys.is_empty() && dev_mode).then(|| bucket(DEFAULT_TENANT));
         ApiKeys {
             entries: keys
                 .into_iter()
                 .map(|spec| Entry {
+                    bucket: bucket(&spec.tenant),
                     spec,
-                    bucket: Mutex::new(TokenBucket::new(rate, burst, now)),
                 })
                 .collect(),
             dev,
@@ -202,6 +228,7 @@ impl ApiKeys {
                 .map_err(AuthError::RateLimited)?;
             return Ok(Identity {
                 tenant: DEFAULT_TENANT.to_string(),
+                key_id: "dev".to_string(),
             });
         }
         let header = authorization.ok_or(AuthError::Missing)?;
@@ -226,6 +253,7 @@ impl ApiKeys {
             .map_err(AuthError::RateLimited)?;
         Ok(Identity {
             tenant: entry.spec.tenant.clone(),
+            key_id: key_id(&entry.spec.digest),
         })
     }
 }

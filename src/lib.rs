@@ -14,7 +14,9 @@
 //!   start-up.
 //! - [`http`]: the warp routes of the API, operations (`/healthz`, `/metrics`) included;
 //!   [`callbacks`] (provider delivery receipts), [`search`] (the search endpoint),
-//!   [`auth`] (API keys and the per-key rate limit), [`limits`] (the per-recipient cap).
+//!   [`auth`] (API keys and the per-key rate limit), [`tenants`] (each tenant's senders,
+//!   countries and limits), [`limits`] (the tenants' limits in Redis: rate, quotas,
+//!   distinct recipients, the per-recipient cap).
 //! - [`clients`]: MongoDB (the source of truth), Redis (streams, and the leases that let
 //!   one worker send a record), Elasticsearch.
 //! - [`providers`]: Twilio, WhatsApp Cloud API and SMTP, and the pure classification of
@@ -46,6 +48,7 @@ pub mod http;
 pub mod limits;
 pub mod providers;
 pub mod search;
+pub mod tenants;
 
 pub use app::{run, RunError};
 pub use config::Config;

@@ -62,6 +62,20 @@ async fn refusals_and_the_start_up_are_in_the_audit_index_without_secrets() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // A sender the tenant does not own, and a destination outside its countries (+1).
+    let spoofed =
+        json!({"type": "sms", "data": {"from": "+15559990000", "to": "+15557654321", "msg": "x"}});
+    let abroad =
+        json!({"type": "sms", "data": {"from": "+15550001111", "to": "+447700900123", "msg": "x"}});
+    for (body, status) in [(spoofed, 403), (abroad, 403)] {
+        let r = client()
+            .post(svc.url("/api/v1/communication"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+    }
     // The test tenant over its rate (burst 2).
     let mut limited = 0;
     for _ in 0..6 {
@@ -102,6 +116,10 @@ async fn refusals_and_the_start_up_are_in_the_audit_index_without_secrets() {
     .await;
     let limited_docs = audit_docs("rate_limited", |d| d["tenant"] == TENANT).await;
     assert_eq!(limited_docs[0]["keyDigest"], digest(API_KEY));
+    for kind in ["sender_refused", "destination_refused"] {
+        let docs = audit_docs(kind, |d| d["tenant"] == TENANT).await;
+        assert_eq!(docs[0]["detail"]["status"], 403, "{}", docs[0]);
+    }
     audit_docs("bad_callback_signature", |d| {
         d["route"] == "POST /api/v1/callbacks/twilio"
     })

@@ -13,9 +13,11 @@ pub use parts::Parts;
 pub use telemetry::{install_metrics, MetricsError};
 
 use crate::clients::indexes::{self, IndexReadiness};
+use crate::clients::limiter::RedisLimiter;
 use crate::clients::mongo::MongoStore;
 use crate::config::Config;
 use crate::providers::smtp::SmtpUrlError;
+use crate::tenants::Tenants;
 use crate::{auth, callbacks, http, limits};
 use actors::backoff::Backoff;
 use actors::domain::Channel;
@@ -134,6 +136,7 @@ fn http_state(
     shutting_down: Arc<AtomicBool>,
     indexes: IndexReadiness,
 ) -> http::AppState {
+    let tenants = Arc::new(Tenants::new(&cfg.tenants.tables, &cfg.tenant_defaults()));
     http::AppState {
         indexes,
         admission: actors::router::Admission::new(
@@ -157,17 +160,22 @@ fn http_state(
             apply_timeout: cfg.receipts.apply_timeout,
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
-        auth: Arc::new(auth::ApiKeys::new(
+        auth: Arc::new(auth::ApiKeys::with_rates(
             cfg.auth.keys.clone(),
             cfg.auth.dev_mode,
-            cfg.auth.rate_per_sec,
-            cfg.auth.burst,
+            &|t| {
+                let p = tenants.policy(t);
+                (p.rate_per_sec, p.burst)
+            },
         )),
-        cap: Arc::new(limits::RecipientCap {
-            max: cfg.limits.recipient_max,
-            window_secs: cfg.limits.recipient_window_secs.max(1),
-            redis: parts.queue.clone(),
+        limiter: Arc::new(limits::Limiter {
+            recipient_max: cfg.limits.recipient_max,
+            recipient_window_secs: cfg.limits.recipient_window_secs.max(1),
+            fail_open: cfg.tenants.fail_open.clone(),
+            timeout: cfg.tenants.check_timeout,
+            redis: RedisLimiter::new(parts.queue.clone()),
         }),
+        tenants,
         validation: actors::domain::ValidationLimits {
             email_max_chars: cfg.limits.email_max_chars,
         },
@@ -183,6 +191,12 @@ fn log_start(cfg: &Config, state: &http::AppState) {
     } else {
         tracing::info!(keys = cfg.auth.keys.len(), "API keys loaded");
     }
+    tracing::info!(
+        tenants_with_tables = state.tenants.configured(),
+        countries = ?cfg.tenants.countries,
+        fail_open = ?cfg.tenants.fail_open,
+        "Tenant senders and limits loaded."
+    );
     if cfg.sender.fault_injection {
         tracing::warn!("FAULT_INJECTION is on: test markers in message bodies crash the sender");
     }

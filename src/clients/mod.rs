@@ -5,6 +5,7 @@
 pub mod elastic;
 pub mod indexes;
 pub mod lease;
+pub mod limiter;
 pub mod mongo;
 pub mod parked;
 pub mod reconcile;

@@ -144,6 +144,33 @@ impl RedisQueue {
         pipe.query_async(&mut c).await.map_err(err)
     }
 
+    /// Run a Lua script by its SHA-1 (`EVALSHA`); only when Redis does not know it (the
+    /// first call, or after a restart) is its text sent (`EVAL`, which also caches it).
+    pub(crate) async fn eval_script<T: redis::FromRedisValue>(
+        &self,
+        text: &str,
+        sha: &str,
+        keys: &[impl AsRef<str>],
+        args: &[String],
+    ) -> Result<T, DependencyError> {
+        let call = |verb: &str, script: &str| {
+            let mut cmd = redis::cmd(verb);
+            cmd.arg(script).arg(keys.len());
+            for k in keys {
+                cmd.arg(k.as_ref());
+            }
+            cmd.arg(args);
+            cmd
+        };
+        let mut c = self.conn().await?;
+        match call("EVALSHA", sha).query_async(&mut c).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                call("EVAL", text).query_async(&mut c).await.map_err(err)
+            }
+            other => other.map_err(err),
+        }
+    }
+
     /// Count one more event under `key`, which lives `ttl_secs`; the count so far.
     pub async fn incr_window(&self, key: &str, ttl_secs: u64) -> Result<u64, DependencyError> {
         let mut c = self.conn().await?;

@@ -11,6 +11,7 @@ const RULES: &[Rule] = &[
     api_keys_or_dev_mode,
     api_rate_limit_is_usable,
     limits_are_usable,
+    tenants_are_usable,
     log_format_is_known,
     claims_outlast_a_provider_call,
     leases_outlast_a_provider_call,
@@ -117,6 +118,37 @@ fn api_keys_or_dev_mode(c: &Config) -> Result<(), ConfigError> {
 fn api_rate_limit_is_usable(c: &Config) -> Result<(), ConfigError> {
     if !(c.auth.rate_per_sec > 0.0 && c.auth.burst >= 1.0) {
         return Err(bad("auth.rate_per_sec must be > 0 and auth.burst >= 1"));
+    }
+    Ok(())
+}
+
+/// The defaults are valid, and every table of the tenants file names a tenant that has a
+/// key (a misspelt name would leave the real tenant on the defaults unnoticed); in
+/// `DEV_MODE`, where there are no keys, tables are not checked against them.
+fn tenants_are_usable(c: &Config) -> Result<(), ConfigError> {
+    let t = &c.tenants;
+    crate::tenants::validate_countries("tenants.countries / DESTINATION_COUNTRIES", &t.countries)
+        .map_err(|e| bad(e.to_string()))?;
+    let from = crate::tenants::TenantSettings {
+        default_from: crate::tenants::PerChannel {
+            email: Some(t.default_from.email.clone()).filter(|s| !s.is_empty()),
+            sms: Some(t.default_from.sms.clone()).filter(|s| !s.is_empty()),
+            whatsapp: Some(t.default_from.whatsapp.clone()).filter(|s| !s.is_empty()),
+        },
+        ..Default::default()
+    };
+    crate::tenants::validate("tenants (EMAIL_FROM, SMS_FROM, WHATSAPP_FROM)", &from)
+        .map_err(|e| bad(e.to_string()))?;
+    let dev = c.auth.dev_mode && c.auth.keys.is_empty();
+    for name in t.tables.keys() {
+        if !dev && !c.auth.keys.iter().any(|k| &k.tenant == name) {
+            return Err(bad(format!(
+                "TENANTS_FILE: [{name}] names no tenant of API_KEYS / API_KEYS_FILE"
+            )));
+        }
+    }
+    if t.check_timeout.is_zero() {
+        return Err(bad("tenants.check_timeout_ms must be at least 1"));
     }
     Ok(())
 }

@@ -35,6 +35,33 @@ impl Value {
         self.num().map(Duration::from_millis)
     }
 
+    /// A comma-separated list, blanks dropped.
+    fn list(self) -> Result<Vec<String>, ConfigError> {
+        Ok(self
+            .raw
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// A comma-separated list of channel names; `none` for none (an empty variable counts
+    /// as unset).
+    fn channels(self) -> Result<Vec<actors::domain::Channel>, ConfigError> {
+        let name = self.name;
+        if self.raw.trim() == "none" {
+            return Ok(Vec::new());
+        }
+        self.list()?
+            .iter()
+            .map(|c| {
+                actors::domain::Channel::parse(c)
+                    .ok_or_else(|| bad(format!("{name}: {c:?} is not one of email, sms, whatsapp")))
+            })
+            .collect()
+    }
+
     fn flag(&self) -> Result<bool, ConfigError> {
         match self.raw.as_str() {
             "1" | "true" | "yes" => Ok(true),
@@ -127,6 +154,14 @@ pub const ENV: &[EnvVar] = &[
     var("METRICS_TOKEN", "", "bearer token `/metrics` wants, when set", set!(some => auth.metrics_token)),
     var("RECIPIENT_MAX", "limits.recipient_max", "messages to one number per tenant per window", set!(num => limits.recipient_max)),
     var("RECIPIENT_WINDOW_SECS", "limits.recipient_window_secs", "that window", set!(num => limits.recipient_window_secs)),
+    var("TENANTS_FILE", "tenants.file", "file of per-tenant tables: senders, countries, quotas", set!(text => tenants.file)),
+    var("DESTINATION_COUNTRIES", "tenants.countries", "E.164 prefixes SMS/WhatsApp may go to, comma-separated", set!(list => tenants.countries)),
+    var("DAILY_QUOTA", "tenants.daily_quota.*", "messages a UTC day per tenant, every channel (0: none)", |c, v| v.num().map(|n| { let q = &mut c.tenants.daily_quota; (q.email, q.sms, q.whatsapp) = (n, n, n); })),
+    var("RECIPIENTS_PER_HOUR", "tenants.recipients_per_hour", "distinct SMS/WhatsApp numbers a tenant may text an hour", set!(num => tenants.recipients_per_hour)),
+    var("LIMITER_FAIL_OPEN", "tenants.fail_open", "channels accepted when Redis cannot be asked", set!(channels => tenants.fail_open)),
+    var("EMAIL_FROM", "tenants.default_from.email", "the service's own email sender", set!(text => tenants.default_from.email)),
+    var("SMS_FROM", "tenants.default_from.sms", "the service's own SMS sender", set!(text => tenants.default_from.sms)),
+    var("WHATSAPP_FROM", "tenants.default_from.whatsapp", "the service's own WhatsApp number", set!(text => tenants.default_from.whatsapp)),
     var("EMAIL_MAX_CHARS", "limits.email_max_chars", "longest email body", set!(num => limits.email_max_chars)),
     var("ACCEPT_DEADLINE_MS", "router.accept_deadline_ms", "a POST is answered by then: stored, or 503 with nothing stored", set!(millis => router.accept_deadline)),
     var("STALE_AFTER_MS", "sender.stale_after_ms", "how long a record's lease lasts", set!(millis => sender.stale_after)),

@@ -69,6 +69,7 @@ pub struct Config {
     pub auth: Auth,
     pub limits: Limits,
     pub audit: Audit,
+    pub tenants: TenantDefaults,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +93,47 @@ pub struct Limits {
     pub recipient_max: u64,
     pub recipient_window_secs: u64,
     pub email_max_chars: usize,
+}
+
+/// `[tenants]`: what every tenant gets unless its table in `file` says otherwise (see
+/// `crate::tenants`), and how the limits behave when Redis cannot be asked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantDefaults {
+    /// `TENANTS_FILE`: one TOML table per tenant.
+    pub file: String,
+    /// E.164 prefixes SMS and WhatsApp may go to; `*` is every country.
+    pub countries: Vec<String>,
+    /// Messages a UTC day per channel; 0: no quota.
+    pub daily_quota: crate::tenants::PerChannel<u64>,
+    /// Distinct SMS/WhatsApp numbers a tenant may text an hour; 0: no limit.
+    pub recipients_per_hour: u64,
+    /// Channels accepted when Redis cannot be asked; the others get 503.
+    pub fail_open: Vec<Channel>,
+    #[serde(rename = "check_timeout_ms", deserialize_with = "millis")]
+    pub check_timeout: Duration,
+    /// The service's own senders: what a tenant without senders of its own may use, and
+    /// its `from` when a request leaves it out.
+    pub default_from: crate::tenants::PerChannel<String>,
+    /// The tenants' tables, read from `file`.
+    #[serde(skip)]
+    pub tables: std::collections::HashMap<String, crate::tenants::TenantSettings>,
+}
+
+impl Config {
+    /// The defaults every tenant's policy starts from.
+    pub fn tenant_defaults(&self) -> crate::tenants::Defaults {
+        let t = &self.tenants;
+        crate::tenants::Defaults {
+            countries: t.countries.clone(),
+            daily_quota: t.daily_quota.clone(),
+            recipients_per_hour: t.recipients_per_hour,
+            rate_per_sec: self.auth.rate_per_sec,
+            burst: self.auth.burst,
+            default_from: t.default_from.clone(),
+            dev_mode: self.auth.dev_mode && self.auth.keys.is_empty(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -483,12 +525,26 @@ impl Config {
         })?;
         env::apply(&mut cfg, env)?;
         cfg.load_keys(env)?;
+        cfg.load_tenants()?;
         checks::run(&cfg)?;
         Ok(cfg)
     }
 
     pub fn from_process_env(path: &Path) -> Result<Config, ConfigError> {
         Config::load(path, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// The tenants' tables from `tenants.file`, if one is named.
+    fn load_tenants(&mut self) -> Result<(), ConfigError> {
+        let name = self.tenants.file.clone();
+        if name.is_empty() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&name)
+            .map_err(|e| bad(format!("tenants.file / TENANTS_FILE {name:?}: {e}")))?;
+        self.tenants.tables = crate::tenants::parse_file(&format!("TENANTS_FILE {name}"), &text)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(())
     }
 
     /// The API keys: `API_KEYS` and the lines of `auth.keys_file` (both may be set).
@@ -581,6 +637,53 @@ mod tests {
         let c = load(&CREDS).unwrap();
         assert_eq!(c.auth.keys.len(), 1);
         assert!(!c.auth.dev_mode, "dev mode is off unless switched on");
+    }
+
+    #[test]
+    fn tenant_settings_from_the_file_and_the_environment() {
+        let c = load(&CREDS).unwrap();
+        assert_eq!(c.tenants.countries, ["+1"]);
+        assert_eq!(c.tenants.fail_open, [Channel::Email]);
+        assert_eq!((c.auth.rate_per_sec, c.auth.burst), (20.0, 40.0));
+        let file = std::env::temp_dir().join(format!("tenants-{}.toml", std::process::id()));
+        std::fs::write(
+            &file,
+            "[acme]\nnumbers = [\"+15550001111\"]\ndaily_quota = { sms = 7 }\n",
+        )
+        .unwrap();
+        let path = file.to_string_lossy().to_string();
+        let mut v = CREDS.to_vec();
+        v.extend([
+            ("TENANTS_FILE", path.as_str()),
+            ("DAILY_QUOTA", "50"),
+            ("DESTINATION_COUNTRIES", "+1, +44"),
+            ("LIMITER_FAIL_OPEN", "none"),
+            ("SMS_FROM", "+15550009999"),
+        ]);
+        let c = load(&v).unwrap();
+        assert_eq!(c.tenants.countries, ["+1", "+44"]);
+        assert!(c.tenants.fail_open.is_empty());
+        let tenants = crate::tenants::Tenants::new(&c.tenants.tables, &c.tenant_defaults());
+        assert_eq!(tenants.policy("acme").daily_quota.sms, 7);
+        assert_eq!(tenants.policy("acme").daily_quota.email, 50);
+        assert_eq!(
+            tenants.policy("zeta").default_from(Channel::Sms),
+            Some("+15550009999")
+        );
+        for (var, value, named) in [
+            ("LIMITER_FAIL_OPEN", "fax", "LIMITER_FAIL_OPEN"),
+            ("DESTINATION_COUNTRIES", "44", "DESTINATION_COUNTRIES"),
+            ("SMS_FROM", "not a sender!", "SMS_FROM"),
+        ] {
+            let mut bad = CREDS.to_vec();
+            bad.push((var, value));
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
+        std::fs::write(&file, "[acmee]\nnumbers = [\"+15550001111\"]\n").unwrap();
+        let err = load(&v).unwrap_err().to_string();
+        assert!(err.contains("[acmee]") && err.contains("API_KEYS"), "{err}");
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! (one record, from MongoDB, the source of truth).
 //!
 //! Accepting goes in named steps: authenticate → refuse during shutdown → read the JSON
-//! body → validate → check the `Idempotency-Key` → the per-recipient cap → wait for
-//! MongoDB's indexes (they exist a moment after start-up) → hand to the router (answered
-//! once MongoDB has the record) → render. The waits after arrival share one deadline.
+//! body → the tenant's default `from` where it is left out → validate → the tenant's
+//! senders and destination countries (403) → check the `Idempotency-Key` → the tenant's
+//! limits in Redis (rate, daily quota, distinct recipients, per-recipient cap: one round
+//! trip) → wait for MongoDB's indexes (they exist a moment after start-up) → hand to the
+//! router (answered once MongoDB has the record) → render. The waits after arrival share
+//! one deadline. Every refusal comes before the router: a refused request is stored
+//! nowhere and sent nowhere.
 
 use crate::auth::{AuthError, Identity};
 use crate::clients::indexes::IndexState;
@@ -12,10 +16,11 @@ use crate::clients::mongo::MongoStore;
 use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, at_with_param, CREATE_COMMUNICATION, GET_COMMUNICATION};
-use crate::http::state::{authenticated, with_state, AppState};
-use crate::limits::CapDecision;
+use crate::http::state::{authenticated, authenticated_read, with_state, AppState};
+use crate::limits::{Caller, Verdict};
+use crate::tenants::TenantPolicy;
 use actors::call::CallError;
-use actors::domain::{validate_with, NewCommunication, RawRequest};
+use actors::domain::{validate_with, Channel, NewCommunication, RawRequest};
 use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -35,7 +40,7 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
         .then(create)
         .map(respond);
     let get_one = at_with_param(GET_COMMUNICATION)
-        .and(authenticated(state))
+        .and(authenticated_read(state))
         .and(with_state(state))
         .then(get)
         .map(respond);
@@ -55,12 +60,20 @@ async fn create(
         return Err(ApiError::ShuttingDown);
     }
     require_json(content_type.as_deref())?;
-    let request = validate_with(&parse_body(&body)?, &state.validation)?;
+    let policy = state.tenants.policy(&who.tenant);
+    let raw = with_default_from(parse_body(&body)?, &policy)?;
+    let request = validate_with(&raw, &state.validation)?;
+    check_sender_and_destination(&policy, &request)?;
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key)?;
     }
     let key = idempotency_key.as_deref();
-    check_recipient_cap(&state, &who.tenant, &request, key, deadline).await?;
+    let caller = Caller {
+        tenant: &who.tenant,
+        key_id: &who.key_id,
+        policy: &policy,
+    };
+    check_limits(&state, &caller, &request, key, deadline).await?;
     indexes_in_place(&state, deadline).await?;
     let submission = Submission {
         request,
@@ -120,38 +133,114 @@ fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Over the cap is a 429, unless this is a retry of a request already accepted: that one
-/// is answered as before. Looking that up waits for MongoDB until the deadline at most.
-async fn check_recipient_cap(
+/// A request that leaves `data.from` out is sent as the tenant's default sender of the
+/// channel; without one, `from` is required.
+fn with_default_from(mut raw: RawRequest, policy: &TenantPolicy) -> Result<RawRequest, ApiError> {
+    let channel = raw
+        .kind
+        .as_ref()
+        .and_then(Value::as_str)
+        .and_then(Channel::parse);
+    let (Some(channel), Some(Value::Object(data))) = (channel, raw.data.as_mut()) else {
+        return Ok(raw);
+    };
+    if !data.get("from").is_none_or(Value::is_null) {
+        return Ok(raw);
+    }
+    match policy.default_from(channel) {
+        Some(from) => {
+            data.insert("from".into(), json!(from));
+            Ok(raw)
+        }
+        None => Err(ApiError::Invalid {
+            field: "from",
+            message: format!("data.from is required: this tenant has no default {channel} sender"),
+        }),
+    }
+}
+
+/// A `from` the tenant does not own, or a destination outside its countries, is a 403.
+fn check_sender_and_destination(
+    policy: &TenantPolicy,
+    request: &NewCommunication,
+) -> Result<(), ApiError> {
+    let channel = request.channel;
+    if !policy.may_send_as(channel, &request.from) {
+        metrics::counter!("tenant_refusals_total", "reason" => "sender", "channel" => channel.as_str())
+            .increment(1);
+        return Err(ApiError::SenderNotAllowed { channel });
+    }
+    if !policy.may_send_to(channel, &request.to) {
+        metrics::counter!("tenant_refusals_total", "reason" => "destination", "channel" => channel.as_str())
+            .increment(1);
+        return Err(ApiError::DestinationNotAllowed { channel });
+    }
+    Ok(())
+}
+
+/// The tenant's limits, in one round trip to Redis. Over a quota or a cap is a 429,
+/// unless this is a retry of a request already accepted: that one is answered as before
+/// (looking that up waits for MongoDB until the deadline at most). An empty bucket is a
+/// 429 for retries too, as it always was.
+async fn check_limits(
     state: &AppState,
-    tenant: &str,
+    caller: &Caller<'_>,
     request: &NewCommunication,
     idempotency_key: Option<&str>,
     deadline: Instant,
 ) -> Result<(), ApiError> {
-    let CapDecision::Exceeded { retry_after_secs } =
-        state.cap.check(tenant, request.channel, &request.to).await
-    else {
-        return Ok(());
+    let channel = request.channel;
+    let refusal = match state.limiter.admit(caller, channel, &request.to).await {
+        Verdict::Allowed | Verdict::Unchecked => return Ok(()),
+        Verdict::Unavailable => return Err(ApiError::LimiterUnavailable),
+        Verdict::RateLimited(wait) => return Err(AuthError::RateLimited(wait).into()),
+        Verdict::QuotaExceeded {
+            max,
+            reset_at,
+            retry_after_secs,
+        } => ApiError::QuotaExceeded {
+            channel,
+            max,
+            reset_at,
+            retry_after_secs,
+        },
+        Verdict::TooManyRecipients {
+            max,
+            retry_after_secs,
+        } => ApiError::TooManyRecipients {
+            max,
+            retry_after_secs,
+        },
+        Verdict::RecipientLimit {
+            max,
+            retry_after_secs,
+        } => ApiError::RecipientLimit {
+            max,
+            channel,
+            retry_after_secs,
+        },
     };
-    let replay = match idempotency_key {
-        Some(k) => {
-            let holder = state.store.idempotency_holder(tenant, k);
-            match tokio::time::timeout_at(deadline, holder).await {
-                Ok(found) => matches!(found, Ok(Some(_))),
-                Err(_) => return Err(ApiError::NotProcessedInTime),
-            }
-        }
-        None => false,
-    };
-    if replay {
+    if is_replay(state, caller.tenant, idempotency_key, deadline).await? {
         return Ok(());
     }
-    Err(ApiError::RecipientLimit {
-        max: state.cap.max,
-        channel: request.channel,
-        retry_after_secs,
-    })
+    Err(refusal)
+}
+
+/// Whether `idempotency_key` already holds an accepted request of this tenant.
+async fn is_replay(
+    state: &AppState,
+    tenant: &str,
+    idempotency_key: Option<&str>,
+    deadline: Instant,
+) -> Result<bool, ApiError> {
+    let Some(k) = idempotency_key else {
+        return Ok(false);
+    };
+    let holder = state.store.idempotency_holder(tenant, k);
+    match tokio::time::timeout_at(deadline, holder).await {
+        Ok(found) => Ok(matches!(found, Ok(Some(_)))),
+        Err(_) => Err(ApiError::NotProcessedInTime),
+    }
 }
 
 fn accept_error(e: CallError<AcceptError>) -> ApiError {

@@ -42,6 +42,26 @@ pub enum ApiError {
         channel: Channel,
         retry_after_secs: u64,
     },
+    /// The `from` is not one of this tenant's senders (nothing stored, nothing sent).
+    #[error("data.from is not one of this tenant's {channel} senders; use one configured for it, or leave from out for its default")]
+    SenderNotAllowed { channel: Channel },
+    /// The destination's country is not one this tenant may send to.
+    #[error("data.to is in a country this tenant may not send {channel} to")]
+    DestinationNotAllowed { channel: Channel },
+    #[error(
+        "this tenant's daily {channel} quota of {max} messages is spent; it resets at resetAt"
+    )]
+    QuotaExceeded {
+        channel: Channel,
+        max: u64,
+        reset_at: chrono::DateTime<chrono::Utc>,
+        retry_after_secs: u64,
+    },
+    #[error("this tenant has texted {max} distinct numbers this hour, the most allowed; a new number waits for the Retry-After seconds")]
+    TooManyRecipients { max: u64, retry_after_secs: u64 },
+    /// The limits (in Redis) could not be asked, and this channel fails closed.
+    #[error("the sending limits cannot be checked; nothing was stored, retry later")]
+    LimiterUnavailable,
     #[error("Idempotency-Key {0:?} was already used for a different request")]
     KeyReused(String),
     #[error("no communication {0}")]
@@ -151,9 +171,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            Auth(AuthError::RateLimited(_)) | RecipientLimit { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            Auth(AuthError::RateLimited(_))
+            | RecipientLimit { .. }
+            | QuotaExceeded { .. }
+            | TooManyRecipients { .. } => StatusCode::TOO_MANY_REQUESTS,
+            SenderNotAllowed { .. } | DestinationNotAllowed { .. } => StatusCode::FORBIDDEN,
             Auth(_) | MetricsToken | Unsigned(_) => StatusCode::UNAUTHORIZED,
             BadSignature(_) | VerificationFailed | CallbacksNotConfigured => StatusCode::FORBIDDEN,
             NotJson | UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -171,7 +193,9 @@ impl ApiError {
             LengthRequired => StatusCode::LENGTH_REQUIRED,
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
             | AcceptQueueFull | IndexesBuilding | IndexesFailed | StoreUnavailable
-            | SearchUnavailable | ReceiptNotRecorded => StatusCode::SERVICE_UNAVAILABLE,
+            | SearchUnavailable | ReceiptNotRecorded | LimiterUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -188,6 +212,11 @@ impl ApiError {
             InvalidQuery(_) => "invalid_query",
             InvalidId => "invalid_id",
             RecipientLimit { .. } => "recipient_limit",
+            SenderNotAllowed { .. } => "sender_not_allowed",
+            DestinationNotAllowed { .. } => "destination_not_allowed",
+            QuotaExceeded { .. } => "quota_exceeded",
+            TooManyRecipients { .. } => "distinct_recipient_limit",
+            LimiterUnavailable => "limiter_unavailable",
             KeyReused(_) => "idempotency_key_reused",
             NoCommunication(_) | NoRoute => "not_found",
             RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
@@ -220,7 +249,14 @@ impl ApiError {
             }
             RecipientLimit {
                 retry_after_secs, ..
-            } => retry_after(*retry_after_secs),
+            }
+            | QuotaExceeded {
+                retry_after_secs, ..
+            }
+            | TooManyRecipients {
+                retry_after_secs, ..
+            } => retry_after((*retry_after_secs).max(1)),
+            LimiterUnavailable => retry_after(1),
             // Receipts answer without one: the provider keeps its own retry schedule.
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
             | AcceptQueueFull | IndexesBuilding | StoreUnavailable | SearchUnavailable => {
@@ -243,6 +279,10 @@ impl Reply for ApiError {
         let body = match &self {
             ApiError::Invalid { field, .. } => {
                 json!({"error": {"code": code, "field": field, "message": message}})
+            }
+            ApiError::QuotaExceeded { reset_at, .. } => {
+                let at = reset_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                json!({"error": {"code": code, "message": message, "resetAt": at}})
             }
             _ => json!({"error": {"code": code, "message": message}}),
         };
@@ -272,7 +312,12 @@ impl ApiError {
                 AuditKind::AuthFailed
             }
             ApiError::Auth(AuthError::RateLimited(_)) => AuditKind::RateLimited,
-            ApiError::RecipientLimit { .. } => AuditKind::RecipientLimited,
+            ApiError::RecipientLimit { .. } | ApiError::TooManyRecipients { .. } => {
+                AuditKind::RecipientLimited
+            }
+            ApiError::SenderNotAllowed { .. } => AuditKind::SenderRefused,
+            ApiError::DestinationNotAllowed { .. } => AuditKind::DestinationRefused,
+            ApiError::QuotaExceeded { .. } => AuditKind::QuotaExceeded,
             ApiError::Unsigned(_) | ApiError::BadSignature(_) | ApiError::VerificationFailed => {
                 AuditKind::BadCallbackSignature
             }
@@ -343,6 +388,25 @@ mod tests {
             (503, Some("store_unavailable"))
         );
         assert!(h.get(header::RETRY_AFTER).is_none());
+        let reset_at = chrono::DateTime::from_timestamp(86_400 * 20_000, 0).unwrap();
+        let (s, b, h) = rendered(move || ApiError::QuotaExceeded {
+            channel: Channel::Sms,
+            max: 5,
+            reset_at,
+            retry_after_secs: 60,
+        })
+        .await;
+        assert_eq!((s, &h[header::RETRY_AFTER]), (429, &HeaderValue::from(60)));
+        assert_eq!(b["error"]["code"], "quota_exceeded");
+        assert_eq!(b["error"]["resetAt"], "2024-10-04T00:00:00Z");
+        let (s, b, _) = rendered(|| ApiError::SenderNotAllowed {
+            channel: Channel::Email,
+        })
+        .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (403, Some("sender_not_allowed"))
+        );
         let (_, b, h) = rendered(|| ApiError::SearchUnavailable).await;
         assert_eq!(h[header::RETRY_AFTER], "1");
         assert_eq!(

@@ -5,7 +5,7 @@ use crate::auth::{AuthError, Identity};
 use crate::clients::indexes::IndexState;
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, HEALTHZ, METRICS, OPENAPI_DOCUMENT, PROVIDERS, READYZ};
-use crate::http::state::{authenticated, with_state, AppState};
+use crate::http::state::{authenticated_read, with_state, AppState};
 use actors::ports::{DependencyError, SearchSink, Store};
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -26,10 +26,10 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
     let openapi = at(OPENAPI_DOCUMENT)
-        .and(authenticated(state))
+        .and(authenticated_read(state))
         .map(|who| respond(openapi(who)));
     let providers = at(PROVIDERS)
-        .and(authenticated(state))
+        .and(authenticated_read(state))
         .and(with_state(state))
         .map(|who, s: AppState| respond(providers(who, &s)));
     let metrics = at(METRICS)

@@ -5,7 +5,7 @@
 use crate::auth::{AuthError, Identity};
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, SEARCH_COMMUNICATIONS};
-use crate::http::state::{authenticated, with_state, AppState};
+use crate::http::state::{authenticated_read, with_state, AppState};
 use crate::search::{self, SearchParams};
 use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response};
@@ -13,7 +13,7 @@ use warp::Filter;
 
 pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
     at(SEARCH_COMMUNICATIONS)
-        .and(authenticated(state))
+        .and(authenticated_read(state))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(with_state(state))
         .then(search_communications)

@@ -6,7 +6,8 @@ use crate::clients::elastic::ElasticSink;
 use crate::clients::indexes::IndexReadiness;
 use crate::clients::mongo::MongoStore;
 use crate::http::callbacks::CallbackConfig;
-use crate::limits::RecipientCap;
+use crate::limits::{Caller, Limiter, Verdict};
+use crate::tenants::Tenants;
 use actors::domain::ValidationLimits;
 use actors::health::ProviderHealth;
 use actors::ports::Queue;
@@ -34,7 +35,10 @@ pub struct AppState {
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,
     pub auth: Arc<ApiKeys>,
-    pub cap: Arc<RecipientCap>,
+    /// The tenants' limits in Redis: rate, quotas, distinct recipients, per-recipient cap.
+    pub limiter: Arc<Limiter>,
+    /// Each tenant's senders, countries and limits.
+    pub tenants: Arc<Tenants>,
     pub validation: ValidationLimits,
     pub metrics_token: Option<String>,
 }
@@ -47,6 +51,32 @@ pub fn authenticated(
     let auth = state.auth.clone();
     warp::header::optional::<String>("authorization")
         .map(move |h: Option<String>| auth.authenticate(h.as_deref()))
+}
+
+/// [`authenticated`], then a token from the key's bucket shared by every process (Redis):
+/// for requests that send nothing. A `POST` takes its shared token with the rest of its
+/// limits, in one round trip. Should Redis not answer, a read goes through (the
+/// per-process bucket above still holds).
+pub fn authenticated_read(
+    state: &AppState,
+) -> impl Filter<Extract = (Result<Identity, AuthError>,), Error = warp::Rejection> + Clone {
+    let (tenants, limiter) = (state.tenants.clone(), state.limiter.clone());
+    authenticated(state).then(move |who: Result<Identity, AuthError>| {
+        let (tenants, limiter) = (tenants.clone(), limiter.clone());
+        async move {
+            let who = who?;
+            let policy = tenants.policy(&who.tenant);
+            let caller = Caller {
+                tenant: &who.tenant,
+                key_id: &who.key_id,
+                policy: &policy,
+            };
+            match limiter.take_token(&caller).await {
+                Verdict::RateLimited(wait) => Err(AuthError::RateLimited(wait)),
+                _ => Ok(who),
+            }
+        }
+    })
 }
 
 /// A clone of the shared state for each request.

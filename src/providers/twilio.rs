@@ -70,7 +70,26 @@ impl Twilio {
     }
 }
 
+/// How a message names its sender to Twilio.
+#[derive(Debug, PartialEq)]
+enum Sender<'a> {
+    /// A Messaging Service picks the number: the message's `from` when it is a tenant's
+    /// Messaging Service SID, else the service-wide `MSG_ID`.
+    Service(&'a str),
+    From(&'a str),
+}
+
 impl Twilio {
+    fn sender<'a>(&'a self, msg: &'a OutboundMessage) -> Sender<'a> {
+        if crate::tenants::is_messaging_service_sid(&msg.from) {
+            return Sender::Service(&msg.from);
+        }
+        match &self.messaging_service_sid {
+            Some(sid) => Sender::Service(sid),
+            None => Sender::From(&msg.from),
+        }
+    }
+
     /// One request with Twilio's basic auth: the JSON body of a 2xx answer, else Twilio's
     /// error (see [`classify_twilio`]; a 502/503/504 without Twilio's body is ambiguous).
     /// Errors scrubbed of our identifiers (see [`Scrub`]): they are stored on records.
@@ -147,9 +166,9 @@ impl Provider for Twilio {
         msg: &OutboundMessage,
         since: DateTime<Utc>,
     ) -> Result<Lookup, ProviderError> {
-        let from = match self.messaging_service_sid {
-            Some(_) => None,
-            None => Some(msg.from.as_str()),
+        let from = match self.sender(msg) {
+            Sender::Service(_) => None,
+            Sender::From(f) => Some(f),
         };
         let day = since.format("%Y-%m-%d").to_string();
         let mut query = vec![
@@ -178,9 +197,9 @@ impl Provider for Twilio {
 
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
         let mut form: Vec<(&str, &str)> = vec![("To", &msg.to), ("Body", &msg.body)];
-        match &self.messaging_service_sid {
-            Some(sid) => form.push(("MessagingServiceSid", sid)),
-            None => form.push(("From", &msg.from)),
+        match self.sender(msg) {
+            Sender::Service(sid) => form.push(("MessagingServiceSid", sid)),
+            Sender::From(from) => form.push(("From", from)),
         }
         if let Some(cb) = &self.status_callback {
             form.push(("StatusCallback", cb));
@@ -224,6 +243,20 @@ mod tests {
             "first_page_uri": "/2010-04-01/Accounts/AC1/Messages.json?To=%2B15557654321&PageSize=50&Page=0",
             "next_page_uri": null, "previous_page_uri": null,
         })
+    }
+
+    #[test]
+    fn a_messaging_service_sid_as_from_is_sent_as_the_service() {
+        let http = reqwest::Client::new();
+        let t = |mss: &str| Twilio::new(http.clone(), "http://x", "AC1", "t", mss, None);
+        let mut m = msg("x");
+        assert_eq!(t("").sender(&m), Sender::From("+15550001111"));
+        assert_eq!(t("MGservice").sender(&m), Sender::Service("MGservice"));
+        m.from = "MG0123456789abcdef0123456789abcdef".into();
+        assert_eq!(
+            t("MGservice").sender(&m),
+            Sender::Service("MG0123456789abcdef0123456789abcdef")
+        );
     }
 
     #[test]

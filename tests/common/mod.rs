@@ -418,9 +418,17 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.sandbox_port)
     }
 
+    /// The test tenants' senders: the `from` values the tests send with.
+    pub const TENANTS: &'static str = "[tests]\nnumbers = [\"+15550001111\"]\nemail_domains = [\"example.com\"]\n\n[other]\nnumbers = [\"+15550001111\"]\nemail_domains = [\"example.com\"]\n";
+
     /// The environment that points the service at this stack.
     pub fn service_env(&self, port: u16) -> Vec<(String, String)> {
         let sb = self.sandbox();
+        // Written aside and renamed into place: a service starting meanwhile reads it whole.
+        let tenants = self.dir.join("tenants.toml");
+        let aside = self.dir.join(format!("tenants.toml.{port}"));
+        std::fs::write(&aside, Self::TENANTS).unwrap();
+        std::fs::rename(&aside, &tenants).unwrap();
         [
             ("PORT", port.to_string()),
             ("MONGODB_URL", self.mongo_url()),
@@ -450,6 +458,9 @@ impl Stack {
             ("API_RATE_PER_SEC", "1000000".into()),
             ("API_BURST", "1000000".into()),
             ("RECIPIENT_MAX", "0".into()),
+            ("DAILY_QUOTA", "0".into()),
+            ("RECIPIENTS_PER_HOUR", "0".into()),
+            ("TENANTS_FILE", tenants.to_string_lossy().into_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
