@@ -192,6 +192,8 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
             communications_index: "bench-communications".into(),
             batch: actors::batch::BatchSettings::new(max_docs, Duration::from_millis(50))
                 .with_max_bytes(5_000_000),
+            claim_idle: Duration::from_secs(30),
+            forget_after: Duration::from_secs(60),
         },
     )
     .await

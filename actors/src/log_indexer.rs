@@ -7,7 +7,11 @@
 //! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes).
 //! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
 //! On failure: entries are acknowledged only after their documents are stored or
-//! dead-lettered; a crash leaves the rest pending, read again first after the restart.
+//! dead-lettered; a crash leaves the rest pending, read again first after a restart under
+//! the same name, and taken over (XAUTOCLAIM) by any live indexer once idle `claim_idle`
+//! when the process comes back under another name (a container redeploy). Each indexer
+//! marks itself alive in Redis; a consumer whose mark lapsed and that holds nothing is
+//! removed from the group (never this process's own), so `log_stream` is trimmed again.
 //! Document ids are deterministic, so writing an event twice duplicates nothing. A failed
 //! step waits by a full-jitter backoff (200 ms doubling to 5 s, at least 50 ms); the
 //! indices are made again after an Elasticsearch failure, the group after a missing one.
@@ -50,6 +54,12 @@ pub struct IndexerArgs {
     pub communications_index: String,
     /// Bulk request limits: documents (`max_items`), bytes and time.
     pub batch: BatchSettings,
+    /// Entries idle this long in any consumer's pending list (a dead process's, whatever
+    /// its name) are taken over.
+    pub claim_idle: Duration,
+    /// A consumer of `log_stream` not marked alive for this long, with nothing pending, is
+    /// gone: it is removed from the group. This process marks itself alive well within it.
+    pub forget_after: Duration,
 }
 
 struct Pending {
@@ -69,6 +79,10 @@ pub struct IndexerState {
     failures: Delays,
     prepared: bool,
     group_ready: bool,
+    /// When this consumer last marked itself alive.
+    alive_at: Option<Instant>,
+    /// When idle entries were last taken over (and gone consumers removed).
+    takeover_at: Option<Instant>,
 }
 
 pub struct LogIndexer;
@@ -93,6 +107,8 @@ impl Actor for LogIndexer {
             failures: STEP_BACKOFF.delays(),
             prepared: false,
             group_ready: false,
+            alive_at: None,
+            takeover_at: None,
         })
     }
 
@@ -138,6 +154,12 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
         a.queue.ensure_group(LOG_STREAM, &a.group).await?;
         state.group_ready = true;
     }
+    keep_alive(state).await?;
+    // Only once this consumer's own pending entries are read again: taken over first,
+    // they would be read twice.
+    if state.from == ReadFrom::New && !a.batch.is_full(state.buf.len(), state.buf_bytes) {
+        take_over(state).await?;
+    }
     if !a.batch.is_full(state.buf.len(), state.buf_bytes) {
         let block = match state.first_at {
             Some(t) => a.batch.max_wait.saturating_sub(t.elapsed()),
@@ -161,12 +183,7 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
                 None => ReadFrom::New,
             };
         }
-        for e in entries {
-            let p = to_pending(&a, e);
-            state.buf_bytes += p.bytes;
-            state.buf.push(p);
-            state.first_at.get_or_insert_with(Instant::now);
-        }
+        buffer(state, entries);
     }
     let due = a.batch.is_full(state.buf.len(), state.buf_bytes)
         || state
@@ -183,6 +200,70 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
             }
             return Err(e);
         }
+    }
+    Ok(())
+}
+
+fn buffer(state: &mut IndexerState, entries: Vec<StreamEntry>) {
+    for e in entries {
+        let p = to_pending(&state.args, e);
+        state.buf_bytes += p.bytes;
+        state.buf.push(p);
+        state.first_at.get_or_insert_with(Instant::now);
+    }
+}
+
+/// Mark this consumer alive, four times within `forget_after`, so no peer removes it.
+async fn keep_alive(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = &state.args;
+    if state
+        .alive_at
+        .is_some_and(|t| t.elapsed() < a.forget_after / 4)
+    {
+        return Ok(());
+    }
+    a.queue
+        .keep_alive(LOG_STREAM, &a.group, &a.consumer, a.forget_after)
+        .await?;
+    state.alive_at = Some(Instant::now());
+    Ok(())
+}
+
+/// Every `claim_idle / 2`: take over entries idle in any consumer's pending list (a
+/// process that died, under a name nobody will use again), then remove the consumers that
+/// are gone and hold nothing. Entries already in the buffer are not buffered twice.
+async fn take_over(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    if state
+        .takeover_at
+        .is_some_and(|t| t.elapsed() < a.claim_idle / 2)
+    {
+        return Ok(());
+    }
+    state.takeover_at = Some(Instant::now());
+    let room = a.batch.max_items.saturating_sub(state.buf.len());
+    let taken = a
+        .queue
+        .autoclaim(LOG_STREAM, &a.group, &a.consumer, a.claim_idle, room)
+        .await?;
+    let fresh: Vec<StreamEntry> = taken
+        .into_iter()
+        .filter(|e| !state.buf.iter().any(|p| p.entry_id == e.id))
+        .collect();
+    if !fresh.is_empty() {
+        tracing::info!(n = fresh.len(), "took over idle log events");
+        metrics::counter!("stream_autoclaimed_total", "stream" => LOG_STREAM)
+            .increment(fresh.len() as u64);
+        buffer(state, fresh);
+    }
+    let gone = a
+        .queue
+        .forget_gone_consumers(LOG_STREAM, &a.group, &a.consumer, a.forget_after)
+        .await?;
+    if !gone.is_empty() {
+        tracing::info!(?gone, "removed log_stream consumers that are gone");
+        metrics::counter!("stream_consumers_removed_total", "stream" => LOG_STREAM)
+            .increment(gone.len() as u64);
     }
     Ok(())
 }
@@ -552,6 +633,8 @@ mod port_tests {
             logs_index: "logs".into(),
             communications_index: "comms".into(),
             batch: BatchSettings::new(100, Duration::from_millis(10)),
+            claim_idle: Duration::from_secs(2),
+            forget_after: Duration::from_secs(3),
         };
         Actor::spawn(None, LogIndexer, args).await.unwrap();
     }
@@ -596,6 +679,48 @@ mod port_tests {
             .filter_map(|e| e.field("deadLetterReason"))
             .collect();
         assert_eq!(reasons, ["logs: mapping", "undecodable log event"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_consumers_events_are_taken_over_and_only_it_is_forgotten() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        append_events(&queue, 1..=3).await;
+        // Read by a process that died before indexing them, under a name nobody uses again.
+        let held = queue
+            .read_group(LOG_STREAM, GROUP, "dead", ReadFrom::New, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 3);
+        // A live peer, quiet (nothing pending, nothing read for long), but marked alive.
+        queue
+            .read_group(LOG_STREAM, GROUP, "peer", ReadFrom::New, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        queue
+            .keep_alive(LOG_STREAM, GROUP, "peer", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        start(&queue, &search).await;
+        settled(&queue).await;
+        let logged: Vec<String> = search
+            .bulks()
+            .concat()
+            .into_iter()
+            .filter(|op| op.index == "logs")
+            .map(|op| op.id)
+            .collect();
+        assert_eq!(logged.len(), 3, "every event of the dead consumer indexed");
+        for _ in 0..1000 {
+            if queue.consumers(LOG_STREAM, GROUP) == ["i1", "peer"] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The dead one is gone; this process's own consumer and the live peer stay, however
+        // long they have been idle.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(queue.consumers(LOG_STREAM, GROUP), ["i1", "peer"]);
     }
 
     #[tokio::test(start_paused = true)]

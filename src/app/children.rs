@@ -97,6 +97,8 @@ fn indexer_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         logs_index: cfg.elasticsearch.logs_index.clone(),
         communications_index: cfg.elasticsearch.communications_index.clone(),
         batch: cfg.log_indexer.batch(),
+        claim_idle: cfg.redis.claim_idle,
+        forget_after: cfg.log_indexer.forget_consumer,
     };
     spec(log_indexer::NAME.to_string(), || LogIndexer, args)
 }

@@ -1,8 +1,10 @@
 //! Clients for the servers: MongoDB (the source of truth; its indexes, and whether they
 //! exist yet, in `indexes`), Redis (streams, and the leases that make one worker the only
-//! one to send a record), Elasticsearch.
+//! one to send a record, and the start-up check of the server in `redis_checks`),
+//! Elasticsearch.
 pub mod elastic;
 pub mod indexes;
 pub mod lease;
 pub mod mongo;
+pub mod redis_checks;
 pub mod redis_queue;

@@ -359,6 +359,9 @@ pub struct LogIndexer {
     pub max_bytes: usize,
     #[serde(rename = "max_wait_ms", deserialize_with = "millis")]
     pub max_wait: Duration,
+    /// A `log_stream` consumer not marked alive for this long, holding nothing, is removed.
+    #[serde(rename = "forget_consumer_ms", deserialize_with = "millis")]
+    pub forget_consumer: Duration,
 }
 
 impl LogIndexer {
