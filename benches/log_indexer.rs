@@ -185,6 +185,8 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
         LogIndexer,
         IndexerArgs {
             queue: queue.dedicated(),
+            // Bench events carry their bodies: nothing is read from the store.
+            store: std::sync::Arc::new(actors::testing::MemoryStore::new()),
             search,
             group: "bench".into(),
             consumer: "bench-1".into(),

@@ -278,3 +278,187 @@ async fn a_retry_comes_due_under_a_backlog_that_never_empties() {
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
     assert_eq!(books.sent, books.accepted);
 }
+
+/// Run the service binary against `stack`, expecting it to stop by itself: its success and
+/// what it printed.
+fn start_expecting_exit(stack: &Stack) -> (bool, String) {
+    let port = free_port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comm-aggregator"));
+    cmd.current_dir(root());
+    for (k, v) in stack.service_env(port) {
+        cmd.env(k, v);
+    }
+    let mut p = Proc::spawn(&format!("refused-{port}"), &stack.dir, &mut cmd);
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(Some(status)) = p.child.try_wait() {
+            return (status.success(), std::fs::read_to_string(&p.log).unwrap());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the service did not stop by itself:\n{}",
+            p.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn config_set(stack: &Stack, key: &str, value: &str) {
+    let mut c = stack.redis().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+}
+
+/// POST `n` emails of about 50 KB with subjects `{tag}-{i}`, 16 at a time, the i-th not
+/// before `every * i`; the accepted (subject, id) pairs.
+async fn big_emails(port: u16, tag: &str, n: usize, every: Duration) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    let filler = "All work and no play makes a long email. ".repeat(1220);
+    let http = client();
+    let start = tokio::time::Instant::now();
+    let results: Vec<Option<(String, String)>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (http, subject) = (http.clone(), format!("{tag}-{i}"));
+            let msg = format!("{subject}\n{filler}");
+            async move {
+                tokio::time::sleep_until(start + every * i as u32).await;
+                let res = http
+                    .post(format!("http://127.0.0.1:{port}/api/v1/communication"))
+                    .json(
+                        &json!({"type": "email", "data": {"from": "noreply@example.com",
+                        "to": "ada@example.org", "subject": subject, "msg": msg}}),
+                    )
+                    .send()
+                    .await
+                    .ok()?;
+                if res.status() != 200 {
+                    return None;
+                }
+                let v: serde_json::Value = res.json().await.ok()?;
+                Some((subject, v["id"].as_str()?.to_string()))
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    results.into_iter().flatten().collect()
+}
+
+/// The books for emails: every accepted one final, every sent one at the SMTP server
+/// (found by its `Message-ID`, `<{id}@comm-aggregator>`), more than once only if flagged.
+async fn email_books(stack: &Stack, accepted: &[(String, String)]) -> Books {
+    let coll = stack.records().await;
+    let oids: Vec<ObjectId> = accepted
+        .iter()
+        .map(|(_, id)| ObjectId::parse_str(id).unwrap())
+        .collect();
+    eventually(BOOKS_WAIT, "every accepted email final", || async {
+        let open = coll
+            .count_documents(doc! {"_id": {"$in": &oids}, "status": "pending"})
+            .await
+            .ok()?;
+        (open == 0).then_some(())
+    })
+    .await;
+    let mut seen = HashMap::<String, usize>::new();
+    for m in stack.mails() {
+        if let Some(line) = m
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("message-id:"))
+        {
+            *seen.entry(line[11..].trim().to_string()).or_default() += 1;
+        }
+    }
+    let mut books = Books {
+        accepted: accepted.len(),
+        ..Default::default()
+    };
+    for (_, id) in accepted {
+        let d = coll
+            .find_one(doc! {"_id": ObjectId::parse_str(id).unwrap()})
+            .await
+            .unwrap()
+            .unwrap();
+        let n = seen
+            .get(&format!("<{id}@comm-aggregator>"))
+            .copied()
+            .unwrap_or(0);
+        if d.get_str("status").unwrap() == "sent" {
+            books.sent += 1;
+            assert!(
+                n >= 1,
+                "{id} is recorded sent but the SMTP server never got it"
+            );
+            if n > 1 {
+                assert_eq!(
+                    d.get_bool("possibleDuplicate").ok(),
+                    Some(true),
+                    "{id} sent {n} times: {d}"
+                );
+                books.duplicates += 1;
+            }
+        } else {
+            books.failed += 1;
+        }
+    }
+    println!("books: {books:?}");
+    books
+}
+
+/// Item 5: Redis is refused at start-up with an evicting `maxmemory-policy`; with
+/// `noeviction` and 64 MB, Elasticsearch down, 50 KB emails for 40 s: sending goes on
+/// (events carry no 50 KB body, and `log_stream`, bounded at 300 here, refuses the rest,
+/// counted); once Elasticsearch is back, search has every message, the overflowed ones
+/// indexed from MongoDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_elasticsearch_outage_with_a_small_redis_never_stops_sending() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    config_set(&stack, "maxmemory-policy", "volatile-lru").await;
+    let (ok, out) = start_expecting_exit(&stack);
+    assert!(!ok, "an evicting Redis must stop start-up: {out}");
+    assert!(
+        out.contains("maxmemory-policy is volatile-lru") && out.contains("noeviction"),
+        "the message names the policy and the fix: {out}"
+    );
+    config_set(&stack, "maxmemory-policy", "noeviction").await;
+    config_set(&stack, "maxmemory", "64mb").await;
+    let svc = stack.start_service(&fast_env(&[("LOG_STREAM_MAX_LEN", "300")]));
+    stack.kill("es");
+    let tag = unique("bigmail");
+    let accepted = big_emails(svc.port, &tag, 960, Duration::from_millis(42)).await;
+    assert_eq!(accepted.len(), 960, "a full Redis must not stop accepting");
+    let books = email_books(&stack, &accepted).await;
+    assert_eq!(
+        books.sent, books.accepted,
+        "Elasticsearch down must not stop sending"
+    );
+    assert!(
+        xlen(&stack, "log_stream").await <= 300,
+        "log_stream stays bounded"
+    );
+    let metrics = client()
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let overflowed: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("log_events_overflowed_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(overflowed > 0.0, "the bound was reached and counted");
+    stack.start_es();
+    let ids: Vec<String> = accepted.iter().map(|(_, id)| id.clone()).collect();
+    for chunk in ids.chunks(240) {
+        all_in_search(&stack, chunk, Duration::from_secs(60)).await;
+    }
+}

@@ -1,6 +1,12 @@
 //! LogIndexer: reads `log_stream` through a consumer group and bulk-writes Elasticsearch:
 //! every event to `communication-logs`, and the record's current status to `communications`.
 //!
+//! Events carry bodies up to `LOG_EVENT_BODY_MAX` bytes; a longer one is read from MongoDB
+//! at the flush (one read a batch). `log_stream` is bounded (`LOG_STREAM_MAX_LEN`): an
+//! event that found it full was not appended and its record was marked in Redis; every
+//! `max_wait`, with nothing else to write, a batch of marked records is indexed from
+//! MongoDB as they are now, and their marks dropped once stored.
+//!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
 //! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
 //! Elasticsearch outage leaves the backlog in Redis, not in memory).
@@ -20,10 +26,12 @@
 
 use crate::backoff::{Backoff, Delays};
 use crate::batch::BatchSettings;
-use crate::domain::{EventStatus, LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
+use crate::domain::{
+    Communication, EventStatus, LogEvent, Status, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM,
+};
 use crate::ports::{
     BulkAction, BulkOp, Dependency, DependencyError, ErrorKind, ItemResult, Queue, ReadFrom,
-    SearchSink,
+    SearchSink, Store,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
@@ -47,6 +55,9 @@ pub enum IndexerMsg {
 #[derive(Clone)]
 pub struct IndexerArgs {
     pub queue: Arc<dyn Queue>,
+    /// Where bodies left out of events, and records whose events overflowed a full
+    /// `log_stream`, are read.
+    pub store: Arc<dyn Store>,
     pub search: Arc<dyn SearchSink>,
     pub group: String,
     pub consumer: String,
@@ -67,6 +78,9 @@ struct Pending {
     fields: Vec<(String, String)>,
     ops: Vec<BulkOp>,
     bytes: usize,
+    /// An event whose body was left out of the entry: its operations are made once the
+    /// body is read from MongoDB, at the flush.
+    awaiting_body: Option<LogEvent>,
 }
 
 pub struct IndexerState {
@@ -83,6 +97,8 @@ pub struct IndexerState {
     alive_at: Option<Instant>,
     /// When idle entries were last taken over (and gone consumers removed).
     takeover_at: Option<Instant>,
+    /// When records marked by a full `log_stream` were last indexed from MongoDB.
+    reindex_at: Option<Instant>,
 }
 
 pub struct LogIndexer;
@@ -109,6 +125,7 @@ impl Actor for LogIndexer {
             group_ready: false,
             alive_at: None,
             takeover_at: None,
+            reindex_at: None,
         })
     }
 
@@ -199,6 +216,98 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
                 state.prepared = false;
             }
             return Err(e);
+        }
+    }
+    if state.buf.is_empty() {
+        reindex(state).await?;
+    }
+    Ok(())
+}
+
+/// Records whose events found `log_stream` full are marked in Redis: index a batch of them
+/// from MongoDB, once a `max_wait`, when nothing else waits to be written. A mark goes once
+/// its documents are stored (or refused for good, counted as failed items).
+async fn reindex(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    if state
+        .reindex_at
+        .is_some_and(|t| t.elapsed() < a.batch.max_wait)
+    {
+        return Ok(());
+    }
+    state.reindex_at = Some(Instant::now());
+    let ids = a.queue.overflowed(LOG_STREAM, REINDEX_BATCH).await?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let records = a.store.records(&ids).await?;
+    let events: Vec<Vec<BulkOp>> = records
+        .iter()
+        .map(|r| ops_for(&record_event(r), &a.logs_index, &a.communications_index))
+        .collect();
+    let (ops, owner, _) = newest_ops(events.iter().map(Vec::as_slice));
+    if !ops.is_empty() {
+        if !state.prepared {
+            a.search.prepare().await?;
+            state.prepared = true;
+        }
+        let results = a.search.bulk(&ops).await.inspect_err(|_| {
+            state.prepared = false;
+        })?;
+        let (retry, _) = settle(&ops, &owner, &results, records.len());
+        let left: Vec<&String> = records
+            .iter()
+            .zip(&retry)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(rec, _)| &rec.id)
+            .collect();
+        let done: Vec<String> = ids.into_iter().filter(|id| !left.contains(&id)).collect();
+        metrics::counter!("log_events_reindexed_total").increment(done.len() as u64);
+        return a.queue.forget_overflowed(LOG_STREAM, &done).await;
+    }
+    // None of them is a record any more (voided): nothing to index.
+    a.queue.forget_overflowed(LOG_STREAM, &ids).await
+}
+
+/// Records indexed again from MongoDB a batch.
+const REINDEX_BATCH: usize = 200;
+
+/// The event that leaves a record's documents as MongoDB has the record now.
+pub fn record_event(r: &Communication) -> LogEvent {
+    let (status, attempt) = match r.status {
+        Status::Pending | Status::Sending if r.attempts == 0 => (EventStatus::Queued, 0),
+        Status::Pending | Status::Sending => (EventStatus::Retrying, r.attempts),
+        Status::Sent => (EventStatus::Sent, r.attempts),
+        Status::Failed => (EventStatus::Failed, r.attempts),
+        Status::Delivered => (EventStatus::Delivered, r.attempts),
+        Status::Undelivered => (EventStatus::Undelivered, r.attempts),
+        Status::Read => (EventStatus::Read, r.attempts),
+    };
+    let mut ev = LogEvent::for_record(r, "reindex", status, attempt, r.updated_at);
+    ev.provider = r.provider.clone();
+    ev.provider_message_id = r.provider_message_id.clone();
+    ev.error = r.last_error.clone().filter(|_| attempt > 0);
+    ev
+}
+
+/// Make the operations of events whose body was left out, reading the bodies from MongoDB
+/// in one request (a record gone since is indexed with an empty body).
+async fn fill_bodies(a: &IndexerArgs, buf: &mut [Pending]) -> Result<(), DependencyError> {
+    let ids: Vec<String> = buf
+        .iter()
+        .filter_map(|p| p.awaiting_body.as_ref())
+        .map(|ev| ev.communication_id.clone())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let records = a.store.records(&ids).await?;
+    for p in buf.iter_mut() {
+        if let Some(mut ev) = p.awaiting_body.take() {
+            if let Some(r) = records.iter().find(|r| r.id == ev.communication_id) {
+                ev.msg = r.msg.clone();
+            }
+            p.ops = ops_for(&ev, &a.logs_index, &a.communications_index);
         }
     }
     Ok(())
@@ -336,11 +445,12 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         .sum::<usize>()
         * 2
         + 64;
-    let ops = match LogEvent::from_entry(&e) {
-        Ok(ev) => ops_for(&ev, &a.logs_index, &a.communications_index),
+    let (ops, awaiting_body) = match LogEvent::from_entry(&e) {
+        Ok(ev) if ev.msg_omitted => (Vec::new(), Some(ev)),
+        Ok(ev) => (ops_for(&ev, &a.logs_index, &a.communications_index), None),
         Err(why) => {
             tracing::error!(entry = %e.id, error = %why, "undecodable log event; dead-lettered");
-            Vec::new()
+            (Vec::new(), None)
         }
     };
     Pending {
@@ -348,6 +458,7 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         fields: e.fields,
         ops,
         bytes,
+        awaiting_body,
     }
 }
 
@@ -428,6 +539,7 @@ struct Settlement {
 /// is left of it). Returns an error when anything is left.
 async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     let a = state.args.clone();
+    fill_bodies(&a, &mut state.buf).await?;
     let mut s = send_bulk(&a, &state.buf).await;
     // Dead letters must be safe in Redis before their entries are acknowledged.
     let dlq_ok = match store_dead_letters(&a, &state.buf, &s.dead).await {
@@ -618,8 +730,8 @@ mod tests {
 #[cfg(test)]
 mod port_tests {
     use super::*;
-    use crate::domain::Channel;
-    use crate::testing::{self, MemoryQueue, MemorySearch, SearchMethod};
+    use crate::domain::{Channel, Status};
+    use crate::testing::{self, MemoryQueue, MemorySearch, MemoryStore, SearchMethod};
     use chrono::Utc;
 
     const GROUP: &str = "g";
@@ -627,6 +739,7 @@ mod port_tests {
     async fn start(queue: &MemoryQueue, search: &Arc<MemorySearch>) {
         let args = IndexerArgs {
             queue: Arc::new(queue.clone()),
+            store: Arc::new(MemoryStore::new()),
             search: search.clone(),
             group: GROUP.into(),
             consumer: "i1".into(),
@@ -721,6 +834,60 @@ mod port_tests {
         // long they have been idle.
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(queue.consumers(LOG_STREAM, GROUP), ["i1", "peer"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_bodies_come_from_the_store_and_overflowed_records_are_indexed_again() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        let store = Arc::new(MemoryStore::new());
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        // An email whose body is too long for the stream entry.
+        let mut long = testing::record(1, Channel::Email);
+        long.msg = "x".repeat(crate::domain::LOG_EVENT_BODY_MAX + 1);
+        store.put(long.clone());
+        let ev = LogEvent::for_record(&long, "router", EventStatus::Queued, 0, Utc::now());
+        let fields = ev.to_fields();
+        assert!(fields.iter().any(|(k, v)| *k == "msg" && v.is_empty()));
+        queue.append(&[(LOG_STREAM, fields)]).await.unwrap();
+        // A record whose event found the stream full: sent, marked, never appended.
+        let mut over = testing::record(2, Channel::Sms);
+        over.status = Status::Sent;
+        over.attempts = 1;
+        store.put(over.clone());
+        queue.mark_overflowed(LOG_STREAM, &over.id);
+        let args = IndexerArgs {
+            queue: Arc::new(queue.clone()),
+            store,
+            search: search.clone(),
+            group: GROUP.into(),
+            consumer: "i1".into(),
+            logs_index: "logs".into(),
+            communications_index: "comms".into(),
+            batch: BatchSettings::new(100, Duration::from_millis(10)),
+            claim_idle: Duration::from_secs(2),
+            forget_after: Duration::from_secs(3),
+        };
+        Actor::spawn(None, LogIndexer, args).await.unwrap();
+        settled(&queue).await;
+        for _ in 0..100 {
+            if queue.overflowed(LOG_STREAM, 10).await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(queue.overflowed(LOG_STREAM, 10).await.unwrap().is_empty());
+        let ops = search.bulks().concat();
+        let comm = |id: &str| {
+            ops.iter()
+                .find(|o| o.index == "comms" && o.id == id)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(comm(&long.id).doc["msg"], long.msg.as_str());
+        assert_eq!(comm(&over.id).doc["status"], "sent");
+        assert!(ops
+            .iter()
+            .any(|o| o.index == "logs" && o.id == format!("{}:sent:1", over.id)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -137,6 +137,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
 
+    /// The records with these ids that exist (not void), in one round trip, in no
+    /// particular order: bodies a log event left out, records to index again.
+    async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError>;
+
     /// Apply providers' delivery receipts to the records with their provider message ids,
     /// where the move is allowed (see `Status::receipt_predecessors`), in one round trip;
     /// one answer per receipt, in order.
@@ -259,7 +263,8 @@ pub trait Queue: Send + Sync + 'static {
     /// How far the group is done with the stream: `None` when no entry waits unread or
     /// unacknowledged (or the stream or group does not exist); otherwise a time (Redis's
     /// clock, from entry ids) before which every entry was delivered and acknowledged: the
-    /// older of the oldest pending entry and the newest entry read. Works on every Redis
+    /// older of the oldest pending entry (if delivered only once: one delivered again is
+    /// in trouble, and its record may be swept) and the newest entry read. Works on every Redis
     /// with streams (no `XINFO GROUPS` lag, which Redis before 7.0 lacks).
     async fn acked_up_to(
         &self,
@@ -293,6 +298,13 @@ pub trait Queue: Send + Sync + 'static {
         keep: &str,
         idle: Duration,
     ) -> Result<Vec<String>, DependencyError>;
+
+    /// Communication ids whose events were not appended to the bounded `stream` (it was
+    /// full), to be indexed again from MongoDB: up to `count` of them, marks kept.
+    async fn overflowed(&self, stream: &str, count: usize) -> Result<Vec<String>, DependencyError>;
+
+    /// Drop these marks: their records are indexed.
+    async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError>;
 
     /// A client with its own connection, for blocking reads that would otherwise hold up
     /// every other command.

@@ -10,8 +10,8 @@
 //!
 //! A record is left alone while its last entry may still be waiting: it was queued (at
 //! its creation, or by this sweeper, noted in MongoDB) after the time up to which the
-//! group has read and acknowledged every entry (the older of its oldest pending entry and
-//! the newest entry it read, from entry ids). So a backlog that never empties holds back
+//! group has read and acknowledged every entry (the older of its oldest pending entry, if
+//! delivered only once, and the newest entry it read, from entry ids). So a backlog that never empties holds back
 //! only the records inside it or in a consumer's hands (a dead consumer's are taken over
 //! by autoclaim): a retry that comes due (its entry was acknowledged long ago) is queued
 //! at once and waits only for the entries ahead of it. No `XINFO GROUPS` `lag`, which

@@ -91,6 +91,7 @@ fn receipts_spec(cfg: &Config, p: &Ports) -> ChildSpec {
 fn indexer_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = IndexerArgs {
         queue: p.queue.dedicated(),
+        store: p.store.clone(),
         search: p.search.clone(),
         group: cfg.redis.group.clone(),
         consumer: p.consumer.clone(),

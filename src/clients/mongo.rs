@@ -880,6 +880,25 @@ impl Store for MongoStore {
         Ok(d.as_ref().and_then(MongoStore::from_doc))
     }
 
+    async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError> {
+        let oids: Vec<ObjectId> = ids
+            .iter()
+            .filter_map(|id| ObjectId::parse_str(id).ok())
+            .collect();
+        if oids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id": {"$in": oids}})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
+    }
+
     async fn ping(&self) -> Result<(), DependencyError> {
         self.db.run_command(doc! {"ping": 1}).await.map_err(err)?;
         Ok(())

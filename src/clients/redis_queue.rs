@@ -21,6 +21,9 @@ pub struct RedisQueue {
     /// The longest any command may take, a blocking read included.
     response_timeout: Duration,
     conn: Mutex<Option<ConnectionManager>>,
+    /// A stream kept at most this long: an entry over the bound is not appended, and the
+    /// communication it names is marked to be indexed again from MongoDB.
+    bound: Option<(String, u64)>,
 }
 
 /// Classify a Redis error by the server's error code, so callers match kinds, not text.
@@ -64,7 +67,16 @@ impl RedisQueue {
             connect_timeout: CONNECT_TIMEOUT,
             response_timeout,
             conn: Mutex::new(None),
+            bound: None,
         })
+    }
+
+    /// Keep `stream` at most `max_len` entries long (see [`BOUNDED_XADD`]).
+    pub fn with_stream_bound(self, stream: &str, max_len: u64) -> RedisQueue {
+        RedisQueue {
+            bound: Some((stream.to_string(), max_len)),
+            ..self
+        }
     }
 
     pub fn with_connect_timeout(self, connect_timeout: Duration) -> RedisQueue {
@@ -188,6 +200,22 @@ fn alive_key(stream: &str, group: &str) -> String {
     format!("{{{stream}}}:alive:{group}")
 }
 
+/// The set of communication ids whose events a full `stream` refused, in its hash slot.
+fn overflow_key(stream: &str) -> String {
+    format!("{{{stream}}}:reindex")
+}
+
+/// XADD to KEYS[1] unless it holds ARGV[1] entries already; then mark communication ARGV[2]
+/// (if any) in the set KEYS[2], to be indexed again from MongoDB, and answer nil. ARGV[3..]
+/// are the entry's fields. A mark is a few dozen bytes where an event is hundreds.
+const BOUNDED_XADD: &str = r#"
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  if ARGV[2] ~= '' then redis.call('SADD', KEYS[2], ARGV[2]) end
+  return false
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+"#;
+
 /// Mark a consumer alive until now + ARGV[2] ms (Redis's clock, one for every process).
 const KEEP_ALIVE: &str = r#"
 local t = redis.call('TIME')
@@ -296,13 +324,37 @@ impl Queue for RedisQueue {
         }
         let mut pipe = redis::pipe();
         for (stream, fields) in entries {
-            let c = pipe.cmd("XADD").arg(*stream).arg("*");
+            let c = match &self.bound {
+                Some((bounded, max)) if bounded == stream => {
+                    let id = fields.iter().find(|(k, _)| *k == "communicationId");
+                    pipe.cmd("EVAL")
+                        .arg(BOUNDED_XADD)
+                        .arg(2)
+                        .arg(*stream)
+                        .arg(overflow_key(stream))
+                        .arg(*max)
+                        .arg(id.map_or("", |(_, v)| v.as_str()))
+                }
+                _ => pipe.cmd("XADD").arg(*stream).arg("*"),
+            };
             for (k, v) in fields {
                 c.arg(*k).arg(v.as_str());
             }
         }
         let mut c = self.conn().await?;
-        let ids: Vec<String> = pipe.query_async(&mut c).await.map_err(err)?;
+        let replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let ids: Vec<String> = replies
+            .iter()
+            .map(|v| text(v).unwrap_or_default())
+            .collect();
+        let over = ids.iter().filter(|id| id.is_empty()).count();
+        if over > 0 {
+            tracing::warn!(
+                n = over,
+                "log_stream is full: events left to be indexed from MongoDB"
+            );
+            metrics::counter!("log_events_overflowed_total").increment(over as u64);
+        }
         Ok(ids)
     }
 
@@ -490,14 +542,25 @@ impl Queue for RedisQueue {
             .first()
             .is_some_and(|e| id_key(&e.id) > last_read);
         let mut done_up_to = unread.then_some(last_read.0);
-        if let Value::Array(p) = self
-            .query(redis::cmd("XPENDING").arg(stream).arg(group))
-            .await?
-        {
-            if let (Some(Value::Int(n)), Some(min)) = (p.first(), p.get(1).and_then(text)) {
-                if *n > 0 {
-                    let oldest = id_key(&min).0;
-                    done_up_to = Some(done_up_to.map_or(oldest, |t| t.min(oldest)));
+        // The oldest pending entry, if delivered once: in a consumer's hands. One delivered
+        // again is in trouble (its consumer died, its sender crashed): its record may be
+        // swept, as a safety net beside autoclaim.
+        let oldest = self
+            .query(
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(group)
+                    .arg("-")
+                    .arg("+")
+                    .arg(1),
+            )
+            .await?;
+        if let Value::Array(items) = oldest {
+            if let Some(Value::Array(p)) = items.first() {
+                let deliveries = p.get(3).and_then(text).and_then(|n| n.parse::<u64>().ok());
+                if let (Some(id), Some(1)) = (p.first().and_then(text), deliveries) {
+                    let t = id_key(&id).0;
+                    done_up_to = Some(done_up_to.map_or(t, |d| d.min(t)));
                 }
             }
         }
@@ -575,12 +638,36 @@ impl Queue for RedisQueue {
         })
     }
 
+    async fn overflowed(&self, stream: &str, count: usize) -> Result<Vec<String>, DependencyError> {
+        let v = self
+            .query(
+                redis::cmd("SRANDMEMBER")
+                    .arg(overflow_key(stream))
+                    .arg(count.max(1)),
+            )
+            .await?;
+        Ok(match v {
+            Value::Array(ids) => ids.iter().filter_map(text).collect(),
+            Value::Set(ids) => ids.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError> {
+        if !ids.is_empty() {
+            self.query(redis::cmd("SREM").arg(overflow_key(stream)).arg(ids))
+                .await?;
+        }
+        Ok(())
+    }
+
     fn dedicated(&self) -> Arc<dyn Queue> {
         Arc::new(RedisQueue {
             client: self.client.clone(),
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             conn: Mutex::new(None),
+            bound: self.bound.clone(),
         })
     }
 

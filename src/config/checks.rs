@@ -174,6 +174,10 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
         ("receipts.batch_max", c.receipts.batch_max),
         ("redis.read_count", c.redis.read_count),
         ("log_indexer.max_docs", c.log_indexer.max_docs),
+        (
+            "log_indexer.max_stream_len",
+            c.log_indexer.max_stream_len as usize,
+        ),
         ("sweeper.batch", c.sweeper.batch),
         ("redis.max_deliveries", c.redis.max_deliveries as usize),
     ] {

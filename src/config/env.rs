@@ -130,6 +130,7 @@ pub const ENV: &[EnvVar] = &[
     var("ACCEPT_DEADLINE_MS", "router.accept_deadline_ms", "a POST is answered by then: stored, or 503 with nothing stored", set!(millis => router.accept_deadline)),
     var("STALE_AFTER_MS", "sender.stale_after_ms", "how long a record's lease lasts", set!(millis => sender.stale_after)),
     var("FAULT_INJECTION", "sender.fault_injection", "honour the test markers", set!(flag => sender.fault_injection)),
+    var("LOG_STREAM_MAX_LEN", "log_indexer.max_stream_len", "longest `log_stream`; events beyond it are indexed later from MongoDB", set!(num => log_indexer.max_stream_len)),
     var("FORGET_CONSUMER_MS", "log_indexer.forget_consumer_ms", "a `log_stream` consumer not marked alive this long, holding nothing, is removed", set!(millis => log_indexer.forget_consumer)),
     var("SWEEP_RECHECK_MS", "sweeper.recheck_ms", "a record not moving this long is queued again", set!(millis => sweeper.recheck)),
     var("PROVIDER_TIMEOUT_MS", "providers.timeout_ms", "one provider call", set!(millis => providers.timeout)),

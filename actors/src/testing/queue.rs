@@ -6,7 +6,7 @@ use crate::domain::StreamEntry;
 use crate::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -26,6 +26,8 @@ pub enum QueueMethod {
     TrimAcked,
     KeepAlive,
     ForgetGone,
+    Overflowed,
+    ForgetOverflowed,
     Ping,
 }
 
@@ -60,6 +62,8 @@ struct Shared {
     streams: Mutex<HashMap<String, Stream>>,
     next_id: Mutex<u64>,
     appended: Notify,
+    /// Per bounded stream, the communication ids its events overflowed for.
+    overflow: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 /// Entry ids are `{n}-0`, `n` counting up across all streams. Clones share the streams
@@ -77,6 +81,7 @@ impl Default for MemoryQueue {
                 streams: Mutex::new(HashMap::new()),
                 next_id: Mutex::new(0),
                 appended: Notify::new(),
+                overflow: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -141,6 +146,14 @@ impl MemoryQueue {
             .unwrap_or_default();
         names.sort();
         names
+    }
+
+    /// Mark communication `id` as one whose event `stream` refused (it was full).
+    pub fn mark_overflowed(&self, stream: &str, id: &str) {
+        lock(&self.shared.overflow)
+            .entry(stream.to_string())
+            .or_default()
+            .insert(id.to_string());
     }
 
     /// Forget every stream and group, as a Redis restarted without its data.
@@ -381,7 +394,13 @@ impl Queue for MemoryQueue {
         };
         let unread = s.entries.range(g.last_delivered + 1..).next().is_some();
         let read = unread.then(|| at(&g.last_delivered));
-        let pending = g.pending.keys().next().map(at);
+        // The oldest pending entry counts only if delivered once (in a consumer's hands).
+        let pending = g
+            .pending
+            .iter()
+            .next()
+            .filter(|(_, d)| d.count == 1)
+            .map(|(n, _)| at(n));
         Ok(match (read, pending) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -458,6 +477,26 @@ impl Queue for MemoryQueue {
             g.alive.remove(name);
         }
         Ok(gone)
+    }
+
+    async fn overflowed(&self, stream: &str, count: usize) -> Result<Vec<String>, DependencyError> {
+        self.script().enter(QueueMethod::Overflowed, count).await?;
+        Ok(lock(&self.shared.overflow)
+            .get(stream)
+            .map(|s| s.iter().take(count).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError> {
+        self.script()
+            .enter(QueueMethod::ForgetOverflowed, ids.len())
+            .await?;
+        if let Some(s) = lock(&self.shared.overflow).get_mut(stream) {
+            for id in ids {
+                s.remove(id);
+            }
+        }
+        Ok(())
     }
 
     fn dedicated(&self) -> Arc<dyn Queue> {

@@ -26,6 +26,7 @@ pub enum StoreMethod {
     RecordOutcomes,
     TakeDue,
     Get,
+    Records,
     ApplyReceipts,
     Ping,
     Stored,
@@ -396,6 +397,11 @@ impl Store for MemoryStore {
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {
         self.script.enter(StoreMethod::Get, 1).await?;
         Ok(self.record(id))
+    }
+
+    async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError> {
+        self.script.enter(StoreMethod::Records, ids.len()).await?;
+        Ok(ids.iter().filter_map(|id| self.record(id)).collect())
     }
 
     async fn apply_receipts(
