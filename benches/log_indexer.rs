@@ -185,6 +185,8 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
         LogIndexer,
         IndexerArgs {
             queue: queue.dedicated(),
+            // Bench events carry their bodies: nothing is read from the store.
+            store: std::sync::Arc::new(actors::testing::MemoryStore::new()),
             search,
             group: "bench".into(),
             consumer: "bench-1".into(),
@@ -192,6 +194,8 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
             communications_index: "bench-communications".into(),
             batch: actors::batch::BatchSettings::new(max_docs, Duration::from_millis(50))
                 .with_max_bytes(5_000_000),
+            claim_idle: Duration::from_secs(30),
+            forget_after: Duration::from_secs(60),
         },
     )
     .await

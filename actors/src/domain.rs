@@ -737,7 +737,16 @@ pub struct LogEvent {
     pub provider: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub provider_message_id: Option<String>,
+    /// The body was left out of the stream entry (longer than [`LOG_EVENT_BODY_MAX`]):
+    /// the LogIndexer reads it from MongoDB.
+    #[serde(skip)]
+    pub msg_omitted: bool,
 }
+
+/// Longest body a `log_stream` entry carries (bytes); a longer one (an email, mostly) is
+/// read from MongoDB by the LogIndexer, so an Elasticsearch outage that holds events in
+/// Redis holds a few hundred bytes each, not whole messages.
+pub const LOG_EVENT_BODY_MAX: usize = 1024;
 
 impl LogEvent {
     pub fn for_record(
@@ -762,6 +771,7 @@ impl LogEvent {
             created_at: rec.created_at,
             provider: None,
             provider_message_id: None,
+            msg_omitted: false,
         }
     }
 
@@ -844,13 +854,19 @@ pub struct ProviderError {
 /// Flat Redis Stream fields for a log event (readable with `XRANGE log_stream - +`).
 impl LogEvent {
     pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let omit = self.msg_omitted || self.msg.len() > LOG_EVENT_BODY_MAX;
+        let msg = if omit {
+            String::new()
+        } else {
+            self.msg.clone()
+        };
         let mut f = vec![
             ("tenant", self.tenant.clone()),
             ("service", self.service.clone()),
             ("status", self.status.as_str().to_string()),
             ("from", self.from.clone()),
             ("to", self.to.clone()),
-            ("msg", self.msg.clone()),
+            ("msg", msg),
             ("communicationId", self.communication_id.clone()),
             ("timestamp", self.timestamp.to_rfc3339()),
             ("type", self.channel.as_str().to_string()),
@@ -865,6 +881,9 @@ impl LogEvent {
         }
         if let Some(p) = &self.provider_message_id {
             f.push(("providerMessageId", p.clone()));
+        }
+        if omit {
+            f.push(("msgOmitted", "1".to_string()));
         }
         f
     }
@@ -896,6 +915,7 @@ impl LogEvent {
             created_at: time("createdAt")?,
             provider: e.field("provider").map(str::to_string),
             provider_message_id: e.field("providerMessageId").map(str::to_string),
+            msg_omitted: e.field("msgOmitted") == Some("1"),
         })
     }
 }

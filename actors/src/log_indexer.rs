@@ -1,6 +1,12 @@
 //! LogIndexer: reads `log_stream` through a consumer group and bulk-writes Elasticsearch:
 //! every event to `communication-logs`, and the record's current status to `communications`.
 //!
+//! Events carry bodies up to `LOG_EVENT_BODY_MAX` bytes; a longer one is read from MongoDB
+//! at the flush (one read a batch). `log_stream` is bounded (`LOG_STREAM_MAX_LEN`): an
+//! event that found it full was not appended and its record was marked in Redis; every
+//! `max_wait`, with nothing else to write, a batch of marked records is indexed from
+//! MongoDB as they are now, and their marks dropped once stored.
+//!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
 //! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
 //! Elasticsearch outage leaves the backlog in Redis, not in memory).
@@ -9,7 +15,11 @@
 //! a stop is never held up by a long `max_wait`).
 //! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
 //! On failure: entries are acknowledged only after their documents are stored or
-//! dead-lettered; a crash leaves the rest pending, read again first after the restart.
+//! dead-lettered; a crash leaves the rest pending, read again first after a restart under
+//! the same name, and taken over (XAUTOCLAIM) by any live indexer once idle `claim_idle`
+//! when the process comes back under another name (a container redeploy). Each indexer
+//! marks itself alive in Redis; a consumer whose mark lapsed and that holds nothing is
+//! removed from the group (never this process's own), so `log_stream` is trimmed again.
 //! Document ids are deterministic, so writing an event twice duplicates nothing. A failed
 //! step waits by a full-jitter backoff (200 ms doubling to 5 s, at least 50 ms); the
 //! indices are made again after an Elasticsearch failure, the group after a missing one.
@@ -18,10 +28,12 @@
 
 use crate::backoff::{Backoff, Delays};
 use crate::batch::BatchSettings;
-use crate::domain::{EventStatus, LogEvent, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
+use crate::domain::{
+    Communication, EventStatus, LogEvent, Status, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM,
+};
 use crate::ports::{
     BulkAction, BulkOp, Dependency, DependencyError, ErrorKind, ItemResult, Queue, ReadFrom,
-    SearchSink,
+    SearchSink, Store,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
@@ -50,6 +62,9 @@ pub enum IndexerMsg {
 #[derive(Clone)]
 pub struct IndexerArgs {
     pub queue: Arc<dyn Queue>,
+    /// Where bodies left out of events, and records whose events overflowed a full
+    /// `log_stream`, are read.
+    pub store: Arc<dyn Store>,
     pub search: Arc<dyn SearchSink>,
     pub group: String,
     pub consumer: String,
@@ -57,6 +72,12 @@ pub struct IndexerArgs {
     pub communications_index: String,
     /// Bulk request limits: documents (`max_items`), bytes and time.
     pub batch: BatchSettings,
+    /// Entries idle this long in any consumer's pending list (a dead process's, whatever
+    /// its name) are taken over.
+    pub claim_idle: Duration,
+    /// A consumer of `log_stream` not marked alive for this long, with nothing pending, is
+    /// gone: it is removed from the group. This process marks itself alive well within it.
+    pub forget_after: Duration,
 }
 
 struct Pending {
@@ -64,6 +85,9 @@ struct Pending {
     fields: Vec<(String, String)>,
     ops: Vec<BulkOp>,
     bytes: usize,
+    /// An event whose body was left out of the entry: its operations are made once the
+    /// body is read from MongoDB, at the flush.
+    awaiting_body: Option<LogEvent>,
 }
 
 pub struct IndexerState {
@@ -76,6 +100,12 @@ pub struct IndexerState {
     failures: Delays,
     prepared: bool,
     group_ready: bool,
+    /// When this consumer last marked itself alive.
+    alive_at: Option<Instant>,
+    /// When idle entries were last taken over (and gone consumers removed).
+    takeover_at: Option<Instant>,
+    /// When records marked by a full `log_stream` were last indexed from MongoDB.
+    reindex_at: Option<Instant>,
 }
 
 pub struct LogIndexer;
@@ -100,6 +130,9 @@ impl Actor for LogIndexer {
             failures: STEP_BACKOFF.delays(),
             prepared: false,
             group_ready: false,
+            alive_at: None,
+            takeover_at: None,
+            reindex_at: None,
         })
     }
 
@@ -172,6 +205,9 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
     if due && !state.buf.is_empty() {
         state_flush(state).await?;
     }
+    if state.buf.is_empty() {
+        reindex(state).await?;
+    }
     Ok(())
 }
 
@@ -197,6 +233,12 @@ async fn read(state: &mut IndexerState, block: Duration) -> Result<usize, Depend
         a.queue.ensure_group(LOG_STREAM, &a.group).await?;
         state.group_ready = true;
     }
+    keep_alive(state).await?;
+    // Only once this consumer's own pending entries are read again: taken over first,
+    // they would be read twice.
+    if state.from == ReadFrom::New && !a.batch.is_full(state.buf.len(), state.buf_bytes) {
+        take_over(state).await?;
+    }
     let mut n = 0;
     if !a.batch.is_full(state.buf.len(), state.buf_bytes) {
         let entries = a
@@ -217,14 +259,162 @@ async fn read(state: &mut IndexerState, block: Duration) -> Result<usize, Depend
             };
         }
         n = entries.len();
-        for e in entries {
-            let p = to_pending(&a, e);
-            state.buf_bytes += p.bytes;
-            state.buf.push(p);
-            state.first_at.get_or_insert_with(Instant::now);
-        }
+        buffer(state, entries);
     }
     Ok(n)
+}
+
+/// Records whose events found `log_stream` full are marked in Redis: index a batch of them
+/// from MongoDB, once a `max_wait`, when nothing else waits to be written. A mark goes once
+/// its documents are stored (or refused for good, counted as failed items).
+async fn reindex(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    if state
+        .reindex_at
+        .is_some_and(|t| t.elapsed() < a.batch.max_wait)
+    {
+        return Ok(());
+    }
+    state.reindex_at = Some(Instant::now());
+    let ids = a.queue.overflowed(LOG_STREAM, REINDEX_BATCH).await?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let records = a.store.records(&ids).await?;
+    let events: Vec<Vec<BulkOp>> = records
+        .iter()
+        .map(|r| ops_for(&record_event(r), &a.logs_index, &a.communications_index))
+        .collect();
+    let (ops, owner, _) = newest_ops(events.iter().map(Vec::as_slice));
+    if !ops.is_empty() {
+        if !state.prepared {
+            a.search.prepare().await?;
+            state.prepared = true;
+        }
+        let results = a.search.bulk(&ops).await.inspect_err(|_| {
+            state.prepared = false;
+        })?;
+        let (retry, _) = settle(&ops, &owner, &results, records.len());
+        let left: Vec<&String> = records
+            .iter()
+            .zip(&retry)
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(rec, _)| &rec.id)
+            .collect();
+        let done: Vec<String> = ids.into_iter().filter(|id| !left.contains(&id)).collect();
+        metrics::counter!("log_events_reindexed_total").increment(done.len() as u64);
+        return a.queue.forget_overflowed(LOG_STREAM, &done).await;
+    }
+    // None of them is a record any more (voided): nothing to index.
+    a.queue.forget_overflowed(LOG_STREAM, &ids).await
+}
+
+/// Records indexed again from MongoDB a batch.
+const REINDEX_BATCH: usize = 200;
+
+/// The event that leaves a record's documents as MongoDB has the record now.
+pub fn record_event(r: &Communication) -> LogEvent {
+    let (status, attempt) = match r.status {
+        Status::Pending | Status::Sending if r.attempts == 0 => (EventStatus::Queued, 0),
+        Status::Pending | Status::Sending => (EventStatus::Retrying, r.attempts),
+        Status::Sent => (EventStatus::Sent, r.attempts),
+        Status::Failed => (EventStatus::Failed, r.attempts),
+        Status::Delivered => (EventStatus::Delivered, r.attempts),
+        Status::Undelivered => (EventStatus::Undelivered, r.attempts),
+        Status::Read => (EventStatus::Read, r.attempts),
+    };
+    let mut ev = LogEvent::for_record(r, "reindex", status, attempt, r.updated_at);
+    ev.provider = r.provider.clone();
+    ev.provider_message_id = r.provider_message_id.clone();
+    ev.error = r.last_error.clone().filter(|_| attempt > 0);
+    ev
+}
+
+/// Make the operations of events whose body was left out, reading the bodies from MongoDB
+/// in one request (a record gone since is indexed with an empty body).
+async fn fill_bodies(a: &IndexerArgs, buf: &mut [Pending]) -> Result<(), DependencyError> {
+    let ids: Vec<String> = buf
+        .iter()
+        .filter_map(|p| p.awaiting_body.as_ref())
+        .map(|ev| ev.communication_id.clone())
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let records = a.store.records(&ids).await?;
+    for p in buf.iter_mut() {
+        if let Some(mut ev) = p.awaiting_body.take() {
+            if let Some(r) = records.iter().find(|r| r.id == ev.communication_id) {
+                ev.msg = r.msg.clone();
+            }
+            p.ops = ops_for(&ev, &a.logs_index, &a.communications_index);
+        }
+    }
+    Ok(())
+}
+
+fn buffer(state: &mut IndexerState, entries: Vec<StreamEntry>) {
+    for e in entries {
+        let p = to_pending(&state.args, e);
+        state.buf_bytes += p.bytes;
+        state.buf.push(p);
+        state.first_at.get_or_insert_with(Instant::now);
+    }
+}
+
+/// Mark this consumer alive, four times within `forget_after`, so no peer removes it.
+async fn keep_alive(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = &state.args;
+    if state
+        .alive_at
+        .is_some_and(|t| t.elapsed() < a.forget_after / 4)
+    {
+        return Ok(());
+    }
+    a.queue
+        .keep_alive(LOG_STREAM, &a.group, &a.consumer, a.forget_after)
+        .await?;
+    state.alive_at = Some(Instant::now());
+    Ok(())
+}
+
+/// Every `claim_idle / 2`: take over entries idle in any consumer's pending list (a
+/// process that died, under a name nobody will use again), then remove the consumers that
+/// are gone and hold nothing. Entries already in the buffer are not buffered twice.
+async fn take_over(state: &mut IndexerState) -> Result<(), DependencyError> {
+    let a = state.args.clone();
+    if state
+        .takeover_at
+        .is_some_and(|t| t.elapsed() < a.claim_idle / 2)
+    {
+        return Ok(());
+    }
+    state.takeover_at = Some(Instant::now());
+    let room = a.batch.max_items.saturating_sub(state.buf.len());
+    let taken = a
+        .queue
+        .autoclaim(LOG_STREAM, &a.group, &a.consumer, a.claim_idle, room)
+        .await?;
+    let fresh: Vec<StreamEntry> = taken
+        .into_iter()
+        .filter(|e| !state.buf.iter().any(|p| p.entry_id == e.id))
+        .collect();
+    if !fresh.is_empty() {
+        tracing::info!(n = fresh.len(), "took over idle log events");
+        metrics::counter!("stream_autoclaimed_total", "stream" => LOG_STREAM)
+            .increment(fresh.len() as u64);
+        buffer(state, fresh);
+    }
+    let gone = a
+        .queue
+        .forget_gone_consumers(LOG_STREAM, &a.group, &a.consumer, a.forget_after)
+        .await?;
+    if !gone.is_empty() {
+        tracing::info!(?gone, "removed log_stream consumers that are gone");
+        metrics::counter!("stream_consumers_removed_total", "stream" => LOG_STREAM)
+            .increment(gone.len() as u64);
+    }
+    Ok(())
 }
 
 /// Order of a record's states, for the `communications` document's external version:
@@ -295,11 +485,12 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         .sum::<usize>()
         * 2
         + 64;
-    let ops = match LogEvent::from_entry(&e) {
-        Ok(ev) => ops_for(&ev, &a.logs_index, &a.communications_index),
+    let (ops, awaiting_body) = match LogEvent::from_entry(&e) {
+        Ok(ev) if ev.msg_omitted => (Vec::new(), Some(ev)),
+        Ok(ev) => (ops_for(&ev, &a.logs_index, &a.communications_index), None),
         Err(why) => {
             tracing::error!(entry = %e.id, error = %why, "undecodable log event; dead-lettered");
-            Vec::new()
+            (Vec::new(), None)
         }
     };
     Pending {
@@ -307,6 +498,7 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         fields: e.fields,
         ops,
         bytes,
+        awaiting_body,
     }
 }
 
@@ -387,6 +579,7 @@ struct Settlement {
 /// is left of it). Returns an error when anything is left.
 async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     let a = state.args.clone();
+    fill_bodies(&a, &mut state.buf).await?;
     let mut s = send_bulk(&a, &state.buf).await;
     // Dead letters must be safe in Redis before their entries are acknowledged.
     let dlq_ok = match store_dead_letters(&a, &state.buf, &s.dead).await {
@@ -577,8 +770,8 @@ mod tests {
 #[cfg(test)]
 mod port_tests {
     use super::*;
-    use crate::domain::Channel;
-    use crate::testing::{self, MemoryQueue, MemorySearch, SearchMethod};
+    use crate::domain::{Channel, Status};
+    use crate::testing::{self, MemoryQueue, MemorySearch, MemoryStore, SearchMethod};
     use chrono::Utc;
 
     const GROUP: &str = "g";
@@ -586,12 +779,15 @@ mod port_tests {
     async fn start(queue: &MemoryQueue, search: &Arc<MemorySearch>) {
         let args = IndexerArgs {
             queue: Arc::new(queue.clone()),
+            store: Arc::new(MemoryStore::new()),
             search: search.clone(),
             group: GROUP.into(),
             consumer: "i1".into(),
             logs_index: "logs".into(),
             communications_index: "comms".into(),
             batch: BatchSettings::new(100, Duration::from_millis(10)),
+            claim_idle: Duration::from_secs(2),
+            forget_after: Duration::from_secs(3),
         };
         Actor::spawn(None, LogIndexer, args).await.unwrap();
     }
@@ -636,6 +832,102 @@ mod port_tests {
             .filter_map(|e| e.field("deadLetterReason"))
             .collect();
         assert_eq!(reasons, ["logs: mapping", "undecodable log event"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_consumers_events_are_taken_over_and_only_it_is_forgotten() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        append_events(&queue, 1..=3).await;
+        // Read by a process that died before indexing them, under a name nobody uses again.
+        let held = queue
+            .read_group(LOG_STREAM, GROUP, "dead", ReadFrom::New, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 3);
+        // A live peer, quiet (nothing pending, nothing read for long), but marked alive.
+        queue
+            .read_group(LOG_STREAM, GROUP, "peer", ReadFrom::New, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        queue
+            .keep_alive(LOG_STREAM, GROUP, "peer", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        start(&queue, &search).await;
+        settled(&queue).await;
+        let logged: Vec<String> = search
+            .bulks()
+            .concat()
+            .into_iter()
+            .filter(|op| op.index == "logs")
+            .map(|op| op.id)
+            .collect();
+        assert_eq!(logged.len(), 3, "every event of the dead consumer indexed");
+        for _ in 0..1000 {
+            if queue.consumers(LOG_STREAM, GROUP) == ["i1", "peer"] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The dead one is gone; this process's own consumer and the live peer stay, however
+        // long they have been idle.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(queue.consumers(LOG_STREAM, GROUP), ["i1", "peer"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_bodies_come_from_the_store_and_overflowed_records_are_indexed_again() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        let store = Arc::new(MemoryStore::new());
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        // An email whose body is too long for the stream entry.
+        let mut long = testing::record(1, Channel::Email);
+        long.msg = "x".repeat(crate::domain::LOG_EVENT_BODY_MAX + 1);
+        store.put(long.clone());
+        let ev = LogEvent::for_record(&long, "router", EventStatus::Queued, 0, Utc::now());
+        let fields = ev.to_fields();
+        assert!(fields.iter().any(|(k, v)| *k == "msg" && v.is_empty()));
+        queue.append(&[(LOG_STREAM, fields)]).await.unwrap();
+        // A record whose event found the stream full: sent, marked, never appended.
+        let mut over = testing::record(2, Channel::Sms);
+        over.status = Status::Sent;
+        over.attempts = 1;
+        store.put(over.clone());
+        queue.mark_overflowed(LOG_STREAM, &over.id);
+        let args = IndexerArgs {
+            queue: Arc::new(queue.clone()),
+            store,
+            search: search.clone(),
+            group: GROUP.into(),
+            consumer: "i1".into(),
+            logs_index: "logs".into(),
+            communications_index: "comms".into(),
+            batch: BatchSettings::new(100, Duration::from_millis(10)),
+            claim_idle: Duration::from_secs(2),
+            forget_after: Duration::from_secs(3),
+        };
+        Actor::spawn(None, LogIndexer, args).await.unwrap();
+        settled(&queue).await;
+        for _ in 0..100 {
+            if queue.overflowed(LOG_STREAM, 10).await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(queue.overflowed(LOG_STREAM, 10).await.unwrap().is_empty());
+        let ops = search.bulks().concat();
+        let comm = |id: &str| {
+            ops.iter()
+                .find(|o| o.index == "comms" && o.id == id)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(comm(&long.id).doc["msg"], long.msg.as_str());
+        assert_eq!(comm(&over.id).doc["status"], "sent");
+        assert!(ops
+            .iter()
+            .any(|o| o.index == "logs" && o.id == format!("{}:sent:1", over.id)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -149,17 +149,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>, DependencyError>;
 
     /// Records that should be on a stream but may not be (never appended, Redis lost
-    /// them, a retry came due, a claim went stale). Pushes their next look to
-    /// `now + recheck` so a record is swept at most once per `recheck`.
+    /// them, a retry came due, a claim went stale), of the given channels; a record last
+    /// queued after its channel's `acked_up_to` is left alone (its entry still waits in
+    /// the backlog, or is in a consumer's hands: autoclaim takes it from a dead one). Pushes their next look to `now + recheck`, and notes them
+    /// queued `now`, so a record is swept at most once per `recheck`.
     async fn take_due(
         &self,
         now: DateTime<Utc>,
         recheck: Duration,
         limit: usize,
-        channels: &[crate::domain::Channel],
+        channels: &[SweepScope],
     ) -> Result<Vec<Communication>, DependencyError>;
 
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
+
+    /// The records with these ids that exist (not void), in one round trip, in no
+    /// particular order: bodies a log event left out, records to index again.
+    async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError>;
 
     /// Apply providers' delivery receipts to the records with their provider message ids,
     /// where the move is allowed (see `Status::receipt_predecessors`), in one round trip;
@@ -181,6 +187,16 @@ pub enum FailResult {
     AlreadyFinal,
     /// Another worker holds the record's lease: nothing changed, ask again later.
     Leased,
+}
+
+/// One channel for the OutboxSweeper to look at, and how far its stream is done with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SweepScope {
+    pub channel: crate::domain::Channel,
+    /// `None`: every entry of the stream is read and acknowledged. Otherwise entries
+    /// appended after this time may still wait unread or in a consumer's hands: a record
+    /// queued after it needs no second entry.
+    pub acked_up_to: Option<DateTime<Utc>>,
 }
 
 /// A provider's report on a message it accepted.
@@ -349,13 +365,51 @@ pub trait Queue: Send + Sync + 'static {
     /// Length of a stream and the number of entries pending in its group (0 when missing).
     async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError>;
 
-    /// Entries of the stream not yet delivered to the group (`XINFO GROUPS` lag); 0 when
-    /// the stream or group does not exist.
-    async fn stream_lag(&self, stream: &str, group: &str) -> Result<u64, DependencyError>;
+    /// How far the group is done with the stream: `None` when no entry waits unread or
+    /// unacknowledged (or the stream or group does not exist); otherwise a time (Redis's
+    /// clock, from entry ids) before which every entry was delivered and acknowledged: the
+    /// older of the oldest pending entry (if delivered only once: one delivered again is
+    /// in trouble, and its record may be swept) and the newest entry read. Works on every Redis
+    /// with streams (no `XINFO GROUPS` lag, which Redis before 7.0 lacks).
+    async fn acked_up_to(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> Result<Option<DateTime<Utc>>, DependencyError>;
 
     /// Drop entries the group has delivered and acknowledged (all older than both its
     /// last-delivered id and its oldest pending entry); returns how many were dropped.
     async fn trim_acked(&self, stream: &str, group: &str) -> Result<u64, DependencyError>;
+
+    /// Mark `consumer` of the group alive for `ttl` (refreshed by the live process): a
+    /// consumer whose mark has lapsed is gone, whatever Redis says of its idle time (which
+    /// before 7.2 counts from its last delivery, so a live but quiet consumer looks idle).
+    async fn keep_alive(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ttl: Duration,
+    ) -> Result<(), DependencyError>;
+
+    /// Remove the group's consumers that are gone: no pending entry, no live mark (see
+    /// [`Queue::keep_alive`]) and idle at least `idle`; never `keep` (this process's own).
+    /// Checked and removed atomically, so an entry delivered meanwhile is never dropped
+    /// with its consumer. Returns the names removed.
+    async fn forget_gone_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        keep: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>, DependencyError>;
+
+    /// Communication ids whose events were not appended to the bounded `stream` (it was
+    /// full), to be indexed again from MongoDB: up to `count` of them, marks kept.
+    async fn overflowed(&self, stream: &str, count: usize) -> Result<Vec<String>, DependencyError>;
+
+    /// Drop these marks: their records are indexed.
+    async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError>;
 
     /// A client with its own connection, for blocking reads that would otherwise hold up
     /// every other command.

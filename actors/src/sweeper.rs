@@ -7,15 +7,31 @@
 //! Talks to: MongoDB (`take_due`), Redis (XADD to `{type}_stream`).
 //! On failure: records it took are due again after `recheck`, so a crash loses nothing; an
 //! entry appended twice is harmless, since a worker claims a record before sending it.
+//!
+//! A record is left alone while its last entry may still be waiting: it was queued (at
+//! its creation, or by this sweeper, noted in MongoDB) after the time up to which the
+//! group has read and acknowledged every entry (the older of its oldest pending entry, if
+//! delivered only once, and the newest entry it read, from entry ids). So a backlog that never empties holds back
+//! only the records inside it or in a consumer's hands (a dead consumer's are taken over
+//! by autoclaim): a retry that comes due (its entry was acknowledged long ago) is queued
+//! at once and waits only for the entries ahead of it. No `XINFO GROUPS` `lag`, which
+//! Redis before 7.0 lacks.
 
 use crate::domain::Channel;
-use crate::ports::{Queue, Store};
+use crate::ports::{Queue, Store, SweepScope};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const NAME: &str = "sweeper";
+
+/// A record is stamped queued (by the router at its creation, by this sweeper before its
+/// append) a little before its entry's id is: up to the router's accept deadline (2 s by
+/// default). Only records queued this much before the group's done-with time count as
+/// having no entry waiting; a record inside this gap may be queued twice (harmless: a
+/// worker claims a record before sending it).
+const QUEUE_GAP: chrono::Duration = chrono::Duration::seconds(2);
 
 pub enum SweeperMsg {
     Tick,
@@ -55,13 +71,15 @@ impl Actor for OutboxSweeper {
         a: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let mut next = a.interval;
-        // Only channels whose stream has no unread backlog: a backlog (say, behind an open
-        // breaker) will be read anyway, and re-queueing into it would only grow it.
-        let mut idle = Vec::new();
-        for ch in Channel::ALL {
-            match a.queue.stream_lag(ch.stream(), &a.group).await {
-                Ok(0) => idle.push(ch),
-                Ok(_) => {}
+        // Records whose entry still waits unread in a backlog (say, behind an open breaker)
+        // will be read anyway: re-queueing them would only grow it.
+        let mut scopes = Vec::new();
+        for channel in Channel::ALL {
+            match a.queue.acked_up_to(channel.stream(), &a.group).await {
+                Ok(acked_up_to) => scopes.push(SweepScope {
+                    channel,
+                    acked_up_to: acked_up_to.map(|t| t - QUEUE_GAP),
+                }),
                 Err(e) => {
                     tracing::debug!(error = %e, "sweep skipped: Redis unavailable");
                     myself.send_after(a.interval, || SweeperMsg::Tick);
@@ -71,7 +89,7 @@ impl Actor for OutboxSweeper {
         }
         match a
             .store
-            .take_due(Utc::now(), a.recheck, a.batch, &idle)
+            .take_due(Utc::now(), a.recheck, a.batch, &scopes)
             .await
         {
             Ok(records) if !records.is_empty() => {
@@ -97,5 +115,84 @@ impl Actor for OutboxSweeper {
         }
         myself.send_after(next, || SweeperMsg::Tick);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Communication;
+    use crate::ports::ReadFrom;
+    use crate::testing::{self, MemoryQueue, MemoryStore};
+
+    const GROUP: &str = "g";
+
+    /// The ids of the records the stream of `channel` carries, in order.
+    fn queued(queue: &MemoryQueue, channel: Channel) -> Vec<String> {
+        queue
+            .entries(channel.stream())
+            .iter()
+            .filter_map(|e| e.field("_id").map(str::to_string))
+            .collect()
+    }
+
+    async fn append(queue: &MemoryQueue, r: &Communication) {
+        queue
+            .append(&[(r.channel.stream(), r.stream_fields())])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_due_retry_is_queued_under_a_backlog_that_never_empties() {
+        let (store, queue) = (Arc::new(MemoryStore::new()), MemoryQueue::new());
+        let ch = Channel::Sms;
+        queue.ensure_group(ch.stream(), GROUP).await.unwrap();
+        // A record whose entry was read and acknowledged a while ago: its retry is due.
+        let mut retry = testing::record(1, ch);
+        retry.created_at -= chrono::Duration::seconds(10);
+        store.put(retry.clone());
+        append(&queue, &retry).await;
+        let read = queue
+            .read_group(ch.stream(), GROUP, "c", ReadFrom::New, 1, Duration::ZERO)
+            .await
+            .unwrap();
+        queue
+            .ack(ch.stream(), GROUP, &[read[0].id.clone()])
+            .await
+            .unwrap();
+        // One in a consumer's hands (read, not acknowledged), then a backlog nobody reads
+        // with a record inside it.
+        let inflight = testing::record(2, ch);
+        store.put(inflight.clone());
+        append(&queue, &inflight).await;
+        queue
+            .read_group(ch.stream(), GROUP, "c", ReadFrom::New, 1, Duration::ZERO)
+            .await
+            .unwrap();
+        let waiting = testing::record(3, ch);
+        store.put(waiting.clone());
+        append(&queue, &waiting).await;
+        // A record of another channel with no backlog at all.
+        let email = testing::record(4, Channel::Email);
+        store.put(email.clone());
+        let args = SweeperArgs {
+            store: store.clone(),
+            queue: Arc::new(queue.clone()),
+            interval: Duration::from_millis(10),
+            recheck: Duration::from_secs(60),
+            batch: 100,
+            group: GROUP.into(),
+        };
+        let (sweeper, handle) = Actor::spawn(None, OutboxSweeper, args).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sweeper.stop(None);
+        handle.await.unwrap();
+        // The retry is queued again (once: it is now inside the backlog itself); the
+        // records in a consumer's hands and in the backlog are not queued a second time;
+        // the email is queued.
+        let ids = [&retry.id, &inflight.id, &waiting.id, &retry.id].map(String::clone);
+        assert_eq!(queued(&queue, ch), ids);
+        assert_eq!(queued(&queue, Channel::Email), [email.id]);
     }
 }

@@ -127,12 +127,15 @@ fn receipts_spec(cfg: &Config, p: &Ports) -> ChildSpec {
 fn indexer_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = IndexerArgs {
         queue: p.queue.dedicated(),
+        store: p.store.clone(),
         search: p.search.clone(),
         group: cfg.redis.group.clone(),
         consumer: p.consumer.clone(),
         logs_index: cfg.elasticsearch.logs_index.clone(),
         communications_index: cfg.elasticsearch.communications_index.clone(),
         batch: cfg.log_indexer.batch(),
+        claim_idle: cfg.redis.claim_idle,
+        forget_after: cfg.log_indexer.forget_consumer,
     };
     spec(log_indexer::NAME.to_string(), || LogIndexer, args)
 }

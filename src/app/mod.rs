@@ -15,6 +15,7 @@ pub use telemetry::{install_metrics, MetricsError};
 use crate::clients::indexes::{self, IndexReadiness};
 use crate::clients::limiter::RedisLimiter;
 use crate::clients::mongo::MongoStore;
+use crate::clients::redis_checks::{self, RedisCheckError, StartupCheck};
 use crate::config::Config;
 use crate::providers::smtp::SmtpUrlError;
 use crate::tenants::Tenants;
@@ -39,6 +40,8 @@ pub enum RunError {
     Metrics(#[from] MetricsError),
     #[error("REDIS_URL: {0}")]
     Redis(DependencyError),
+    #[error(transparent)]
+    RedisUnsuitable(RedisCheckError),
     #[error("MONGODB_URL: {0}")]
     MongoDb(DependencyError),
     #[error("ELASTICSEARCH_NODE: {0}")]
@@ -66,6 +69,7 @@ const ESCALATION_STOP: Duration = Duration::from_secs(2);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let prometheus = install_metrics()?;
     let parts = Parts::build(&cfg).await?;
+    check_redis(&parts).await?;
     let (_index_task, indexes) = spawn_index_creation(&cfg, &parts.store);
     let (supervisor, mut supervisor_done) = start_actors(&cfg, &parts).await?;
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -89,6 +93,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
     drain(&cfg, supervisor, server).await;
     Ok(())
+}
+
+/// Refuse a Redis this service cannot trust (too old, or evicting keys when full); one that
+/// does not answer yet is let be, as any Redis outage is.
+async fn check_redis(parts: &Parts) -> Result<(), RunError> {
+    match redis_checks::check_server(&parts.queue).await {
+        Ok(s) => {
+            tracing::info!(version = %s.version, maxmemory_policy = ?s.maxmemory_policy, "Redis checked");
+            Ok(())
+        }
+        Err(StartupCheck::Unreachable(e)) => {
+            tracing::warn!(error = %e, "Redis does not answer at start-up: its version and maxmemory-policy are not checked");
+            Ok(())
+        }
+        Err(StartupCheck::Refused(e)) => Err(RunError::RedisUnsuitable(e)),
+    }
 }
 
 /// MongoDB indexes: made in the background (retried until MongoDB answers, or until the

@@ -8,7 +8,7 @@ use crate::clients::mongo::MongoStore;
 use crate::clients::redis_queue::RedisQueue;
 use crate::config::Config;
 use crate::providers::{smtp::Smtp, twilio::Twilio, whatsapp::WhatsApp};
-use actors::domain::Channel;
+use actors::domain::{Channel, LOG_STREAM};
 use actors::health::ProviderHealth;
 use actors::ports::Provider;
 use std::collections::HashMap;
@@ -32,7 +32,8 @@ impl Parts {
                 cfg.redis.response_timeout(),
             )
             .map_err(RunError::Redis)?
-            .with_connect_timeout(cfg.redis.connect_timeout),
+            .with_connect_timeout(cfg.redis.connect_timeout)
+            .with_stream_bound(LOG_STREAM, cfg.log_indexer.max_stream_len),
         );
         let leases = Arc::new(RedisLeases::new(queue.clone()));
         let store = MongoStore::new(&cfg.mongodb, cfg.sweeper.recheck, leases)

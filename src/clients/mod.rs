@@ -1,7 +1,8 @@
 //! Clients for the servers: MongoDB (the source of truth; its indexes, and whether they
 //! exist yet, in `indexes`), Redis (streams, and the leases that make one worker the only
-//! one to send a record), Elasticsearch; `parked` keeps the delivery receipts that came
-//! before their records (MongoDB); `reconcile` reads both stores for the Reconciler.
+//! one to send a record, and the start-up check of the server in `redis_checks`),
+//! Elasticsearch; `parked` keeps the delivery receipts that came before their records
+//! (MongoDB); `reconcile` reads both stores for the Reconciler.
 pub mod elastic;
 pub mod indexes;
 pub mod lease;
@@ -9,4 +10,5 @@ pub mod limiter;
 pub mod mongo;
 pub mod parked;
 pub mod reconcile;
+pub mod redis_checks;
 pub mod redis_queue;

@@ -21,7 +21,7 @@ use actors::domain::{
 };
 use actors::ports::{
     Dependency, DependencyError, ErrorKind, FailResult, InsertResult, ReceiptResult, ReceiptUpdate,
-    Store,
+    Store, SweepScope,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -69,6 +69,19 @@ fn ambiguous(e: impl std::fmt::Display) -> DependencyError {
 /// The status of a record whose caller was answered 503 while its insert was under way
 /// (or of the placeholder that keeps that insert from landing): never sent.
 pub const VOID: &str = "void";
+
+/// The sweeper's filter for one channel: a record last queued (by the sweeper, or at its
+/// creation) after the time up to which the group is done with the stream still has an
+/// entry waiting (unread, or in a consumer's hands).
+fn sweep_scope(s: &SweepScope) -> Document {
+    match s.acked_up_to {
+        None => doc! {"type": s.channel.as_str()},
+        Some(t) => doc! {"type": s.channel.as_str(), "$or": [
+            {"queuedAt": {"$lte": bdate(t)}},
+            {"queuedAt": null, "createdAt": {"$lte": bdate(t)}},
+        ]},
+    }
+}
 
 fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
@@ -970,16 +983,16 @@ impl Store for MongoStore {
         now: DateTime<Utc>,
         recheck: Duration,
         limit: usize,
-        channels: &[Channel],
+        channels: &[SweepScope],
     ) -> Result<Vec<Communication>, DependencyError> {
         if channels.is_empty() {
             return Ok(Vec::new());
         }
-        let types: Vec<&str> = channels.iter().map(|c| c.as_str()).collect();
+        let scopes: Vec<Document> = channels.iter().map(sweep_scope).collect();
         let docs: Vec<Document> = self
             .coll
             .find(doc! {"status": {"$in": ["pending", "sending"]}, "nextAttemptAt": {"$lte": bdate(now)},
-                        "type": {"$in": types}})
+                        "$or": scopes})
             .limit(limit as i64)
             .await
             .map_err(err)?
@@ -996,7 +1009,7 @@ impl Store for MongoStore {
         self.coll
             .update_many(
                 doc! {"_id": {"$in": oids}, "nextAttemptAt": {"$lte": bdate(now)}},
-                doc! {"$set": {"nextAttemptAt": next}},
+                doc! {"$set": {"nextAttemptAt": next, "queuedAt": bdate(now)}},
             )
             .await
             .map_err(err)?;
@@ -1041,6 +1054,25 @@ impl Store for MongoStore {
         };
         let d = self.coll.find_one(doc! {"_id": oid}).await.map_err(err)?;
         Ok(d.as_ref().and_then(MongoStore::from_doc))
+    }
+
+    async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError> {
+        let oids: Vec<ObjectId> = ids
+            .iter()
+            .filter_map(|id| ObjectId::parse_str(id).ok())
+            .collect();
+        if oids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id": {"$in": oids}})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
     }
 
     async fn ping(&self) -> Result<(), DependencyError> {

@@ -4,6 +4,7 @@
 use actors::domain::StreamEntry;
 use actors::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use std::collections::HashMap;
@@ -20,6 +21,9 @@ pub struct RedisQueue {
     /// The longest any command may take, a blocking read included.
     response_timeout: Duration,
     conn: Mutex<Option<ConnectionManager>>,
+    /// A stream kept at most this long: an entry over the bound is not appended, and the
+    /// communication it names is marked to be indexed again from MongoDB.
+    bound: Option<(String, u64)>,
 }
 
 /// Classify a Redis error by the server's error code, so callers match kinds, not text.
@@ -63,7 +67,16 @@ impl RedisQueue {
             connect_timeout: CONNECT_TIMEOUT,
             response_timeout,
             conn: Mutex::new(None),
+            bound: None,
         })
+    }
+
+    /// Keep `stream` at most `max_len` entries long (see [`BOUNDED_XADD`]).
+    pub fn with_stream_bound(self, stream: &str, max_len: u64) -> RedisQueue {
+        RedisQueue {
+            bound: Some((stream.to_string(), max_len)),
+            ..self
+        }
     }
 
     pub fn with_connect_timeout(self, connect_timeout: Duration) -> RedisQueue {
@@ -187,6 +200,12 @@ impl RedisQueue {
         Ok(n)
     }
 
+    /// The server's `INFO` text (all default sections).
+    pub async fn info(&self) -> Result<String, DependencyError> {
+        let v = self.query(&redis::cmd("INFO")).await?;
+        Ok(text(&v).unwrap_or_default())
+    }
+
     /// Length and pending count of a stream's group, for metrics and tests.
     pub async fn group_pending(&self, stream: &str, group: &str) -> Result<i64, DependencyError> {
         let v = self
@@ -200,6 +219,69 @@ impl RedisQueue {
             _ => Ok(0),
         }
     }
+}
+
+/// The hash of a group's live consumers (name → until when, in Redis's clock), in the
+/// stream's hash slot (`{stream}`), so a script may touch both.
+fn alive_key(stream: &str, group: &str) -> String {
+    format!("{{{stream}}}:alive:{group}")
+}
+
+/// The set of communication ids whose events a full `stream` refused, in its hash slot.
+fn overflow_key(stream: &str) -> String {
+    format!("{{{stream}}}:reindex")
+}
+
+/// XADD to KEYS[1] unless it holds ARGV[1] entries already; then mark communication ARGV[2]
+/// (if any) in the set KEYS[2], to be indexed again from MongoDB, and answer nil. ARGV[3..]
+/// are the entry's fields. A mark is a few dozen bytes where an event is hundreds.
+const BOUNDED_XADD: &str = r#"
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  if ARGV[2] ~= '' then redis.call('SADD', KEYS[2], ARGV[2]) end
+  return false
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+"#;
+
+/// Mark a consumer alive until now + ARGV[2] ms (Redis's clock, one for every process).
+const KEEP_ALIVE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+return 1
+"#;
+
+/// Remove consumers of group ARGV[1] on stream KEYS[1] that are gone: not ARGV[2], no
+/// pending entry, no live mark in KEYS[2], idle (and, from Redis 7.2, inactive) at least
+/// ARGV[3] ms. One script, so nothing is delivered to a consumer between the check and
+/// its removal (XGROUP DELCONSUMER drops the consumer's pending entries).
+const FORGET_GONE: &str = r#"
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return {} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local min_idle = tonumber(ARGV[3])
+local removed = {}
+for _, c in ipairs(consumers) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  local name = info['name']
+  local alive_until = tonumber(redis.call('HGET', KEYS[2], name) or '0')
+  local inactive = info['inactive']
+  local quiet = info['idle'] >= min_idle and (inactive == nil or inactive < 0 or inactive >= min_idle)
+  if name ~= ARGV[2] and info['pending'] == 0 and alive_until < now and quiet then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    redis.call('HDEL', KEYS[2], name)
+    table.insert(removed, name)
+  end
+end
+return removed
+"#;
+
+/// A stream entry id as (milliseconds, sequence), for ordering.
+fn id_key(id: &str) -> (u64, u64) {
+    let (a, b) = id.split_once('-').unwrap_or((id, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -269,13 +351,37 @@ impl Queue for RedisQueue {
         }
         let mut pipe = redis::pipe();
         for (stream, fields) in entries {
-            let c = pipe.cmd("XADD").arg(*stream).arg("*");
+            let c = match &self.bound {
+                Some((bounded, max)) if bounded == stream => {
+                    let id = fields.iter().find(|(k, _)| *k == "communicationId");
+                    pipe.cmd("EVAL")
+                        .arg(BOUNDED_XADD)
+                        .arg(2)
+                        .arg(*stream)
+                        .arg(overflow_key(stream))
+                        .arg(*max)
+                        .arg(id.map_or("", |(_, v)| v.as_str()))
+                }
+                _ => pipe.cmd("XADD").arg(*stream).arg("*"),
+            };
             for (k, v) in fields {
                 c.arg(*k).arg(v.as_str());
             }
         }
         let mut c = self.conn().await?;
-        let ids: Vec<String> = pipe.query_async(&mut c).await.map_err(err)?;
+        let replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let ids: Vec<String> = replies
+            .iter()
+            .map(|v| text(v).unwrap_or_default())
+            .collect();
+        let over = ids.iter().filter(|id| id.is_empty()).count();
+        if over > 0 {
+            tracing::warn!(
+                n = over,
+                "log_stream is full: events left to be indexed from MongoDB"
+            );
+            metrics::counter!("log_events_overflowed_total").increment(over as u64);
+        }
         Ok(ids)
     }
 
@@ -456,15 +562,55 @@ impl Queue for RedisQueue {
         Ok((len, pending))
     }
 
-    async fn stream_lag(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
+    async fn acked_up_to(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> Result<Option<DateTime<Utc>>, DependencyError> {
         let Some(info) = self.group_info(stream, group).await? else {
-            return Ok(0);
+            return Ok(None);
         };
-        Ok(match info.get("lag") {
-            Some(Value::Int(n)) => *n as u64,
-            // Nil: Redis cannot tell (entries were deleted); assume a backlog.
-            _ => u64::MAX,
-        })
+        let last_read = info
+            .get("last-delivered-id")
+            .and_then(text)
+            .map_or((0, 0), |id| id_key(&id));
+        let newest = self
+            .query(
+                redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1),
+            )
+            .await?;
+        let unread = parse_entries(&newest)
+            .first()
+            .is_some_and(|e| id_key(&e.id) > last_read);
+        let mut done_up_to = unread.then_some(last_read.0);
+        // The oldest pending entry, if delivered once: in a consumer's hands. One delivered
+        // again is in trouble (its consumer died, its sender crashed): its record may be
+        // swept, as a safety net beside autoclaim.
+        let oldest = self
+            .query(
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(group)
+                    .arg("-")
+                    .arg("+")
+                    .arg(1),
+            )
+            .await?;
+        if let Value::Array(items) = oldest {
+            if let Some(Value::Array(p)) = items.first() {
+                let deliveries = p.get(3).and_then(text).and_then(|n| n.parse::<u64>().ok());
+                if let (Some(id), Some(1)) = (p.first().and_then(text), deliveries) {
+                    let t = id_key(&id).0;
+                    done_up_to = Some(done_up_to.map_or(t, |d| d.min(t)));
+                }
+            }
+        }
+        Ok(done_up_to.and_then(|ms| DateTime::from_timestamp_millis(ms as i64)))
     }
 
     async fn trim_acked(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
@@ -480,11 +626,7 @@ impl Queue for RedisQueue {
             .await?
         {
             if let (Some(Value::Int(n)), Some(min)) = (p.first(), p.get(1).and_then(text)) {
-                let key = |id: &str| {
-                    let (a, b) = id.split_once('-').unwrap_or((id, "0"));
-                    (a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(0))
-                };
-                if *n > 0 && key(&min) < key(&boundary) {
+                if *n > 0 && id_key(&min) < id_key(&boundary) {
                     boundary = min;
                 }
             }
@@ -498,12 +640,80 @@ impl Queue for RedisQueue {
         }
     }
 
+    async fn keep_alive(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ttl: Duration,
+    ) -> Result<(), DependencyError> {
+        self.query(
+            redis::cmd("EVAL")
+                .arg(KEEP_ALIVE)
+                .arg(1)
+                .arg(alive_key(stream, group))
+                .arg(consumer)
+                .arg(ttl.as_millis() as u64),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn forget_gone_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        keep: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>, DependencyError> {
+        let v = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(FORGET_GONE)
+                    .arg(2)
+                    .arg(stream)
+                    .arg(alive_key(stream, group))
+                    .arg(group)
+                    .arg(keep)
+                    .arg(idle.as_millis() as u64),
+            )
+            .await?;
+        Ok(match v {
+            Value::Array(names) => names.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn overflowed(&self, stream: &str, count: usize) -> Result<Vec<String>, DependencyError> {
+        let v = self
+            .query(
+                redis::cmd("SRANDMEMBER")
+                    .arg(overflow_key(stream))
+                    .arg(count.max(1)),
+            )
+            .await?;
+        Ok(match v {
+            Value::Array(ids) => ids.iter().filter_map(text).collect(),
+            Value::Set(ids) => ids.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError> {
+        if !ids.is_empty() {
+            self.query(redis::cmd("SREM").arg(overflow_key(stream)).arg(ids))
+                .await?;
+        }
+        Ok(())
+    }
+
     fn dedicated(&self) -> Arc<dyn Queue> {
         Arc::new(RedisQueue {
             client: self.client.clone(),
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             conn: Mutex::new(None),
+            bound: self.bound.clone(),
         })
     }
 

@@ -18,6 +18,7 @@ const RULES: &[Rule] = &[
     counts_are_at_least_one,
     channels_are_usable,
     callbacks_outwait_receipts,
+    consumers_are_forgotten_slowly,
     super::transport::transports_are_encrypted,
     super::transport::dev_mode_only_on_loopback,
     fault_injection_only_in_test_builds,
@@ -39,6 +40,17 @@ fn callbacks_outwait_receipts(c: &Config) -> Result<(), ConfigError> {
     if c.receipts.apply_timeout <= c.receipts.wait_for_record {
         return Err(bad(
             "receipts.apply_timeout_ms must exceed receipts.wait_for_record_ms".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// A live LogIndexer marks itself alive four times within this; shorter would be a mark
+/// a second, and a consumer forgotten at every pause.
+fn consumers_are_forgotten_slowly(c: &Config) -> Result<(), ConfigError> {
+    if c.log_indexer.forget_consumer < std::time::Duration::from_secs(1) {
+        return Err(bad(
+            "FORGET_CONSUMER_MS (log_indexer.forget_consumer_ms) must be at least 1000".to_string(),
         ));
     }
     Ok(())
@@ -210,6 +222,10 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
         ("reconciler.batch", c.reconciler.batch),
         ("redis.read_count", c.redis.read_count),
         ("log_indexer.max_docs", c.log_indexer.max_docs),
+        (
+            "log_indexer.max_stream_len",
+            c.log_indexer.max_stream_len as usize,
+        ),
         ("sweeper.batch", c.sweeper.batch),
         ("redis.max_deliveries", c.redis.max_deliveries as usize),
         ("audit.batch_max", c.audit.batch_max),

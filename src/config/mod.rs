@@ -418,6 +418,12 @@ pub struct LogIndexer {
     pub max_bytes: usize,
     #[serde(rename = "max_wait_ms", deserialize_with = "millis")]
     pub max_wait: Duration,
+    /// A `log_stream` consumer not marked alive for this long, holding nothing, is removed.
+    #[serde(rename = "forget_consumer_ms", deserialize_with = "millis")]
+    pub forget_consumer: Duration,
+    /// `log_stream` is kept at most this many entries long; events beyond it are not
+    /// appended, their records marked to be indexed again from MongoDB.
+    pub max_stream_len: u64,
 }
 
 impl LogIndexer {

@@ -5,7 +5,8 @@ use super::{lock, Script};
 use crate::domain::StreamEntry;
 use crate::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
 use async_trait::async_trait;
-use std::collections::{BTreeMap, HashMap};
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -21,8 +22,12 @@ pub enum QueueMethod {
     PendingDeliveries,
     Range,
     StreamStats,
-    StreamLag,
+    AckedUpTo,
     TrimAcked,
+    KeepAlive,
+    ForgetGone,
+    Overflowed,
+    ForgetOverflowed,
     Ping,
 }
 
@@ -37,11 +42,17 @@ struct Delivery {
 struct Group {
     last_delivered: u64,
     pending: BTreeMap<u64, Delivery>,
+    /// Every consumer that read or claimed, with when it last did.
+    consumers: HashMap<String, Instant>,
+    /// Live marks: consumer → until when.
+    alive: HashMap<String, Instant>,
 }
 
 #[derive(Debug, Default)]
 struct Stream {
     entries: BTreeMap<u64, Vec<(String, String)>>,
+    /// When each entry was appended (kept after a trim), as Redis's entry ids tell.
+    appended_at: BTreeMap<u64, DateTime<Utc>>,
     groups: HashMap<String, Group>,
 }
 
@@ -51,6 +62,8 @@ struct Shared {
     streams: Mutex<HashMap<String, Stream>>,
     next_id: Mutex<u64>,
     appended: Notify,
+    /// Per bounded stream, the communication ids its events overflowed for.
+    overflow: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 /// Entry ids are `{n}-0`, `n` counting up across all streams. Clones share the streams
@@ -68,6 +81,7 @@ impl Default for MemoryQueue {
                 streams: Mutex::new(HashMap::new()),
                 next_id: Mutex::new(0),
                 appended: Notify::new(),
+                overflow: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -123,6 +137,25 @@ impl MemoryQueue {
             .unwrap_or_default()
     }
 
+    /// The consumers `group` of `stream` knows, sorted.
+    pub fn consumers(&self, stream: &str, group: &str) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.shared.streams)
+            .get(stream)
+            .and_then(|s| s.groups.get(group))
+            .map(|g| g.consumers.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Mark communication `id` as one whose event `stream` refused (it was full).
+    pub fn mark_overflowed(&self, stream: &str, id: &str) {
+        lock(&self.shared.overflow)
+            .entry(stream.to_string())
+            .or_default()
+            .insert(id.to_string());
+    }
+
     /// Forget every stream and group, as a Redis restarted without its data.
     pub fn flush_all(&self) {
         lock(&self.shared.streams).clear();
@@ -141,6 +174,7 @@ impl MemoryQueue {
         let s = all.get_mut(stream)?;
         let g = s.groups.get_mut(group)?;
         let now = Instant::now();
+        g.consumers.insert(consumer.to_string(), now);
         let picked: Vec<u64> = match from {
             ReadFrom::OwnPending(after) => g
                 .pending
@@ -203,10 +237,9 @@ impl Queue for MemoryQueue {
             for (stream, fields) in entries {
                 *next += 1;
                 let fields = fields.iter().map(|(k, v)| (k.to_string(), v.clone()));
-                all.entry(stream.to_string())
-                    .or_default()
-                    .entries
-                    .insert(*next, fields.collect());
+                let s = all.entry(stream.to_string()).or_default();
+                s.entries.insert(*next, fields.collect());
+                s.appended_at.insert(*next, Utc::now());
                 ids.push(format!("{next}-0"));
             }
         }
@@ -305,6 +338,7 @@ impl Queue for MemoryQueue {
             .groups
             .get_mut(group)
             .ok_or_else(|| missing_group(stream, group))?;
+        g.consumers.insert(consumer.to_string(), now);
         let mut taken = Vec::new();
         let mut next = 0;
         for (looked, (n, d)) in g.pending.range_mut(from..).enumerate() {
@@ -372,14 +406,38 @@ impl Queue for MemoryQueue {
         }))
     }
 
-    async fn stream_lag(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
-        self.script().enter(QueueMethod::StreamLag, 0).await?;
+    async fn acked_up_to(
+        &self,
+        stream: &str,
+        group: &str,
+    ) -> Result<Option<DateTime<Utc>>, DependencyError> {
+        self.script().enter(QueueMethod::AckedUpTo, 0).await?;
         let all = lock(&self.shared.streams);
-        Ok(all.get(stream).map_or(0, |s| {
-            s.groups.get(group).map_or(0, |g| {
-                s.entries.range(g.last_delivered + 1..).count() as u64
-            })
-        }))
+        let Some((s, g)) = all
+            .get(stream)
+            .and_then(|s| Some((s, s.groups.get(group)?)))
+        else {
+            return Ok(None);
+        };
+        let at = |n: &u64| {
+            s.appended_at
+                .get(n)
+                .copied()
+                .unwrap_or(DateTime::UNIX_EPOCH)
+        };
+        let unread = s.entries.range(g.last_delivered + 1..).next().is_some();
+        let read = unread.then(|| at(&g.last_delivered));
+        // The oldest pending entry counts only if delivered once (in a consumer's hands).
+        let pending = g
+            .pending
+            .iter()
+            .next()
+            .filter(|(_, d)| d.count == 1)
+            .map(|(n, _)| at(n));
+        Ok(match (read, pending) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     async fn trim_acked(&self, stream: &str, group: &str) -> Result<u64, DependencyError> {
@@ -401,6 +459,77 @@ impl Queue for MemoryQueue {
         let before = s.entries.len();
         s.entries = s.entries.split_off(&keep_from);
         Ok((before - s.entries.len()) as u64)
+    }
+
+    async fn keep_alive(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        ttl: Duration,
+    ) -> Result<(), DependencyError> {
+        self.script().enter(QueueMethod::KeepAlive, 0).await?;
+        let mut all = lock(&self.shared.streams);
+        let g = all
+            .entry(stream.to_string())
+            .or_default()
+            .groups
+            .entry(group.to_string())
+            .or_default();
+        g.alive.insert(consumer.to_string(), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn forget_gone_consumers(
+        &self,
+        stream: &str,
+        group: &str,
+        keep: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>, DependencyError> {
+        self.script().enter(QueueMethod::ForgetGone, 0).await?;
+        let now = Instant::now();
+        let mut all = lock(&self.shared.streams);
+        let Some(g) = all.get_mut(stream).and_then(|s| s.groups.get_mut(group)) else {
+            return Ok(Vec::new());
+        };
+        let mut gone: Vec<String> = g
+            .consumers
+            .iter()
+            .filter(|(name, seen)| {
+                name.as_str() != keep
+                    && now.saturating_duration_since(**seen) >= idle
+                    && g.alive.get(name.as_str()).is_none_or(|until| *until < now)
+                    && !g.pending.values().any(|d| &d.consumer == *name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        gone.sort();
+        for name in &gone {
+            g.consumers.remove(name);
+            g.alive.remove(name);
+        }
+        Ok(gone)
+    }
+
+    async fn overflowed(&self, stream: &str, count: usize) -> Result<Vec<String>, DependencyError> {
+        self.script().enter(QueueMethod::Overflowed, count).await?;
+        Ok(lock(&self.shared.overflow)
+            .get(stream)
+            .map(|s| s.iter().take(count).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError> {
+        self.script()
+            .enter(QueueMethod::ForgetOverflowed, ids.len())
+            .await?;
+        if let Some(s) = lock(&self.shared.overflow).get_mut(stream) {
+            for id in ids {
+                s.remove(id);
+            }
+        }
+        Ok(())
     }
 
     fn dedicated(&self) -> Arc<dyn Queue> {

@@ -5,10 +5,11 @@
 
 use super::{lock, Script};
 use crate::domain::{
-    Ambiguity, Channel, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
+    Ambiguity, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
 };
 use crate::ports::{
     Dependency, DependencyError, FailResult, InsertResult, ReceiptResult, ReceiptUpdate, Store,
+    SweepScope,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,6 +27,7 @@ pub enum StoreMethod {
     RecordOutcomes,
     TakeDue,
     Get,
+    Records,
     ApplyReceipts,
     Ping,
     Stored,
@@ -41,6 +43,8 @@ struct Slot {
     not_before: Option<DateTime<Utc>>,
     /// The sweeper leaves the record alone until this.
     next_look: Option<DateTime<Utc>>,
+    /// When the sweeper last queued it (`None`: only at its creation).
+    queued_at: Option<DateTime<Utc>>,
     lease: Option<(String, Instant)>,
     /// An attempt whose outcome is unknown, for the next claim.
     unknown: Option<UnknownAttempt>,
@@ -84,6 +88,7 @@ impl MemoryStore {
                 record,
                 not_before: None,
                 next_look: None,
+                queued_at: None,
                 lease: None,
                 unknown: None,
                 flagged: None,
@@ -268,6 +273,7 @@ impl Store for MemoryStore {
                 record: r.clone(),
                 not_before: None,
                 next_look: None,
+                queued_at: None,
                 lease: None,
                 unknown: None,
                 flagged: None,
@@ -435,7 +441,7 @@ impl Store for MemoryStore {
         now: DateTime<Utc>,
         recheck: Duration,
         limit: usize,
-        channels: &[Channel],
+        channels: &[SweepScope],
     ) -> Result<Vec<Communication>, DependencyError> {
         self.script.enter(StoreMethod::TakeDue, limit).await?;
         let next = now + chrono::Duration::from_std(recheck).unwrap_or_default();
@@ -443,12 +449,17 @@ impl Store for MemoryStore {
         let mut due = Vec::new();
         for s in all.values_mut() {
             let r = &s.record;
+            let Some(scope) = channels.iter().find(|c| c.channel == r.channel) else {
+                continue;
+            };
+            let queued = s.queued_at.unwrap_or(r.created_at);
             let ready = !r.status.is_terminal()
-                && channels.contains(&r.channel)
+                && scope.acked_up_to.is_none_or(|t| queued <= t)
                 && s.not_before.is_none_or(|t| t <= now)
                 && s.next_look.is_none_or(|t| t <= now);
             if ready && due.len() < limit {
                 s.next_look = Some(next);
+                s.queued_at = Some(now);
                 due.push(r.clone());
             }
         }
@@ -458,6 +469,11 @@ impl Store for MemoryStore {
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError> {
         self.script.enter(StoreMethod::Get, 1).await?;
         Ok(self.record(id))
+    }
+
+    async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError> {
+        self.script.enter(StoreMethod::Records, ids.len()).await?;
+        Ok(ids.iter().filter_map(|id| self.record(id)).collect())
     }
 
     async fn apply_receipts(
