@@ -27,7 +27,7 @@ impl Parts {
     pub async fn build(cfg: &Config) -> Result<Parts, RunError> {
         let queue = Arc::new(
             RedisQueue::new(
-                &cfg.redis.url,
+                cfg.redis.url.expose(),
                 cfg.redis.ca_file.as_deref(),
                 cfg.redis.response_timeout(),
             )
@@ -78,7 +78,7 @@ fn providers(cfg: &Config) -> Result<HashMap<Channel, Arc<dyn Provider>>, RunErr
         http.clone(),
         &p.sms.api_base,
         &p.sms.account_sid,
-        &p.sms.auth_token,
+        p.sms.auth_token.clone(),
         &p.sms.messaging_service_sid,
         cfg.callbacks.twilio_url(),
     );
@@ -86,9 +86,13 @@ fn providers(cfg: &Config) -> Result<HashMap<Channel, Arc<dyn Provider>>, RunErr
         http,
         &p.whatsapp.api_base,
         &p.whatsapp.phone_number_id,
-        &p.whatsapp.token,
+        p.whatsapp.token.clone(),
     );
-    let email = Smtp::new(&p.email.smtp_url, &p.email.default_subject, p.timeout)?;
+    let email = Smtp::new(
+        p.email.smtp_url.expose(),
+        &p.email.default_subject,
+        p.timeout,
+    )?;
     Ok(HashMap::from([
         (Channel::Sms, Arc::new(sms) as Arc<dyn Provider>),
         (Channel::Whatsapp, Arc::new(whatsapp) as Arc<dyn Provider>),

@@ -8,6 +8,7 @@ use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::indices::{IndicesCreateParts, IndicesExistsParts};
 use elasticsearch::{BulkParts, Elasticsearch};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -160,9 +161,9 @@ pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
 #[derive(Debug, Clone, Default)]
 pub struct ElasticAccess {
     pub user: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<SecretString>,
     /// `id:api_key`, or the base64 `encoded` form Elasticsearch hands out.
-    pub api_key: Option<String>,
+    pub api_key: Option<SecretString>,
     /// PEM certificate (a CA, or the node's own) to trust for `https://`.
     pub ca_file: Option<String>,
     /// One request, a `_bulk` included (`None`: [`DEFAULT_TIMEOUT`]).
@@ -182,12 +183,13 @@ impl ElasticSink {
         let mut builder = TransportBuilder::new(SingleNodeConnectionPool::new(url))
             .timeout(access.timeout.unwrap_or(DEFAULT_TIMEOUT));
         if let Some(k) = &access.api_key {
+            let k = k.expose_secret();
             builder = builder.auth(match k.split_once(':') {
                 Some((id, key)) => Credentials::ApiKey(id.into(), key.into()),
-                None => Credentials::EncodedApiKey(k.clone()),
+                None => Credentials::EncodedApiKey(k.to_string()),
             });
         } else if let (Some(u), Some(p)) = (&access.user, &access.password) {
-            builder = builder.auth(Credentials::Basic(u.clone(), p.clone()));
+            builder = builder.auth(Credentials::Basic(u.clone(), p.expose_secret().to_string()));
         }
         if let Some(path) = &access.ca_file {
             let pem = std::fs::read(path)

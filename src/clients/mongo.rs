@@ -99,7 +99,7 @@ impl MongoStore {
         first_look: Duration,
         leases: Arc<RedisLeases>,
     ) -> Result<MongoStore, DependencyError> {
-        let mut opts = ClientOptions::parse(&cfg.url).await.map_err(err)?;
+        let mut opts = ClientOptions::parse(cfg.url.expose()).await.map_err(err)?;
         opts.app_name = Some("comm-aggregator".into());
         // Acknowledged means journaled (without j, SecantusDB was seen to lose acknowledged
         // inserts on kill -9) and, on a replica set, held by a majority: a write only the

@@ -2,6 +2,7 @@
 //! setting to fix. They run in the order of [`RULES`]; the first failure stops start-up.
 
 use super::{bad, ChannelSettings, Config, ConfigError};
+use secrecy::ExposeSecret;
 
 type Rule = fn(&Config) -> Result<(), ConfigError>;
 
@@ -74,16 +75,24 @@ fn url(name: &str, v: &str, schemes: &[&str]) -> Result<(), ConfigError> {
 
 fn urls_have_known_schemes(c: &Config) -> Result<(), ConfigError> {
     const WEB: &[&str] = &["http", "https"];
-    url("MONGODB_URL", &c.mongodb.url, &["mongodb", "mongodb+srv"])?;
+    url(
+        "MONGODB_URL",
+        c.mongodb.url.expose(),
+        &["mongodb", "mongodb+srv"],
+    )?;
     url(
         "REDIS_URL",
-        &c.redis.url,
+        c.redis.url.expose(),
         &["redis", "rediss", "redis+unix", "unix"],
     )?;
     url("ELASTICSEARCH_NODE", &c.elasticsearch.node, WEB)?;
     url("TWILIO_API_BASE", &c.providers.sms.api_base, WEB)?;
     url("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, WEB)?;
-    url("SMTP_URL", &c.providers.email.smtp_url, &["smtp", "smtps"])?;
+    url(
+        "SMTP_URL",
+        c.providers.email.smtp_url.expose(),
+        &["smtp", "smtps"],
+    )?;
     if !c.callbacks.public_base_url.is_empty() {
         url("PUBLIC_BASE_URL", &c.callbacks.public_base_url, WEB)?;
     }
@@ -95,18 +104,22 @@ fn provider_credentials_are_set(c: &Config) -> Result<(), ConfigError> {
     for (name, v, why) in [
         (
             "ACCOUNTSID",
-            &p.sms.account_sid,
+            p.sms.account_sid.as_str(),
             "the Twilio Account SID (starts with AC)",
         ),
-        ("AUTHTOKEN", &p.sms.auth_token, "the Twilio auth token"),
+        (
+            "AUTHTOKEN",
+            p.sms.auth_token.expose_secret(),
+            "the Twilio auth token",
+        ),
         (
             "WHATSAPP_PHONE_NUMBER_ID",
-            &p.whatsapp.phone_number_id,
+            p.whatsapp.phone_number_id.as_str(),
             "the WhatsApp Business phone number id",
         ),
         (
             "WHATSAPP_TOKEN",
-            &p.whatsapp.token,
+            p.whatsapp.token.expose_secret(),
             "the WhatsApp Cloud API access token",
         ),
     ] {

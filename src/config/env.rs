@@ -22,6 +22,18 @@ impl Value {
         Ok(Some(self.raw))
     }
 
+    fn secret(self) -> Result<super::secret::SecretString, ConfigError> {
+        Ok(self.raw.into())
+    }
+
+    fn some_secret(self) -> Result<Option<super::secret::SecretString>, ConfigError> {
+        Ok(Some(self.raw.into()))
+    }
+
+    fn url(self) -> Result<super::secret::SecretUrl, ConfigError> {
+        Ok(super::secret::SecretUrl::new(self.raw))
+    }
+
     fn num<T: FromStr>(&self) -> Result<T, ConfigError> {
         self.raw.trim().parse().map_err(|_| {
             bad(format!(
@@ -133,9 +145,9 @@ pub const ENV: &[EnvVar] = &[
     var("MAX_CONNECTIONS", "server.max_connections", "open connections at once", set!(num => server.max_connections)),
     var("ALLOW_INSECURE_TRANSPORT", "server.allow_insecure_transport", "let unencrypted links leave this host (private networks only)", set!(flag => server.allow_insecure_transport)),
     read_elsewhere("RUST_LOG", "log levels, as tracing's EnvFilter reads them (default `info,warp=warn`)"),
-    var("MONGODB_URL", "mongodb.url", "MongoDB", set!(text => mongodb.url)),
+    var("MONGODB_URL", "mongodb.url", "MongoDB", set!(url => mongodb.url)),
     var("MONGODB_DATABASE", "mongodb.database", "database", set!(text => mongodb.database)),
-    var("REDIS_URL", "redis.url", "Redis (`rediss://` for TLS)", set!(text => redis.url)),
+    var("REDIS_URL", "redis.url", "Redis (`rediss://` for TLS)", set!(url => redis.url)),
     var("REDIS_GROUP", "redis.group", "consumer group on every stream", set!(text => redis.group)),
     var("CONSUMER_NAME", "redis.consumer_name", "this instance's consumer name", set!(text => redis.consumer_name)),
     var("READ_COUNT", "redis.read_count", "entries a consumer reads (and hands its sender) at once", set!(num => redis.read_count)),
@@ -143,8 +155,8 @@ pub const ENV: &[EnvVar] = &[
     var("MAX_DELIVERIES", "redis.max_deliveries", "deliveries before the dead-letter stream", set!(num => redis.max_deliveries)),
     var("ELASTICSEARCH_NODE", "elasticsearch.node", "Elasticsearch (`https://` for TLS)", set!(text => elasticsearch.node)),
     var("ELASTICSEARCH_USER", "", "basic auth user", set!(some => elasticsearch.user)),
-    var("ELASTICSEARCH_PASSWORD", "", "basic auth password", set!(some => elasticsearch.password)),
-    var("ELASTICSEARCH_API_KEY", "", "API key (`encoded` or `id:api_key`)", set!(some => elasticsearch.api_key)),
+    var("ELASTICSEARCH_PASSWORD", "", "basic auth password", set!(some_secret => elasticsearch.password)),
+    var("ELASTICSEARCH_API_KEY", "", "API key (`encoded` or `id:api_key`)", set!(some_secret => elasticsearch.api_key)),
     var("ELASTICSEARCH_CA_FILE", "", "PEM certificate to trust for `https://`", set!(some => elasticsearch.ca_file)),
     var("REDIS_CA_FILE", "", "PEM certificates to trust for `rediss://`", set!(some => redis.ca_file)),
     read_elsewhere(API_KEYS, "`tenant:key,…` (or `tenant:sha256:<hex>`)"),
@@ -152,7 +164,7 @@ pub const ENV: &[EnvVar] = &[
     var("DEV_MODE", "auth.dev_mode", "without keys, serve everybody as tenant `default`", set!(flag => auth.dev_mode)),
     var("API_RATE_PER_SEC", "auth.rate_per_sec", "requests a second per key", set!(num => auth.rate_per_sec)),
     var("API_BURST", "auth.burst", "requests at once per key", set!(num => auth.burst)),
-    var("METRICS_TOKEN", "", "bearer token `/metrics` wants, when set", set!(some => auth.metrics_token)),
+    var("METRICS_TOKEN", "", "bearer token `/metrics` wants, when set", set!(some_secret => auth.metrics_token)),
     var("RECIPIENT_MAX", "limits.recipient_max", "messages to one number per tenant per window", set!(num => limits.recipient_max)),
     var("RECIPIENT_WINDOW_SECS", "limits.recipient_window_secs", "that window", set!(num => limits.recipient_window_secs)),
     var("TENANTS_FILE", "tenants.file", "file of per-tenant tables: senders, countries, quotas", set!(text => tenants.file)),
@@ -177,16 +189,16 @@ pub const ENV: &[EnvVar] = &[
     var("PROVIDER_RATE_PER_SEC", "channels.*.rate_per_sec", "sends a second, every channel", set!(num => channels.*.rate_per_sec)),
     var("PROVIDER_BURST", "channels.*.burst", "sends at once, every channel", set!(num => channels.*.burst)),
     var("PUBLIC_BASE_URL", "callbacks.public_base_url", "how providers reach this service", set!(text => callbacks.public_base_url)),
-    var("WHATSAPP_APP_SECRET", "", "WhatsApp webhook signature secret", set!(text => callbacks.whatsapp_app_secret)),
-    var("WHATSAPP_VERIFY_TOKEN", "", "WhatsApp webhook verification token", set!(text => callbacks.whatsapp_verify_token)),
+    var("WHATSAPP_APP_SECRET", "", "WhatsApp webhook signature secret", set!(secret => callbacks.whatsapp_app_secret)),
+    var("WHATSAPP_VERIFY_TOKEN", "", "WhatsApp webhook verification token", set!(secret => callbacks.whatsapp_verify_token)),
     var("TWILIO_API_BASE", "providers.sms.api_base", "Twilio API", set!(text => providers.sms.api_base)),
     var("ACCOUNTSID", "providers.sms.account_sid", "Twilio Account SID", set!(text => providers.sms.account_sid)),
-    var("AUTHTOKEN", "", "Twilio auth token", set!(text => providers.sms.auth_token)),
+    var("AUTHTOKEN", "", "Twilio auth token", set!(secret => providers.sms.auth_token)),
     var("MSG_ID", "providers.sms.messaging_service_sid", "Twilio Messaging Service SID", set!(text => providers.sms.messaging_service_sid)),
     var("WHATSAPP_API_BASE", "providers.whatsapp.api_base", "Cloud API base, with version", set!(text => providers.whatsapp.api_base)),
     var("WHATSAPP_PHONE_NUMBER_ID", "providers.whatsapp.phone_number_id", "sender phone number id", set!(text => providers.whatsapp.phone_number_id)),
-    var("WHATSAPP_TOKEN", "", "WhatsApp access token", set!(text => providers.whatsapp.token)),
-    var("SMTP_URL", "providers.email.smtp_url", "SMTP server, credentials in the URL", set!(text => providers.email.smtp_url)),
+    var("WHATSAPP_TOKEN", "", "WhatsApp access token", set!(secret => providers.whatsapp.token)),
+    var("SMTP_URL", "providers.email.smtp_url", "SMTP server, credentials in the URL", set!(url => providers.email.smtp_url)),
     var("EMAIL_DEFAULT_SUBJECT", "providers.email.default_subject", "subject when the request has none", set!(text => providers.email.default_subject)),
 ];
 

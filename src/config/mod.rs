@@ -10,6 +10,7 @@
 mod checks;
 mod env;
 pub mod redact;
+pub mod secret;
 mod transport;
 
 pub use env::{env_help, EnvVar, ENV, ENV_VARS};
@@ -84,7 +85,7 @@ pub struct Auth {
     pub keys: Vec<crate::auth::KeySpec>,
     /// `METRICS_TOKEN`: when set, `/metrics` wants `Authorization: Bearer <it>`.
     #[serde(skip)]
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<secret::SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,9 +142,9 @@ impl Config {
 pub struct Callbacks {
     pub public_base_url: String,
     #[serde(skip)]
-    pub whatsapp_app_secret: String,
+    pub whatsapp_app_secret: secret::SecretString,
     #[serde(skip)]
-    pub whatsapp_verify_token: String,
+    pub whatsapp_verify_token: secret::SecretString,
 }
 
 impl Callbacks {
@@ -202,7 +203,7 @@ impl Server {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mongo {
-    pub url: String,
+    pub url: secret::SecretUrl,
     pub database: String,
     /// Used unless the URL sets `connectTimeoutMS`.
     #[serde(rename = "connect_timeout_ms", deserialize_with = "millis")]
@@ -221,7 +222,7 @@ pub struct Mongo {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redis {
-    pub url: String,
+    pub url: secret::SecretUrl,
     pub group: String,
     pub consumer_name: String,
     pub read_count: usize,
@@ -263,10 +264,10 @@ pub struct Elastic {
     #[serde(skip)]
     pub user: Option<String>,
     #[serde(skip)]
-    pub password: Option<String>,
+    pub password: Option<secret::SecretString>,
     /// `ELASTICSEARCH_API_KEY`: the base64 `encoded` form, or `id:api_key`.
     #[serde(skip)]
-    pub api_key: Option<String>,
+    pub api_key: Option<secret::SecretString>,
     /// `ELASTICSEARCH_CA_FILE`: PEM certificate to trust for `https://`.
     #[serde(skip)]
     pub ca_file: Option<String>,
@@ -499,7 +500,7 @@ pub struct Sms {
     pub account_sid: String,
     pub messaging_service_sid: String,
     #[serde(skip)]
-    pub auth_token: String,
+    pub auth_token: secret::SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -508,13 +509,13 @@ pub struct Whatsapp {
     pub api_base: String,
     pub phone_number_id: String,
     #[serde(skip)]
-    pub token: String,
+    pub token: secret::SecretString,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Email {
-    pub smtp_url: String,
+    pub smtp_url: secret::SecretUrl,
     pub default_subject: String,
 }
 
@@ -578,6 +579,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
     use std::collections::HashMap;
 
     pub(super) fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
@@ -598,6 +600,39 @@ mod tests {
     ];
 
     #[test]
+    fn a_printed_configuration_shows_no_secret() {
+        let secrets = [
+            ("AUTHTOKEN", "tw-auth-s3cret"),
+            ("WHATSAPP_TOKEN", "wa-token-s3cret"),
+            ("WHATSAPP_APP_SECRET", "wa-app-s3cret"),
+            ("WHATSAPP_VERIFY_TOKEN", "wa-verify-s3cret"),
+            ("METRICS_TOKEN", "metrics-s3cret"),
+            ("ELASTICSEARCH_PASSWORD", "es-pw-s3cret"),
+            ("ELASTICSEARCH_API_KEY", "id:es-key-s3cret"),
+            (
+                "MONGODB_URL",
+                "mongodb://app:mongo-pw-s3cret@127.0.0.1:27017/",
+            ),
+            ("REDIS_URL", "redis://:redis-pw-s3cret@127.0.0.1:6379/0"),
+            ("SMTP_URL", "smtp://mailer:smtp-pw-s3cret@127.0.0.1:25"),
+            ("API_KEYS", "acme:acme-key-s3cret-0123456789"),
+        ];
+        let mut v = CREDS.to_vec();
+        v.extend(secrets);
+        let c = load(&v).unwrap();
+        let printed = format!("{c:?} {c:#?}");
+        assert!(printed.contains("REDACTED"), "{printed}");
+        assert!(
+            printed.contains("127.0.0.1:27017"),
+            "where it connects stays visible"
+        );
+        assert!(!printed.contains("s3cret"), "{printed}");
+        // The values are all there for the code that uses them.
+        assert_eq!(c.providers.sms.auth_token.expose_secret(), "tw-auth-s3cret");
+        assert!(c.redis.url.expose().contains("redis-pw-s3cret"));
+    }
+
+    #[test]
     fn shipped_file_loads_and_env_overrides_it() {
         let mut v = CREDS.to_vec();
         v.push(("PORT", "4000"));
@@ -606,7 +641,7 @@ mod tests {
         v.push(("BACKOFF_BASE_MS", "200"));
         let c = load(&v).unwrap();
         assert_eq!(c.server.port, 4000);
-        assert_eq!(c.redis.url, "redis://127.0.0.1:7000");
+        assert_eq!(c.redis.url.expose(), "redis://127.0.0.1:7000");
         assert_eq!(c.mongodb.database, "communication-aggregator");
         assert_eq!(c.providers.timeout, Duration::from_millis(1500));
         assert_eq!(c.server.shutdown_deadline, Duration::from_secs(15));

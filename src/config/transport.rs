@@ -14,9 +14,9 @@ pub(super) fn transports_are_encrypted(c: &Config) -> Result<(), ConfigError> {
         ("TWILIO_API_BASE", &c.providers.sms.api_base, web),
         ("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, web),
         ("ELASTICSEARCH_NODE", &c.elasticsearch.node, web),
-        ("REDIS_URL", &c.redis.url, redis),
-        ("MONGODB_URL", &c.mongodb.url, mongodb),
-        ("SMTP_URL", &c.providers.email.smtp_url, smtp),
+        ("REDIS_URL", c.redis.url.expose(), redis),
+        ("MONGODB_URL", c.mongodb.url.expose(), mongodb),
+        ("SMTP_URL", c.providers.email.smtp_url.expose(), smtp),
     ];
     for (name, value, verdict) in checks {
         if let Verdict::Refuse(why) = verdict(value) {

@@ -7,6 +7,7 @@ use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, HEALTHZ, METRICS, OPENAPI_DOCUMENT, PROVIDERS, READYZ};
 use crate::http::state::{authenticated_read, with_state, AppState};
 use actors::ports::{DependencyError, SearchSink, Store};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -75,7 +76,8 @@ fn metrics(authorization: Option<&str>, state: &AppState) -> Result<Response, Ap
         // Digests of both sides, so the comparison takes as long whatever the token.
         let ok = given.is_some_and(|g| {
             use sha2::Digest;
-            sha2::Sha256::digest(g.as_bytes()) == sha2::Sha256::digest(token.as_bytes())
+            sha2::Sha256::digest(g.as_bytes())
+                == sha2::Sha256::digest(token.expose_secret().as_bytes())
         });
         if !ok {
             return Err(ApiError::MetricsToken);

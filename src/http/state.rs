@@ -40,7 +40,7 @@ pub struct AppState {
     /// Each tenant's senders, countries and limits.
     pub tenants: Arc<Tenants>,
     pub validation: ValidationLimits,
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<secrecy::SecretString>,
 }
 
 /// The caller's identity (or why there is none), from `Authorization`. Taking it spends a

@@ -17,6 +17,7 @@ use actors::domain::{Lookup, OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 /// The provider name on records, metrics and receipts.
@@ -33,7 +34,7 @@ pub struct Twilio {
     base: String,
     url: String,
     account_sid: String,
-    auth_token: String,
+    auth_token: SecretString,
     messaging_service_sid: Option<String>,
     status_callback: Option<String>,
     scrub: Scrub,
@@ -44,7 +45,7 @@ impl Twilio {
         http: reqwest::Client,
         api_base: &str,
         account_sid: &str,
-        auth_token: &str,
+        auth_token: SecretString,
         messaging_service_sid: &str,
         status_callback: Option<String>,
     ) -> Twilio {
@@ -57,15 +58,16 @@ impl Twilio {
                 account_sid
             ),
             account_sid: account_sid.into(),
-            auth_token: auth_token.into(),
             messaging_service_sid: Some(messaging_service_sid.to_string())
                 .filter(|s| !s.is_empty()),
             status_callback,
+            // Evaluated before `auth_token` moves in below.
             scrub: Scrub::new([
                 (account_sid, "<account>"),
-                (auth_token, "<secret>"),
+                (auth_token.expose_secret(), "<secret>"),
                 (messaging_service_sid, "<messaging service>"),
             ]),
+            auth_token,
         }
     }
 }
@@ -101,7 +103,7 @@ impl Twilio {
 
     async fn call_raw(&self, request: reqwest::RequestBuilder) -> Result<Value, ProviderError> {
         let res = request
-            .basic_auth(&self.account_sid, Some(&self.auth_token))
+            .basic_auth(&self.account_sid, Some(self.auth_token.expose_secret()))
             .send()
             .await
             .map_err(|e| network_error("twilio", &e))?;
@@ -248,7 +250,7 @@ mod tests {
     #[test]
     fn a_messaging_service_sid_as_from_is_sent_as_the_service() {
         let http = reqwest::Client::new();
-        let t = |mss: &str| Twilio::new(http.clone(), "http://x", "AC1", "t", mss, None);
+        let t = |mss: &str| Twilio::new(http.clone(), "http://x", "AC1", "t".into(), mss, None);
         let mut m = msg("x");
         assert_eq!(t("").sender(&m), Sender::From("+15550001111"));
         assert_eq!(t("MGservice").sender(&m), Sender::Service("MGservice"));

@@ -10,6 +10,7 @@ use super::{classify_meta, network_error, retry_after, status_ambiguity};
 use actors::domain::{OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
 use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 /// The provider name on records, metrics and receipts.
@@ -18,7 +19,7 @@ pub const NAME: &str = "meta-whatsapp";
 pub struct WhatsApp {
     http: reqwest::Client,
     url: String,
-    token: String,
+    token: SecretString,
     scrub: Scrub,
 }
 
@@ -27,7 +28,7 @@ impl WhatsApp {
         http: reqwest::Client,
         api_base: &str,
         phone_number_id: &str,
-        token: &str,
+        token: SecretString,
     ) -> WhatsApp {
         WhatsApp {
             http,
@@ -36,8 +37,11 @@ impl WhatsApp {
                 api_base.trim_end_matches('/'),
                 phone_number_id
             ),
-            token: token.into(),
-            scrub: Scrub::new([(phone_number_id, "<phone-number-id>"), (token, "<secret>")]),
+            scrub: Scrub::new([
+                (phone_number_id, "<phone-number-id>"),
+                (token.expose_secret(), "<secret>"),
+            ]),
+            token,
         }
     }
 }
@@ -66,7 +70,7 @@ impl WhatsApp {
         let res = self
             .http
             .post(&self.url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose_secret())
             .json(&body)
             .send()
             .await

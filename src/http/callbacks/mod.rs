@@ -19,6 +19,7 @@ use crate::http::errors::ApiError;
 use actors::domain::Status;
 use actors::ports::ReceiptUpdate;
 use actors::receipts::{self, Receipt};
+use secrecy::SecretString;
 use std::sync::Arc;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
@@ -29,9 +30,9 @@ use warp::Filter;
 pub struct CallbackConfig {
     /// The URL Twilio calls (the public base URL + the route); signatures are over it.
     pub twilio_url: Option<String>,
-    pub twilio_auth_token: String,
-    pub whatsapp_app_secret: String,
-    pub whatsapp_verify_token: String,
+    pub twilio_auth_token: SecretString,
+    pub whatsapp_app_secret: SecretString,
+    pub whatsapp_verify_token: SecretString,
     /// How long a callback waits for the ReceiptActor (`receipts.apply_timeout_ms`).
     pub apply_timeout: Duration,
 }

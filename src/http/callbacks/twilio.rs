@@ -8,6 +8,7 @@ use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, TWILIO_CALLBACK};
 use actors::domain::Status;
 use hmac::{Hmac, Mac};
+use secrecy::ExposeSecret;
 use std::collections::HashMap;
 use std::sync::Arc;
 use warp::filters::BoxedFilter;
@@ -81,7 +82,7 @@ async fn callback(
         .ok_or(ApiError::CallbacksNotConfigured)?;
     let sig = signature.ok_or(ApiError::Unsigned(SIGNATURE_HEADER))?;
     let params: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
-    if !valid(&cfg.twilio_auth_token, url, &params, &sig) {
+    if !valid(cfg.twilio_auth_token.expose_secret(), url, &params, &sig) {
         return Err(ApiError::BadSignature(SIGNATURE_HEADER));
     }
     let p: HashMap<&str, &str> = params

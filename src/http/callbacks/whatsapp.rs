@@ -10,6 +10,7 @@ use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, WHATSAPP_CALLBACK, WHATSAPP_VERIFY};
 use actors::domain::Status;
 use hmac::{Hmac, Mac};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -85,7 +86,8 @@ fn verify(cfg: &CallbackConfig, q: &HashMap<String, String>) -> Result<Response,
     let token = q.get("hub.verify_token").map(String::as_str);
     match (mode, token, q.get("hub.challenge")) {
         (Some("subscribe"), Some(t), Some(challenge))
-            if !cfg.whatsapp_verify_token.is_empty() && t == cfg.whatsapp_verify_token =>
+            if !cfg.whatsapp_verify_token.expose_secret().is_empty()
+                && t == cfg.whatsapp_verify_token.expose_secret() =>
         {
             Ok(challenge.clone().into_response())
         }
@@ -123,7 +125,8 @@ async fn callback(
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     let sig = signature.ok_or(ApiError::Unsigned(SIGNATURE_HEADER))?;
-    if cfg.whatsapp_app_secret.is_empty() || !valid(&cfg.whatsapp_app_secret, &body, &sig) {
+    let secret = cfg.whatsapp_app_secret.expose_secret();
+    if secret.is_empty() || !valid(secret, &body, &sig) {
         return Err(ApiError::BadSignature(SIGNATURE_HEADER));
     }
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
