@@ -152,39 +152,7 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
     }
     let probing = permit == Permit::Probe;
     if !probing && state.last_autoclaim.elapsed() >= state.args.claim_idle / 2 {
-        state.last_autoclaim = Instant::now();
-        dead_letter(state).await?;
-        let a = &state.args;
-        let (next, taken) = a
-            .queue
-            .autoclaim_from(
-                stream,
-                &a.group,
-                &a.consumer,
-                a.claim_idle,
-                &state.autoclaim_cursor,
-                count,
-            )
-            .await?;
-        // Page on through the pending list next time, so that idle entries behind many
-        // live ones are reached too; `0-0` once the whole list was looked at.
-        state.autoclaim_cursor = next;
-        if !taken.is_empty() {
-            tracing::info!(stream, n = taken.len(), "took over idle entries");
-            metrics::counter!("stream_autoclaimed_total", "stream" => stream)
-                .increment(taken.len() as u64);
-        }
-        // These failed before (or their consumer died): one at a time, so that one poison
-        // entry cannot hold the others back. Every one is kept: should a delivery fail,
-        // those not yet offered are held and offered again.
-        let mut taken = taken.into_iter();
-        while let Some(e) = taken.next() {
-            if let Err(err) = deliver(state, vec![e]).await {
-                state.held.extend(taken);
-                return Err(err);
-            }
-        }
-        return Ok(());
+        return autoclaim_round(state, stream, count).await;
     }
     let a = &state.args;
     let entries = a
@@ -213,6 +181,48 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
         return Ok(());
     }
     deliver(state, entries).await
+}
+
+/// Dead-letter what is over its deliveries, then take over a page of entries idle in any
+/// consumer's pending list and deliver them one at a time.
+async fn autoclaim_round(
+    state: &mut ConsumerState,
+    stream: &'static str,
+    count: usize,
+) -> Result<(), DependencyError> {
+    state.last_autoclaim = Instant::now();
+    dead_letter(state).await?;
+    let a = &state.args;
+    let (next, taken) = a
+        .queue
+        .autoclaim_from(
+            stream,
+            &a.group,
+            &a.consumer,
+            a.claim_idle,
+            &state.autoclaim_cursor,
+            count,
+        )
+        .await?;
+    // Page on through the pending list next time, so that idle entries behind many
+    // live ones are reached too; `0-0` once the whole list was looked at.
+    state.autoclaim_cursor = next;
+    if !taken.is_empty() {
+        tracing::info!(stream, n = taken.len(), "took over idle entries");
+        metrics::counter!("stream_autoclaimed_total", "stream" => stream)
+            .increment(taken.len() as u64);
+    }
+    // These failed before (or their consumer died): one at a time, so that one poison
+    // entry cannot hold the others back. Every one is kept: should a delivery fail,
+    // those not yet offered are held and offered again.
+    let mut taken = taken.into_iter();
+    while let Some(e) = taken.next() {
+        if let Err(err) = deliver(state, vec![e]).await {
+            state.held.extend(taken);
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// Entries delivered `max_deliveries` times without an outcome: kept in `{stream}:dlq`
