@@ -1,5 +1,5 @@
 # The two commands: `make run` (local stack + service on :3001) and `make test`.
-.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer load
+.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer bench-costs load
 
 run: stack-up
 	cargo build --release --bin comm-aggregator --bin provider-sandbox
@@ -38,3 +38,10 @@ load:
 bench-indexer:
 	scripts/stack.sh install
 	cargo bench --bench log_indexer
+
+# What one message costs Redis, MongoDB, Elasticsearch and each process's CPU, for the accept
+# path alone and end to end, on a stack of its own (README "Performance"); COSTS_ARGS for
+# loadgen, e.g. "--messages 3000 --connections 16".
+bench-costs:
+	scripts/stack.sh install
+	scripts/costs.sh $(COSTS_ARGS)

@@ -4,12 +4,14 @@
 #   (Elasticsearch API), aiosmtpd (SMTP, mail kept as a maildir) and provider-sandbox
 #   (Twilio + WhatsApp Cloud API stand-in).
 # Usage: scripts/stack.sh install|up|down|status|env
+# STACK_DIR: where the data, logs and pid files go (default .stack/; scripts/costs.sh uses
+# a temporary one so that it never touches the `make run` stack's data).
 # Ports (override with these variables; the defaults avoid the usual 6379/27017/9200):
 #   STACK_REDIS_PORT=6391 STACK_MONGO_PORT=27027 STACK_ES_PORT=9211
 #   STACK_SMTP_PORT=2526 STACK_SANDBOX_PORT=4011
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-DIR="$ROOT/.stack"
+DIR="${STACK_DIR:-$ROOT/.stack}"
 VENV="$ROOT/.venv"
 REDIS_PORT="${STACK_REDIS_PORT:-6391}"
 MONGO_PORT="${STACK_MONGO_PORT:-27027}"
@@ -116,7 +118,7 @@ status() {
   local n port
   for n in redis mongo es smtp sandbox; do
     case $n in redis) port=$REDIS_PORT;; mongo) port=$MONGO_PORT;; es) port=$ES_PORT;; smtp) port=$SMTP_PORT;; sandbox) port=$SANDBOX_PORT;; esac
-    if running "$n"; then printf '%-8s up    127.0.0.1:%s (pid %s, log .stack/%s.log)\n' "$n" "$port" "$(cat "$DIR/$n.pid")" "$n"
+    if running "$n"; then printf '%-8s up    127.0.0.1:%s (pid %s, log %s/%s.log)\n' "$n" "$port" "$(cat "$DIR/$n.pid")" "$DIR" "$n"
     else printf '%-8s down  127.0.0.1:%s\n' "$n" "$port"; fi
   done
 }

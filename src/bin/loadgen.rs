@@ -2,7 +2,9 @@
 //!
 //! `loadgen [--url http://127.0.0.1:3001] [--connections 32] [--seconds 20] [--type sms]
 //! [--api-key KEY] [--accept-only]` (the key also from `LOADGEN_API_KEY`; none is needed
-//! in `DEV_MODE`). `--accept-only` stops after phase 1.
+//! in `DEV_MODE`). `--accept-only` stops after phase 1. `--messages N` stops after N
+//! requests. `--costs` measures what one message costs each server instead (see
+//! `loadgen/costs.rs`; `scripts/costs.sh` runs it).
 //! Start the service with a high `API_RATE_PER_SEC` and `RECIPIENT_MAX=0` (or distinct
 //! numbers), or the limits, not the pipeline, are what gets measured.
 //!
@@ -19,6 +21,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// Beside this file rather than `src/bin/costs.rs`, which Cargo would take for a binary of
+// its own; the crate root stays `loadgen.rs`, where the layout (lib.rs, README) says it is.
+#[path = "loadgen/costs.rs"]
+mod costs;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -112,6 +119,9 @@ struct Options {
     kind: String,
     api_key: String,
     accept_only: bool,
+    /// Stop after this many requests (`--messages`; unlimited by default).
+    messages: u64,
+    costs: Option<costs::CostOptions>,
 }
 
 impl Options {
@@ -124,6 +134,10 @@ impl Options {
             kind: arg("--type", "sms"),
             api_key: arg("--api-key", &key),
             accept_only: std::env::args().any(|a| a == "--accept-only"),
+            messages: arg("--messages", &u64::MAX.to_string())
+                .parse()
+                .expect("--messages"),
+            costs: costs::CostOptions::from_args(),
         }
     }
 
@@ -207,6 +221,7 @@ async fn accept_phase(
                 kind: opts.kind.clone(),
                 counter: counter.clone(),
                 errors: errors.clone(),
+                limit: opts.messages,
             };
             tokio::spawn(worker.run(deadline))
         })
@@ -225,15 +240,20 @@ struct Worker {
     kind: String,
     counter: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
+    limit: u64,
 }
 
 impl Worker {
-    /// POST one request after another, each to a new recipient, until `deadline`.
+    /// POST one request after another, each to a new recipient, until `deadline` or
+    /// until `limit` requests have been started by all workers together.
     async fn run(self, deadline: Instant) -> Vec<u64> {
         let run_id = std::process::id() as u64 % 100;
         let mut lat = Vec::with_capacity(4096);
         while Instant::now() < deadline {
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            if n >= self.limit {
+                break;
+            }
             let (to, from) = if self.kind == "email" {
                 (
                     format!("user{n}@example.com"),
@@ -301,12 +321,12 @@ fn report_accept(opts: &Options, lat: &[u64], errors: u64, secs: f64, before: &B
 async fn wait_drained(
     http: &reqwest::Client,
     opts: &Options,
-    before: &Before,
+    before: &str,
     accepted: f64,
     start: Instant,
 ) -> (Option<f64>, String) {
-    let sent_before = opts.sent(&before.metrics);
-    let mut last = before.metrics.clone();
+    let sent_before = opts.sent(before);
+    let mut last = before.to_string();
     loop {
         if let Some(m) = metrics(http, &opts.url).await {
             let sent = opts.sent(&m) - sent_before;
@@ -345,6 +365,10 @@ fn p99_accept_to_sent(before: &str, after: &str, kind: &str) -> Option<f64> {
 async fn main() {
     let opts = Options::from_args();
     let http = opts.client();
+    if let Some(c) = &opts.costs {
+        costs::run(&http, &opts, c).await;
+        return;
+    }
     let before = before(&http, &opts).await;
     let start = Instant::now();
     let (lat, errors) = accept_phase(&http, &opts, start + Duration::from_secs(opts.seconds)).await;
@@ -356,7 +380,7 @@ async fn main() {
         return;
     }
     let accepted = lat.len() as f64;
-    let (drained, last) = wait_drained(&http, &opts, &before, accepted, start).await;
+    let (drained, last) = wait_drained(&http, &opts, &before.metrics, accepted, start).await;
     match drained {
         Some(t) => println!(
             "end to end: {} messages sent in {t:.1} s: {:.0} messages/s",

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# What one message costs each server (issue #14): `loadgen --costs`, once for the accept
+# path alone and once end to end, each on a fresh stack of its own (so a phase never pays
+# for an earlier one's backlog, and SecantusDB starts empty both times).
+# Usage: scripts/costs.sh [loadgen options, before the defaults --messages 2000 --connections 16]
+#   e.g. --messages 3000, or --mongo-profile (SecantusDB profiling on during the load, to
+#   count the documents each write carried; it costs SecantusDB CPU of its own)
+#   COSTS_PHASES  "accept e2e" (default), or one of them
+#   RECEIPTS=0    end to end without Twilio status callbacks (no PUBLIC_BASE_URL)
+#   COSTS_BUILD   release (default) or debug: which binaries to build and run
+#   COSTS_WARMUP / COSTS_IDLE / COSTS_SETTLE  seconds after the service is ready / of the
+#                 idle interval / of the wait after the load (default 5 / 10 / 3)
+# The accept phase holds deliveries back as scripts/load.sh --accept-only does: a provider
+# rate of 0.001 a second with a burst of 1 (the SMS stream is read and claimed, at most one
+# message is sent). The stack lives in a temporary folder on ports of its own (override
+# with STACK_*_PORT, see scripts/stack.sh) and is stopped and removed at the end.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+BUILD="${COSTS_BUILD:-release}"
+flag=""; [ "$BUILD" = release ] && flag="--release"
+cargo build $flag --bin comm-aggregator --bin loadgen --bin provider-sandbox
+BIN="$ROOT/target/$BUILD"
+export STACK_REDIS_PORT="${STACK_REDIS_PORT:-6393}" STACK_MONGO_PORT="${STACK_MONGO_PORT:-27029}"
+export STACK_ES_PORT="${STACK_ES_PORT:-9213}" STACK_SMTP_PORT="${STACK_SMTP_PORT:-2528}"
+export STACK_SANDBOX_PORT="${STACK_SANDBOX_PORT:-4013}" PORT="${COSTS_PORT:-3093}"
+WORK="$(mktemp -d /tmp/comm-agg-costs.XXXXXX)"
+export STACK_DIR="$WORK/stack"
+svc=""
+ARGS=("$@" --messages 2000 --connections 16)
+
+stack_down() {
+  local pids="" n
+  for n in redis mongo es smtp sandbox; do
+    [ -f "$STACK_DIR/$n.pid" ] && pids="$pids $(cat "$STACK_DIR/$n.pid")"
+  done
+  scripts/stack.sh down >/dev/null 2>&1 || true
+  for _ in $(seq 1 50); do
+    local alive=""
+    for n in $pids; do kill -0 "$n" 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && return 0
+    sleep 0.2
+  done
+}
+
+stop_service() {
+  if [ -n "$svc" ]; then kill "$svc" 2>/dev/null || true; wait "$svc" 2>/dev/null || true; svc=""; fi
+}
+
+cleanup() { stop_service; stack_down; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# phase NAME PROVIDER_RATE PROVIDER_BURST: a fresh stack, the service, loadgen --costs.
+phase() {
+  stack_down; rm -rf "$STACK_DIR"
+  SANDBOX_BIN="$BIN/provider-sandbox" scripts/stack.sh up >&2
+  (
+    eval "$(scripts/stack.sh env)"
+    if [ "${RECEIPTS:-1}" = 0 ]; then unset PUBLIC_BASE_URL; fi
+    export DEV_MODE=true API_RATE_PER_SEC=1000000 API_BURST=1000000 RECIPIENT_MAX=0 DAILY_QUOTA=0 \
+      RECIPIENTS_PER_HOUR=0 PROVIDER_RATE_PER_SEC="$2" PROVIDER_BURST="$3"
+    exec "$BIN/comm-aggregator"
+  ) >"$WORK/$1-service.log" 2>&1 &
+  svc=$!
+  for _ in $(seq 1 150); do
+    curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break
+    kill -0 "$svc" 2>/dev/null || { tail -20 "$WORK/$1-service.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  local pids="service=$svc" n
+  for n in redis mongo es smtp sandbox; do pids="$pids,$n=$(cat "$STACK_DIR/$n.pid")"; done
+  (
+    eval "$(scripts/stack.sh env)"
+    "$BIN/loadgen" --url "http://127.0.0.1:$PORT" --costs --phase "$1" --pids "$pids" \
+      --warmup-seconds "${COSTS_WARMUP:-5}" --idle-seconds "${COSTS_IDLE:-10}" \
+      --settle-seconds "${COSTS_SETTLE:-3}" \
+      --json-out "$WORK/$1.json" "${ARGS[@]}"
+  )
+  stop_service
+}
+
+for p in ${COSTS_PHASES:-accept e2e}; do
+  case $p in
+    accept) phase accept 0.001 1 ;;
+    e2e) phase e2e 100000 100000 ;;
+    *) echo "COSTS_PHASES: accept and/or e2e, not $p" >&2; exit 2 ;;
+  esac
+done
+# One JSON line with every phase, for whoever keeps the numbers.
+printf '{"receipts":%s' "${RECEIPTS:-1}"
+for p in ${COSTS_PHASES:-accept e2e}; do printf ',"%s":%s' "$p" "$(cat "$WORK/$p.json")"; done
+printf '}\n'
