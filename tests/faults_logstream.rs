@@ -137,7 +137,14 @@ async fn a_dead_indexers_events_are_taken_over_under_a_new_consumer_name() {
     svc.proc.kill();
     stack.start_es();
     let env = fast_env(&[("CONSUMER_NAME", "host-after-deploy"), forget[0]]);
-    let svc = stack.start_service(&env);
+    // The kill may fall between a receipt's MongoDB write and its log event (the status
+    // callbacks keep coming): that window is the Reconciler's, run often here so that search
+    // agrees with MongoDB within the wait below.
+    let reconcile_often = [
+        ("reconciler.interval_ms", toml::Value::Integer(2000)),
+        ("reconciler.settle_ms", toml::Value::Integer(1000)),
+    ];
+    let svc = stack.start_service_configured(&env, &reconcile_often);
     accepted.extend(load(svc.port, &format!("{tag}-after"), 5, Duration::ZERO).await);
     assert_eq!(accepted.len(), 25);
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
