@@ -322,7 +322,8 @@ pub trait Queue: Send + Sync + 'static {
 
     async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError>;
 
-    /// Take over entries idle longer than `min_idle` from any consumer of the group.
+    /// Take over entries idle longer than `min_idle` from any consumer of the group: the
+    /// first page of [`Queue::autoclaim_from`].
     async fn autoclaim(
         &self,
         stream: &str,
@@ -330,7 +331,12 @@ pub trait Queue: Send + Sync + 'static {
         consumer: &str,
         min_idle: Duration,
         count: usize,
-    ) -> Result<Vec<StreamEntry>, DependencyError>;
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let (_, taken) = self
+            .autoclaim_from(stream, group, consumer, min_idle, "0-0", count)
+            .await?;
+        Ok(taken)
+    }
 
     /// One page of [`Queue::autoclaim`], from `start` (`0-0` for the beginning of the
     /// pending list): the entries taken over, and where the next page starts (`0-0` once

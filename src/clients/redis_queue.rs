@@ -438,20 +438,6 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
-    async fn autoclaim(
-        &self,
-        stream: &str,
-        group: &str,
-        consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> Result<Vec<StreamEntry>, DependencyError> {
-        let (_, entries) = self
-            .autoclaim_from(stream, group, consumer, min_idle, "0-0", count)
-            .await?;
-        Ok(entries)
-    }
-
     async fn autoclaim_from(
         &self,
         stream: &str,

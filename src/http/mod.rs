@@ -60,15 +60,16 @@ pub fn routes(
         .recover(|r| async move { Ok::<_, Infallible>(Err(r)) })
         .unify();
     let keys = state.auth.clone();
-    request_id()
+    caller()
         .and(warp::path::full())
-        .and(asker())
         .and(answer)
-        .map(move |id, path: FullPath, asker: Asker, answer| {
-            let r = finish(id, path.as_str(), answer);
-            audit_refusal(&r, path.as_str(), &asker, &keys);
-            r
-        })
+        .map(
+            move |(id, asker): (String, Asker), path: FullPath, answer| {
+                let r = finish(id, path.as_str(), answer);
+                audit_refusal(&r, path.as_str(), &asker, &keys);
+                r
+            },
+        )
         .with(warp::trace(|info| {
             tracing::info_span!("http", method = %info.method(), path = %info.path(),
                 request_id = tracing::field::Empty)
@@ -81,21 +82,6 @@ pub fn routes(
             metrics::histogram!("http_request_duration_seconds", "route" => route)
                 .record(info.elapsed().as_secs_f64());
         }))
-}
-
-/// The caller's `x-request-id`, or a new one; it is also put on the request's span, so a
-/// client's report finds its log lines.
-fn request_id() -> impl Filter<Extract = (String,), Error = Infallible> + Clone {
-    warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
-        let id = h
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
-        tracing::Span::current().record("request_id", id.as_str());
-        id
-    })
 }
 
 /// The client's address, put on each request by the server's accept loop.
@@ -111,18 +97,29 @@ struct Asker {
     key: Option<String>,
 }
 
-fn asker() -> impl Filter<Extract = (Asker,), Error = Infallible> + Clone {
+/// The caller's `x-request-id` (or a new one, also put on the request's span, so a
+/// client's report finds its log lines) and who asked, from one look at the headers.
+fn caller() -> impl Filter<Extract = ((String, Asker),), Error = Infallible> + Clone {
     warp::method()
         .and(warp::ext::optional::<Peer>())
         .and(warp::header::headers_cloned())
         .map(|method, peer, h: warp::http::HeaderMap| {
+            let id = h
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .filter(|v| {
+                    !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+            tracing::Span::current().record("request_id", id.as_str());
             let key = h
                 .get(warp::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, key)| key.trim().to_string());
-            Asker { method, peer, key }
+            (id, Asker { method, peer, key })
         })
 }
 

@@ -298,20 +298,6 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn autoclaim(
-        &self,
-        stream: &str,
-        group: &str,
-        consumer: &str,
-        min_idle: Duration,
-        count: usize,
-    ) -> Result<Vec<StreamEntry>, DependencyError> {
-        let (_, taken) = self
-            .autoclaim_from(stream, group, consumer, min_idle, "0-0", count)
-            .await?;
-        Ok(taken)
-    }
-
     /// As Redis: from `start`, at most `count` entries taken and `count * 10` pending
     /// entries looked at; the next page starts after the last one looked at.
     async fn autoclaim_from(
