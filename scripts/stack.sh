@@ -140,6 +140,16 @@ if [ -z "\${WHATSAPP_TOKEN:-}" ]; then
   curl -s -XPOST http://127.0.0.1:$SANDBOX_PORT/__sandbox/webhooks -H 'content-type: application/json' \
     -d "{\"whatsapp\": \"http://127.0.0.1:\${PORT:-3001}/api/v1/callbacks/whatsapp\"}" >/dev/null || true
 fi
+if [ -z "\${VONAGE_API_KEY:-}" ]; then
+  export VONAGE_API_BASE=http://127.0.0.1:$SANDBOX_PORT VONAGE_API_KEY=sandboxkey VONAGE_API_SECRET=sandbox-vonage-secret
+  export VONAGE_SIGNATURE_SECRET=sandbox-vonage-signature-secret
+fi
+if [ -z "\${SENDGRID_API_KEY:-}" ]; then
+  export SENDGRID_API_BASE=http://127.0.0.1:$SANDBOX_PORT SENDGRID_API_KEY=SG.sandbox-sendgrid-key
+  export SENDGRID_WEBHOOK_PUBLIC_KEY=MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEK9bD4IMlz2G7NOB5/jQwuhCO8Jm9KXQJY9/8QbFsQMckVLQagkh54yMBsTqFAy3/Z1IhaEZenOC3wYvKJVycEA==
+  curl -s -XPOST http://127.0.0.1:$SANDBOX_PORT/__sandbox/webhooks -H 'content-type: application/json' \
+    -d "{\"sendgrid\": \"http://127.0.0.1:\${PORT:-3001}/api/v1/callbacks/sendgrid\"}" >/dev/null || true
+fi
 EOV
 }
 

@@ -437,6 +437,22 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
                 401,
             ),
         ),
+        (
+            ("POST", "/api/v1/callbacks/vonage"),
+            (
+                http.post(svc.url("/api/v1/callbacks/vonage"))
+                    .json(&json!({"messageId": "0A1", "status": "delivered"})),
+                401,
+            ),
+        ),
+        (
+            ("POST", "/api/v1/callbacks/sendgrid"),
+            (
+                http.post(svc.url("/api/v1/callbacks/sendgrid"))
+                    .json(&json!([])),
+                401,
+            ),
+        ),
         (("GET", "/metrics"), (http.get(svc.url("/metrics")), 200)),
         (("GET", "/healthz"), (http.get(svc.url("/healthz")), 200)),
         (("GET", "/readyz"), (http.get(svc.url("/readyz")), 200)),

@@ -177,6 +177,8 @@ fn http_state(
             twilio_auth_token: cfg.providers.sms.auth_token.clone(),
             whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
             whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
+            vonage_signature_secret: cfg.providers.vonage.signature_secret.clone(),
+            sendgrid_public_key: sendgrid_key(cfg),
             apply_timeout: cfg.receipts.apply_timeout,
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
@@ -356,4 +358,10 @@ async fn stop_stage(
         }
         _ => tracing::warn!(stage, "shutdown stage not confirmed"),
     }
+}
+
+/// SendGrid's verification key, checked at start-up (`config::checks`).
+fn sendgrid_key(cfg: &Config) -> Option<Vec<u8>> {
+    let key = &cfg.providers.sendgrid.webhook_public_key;
+    (!key.is_empty()).then(|| callbacks::sendgrid::public_key(key).ok())?
 }

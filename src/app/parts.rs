@@ -7,7 +7,9 @@ use crate::clients::lease::RedisLeases;
 use crate::clients::mongo::MongoStore;
 use crate::clients::redis_queue::RedisQueue;
 use crate::config::Config;
-use crate::providers::{smtp::Smtp, twilio::Twilio, whatsapp::WhatsApp};
+use crate::providers::{
+    sendgrid::SendGrid, smtp::Smtp, twilio::Twilio, vonage::Vonage, whatsapp::WhatsApp,
+};
 use actors::domain::{Channel, LOG_STREAM};
 use actors::health::ProviderHealth;
 use actors::ports::Provider;
@@ -74,30 +76,59 @@ fn providers(cfg: &Config) -> Result<HashMap<Channel, Arc<dyn Provider>>, RunErr
         .user_agent(concat!("comm-aggregator/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(RunError::HttpClient)?;
-    let sms = Twilio::new(
-        http.clone(),
-        &p.sms.api_base,
-        &p.sms.account_sid,
-        p.sms.auth_token.clone(),
-        &p.sms.messaging_service_sid,
-        cfg.callbacks.twilio_url(),
-    );
-    let whatsapp = WhatsApp::new(
-        http,
-        &p.whatsapp.api_base,
-        &p.whatsapp.phone_number_id,
-        p.whatsapp.token.clone(),
-    );
-    let email = Smtp::new(
-        p.email.smtp_url.expose(),
-        &p.email.default_subject,
-        p.timeout,
-    )?;
-    Ok(HashMap::from([
-        (Channel::Sms, Arc::new(sms) as Arc<dyn Provider>),
-        (Channel::Whatsapp, Arc::new(whatsapp) as Arc<dyn Provider>),
-        (Channel::Email, Arc::new(email) as Arc<dyn Provider>),
-    ]))
+    Channel::ALL
+        .into_iter()
+        .map(|ch| Ok((ch, provider(cfg, &http, ch, &cfg.routing.of(ch)[0])?)))
+        .collect()
+}
+
+/// The client of provider `name` (a `[routing]` name, checked at start-up) for `channel`.
+fn provider(
+    cfg: &Config,
+    http: &reqwest::Client,
+    channel: Channel,
+    name: &str,
+) -> Result<Arc<dyn Provider>, RunError> {
+    let p = &cfg.providers;
+    let twilio = || {
+        Twilio::new(
+            http.clone(),
+            &p.sms.api_base,
+            &p.sms.account_sid,
+            p.sms.auth_token.clone(),
+            &p.sms.messaging_service_sid,
+            cfg.callbacks.twilio_url(),
+        )
+    };
+    Ok(match (channel, name) {
+        (Channel::Sms, "twilio") => Arc::new(twilio()),
+        (Channel::Whatsapp, "twilio") => Arc::new(twilio().for_whatsapp()),
+        (Channel::Sms, "vonage") => Arc::new(Vonage::new(
+            http.clone(),
+            &p.vonage.api_base,
+            &p.vonage.api_key,
+            p.vonage.api_secret.clone(),
+            cfg.callbacks.vonage_url(),
+        )),
+        (Channel::Whatsapp, "meta") => Arc::new(WhatsApp::new(
+            http.clone(),
+            &p.whatsapp.api_base,
+            &p.whatsapp.phone_number_id,
+            p.whatsapp.token.clone(),
+        )),
+        (Channel::Email, "sendgrid") => Arc::new(SendGrid::new(
+            http.clone(),
+            &p.sendgrid.api_base,
+            p.sendgrid.api_key.clone(),
+            &p.email.default_subject,
+        )),
+        (Channel::Email, "smtp") => Arc::new(Smtp::new(
+            p.email.smtp_url.expose(),
+            &p.email.default_subject,
+            p.timeout,
+        )?),
+        (ch, other) => unreachable!("{other:?} for {ch:?}: refused by the start-up checks"),
+    })
 }
 
 fn health(

@@ -8,7 +8,9 @@ type Rule = fn(&Config) -> Result<(), ConfigError>;
 
 const RULES: &[Rule] = &[
     urls_have_known_schemes,
+    routes_name_known_providers,
     provider_credentials_are_set,
+    sendgrid_key_is_a_key,
     api_keys_or_dev_mode,
     api_rate_limit_is_usable,
     limits_are_usable,
@@ -88,6 +90,8 @@ fn urls_have_known_schemes(c: &Config) -> Result<(), ConfigError> {
     url("ELASTICSEARCH_NODE", &c.elasticsearch.node, WEB)?;
     url("TWILIO_API_BASE", &c.providers.sms.api_base, WEB)?;
     url("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, WEB)?;
+    url("VONAGE_API_BASE", &c.providers.vonage.api_base, WEB)?;
+    url("SENDGRID_API_BASE", &c.providers.sendgrid.api_base, WEB)?;
     url(
         "SMTP_URL",
         c.providers.email.smtp_url.expose(),
@@ -99,31 +103,96 @@ fn urls_have_known_schemes(c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Each channel names at least one provider, each one it knows, none twice.
+fn routes_name_known_providers(c: &Config) -> Result<(), ConfigError> {
+    use super::Routing;
+    for ch in actors::domain::Channel::ALL {
+        let var = format!("{}_PROVIDERS", ch.as_str().to_uppercase());
+        let list = c.routing.of(ch);
+        if list.is_empty() {
+            return Err(bad(format!(
+                "{var} (routing.{}) names no provider",
+                ch.as_str()
+            )));
+        }
+        for (i, p) in list.iter().enumerate() {
+            if !Routing::known(ch).contains(&p.as_str()) {
+                return Err(bad(format!(
+                    "{var}: {p:?} is not a {} provider; one of {:?}",
+                    ch.as_str(),
+                    Routing::known(ch)
+                )));
+            }
+            if list[..i].contains(p) {
+                return Err(bad(format!("{var}: {p:?} is named twice")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `SENDGRID_WEBHOOK_PUBLIC_KEY`, when set, is a key events can be checked with.
+fn sendgrid_key_is_a_key(c: &Config) -> Result<(), ConfigError> {
+    let key = &c.providers.sendgrid.webhook_public_key;
+    if key.is_empty() {
+        return Ok(());
+    }
+    crate::http::callbacks::sendgrid::public_key(key)
+        .map(drop)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The credentials of every provider a channel routes through.
 fn provider_credentials_are_set(c: &Config) -> Result<(), ConfigError> {
     let p = &c.providers;
-    for (name, v, why) in [
+    let r = &c.routing;
+    let twilio = r.uses("twilio");
+    let needed: [(bool, &str, &str, &str); 7] = [
         (
+            twilio,
             "ACCOUNTSID",
-            p.sms.account_sid.as_str(),
+            &p.sms.account_sid,
             "the Twilio Account SID (starts with AC)",
         ),
         (
+            twilio,
             "AUTHTOKEN",
             p.sms.auth_token.expose_secret(),
             "the Twilio auth token",
         ),
         (
+            r.whatsapp.iter().any(|x| x == "meta"),
             "WHATSAPP_PHONE_NUMBER_ID",
-            p.whatsapp.phone_number_id.as_str(),
+            &p.whatsapp.phone_number_id,
             "the WhatsApp Business phone number id",
         ),
         (
+            r.whatsapp.iter().any(|x| x == "meta"),
             "WHATSAPP_TOKEN",
             p.whatsapp.token.expose_secret(),
             "the WhatsApp Cloud API access token",
         ),
-    ] {
-        if v.trim().is_empty() {
+        (
+            r.uses("vonage"),
+            "VONAGE_API_KEY",
+            &p.vonage.api_key,
+            "the Vonage API key",
+        ),
+        (
+            r.uses("vonage"),
+            "VONAGE_API_SECRET",
+            p.vonage.api_secret.expose_secret(),
+            "the Vonage API secret",
+        ),
+        (
+            r.uses("sendgrid"),
+            "SENDGRID_API_KEY",
+            p.sendgrid.api_key.expose_secret(),
+            "the SendGrid API key",
+        ),
+    ];
+    for (used, name, v, why) in needed {
+        if used && v.trim().is_empty() {
             return Err(bad(format!("{name} is not set: {why}")));
         }
     }

@@ -200,6 +200,16 @@ pub const ENV: &[EnvVar] = &[
     var("WHATSAPP_TOKEN", "", "WhatsApp access token", set!(secret => providers.whatsapp.token)),
     var("SMTP_URL", "providers.email.smtp_url", "SMTP server, credentials in the URL", set!(url => providers.email.smtp_url)),
     var("EMAIL_DEFAULT_SUBJECT", "providers.email.default_subject", "subject when the request has none", set!(text => providers.email.default_subject)),
+    var("VONAGE_API_BASE", "providers.vonage.api_base", "Vonage SMS API", set!(text => providers.vonage.api_base)),
+    var("VONAGE_API_KEY", "", "Vonage API key", set!(text => providers.vonage.api_key)),
+    var("VONAGE_API_SECRET", "", "Vonage API secret", set!(secret => providers.vonage.api_secret)),
+    var("VONAGE_SIGNATURE_SECRET", "", "Vonage signature secret (signed delivery receipts)", set!(secret => providers.vonage.signature_secret)),
+    var("SENDGRID_API_BASE", "providers.sendgrid.api_base", "SendGrid API", set!(text => providers.sendgrid.api_base)),
+    var("SENDGRID_API_KEY", "", "SendGrid API key", set!(secret => providers.sendgrid.api_key)),
+    var("SENDGRID_WEBHOOK_PUBLIC_KEY", "providers.sendgrid.webhook_public_key", "SendGrid event webhook verification key", set!(text => providers.sendgrid.webhook_public_key)),
+    var("EMAIL_PROVIDERS", "routing.email", "email providers in order: `smtp`, `sendgrid`", set!(list => routing.email)),
+    var("SMS_PROVIDERS", "routing.sms", "SMS providers in order: `twilio`, `vonage`", set!(list => routing.sms)),
+    var("WHATSAPP_PROVIDERS", "routing.whatsapp", "WhatsApp providers in order: `meta`, `twilio`", set!(list => routing.whatsapp)),
 ];
 
 const fn names() -> [&'static str; ENV.len()] {

@@ -67,6 +67,7 @@ pub struct Config {
     pub supervisor: Supervisor,
     pub callbacks: Callbacks,
     pub providers: Providers,
+    pub routing: Routing,
     pub auth: Auth,
     pub limits: Limits,
     pub audit: Audit,
@@ -148,13 +149,22 @@ pub struct Callbacks {
 }
 
 impl Callbacks {
-    pub fn twilio_url(&self) -> Option<String> {
+    /// `{public_base_url}/api/v1/callbacks/{provider}`, when the public URL is known.
+    fn url(&self, provider: &str) -> Option<String> {
         (!self.public_base_url.is_empty()).then(|| {
             format!(
-                "{}/api/v1/callbacks/twilio",
+                "{}/api/v1/callbacks/{provider}",
                 self.public_base_url.trim_end_matches('/')
             )
         })
+    }
+
+    pub fn twilio_url(&self) -> Option<String> {
+        self.url("twilio")
+    }
+
+    pub fn vonage_url(&self) -> Option<String> {
+        self.url("vonage")
     }
 }
 
@@ -491,6 +501,70 @@ pub struct Providers {
     pub sms: Sms,
     pub whatsapp: Whatsapp,
     pub email: Email,
+    pub vonage: Vonage,
+    pub sendgrid: SendGrid,
+}
+
+/// Vonage SMS API (`VONAGE_*`); used when `routing.sms` names `vonage`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vonage {
+    pub api_base: String,
+    #[serde(skip)]
+    pub api_key: String,
+    #[serde(skip)]
+    pub api_secret: secret::SecretString,
+    /// The account's signature secret: delivery receipts are signed with it (SHA-256 HMAC).
+    #[serde(skip)]
+    pub signature_secret: secret::SecretString,
+}
+
+/// SendGrid v3 Mail Send (`SENDGRID_*`); used when `routing.email` names `sendgrid`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendGrid {
+    pub api_base: String,
+    #[serde(skip)]
+    pub api_key: secret::SecretString,
+    /// The event webhook's verification key (base64 of the DER public key SendGrid shows).
+    pub webhook_public_key: String,
+}
+
+/// `[routing]`: the providers of each channel, in order. Names: `twilio` and `vonage` for
+/// SMS, `smtp` and `sendgrid` for email, `meta` and `twilio` for WhatsApp. The first is
+/// the channel's provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    pub email: Vec<String>,
+    pub sms: Vec<String>,
+    pub whatsapp: Vec<String>,
+}
+
+impl Routing {
+    pub fn of(&self, channel: Channel) -> &[String] {
+        match channel {
+            Channel::Email => &self.email,
+            Channel::Sms => &self.sms,
+            Channel::Whatsapp => &self.whatsapp,
+        }
+    }
+
+    /// The providers a channel may name, in the names `[routing]` uses.
+    pub fn known(channel: Channel) -> &'static [&'static str] {
+        match channel {
+            Channel::Email => &["smtp", "sendgrid"],
+            Channel::Sms => &["twilio", "vonage"],
+            Channel::Whatsapp => &["meta", "twilio"],
+        }
+    }
+
+    /// Whether any channel routes through `provider`.
+    pub fn uses(&self, provider: &str) -> bool {
+        Channel::ALL
+            .into_iter()
+            .any(|ch| self.of(ch).iter().any(|p| p == provider))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -747,5 +821,57 @@ zeta:zeta-0123456789abcdef
         let err = load(&v).unwrap_err().to_string();
         assert!(err.contains("line 1"), "{err}");
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn routes_name_known_providers_whose_credentials_are_set() {
+        let c = load(&CREDS).unwrap();
+        assert_eq!(
+            (c.routing.sms.as_slice(), c.routing.email.as_slice()),
+            (&["twilio".to_string()][..], &["smtp".to_string()][..])
+        );
+        let mut v = CREDS.to_vec();
+        v.extend([
+            ("SMS_PROVIDERS", "vonage, twilio"),
+            ("EMAIL_PROVIDERS", "sendgrid"),
+            ("WHATSAPP_PROVIDERS", "twilio"),
+            ("VONAGE_API_KEY", "k"),
+            ("VONAGE_API_SECRET", "s"),
+            ("SENDGRID_API_KEY", "SG.x"),
+        ]);
+        let c = load(&v).unwrap();
+        assert_eq!(c.routing.sms, ["vonage", "twilio"]);
+        assert!(c.routing.uses("twilio") && !c.routing.uses("meta"));
+        for (var, value, named) in [
+            (
+                "SMS_PROVIDERS",
+                "sendgrid",
+                "SMS_PROVIDERS: \"sendgrid\" is not a sms provider",
+            ),
+            (
+                "EMAIL_PROVIDERS",
+                "smtp,smtp",
+                "EMAIL_PROVIDERS: \"smtp\" is named twice",
+            ),
+            ("WHATSAPP_PROVIDERS", "none", "WHATSAPP_PROVIDERS: \"none\""),
+            ("SENDGRID_API_KEY", "", "SENDGRID_API_KEY is not set"),
+            (
+                "SENDGRID_WEBHOOK_PUBLIC_KEY",
+                "bm90IGEga2V5",
+                "SENDGRID_WEBHOOK_PUBLIC_KEY is not",
+            ),
+        ] {
+            let mut bad = v.clone();
+            bad.retain(|(k, _)| *k != var);
+            if !value.is_empty() {
+                bad.push((var, value));
+            }
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{var}={value}: {err}");
+        }
+        // Meta's credentials are needed only while WhatsApp routes through Meta.
+        v.retain(|(k, _)| !k.starts_with("WHATSAPP_"));
+        v.push(("WHATSAPP_PROVIDERS", "twilio"));
+        assert!(load(&v).is_ok());
     }
 }

@@ -10,9 +10,11 @@ pub(super) fn transports_are_encrypted(c: &Config) -> Result<(), ConfigError> {
     if c.server.allow_insecure_transport {
         return Ok(());
     }
-    let checks: [(&str, &str, Check); 6] = [
+    let checks: [(&str, &str, Check); 8] = [
         ("TWILIO_API_BASE", &c.providers.sms.api_base, web),
         ("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, web),
+        ("VONAGE_API_BASE", &c.providers.vonage.api_base, web),
+        ("SENDGRID_API_BASE", &c.providers.sendgrid.api_base, web),
         ("ELASTICSEARCH_NODE", &c.elasticsearch.node, web),
         ("REDIS_URL", c.redis.url.expose(), redis),
         ("MONGODB_URL", c.mongodb.url.expose(), mongodb),

@@ -19,6 +19,8 @@ pub const OPENAPI_DOCUMENT: Route = ("GET", "/api/v1/openapi.json");
 pub const TWILIO_CALLBACK: Route = ("POST", "/api/v1/callbacks/twilio");
 pub const WHATSAPP_VERIFY: Route = ("GET", "/api/v1/callbacks/whatsapp");
 pub const WHATSAPP_CALLBACK: Route = ("POST", "/api/v1/callbacks/whatsapp");
+pub const VONAGE_CALLBACK: Route = ("POST", "/api/v1/callbacks/vonage");
+pub const SENDGRID_CALLBACK: Route = ("POST", "/api/v1/callbacks/sendgrid");
 pub const METRICS: Route = ("GET", "/metrics");
 pub const HEALTHZ: Route = ("GET", "/healthz");
 pub const READYZ: Route = ("GET", "/readyz");
@@ -33,6 +35,8 @@ pub const ROUTES: &[Route] = &[
     TWILIO_CALLBACK,
     WHATSAPP_VERIFY,
     WHATSAPP_CALLBACK,
+    VONAGE_CALLBACK,
+    SENDGRID_CALLBACK,
     METRICS,
     HEALTHZ,
     READYZ,

@@ -2,8 +2,10 @@
 //! that classify their answers as success, retryable or permanent.
 
 pub mod scrub;
+pub mod sendgrid;
 pub mod smtp;
 pub mod twilio;
+pub mod vonage;
 pub mod whatsapp;
 
 use actors::domain::{Ambiguity, ErrorClass, ProviderError};

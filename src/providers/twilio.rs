@@ -23,12 +23,17 @@ use serde_json::Value;
 /// The provider name on records, metrics and receipts.
 pub const NAME: &str = "twilio";
 
+/// The same API sending WhatsApp messages (`whatsapp:`-prefixed addresses).
+pub const WHATSAPP_NAME: &str = "twilio-whatsapp";
+
 /// Pages of the list read at most per lookup (of `LOOKUP_PAGE_SIZE` messages each); a
 /// lookup that reaches the end of them without finding ours cannot tell.
 const LOOKUP_PAGES: usize = 5;
 const LOOKUP_PAGE_SIZE: &str = "100";
 
 pub struct Twilio {
+    /// [`NAME`], or [`WHATSAPP_NAME`] when the addresses carry the `whatsapp:` prefix.
+    name: &'static str,
     http: reqwest::Client,
     /// `{api_base}`, to which the list's `next_page_uri` is relative.
     base: String,
@@ -50,6 +55,7 @@ impl Twilio {
         status_callback: Option<String>,
     ) -> Twilio {
         Twilio {
+            name: NAME,
             http,
             base: api_base.trim_end_matches('/').to_string(),
             url: format!(
@@ -72,6 +78,26 @@ impl Twilio {
     }
 }
 
+impl Twilio {
+    /// The same client sending WhatsApp messages: Twilio's Messages API with
+    /// `whatsapp:+…` in `To` and `From` (<https://www.twilio.com/docs/whatsapp/api>).
+    pub fn for_whatsapp(self) -> Twilio {
+        Twilio {
+            name: WHATSAPP_NAME,
+            ..self
+        }
+    }
+
+    /// A number as this client sends it: `whatsapp:+…` for WhatsApp.
+    fn address(&self, number: &str) -> String {
+        if self.name == WHATSAPP_NAME && !number.starts_with("whatsapp:") {
+            format!("whatsapp:{number}")
+        } else {
+            number.to_string()
+        }
+    }
+}
+
 /// How a message names its sender to Twilio.
 #[derive(Debug, PartialEq)]
 enum Sender<'a> {
@@ -89,6 +115,19 @@ impl Twilio {
         match &self.messaging_service_sid {
             Some(sid) => Sender::Service(sid),
             None => Sender::From(&msg.from),
+        }
+    }
+
+    /// `msg` with its addresses as Twilio has them (see [`Twilio::address`]).
+    fn addressed(&self, msg: &OutboundMessage) -> OutboundMessage {
+        OutboundMessage {
+            to: self.address(&msg.to),
+            from: if crate::tenants::is_messaging_service_sid(&msg.from) {
+                msg.from.clone()
+            } else {
+                self.address(&msg.from)
+            },
+            ..msg.clone()
         }
     }
 
@@ -160,7 +199,7 @@ pub fn find_ours(
 #[async_trait]
 impl Provider for Twilio {
     fn name(&self) -> &'static str {
-        NAME
+        self.name
     }
 
     async fn lookup(
@@ -168,6 +207,7 @@ impl Provider for Twilio {
         msg: &OutboundMessage,
         since: DateTime<Utc>,
     ) -> Result<Lookup, ProviderError> {
+        let msg = &self.addressed(msg);
         let from = match self.sender(msg) {
             Sender::Service(_) => None,
             Sender::From(f) => Some(f),
@@ -198,6 +238,7 @@ impl Provider for Twilio {
     }
 
     async fn send(&self, msg: &OutboundMessage) -> Result<ProviderReceipt, ProviderError> {
+        let msg = &self.addressed(msg);
         let mut form: Vec<(&str, &str)> = vec![("To", &msg.to), ("Body", &msg.body)];
         match self.sender(msg) {
             Sender::Service(sid) => form.push(("MessagingServiceSid", sid)),
@@ -259,6 +300,18 @@ mod tests {
             t("MGservice").sender(&m),
             Sender::Service("MG0123456789abcdef0123456789abcdef")
         );
+    }
+
+    #[test]
+    fn whatsapp_numbers_carry_the_prefix() {
+        let http = reqwest::Client::new();
+        let t = Twilio::new(http, "http://x", "AC1", "t".into(), "", None).for_whatsapp();
+        let m = t.addressed(&msg("x"));
+        assert_eq!(
+            (m.to.as_str(), m.from.as_str()),
+            ("whatsapp:+15557654321", "whatsapp:+15550001111")
+        );
+        assert_eq!(t.name(), WHATSAPP_NAME);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub const API_KEY: &str = "tests-key-0123456789abcdef";
 /// A second tenant, to show the first one's messages stay out of its sight.
 pub const OTHER_TENANT: &str = "other";
 pub const OTHER_KEY: &str = "other-key-0123456789abcdef";
+/// The provider stand-in's SendGrid event webhook key (its development key pair).
+pub const SENDGRID_PUBLIC_KEY: &str = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEK9bD4IMlz2G7NOB5/jQwuhCO8Jm9KXQJY9/8QbFsQMckVLQagkh54yMBsTqFAy3/Z1IhaEZenOC3wYvKJVycEA==";
 
 /// An HTTP client that sends the test tenant's API key.
 pub fn client() -> reqwest::Client {
@@ -448,6 +450,16 @@ impl Stack {
             ("PUBLIC_BASE_URL", format!("http://127.0.0.1:{port}")),
             ("WHATSAPP_APP_SECRET", "sandbox-app-secret".into()),
             ("WHATSAPP_VERIFY_TOKEN", "sandbox-verify-token".into()),
+            ("VONAGE_API_BASE", sb.clone()),
+            ("VONAGE_API_KEY", "sandboxkey".into()),
+            ("VONAGE_API_SECRET", "sandbox-vonage-secret".into()),
+            (
+                "VONAGE_SIGNATURE_SECRET",
+                "sandbox-vonage-signature-secret".into(),
+            ),
+            ("SENDGRID_API_BASE", sb.clone()),
+            ("SENDGRID_API_KEY", "SG.sandbox-sendgrid-key".into()),
+            ("SENDGRID_WEBHOOK_PUBLIC_KEY", SENDGRID_PUBLIC_KEY.into()),
             ("RUST_LOG", "info".into()),
             (
                 "API_KEYS",
@@ -519,8 +531,12 @@ impl Stack {
     fn start_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> Service {
         let (port, mut proc) = self.spawn_service_args(extra_env, args);
         proc.wait_port(port, Duration::from_secs(20));
-        // Point the stand-in's WhatsApp webhook here, as one would in Meta's dashboard.
-        let hook = format!("http://127.0.0.1:{port}/api/v1/callbacks/whatsapp");
+        // Point the stand-in's WhatsApp and SendGrid webhooks here, as one would in Meta's
+        // and SendGrid's dashboards.
+        let hooks = serde_json::json!({
+            "whatsapp": format!("http://127.0.0.1:{port}/api/v1/callbacks/whatsapp"),
+            "sendgrid": format!("http://127.0.0.1:{port}/api/v1/callbacks/sendgrid"),
+        });
         let admin = format!("{}/__sandbox/webhooks", self.sandbox());
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -531,7 +547,7 @@ impl Stack {
                 rt.block_on(async {
                     let r = reqwest::Client::new()
                         .post(&admin)
-                        .json(&serde_json::json!({"whatsapp": hook}))
+                        .json(&hooks)
                         .send()
                         .await
                         .unwrap();
@@ -633,12 +649,17 @@ impl Service {
 /// A stack and a service shared by the tests of one test binary, started on first use by a
 /// thread that lives as long as the process (so the servers die with it).
 pub fn shared() -> &'static (Stack, Service) {
+    shared_with(&[])
+}
+
+/// [`shared`], its service started with `env` added (the first call's `env` counts).
+pub fn shared_with(env: &'static [(&'static str, &'static str)]) -> &'static (Stack, Service) {
     static SHARED: OnceLock<&'static (Stack, Service)> = OnceLock::new();
     SHARED.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let stack = Stack::start();
-            let service = stack.start_service(&[]);
+            let service = stack.start_service(env);
             let both: &'static (Stack, Service) = Box::leak(Box::new((stack, service)));
             tx.send(both).unwrap();
             loop {

@@ -5,7 +5,9 @@
 //! message is accepted, the answer is a bare `502 Bad Gateway`, as when a proxy in front
 //! of the provider loses the answer).
 
+use crate::sendgrid::sendgrid_error;
 use crate::twilio::twilio_error;
+use crate::vonage::vonage_refusal;
 use crate::whatsapp::meta_error;
 use crate::{json_status, Sandbox};
 use serde::Deserialize;
@@ -58,51 +60,54 @@ pub async fn fault_for(sb: &Sandbox, provider: &str) -> Option<Response> {
     if f.mode == "none" || rand::random::<f64>() >= f.rate {
         return None;
     }
-    let twilio = provider == "twilio";
-    Some(match f.mode.as_str() {
-        "hang" => {
+    Some(match (provider, f.mode.as_str()) {
+        (_, "hang") => {
             tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
             json_status(json!({}), StatusCode::GATEWAY_TIMEOUT)
         }
-        "429" if twilio => {
-            with_retry_after(twilio_error(429, 20429, "Too Many Requests"), f.retry_after)
-        }
-        "429" => with_retry_after(
-            meta_error(
-                429,
-                130429,
-                "Rate limit hit",
-                "Cloud API message throughput has been reached.",
-            ),
-            f.retry_after,
-        ),
-        "5xx" if twilio => with_retry_after(
-            twilio_error(
-                f.status.unwrap_or(503),
-                20500,
-                "An internal server error has occurred",
-            ),
-            f.retry_after,
-        ),
-        "5xx" => with_retry_after(
-            meta_error(
-                f.status.unwrap_or(503),
-                131016,
-                "Service unavailable",
-                "A service is temporarily unavailable.",
-            ),
-            f.retry_after,
-        ),
+        (_, "429") => with_retry_after(throttled(provider), f.retry_after),
+        (_, "5xx") => with_retry_after(outage(provider, f.status.unwrap_or(503)), f.retry_after),
         _ => {
             let status = f.status.unwrap_or(400);
             let msg = f.message.clone().unwrap_or_else(|| "Injected error".into());
-            if twilio {
-                twilio_error(status, f.code.unwrap_or(21211), &msg)
-            } else {
-                meta_error(status, f.code.unwrap_or(131026), &msg, &msg)
+            match provider {
+                "twilio" => twilio_error(status, f.code.unwrap_or(21211), &msg),
+                "vonage" => vonage_refusal(f.code.unwrap_or(6), &msg),
+                "sendgrid" => sendgrid_error(status, &msg, None),
+                _ => meta_error(status, f.code.unwrap_or(131026), &msg, &msg),
             }
         }
     })
+}
+
+/// Each provider's "too many requests" (Vonage's is status 1 in a `200`).
+fn throttled(provider: &str) -> Response {
+    match provider {
+        "twilio" => twilio_error(429, 20429, "Too Many Requests"),
+        "vonage" => vonage_refusal(1, "Throughput Rate Exceeded - please wait [ 1 ] and retry"),
+        "sendgrid" => sendgrid_error(429, "too many requests", None),
+        _ => meta_error(
+            429,
+            130429,
+            "Rate limit hit",
+            "Cloud API message throughput has been reached.",
+        ),
+    }
+}
+
+/// Each provider's outage answer with HTTP `status`.
+fn outage(provider: &str, status: u16) -> Response {
+    match provider {
+        "twilio" => twilio_error(status, 20500, "An internal server error has occurred"),
+        "vonage" => json_status(json!({}), StatusCode::from_u16(status).unwrap()),
+        "sendgrid" => sendgrid_error(status, "Service Unavailable", None),
+        _ => meta_error(
+            status,
+            131016,
+            "Service unavailable",
+            "A service is temporarily unavailable.",
+        ),
+    }
 }
 
 /// What becomes of the answer of a request that is otherwise handled as usual (the
@@ -148,9 +153,9 @@ pub async fn answer_after(after: Option<AfterTaking>, answer: Response) -> Respo
 
 impl Sandbox {
     pub fn set_fault(&self, f: Fault) -> Response {
-        if !["twilio", "whatsapp"].contains(&f.provider.as_str()) {
+        if !["twilio", "whatsapp", "vonage", "sendgrid"].contains(&f.provider.as_str()) {
             return json_status(
-                json!({"error": "provider must be twilio or whatsapp"}),
+                json!({"error": "provider must be twilio, whatsapp, vonage or sendgrid"}),
                 StatusCode::BAD_REQUEST,
             );
         }

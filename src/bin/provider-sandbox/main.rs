@@ -1,5 +1,5 @@
-//! provider-sandbox: a local stand-in for the two HTTP providers we cannot reach from
-//! here, speaking their documented formats.
+//! provider-sandbox: a local stand-in for the HTTP providers we cannot reach from here,
+//! speaking their documented formats.
 //!
 //! - Twilio: `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, basic auth, form fields
 //!   `To`, `Body`, `From` | `MessagingServiceSid`; answers `201` with a Message resource or
@@ -12,10 +12,14 @@
 //!   +15005550001 → 131026 (undeliverable).
 //!   `GET /2010-04-01/Accounts/{AccountSid}/Messages.json` lists Message resources as
 //!   Twilio does (filters `To`, `From`, `DateSent`, `DateSent<`, `DateSent>`; paged).
-//! - `GET /__sandbox/messages` lists what was accepted (`?provider=twilio|whatsapp`);
+//! - Vonage SMS API: `POST /sms/json` (see `vonage.rs`); SendGrid v3 Mail Send:
+//!   `POST /v3/mail/send` (see `sendgrid.rs`); Twilio's WhatsApp sender: the Twilio
+//!   endpoint with `whatsapp:+…` addresses.
+//! - `GET /__sandbox/messages` lists what was accepted
+//!   (`?provider=twilio|whatsapp|vonage|sendgrid`);
 //!   `DELETE /__sandbox/messages` forgets it.
 //! - Fault knobs, per provider: `POST /__sandbox/faults` with
-//!   `{"provider":"twilio"|"whatsapp","mode":"none"|"5xx"|"429"|"hang"|"error"|"late"|"gateway",
+//!   `{"provider":"twilio"|"whatsapp"|"vonage"|"sendgrid","mode":"none"|"5xx"|"429"|"hang"|"error"|"late"|"gateway",
 //!     "status":503,"code":20500,"message":"...","retry_after":2,"latency_ms":0,"rate":1.0}`
 //!   (`rate`: the share of requests affected; `error` answers `status` with the provider's
 //!   error body for `code`; `late` takes the message, then answers after `latency_ms`;
@@ -30,7 +34,9 @@
 //! development defaults printed at start.
 
 mod faults;
+mod sendgrid;
 mod twilio;
+mod vonage;
 mod whatsapp;
 
 use faults::{after_taking, answer_after, fault_for, Fault};
@@ -50,6 +56,10 @@ pub const DEV_AUTH_TOKEN: &str = "sandbox-auth-token";
 pub const DEV_WHATSAPP_TOKEN: &str = "sandbox-whatsapp-token";
 pub const DEV_PHONE_NUMBER_ID: &str = "100000000000001";
 pub const DEV_APP_SECRET: &str = "sandbox-app-secret";
+pub const DEV_VONAGE_KEY: &str = "sandboxkey";
+pub const DEV_VONAGE_SECRET: &str = "sandbox-vonage-secret";
+pub const DEV_VONAGE_SIGNATURE_SECRET: &str = "sandbox-vonage-signature-secret";
+pub const DEV_SENDGRID_KEY: &str = "SG.sandbox-sendgrid-key";
 
 #[derive(Clone)]
 struct Sandbox {
@@ -63,6 +73,15 @@ struct Sandbox {
     auth_token: String,
     wa_token: String,
     phone_number_id: String,
+    vonage_key: String,
+    vonage_secret: String,
+    vonage_signature_secret: String,
+    sendgrid_key: String,
+    /// Where SendGrid's events go (`POST /__sandbox/webhooks {"sendgrid": URL}` or
+    /// `SENDGRID_EVENT_WEBHOOK_URL`).
+    sendgrid_webhook: Arc<Mutex<Option<String>>>,
+    /// The event webhook's signing key (PKCS#8, base64).
+    sendgrid_signing_key: String,
     received: Arc<Mutex<Vec<Value>>>,
     seq: Arc<AtomicU64>,
 }
@@ -167,7 +186,7 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
         .unify()
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::bytes())
-        .and(with(sb))
+        .and(with(sb.clone()))
         .then(|id, auth, body: bytes::Bytes, sb: Sandbox| async move {
             let after = after_taking(&sb, "whatsapp");
             if let Some(r) = fault_for(&sb, "whatsapp").await {
@@ -179,7 +198,60 @@ fn provider_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Re
             };
             answer_after(after, answer).await
         });
-    twilio.or(twilio_list).unify().or(whatsapp).unify()
+    twilio
+        .or(twilio_list)
+        .unify()
+        .or(whatsapp)
+        .unify()
+        .or(vonage_route(sb.clone()))
+        .unify()
+        .or(sendgrid_route(sb))
+        .unify()
+}
+
+/// Vonage's `POST /sms/json`, form or JSON parameters.
+fn vonage_route(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::post()
+        .and(warp::path!("sms" / "json"))
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::bytes())
+        .and(with(sb))
+        .then(
+            |ct: Option<String>, body: bytes::Bytes, sb: Sandbox| async move {
+                let after = after_taking(&sb, "vonage");
+                if let Some(r) = fault_for(&sb, "vonage").await {
+                    return r;
+                }
+                let params: HashMap<String, String> = if ct
+                    .is_some_and(|c| c.starts_with("application/json"))
+                {
+                    serde_json::from_slice::<HashMap<String, Value>>(&body)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                        .collect()
+                } else {
+                    url::form_urlencoded::parse(&body).into_owned().collect()
+                };
+                answer_after(after, sb.vonage(params)).await
+            },
+        )
+}
+
+/// SendGrid's `POST /v3/mail/send`.
+fn sendgrid_route(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    warp::post()
+        .and(warp::path!("v3" / "mail" / "send"))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::body::bytes())
+        .and(with(sb))
+        .then(|auth, body: bytes::Bytes, sb: Sandbox| async move {
+            let after = after_taking(&sb, "sendgrid");
+            if let Some(r) = fault_for(&sb, "sendgrid").await {
+                return r;
+            }
+            answer_after(after, sb.sendgrid(auth, &body)).await
+        })
 }
 
 /// What the tests call: `/__sandbox/messages`, `/__sandbox/faults`, `/__sandbox/webhooks`.
@@ -229,9 +301,19 @@ fn admin_routes(sb: Sandbox) -> impl Filter<Extract = (Response,), Error = Rejec
         .and(warp::body::json::<Value>())
         .and(with(sb))
         .map(|v: Value, sb: Sandbox| {
-            let url = v["whatsapp"].as_str().map(str::to_string);
-            *sb.whatsapp_webhook.lock().unwrap() = url.clone();
-            json_status(json!({"whatsapp": url}), StatusCode::OK)
+            for (name, slot) in [
+                ("whatsapp", &sb.whatsapp_webhook),
+                ("sendgrid", &sb.sendgrid_webhook),
+            ] {
+                if let Some(url) = v.get(name) {
+                    *slot.lock().unwrap() = url.as_str().map(str::to_string);
+                }
+            }
+            let current = |slot: &Mutex<Option<String>>| slot.lock().unwrap().clone();
+            json_status(
+                json!({"whatsapp": current(&sb.whatsapp_webhook), "sendgrid": current(&sb.sendgrid_webhook)}),
+                StatusCode::OK,
+            )
         });
     list.or(clear)
         .unify()
@@ -278,6 +360,16 @@ async fn main() {
                 .filter(|v| !v.is_empty()),
         )),
         app_secret: env("WHATSAPP_APP_SECRET", DEV_APP_SECRET),
+        vonage_key: env("VONAGE_API_KEY", DEV_VONAGE_KEY),
+        vonage_secret: env("VONAGE_API_SECRET", DEV_VONAGE_SECRET),
+        vonage_signature_secret: env("VONAGE_SIGNATURE_SECRET", DEV_VONAGE_SIGNATURE_SECRET),
+        sendgrid_key: env("SENDGRID_API_KEY", DEV_SENDGRID_KEY),
+        sendgrid_webhook: Arc::new(Mutex::new(
+            std::env::var("SENDGRID_EVENT_WEBHOOK_URL")
+                .ok()
+                .filter(|v| !v.is_empty()),
+        )),
+        sendgrid_signing_key: env("SENDGRID_SIGNING_KEY", sendgrid::DEV_SENDGRID_PRIVATE_KEY),
         http: reqwest::Client::new(),
     };
     let listener = match tokio::net::TcpListener::bind(&addr).await {
@@ -288,8 +380,8 @@ async fn main() {
         }
     };
     println!(
-        "provider-sandbox on http://{addr} (twilio account {}, whatsapp phone number id {})",
-        sb.account_sid, sb.phone_number_id
+        "provider-sandbox on http://{addr} (twilio account {}, whatsapp phone number id {}, vonage key {}; sendgrid events signed for SENDGRID_WEBHOOK_PUBLIC_KEY={})",
+        sb.account_sid, sb.phone_number_id, sb.vonage_key, sendgrid::DEV_SENDGRID_PUBLIC_KEY
     );
     warp::serve(routes(sb)).incoming(listener).run().await;
 }

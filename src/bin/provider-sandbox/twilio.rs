@@ -163,8 +163,16 @@ impl Sandbox {
             from: field("From"),
             mss: field("MessagingServiceSid"),
         };
-        let to = req.to;
-        let refusal = if to.is_empty() {
+        // Twilio's WhatsApp sender: both addresses `whatsapp:+…`, or neither.
+        let to = req.to.strip_prefix("whatsapp:").unwrap_or(req.to);
+        let wa_to = to.len() != req.to.len();
+        let wa_from = req.from.is_some_and(|f| f.starts_with("whatsapp:"));
+        let refusal = if req.from.is_some() && wa_to != wa_from {
+            Some((
+                21910,
+                "Invalid From and To pair. From and To should be of the same channel".to_string(),
+            ))
+        } else if to.is_empty() {
             Some((21604, "A 'To' phone number is required.".to_string()))
         } else if req.body.is_empty() {
             Some((21602, "Message body is required.".into()))
@@ -229,7 +237,7 @@ impl Sandbox {
     /// Twilio posts the message's status changes to `StatusCallback`, signed: `sent`,
     /// then `delivered` (or `undelivered` for +15005550004).
     fn twilio_callbacks(&self, cb: String, req: &TwilioRequest, msid: &str) {
-        let final_status = if req.to == "+15005550004" {
+        let final_status = if req.to.trim_start_matches("whatsapp:") == "+15005550004" {
             "undelivered"
         } else {
             "delivered"

@@ -4,12 +4,16 @@
 //! - [`twilio`]: `POST /api/v1/callbacks/twilio`, Twilio's status callback.
 //! - [`whatsapp`]: `GET /api/v1/callbacks/whatsapp` (Meta's webhook verification) and
 //!   `POST /api/v1/callbacks/whatsapp` (status notifications).
+//! - [`vonage`]: `POST /api/v1/callbacks/vonage`, Vonage's SMS delivery receipts.
+//! - [`sendgrid`]: `POST /api/v1/callbacks/sendgrid`, SendGrid's signed event webhook.
 //!
 //! A missing signature is 401, a wrong one 403; neither changes anything. A verified
 //! receipt goes to the ReceiptActor; if it is not recorded the answer is 503 and the
 //! provider sends it again.
 
+pub mod sendgrid;
 pub mod twilio;
+pub mod vonage;
 pub mod whatsapp;
 
 pub use twilio::signature as twilio_signature;
@@ -33,13 +37,22 @@ pub struct CallbackConfig {
     pub twilio_auth_token: SecretString,
     pub whatsapp_app_secret: SecretString,
     pub whatsapp_verify_token: SecretString,
+    /// Vonage's signature secret; empty: receipts refused.
+    pub vonage_signature_secret: SecretString,
+    /// SendGrid's verification key (the point, see [`sendgrid::public_key`]); `None`:
+    /// events refused.
+    pub sendgrid_public_key: Option<Vec<u8>>,
     /// How long a callback waits for the ReceiptActor (`receipts.apply_timeout_ms`).
     pub apply_timeout: Duration,
 }
 
 pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
     twilio::routes(cfg.clone())
-        .or(whatsapp::routes(cfg))
+        .or(whatsapp::routes(cfg.clone()))
+        .unify()
+        .or(vonage::routes(cfg.clone()))
+        .unify()
+        .or(sendgrid::routes(cfg))
         .unify()
         .boxed()
 }

@@ -99,9 +99,15 @@ async fn callback(
         .get("ErrorCode")
         .filter(|c| !c.is_empty())
         .map(|c| (c.to_string(), format!("Twilio reported {st} (error {c})")));
+    // Twilio's WhatsApp sender reports through the same callback, `To` as `whatsapp:+…`.
+    let provider = if p.get("To").is_some_and(|to| to.starts_with("whatsapp:")) {
+        crate::providers::twilio::WHATSAPP_NAME
+    } else {
+        crate::providers::twilio::NAME
+    };
     record(
         cfg.apply_timeout,
-        crate::providers::twilio::NAME,
+        provider,
         "twilio-callback",
         sid,
         status,
