@@ -233,6 +233,116 @@ pub struct RawRequest {
     #[serde(rename = "type")]
     pub kind: Option<serde_json::Value>,
     pub data: Option<serde_json::Value>,
+    /// `{"type", "afterSeconds", "data"?}`: what to send instead if this message does not
+    /// reach the person (see [`Fallback`]).
+    #[serde(default)]
+    pub fallback: Option<serde_json::Value>,
+}
+
+/// A message to send instead when the first does not reach the person: created once the
+/// first is not `delivered` or `read` within `after_secs` of its creation, or at once when
+/// it fails for good.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fallback {
+    pub after_secs: u32,
+    pub request: NewCommunication,
+}
+
+/// A request's `fallback` before its message is validated: the channel, the wait, and its
+/// own `data` with what it leaves out taken from the first message (see [`fallback_of`]).
+#[derive(Debug, Clone)]
+pub struct RawFallback {
+    pub after_secs: u32,
+    /// The fallback's request, ready for [`validate_with`].
+    pub request: RawRequest,
+}
+
+/// Read `fallback` of a request whose own message is `first`: its `type` (another
+/// channel), `afterSeconds` (1 to `max_after_secs`) and optional `data`, where `msg`
+/// defaults to the first message's, and `to` and `from` too between channels with the same
+/// kind of address (WhatsApp and SMS); otherwise `from` is left to the caller's defaults.
+/// `None` without a `fallback`.
+pub fn fallback_of(
+    raw: &RawRequest,
+    first: &NewCommunication,
+    max_after_secs: u32,
+) -> Result<Option<RawFallback>, ValidationError> {
+    let obj = match raw.fallback.as_ref() {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Object(o)) => o,
+        Some(_) => {
+            return Err(invalid(
+                "fallback",
+                "fallback must be an object with type and afterSeconds",
+            ))
+        }
+    };
+    let channel = channel_of(obj.get("type")).map_err(|e| ValidationError {
+        field: "fallback.type",
+        message: format!("fallback.{}", e.message),
+    })?;
+    if channel == first.channel {
+        return Err(invalid(
+            "fallback.type",
+            "fallback.type must be another channel than the message's",
+        ));
+    }
+    let after_secs = obj
+        .get("afterSeconds")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|s| (1..=u64::from(max_after_secs)).contains(s))
+        .ok_or_else(|| {
+            invalid(
+                "fallback.afterSeconds",
+                format!("fallback.afterSeconds must be a whole number from 1 to {max_after_secs}"),
+            )
+        })? as u32;
+    let mut data = match obj.get("data") {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(d)) => d.clone(),
+        Some(_) => return Err(invalid("fallback.data", "fallback.data must be an object")),
+    };
+    let same_kind = (channel == Channel::Email) == (first.channel == Channel::Email);
+    if same_kind {
+        data.entry("to").or_insert_with(|| first.to.clone().into());
+        data.entry("from")
+            .or_insert_with(|| first.from.clone().into());
+    }
+    data.entry("msg")
+        .or_insert_with(|| first.msg.clone().into());
+    Ok(Some(RawFallback {
+        after_secs,
+        request: RawRequest {
+            kind: Some(channel.as_str().into()),
+            data: Some(serde_json::Value::Object(data)),
+            fallback: None,
+        },
+    }))
+}
+
+/// A field of a fallback's own message, as its errors name it.
+pub fn fallback_field(field: &'static str) -> &'static str {
+    match field {
+        "type" => "fallback.type",
+        "data" => "fallback.data",
+        "from" => "fallback.data.from",
+        "to" => "fallback.data.to",
+        "msg" => "fallback.data.msg",
+        "subject" => "fallback.data.subject",
+        other => other,
+    }
+}
+
+impl Fallback {
+    /// The request's fingerprint with this fallback in it: a replay must ask for the same.
+    pub fn fingerprint_with(&self, first: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(first.as_bytes());
+        h.update(self.after_secs.to_be_bytes());
+        h.update(self.request.fingerprint().as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// A request that passed validation.
@@ -356,10 +466,14 @@ fn has_forbidden_control(s: &str) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ValidationLimits {
     pub email_max_chars: usize,
+    /// The longest `fallback.afterSeconds`.
+    pub fallback_max_after_secs: u32,
 }
 
 impl ValidationLimits {
     pub const DEFAULT_EMAIL_MAX_CHARS: usize = 60_000;
+    /// A week.
+    pub const DEFAULT_FALLBACK_MAX_AFTER_SECS: u32 = 7 * 24 * 3600;
 
     pub fn max_msg_chars(&self, channel: Channel) -> usize {
         match channel {
@@ -373,6 +487,7 @@ impl Default for ValidationLimits {
     fn default() -> Self {
         ValidationLimits {
             email_max_chars: Self::DEFAULT_EMAIL_MAX_CHARS,
+            fallback_max_after_secs: Self::DEFAULT_FALLBACK_MAX_AFTER_SECS,
         }
     }
 }
@@ -533,6 +648,10 @@ pub struct Communication {
     pub idempotency_key: Option<String>,
     /// SHA-256 of the validated request, to tell a replay from a different request.
     pub request_hash: String,
+    /// What to send instead if this does not reach the person.
+    pub fallback: Option<Fallback>,
+    /// The record this one is the fallback of.
+    pub fallback_of: Option<String>,
 }
 
 impl Communication {
@@ -556,7 +675,18 @@ impl Communication {
             provider_message_id: None,
             last_error: None,
             errors: Vec::new(),
+            fallback: None,
+            fallback_of: None,
         }
+    }
+
+    /// This record with a fallback: kept with it, and part of its fingerprint.
+    pub fn with_fallback(mut self, fallback: Option<Fallback>) -> Communication {
+        if let Some(f) = &fallback {
+            self.request_hash = f.fingerprint_with(&self.request_hash);
+        }
+        self.fallback = fallback;
+        self
     }
 
     /// The Redis Stream entry for this communication (the seed's fields plus `type` and
@@ -966,6 +1096,7 @@ mod tests {
         };
         let small = ValidationLimits {
             email_max_chars: 10,
+            ..ValidationLimits::default()
         };
         assert!(validate_with(&body(10), &small).is_ok());
         let e = validate_with(&body(11), &small).unwrap_err();
@@ -980,7 +1111,8 @@ mod tests {
         assert!(validate_with(
             &sms,
             &ValidationLimits {
-                email_max_chars: 100_000
+                email_max_chars: 100_000,
+                ..ValidationLimits::default()
             }
         )
         .is_err());
@@ -1156,5 +1288,67 @@ mod tests {
         assert_eq!(ev.log_doc_id(), "65f000000000000000000001:sent:1");
         let back: LogEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn a_fallback_takes_what_it_leaves_out_from_the_first_message() {
+        let first = |v| validate(&raw(v)).unwrap();
+        let wa = json!({"type": "whatsapp", "data": {"from": "+15550001111", "to": "+15557654321", "msg": "code 1234"},
+            "fallback": {"type": "sms", "afterSeconds": 120}});
+        let f = fallback_of(&raw(wa.clone()), &first(wa), 3600)
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.after_secs, 120);
+        let sms = validate(&f.request).unwrap();
+        assert_eq!(
+            (
+                sms.channel,
+                sms.from.as_str(),
+                sms.to.as_str(),
+                sms.msg.as_str()
+            ),
+            (Channel::Sms, "+15550001111", "+15557654321", "code 1234")
+        );
+        // Email to SMS: no `to` to take.
+        let email = json!({"type": "email", "data": {"from": "a@example.com", "to": "b@example.com", "msg": "hi"},
+            "fallback": {"type": "sms", "afterSeconds": 5, "data": {"msg": "short"}}});
+        let f = fallback_of(&raw(email.clone()), &first(email), 3600)
+            .unwrap()
+            .unwrap();
+        let data = f.request.data.as_ref().unwrap();
+        assert!(data.get("to").is_none() && data.get("from").is_none());
+        assert_eq!(data["msg"], "short");
+        // Refusals name the field.
+        let base = json!({"type": "sms", "data": {"from": "+15550001111", "to": "+15557654321", "msg": "m"}});
+        for (fallback, field) in [
+            (json!("sms"), "fallback"),
+            (json!({"type": "sms", "afterSeconds": 5}), "fallback.type"),
+            (json!({"type": "fax", "afterSeconds": 5}), "fallback.type"),
+            (json!({"type": "whatsapp"}), "fallback.afterSeconds"),
+            (
+                json!({"type": "whatsapp", "afterSeconds": 0}),
+                "fallback.afterSeconds",
+            ),
+            (
+                json!({"type": "whatsapp", "afterSeconds": 3601}),
+                "fallback.afterSeconds",
+            ),
+            (
+                json!({"type": "whatsapp", "afterSeconds": 1.5}),
+                "fallback.afterSeconds",
+            ),
+            (
+                json!({"type": "whatsapp", "afterSeconds": 5, "data": []}),
+                "fallback.data",
+            ),
+        ] {
+            let mut body = base.clone();
+            body["fallback"] = fallback.clone();
+            let e = fallback_of(&raw(body), &first(base.clone()), 3600).unwrap_err();
+            assert_eq!(e.field, field, "{fallback}");
+        }
+        assert!(fallback_of(&raw(base.clone()), &first(base), 3600)
+            .unwrap()
+            .is_none());
     }
 }

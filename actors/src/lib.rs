@@ -6,15 +6,16 @@
 //! # The actor tree
 //!
 //! ```text
-//!                               Supervisor
-//!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┐
-//! Router  StreamConsumer×3  Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler
+//!                                    Supervisor
+//!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┬────────────┬──────────┐
+//! Router  StreamConsumer×3  Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler  Fallback
 //! ```
 //! A request goes HTTP → Router (stored, then on `{type}_stream` and `log_stream`) →
 //! StreamConsumer → Sender (claim, provider call, outcome) ; every step's log event goes
 //! `log_stream` → LogIndexer → Elasticsearch. Receipts apply the providers' delivery
 //! reports; the OutboxSweeper re-queues what MongoDB says should be moving; Stats trims
-//! streams and reports their gauges.
+//! streams and reports their gauges; Fallback sends a message's fallback when it did not
+//! reach the person in time.
 //!
 //! # Layout
 //!
@@ -26,6 +27,7 @@
 //! - [`receipts`]: ReceiptActor, providers' delivery receipts in batches.
 //! - [`log_indexer`]: LogIndexer, `log_stream` into Elasticsearch.
 //! - [`reconciler`]: Reconciler, makes search agree with MongoDB for recent records.
+//! - [`fallback`]: FallbackActor, a message's fallback on another channel, on time.
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
 //! - [`stats`]: StatsActor, stream trimming and gauges.
 //! - [`audit`]: AuditActor, security events into their own index.
@@ -43,6 +45,7 @@ pub mod backoff;
 pub mod batch;
 pub mod call;
 pub mod domain;
+pub mod fallback;
 pub mod health;
 pub mod log_indexer;
 pub mod ports;

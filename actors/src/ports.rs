@@ -521,3 +521,30 @@ pub trait Provider: Send + Sync + 'static {
         Ok(Lookup::CannotTell)
     }
 }
+
+/// A record whose fallback is due, as the FallbackActor reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueFallback {
+    pub id: String,
+    pub tenant: String,
+    pub status: crate::domain::Status,
+    pub fallback: crate::domain::Fallback,
+}
+
+/// Where the FallbackActor finds records whose fallback is due (MongoDB's
+/// `communications`: `fallback`, `fallbackAt`, `fallbackId`), and marks them settled.
+#[async_trait]
+pub trait Fallbacks: Send + Sync + 'static {
+    /// Records with a fallback not yet settled whose time has come (`fallbackAt` ≤ `now`)
+    /// or that failed for good, oldest `fallbackAt` first, at most `limit`.
+    async fn due_fallbacks(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueFallback>, DependencyError>;
+
+    /// `id`'s fallback is settled: sent as the record `sent_as`, or not needed (`None`:
+    /// the first message reached the person).
+    async fn settle_fallback(&self, id: &str, sent_as: Option<&str>)
+        -> Result<(), DependencyError>;
+}

@@ -61,6 +61,10 @@ pub struct Submission {
     pub request: NewCommunication,
     pub tenant: String,
     pub idempotency_key: Option<String>,
+    /// What to send instead if this does not reach the person.
+    pub fallback: Option<crate::domain::Fallback>,
+    /// The record this is the fallback of (the FallbackActor's submissions).
+    pub fallback_of: Option<String>,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -212,9 +216,11 @@ impl Actor for RouterActor {
             RouterMsg::Accept(p) => {
                 let p = *p;
                 let id = bson::oid::ObjectId::new().to_hex();
-                let mut record = Communication::new(id, p.submission.request, Utc::now());
+                let mut record = Communication::new(id, p.submission.request, Utc::now())
+                    .with_fallback(p.submission.fallback);
                 record.tenant = p.submission.tenant;
                 record.idempotency_key = p.submission.idempotency_key;
+                record.fallback_of = p.submission.fallback_of;
                 let waiting = Waiting {
                     record,
                     reply: p.reply,
@@ -537,6 +543,8 @@ mod tests {
             },
             tenant: "acme".into(),
             idempotency_key: key.map(str::to_string),
+            fallback: None,
+            fallback_of: None,
         }
     }
 

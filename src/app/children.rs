@@ -1,12 +1,15 @@
 //! The supervisor's children, in start order, each with its arguments from configuration.
 
 use super::parts::Parts;
+use crate::clients::fallbacks::MongoFallbacks;
+use crate::clients::indexes::{IndexReadiness, IndexState};
 use crate::clients::parked::MongoParking;
 use crate::clients::reconcile::ElasticIndexed;
 use crate::config::Config;
 use actors::audit::{self, AuditActor, AuditArgs};
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
+use actors::fallback::{self, FallbackActor, FallbackArgs};
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Queue, SearchSink, Store};
 use actors::ractor::Actor;
@@ -46,8 +49,8 @@ struct Ports<'a> {
 
 /// The supervisor's children, in start order: the audit trail, receipts and the LogIndexer first (the
 /// senders report to them), then the senders, the consumers that feed them, the router,
-/// the stats, the sweeper and the reconciler.
-pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
+/// the stats, the sweeper, the reconciler and the fallbacks.
+pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<ChildSpec> {
     let ports = Ports {
         store: parts.store.clone(),
         queue: parts.queue.clone(),
@@ -66,6 +69,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     specs.push(stats_spec(cfg, &ports));
     specs.push(sweeper_spec(cfg, &ports));
     specs.push(reconciler_spec(cfg, parts));
+    specs.push(fallback_spec(cfg, parts, indexes));
     specs
 }
 
@@ -80,6 +84,7 @@ pub fn shutdown_stages() -> [Vec<Vec<String>>; 3] {
             sweeper::NAME.to_string(),
             stats::NAME.to_string(),
             reconciler::NAME.to_string(),
+            fallback::NAME.to_string(),
         ]],
         vec![names(stream_consumer::name), names(sender::name)],
         vec![
@@ -237,4 +242,18 @@ fn reconciler_spec(cfg: &Config, parts: &Parts) -> ChildSpec {
         batch: cfg.reconciler.batch,
     };
     spec(reconciler::NAME.to_string(), || Reconciler, args)
+}
+
+/// The FallbackActor submits through its own admission (HTTP's queue is not its to fill),
+/// and only once the unique idempotency index exists: that index is what keeps a fallback
+/// from being made twice.
+fn fallback_spec(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> ChildSpec {
+    let args = FallbackArgs {
+        store: Arc::new(MongoFallbacks::new(parts.store.collection().clone())),
+        admission: actors::router::Admission::new(cfg.fallback.batch, cfg.router.accept_deadline),
+        interval: cfg.fallback.interval,
+        batch: cfg.fallback.batch,
+        ready: Arc::new(move || indexes.state() == IndexState::Ready),
+    };
+    spec(fallback::NAME.to_string(), || FallbackActor, args)
 }

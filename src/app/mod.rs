@@ -71,7 +71,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let parts = Parts::build(&cfg).await?;
     check_redis(&parts).await?;
     let (_index_task, indexes) = spawn_index_creation(&cfg, &parts.store);
-    let (supervisor, mut supervisor_done) = start_actors(&cfg, &parts).await?;
+    let (supervisor, mut supervisor_done) = start_actors(&cfg, &parts, indexes.clone()).await?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = http_state(&cfg, &parts, prometheus, shutting_down.clone(), indexes);
     log_start(&cfg, &state);
@@ -135,9 +135,10 @@ impl Drop for AbortOnDrop {
 async fn start_actors(
     cfg: &Config,
     parts: &Parts,
+    indexes: IndexReadiness,
 ) -> Result<(ActorRef<SupervisorMsg>, JoinHandle<()>), RunError> {
     let args = SupervisorArgs {
-        children: child_specs(cfg, parts),
+        children: child_specs(cfg, parts, indexes),
         max_restarts: cfg.supervisor.max_restarts,
         window: cfg.supervisor.window,
         backoff_base: cfg.supervisor.backoff_base,
@@ -200,6 +201,7 @@ fn http_state(
         tenants,
         validation: actors::domain::ValidationLimits {
             email_max_chars: cfg.limits.email_max_chars,
+            fallback_max_after_secs: cfg.fallback.max_after_secs,
         },
         metrics_token: cfg.auth.metrics_token.clone(),
     }

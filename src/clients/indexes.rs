@@ -164,6 +164,15 @@ fn models() -> Vec<IndexModel> {
             .keys(doc! {"updatedAt": -1})
             .options(named("recently_changed").build())
             .build(),
+        // The FallbackActor's look for fallbacks due; only records that asked for one.
+        IndexModel::builder()
+            .keys(doc! {"fallbackAt": 1})
+            .options(
+                named("fallback_due")
+                    .partial_filter_expression(doc! {"fallbackAt": {"$exists": true}})
+                    .build(),
+            )
+            .build(),
     ]
 }
 

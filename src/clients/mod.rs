@@ -4,6 +4,7 @@
 //! Elasticsearch; `parked` keeps the delivery receipts that came before their records
 //! (MongoDB); `reconcile` reads both stores for the Reconciler.
 pub mod elastic;
+pub mod fallbacks;
 pub mod indexes;
 pub mod lease;
 pub mod limiter;

@@ -170,6 +170,16 @@ impl MongoStore {
         if let Some(k) = &r.idempotency_key {
             d.insert("idempotencyKey", k);
         }
+        if let Some(f) = &r.fallback {
+            d.insert("fallback", super::fallbacks::fallback_doc(f));
+            d.insert(
+                "fallbackAt",
+                bdate(r.created_at + chrono::Duration::seconds(i64::from(f.after_secs))),
+            );
+        }
+        if let Some(of) = &r.fallback_of {
+            d.insert("fallbackOf", of);
+        }
         Ok(d)
     }
 
@@ -206,6 +216,8 @@ impl MongoStore {
             errors,
             idempotency_key: d.get_str("idempotencyKey").ok().map(str::to_string),
             request_hash: d.get_str("requestHash").unwrap_or_default().to_string(),
+            fallback: None,
+            fallback_of: d.get_str("fallbackOf").ok().map(str::to_string),
         })
     }
 

@@ -181,6 +181,7 @@ pub const ENV: &[EnvVar] = &[
     var("FAULT_INJECTION", "sender.fault_injection", "honour the test markers", set!(flag => sender.fault_injection)),
     var("LOG_STREAM_MAX_LEN", "log_indexer.max_stream_len", "longest `log_stream`; events beyond it are indexed later from MongoDB", set!(num => log_indexer.max_stream_len)),
     var("FORGET_CONSUMER_MS", "log_indexer.forget_consumer_ms", "a `log_stream` consumer not marked alive this long, holding nothing, is removed", set!(millis => log_indexer.forget_consumer)),
+    var("FALLBACK_INTERVAL_MS", "fallback.interval_ms", "how often due fallbacks are looked for", set!(millis => fallback.interval)),
     var("SWEEP_RECHECK_MS", "sweeper.recheck_ms", "a record not moving this long is queued again", set!(millis => sweeper.recheck)),
     var("PROVIDER_TIMEOUT_MS", "providers.timeout_ms", "one provider call", set!(millis => providers.timeout)),
     var("MAX_ATTEMPTS", "channels.*.max_attempts", "attempts before `failed`, every channel", set!(num => channels.*.max_attempts)),

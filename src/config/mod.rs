@@ -64,6 +64,7 @@ pub struct Config {
     pub log_indexer: LogIndexer,
     pub stats: Stats,
     pub reconciler: Reconciler,
+    pub fallback: FallbackSettings,
     pub supervisor: Supervisor,
     pub callbacks: Callbacks,
     pub providers: Providers,
@@ -473,6 +474,16 @@ pub struct Reconciler {
     #[serde(rename = "settle_ms", deserialize_with = "millis")]
     pub settle: Duration,
     pub batch: usize,
+}
+
+/// `[fallback]`: the FallbackActor's pace, and the longest wait a request may ask.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackSettings {
+    #[serde(rename = "interval_ms", deserialize_with = "millis")]
+    pub interval: Duration,
+    pub batch: usize,
+    pub max_after_secs: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -20,7 +20,10 @@ use crate::http::state::{authenticated, authenticated_read, with_state, AppState
 use crate::limits::{Caller, Verdict};
 use crate::tenants::TenantPolicy;
 use actors::call::CallError;
-use actors::domain::{validate_with, Channel, NewCommunication, RawRequest};
+use actors::domain::{
+    fallback_field, fallback_of, validate_with, Channel, Fallback, NewCommunication, RawRequest,
+    ValidationLimits,
+};
 use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -64,6 +67,7 @@ async fn create(
     let raw = with_default_from(parse_body(&body)?, &policy)?;
     let request = validate_with(&raw, &state.validation)?;
     check_sender_and_destination(&policy, &request)?;
+    let fallback = fallback_request(&raw, &request, &policy, &state.validation)?;
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key)?;
     }
@@ -79,6 +83,8 @@ async fn create(
         request,
         tenant: who.tenant,
         idempotency_key,
+        fallback,
+        fallback_of: None,
     };
     let accepted = state
         .admission
@@ -157,6 +163,37 @@ fn with_default_from(mut raw: RawRequest, policy: &TenantPolicy) -> Result<RawRe
             message: format!("data.from is required: this tenant has no default {channel} sender"),
         }),
     }
+}
+
+/// The request's `fallback`, validated as a message of its own (what it leaves out taken
+/// from the first message, its `from` from the tenant's default sender of its channel) and
+/// held to the tenant's senders and countries like the first. Its errors name
+/// `fallback.*` fields.
+fn fallback_request(
+    raw: &RawRequest,
+    first: &NewCommunication,
+    policy: &TenantPolicy,
+    limits: &ValidationLimits,
+) -> Result<Option<Fallback>, ApiError> {
+    let Some(f) = fallback_of(raw, first, limits.fallback_max_after_secs)? else {
+        return Ok(None);
+    };
+    let raw = with_default_from(f.request, policy).map_err(|e| match e {
+        ApiError::Invalid { message, .. } => ApiError::Invalid {
+            field: "fallback.data.from",
+            message: format!("fallback.{message}"),
+        },
+        other => other,
+    })?;
+    let request = validate_with(&raw, limits).map_err(|e| ApiError::Invalid {
+        field: fallback_field(e.field),
+        message: format!("fallback: {}", e.message),
+    })?;
+    check_sender_and_destination(policy, &request)?;
+    Ok(Some(Fallback {
+        after_secs: f.after_secs,
+        request,
+    }))
 }
 
 /// A `from` the tenant does not own, or a destination outside its countries, is a 403.

@@ -35,6 +35,11 @@ pub const RECORD_FIELDS: &[&str] = &[
     "unknownAttempt",
     "unknownCause",
     "unknownSince",
+    "fallback",
+    "fallbackAt",
+    "fallbackId",
+    "fallbackOf",
+    "fallbackSettledAt",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.

@@ -125,13 +125,16 @@ impl Sandbox {
     }
 
     /// Meta posts status webhooks, signed: `sent`, `delivered`, `read` (or `sent`, then
-    /// `failed` with 131026 for +15005550004).
+    /// `failed` with 131026 for +15005550004; only `sent` for +15005550007, a phone that
+    /// is never reached).
     fn whatsapp_webhooks(&self, url: String, req: &WhatsAppRequest, wamid: &str, phone_id: &str) {
-        let statuses: Vec<(&str, Option<Value>)> = if req.normalized == "+15005550004" {
-            let undeliverable = json!([{"code": 131026, "title": "Message undeliverable"}]);
-            vec![("sent", None), ("failed", Some(undeliverable))]
-        } else {
-            vec![("sent", None), ("delivered", None), ("read", None)]
+        let statuses: Vec<(&str, Option<Value>)> = match req.normalized.as_str() {
+            "+15005550004" => {
+                let undeliverable = json!([{"code": 131026, "title": "Message undeliverable"}]);
+                vec![("sent", None), ("failed", Some(undeliverable))]
+            }
+            "+15005550007" => vec![("sent", None)],
+            _ => vec![("sent", None), ("delivered", None), ("read", None)],
         };
         let bodies: Vec<Vec<u8>> = statuses
             .into_iter()

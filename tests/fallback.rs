@@ -1,0 +1,178 @@
+//! Channel fallback (issue #15), on real servers: a WhatsApp message that is never
+//! delivered is followed by its SMS once its time is up, exactly once, also when the
+//! service is killed in between; one that fails for good is followed at once; one that is
+//! read needs none; a fallback that could not be sent is refused with 400 and nothing is
+//! stored. The fallback and its first message are linked both ways.
+
+mod common;
+
+use common::{eventually, shared_with, unique, Service, Stack};
+use mongodb::bson::{doc, oid::ObjectId, Document};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+const FAST: &[(&str, &str)] = &[("FALLBACK_INTERVAL_MS", "200")];
+
+async fn record(stack: &Stack, filter: Document) -> Option<Document> {
+    stack.records().await.find_one(filter).await.unwrap()
+}
+
+async fn by_id(stack: &Stack, id: &str) -> Document {
+    record(stack, doc! {"_id": ObjectId::parse_str(id).unwrap()})
+        .await
+        .expect("the record")
+}
+
+async fn accept(svc: &Service, body: Value) -> String {
+    let (status, answer) = svc.post(body).await;
+    assert_eq!(status, 200, "{answer}");
+    answer["id"].as_str().expect("an id").to_string()
+}
+
+fn whatsapp(to: &str, msg: &str, after: u32) -> Value {
+    json!({"type": "whatsapp", "data": {"from": "+15550001111", "to": to, "msg": msg},
+           "fallback": {"type": "sms", "afterSeconds": after}})
+}
+
+/// The SMS messages the stand-in took with this body.
+async fn sms_with(stack: &Stack, msg: &str) -> Vec<Value> {
+    stack
+        .sandbox_messages()
+        .await
+        .into_iter()
+        .filter(|m| m["provider"] == "twilio" && m["body"] == msg)
+        .collect()
+}
+
+/// The fallback of `id`, once it is linked both ways.
+async fn linked_fallback(stack: &Stack, id: &str) -> Document {
+    let first = eventually(WAIT, "the fallback linked to its message", || async {
+        let r = by_id(stack, id).await;
+        r.get_str("fallbackId").is_ok().then_some(r)
+    })
+    .await;
+    let fid = first.get_str("fallbackId").unwrap();
+    let fallback = by_id(stack, fid).await;
+    assert_eq!(fallback.get_str("fallbackOf").unwrap(), id);
+    assert_eq!(fallback.get_str("type").unwrap(), "sms");
+    assert_eq!(
+        fallback.get_str("to").unwrap(),
+        first.get_str("to").unwrap()
+    );
+    assert_eq!(
+        fallback.get_str("msg").unwrap(),
+        first.get_str("msg").unwrap()
+    );
+    fallback
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_never_delivered_falls_back_once_across_a_restart() {
+    let stack = Stack::start();
+    let mut svc = stack.start_service(FAST);
+    let msg = unique("Your code is 5555");
+    // +15005550007: the stand-in reports it sent, never delivered.
+    let id = accept(&svc, whatsapp("+15005550007", &msg, 4)).await;
+    eventually(WAIT, "the WhatsApp message sent", || async {
+        (by_id(&stack, &id).await.get_str("status") == Ok("sent")).then_some(())
+    })
+    .await;
+    assert!(
+        sms_with(&stack, &msg).await.is_empty(),
+        "not before its time"
+    );
+    svc.proc.kill();
+    let svc = stack.start_service(FAST);
+    let fallback = linked_fallback(&stack, &id).await;
+    let got = eventually(WAIT, "the SMS at the stand-in", || async {
+        let got = sms_with(&stack, &msg).await;
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(got[0]["to"], "+15005550007");
+    let fid = fallback.get_object_id("_id").unwrap().to_hex();
+    let sent_as = eventually(WAIT, "the fallback sent", || async {
+        let r = by_id(&stack, &fid).await;
+        r.get_str("providerMessageId").ok().map(str::to_string)
+    })
+    .await;
+    assert_eq!(got[0]["id"].as_str(), Some(sent_as.as_str()));
+    // Exactly once: a few more looks of the FallbackActor make nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sms_with(&stack, &msg).await.len(), 1, "one SMS");
+    let n = stack
+        .records()
+        .await
+        .count_documents(doc! {"fallbackOf": &id})
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "one fallback record");
+    drop(svc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_falls_back_at_once_and_a_read_one_needs_none() {
+    let (stack, svc) = shared_with(FAST);
+    // +15005550004: the stand-in reports the WhatsApp message failed (131026).
+    let failed_msg = unique("failed, so SMS");
+    let failed = accept(svc, whatsapp("+15005550004", &failed_msg, 3600)).await;
+    linked_fallback(stack, &failed).await;
+    assert_eq!(sms_with(stack, &failed_msg).await.len(), 1);
+
+    let read_msg = unique("read, no SMS");
+    let read = accept(svc, whatsapp("+15557654329", &read_msg, 2)).await;
+    let settled = eventually(WAIT, "the fallback settled", || async {
+        let r = by_id(stack, &read).await;
+        r.get_datetime("fallbackSettledAt").is_ok().then_some(r)
+    })
+    .await;
+    assert_eq!(settled.get_str("status").unwrap(), "read");
+    assert!(settled.get_str("fallbackId").is_err(), "{settled}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sms_with(stack, &read_msg).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_that_cannot_be_sent_is_refused_and_nothing_is_stored() {
+    let (stack, svc) = shared_with(FAST);
+    let msg = unique("refused fallback");
+    let cases = [
+        (json!({"type": "sms", "afterSeconds": 5}), "fallback.type"),
+        (
+            json!({"type": "email", "afterSeconds": 5}),
+            "fallback.data.from",
+        ),
+        (
+            json!({"type": "email", "afterSeconds": 5, "data": {"from": "a@example.com"}}),
+            "fallback.data.to",
+        ),
+        (
+            json!({"type": "email", "afterSeconds": 5, "data": {"from": "a@example.com", "to": "x"}}),
+            "fallback.data.to",
+        ),
+        (
+            json!({"type": "whatsapp", "afterSeconds": 9999999}),
+            "fallback.afterSeconds",
+        ),
+        (
+            json!({"type": "whatsapp", "afterSeconds": 5, "data": {"from": "+15559999999"}}),
+            "sender_not_allowed",
+        ),
+    ];
+    for (fallback, named) in cases {
+        let body = json!({"type": "sms", "data": {"from": "+15550001111", "to": "+15557654321", "msg": msg},
+                          "fallback": fallback});
+        let (status, answer) = svc.post(body).await;
+        let said = format!("{}{}", answer["error"]["field"], answer["error"]["code"]);
+        assert!(
+            status == 400 || status == 403,
+            "{fallback}: {status} {answer}"
+        );
+        assert!(said.contains(named), "{fallback}: {answer}");
+    }
+    assert!(
+        record(stack, doc! {"msg": &msg}).await.is_none(),
+        "nothing stored"
+    );
+}
