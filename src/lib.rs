@@ -48,6 +48,7 @@ pub mod http;
 pub mod limits;
 pub mod providers;
 pub mod search;
+pub mod templates;
 pub mod tenants;
 
 pub use app::{run, RunError};

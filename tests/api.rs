@@ -453,6 +453,42 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
                 401,
             ),
         ),
+        (
+            ("POST", "/api/v1/templates"),
+            (
+                http.post(svc.url("/api/v1/templates"))
+                    .json(&json!({"name": unique("openapi").replace('-', "_"), "type": "sms", "body": "Code {{ code }}"})),
+                201,
+            ),
+        ),
+        (
+            ("GET", "/api/v1/templates"),
+            (http.get(svc.url("/api/v1/templates")), 200),
+        ),
+        (
+            ("GET", "/api/v1/templates/{name}"),
+            (http.get(svc.url("/api/v1/templates/none_such")), 404),
+        ),
+        (
+            ("PUT", "/api/v1/templates/{name}"),
+            (
+                http.put(svc.url("/api/v1/templates/none_such"))
+                    .json(&json!({"body": "x"})),
+                404,
+            ),
+        ),
+        (
+            ("DELETE", "/api/v1/templates/{name}"),
+            (http.delete(svc.url("/api/v1/templates/none_such")), 404),
+        ),
+        (
+            ("POST", "/api/v1/templates/{name}/preview"),
+            (
+                http.post(svc.url("/api/v1/templates/none_such/preview"))
+                    .json(&json!({})),
+                404,
+            ),
+        ),
         (("GET", "/metrics"), (http.get(svc.url("/metrics")), 200)),
         (("GET", "/healthz"), (http.get(svc.url("/healthz")), 200)),
         (("GET", "/readyz"), (http.get(svc.url("/readyz")), 200)),
@@ -468,15 +504,15 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
         );
     }
 
-    // A method a path does not serve: 405 with Allow naming the documented ones.
+    // A method no path serves: 405 with Allow naming the documented ones.
     let mut by_path: HashMap<&str, BTreeSet<&str>> = HashMap::new();
     for (m, p) in comm_aggregator::http::ROUTES {
         by_path.entry(p).or_default().insert(m);
     }
     for (path, methods) in by_path {
-        let concrete = path.replace("{id}", &id);
-        let res = http.delete(svc.url(&concrete)).send().await.unwrap();
-        assert_eq!(res.status(), 405, "DELETE {path}");
+        let concrete = path.replace("{id}", &id).replace("{name}", "otp");
+        let res = http.patch(svc.url(&concrete)).send().await.unwrap();
+        assert_eq!(res.status(), 405, "PATCH {path}");
         let allow: BTreeSet<&str> = res.headers()["allow"]
             .to_str()
             .unwrap()

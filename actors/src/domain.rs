@@ -652,6 +652,16 @@ pub struct Communication {
     pub fallback: Option<Fallback>,
     /// The record this one is the fallback of.
     pub fallback_of: Option<String>,
+    /// The template its message was rendered from.
+    pub template: Option<TemplateRef>,
+}
+
+/// A template version a message was rendered from, and the locale variant used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateRef {
+    pub name: String,
+    pub version: u32,
+    pub locale: Option<String>,
 }
 
 impl Communication {
@@ -677,6 +687,7 @@ impl Communication {
             errors: Vec::new(),
             fallback: None,
             fallback_of: None,
+            template: None,
         }
     }
 

@@ -110,6 +110,7 @@ async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), FallbackError> {
         idempotency_key: Some(key_of(&d.id)),
         fallback: None,
         fallback_of: Some(d.id.clone()),
+        template: None,
     };
     let deadline = tokio::time::Instant::now() + a.interval.max(Duration::from_secs(1));
     let accepted = a

@@ -65,6 +65,8 @@ pub struct Submission {
     pub fallback: Option<crate::domain::Fallback>,
     /// The record this is the fallback of (the FallbackActor's submissions).
     pub fallback_of: Option<String>,
+    /// The template the message was rendered from.
+    pub template: Option<crate::domain::TemplateRef>,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -221,6 +223,7 @@ impl Actor for RouterActor {
                 record.tenant = p.submission.tenant;
                 record.idempotency_key = p.submission.idempotency_key;
                 record.fallback_of = p.submission.fallback_of;
+                record.template = p.submission.template;
                 let waiting = Waiting {
                     record,
                     reply: p.reply,
@@ -545,6 +548,7 @@ mod tests {
             idempotency_key: key.map(str::to_string),
             fallback: None,
             fallback_of: None,
+            template: None,
         }
     }
 

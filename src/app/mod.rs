@@ -203,6 +203,9 @@ fn http_state(
             email_max_chars: cfg.limits.email_max_chars,
             fallback_max_after_secs: cfg.fallback.max_after_secs,
         },
+        templates: Arc::new(crate::clients::templates::MongoTemplates::new(
+            parts.store.database(),
+        )),
         metrics_token: cfg.auth.metrics_token.clone(),
     }
 }

@@ -13,3 +13,4 @@ pub mod parked;
 pub mod reconcile;
 pub mod redis_checks;
 pub mod redis_queue;
+pub mod templates;

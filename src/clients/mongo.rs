@@ -180,6 +180,13 @@ impl MongoStore {
         if let Some(of) = &r.fallback_of {
             d.insert("fallbackOf", of);
         }
+        if let Some(t) = &r.template {
+            let mut td = doc! {"name": &t.name, "version": t.version as i64};
+            if let Some(l) = &t.locale {
+                td.insert("locale", l);
+            }
+            d.insert("template", td);
+        }
         Ok(d)
     }
 
@@ -218,6 +225,7 @@ impl MongoStore {
             request_hash: d.get_str("requestHash").unwrap_or_default().to_string(),
             fallback: None,
             fallback_of: d.get_str("fallbackOf").ok().map(str::to_string),
+            template: None,
         })
     }
 

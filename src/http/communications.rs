@@ -2,7 +2,8 @@
 //! (one record, from MongoDB, the source of truth).
 //!
 //! Accepting goes in named steps: authenticate → refuse during shutdown → read the JSON
-//! body → the tenant's default `from` where it is left out → validate → the tenant's
+//! body → render `data.template`, if named → the tenant's default `from` where it is left
+//! out → validate → the tenant's
 //! senders and destination countries (403) → check the `Idempotency-Key` → the tenant's
 //! limits in Redis (rate, daily quota, distinct recipients, per-recipient cap: one round
 //! trip) → wait for MongoDB's indexes (they exist a moment after start-up) → hand to the
@@ -64,7 +65,9 @@ async fn create(
     }
     require_json(content_type.as_deref())?;
     let policy = state.tenants.policy(&who.tenant);
-    let raw = with_default_from(parse_body(&body)?, &policy)?;
+    let mut raw = parse_body(&body)?;
+    let template = super::templates::render_request(&state, &who.tenant, &mut raw).await?;
+    let raw = with_default_from(raw, &policy)?;
     let request = validate_with(&raw, &state.validation)?;
     check_sender_and_destination(&policy, &request)?;
     let fallback = fallback_request(&raw, &request, &policy, &state.validation)?;
@@ -85,6 +88,11 @@ async fn create(
         idempotency_key,
         fallback,
         fallback_of: None,
+        template: template.map(|t| actors::domain::TemplateRef {
+            name: t.name,
+            version: t.version,
+            locale: t.locale,
+        }),
     };
     let accepted = state
         .admission

@@ -7,6 +7,7 @@
 use crate::auth::AuthError;
 use crate::http::body::{TooLarge, BODY_LIMIT};
 use crate::search::{BadParam, QueryError};
+use crate::templates::TemplateError;
 use actors::audit::AuditKind;
 use actors::domain::{Channel, ValidationError};
 use serde_json::json;
@@ -127,6 +128,15 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("the request could not be read")]
     Unreadable,
+    /// A template, or what a request gives one, breaks a rule (see `crate::templates`).
+    #[error(transparent)]
+    Template(#[from] crate::templates::TemplateError),
+    #[error("no template {0:?}")]
+    TemplateNotFound(String),
+    #[error("a template {0:?} exists already; PUT changes it")]
+    TemplateExists(String),
+    #[error("the template {0:?} was changed meanwhile; read it and try again")]
+    TemplateChanged(String),
 }
 
 impl From<ValidationError> for ApiError {
@@ -184,9 +194,10 @@ impl ApiError {
             | InvalidQuery(_)
             | InvalidId
             | InvalidCallback
+            | Template(_)
             | Unreadable => StatusCode::BAD_REQUEST,
-            KeyReused(_) => StatusCode::CONFLICT,
-            NoCommunication(_) | NoRoute => StatusCode::NOT_FOUND,
+            KeyReused(_) | TemplateExists(_) | TemplateChanged(_) => StatusCode::CONFLICT,
+            NoCommunication(_) | NoRoute | TemplateNotFound(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -233,6 +244,13 @@ impl ApiError {
             RequestTimeout(_) => "request_timeout",
             LengthRequired => "length_required",
             Unreadable => "bad_request",
+            Template(TemplateError::Invalid { .. }) => "validation_failed",
+            Template(TemplateError::Syntax { .. }) => "template_syntax",
+            Template(TemplateError::VariableMissing(_)) => "template_variable_missing",
+            Template(TemplateError::Render(_)) => "template_render_failed",
+            TemplateNotFound(_) => "template_not_found",
+            TemplateExists(_) => "template_exists",
+            TemplateChanged(_) => "template_changed",
         }
     }
 
@@ -279,6 +297,12 @@ impl Reply for ApiError {
         let body = match &self {
             ApiError::Invalid { field, .. } => {
                 json!({"error": {"code": code, "field": field, "message": message}})
+            }
+            ApiError::Template(
+                TemplateError::Invalid { field, .. } | TemplateError::Syntax { field, .. },
+            ) => json!({"error": {"code": code, "field": field, "message": message}}),
+            ApiError::Template(TemplateError::VariableMissing(name)) => {
+                json!({"error": {"code": code, "field": format!("variables.{name}"), "message": message}})
             }
             ApiError::QuotaExceeded { reset_at, .. } => {
                 let at = reset_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);

@@ -12,6 +12,7 @@
 //! - `communications.rs`: accept a communication, read one back.
 //! - `search.rs`: search the communications.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
+//! - `templates.rs`: a tenant's message templates, and rendering a request from one.
 //! - `view.rs`: what a tenant sees of a record, an allow-list of fields.
 //! - `operations.rs`: health, readiness, metrics, the OpenAPI document, provider health.
 //!
@@ -26,6 +27,7 @@ mod operations;
 pub mod routes;
 mod search;
 mod state;
+pub mod templates;
 mod view;
 
 pub use body::BODY_LIMIT;
@@ -49,6 +51,7 @@ pub fn routes(
         communications::routes(&state),
         search::routes(&state),
         callbacks::routes(state.callbacks.clone()),
+        templates::routes(&state),
         operations::routes(&state),
     ]
     .into_iter()

@@ -21,6 +21,12 @@ pub const WHATSAPP_VERIFY: Route = ("GET", "/api/v1/callbacks/whatsapp");
 pub const WHATSAPP_CALLBACK: Route = ("POST", "/api/v1/callbacks/whatsapp");
 pub const VONAGE_CALLBACK: Route = ("POST", "/api/v1/callbacks/vonage");
 pub const SENDGRID_CALLBACK: Route = ("POST", "/api/v1/callbacks/sendgrid");
+pub const CREATE_TEMPLATE: Route = ("POST", "/api/v1/templates");
+pub const LIST_TEMPLATES: Route = ("GET", "/api/v1/templates");
+pub const GET_TEMPLATE: Route = ("GET", "/api/v1/templates/{name}");
+pub const CHANGE_TEMPLATE: Route = ("PUT", "/api/v1/templates/{name}");
+pub const DELETE_TEMPLATE: Route = ("DELETE", "/api/v1/templates/{name}");
+pub const PREVIEW_TEMPLATE: Route = ("POST", "/api/v1/templates/{name}/preview");
 pub const METRICS: Route = ("GET", "/metrics");
 pub const HEALTHZ: Route = ("GET", "/healthz");
 pub const READYZ: Route = ("GET", "/readyz");
@@ -37,6 +43,12 @@ pub const ROUTES: &[Route] = &[
     WHATSAPP_CALLBACK,
     VONAGE_CALLBACK,
     SENDGRID_CALLBACK,
+    CREATE_TEMPLATE,
+    LIST_TEMPLATES,
+    GET_TEMPLATE,
+    CHANGE_TEMPLATE,
+    DELETE_TEMPLATE,
+    PREVIEW_TEMPLATE,
     METRICS,
     HEALTHZ,
     READYZ,
@@ -56,6 +68,8 @@ fn method(name: &str) -> BoxedFilter<()> {
     match name {
         "GET" => warp::get().boxed(),
         "POST" => warp::post().boxed(),
+        "PUT" => warp::put().boxed(),
+        "DELETE" => warp::delete().boxed(),
         other => unreachable!("no route uses {other}"),
     }
 }
@@ -76,13 +90,17 @@ pub fn at((m, path): Route) -> BoxedFilter<()> {
         .boxed()
 }
 
-/// The filter of a route whose last segment is a parameter; yields that segment.
+/// The filter of a route with one parameter segment (anywhere in the path); yields that
+/// segment.
 pub fn at_with_param((m, path): Route) -> BoxedFilter<(String,)> {
     let segs = segments(path);
-    let (last, prefix) = segs.split_last().expect("a path has a segment");
-    debug_assert!(is_param(last), "{path} ends in a parameter");
-    literal_path(prefix)
+    let at = segs
+        .iter()
+        .position(|s| is_param(s))
+        .expect("a route with a parameter");
+    literal_path(&segs[..at])
         .and(warp::path::param::<String>())
+        .and(literal_path(&segs[at + 1..]))
         .and(warp::path::end())
         .and(method(m))
         .boxed()
@@ -140,7 +158,10 @@ mod tests {
 
     #[tokio::test]
     async fn each_route_is_matched_by_its_own_filter_only() {
-        let concrete = |t: &str| t.replace("{id}", "65f0c0ffee0123456789abcd");
+        let concrete = |t: &str| {
+            t.replace("{id}", "65f0c0ffee0123456789abcd")
+                .replace("{name}", "otp")
+        };
         for route in ROUTES {
             for other in ROUTES {
                 let matched = if other.1.contains('{') {

@@ -40,6 +40,8 @@ pub struct AppState {
     /// Each tenant's senders, countries and limits.
     pub tenants: Arc<Tenants>,
     pub validation: ValidationLimits,
+    /// The tenants' message templates (MongoDB's `templates`).
+    pub templates: Arc<crate::clients::templates::MongoTemplates>,
     pub metrics_token: Option<secrecy::SecretString>,
 }
 

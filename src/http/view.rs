@@ -40,6 +40,7 @@ pub const RECORD_FIELDS: &[&str] = &[
     "fallbackId",
     "fallbackOf",
     "fallbackSettledAt",
+    "template",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.
