@@ -64,6 +64,7 @@ async fn start(channel: Channel, queue: &MemoryQueue, consumer: &str) -> Batches
     };
     let args = ConsumerArgs {
         channel,
+        stream: channel.stream(),
         queue: Arc::new(queue.clone()),
         group: GROUP.into(),
         consumer: consumer.into(),

@@ -18,6 +18,10 @@ pub(super) fn transports_are_encrypted(c: &Config) -> Result<(), ConfigError> {
         ("MONGODB_URL", c.mongodb.url.expose(), mongodb),
         ("SMTP_URL", c.providers.email.smtp_url.expose(), smtp),
     ];
+    let redis_nodes = c.redis.urls().into_iter().skip(1);
+    let checks = checks
+        .into_iter()
+        .chain(redis_nodes.map(|u| ("REDIS_URL", u, redis as Check)));
     for (name, value, verdict) in checks {
         if let Verdict::Refuse(why) = verdict(value) {
             return Err(bad(format!(
