@@ -322,6 +322,27 @@ mod tests {
                 "REDIS_CLUSTER=true",
             ),
             (&[("REDIS_STREAM_SHARDS", "0")][..], "REDIS_STREAM_SHARDS"),
+            // Each seed node is checked for an unencrypted link off this host.
+            (
+                &[
+                    ("REDIS_CLUSTER", "true"),
+                    (
+                        "REDIS_URL",
+                        "redis://cache.example:7000,redis://127.0.0.1:7001",
+                    ),
+                ][..],
+                "REDIS_URL: plain redis:// to cache.example",
+            ),
+            (
+                &[
+                    ("REDIS_CLUSTER", "true"),
+                    (
+                        "REDIS_URL",
+                        "redis://127.0.0.1:7000,redis://cache.example:7001",
+                    ),
+                ][..],
+                "REDIS_URL: plain redis:// to cache.example",
+            ),
             (
                 &[
                     ("REDIS_CLUSTER", "true"),

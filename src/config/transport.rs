@@ -10,15 +10,15 @@ pub(super) fn transports_are_encrypted(c: &Config) -> Result<(), ConfigError> {
     if c.server.allow_insecure_transport {
         return Ok(());
     }
-    let checks: [(&str, &str, Check); 6] = [
+    let checks: [(&str, &str, Check); 5] = [
         ("TWILIO_API_BASE", &c.providers.sms.api_base, web),
         ("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, web),
         ("ELASTICSEARCH_NODE", &c.elasticsearch.node, web),
-        ("REDIS_URL", c.redis.url.expose(), redis),
         ("MONGODB_URL", c.mongodb.url.expose(), mongodb),
         ("SMTP_URL", c.providers.email.smtp_url.expose(), smtp),
     ];
-    let redis_nodes = c.redis.urls().into_iter().skip(1);
+    // Every node of a cluster's list.
+    let redis_nodes = c.redis.urls().into_iter();
     let checks = checks
         .into_iter()
         .chain(redis_nodes.map(|u| ("REDIS_URL", u, redis as Check)));
