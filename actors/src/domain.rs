@@ -1102,17 +1102,7 @@ mod tests {
         assert_eq!(EventStatus::parse("pending"), None);
         assert!(EventStatus::try_from(Status::Sending).is_err());
         assert_eq!(EventStatus::try_from(Status::Read), Ok(EventStatus::Read));
-        let rec = Communication::new(
-            "65f000000000000000000001".into(),
-            NewCommunication {
-                channel: Channel::Sms,
-                from: "+1".into(),
-                to: "+2".into(),
-                msg: "m".into(),
-                subject: None,
-            },
-            Utc::now(),
-        );
+        let rec = crate::testing::record(1, Channel::Sms);
         let ev = LogEvent::for_record(&rec, "sms", EventStatus::Sent, 1, Utc::now());
         let mut e = StreamEntry {
             id: "1-0".into(),
@@ -1161,17 +1151,7 @@ mod tests {
 
     #[test]
     fn log_doc_ids_are_deterministic() {
-        let rec = Communication::new(
-            "65f000000000000000000001".into(),
-            NewCommunication {
-                channel: Channel::Sms,
-                from: "+1".into(),
-                to: "+2".into(),
-                msg: "m".into(),
-                subject: None,
-            },
-            Utc::now(),
-        );
+        let rec = crate::testing::record(1, Channel::Sms);
         let ev = LogEvent::for_record(&rec, "sms", EventStatus::Sent, 1, Utc::now());
         assert_eq!(ev.log_doc_id(), "65f000000000000000000001:sent:1");
         let back: LogEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();

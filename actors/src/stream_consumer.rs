@@ -369,98 +369,15 @@ async fn deliver(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::BreakerConfig;
-    use crate::sender::DeliverReport;
-    use crate::testing::{self, MemoryQueue, MemoryStore, QueueMethod};
-    use std::sync::Mutex;
+    use crate::testing::consumer::{
+        append_records as append, batches_after, read_new, start_consumer, Batches, SenderAnswer,
+        GROUP,
+    };
+    use crate::testing::{MemoryQueue, QueueMethod};
 
-    const GROUP: &str = "g";
-
-    /// Stands in for the channel's sender: keeps each batch's entry ids, acknowledges all.
-    struct FakeSender;
-
-    type Batches = Arc<Mutex<Vec<Vec<String>>>>;
-
-    impl Actor for FakeSender {
-        type Msg = SenderMsg;
-        type State = Batches;
-        type Arguments = Batches;
-
-        async fn pre_start(
-            &self,
-            _: ActorRef<SenderMsg>,
-            batches: Batches,
-        ) -> Result<Batches, ActorProcessingErr> {
-            Ok(batches)
-        }
-
-        async fn handle(
-            &self,
-            _: ActorRef<SenderMsg>,
-            SenderMsg::Deliver(entries, reply): SenderMsg,
-            batches: &mut Batches,
-        ) -> Result<(), ActorProcessingErr> {
-            let ids: Vec<String> = entries.into_iter().map(|e| e.id).collect();
-            batches.lock().unwrap().push(ids.clone());
-            let _ = reply.send(DeliverReport {
-                ack: ids,
-                retry: Vec::new(),
-            });
-            Ok(())
-        }
-    }
-
-    /// A consumer `consumer` of `channel`'s stream and its fake sender (each test its own
-    /// channel: senders are found by a process-wide name).
+    /// A consumer whose stand-in sender acknowledges every entry.
     async fn start(channel: Channel, queue: &MemoryQueue, consumer: &str) -> Batches {
-        let batches = Batches::default();
-        Actor::spawn(Some(sender::name(channel)), FakeSender, batches.clone())
-            .await
-            .unwrap();
-        let breaker = BreakerConfig {
-            consecutive_failures: 100,
-            failure_ratio: 1.0,
-            window: 100,
-            min_calls: 100,
-            cooldown: Duration::from_secs(1),
-        };
-        let args = ConsumerArgs {
-            channel,
-            stream: channel.stream(),
-            queue: Arc::new(queue.clone()),
-            group: GROUP.into(),
-            consumer: consumer.into(),
-            count: 10,
-            block: Duration::from_millis(100),
-            claim_idle: Duration::from_secs(2),
-            deliver_timeout: Duration::from_secs(5),
-            max_deliveries: 5,
-            store: Arc::new(MemoryStore::new()),
-            health: Arc::new(ProviderHealth::new("p", "c", breaker, 1000.0, 1000.0)),
-        };
-        Actor::spawn(None, StreamConsumer, args).await.unwrap();
-        batches
-    }
-
-    async fn append(queue: &MemoryQueue, channel: Channel, ns: std::ops::RangeInclusive<u32>) {
-        for n in ns {
-            let r = testing::record(n, channel);
-            queue
-                .append(&[(channel.stream(), r.stream_fields())])
-                .await
-                .unwrap();
-        }
-    }
-
-    /// Wait (in paused time) until `batches` holds `n` batches.
-    async fn batches_after(batches: &Batches, n: usize) -> Vec<Vec<String>> {
-        for _ in 0..1000 {
-            if batches.lock().unwrap().len() >= n {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        batches.lock().unwrap().clone()
+        start_consumer(channel, queue, consumer, SenderAnswer::AckAll).await
     }
 
     #[tokio::test(start_paused = true)]
@@ -470,10 +387,7 @@ mod tests {
         q.ensure_group(ch.stream(), GROUP).await.unwrap();
         append(&q, ch, 1..=3).await;
         // Read before a crash: pending for "c1", never acknowledged.
-        let before = q
-            .read_group(ch.stream(), GROUP, "c1", ReadFrom::New, 10, Duration::ZERO)
-            .await
-            .unwrap();
+        let before = read_new(&q, ch, "c1", 10).await;
         append(&q, ch, 4..=5).await;
         let batches = batches_after(&start(ch, &q, "c1").await, 2).await;
         let ids = |v: &[StreamEntry]| v.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
@@ -489,16 +403,7 @@ mod tests {
         let q = MemoryQueue::new();
         q.ensure_group(ch.stream(), GROUP).await.unwrap();
         append(&q, ch, 1..=3).await;
-        q.read_group(
-            ch.stream(),
-            GROUP,
-            "dead",
-            ReadFrom::New,
-            10,
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+        read_new(&q, ch, "dead", 10).await;
         let batches = batches_after(&start(ch, &q, "c2").await, 3).await;
         assert_eq!(batches, [["1-0"], ["2-0"], ["3-0"]]);
         assert!(q.pending(ch.stream(), GROUP).is_empty());

@@ -9,6 +9,7 @@
 //! it wait first, and `calls()` / `sizes(method)` tell what was called, in order, with how
 //! many items.
 
+pub mod consumer;
 mod parking;
 mod provider;
 mod queue;
