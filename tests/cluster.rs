@@ -3,7 +3,7 @@
 //! with the shards spread over the masters; a kill -9 of the service mid-load, and the
 //! failover of a master mid-load, leave the books balanced (every accepted message reaches
 //! the provider stand-in, more than once only where the record is flagged a possible
-//! duplicate). Scenarios run one at a time.
+//! duplicate). The same shards on a single Redis too. Scenarios run one at a time.
 
 mod common;
 
@@ -64,6 +64,21 @@ fn stream_field(cluster: &RedisCluster, stream: &str, field: &str) -> i64 {
         .unwrap_or(-1)
 }
 
+/// `XINFO STREAM`'s `entries-added` (RESP2: a flat list of names and values).
+fn entries_added(info: &redis::Value) -> i64 {
+    let redis::Value::Array(kv) = info else {
+        return -1;
+    };
+    kv.chunks(2)
+        .find_map(|pair| match pair {
+            [redis::Value::BulkString(k), redis::Value::Int(n)] if k == b"entries-added" => {
+                Some(*n)
+            }
+            _ => None,
+        })
+        .unwrap_or(-1)
+}
+
 /// Nothing is left pending in any SMS shard.
 async fn nothing_pending(cluster: &RedisCluster) {
     for s in sms_shards() {
@@ -107,6 +122,33 @@ async fn the_pipeline_delivers_every_message_once_over_shards_on_several_masters
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_work_on_a_single_redis_too() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let svc = stack.start_service(&fast_env(&[("REDIS_STREAM_SHARDS", "3")]));
+    let accepted = load(svc.port, &unique("single-shards"), 150, Duration::ZERO).await;
+    assert_eq!(accepted.len(), 150);
+    let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
+    assert_eq!((books.sent, books.duplicates), (150, 0));
+    let mut c = stack.redis().await;
+    for s in sms_shards() {
+        let info: redis::Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&s)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(entries_added(&info) > 0, "{s} carried no entry: {info:?}");
+        assert_eq!(stack.pending(&s, GROUP).await, 0, "{s} has nothing pending");
+    }
+    assert_eq!(
+        stack.pending("sms_stream", GROUP).await,
+        -1,
+        "no unsharded stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_service_mid_load_on_a_cluster_loses_nothing() {
     let _one = one_at_a_time().await;
     let (stack, _cluster, env) = cluster_stack();
@@ -131,6 +173,10 @@ async fn failover_of_a_master_mid_load_loses_nothing() {
     let loader = spawn_load(port, &tag, 400, Duration::from_millis(150));
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The master of the first SMS shard dies; its replica is promoted.
+    assert!(
+        !loader.is_finished(),
+        "the load still runs when the master dies"
+    );
     let victim = cluster.master_of("sms_stream:{0}");
     let promoted = cluster.fail_over("sms_stream:{0}", Duration::from_secs(30));
     println!("master {victim} killed; replica {promoted} took over");
