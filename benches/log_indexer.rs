@@ -92,7 +92,7 @@ async fn seed(
     es: &str,
     n: usize,
 ) -> (Arc<RedisQueue>, redis::aio::MultiplexedConnection) {
-    let queue = Arc::new(RedisQueue::new(redis, None, Duration::from_secs(10)).unwrap());
+    let queue = Arc::new(RedisQueue::open(redis, Duration::from_secs(10)).unwrap());
     let mut c = redis::Client::open(redis)
         .unwrap()
         .get_multiplexed_async_connection()

@@ -17,8 +17,8 @@
 //!   [`auth`] (API keys and the per-key rate limit), [`tenants`] (each tenant's senders,
 //!   countries and limits), [`limits`] (the tenants' limits in Redis: rate, quotas,
 //!   distinct recipients, the per-recipient cap).
-//! - [`clients`]: MongoDB (the source of truth), Redis (streams, and the leases that let
-//!   one worker send a record), Elasticsearch.
+//! - [`clients`]: MongoDB (the source of truth), Redis (one server or a Redis Cluster;
+//!   streams, and the leases that let one worker send a record), Elasticsearch.
 //! - [`providers`]: Twilio, WhatsApp Cloud API and SMTP, and the pure classification of
 //!   their answers (retry, give up, rate limited).
 //! - `main.rs`: the binary; `bin/provider-sandbox/` (the providers' stand-in) and
@@ -31,7 +31,7 @@
 //! ├── receipts           provider receipts, applied to MongoDB in batches
 //! ├── log-indexer        the log stream into Elasticsearch, in bulk
 //! ├── sender-{channel}   claims, calls the provider, records the outcome (one per channel)
-//! ├── consumer-{channel} reads its channel's stream for its sender (one per channel)
+//! ├── consumer-{channel}[-{shard}] reads its channel's stream (or one shard of it) for its sender
 //! ├── router             accepted requests into MongoDB and onto the streams (group commit)
 //! ├── stats              trims what the group acknowledged; stream gauges for /metrics
 //! └── sweeper            queues again what was stored but never reached a stream

@@ -250,9 +250,8 @@ mod tests {
     }
 
     async fn limiter() -> Limiter {
-        let q = crate::clients::redis_queue::RedisQueue::new(
+        let q = crate::clients::redis_queue::RedisQueue::open(
             "redis://127.0.0.1:1",
-            None,
             Duration::from_millis(10),
         )
         .unwrap();

@@ -18,18 +18,8 @@ async fn kill_9_of_the_service_mid_load_loses_nothing() {
     let stack = Stack::start();
     let env = fast_env(&[("CONSUMER_NAME", "kill9")]);
     let svc = stack.start_service(&env);
-    let port = svc.port;
-    let tag = unique("kill9");
-    let loader = tokio::spawn({
-        let tag = tag.clone();
-        async move { load(port, &tag, 300, Duration::from_millis(20)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    svc.proc.signal(libc::SIGKILL);
-    let mut accepted = loader.await.unwrap();
-    assert!(!accepted.is_empty(), "nothing was accepted before the kill");
-    let svc = stack.start_service(&env);
-    accepted.extend(load(svc.port, &format!("{tag}-after"), 50, Duration::ZERO).await);
+    let (accepted, _svc) =
+        kill_9_mid_load(svc, &unique("kill9"), || stack.start_service(&env)).await;
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
     assert_eq!(books.sent, books.accepted);
     println!("possible duplicates from the kill: {}", books.duplicates);

@@ -164,7 +164,7 @@ async fn slow_calls_outlasting_their_lease_are_not_taken_over_by_a_second_proces
     assert_eq!(extra, 0, "no lease lapsed under a call: nothing sent twice");
 }
 
-/// Take `lease:{id}` as another process's sender would (the lease and its try), retrying
+/// Take `lease:{<id>}` as another process's sender would (the lease and its try), retrying
 /// while the service still holds it.
 async fn hold_lease(stack: &Stack, id: &str, token: &str) {
     let mut c = stack.redis().await;
@@ -172,7 +172,7 @@ async fn hold_lease(stack: &Stack, id: &str, token: &str) {
         let mut c = c.clone();
         async move {
             let ok: Option<String> = redis::cmd("SET")
-                .arg(format!("lease:{id}"))
+                .arg(format!("lease:{{{id}}}"))
                 .arg(token)
                 .arg("NX")
                 .arg("PX")
@@ -185,7 +185,7 @@ async fn hold_lease(stack: &Stack, id: &str, token: &str) {
     })
     .await;
     let _: i64 = redis::cmd("INCR")
-        .arg(format!("tries:{id}"))
+        .arg(format!("tries:{{{id}}}"))
         .query_async(&mut c)
         .await
         .unwrap();
@@ -283,10 +283,10 @@ async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
     let mut c = stack.redis().await;
     let _: () = redis::pipe()
         .cmd("DEL")
-        .arg(format!("lease:{id}"))
+        .arg(format!("lease:{{{id}}}"))
         .ignore()
         .cmd("DECR")
-        .arg(format!("tries:{id}"))
+        .arg(format!("tries:{{{id}}}"))
         .ignore()
         .query_async(&mut c)
         .await

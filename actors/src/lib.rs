@@ -8,7 +8,7 @@
 //! ```text
 //!                                    Supervisor
 //!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┬────────────┬──────────┐
-//! Router  StreamConsumer×3  Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler  Fallback
+//! Router  StreamConsumer×3N Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler  Fallback
 //! ```
 //! A request goes HTTP → Router (stored, then on `{type}_stream` and `log_stream`) →
 //! StreamConsumer → Sender (claim, provider call, outcome) ; every step's log event goes
@@ -21,7 +21,8 @@
 //!
 //! - [`supervisor`]: starts the children, restarts one that fails, stops them in order.
 //! - [`router`]: RouterActor, the group commit of new requests.
-//! - [`stream_consumer`]: StreamConsumer, one per channel, reading its stream's group.
+//! - [`stream_consumer`]: StreamConsumer, one per channel and stream shard, reading its
+//!   stream's group.
 //! - [`sender`]: SenderActor, one per channel, its stages (`sender/stages.rs`) and its
 //!   pure decision with table tests (`sender/decision.rs`).
 //! - [`receipts`]: ReceiptActor, providers' delivery receipts in batches.
@@ -31,6 +32,7 @@
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
 //! - [`stats`]: StatsActor, stream trimming and gauges.
 //! - [`audit`]: AuditActor, security events into their own index.
+//! - [`shards`]: the names of each channel's stream shards and which one a record goes to.
 //! - [`domain`]: pure data and rules — channels, validation, records, outcomes, log
 //!   events ([`domain::EventStatus`]).
 //! - [`ports`]: the traits the actors need (`Store`, `Queue`, `SearchSink`, `Provider`) and
@@ -54,6 +56,7 @@ pub mod reconciler;
 pub mod retry;
 pub mod router;
 pub mod sender;
+pub mod shards;
 pub mod stats;
 pub mod stream_consumer;
 pub mod supervisor;

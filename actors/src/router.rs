@@ -5,7 +5,8 @@
 //! is stored, or 503 at the request's deadline).
 //! Talks to: MongoDB (one `insert_many` per batch; a read-back by `_id` after an ambiguous
 //! insert; `void` for records whose callers were already answered), Redis (one pipeline
-//! per batch: the `queued` log event to `log_stream`, the entry to `{type}_stream`).
+//! per batch: the `queued` log event to `log_stream`, the entry to `{type}_stream`, or to
+//! the shard of it the record's id picks).
 //! On failure: a batch already handed to its writer task finishes and answers its callers;
 //! requests still in the mailbox are dropped unanswered, so their callers get 503 and
 //! nothing was stored for them. A request is answered `queued` only after MongoDB has it;
@@ -22,6 +23,7 @@ use crate::batch::BatchSettings;
 use crate::call::{CallError, Ticket};
 use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, LOG_STREAM};
 use crate::ports::{DependencyError, ErrorKind, InsertResult, Queue, Store};
+use crate::shards::StreamShards;
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::future::Future;
@@ -155,6 +157,8 @@ pub struct RouterArgs {
     pub batch: BatchSettings,
     /// Batches being written at once; beyond it, new requests wait in the mailbox.
     pub max_inflight: usize,
+    /// Which stream shard each record's entry goes to.
+    pub shards: StreamShards,
 }
 
 /// A request in a batch: its record, and who waits for it until when.
@@ -277,6 +281,7 @@ async fn flush(state: &mut RouterState) {
         store: state.args.store.clone(),
         queue: state.args.queue.clone(),
         redis_down_until: state.redis_down_until.clone(),
+        shards: state.args.shards,
     };
     tokio::spawn(async move {
         writer.write_batch(batch).await;
@@ -289,6 +294,7 @@ struct Writer {
     store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     redis_down_until: Arc<AtomicI64>,
+    shards: StreamShards,
 }
 
 /// A caller's answer, to be sent once the batch is settled.
@@ -314,7 +320,7 @@ impl Writer {
                 vec![Err(e); batch.len()]
             }
         };
-        let (answers, entries, late) = settle(batch, results, &voided);
+        let (answers, entries, late) = settle(batch, results, &voided, self.shards);
         self.void(late);
         for (reply, answer) in answers {
             let _ = reply.send(answer);
@@ -455,6 +461,7 @@ fn settle(
     batch: Vec<Waiting>,
     results: Vec<Result<InsertResult, DependencyError>>,
     voided: &[bool],
+    shards: StreamShards,
 ) -> (Vec<Answer>, Entries, Vec<String>) {
     let now = Utc::now();
     let mut answers = Vec::with_capacity(batch.len());
@@ -473,7 +480,7 @@ fn settle(
                 // The log event first: the `communications` index sees `queued` before any outcome.
                 let event = LogEvent::for_record(&rec, "router", EventStatus::Queued, 0, now);
                 entries.push((LOG_STREAM, event.to_fields()));
-                entries.push((rec.channel.stream(), rec.stream_fields()));
+                entries.push((shards.for_record(rec.channel, &rec.id), rec.stream_fields()));
                 metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
                     .increment(1);
                 Ok(Accepted {
@@ -525,6 +532,7 @@ mod tests {
             queue: Arc::new(queue.clone()),
             batch: BatchSettings::new(items, Duration::from_millis(10)),
             max_inflight: 2,
+            shards: StreamShards::ONE,
         };
         let (router, _) = Actor::spawn(None, RouterActor, args).await.unwrap();
         Fixture {
@@ -588,6 +596,7 @@ mod tests {
             queue: Arc::new(queue.clone()),
             batch: BatchSettings::new(1, Duration::from_millis(1)),
             max_inflight,
+            shards: StreamShards::ONE,
         };
         let (router, _) = Actor::spawn(Some(name.into()), RouterActor, args)
             .await

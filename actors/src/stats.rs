@@ -1,5 +1,5 @@
 //! StatsActor: every few seconds, trims what the consumer group has delivered and
-//! acknowledged from every stream (the three work streams and `log_stream`), then reports
+//! acknowledged from every stream (the three work streams, each of their shards, and `log_stream`), then reports
 //! their length and pending count and the length of the dead-letter streams as Prometheus
 //! gauges (`stream_length`, `stream_pending`, `dead_letter_length`).
 //!
@@ -7,8 +7,9 @@
 //! XPENDING, one pipeline per stream). On failure: nothing is in flight; the gauges keep
 //! their last values until the restarted actor's next tick.
 
-use crate::domain::{Channel, LOG_DEAD_LETTER_STREAM, LOG_STREAM};
+use crate::domain::{LOG_DEAD_LETTER_STREAM, LOG_STREAM};
 use crate::ports::Queue;
+use crate::shards::StreamShards;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ pub struct StatsArgs {
     pub queue: Arc<dyn Queue>,
     pub group: String,
     pub interval: Duration,
+    pub shards: StreamShards,
 }
 
 pub struct StatsActor;
@@ -48,7 +50,7 @@ impl Actor for StatsActor {
         _msg: Self::Msg,
         a: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let streams = Channel::ALL.iter().map(|c| c.stream()).chain([LOG_STREAM]);
+        let streams = a.shards.all().into_iter().chain([LOG_STREAM]);
         for s in streams {
             // Entries delivered and acknowledged are of no more use in Redis (MongoDB and
             // Elasticsearch have them): trimming keeps Redis memory bounded.
@@ -68,9 +70,11 @@ impl Actor for StatsActor {
                 }
             }
         }
-        let dlqs = Channel::ALL
-            .iter()
-            .map(|c| format!("{}:dlq", c.stream()))
+        let dlqs = a
+            .shards
+            .all()
+            .into_iter()
+            .map(|s| format!("{s}:dlq"))
             .chain([LOG_DEAD_LETTER_STREAM.to_string()]);
         for d in dlqs {
             if let Ok((len, _)) = a.queue.stream_stats(&d, &a.group).await {

@@ -1,5 +1,6 @@
-//! StreamConsumer (one per channel): reads `{type}_stream` through a Redis consumer group
-//! and hands batches to the channel's SenderActor.
+//! StreamConsumer (one per channel and stream shard): reads `{type}_stream` (or one shard
+//! of it, `{type}_stream:{i}`) through a Redis consumer group and hands batches to the
+//! channel's SenderActor.
 //!
 //! Owns: a dedicated Redis connection (its blocking reads hold no one else up) and its read
 //! position: first its own pending entries (`0`), then new ones (`>`), with a periodic
@@ -27,8 +28,13 @@ use tokio::time::Instant;
 const READ_BACKOFF: Backoff =
     Backoff::exponential(Duration::from_millis(100), Duration::from_secs(5));
 
-pub fn name(channel: Channel) -> String {
-    format!("consumer-{channel}")
+/// `consumer-{channel}` for shard 0 (the only one, unless the streams are sharded), then
+/// `consumer-{channel}-{shard}`.
+pub fn name(channel: Channel, shard: u32) -> String {
+    match shard {
+        0 => format!("consumer-{channel}"),
+        _ => format!("consumer-{channel}-{shard}"),
+    }
 }
 
 pub enum ConsumerMsg {
@@ -38,6 +44,8 @@ pub enum ConsumerMsg {
 #[derive(Clone)]
 pub struct ConsumerArgs {
     pub channel: Channel,
+    /// The stream (shard) read: `{type}_stream`, or `{type}_stream:{i}`.
+    pub stream: &'static str,
     pub queue: Arc<dyn Queue>,
     pub group: String,
     pub consumer: String,
@@ -102,10 +110,10 @@ impl Actor for StreamConsumer {
         match msg {
             ConsumerMsg::Poll => {
                 if let Err(err) = poll_once(state).await {
-                    metrics::counter!("stream_read_errors_total", "stream" => state.args.channel.stream())
+                    metrics::counter!("stream_read_errors_total", "stream" => state.args.stream)
                         .increment(1);
                     let backoff = state.read_errors.next_delay();
-                    tracing::warn!(error = %err, stream = state.args.channel.stream(), ?backoff, "stream read failed");
+                    tracing::warn!(error = %err, stream = state.args.stream, ?backoff, "stream read failed");
                     if err.kind == crate::ports::ErrorKind::MissingGroup {
                         // The stream or group vanished (Redis restarted empty): make it again;
                         // the outbox sweep re-queues what the lost entries carried.
@@ -124,7 +132,7 @@ impl Actor for StreamConsumer {
 }
 
 async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
-    let stream = state.args.channel.stream();
+    let stream = state.args.stream;
     if !state.group_ready {
         state
             .args
@@ -231,7 +239,7 @@ async fn autoclaim_round(
 /// left pending: that worker records the outcome.
 async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
     let a = &state.args;
-    let stream = a.channel.stream();
+    let stream = a.stream;
     let over: Vec<(String, u64)> = a
         .queue
         .pending_deliveries(stream, &a.group, a.claim_idle, a.count)
@@ -318,7 +326,7 @@ async fn deliver(
     entries: Vec<StreamEntry>,
 ) -> Result<(), DependencyError> {
     let a = &state.args;
-    let stream = a.channel.stream();
+    let stream = a.stream;
     let Some(sender) = ActorRef::<SenderMsg>::where_is(sender::name(a.channel)) else {
         // The sender is being restarted (perhaps by one of these entries): they stay
         // pending and are taken over one at a time when idle, so a poison entry is found.

@@ -4,7 +4,8 @@
 //!
 //! Owns: nothing but its timer; MongoDB holds all the state (`nextAttemptAt`).
 //! Talks to it: itself (`Tick`); the supervisor starts and stops it.
-//! Talks to: MongoDB (`take_due`), Redis (XADD to `{type}_stream`).
+//! Talks to: MongoDB (`take_due`), Redis (XADD to `{type}_stream`, or the shard of it the
+//! record's id picks, as the router does).
 //! On failure: records it took are due again after `recheck`, so a crash loses nothing; an
 //! entry appended twice is harmless, since a worker claims a record before sending it.
 //!
@@ -18,7 +19,8 @@
 //! Redis before 7.0 lacks.
 
 use crate::domain::Channel;
-use crate::ports::{Queue, Store, SweepScope};
+use crate::ports::{DependencyError, Queue, Store, SweepScope};
+use crate::shards::{earliest_acked, StreamShards};
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
@@ -46,6 +48,7 @@ pub struct SweeperArgs {
     pub recheck: Duration,
     pub batch: usize,
     pub group: String,
+    pub shards: StreamShards,
 }
 
 pub struct OutboxSweeper;
@@ -73,20 +76,14 @@ impl Actor for OutboxSweeper {
         let mut next = a.interval;
         // Records whose entry still waits unread in a backlog (say, behind an open breaker)
         // will be read anyway: re-queueing them would only grow it.
-        let mut scopes = Vec::new();
-        for channel in Channel::ALL {
-            match a.queue.acked_up_to(channel.stream(), &a.group).await {
-                Ok(acked_up_to) => scopes.push(SweepScope {
-                    channel,
-                    acked_up_to: acked_up_to.map(|t| t - QUEUE_GAP),
-                }),
-                Err(e) => {
-                    tracing::debug!(error = %e, "sweep skipped: Redis unavailable");
-                    myself.send_after(a.interval, || SweeperMsg::Tick);
-                    return Ok(());
-                }
+        let scopes = match scopes(a).await {
+            Ok(scopes) => scopes,
+            Err(e) => {
+                tracing::debug!(error = %e, "sweep skipped: Redis unavailable");
+                myself.send_after(a.interval, || SweeperMsg::Tick);
+                return Ok(());
             }
-        }
+        };
         match a
             .store
             .take_due(Utc::now(), a.recheck, a.batch, &scopes)
@@ -95,7 +92,7 @@ impl Actor for OutboxSweeper {
             Ok(records) if !records.is_empty() => {
                 let entries: Vec<(&str, Vec<(&str, String)>)> = records
                     .iter()
-                    .map(|r| (r.channel.stream(), r.stream_fields()))
+                    .map(|r| (a.shards.for_record(r.channel, &r.id), r.stream_fields()))
                     .collect();
                 match a.queue.append(&entries).await {
                     Ok(_) => {
@@ -116,6 +113,22 @@ impl Actor for OutboxSweeper {
         myself.send_after(next, || SweeperMsg::Tick);
         Ok(())
     }
+}
+
+/// How far each channel's streams are done with (the earliest of its shards).
+async fn scopes(a: &SweeperArgs) -> Result<Vec<SweepScope>, DependencyError> {
+    let mut scopes = Vec::new();
+    for channel in Channel::ALL {
+        let mut per_shard = Vec::new();
+        for stream in a.shards.streams(channel) {
+            per_shard.push(a.queue.acked_up_to(stream, &a.group).await?);
+        }
+        scopes.push(SweepScope {
+            channel,
+            acked_up_to: earliest_acked(&per_shard).map(|t| t - QUEUE_GAP),
+        });
+    }
+    Ok(scopes)
 }
 
 #[cfg(test)]
@@ -183,6 +196,7 @@ mod tests {
             recheck: Duration::from_secs(60),
             batch: 100,
             group: GROUP.into(),
+            shards: StreamShards::ONE,
         };
         let (sweeper, handle) = Actor::spawn(None, OutboxSweeper, args).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -17,6 +17,7 @@ use actors::receipts::{self, ReceiptActor, ReceiptArgs};
 use actors::reconciler::{self, Reconciler, ReconcilerArgs};
 use actors::router::{self, RouterActor, RouterArgs};
 use actors::sender::{self, SenderActor, SenderArgs};
+use actors::shards::StreamShards;
 use actors::stats::{self, StatsActor, StatsArgs};
 use actors::stream_consumer::{self, ConsumerArgs, StreamConsumer};
 use actors::supervisor::{ChildSpec, SpawnFn};
@@ -64,7 +65,10 @@ pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<
         indexer_spec(cfg, &ports),
     ];
     specs.extend(Channel::ALL.map(|ch| sender_spec(cfg, parts, &ports, ch)));
-    specs.extend(Channel::ALL.map(|ch| consumer_spec(cfg, parts, &ports, ch)));
+    let shards = shards(cfg);
+    for ch in Channel::ALL {
+        specs.extend((0..shards.count()).map(|i| consumer_spec(cfg, parts, &ports, ch, i)));
+    }
     specs.push(router_spec(cfg, &ports));
     specs.push(stats_spec(cfg, &ports));
     specs.push(sweeper_spec(cfg, &ports));
@@ -73,11 +77,19 @@ pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<
     specs
 }
 
+/// How each channel's stream is split.
+fn shards(cfg: &Config) -> StreamShards {
+    StreamShards::new(cfg.redis.stream_shards)
+}
+
 /// The children each shutdown stage stops, in groups stopped one after another (see
 /// `drain`): accepting (router, sweeper, stats), sending (consumers, then senders),
 /// flushing (receipts, then the LogIndexer, which indexes the receipts' events too).
-pub fn shutdown_stages() -> [Vec<Vec<String>>; 3] {
-    let names = |f: fn(Channel) -> String| Channel::ALL.map(f).to_vec();
+pub fn shutdown_stages(cfg: &Config) -> [Vec<Vec<String>>; 3] {
+    let consumers = Channel::ALL
+        .into_iter()
+        .flat_map(|ch| (0..shards(cfg).count()).map(move |i| stream_consumer::name(ch, i)))
+        .collect();
     [
         vec![vec![
             router::NAME.to_string(),
@@ -86,7 +98,7 @@ pub fn shutdown_stages() -> [Vec<Vec<String>>; 3] {
             reconciler::NAME.to_string(),
             fallback::NAME.to_string(),
         ]],
-        vec![names(stream_consumer::name), names(sender::name)],
+        vec![consumers, Channel::ALL.map(sender::name).to_vec()],
         vec![
             vec![receipts::NAME.to_string()],
             vec![log_indexer::NAME.to_string()],
@@ -163,9 +175,10 @@ fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec
     spec(sender::name(ch), || SenderActor, args)
 }
 
-fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec {
+fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel, shard: u32) -> ChildSpec {
     let args = ConsumerArgs {
         channel: ch,
+        stream: shards(cfg).stream(ch, shard),
         queue: p.queue.dedicated(),
         group: cfg.redis.group.clone(),
         consumer: p.consumer.clone(),
@@ -181,7 +194,7 @@ fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSp
         store: p.store.clone(),
         health: parts.health[&ch].clone(),
     };
-    spec(stream_consumer::name(ch), || StreamConsumer, args)
+    spec(stream_consumer::name(ch, shard), || StreamConsumer, args)
 }
 
 fn router_spec(cfg: &Config, p: &Ports) -> ChildSpec {
@@ -190,6 +203,7 @@ fn router_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         queue: p.queue.clone(),
         batch: cfg.router.batch(),
         max_inflight: cfg.router.max_inflight,
+        shards: shards(cfg),
     };
     spec(router::NAME.to_string(), || RouterActor, args)
 }
@@ -199,6 +213,7 @@ fn stats_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         queue: p.queue.clone(),
         group: cfg.redis.group.clone(),
         interval: cfg.stats.interval,
+        shards: shards(cfg),
     };
     spec(stats::NAME.to_string(), || StatsActor, args)
 }
@@ -221,6 +236,7 @@ fn sweeper_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         recheck: cfg.sweeper.recheck,
         batch: cfg.sweeper.batch,
         group: cfg.redis.group.clone(),
+        shards: shards(cfg),
     };
     spec(sweeper::NAME.to_string(), || OutboxSweeper, args)
 }

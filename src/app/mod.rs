@@ -314,7 +314,7 @@ async fn drain(cfg: &Config, supervisor: ActorRef<SupervisorMsg>, server: HttpSe
         accept = ?s.shutdown_accept, send = ?s.shutdown_deadline, flush = ?s.shutdown_flush,
         "shutting down: no new requests, finishing in-flight work"
     );
-    let [accepting, sending, flushing] = children::shutdown_stages();
+    let [accepting, sending, flushing] = children::shutdown_stages(cfg);
     let accept = async {
         tokio::time::sleep(s.drain_grace).await;
         use actors::receipts::{ReceiptMsg, NAME};

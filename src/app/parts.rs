@@ -29,12 +29,13 @@ impl Parts {
     pub async fn build(cfg: &Config) -> Result<Parts, RunError> {
         let queue = Arc::new(
             RedisQueue::new(
-                cfg.redis.url.expose(),
+                &cfg.redis.urls(),
+                cfg.redis.cluster,
                 cfg.redis.ca_file.as_deref(),
+                cfg.redis.connect_timeout,
                 cfg.redis.response_timeout(),
             )
             .map_err(RunError::Redis)?
-            .with_connect_timeout(cfg.redis.connect_timeout)
             .with_stream_bound(LOG_STREAM, cfg.log_indexer.max_stream_len),
         );
         let leases = Arc::new(RedisLeases::new(queue.clone()));

@@ -5,11 +5,13 @@
 //! is the lease's fencing token: it grows with every claim, so a worker whose lease lapsed
 //! can tell whether somebody else has claimed the record since.
 //!
-//! Per record: `lease:{id}` (the holder's token, expiring after the lease time) and
-//! `tries:{id}` (leases ever taken, kept a week after the last).
+//! Per record: `lease:{<id>}` (the holder's token, expiring after the lease time) and
+//! `tries:{<id>}` (leases ever taken, kept a week after the last): the record id is their
+//! hash tag, so a Redis Cluster keeps both in one slot for the scripts that touch both.
 
+use crate::clients::redis_conn::Keyed;
 use crate::clients::redis_queue::RedisQueue;
-use actors::ports::DependencyError;
+use actors::ports::{Dependency, DependencyError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +40,7 @@ impl Release {
 /// How long a record's try count outlives its last lease.
 const TRIES_TTL_SECS: u64 = 7 * 24 * 3600;
 
-/// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, lease ms, tries ttl. A lease already
+/// KEYS: `lease:{<id>}`, `tries:{<id>}`. ARGV: token, lease ms, tries ttl. A lease already
 /// held is -1, whoever holds it: a dead batch's leases are left to expire, so that a
 /// message that crashes its sender is retried only after the consumer has split it from
 /// the others (an XAUTOCLAIM delivers one entry at a time). The answer counts every lease
@@ -51,7 +53,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return n
 ";
 
-/// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, undo|final|keep. Only the holder
+/// KEYS: `lease:{<id>}`, `tries:{<id>}`. ARGV: token, undo|final|keep. Only the holder
 /// releases.
 const RELEASE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -64,7 +66,7 @@ end
 return 1
 ";
 
-/// KEYS: `lease:{id}`, `tries:{id}`. ARGV: token, lease ms, the claim's try number.
+/// KEYS: `lease:{<id>}`, `tries:{<id>}`. ARGV: token, lease ms, the claim's try number.
 /// The holder's lease is extended; a lease that lapsed is taken again only while the try
 /// count shows that nobody has claimed the record since (any claim counts a try). 1: held.
 const RENEW_SCRIPT: &str = r"
@@ -87,6 +89,27 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().max(1) as u64
 }
 
+/// One script call on a record's two keys, routed by them.
+fn script(text: &str, id: &str) -> Keyed {
+    let lease = format!("lease:{{{id}}}");
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(text)
+        .arg(2)
+        .arg(&lease)
+        .arg(format!("tries:{{{id}}}"));
+    (lease, cmd)
+}
+
+/// The scripts' integer answers.
+fn ints(values: Vec<redis::Value>) -> Result<Vec<i64>, DependencyError> {
+    values
+        .iter()
+        .map(|v| {
+            redis::from_redis_value_ref(v).map_err(|e| DependencyError::new(Dependency::Redis, e))
+        })
+        .collect()
+}
+
 impl RedisLeases {
     /// Leases over the queue's connection.
     pub fn new(redis: Arc<RedisQueue>) -> RedisLeases {
@@ -105,18 +128,15 @@ impl RedisLeases {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("EVAL")
-                .arg(LEASE_SCRIPT)
-                .arg(2)
-                .arg(format!("lease:{id}"))
-                .arg(format!("tries:{id}"))
-                .arg(token)
-                .arg(millis(lease))
-                .arg(TRIES_TTL_SECS);
-        }
-        self.redis.pipeline(&pipe).await
+        let cmds: Vec<Keyed> = ids
+            .iter()
+            .map(|id| {
+                let (key, mut cmd) = script(LEASE_SCRIPT, id);
+                cmd.arg(token).arg(millis(lease)).arg(TRIES_TTL_SECS);
+                (key, cmd)
+            })
+            .collect();
+        ints(self.redis.batch(&cmds, false).await?)
     }
 
     /// Give leases back (see [`Release`]).
@@ -128,18 +148,16 @@ impl RedisLeases {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (id, how) in ids {
-            pipe.cmd("EVAL")
-                .arg(RELEASE_SCRIPT)
-                .arg(2)
-                .arg(format!("lease:{id}"))
-                .arg(format!("tries:{id}"))
-                .arg(token)
-                .arg(how.as_str())
-                .ignore();
-        }
-        self.redis.pipeline(&pipe).await
+        let cmds: Vec<Keyed> = ids
+            .iter()
+            .map(|(id, how)| {
+                let (key, mut cmd) = script(RELEASE_SCRIPT, id);
+                cmd.arg(token).arg(how.as_str());
+                (key, cmd)
+            })
+            .collect();
+        self.redis.batch(&cmds, false).await?;
+        Ok(())
     }
 
     /// Keep the leases of these claims (record id, try number) for another `lease` (see
@@ -154,18 +172,15 @@ impl RedisLeases {
         if claims.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (id, attempt) in claims {
-            pipe.cmd("EVAL")
-                .arg(RENEW_SCRIPT)
-                .arg(2)
-                .arg(format!("lease:{id}"))
-                .arg(format!("tries:{id}"))
-                .arg(token)
-                .arg(millis(lease))
-                .arg(*attempt);
-        }
-        let held: Vec<i64> = self.redis.pipeline(&pipe).await?;
+        let cmds: Vec<Keyed> = claims
+            .iter()
+            .map(|(id, attempt)| {
+                let (key, mut cmd) = script(RENEW_SCRIPT, id);
+                cmd.arg(token).arg(millis(lease)).arg(*attempt);
+                (key, cmd)
+            })
+            .collect();
+        let held = ints(self.redis.batch(&cmds, false).await?)?;
         Ok(held.into_iter().map(|h| h == 1).collect())
     }
 }

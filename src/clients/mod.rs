@@ -1,5 +1,5 @@
 //! Clients for the servers: MongoDB (the source of truth; its indexes, and whether they
-//! exist yet, in `indexes`), Redis (streams, and the leases that make one worker the only
+//! exist yet, in `indexes`), Redis (one server or a cluster, `redis_conn`; streams, and the leases that make one worker the only
 //! one to send a record, and the start-up check of the server in `redis_checks`),
 //! Elasticsearch; `parked` keeps the delivery receipts that came before their records
 //! (MongoDB); `reconcile` reads both stores for the Reconciler.
@@ -12,5 +12,6 @@ pub mod mongo;
 pub mod parked;
 pub mod reconcile;
 pub mod redis_checks;
+pub mod redis_conn;
 pub mod redis_queue;
 pub mod templates;

@@ -78,12 +78,16 @@ pub enum StartupCheck {
     Refused(#[from] RedisCheckError),
 }
 
-/// Ask the server and check it.
+/// Ask the server (every master of a cluster) and check it; the first one's figures.
 pub async fn check_server(queue: &RedisQueue) -> Result<RedisServer, StartupCheck> {
-    let info = queue.info().await.map_err(StartupCheck::Unreachable)?;
-    let server = read_info(&info)?;
-    check(&server)?;
-    Ok(server)
+    let infos = queue.info().await.map_err(StartupCheck::Unreachable)?;
+    let mut first = None;
+    for info in &infos {
+        let server = read_info(info)?;
+        check(&server)?;
+        first.get_or_insert(server);
+    }
+    Ok(first.ok_or(RedisCheckError::NoVersion)?)
 }
 
 #[cfg(test)]

@@ -1,26 +1,27 @@
-//! Redis Streams: implements `actors::ports::Queue` with a `ConnectionManager` (it
-//! reconnects by itself after Redis restarts).
+//! Redis Streams: implements `actors::ports::Queue` over a [`RedisConn`], one Redis
+//! server or a Redis Cluster (it reconnects by itself after Redis restarts or fails over).
+//! Every key a script or an append touches together shares a hash tag ([`hash_tag`]).
 
+use super::redis_conn::{hash_tag, text, Keyed, RedisConn, RedisTarget, Settings};
 use actors::domain::StreamEntry;
 use actors::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// Making a connection, unless [`RedisQueue::with_connect_timeout`] says otherwise.
+/// Making a connection, for [`RedisQueue::open`].
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct RedisQueue {
-    client: redis::Client,
+    target: RedisTarget,
     connect_timeout: Duration,
     /// The longest any command may take, a blocking read included.
     response_timeout: Duration,
-    conn: Mutex<Option<ConnectionManager>>,
+    conn: Mutex<Option<RedisConn>>,
     /// A stream kept at most this long: an entry over the bound is not appended, and the
     /// communication it names is marked to be indexed again from MongoDB.
     bound: Option<(String, u64)>,
@@ -40,31 +41,32 @@ fn err(e: redis::RedisError) -> DependencyError {
 }
 
 impl RedisQueue {
-    /// `ca_file`: PEM roots to trust for `rediss://` instead of the system's.
+    /// `urls`: one server's URL, or a cluster's seed nodes (`cluster`). `ca_file`: PEM
+    /// roots to trust for `rediss://` instead of the system's.
     pub fn new(
-        url: &str,
+        urls: &[&str],
+        cluster: bool,
         ca_file: Option<&str>,
+        connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Result<RedisQueue, DependencyError> {
-        let client = match ca_file {
-            None => redis::Client::open(url).map_err(err)?,
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    DependencyError::new(Dependency::Redis, format!("REDIS_CA_FILE {path:?}: {e}"))
-                })?;
-                redis::Client::build_with_tls(
-                    url,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-                .map_err(err)?
-            }
+        let root_cert = match ca_file {
+            None => None,
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                DependencyError::new(Dependency::Redis, format!("REDIS_CA_FILE {path:?}: {e}"))
+            })?),
         };
+        let target = RedisTarget::new(&Settings {
+            urls,
+            cluster,
+            root_cert,
+            connect_timeout,
+            response_timeout,
+        })
+        .map_err(err)?;
         Ok(RedisQueue {
-            client,
-            connect_timeout: CONNECT_TIMEOUT,
+            target,
+            connect_timeout,
             response_timeout,
             conn: Mutex::new(None),
             bound: None,
@@ -79,25 +81,20 @@ impl RedisQueue {
         }
     }
 
-    pub fn with_connect_timeout(self, connect_timeout: Duration) -> RedisQueue {
-        RedisQueue {
-            connect_timeout,
-            ..self
-        }
+    /// One server at `url`, with the default connect timeout (tests, benchmarks).
+    pub fn open(url: &str, response_timeout: Duration) -> Result<RedisQueue, DependencyError> {
+        RedisQueue::new(&[url], false, None, CONNECT_TIMEOUT, response_timeout)
     }
 
     /// The connection, made on first use and again after a failed attempt.
-    async fn conn(&self) -> Result<ConnectionManager, DependencyError> {
+    async fn conn(&self) -> Result<RedisConn, DependencyError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let c = ConnectionManager::new_with_config(self.client.clone(), cfg)
+        let c = self
+            .target
+            .connect(self.connect_timeout, self.response_timeout)
             .await
             .map_err(err)?;
         *guard = Some(c.clone());
@@ -107,6 +104,32 @@ impl RedisQueue {
     async fn query(&self, cmd: &redis::Cmd) -> Result<Value, DependencyError> {
         let mut c = self.conn().await?;
         cmd.query_async(&mut c).await.map_err(err)
+    }
+
+    /// The XADD of one entry, or the [`BOUNDED_XADD`] script for the bounded stream.
+    fn append_cmd(&self, stream: &str, fields: &[(&str, String)]) -> redis::Cmd {
+        let mut c = match &self.bound {
+            Some((bounded, max)) if bounded == stream => {
+                let id = fields.iter().find(|(k, _)| *k == "communicationId");
+                let mut c = redis::cmd("EVAL");
+                c.arg(BOUNDED_XADD)
+                    .arg(2)
+                    .arg(stream)
+                    .arg(overflow_key(stream))
+                    .arg(*max)
+                    .arg(id.map_or("", |(_, v)| v.as_str()));
+                c
+            }
+            _ => {
+                let mut c = redis::cmd("XADD");
+                c.arg(stream).arg("*");
+                c
+            }
+        };
+        for (k, v) in fields {
+            c.arg(*k).arg(v.as_str());
+        }
+        c
     }
 
     /// This group's `XINFO GROUPS` fields (name → value); `None` when the stream or the
@@ -148,13 +171,15 @@ impl RedisQueue {
         Ok(None)
     }
 
-    /// Run a pipeline on the shared connection (the leases use it).
-    pub(crate) async fn pipeline<T: redis::FromRedisValue>(
+    /// Run commands, each with the key it is routed by, in as few round trips as the
+    /// server allows (see [`RedisConn::batch`]); one answer each.
+    pub(crate) async fn batch(
         &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, DependencyError> {
+        cmds: &[Keyed],
+        ordered: bool,
+    ) -> Result<Vec<Value>, DependencyError> {
         let mut c = self.conn().await?;
-        pipe.query_async(&mut c).await.map_err(err)
+        c.batch(cmds, ordered).await.map_err(err)
     }
 
     /// Run a Lua script by its SHA-1 (`EVALSHA`); only when Redis does not know it (the
@@ -184,26 +209,10 @@ impl RedisQueue {
         }
     }
 
-    /// Count one more event under `key`, which lives `ttl_secs`; the count so far.
-    pub async fn incr_window(&self, key: &str, ttl_secs: u64) -> Result<u64, DependencyError> {
+    /// The `INFO` text (all default sections) of the server, or of each master of a cluster.
+    pub async fn info(&self) -> Result<Vec<String>, DependencyError> {
         let mut c = self.conn().await?;
-        let (n,): (u64,) = redis::pipe()
-            .cmd("INCR")
-            .arg(key)
-            .cmd("EXPIRE")
-            .arg(key)
-            .arg(ttl_secs)
-            .ignore()
-            .query_async(&mut c)
-            .await
-            .map_err(err)?;
-        Ok(n)
-    }
-
-    /// The server's `INFO` text (all default sections).
-    pub async fn info(&self) -> Result<String, DependencyError> {
-        let v = self.query(&redis::cmd("INFO")).await?;
-        Ok(text(&v).unwrap_or_default())
+        c.info().await.map_err(err)
     }
 
     /// Length and pending count of a stream's group, for metrics and tests.
@@ -222,14 +231,14 @@ impl RedisQueue {
 }
 
 /// The hash of a group's live consumers (name → until when, in Redis's clock), in the
-/// stream's hash slot (`{stream}`), so a script may touch both.
+/// stream's hash slot (`{log_stream}:alive:…` for `log_stream`), so a script may touch both.
 fn alive_key(stream: &str, group: &str) -> String {
-    format!("{{{stream}}}:alive:{group}")
+    format!("{{{}}}:alive:{group}", hash_tag(stream))
 }
 
 /// The set of communication ids whose events a full `stream` refused, in its hash slot.
 fn overflow_key(stream: &str) -> String {
-    format!("{{{stream}}}:reindex")
+    format!("{{{}}}:reindex", hash_tag(stream))
 }
 
 /// XADD to KEYS[1] unless it holds ARGV[1] entries already; then mark communication ARGV[2]
@@ -282,17 +291,6 @@ return removed
 fn id_key(id: &str) -> (u64, u64) {
     let (a, b) = id.split_once('-').unwrap_or((id, "0"));
     (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::VerbatimString { text, .. } => Some(text.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::Okay => Some("OK".into()),
-        _ => None,
-    }
 }
 
 /// `[id, [field, value, ...]]`; a nil body (entry deleted meanwhile) yields no fields.
@@ -349,27 +347,12 @@ impl Queue for RedisQueue {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (stream, fields) in entries {
-            let c = match &self.bound {
-                Some((bounded, max)) if bounded == stream => {
-                    let id = fields.iter().find(|(k, _)| *k == "communicationId");
-                    pipe.cmd("EVAL")
-                        .arg(BOUNDED_XADD)
-                        .arg(2)
-                        .arg(*stream)
-                        .arg(overflow_key(stream))
-                        .arg(*max)
-                        .arg(id.map_or("", |(_, v)| v.as_str()))
-                }
-                _ => pipe.cmd("XADD").arg(*stream).arg("*"),
-            };
-            for (k, v) in fields {
-                c.arg(*k).arg(v.as_str());
-            }
-        }
-        let mut c = self.conn().await?;
-        let replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let cmds: Vec<Keyed> = entries
+            .iter()
+            .map(|(stream, fields)| (stream.to_string(), self.append_cmd(stream, fields)))
+            .collect();
+        // In order: a record's `queued` event lands before its entry can be read.
+        let replies = self.batch(&cmds, true).await?;
         let ids: Vec<String> = replies
             .iter()
             .map(|v| text(v).unwrap_or_default())
@@ -518,12 +501,15 @@ impl Queue for RedisQueue {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("XRANGE").arg(stream).arg(id).arg(id);
-        }
-        let mut c = self.conn().await?;
-        let replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let cmds: Vec<Keyed> = ids
+            .iter()
+            .map(|id| {
+                let mut cmd = redis::cmd("XRANGE");
+                cmd.arg(stream).arg(id).arg(id);
+                (stream.to_string(), cmd)
+            })
+            .collect();
+        let replies = self.batch(&cmds, false).await?;
         Ok(replies.iter().flat_map(parse_entries).collect())
     }
 
@@ -695,7 +681,7 @@ impl Queue for RedisQueue {
 
     fn dedicated(&self) -> Arc<dyn Queue> {
         Arc::new(RedisQueue {
-            client: self.client.clone(),
+            target: self.target.clone(),
             connect_timeout: self.connect_timeout,
             response_timeout: self.response_timeout,
             conn: Mutex::new(None),

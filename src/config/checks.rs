@@ -17,6 +17,7 @@ const RULES: &[Rule] = &[
     tenants_are_usable,
     log_format_is_known,
     claims_outlast_a_provider_call,
+    redis_nodes_and_shards,
     leases_outlast_a_provider_call,
     counts_are_at_least_one,
     channels_are_usable,
@@ -82,11 +83,9 @@ fn urls_have_known_schemes(c: &Config) -> Result<(), ConfigError> {
         c.mongodb.url.expose(),
         &["mongodb", "mongodb+srv"],
     )?;
-    url(
-        "REDIS_URL",
-        c.redis.url.expose(),
-        &["redis", "rediss", "redis+unix", "unix"],
-    )?;
+    for u in c.redis.urls() {
+        url("REDIS_URL", u, &["redis", "rediss", "redis+unix", "unix"])?;
+    }
     url("ELASTICSEARCH_NODE", &c.elasticsearch.node, WEB)?;
     url("TWILIO_API_BASE", &c.providers.sms.api_base, WEB)?;
     url("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, WEB)?;
@@ -272,6 +271,26 @@ fn log_format_is_known(c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Several nodes are a cluster's seeds; shards are few enough to read each.
+fn redis_nodes_and_shards(c: &Config) -> Result<(), ConfigError> {
+    if c.redis.urls().len() > 1 && !c.redis.cluster {
+        return Err(bad(format!(
+            "REDIS_URL lists {} nodes: several nodes are a Redis Cluster's seeds; set REDIS_CLUSTER=true (redis.cluster)",
+            c.redis.urls().len()
+        )));
+    }
+    if !(1..=MAX_STREAM_SHARDS).contains(&c.redis.stream_shards) {
+        return Err(bad(format!(
+            "REDIS_STREAM_SHARDS={} (redis.stream_shards) must be 1 to {MAX_STREAM_SHARDS}: each shard has a reader per channel",
+            c.redis.stream_shards
+        )));
+    }
+    Ok(())
+}
+
+/// Each shard has its own reader (and connection) per channel.
+const MAX_STREAM_SHARDS: u32 = 64;
+
 /// A consumer that took over entries still being sent would send them twice.
 fn claims_outlast_a_provider_call(c: &Config) -> Result<(), ConfigError> {
     if c.redis.claim_idle <= c.providers.timeout {
@@ -367,6 +386,39 @@ mod tests {
             (&[("API_BURST", "0")][..], "auth.burst"),
             (&[("EMAIL_MAX_CHARS", "0")][..], "limits.email_max_chars"),
             (&[("SMTP_URL", "http://x")][..], "SMTP_URL"),
+            (
+                &[("REDIS_URL", "redis://127.0.0.1:7000,redis://127.0.0.1:7001")][..],
+                "REDIS_CLUSTER=true",
+            ),
+            (&[("REDIS_STREAM_SHARDS", "0")][..], "REDIS_STREAM_SHARDS"),
+            // Each seed node is checked for an unencrypted link off this host.
+            (
+                &[
+                    ("REDIS_CLUSTER", "true"),
+                    (
+                        "REDIS_URL",
+                        "redis://cache.example:7000,redis://127.0.0.1:7001",
+                    ),
+                ][..],
+                "REDIS_URL: plain redis:// to cache.example",
+            ),
+            (
+                &[
+                    ("REDIS_CLUSTER", "true"),
+                    (
+                        "REDIS_URL",
+                        "redis://127.0.0.1:7000,redis://cache.example:7001",
+                    ),
+                ][..],
+                "REDIS_URL: plain redis:// to cache.example",
+            ),
+            (
+                &[
+                    ("REDIS_CLUSTER", "true"),
+                    ("REDIS_URL", "redis://127.0.0.1:7000,http://127.0.0.1:7001"),
+                ][..],
+                "REDIS_URL",
+            ),
         ] {
             let err = error_with(vars);
             assert!(err.contains(names), "{vars:?}: {err}");

@@ -233,7 +233,12 @@ pub struct Mongo {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redis {
+    /// One server's URL, or a cluster's seed nodes, comma-separated.
     pub url: secret::SecretUrl,
+    /// `url` names a Redis Cluster (it must, to list several nodes).
+    pub cluster: bool,
+    /// Each channel's stream split into this many (`{type}_stream:{0}`…; 1: `{type}_stream`).
+    pub stream_shards: u32,
     pub group: String,
     pub consumer_name: String,
     pub read_count: usize,
@@ -257,6 +262,14 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// The URLs `url` lists (one, unless it names a cluster's seed nodes).
+    pub fn urls(&self) -> Vec<&str> {
+        redact::list(self.url.expose())
+            .into_iter()
+            .map(str::trim)
+            .collect()
+    }
+
     /// The longest a command may take: a blocking read's `block` and the grace.
     pub fn response_timeout(&self) -> Duration {
         self.block + self.response_grace

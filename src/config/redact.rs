@@ -5,8 +5,39 @@
 
 /// `v` with whatever sits between `://` and the last `@` of its authority replaced by
 /// `***` (user and password alike: Redis and some hosted services put the token in the
-/// user part). A value without `://…@` is returned as it is.
+/// user part), in each URL of a comma-separated list (see [`list`]). A value without
+/// `://…@` is returned as it is.
 pub fn url(v: &str) -> String {
+    list(v).into_iter().map(one).collect::<Vec<_>>().join(",")
+}
+
+/// The URLs of a comma-separated list (a Redis Cluster's seed nodes): a comma starts a
+/// new URL only where a `scheme://` follows, so a comma inside one URL (MongoDB's host
+/// list, a password) stays in it.
+pub fn list(v: &str) -> Vec<&str> {
+    let starts_url = |rest: &str| {
+        rest.trim_start()
+            .split_once("://")
+            .is_some_and(|(scheme, _)| {
+                !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            })
+    };
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in v.match_indices(',') {
+        if starts_url(&v[i + 1..]) {
+            out.push(&v[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&v[start..]);
+    out
+}
+
+fn one(v: &str) -> String {
     let Some(scheme_end) = v.find("://") else {
         return v.to_string();
     };
@@ -34,6 +65,12 @@ mod tests {
             ("http://127.0.0.1:9200", "http://127.0.0.1:9200"),
             ("http://host/path@x", "http://host/path@x"),
             ("not a url", "not a url"),
+            (
+                "redis://:a@n1:7000, redis://:b@n2:7001",
+                "redis://***@n1:7000, redis://***@n2:7001",
+            ),
+            ("redis://:p,w@n1:7000", "redis://***@n1:7000"),
+            ("mongodb://u:p@h1,h2/db", "mongodb://***@h1,h2/db"),
         ] {
             assert_eq!(super::url(input), want, "{input}");
         }

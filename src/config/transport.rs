@@ -10,16 +10,20 @@ pub(super) fn transports_are_encrypted(c: &Config) -> Result<(), ConfigError> {
     if c.server.allow_insecure_transport {
         return Ok(());
     }
-    let checks: [(&str, &str, Check); 8] = [
+    let checks: [(&str, &str, Check); 7] = [
         ("TWILIO_API_BASE", &c.providers.sms.api_base, web),
         ("WHATSAPP_API_BASE", &c.providers.whatsapp.api_base, web),
         ("VONAGE_API_BASE", &c.providers.vonage.api_base, web),
         ("SENDGRID_API_BASE", &c.providers.sendgrid.api_base, web),
         ("ELASTICSEARCH_NODE", &c.elasticsearch.node, web),
-        ("REDIS_URL", c.redis.url.expose(), redis),
         ("MONGODB_URL", c.mongodb.url.expose(), mongodb),
         ("SMTP_URL", c.providers.email.smtp_url.expose(), smtp),
     ];
+    // Every node of a cluster's list.
+    let redis_nodes = c.redis.urls().into_iter();
+    let checks = checks
+        .into_iter()
+        .chain(redis_nodes.map(|u| ("REDIS_URL", u, redis as Check)));
     for (name, value, verdict) in checks {
         if let Verdict::Refuse(why) = verdict(value) {
             return Err(bad(format!(

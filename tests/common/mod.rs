@@ -5,6 +5,8 @@
 //! failing test with a message saying so, never a skipped one.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -762,6 +764,35 @@ pub async fn load(port: u16, tag: &str, n: usize, pause: Duration) -> Vec<(Strin
         .collect()
         .await;
     results.into_iter().flatten().collect()
+}
+
+/// [`load`] in a task of its own, to do something to the stack meanwhile.
+pub fn spawn_load(
+    port: u16,
+    tag: &str,
+    n: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<(String, String)>> {
+    let tag = tag.to_string();
+    tokio::spawn(async move { load(port, &tag, n, pause).await })
+}
+
+/// 300 SMS at 16 every 20 ms to `svc`, killed (SIGKILL) 250 ms in; then `restart` starts
+/// the service again and 50 more are sent. Every accepted (body, id), before and after,
+/// and the restarted service (which must outlive the books).
+pub async fn kill_9_mid_load(
+    svc: Service,
+    tag: &str,
+    restart: impl FnOnce() -> Service,
+) -> (Vec<(String, String)>, Service) {
+    let loader = spawn_load(svc.port, tag, 300, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    svc.proc.signal(libc::SIGKILL);
+    let mut accepted = loader.await.unwrap();
+    assert!(!accepted.is_empty(), "nothing was accepted before the kill");
+    let svc = restart();
+    accepted.extend(load(svc.port, &format!("{tag}-after"), 50, Duration::ZERO).await);
+    (accepted, svc)
 }
 
 /// What the books say after a scenario.

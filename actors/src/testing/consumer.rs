@@ -87,6 +87,7 @@ pub async fn start_consumer(
     };
     let args = ConsumerArgs {
         channel,
+        stream: channel.stream(),
         queue: Arc::new(queue.clone()),
         group: GROUP.into(),
         consumer: consumer.into(),
