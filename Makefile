@@ -19,6 +19,7 @@ stack-status:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	python3 scripts/fn-length.py 80
 
 # Installs what the tests need (Debian redis-server, the .venv servers), checks format and
 # lints, then runs every test; the tests start their own servers on free ports.

@@ -108,8 +108,22 @@ async fn a_template_is_versioned_previewed_and_kept_per_tenant() {
         call(Method::GET, &format!("{path}?version=2"), None)
             .await
             .0,
-        200,
-        "old versions stay readable"
+        404,
+        "deleted is gone"
+    );
+    // Made again, it goes on from its last version.
+    let (s, t) = call(
+        Method::POST,
+        "/api/v1/templates",
+        Some(json!({"name": name, "type": "sms", "body": "Back: {{ code }}"})),
+    )
+    .await;
+    assert_eq!((s, t["version"].as_u64()), (201, Some(3)), "{t}");
+    assert_eq!(
+        call(Method::GET, &format!("{path}?version=1"), None)
+            .await
+            .0,
+        200
     );
 }
 

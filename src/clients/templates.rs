@@ -217,7 +217,8 @@ impl MongoTemplates {
             .map_or(Write::Raced, Write::Done))
     }
 
-    /// Whether there was a template to delete. Its versions stay readable by number.
+    /// Whether there was a template to delete. Its versions are kept: creating the name
+    /// again continues them.
     pub async fn delete(&self, tenant: &str, name: &str) -> Result<bool, DependencyError> {
         let r = self
             .coll

@@ -204,8 +204,7 @@ async fn get(
             .as_ref(),
     )?;
     let t = found(&state, &who.tenant, &name).await?;
-    // A deleted template's versions stay readable by number, not as "current".
-    if t.deleted && asked.is_none() {
+    if t.deleted {
         return Err(ApiError::TemplateNotFound(name));
     }
     let v = t.at(asked).ok_or(ApiError::TemplateNotFound(name))?;
@@ -318,7 +317,7 @@ async fn preview(
     let locale = locale(body.get("locale"), "locale")?;
     let asked = version_asked(body.get("version"))?;
     let t = found(&state, &who.tenant, &name).await?;
-    if t.deleted && asked.is_none() {
+    if t.deleted {
         return Err(ApiError::TemplateNotFound(name));
     }
     let (r, version) = render(&t, asked, locale.as_deref(), &vars, &state.validation)?;
