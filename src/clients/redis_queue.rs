@@ -148,15 +148,6 @@ impl RedisQueue {
         Ok(None)
     }
 
-    /// Run a pipeline on the shared connection (the leases use it).
-    pub(crate) async fn pipeline<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, DependencyError> {
-        let mut c = self.conn().await?;
-        pipe.query_async(&mut c).await.map_err(err)
-    }
-
     /// Run a Lua script by its SHA-1 (`EVALSHA`); only when Redis does not know it (the
     /// first call, or after a restart) is its text sent (`EVAL`, which also caches it).
     pub(crate) async fn eval_script<T: redis::FromRedisValue>(
