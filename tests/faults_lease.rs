@@ -364,26 +364,6 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
     }
 }
 
-/// Script calls (`EVAL` and `EVALSHA`) a Redis has run so far (`INFO commandstats`).
-async fn script_calls(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(redis)
-        .await
-        .unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
-        .map(|l| {
-            let stat = |name: &str| -> u64 {
-                l.split([':', ','])
-                    .find_map(|kv| kv.strip_prefix(name)?.parse().ok())
-                    .unwrap_or(0)
-            };
-            stat("calls=") - stat("failed_calls=")
-        })
-        .sum()
-}
-
 /// The claim is one round trip a batch (issue 14): one script call takes the leases of a
 /// batch of 20 records and counts their tries, and one gives them back; confirming a lease
 /// taken a moment ago costs no call, and one confirmed over a quarter of its time ago is
@@ -392,26 +372,7 @@ async fn script_calls(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
 async fn a_batch_is_leased_and_given_back_in_one_script_call_each() {
     use comm_aggregator::clients::lease::{RedisLeases, Release};
     use comm_aggregator::clients::redis_queue::RedisQueue;
-    let dir = std::env::temp_dir().join(format!("comm-agg-leases-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let mut server = Proc::spawn(
-        "redis",
-        &dir,
-        std::process::Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&dir),
-    );
-    server.wait_port(port, Duration::from_secs(10));
-    let url = format!("redis://127.0.0.1:{port}");
+    let (mut server, url) = scratch_redis("leases");
     let queue = RedisQueue::new(&url, None, Duration::from_secs(5)).unwrap();
     let leases = RedisLeases::new(std::sync::Arc::new(queue));
     let mut redis = redis::Client::open(url.as_str())
@@ -475,5 +436,4 @@ async fn a_batch_is_leased_and_given_back_in_one_script_call_each() {
         "free again, the try count gone with the final release"
     );
     server.kill();
-    let _ = std::fs::remove_dir_all(&dir);
 }

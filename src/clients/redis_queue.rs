@@ -223,15 +223,29 @@ fn overflow_key(stream: &str) -> String {
     format!("{{{stream}}}:reindex")
 }
 
-/// XADD to KEYS[1] unless it holds ARGV[1] entries already; then mark communication ARGV[2]
-/// (if any) in the set KEYS[2], to be indexed again from MongoDB, and answer nil. ARGV[3..]
-/// are the entry's fields. A mark is a few dozen bytes where an event is hundreds.
+/// XADD each entry of a batch to KEYS[1] while it holds fewer than ARGV[1] entries; an
+/// entry over the bound is not added: its communication (if any) is marked in the set
+/// KEYS[2], to be indexed again from MongoDB, and answered nil. ARGV[2..], per entry: the
+/// communication id (or ''), the number n of field names and values, and those n. One
+/// script call (one `XLEN`) for a whole batch. A mark is a few dozen bytes where an event
+/// is hundreds.
 const BOUNDED_XADD: &str = r#"
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  if ARGV[2] ~= '' then redis.call('SADD', KEYS[2], ARGV[2]) end
-  return false
+local max = tonumber(ARGV[1])
+local len = redis.call('XLEN', KEYS[1])
+local out = {}
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  if len >= max then
+    if ARGV[i] ~= '' then redis.call('SADD', KEYS[2], ARGV[i]) end
+    out[#out + 1] = false
+  else
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
+    len = len + 1
+  end
+  i = i + 2 + n
 end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return out
 "#;
 
 /// Mark a consumer alive until now + ARGV[2] ms (Redis's clock, one for every process).
@@ -340,27 +354,61 @@ impl Queue for RedisQueue {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        // Entries for the bounded stream go in one script call (sent as text: a pipeline
+        // cannot fall back from EVALSHA), the others one XADD each, in one pipeline.
+        let bounded = |stream: &str| self.bound.as_ref().filter(|(b, _)| b == stream);
         let mut pipe = redis::pipe();
+        let mut script: Option<redis::Cmd> = None;
         for (stream, fields) in entries {
-            let c = match &self.bound {
-                Some((bounded, max)) if bounded == stream => {
-                    let id = fields.iter().find(|(k, _)| *k == "communicationId");
-                    pipe.cmd("EVAL")
-                        .arg(BOUNDED_XADD)
+            if let Some((_, max)) = bounded(stream) {
+                let c = script.get_or_insert_with(|| {
+                    let mut c = redis::cmd("EVAL");
+                    c.arg(BOUNDED_XADD)
                         .arg(2)
                         .arg(*stream)
                         .arg(overflow_key(stream))
-                        .arg(*max)
-                        .arg(id.map_or("", |(_, v)| v.as_str()))
+                        .arg(*max);
+                    c
+                });
+                let id = fields.iter().find(|(k, _)| *k == "communicationId");
+                c.arg(id.map_or("", |(_, v)| v.as_str()))
+                    .arg(fields.len() * 2);
+                for (k, v) in fields {
+                    c.arg(*k).arg(v.as_str());
                 }
-                _ => pipe.cmd("XADD").arg(*stream).arg("*"),
-            };
+                continue;
+            }
+            let c = pipe.cmd("XADD").arg(*stream).arg("*");
             for (k, v) in fields {
                 c.arg(*k).arg(v.as_str());
             }
         }
+        let in_script = script.is_some();
+        if let Some(c) = script {
+            pipe.add_command(c);
+        }
         let mut c = self.conn().await?;
-        let replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let mut replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let mut added = match (in_script, replies.pop()) {
+            (true, Some(Value::Array(ids))) => ids.into_iter(),
+            (true, _) => Vec::new().into_iter(),
+            (false, last) => {
+                replies.extend(last);
+                Vec::new().into_iter()
+            }
+        };
+        let mut plain = replies.into_iter();
+        let replies: Vec<Value> = entries
+            .iter()
+            .map(|(stream, _)| {
+                let next = if bounded(stream).is_some() {
+                    added.next()
+                } else {
+                    plain.next()
+                };
+                next.unwrap_or(Value::Nil)
+            })
+            .collect();
         let ids: Vec<String> = replies
             .iter()
             .map(|v| text(v).unwrap_or_default())
