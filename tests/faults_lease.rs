@@ -363,3 +363,77 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
         assert_eq!(wc.get_bool("j").ok(), Some(true), "{p}");
     }
 }
+
+/// The claim is one round trip a batch (issue 14): one script call takes the leases of a
+/// batch of 20 records and counts their tries, and one gives them back; confirming a lease
+/// taken a moment ago costs no call, and one confirmed over a quarter of its time ago is
+/// asked about again (one call for the batch), and still held.
+#[tokio::test]
+async fn a_batch_is_leased_and_given_back_in_one_script_call_each() {
+    use comm_aggregator::clients::lease::{RedisLeases, Release};
+    use comm_aggregator::clients::redis_queue::RedisQueue;
+    let (mut server, url) = scratch_redis("leases");
+    let queue = RedisQueue::open(&url, Duration::from_secs(5)).unwrap();
+    let leases = RedisLeases::new(std::sync::Arc::new(queue));
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..20).map(|_| ObjectId::new().to_hex()).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let lease = Duration::from_secs(2);
+
+    let before = script_calls(&mut redis).await;
+    let tries = leases.lease(&refs, "batch-1", lease).await.unwrap();
+    assert_eq!(tries, vec![1; 20], "each record leased, its first try");
+    assert_eq!(
+        script_calls(&mut redis).await - before,
+        1,
+        "one call for the batch"
+    );
+    assert_eq!(
+        leases.lease(&refs, "batch-2", lease).await.unwrap(),
+        vec![-1; 20],
+        "held leases are not taken twice"
+    );
+
+    let claims: Vec<(&str, u32)> = refs.iter().map(|id| (*id, 1)).collect();
+    let before = script_calls(&mut redis).await;
+    let held = leases.renew(&claims, "batch-1", lease).await.unwrap();
+    assert_eq!(held, vec![true; 20]);
+    assert_eq!(
+        script_calls(&mut redis).await,
+        before,
+        "a fresh lease is confirmed without a call"
+    );
+
+    tokio::time::sleep(lease / 3).await;
+    let held = leases.renew(&claims, "batch-1", lease).await.unwrap();
+    assert_eq!(held, vec![true; 20]);
+    assert_eq!(
+        script_calls(&mut redis).await - before,
+        1,
+        "older ones: one call for the batch"
+    );
+    assert_eq!(
+        leases.renew(&claims, "batch-2", lease).await.unwrap(),
+        vec![false; 20],
+        "another holder's leases are not confirmed"
+    );
+
+    let before = script_calls(&mut redis).await;
+    let back: Vec<(&str, Release)> = refs.iter().map(|id| (*id, Release::Final)).collect();
+    leases.release(&back, "batch-1").await.unwrap();
+    assert_eq!(
+        script_calls(&mut redis).await - before,
+        1,
+        "given back in one call"
+    );
+    assert_eq!(
+        leases.lease(&refs, "batch-3", lease).await.unwrap(),
+        vec![1; 20],
+        "free again, the try count gone with the final release"
+    );
+    server.kill();
+}

@@ -469,3 +469,81 @@ async fn an_elasticsearch_outage_with_a_small_redis_never_stops_sending() {
         all_in_search(&stack, chunk, Duration::from_secs(60)).await;
     }
 }
+
+/// A batch of log events costs one script call however many events it holds (issue 14):
+/// a router batch appends 7 events and a stream entry at once to a `log_stream` bounded at
+/// 5 entries; the first 5 events are added in order, the 2 over the bound are not but
+/// their communications are marked to be indexed from MongoDB, the stream entry is added,
+/// and Redis ran one script for all of it.
+#[tokio::test]
+async fn a_batch_of_log_events_is_appended_in_one_script_call() {
+    use actors::ports::Queue;
+    use comm_aggregator::clients::redis_queue::RedisQueue;
+    let (mut server, url) = scratch_redis("append");
+    let queue = RedisQueue::open(&url, Duration::from_secs(5))
+        .unwrap()
+        .with_stream_bound("log_stream", 5);
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..7).map(|_| ObjectId::new().to_hex()).collect();
+    let event = |id: &str| {
+        let fields = vec![
+            ("communicationId", id.to_string()),
+            ("status", "queued".into()),
+        ];
+        ("log_stream", fields)
+    };
+    let mut entries: Vec<(&str, Vec<(&str, String)>)> = ids[..3].iter().map(|i| event(i)).collect();
+    entries.push(("sms_stream", vec![("_id", ids[0].clone())]));
+    entries.extend(ids[3..].iter().map(|i| event(i)));
+
+    let before = script_calls(&mut redis).await;
+    let added = queue.append(&entries).await.unwrap();
+    assert_eq!(
+        script_calls(&mut redis).await - before,
+        1,
+        "one script call"
+    );
+    let empty: Vec<bool> = added.iter().map(String::is_empty).collect();
+    assert_eq!(
+        empty,
+        [false, false, false, false, false, false, true, true]
+    );
+    let log: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg("log_stream")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let order: Vec<&str> = log
+        .iter()
+        .map(|(_, f)| f["communicationId"].as_str())
+        .collect();
+    assert_eq!(
+        order,
+        ids[..5].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let sms: u64 = redis::cmd("XLEN")
+        .arg("sms_stream")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(sms, 1);
+    let mut marked: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("{log_stream}:reindex")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    marked.sort();
+    let mut over = ids[5..].to_vec();
+    over.sort();
+    assert_eq!(
+        marked, over,
+        "the events over the bound are marked for reindexing"
+    );
+    server.kill();
+}

@@ -120,7 +120,10 @@ pub trait Store: Send + Sync + 'static {
     /// keep it while the call runs and its outcome waits to be recorded: a lease still held
     /// is renewed for `stale_after`; one that lapsed is taken again if nobody has claimed
     /// the record since. One answer per claim, in order: `false` means another worker has
-    /// claimed the record, so this claim must not call the provider.
+    /// claimed the record, so this claim must not call the provider. A lease the store
+    /// took or renewed less than a quarter of `stale_after` ago may be answered held
+    /// without being extended (it has most of its time left; the sender renews every
+    /// third of it).
     async fn renew(
         &self,
         owner: &str,

@@ -57,6 +57,28 @@ pub struct MongoStore {
     lease_ms: Arc<AtomicU64>,
 }
 
+/// Count documents this client wrote to `communications`
+/// (`mongo_documents_written_total{op}`): SecantusDB's counters count commands, not the
+/// documents they wrote (README Performance).
+fn count_written(op: &'static str, n: u64) {
+    if n > 0 {
+        metrics::counter!("mongo_documents_written_total", "op" => op).increment(n);
+    }
+}
+
+/// The documents an `update` command's reply says it modified (and upserted).
+fn modified(reply: &Document) -> u64 {
+    let n = |k: &str| {
+        reply
+            .get_i32(k)
+            .map(i64::from)
+            .or(reply.get_i64(k))
+            .unwrap_or(0)
+    };
+    let upserted = reply.get_array("upserted").map_or(0, Vec::len) as i64;
+    (n("nModified") + upserted).max(0) as u64
+}
+
 fn err(e: impl std::fmt::Display) -> DependencyError {
     DependencyError::new(Dependency::MongoDb, e)
 }
@@ -398,7 +420,9 @@ impl MongoStore {
         if updates.is_empty() {
             return Ok(());
         }
-        self.run_update(updates, false).await.map(|_| ())
+        let reply = self.run_update(updates, false).await?;
+        count_written("other", modified(&reply));
+        Ok(())
     }
 
     /// The answers of an unordered insert that had write errors: a duplicate key whose
@@ -748,7 +772,10 @@ impl Store for MongoStore {
             .map(|r| MongoStore::to_doc(r, next_look))
             .collect::<Result<Vec<_>, _>>()?;
         let e = match self.coll.insert_many(docs).ordered(false).await {
-            Ok(_) => return Ok(vec![InsertResult::Inserted; records.len()]),
+            Ok(_) => {
+                count_written("insert", records.len() as u64);
+                return Ok(vec![InsertResult::Inserted; records.len()]);
+            }
             Err(e) => e,
         };
         // With ordered(false) every record was tried, and those without a write error are
@@ -764,7 +791,12 @@ impl Store for MongoStore {
             mongodb::error::ErrorKind::ServerSelection { .. } => return Err(err(e)),
             _ => return Err(ambiguous(e)),
         };
-        self.settle_write_errors(records, &write_errors).await
+        let results = self.settle_write_errors(records, &write_errors).await?;
+        let stored = results
+            .iter()
+            .filter(|r| matches!(r, InsertResult::Inserted));
+        count_written("insert", stored.count() as u64);
+        Ok(results)
     }
 
     async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError> {
@@ -822,6 +854,7 @@ impl Store for MongoStore {
             )
             .await
             .map_err(err)?;
+        count_written("other", modified(&reply));
         let errors = reply.get_array("writeErrors").cloned().unwrap_or_default();
         let codes = errors
             .iter()
@@ -856,7 +889,10 @@ impl Store for MongoStore {
             )
             .await;
         let (how, result) = match &r {
-            Ok(u) if u.modified_count > 0 => (Release::Final, FailResult::Failed),
+            Ok(u) if u.modified_count > 0 => {
+                count_written("other", u.modified_count);
+                (Release::Final, FailResult::Failed)
+            }
             _ => (Release::Undo, FailResult::AlreadyFinal),
         };
         if let Err(e) = self.leases.release(&[(id, how)], &token).await {
@@ -942,13 +978,15 @@ impl Store for MongoStore {
             return Ok(());
         }
         let due = bdate(not_before);
-        self.coll
+        let r = self
+            .coll
             .update_many(
                 doc! {"_id": {"$in": oids}, "status": {"$in": ["pending", "sending"]}},
                 doc! {"$set": {"notBefore": due, "nextAttemptAt": due, "updatedAt": bdate(Utc::now())}},
             )
             .await
             .map_err(err)?;
+        count_written("other", r.modified_count);
         let undo: Vec<(&str, Release)> =
             ids.iter().map(|id| (id.as_str(), Release::Undo)).collect();
         if let Err(e) = self.leases.release(&undo, owner).await {
@@ -973,6 +1011,7 @@ impl Store for MongoStore {
         if !held.is_empty() {
             let updates = outcome_statements(owner, &held, bdate(Utc::now()))?;
             let reply = self.run_update(updates, false).await?;
+            count_written("outcome", modified(&reply));
             let matched = reply.get_i32("n").map(i64::from).or(reply.get_i64("n"));
             if matched.map_or(true, |n| n < held.len() as i64) {
                 fenced.extend(self.not_written(&held).await?);
@@ -1026,13 +1065,15 @@ impl Store for MongoStore {
         let next = bdate(
             now + chrono::Duration::from_std(recheck).unwrap_or(chrono::Duration::seconds(30)),
         );
-        self.coll
+        let swept = self
+            .coll
             .update_many(
                 doc! {"_id": {"$in": oids}, "nextAttemptAt": {"$lte": bdate(now)}},
                 doc! {"$set": {"nextAttemptAt": next, "queuedAt": bdate(now)}},
             )
             .await
             .map_err(err)?;
+        count_written("sweep", swept.modified_count);
         Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
     }
 
@@ -1048,8 +1089,10 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         let stamp = ObjectId::new().to_hex();
-        self.run_update(receipt_statements(receipts, &stamp, Utc::now()), false)
+        let reply = self
+            .run_update(receipt_statements(receipts, &stamp, Utc::now()), false)
             .await?;
+        count_written("receipt", modified(&reply));
         let pmids: Vec<&str> = receipts
             .iter()
             .map(|r| r.provider_message_id.as_str())

@@ -117,7 +117,8 @@ impl RedisQueue {
                     .arg(stream)
                     .arg(overflow_key(stream))
                     .arg(*max)
-                    .arg(id.map_or("", |(_, v)| v.as_str()));
+                    .arg(id.map_or("", |(_, v)| v.as_str()))
+                    .arg(fields.len() * 2);
                 c
             }
             _ => {
@@ -171,6 +172,12 @@ impl RedisQueue {
         Ok(None)
     }
 
+    /// Whether this is a Redis Cluster (scripts over several records' keys are then one
+    /// call a record).
+    pub fn is_cluster(&self) -> bool {
+        self.target.is_cluster()
+    }
+
     /// Run commands, each with the key it is routed by, in as few round trips as the
     /// server allows (see [`RedisConn::batch`]); one answer each.
     pub(crate) async fn batch(
@@ -209,6 +216,91 @@ impl RedisQueue {
         }
     }
 
+    /// A cluster's append: each entry with the key it is routed by, in slot order (see
+    /// [`RedisQueue::batch`]); a bounded stream's entry is a [`BOUNDED_XADD`] call of its own.
+    async fn append_by_slot(
+        &self,
+        entries: &[(&str, Vec<(&str, String)>)],
+    ) -> Result<Vec<Value>, DependencyError> {
+        let cmds: Vec<Keyed> = entries
+            .iter()
+            .map(|(stream, fields)| (stream.to_string(), self.append_cmd(stream, fields)))
+            .collect();
+        // In order: a record's `queued` event lands before its entry can be read.
+        let replies = self.batch(&cmds, true).await?;
+        Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                Value::Array(mut one) if !one.is_empty() => one.swap_remove(0),
+                other => other,
+            })
+            .collect())
+    }
+
+    /// A single server's append: one pipeline, the bounded stream's entries all in one
+    /// [`BOUNDED_XADD`] call.
+    async fn append_in_one_pipeline(
+        &self,
+        entries: &[(&str, Vec<(&str, String)>)],
+    ) -> Result<Vec<Value>, DependencyError> {
+        // Entries for the bounded stream go in one script call (sent as text: a pipeline
+        // cannot fall back from EVALSHA), the others one XADD each, in one pipeline.
+        let bounded = |stream: &str| self.bound.as_ref().filter(|(b, _)| b == stream);
+        let mut pipe = redis::pipe();
+        let mut script: Option<redis::Cmd> = None;
+        for (stream, fields) in entries {
+            if let Some((_, max)) = bounded(stream) {
+                let c = script.get_or_insert_with(|| {
+                    let mut c = redis::cmd("EVAL");
+                    c.arg(BOUNDED_XADD)
+                        .arg(2)
+                        .arg(*stream)
+                        .arg(overflow_key(stream))
+                        .arg(*max);
+                    c
+                });
+                let id = fields.iter().find(|(k, _)| *k == "communicationId");
+                c.arg(id.map_or("", |(_, v)| v.as_str()))
+                    .arg(fields.len() * 2);
+                for (k, v) in fields {
+                    c.arg(*k).arg(v.as_str());
+                }
+                continue;
+            }
+            let c = pipe.cmd("XADD").arg(*stream).arg("*");
+            for (k, v) in fields {
+                c.arg(*k).arg(v.as_str());
+            }
+        }
+        let in_script = script.is_some();
+        if let Some(c) = script {
+            pipe.add_command(c);
+        }
+        let mut c = self.conn().await?;
+        let mut replies: Vec<Value> = pipe.query_async(&mut c).await.map_err(err)?;
+        let mut added = match (in_script, replies.pop()) {
+            (true, Some(Value::Array(ids))) => ids.into_iter(),
+            (true, _) => Vec::new().into_iter(),
+            (false, last) => {
+                replies.extend(last);
+                Vec::new().into_iter()
+            }
+        };
+        let mut plain = replies.into_iter();
+        let replies: Vec<Value> = entries
+            .iter()
+            .map(|(stream, _)| {
+                let next = if bounded(stream).is_some() {
+                    added.next()
+                } else {
+                    plain.next()
+                };
+                next.unwrap_or(Value::Nil)
+            })
+            .collect();
+        Ok(replies)
+    }
+
     /// The `INFO` text (all default sections) of the server, or of each master of a cluster.
     pub async fn info(&self) -> Result<Vec<String>, DependencyError> {
         let mut c = self.conn().await?;
@@ -241,15 +333,29 @@ fn overflow_key(stream: &str) -> String {
     format!("{{{}}}:reindex", hash_tag(stream))
 }
 
-/// XADD to KEYS[1] unless it holds ARGV[1] entries already; then mark communication ARGV[2]
-/// (if any) in the set KEYS[2], to be indexed again from MongoDB, and answer nil. ARGV[3..]
-/// are the entry's fields. A mark is a few dozen bytes where an event is hundreds.
+/// XADD each entry of a batch to KEYS[1] while it holds fewer than ARGV[1] entries; an
+/// entry over the bound is not added: its communication (if any) is marked in the set
+/// KEYS[2], to be indexed again from MongoDB, and answered nil. ARGV[2..], per entry: the
+/// communication id (or ''), the number n of field names and values, and those n. One
+/// script call (one `XLEN`) for a whole batch. A mark is a few dozen bytes where an event
+/// is hundreds.
 const BOUNDED_XADD: &str = r#"
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
-  if ARGV[2] ~= '' then redis.call('SADD', KEYS[2], ARGV[2]) end
-  return false
+local max = tonumber(ARGV[1])
+local len = redis.call('XLEN', KEYS[1])
+local out = {}
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i + 1])
+  if len >= max then
+    if ARGV[i] ~= '' then redis.call('SADD', KEYS[2], ARGV[i]) end
+    out[#out + 1] = false
+  else
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 2, i + 1 + n))
+    len = len + 1
+  end
+  i = i + 2 + n
 end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return out
 "#;
 
 /// Mark a consumer alive until now + ARGV[2] ms (Redis's clock, one for every process).
@@ -347,12 +453,11 @@ impl Queue for RedisQueue {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let cmds: Vec<Keyed> = entries
-            .iter()
-            .map(|(stream, fields)| (stream.to_string(), self.append_cmd(stream, fields)))
-            .collect();
-        // In order: a record's `queued` event lands before its entry can be read.
-        let replies = self.batch(&cmds, true).await?;
+        let replies = if self.target.is_cluster() {
+            self.append_by_slot(entries).await?
+        } else {
+            self.append_in_one_pipeline(entries).await?
+        };
         let ids: Vec<String> = replies
             .iter()
             .map(|v| text(v).unwrap_or_default())

@@ -946,3 +946,49 @@ pub fn start_isolated(db: u8, env: &[(&str, &str)]) -> Service {
     env.push(("REDIS_URL", &redis));
     stack.start_service(&env)
 }
+
+/// Script calls (`EVAL` and `EVALSHA`) a Redis has run so far (`INFO commandstats`).
+pub async fn script_calls(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_eval:") || l.starts_with("cmdstat_evalsha:"))
+        .map(|l| {
+            let stat = |name: &str| -> u64 {
+                l.split([':', ','])
+                    .find_map(|kv| kv.strip_prefix(name)?.parse().ok())
+                    .unwrap_or(0)
+            };
+            stat("calls=") - stat("failed_calls=")
+        })
+        .sum()
+}
+
+/// A Redis of a test's own (nothing on disk), for counting its commands: the server and
+/// its URL.
+pub fn scratch_redis(tag: &str) -> (Proc, String) {
+    let dir = std::env::temp_dir().join(format!("comm-agg-{tag}-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let mut server = Proc::spawn(
+        "redis",
+        &dir,
+        Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir),
+    );
+    server.wait_port(port, Duration::from_secs(10));
+    (server, format!("redis://127.0.0.1:{port}"))
+}

@@ -96,6 +96,9 @@ struct Snapshot {
     /// Collections counted after `serverStatus` (SecantusDB counts each `count` as a query,
     /// `listCollections` and `serverStatus` as commands: the next snapshot sees them).
     own_counts: f64,
+    /// The service's own count of documents it wrote, by kind of write
+    /// (`mongo_documents_written_total{op}`).
+    written: BTreeMap<String, f64>,
     es_indexed: f64,
     es_bulks: f64,
     sent: f64,
@@ -158,6 +161,7 @@ impl Probe {
             mongo,
             docs,
             own_counts,
+            written: written(&m),
             es_indexed: stats["_all"]["primaries"]["indexing"]["index_total"]
                 .as_f64()
                 .unwrap_or(0.0),
@@ -244,6 +248,18 @@ fn bson_f64(v: &mongodb::bson::Bson) -> Option<f64> {
     }
 }
 
+/// `mongo_documents_written_total{op="outcome"} 12` lines → op → documents.
+fn written(metrics: &str) -> BTreeMap<String, f64> {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("mongo_documents_written_total{op=\"")?;
+            let (op, value) = rest.split_once("\"} ")?;
+            Some((op.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// `cmdstat_xadd:calls=3,usec=25,...` lines → command → (calls, usec).
 fn commandstats(info: &str) -> BTreeMap<String, (f64, f64)> {
     info.lines()
@@ -280,6 +296,7 @@ struct Delta {
     redis: BTreeMap<String, (f64, f64)>,
     mongo: BTreeMap<String, f64>,
     docs: BTreeMap<String, f64>,
+    written: BTreeMap<String, f64>,
     es_indexed: f64,
     es_bulks: f64,
     sent: f64,
@@ -321,6 +338,7 @@ fn delta(a: &Snapshot, b: &Snapshot) -> Delta {
         redis,
         mongo,
         docs: sub(&a.docs, &b.docs),
+        written: sub(&a.written, &b.written),
         es_indexed: b.es_indexed - a.es_indexed,
         es_bulks: b.es_bulks - a.es_bulks,
         sent: b.sent - a.sent,
@@ -463,6 +481,14 @@ impl Report<'_> {
             let idle = self.idle.docs.get(coll).copied().unwrap_or(0.0);
             row(format!("mongodb: documents added to {coll}"), *v, idle);
         }
+        for (op, v) in &b.written {
+            let idle = self.idle.written.get(op).copied().unwrap_or(0.0);
+            row(
+                format!("mongodb: documents written, {op} (service)"),
+                *v,
+                idle,
+            );
+        }
         for (what, (cmds, docs)) in &b.profile {
             println!(
                 "{:<44} {cmds:>10.0} {:>10.3}   documents or statements: {docs:.0} ({:.3} a message)",
@@ -496,6 +522,7 @@ impl Report<'_> {
         let redis: BTreeMap<&String, f64> = b.redis.iter().map(|(k, v)| (k, per(v.0))).collect();
         let mongo: BTreeMap<&String, f64> = b.mongo.iter().map(|(k, v)| (k, per(*v))).collect();
         let docs: BTreeMap<&String, f64> = b.docs.iter().map(|(k, v)| (k, per(*v))).collect();
+        let written: BTreeMap<&String, f64> = b.written.iter().map(|(k, v)| (k, per(*v))).collect();
         let profile: BTreeMap<&String, Value> = b
             .profile
             .iter()
@@ -517,6 +544,7 @@ impl Report<'_> {
             "redis_usec": per(b.redis.values().map(|v| v.1).sum()),
             "mongodb_ops": mongo,
             "mongodb_docs_added": docs,
+            "mongodb_docs_written": written,
             "mongodb_profile": profile,
             "es_docs": per(b.es_indexed),
             "es_bulks": per(b.es_bulks),
@@ -529,6 +557,15 @@ impl Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_documents_read_by_kind() {
+        let m = "# TYPE mongo_documents_written_total counter\nmongo_documents_written_total{op=\"insert\"} 20\nmongo_documents_written_total{op=\"outcome\"} 19\nother_total 3\n";
+        let w = written(m);
+        assert_eq!(w.get("insert"), Some(&20.0));
+        assert_eq!(w.get("outcome"), Some(&19.0));
+        assert_eq!(w.len(), 2);
+    }
 
     #[test]
     fn commandstats_reads_calls_and_usec() {
