@@ -626,6 +626,70 @@ mod tests {
         assert!(d.report.retry.is_empty());
     }
 
+    /// Four batches at once over the limited store, on records `first..first + 8`; every
+    /// message of them is sent.
+    async fn four_batches(f: &Fixture, first: u32) {
+        let batches = (0..4u32).map(|k| {
+            let from = first + 2 * k;
+            let entries = f.entries(from..from + 2);
+            let owner = format!("test:sms:{from}");
+            async move { deliver(&f.args, &owner, entries).await }
+        });
+        futures::future::join_all(batches).await;
+        for n in first..first + 8 {
+            assert_eq!(f.status(n), Status::Sent, "{n}");
+        }
+    }
+
+    /// With a slow store (claims and outcome writes of 200 ms against a target of 50 ms),
+    /// the limiter the batches share lowers the store calls in flight from 4 to 1; once
+    /// the store is fast again, the limit climbs back and 4 are in flight again.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_store_gets_fewer_calls_in_flight_until_it_is_fast_again() {
+        use crate::adaptive::{LimiterSettings, StoreLimiter};
+        let mut f = fixture();
+        let limiter = Arc::new(StoreLimiter::new(
+            "sender",
+            LimiterSettings {
+                target: Duration::from_millis(50),
+                per_item: Duration::ZERO,
+                min: 0.25,
+                max: 4.0,
+                increase: 0.5,
+                decrease: 0.5,
+                max_pause: Duration::from_secs(1),
+            },
+        ));
+        f.args.store = Arc::new(crate::limited_store::LimitedStore::new(
+            f.store.clone(),
+            limiter.clone(),
+        ));
+        let slow = |d: u64| {
+            for m in [StoreMethod::Claim, StoreMethod::RecordOutcomes] {
+                f.store.script.delay(m, Duration::from_millis(d));
+            }
+        };
+        slow(200);
+        four_batches(&f, 0).await;
+        assert_eq!(f.store.script.peak_in_flight(), 4, "not limited at first");
+        four_batches(&f, 100).await;
+        assert_eq!(limiter.limit(), 0.25);
+        f.store.script.reset_peak();
+        four_batches(&f, 200).await;
+        assert_eq!(f.store.script.peak_in_flight(), 1, "slow: one at a time");
+        slow(5);
+        four_batches(&f, 300).await;
+        four_batches(&f, 400).await;
+        assert_eq!(limiter.limit(), 4.0, "recovered");
+        f.store.script.reset_peak();
+        four_batches(&f, 500).await;
+        assert_eq!(
+            f.store.script.peak_in_flight(),
+            4,
+            "fast: as many as before"
+        );
+    }
+
     /// A worker claimed record 1 and died before recording anything; its lease expires.
     async fn stale(f: &Fixture) -> Vec<StreamEntry> {
         let entries = f.entries([1]);
