@@ -4,9 +4,11 @@ use super::parts::Parts;
 use crate::clients::parked::MongoParking;
 use crate::clients::reconcile::ElasticIndexed;
 use crate::config::Config;
+use actors::adaptive::StoreLimiter;
 use actors::audit::{self, AuditActor, AuditArgs};
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
+use actors::limited_store::LimitedStore;
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Queue, SearchSink, Store};
 use actors::ractor::Actor;
@@ -37,6 +39,10 @@ pub fn consumer_name(cfg: &Config) -> String {
 /// The ports every child shares, as the actors see them.
 struct Ports<'a> {
     store: Arc<dyn Store>,
+    /// The store as the senders see it: behind the adaptive limit they share, if it is on.
+    sender_store: Arc<dyn Store>,
+    /// The store as the ReceiptActor sees it: behind a limit of its own, if it is on.
+    receipts_store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     search: Arc<dyn SearchSink>,
     consumer: String,
@@ -48,8 +54,11 @@ struct Ports<'a> {
 /// senders report to them), then the senders, the consumers that feed them, the router,
 /// the stats, the sweeper and the reconciler.
 pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
+    let store: Arc<dyn Store> = parts.store.clone();
     let ports = Ports {
-        store: parts.store.clone(),
+        sender_store: limited(cfg, &store, "sender"),
+        receipts_store: limited(cfg, &store, "receipts"),
+        store,
         queue: parts.queue.clone(),
         search: parts.search.clone(),
         consumer: consumer_name(cfg),
@@ -67,6 +76,18 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     specs.push(sweeper_spec(cfg, &ports));
     specs.push(reconciler_spec(cfg, parts));
     specs
+}
+
+/// `store` behind an adaptive limit of its own for `caller`, unless the limiter is off
+/// (checked at start-up, so its settings are valid here).
+fn limited(cfg: &Config, store: &Arc<dyn Store>, caller: &'static str) -> Arc<dyn Store> {
+    match cfg.store_limiter.settings() {
+        Ok(Some(settings)) => {
+            let limiter = Arc::new(StoreLimiter::new(caller, settings));
+            Arc::new(LimitedStore::new(store.clone(), limiter))
+        }
+        _ => store.clone(),
+    }
 }
 
 /// The children each shutdown stage stops, in groups stopped one after another (see
@@ -112,7 +133,7 @@ where
 
 fn receipts_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = ReceiptArgs {
-        store: p.store.clone(),
+        store: p.receipts_store.clone(),
         queue: p.queue.clone(),
         parking: Arc::new(MongoParking::new(p.database)),
         batch: cfg.receipts.batch(),
@@ -144,7 +165,7 @@ fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec
     let args = SenderArgs {
         channel: ch,
         provider: parts.providers[&ch].clone(),
-        store: p.store.clone(),
+        store: p.sender_store.clone(),
         queue: p.queue.clone(),
         owner: p.consumer.clone(),
         stale_after: cfg.sender.stale_after,

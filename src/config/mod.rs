@@ -15,6 +15,7 @@ mod transport;
 
 pub use env::{env_help, EnvVar, ENV, ENV_VARS};
 
+use actors::adaptive::LimiterSettings;
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::health::BreakerConfig;
@@ -49,6 +50,11 @@ fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     u64::deserialize(d).map(Duration::from_millis)
 }
 
+/// `*_us` keys hold whole microseconds.
+fn micros<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_micros)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -59,6 +65,7 @@ pub struct Config {
     pub router: Router,
     pub receipts: Receipts,
     pub sender: Sender,
+    pub store_limiter: StoreLimiter,
     pub channels: Channels,
     pub sweeper: Sweeper,
     pub log_indexer: LogIndexer,
@@ -331,6 +338,44 @@ pub struct Sender {
     #[serde(rename = "record_patience_ms", deserialize_with = "millis")]
     pub record_patience: Duration,
     pub fault_injection: bool,
+}
+
+/// The adaptive limit on the delivery side's store calls (`actors::adaptive`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreLimiter {
+    pub enabled: bool,
+    #[serde(rename = "target_ms", deserialize_with = "millis")]
+    pub target: Duration,
+    #[serde(rename = "per_item_us", deserialize_with = "micros")]
+    pub per_item: Duration,
+    pub min_limit: f64,
+    pub max_limit: f64,
+    pub increase: f64,
+    pub decrease: f64,
+    #[serde(rename = "max_pause_ms", deserialize_with = "millis")]
+    pub max_pause: Duration,
+}
+
+impl StoreLimiter {
+    /// The limiter's settings, checked (`None`: the limiter is off).
+    pub fn settings(&self) -> Result<Option<LimiterSettings>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        LimiterSettings {
+            target: self.target,
+            per_item: self.per_item,
+            min: self.min_limit,
+            max: self.max_limit,
+            increase: self.increase,
+            decrease: self.decrease,
+            max_pause: self.max_pause,
+        }
+        .validate()
+        .map(Some)
+        .map_err(|e| bad(format!("store_limiter: {e}")))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
