@@ -3,10 +3,15 @@
 //! when the store is the bottleneck (issue #14, "Accepts first").
 //!
 //! The limit is AIMD over the calls' latency, as TCP's congestion window is over loss:
-//! - A call is **slow** when it failed or took longer than `target + per_item × items`
-//!   (a batch of 100 outcomes costs the store more than a batch of 1, so the allowance
-//!   grows with the call's size; what is left over is time spent queued behind other work,
-//!   which is what the limit reacts to).
+//! - A call is **slow** when it failed or took longer than `target + unit × items`: a
+//!   batch of 100 outcomes costs the store more than a batch of 1, so the allowance grows
+//!   with the call's size by `unit`, the store's own cost of an item, and what is left over
+//!   is time spent queued behind other work, which is what the limit reacts to. `unit` is
+//!   learnt, per kind of call (reads cost a store a fraction of what writes do): the
+//!   lowest latency per item seen, forgotten slowly (it may rise by `UNIT_RISE` a call), so
+//!   that a machine slower or faster than assumed (`per_item`, the first guess) is judged
+//!   by its own speed, and a backlog drained in large calls after the load has stopped is
+//!   not taken for congestion.
 //! - A slow call cuts the limit by `decrease` (multiplicative), at most once per round
 //!   trip: only a call that started after the last cut can cut again, since the calls
 //!   already under way then did not see the lower limit.
@@ -33,7 +38,7 @@ use tokio::time::Instant;
 pub struct LimiterSettings {
     /// A call of no items taking longer than this is slow...
     pub target: Duration,
-    /// ...plus this much per item it carries.
+    /// ...plus this much per item it carries, until calls have shown the store's own cost.
     pub per_item: Duration,
     /// The lowest limit (calls in flight; below 1: the share of the time with one in flight).
     pub min: f64,
@@ -81,11 +86,26 @@ impl LimiterSettings {
     }
 }
 
+/// How much the store's cost grows per item of a call differs by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// A read (the claim's).
+    Read,
+    /// A write (outcomes, a reschedule, receipts).
+    Write,
+}
+
+/// How fast the learnt cost of an item may rise a call (when no call was as cheap): a
+/// lucky call is forgotten within a few hundred calls, and a sustained queue is not taken
+/// for the store's own cost within a load of a minute or so.
+pub const UNIT_RISE: f64 = 0.005;
+
 /// One finished call, as the limiter sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
     pub started: Instant,
     pub ended: Instant,
+    pub kind: CallKind,
     /// Records (or receipts) the call carried.
     pub items: usize,
     /// `false`: the store answered with an error (or not at all).
@@ -114,6 +134,8 @@ pub struct Aimd {
     limit: f64,
     /// When the limit was last cut: only calls started after it may cut it again.
     cut_at: Option<Instant>,
+    /// The store's cost of an item, per kind (read, write), as learnt.
+    units: [Option<Duration>; 2],
 }
 
 impl Aimd {
@@ -123,6 +145,7 @@ impl Aimd {
             settings,
             limit: settings.max,
             cut_at: None,
+            units: [None, None],
         }
     }
 
@@ -135,14 +158,31 @@ impl Aimd {
         (self.limit.floor() as usize).max(1)
     }
 
+    /// The store's cost of an item of this kind: learnt, or the first guess.
+    pub fn unit(&self, kind: CallKind) -> Duration {
+        self.units[kind as usize].unwrap_or(self.settings.per_item)
+    }
+
     pub fn is_slow(&self, s: &Sample) -> bool {
-        let allowed = self.settings.target + self.settings.per_item * s.items as u32;
+        let allowed = self.settings.target + self.unit(s.kind) * s.items as u32;
         !s.ok || s.latency() > allowed
     }
 
+    /// The lowest latency per item seen, allowed to rise by [`UNIT_RISE`] a call.
+    fn learn(&mut self, s: &Sample) {
+        if !s.ok || s.items == 0 {
+            return;
+        }
+        let per_item = s.latency() / s.items as u32;
+        let unit = &mut self.units[s.kind as usize];
+        *unit = Some(unit.map_or(per_item, |u| per_item.min(u.mul_f64(1.0 + UNIT_RISE))));
+    }
+
     pub fn on_sample(&mut self, s: &Sample) -> Change {
+        let slow = self.is_slow(s);
+        self.learn(s);
         let st = &self.settings;
-        if !self.is_slow(s) {
+        if !slow {
             let raised = (self.limit + st.increase).min(st.max);
             let change = if raised > self.limit {
                 Change::Raised
@@ -258,9 +298,9 @@ impl StoreLimiter {
         self.lock().in_flight()
     }
 
-    /// Wait for the gate, run `call` (which carries `items` items), and learn from how it
-    /// went. The wait is counted in `store_limiter_wait_seconds{caller}`.
-    pub async fn run<T, E, F>(&self, items: usize, call: F) -> Result<T, E>
+    /// Wait for the gate, run `call` (of `kind`, carrying `items` items), and learn from how
+    /// it went. The wait is counted in `store_limiter_wait_seconds{caller}`.
+    pub async fn run<T, E, F>(&self, kind: CallKind, items: usize, call: F) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
     {
@@ -277,6 +317,7 @@ impl StoreLimiter {
         slot.sample = Some(Sample {
             started,
             ended: Instant::now(),
+            kind,
             items,
             ok: result.is_ok(),
         });
@@ -354,6 +395,7 @@ mod tests {
         Sample {
             started,
             ended: started + Duration::from_millis(took_ms),
+            kind: CallKind::Write,
             items,
             ok,
         }
@@ -431,6 +473,50 @@ mod tests {
         }
     }
 
+    /// The first guess is 0.1 ms an item; this store takes 2 ms an item to write and
+    /// 0.2 ms to read. Once it has shown that, a write or read of 100 items at its own speed
+    /// is on time, and one that queued 100 ms more is slow.
+    #[tokio::test(start_paused = true)]
+    async fn the_cost_of_an_item_is_learnt_per_kind_and_forgotten_slowly() {
+        let t0 = Instant::now();
+        let mut aimd = Aimd::new(LimiterSettings {
+            per_item: Duration::from_micros(100),
+            ..settings()
+        });
+        let call = |kind, start_ms, took_ms| Sample {
+            kind,
+            items: 100,
+            ..sample(t0, start_ms, took_ms, 100, true)
+        };
+        use CallKind::{Read, Write};
+        // Judged by the guess (allowed 60 ms): slow; then learnt.
+        assert_eq!(aimd.on_sample(&call(Write, 0, 200)), Change::Cut);
+        assert_eq!(aimd.unit(Write), 2 * MS);
+        assert_eq!(aimd.unit(Read), Duration::from_micros(100), "not learnt");
+        assert_eq!(aimd.on_sample(&call(Read, 300, 20)), Change::Raised);
+        assert_eq!(aimd.unit(Read), Duration::from_micros(200));
+        let rows = [
+            (Write, 400, 210, Change::Raised),
+            (Write, 700, 310, Change::Cut),
+            (Read, 1100, 30, Change::Raised),
+            (Read, 1200, 130, Change::Cut),
+        ];
+        for (kind, start, took, change) in rows {
+            assert_eq!(
+                aimd.on_sample(&call(kind, start, took)),
+                change,
+                "{kind:?} {took}"
+            );
+        }
+        // Only slower calls for a while: the unit rises 0.5 % a call.
+        let before = aimd.unit(Write);
+        for i in 0..100 {
+            aimd.on_sample(&call(Write, 2000 + 1000 * i, 1000));
+        }
+        let risen = aimd.unit(Write).as_secs_f64() / before.as_secs_f64();
+        assert!((1.64..1.66).contains(&risen), "{risen}");
+    }
+
     #[test]
     fn below_one_the_pause_keeps_that_share_of_the_time_busy() {
         let mut aimd = Aimd::new(settings());
@@ -496,7 +582,7 @@ mod tests {
                 for _ in 0..n {
                     let d = *took.lock().unwrap();
                     let _: Result<(), ()> = limiter
-                        .run(0, async {
+                        .run(CallKind::Write, 0, async {
                             let now = limiter.in_flight();
                             peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                             tokio::time::sleep(d).await;

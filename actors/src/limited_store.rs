@@ -4,7 +4,7 @@
 //! RouterActor's inserts (which go to the store unwrapped). Lease renewals (Redis alone)
 //! and everything else pass straight through: a renewal held back could lose a lease.
 
-use crate::adaptive::StoreLimiter;
+use crate::adaptive::{CallKind, StoreLimiter};
 use crate::domain::{ClaimResult, Communication, Outcome};
 use crate::ports::{
     DependencyError, FailResult, InsertResult, ReceiptResult, ReceiptUpdate, Store, SweepScope,
@@ -34,7 +34,7 @@ impl Store for LimitedStore {
         stale_after: Duration,
     ) -> Result<Vec<ClaimResult>, DependencyError> {
         let call = self.inner.claim(ids, owner, stale_after);
-        self.limiter.run(ids.len(), call).await
+        self.limiter.run(CallKind::Read, ids.len(), call).await
     }
 
     async fn record_outcomes(
@@ -43,7 +43,9 @@ impl Store for LimitedStore {
         outcomes: &[(String, u32, Outcome)],
     ) -> Result<Vec<String>, DependencyError> {
         let call = self.inner.record_outcomes(owner, outcomes);
-        self.limiter.run(outcomes.len(), call).await
+        self.limiter
+            .run(CallKind::Write, outcomes.len(), call)
+            .await
     }
 
     async fn reschedule(
@@ -53,7 +55,7 @@ impl Store for LimitedStore {
         not_before: DateTime<Utc>,
     ) -> Result<(), DependencyError> {
         let call = self.inner.reschedule(owner, ids, not_before);
-        self.limiter.run(ids.len(), call).await
+        self.limiter.run(CallKind::Write, ids.len(), call).await
     }
 
     async fn apply_receipts(
@@ -61,7 +63,9 @@ impl Store for LimitedStore {
         receipts: &[ReceiptUpdate],
     ) -> Result<Vec<ReceiptResult>, DependencyError> {
         let call = self.inner.apply_receipts(receipts);
-        self.limiter.run(receipts.len(), call).await
+        self.limiter
+            .run(CallKind::Write, receipts.len(), call)
+            .await
     }
 
     async fn renew(

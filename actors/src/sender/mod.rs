@@ -641,9 +641,11 @@ mod tests {
         }
     }
 
-    /// With a slow store (claims and outcome writes of 200 ms against a target of 50 ms),
-    /// the limiter the batches share lowers the store calls in flight from 4 to 1; once
-    /// the store is fast again, the limit climbs back and 4 are in flight again.
+    /// The store answers the claims and outcome writes of two records in 5 ms at first:
+    /// four batches have four calls in flight. Then it is slow (200 ms, where 50 ms over
+    /// its own cost is the target): the limiter the batches share lowers the calls in
+    /// flight to one; once the store is fast again, the limit climbs back and four are in
+    /// flight again.
     #[tokio::test(start_paused = true)]
     async fn a_slow_store_gets_fewer_calls_in_flight_until_it_is_fast_again() {
         use crate::adaptive::{LimiterSettings, StoreLimiter};
@@ -664,29 +666,31 @@ mod tests {
             f.store.clone(),
             limiter.clone(),
         ));
-        let slow = |d: u64| {
+        let takes = |d: u64| {
             for m in [StoreMethod::Claim, StoreMethod::RecordOutcomes] {
                 f.store.script.delay(m, Duration::from_millis(d));
             }
         };
-        slow(200);
+        takes(5);
         four_batches(&f, 0).await;
-        assert_eq!(f.store.script.peak_in_flight(), 4, "not limited at first");
+        assert_eq!(f.store.script.peak_in_flight(), 4, "fast: not limited");
+        takes(200);
         four_batches(&f, 100).await;
+        four_batches(&f, 200).await;
         assert_eq!(limiter.limit(), 0.25);
         f.store.script.reset_peak();
-        four_batches(&f, 200).await;
-        assert_eq!(f.store.script.peak_in_flight(), 1, "slow: one at a time");
-        slow(5);
         four_batches(&f, 300).await;
+        assert_eq!(f.store.script.peak_in_flight(), 1, "slow: one at a time");
+        takes(5);
         four_batches(&f, 400).await;
+        four_batches(&f, 500).await;
         assert_eq!(limiter.limit(), 4.0, "recovered");
         f.store.script.reset_peak();
-        four_batches(&f, 500).await;
+        four_batches(&f, 600).await;
         assert_eq!(
             f.store.script.peak_in_flight(),
             4,
-            "fast: as many as before"
+            "fast again: as many as before"
         );
     }
 
