@@ -1,27 +1,27 @@
-//! An adaptive limit on how many store calls a caller (the senders, the ReceiptActor) has
-//! in flight, so that delivery work leaves the store room for the RouterActor's inserts
-//! when the store is the bottleneck (issue #14, "Accepts first").
+//! An adaptive limit on how many store calls a caller of the delivery side (the senders,
+//! the ReceiptActor) has in flight, so that delivery work leaves the store room for the
+//! RouterActor's inserts when the store is the bottleneck (issue #14, "Accepts first").
 //!
-//! The limit is AIMD over the calls' latency, as TCP's congestion window is over loss:
-//! - A call is **slow** when it failed or took longer than `target + unit × items`: a
-//!   batch of 100 outcomes costs the store more than a batch of 1, so the allowance grows
-//!   with the call's size by `unit`, the store's own cost of an item, and what is left over
-//!   is time spent queued behind other work, which is what the limit reacts to. `unit` is
-//!   learnt, per kind of call (reads cost a store a fraction of what writes do): the
-//!   lowest latency per item seen, forgotten slowly (it may rise by `UNIT_RISE` a call), so
-//!   that a machine slower or faster than assumed (`per_item`, the first guess) is judged
-//!   by its own speed, and a backlog drained in large calls after the load has stopped is
-//!   not taken for congestion.
-//! - A slow call cuts the limit by `decrease` (multiplicative), at most once per round
-//!   trip: only a call that started after the last cut can cut again, since the calls
-//!   already under way then did not see the lower limit.
-//! - A call on time raises it by `increase` (additive). The limit stays in `[min, max]`.
+//! The limit is AIMD, as TCP's congestion window is, over the latency the accept path sees
+//! from the store: the RouterActor's inserts are observed (never held back), and
+//! - an insert that failed or took longer than `target` cuts the limit by `decrease`
+//!   (multiplicative), at most once per round trip: only a call that started after the
+//!   last cut can cut again, since the calls already under way then did not see the lower
+//!   limit;
+//! - an insert on time raises it by `increase` (additive);
+//! - a delivery call raises it too, but only when no insert has been seen for `quiet` (no
+//!   request is waiting, so nothing needs the room: the backlog drains at full speed once
+//!   the load stops), and a failed one cuts it.
+//!
+//! A delivery call's own latency is not judged: on a store that is slow for every caller
+//! (a busy machine, a large batch) it cannot tell queueing from work, while an insert's
+//! latency is what a request waits for. The limit stays in `[min, max]`.
 //!
 //! The limit is a number of calls in flight, and it may fall below one: then one call at a
 //! time, and after each a pause of `latency × (1/limit − 1)` (at most `max_pause`), so that
 //! on average `limit` calls are in flight (Little's law). While the pause lasts the
 //! caller's work piles up (stream entries, receipts), so its next call carries more of it:
-//! fewer, larger calls while the store is slow, and a limit back at `max` once it is not.
+//! fewer, larger calls while the accept path is slow, and a limit back at `max` once it is not.
 //!
 //! [`Aimd`] is the pure rule and [`Gate`] the admission over an explicit `now` (tested by
 //! tables); [`StoreLimiter`] is the shared, async mechanism that callers wait on, and
@@ -36,10 +36,10 @@ use tokio::time::Instant;
 /// The limiter's settings (config.toml `[store_limiter]`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimiterSettings {
-    /// A call of no items taking longer than this is slow...
+    /// An insert of the accept path taking longer than this is slow.
     pub target: Duration,
-    /// ...plus this much per item it carries, until calls have shown the store's own cost.
-    pub per_item: Duration,
+    /// No insert for this long: the accept path is idle, delivery calls raise the limit.
+    pub quiet: Duration,
     /// The lowest limit (calls in flight; below 1: the share of the time with one in flight).
     pub min: f64,
     /// The highest limit, and the one it starts at.
@@ -86,28 +86,21 @@ impl LimiterSettings {
     }
 }
 
-/// How much the store's cost grows per item of a call differs by kind.
+/// Whose call a sample is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallKind {
-    /// A read (the claim's).
-    Read,
-    /// A write (outcomes, a reschedule, receipts).
-    Write,
+pub enum Source {
+    /// An insert of the accept path (observed, never held back).
+    Accept,
+    /// A delivery call that waited for the gate.
+    Delivery,
 }
-
-/// How fast the learnt cost of an item may rise a call (when no call was as cheap): a
-/// lucky call is forgotten within a few hundred calls, and a sustained queue is not taken
-/// for the store's own cost within a load of a minute or so.
-pub const UNIT_RISE: f64 = 0.005;
 
 /// One finished call, as the limiter sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample {
     pub started: Instant,
     pub ended: Instant,
-    pub kind: CallKind,
-    /// Records (or receipts) the call carried.
-    pub items: usize,
+    pub source: Source,
     /// `false`: the store answered with an error (or not at all).
     pub ok: bool,
 }
@@ -134,8 +127,8 @@ pub struct Aimd {
     limit: f64,
     /// When the limit was last cut: only calls started after it may cut it again.
     cut_at: Option<Instant>,
-    /// The store's cost of an item, per kind (read, write), as learnt.
-    units: [Option<Duration>; 2],
+    /// When the last insert of the accept path ended.
+    last_accept: Option<Instant>,
 }
 
 impl Aimd {
@@ -145,7 +138,7 @@ impl Aimd {
             settings,
             limit: settings.max,
             cut_at: None,
-            units: [None, None],
+            last_accept: None,
         }
     }
 
@@ -158,46 +151,47 @@ impl Aimd {
         (self.limit.floor() as usize).max(1)
     }
 
-    /// The store's cost of an item of this kind: learnt, or the first guess.
-    pub fn unit(&self, kind: CallKind) -> Duration {
-        self.units[kind as usize].unwrap_or(self.settings.per_item)
-    }
-
-    pub fn is_slow(&self, s: &Sample) -> bool {
-        let allowed = self.settings.target + self.unit(s.kind) * s.items as u32;
-        !s.ok || s.latency() > allowed
-    }
-
-    /// The lowest latency per item seen, allowed to rise by [`UNIT_RISE`] a call.
-    fn learn(&mut self, s: &Sample) {
-        if !s.ok || s.items == 0 {
-            return;
+    /// What a sample says: `Some(true)` slow, `Some(false)` on time, `None` nothing.
+    pub fn verdict(&self, s: &Sample) -> Option<bool> {
+        match s.source {
+            Source::Accept => Some(!s.ok || s.latency() > self.settings.target),
+            Source::Delivery if !s.ok => Some(true),
+            Source::Delivery => {
+                let quiet = self
+                    .last_accept
+                    .is_none_or(|t| s.ended.saturating_duration_since(t) >= self.settings.quiet);
+                quiet.then_some(false)
+            }
         }
-        let per_item = s.latency() / s.items as u32;
-        let unit = &mut self.units[s.kind as usize];
-        *unit = Some(unit.map_or(per_item, |u| per_item.min(u.mul_f64(1.0 + UNIT_RISE))));
     }
 
     pub fn on_sample(&mut self, s: &Sample) -> Change {
-        let slow = self.is_slow(s);
-        self.learn(s);
+        let verdict = self.verdict(s);
+        if s.source == Source::Accept {
+            self.last_accept = Some(self.last_accept.map_or(s.ended, |t| t.max(s.ended)));
+        }
         let st = &self.settings;
-        if !slow {
-            let raised = (self.limit + st.increase).min(st.max);
-            let change = if raised > self.limit {
-                Change::Raised
-            } else {
+        match verdict {
+            None => Change::Held,
+            Some(false) => {
+                let raised = (self.limit + st.increase).min(st.max);
+                let change = if raised > self.limit {
+                    Change::Raised
+                } else {
+                    Change::Held
+                };
+                self.limit = raised;
+                change
+            }
+            Some(true) if self.cut_at.is_some_and(|t| s.started < t) || self.limit <= st.min => {
                 Change::Held
-            };
-            self.limit = raised;
-            return change;
+            }
+            Some(true) => {
+                self.limit = (self.limit * st.decrease).max(st.min);
+                self.cut_at = Some(s.ended);
+                Change::Cut
+            }
         }
-        if self.cut_at.is_some_and(|t| s.started < t) || self.limit <= st.min {
-            return Change::Held;
-        }
-        self.limit = (self.limit * st.decrease).max(st.min);
-        self.cut_at = Some(s.ended);
-        Change::Cut
     }
 
     /// The pause after a call that took `latency` before the next may start: none while
@@ -298,9 +292,9 @@ impl StoreLimiter {
         self.lock().in_flight()
     }
 
-    /// Wait for the gate, run `call` (of `kind`, carrying `items` items), and learn from how
-    /// it went. The wait is counted in `store_limiter_wait_seconds{caller}`.
-    pub async fn run<T, E, F>(&self, kind: CallKind, items: usize, call: F) -> Result<T, E>
+    /// Wait for the gate, run the delivery call `call`, and learn from how it went. The
+    /// wait is counted in `store_limiter_wait_seconds{caller}`.
+    pub async fn run<T, E, F>(&self, call: F) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
     {
@@ -317,11 +311,16 @@ impl StoreLimiter {
         slot.sample = Some(Sample {
             started,
             ended: Instant::now(),
-            kind,
-            items,
+            source: Source::Delivery,
             ok: result.is_ok(),
         });
         result
+    }
+
+    /// Learn from an insert of the accept path, which did not wait for the gate.
+    pub fn observe(&self, sample: &Sample) {
+        let change = self.lock().aimd.on_sample(sample);
+        self.changed_to(change);
     }
 
     async fn admitted(&self) {
@@ -345,16 +344,26 @@ impl StoreLimiter {
     }
 
     fn finish(&self, sample: Option<&Sample>) {
-        let (change, limit) = {
-            let mut gate = self.lock();
-            let change = gate.finish(sample);
-            (change, gate.aimd.limit())
-        };
-        if matches!(change, Some(Change::Cut | Change::Raised)) {
-            metrics::gauge!("store_concurrency_limit", "caller" => self.caller).set(limit);
+        let change = self.lock().finish(sample);
+        if let Some(change) = change {
+            self.changed_to(change);
         }
-        if change == Some(Change::Cut) {
-            tracing::debug!(caller = self.caller, limit, "store slow: concurrency cut");
+        self.changed.notify_waiters();
+    }
+
+    /// Report a change of the limit, and wake the callers waiting for it.
+    fn changed_to(&self, change: Change) {
+        if change == Change::Held {
+            return;
+        }
+        let limit = self.limit();
+        metrics::gauge!("store_concurrency_limit", "caller" => self.caller).set(limit);
+        if change == Change::Cut {
+            tracing::debug!(
+                caller = self.caller,
+                limit,
+                "accept path slow: concurrency cut"
+            );
         }
         self.changed.notify_waiters();
     }
@@ -381,7 +390,7 @@ mod tests {
     fn settings() -> LimiterSettings {
         LimiterSettings {
             target: 50 * MS,
-            per_item: MS,
+            quiet: Duration::from_secs(1),
             min: 0.25,
             max: 4.0,
             increase: 0.5,
@@ -390,13 +399,12 @@ mod tests {
         }
     }
 
-    fn sample(t0: Instant, start_ms: u64, took_ms: u64, items: usize, ok: bool) -> Sample {
+    fn sample(t0: Instant, source: Source, start_ms: u64, took_ms: u64, ok: bool) -> Sample {
         let started = t0 + Duration::from_millis(start_ms);
         Sample {
             started,
             ended: started + Duration::from_millis(took_ms),
-            kind: CallKind::Write,
-            items,
+            source,
             ok,
         }
     }
@@ -435,86 +443,47 @@ mod tests {
         assert!(settings().validate().is_ok());
     }
 
-    /// (start ms, took ms, items, ok) → change and limit after it, from the limit 4.
+    /// (whose, start ms, took ms, ok) → change and limit after it, from the limit 4.
     #[tokio::test(start_paused = true)]
-    async fn slow_calls_cut_once_a_round_trip_and_calls_on_time_add() {
+    async fn slow_inserts_cut_once_a_round_trip_and_quiet_ones_add() {
+        use Source::{Accept, Delivery};
         let t0 = Instant::now();
-        type Row = ((u64, u64, usize, bool), Change, f64);
+        type Row = ((Source, u64, u64, bool), Change, f64);
         let table: &[Row] = &[
-            // 40 ms for nothing: on time, but the limit is at its max already.
-            ((0, 40, 0, true), Change::Held, 4.0),
-            // 100 ms for 60 items (allowed 50 + 60): on time.
-            ((0, 100, 60, true), Change::Held, 4.0),
-            // 100 ms for 10 items (allowed 60): slow, cut by half, at 100 ms.
-            ((0, 100, 10, true), Change::Cut, 2.0),
+            // An insert on time, the limit at its max already.
+            ((Accept, 0, 40, true), Change::Held, 4.0),
+            // A slow insert: cut by half, at 100 ms.
+            ((Accept, 0, 100, true), Change::Cut, 2.0),
             // Started before that cut: did not see the lower limit, no second cut.
-            ((50, 80, 0, true), Change::Held, 2.0),
-            // An error counts as slow; it started after the cut.
-            ((100, 5, 0, false), Change::Cut, 1.0),
-            ((110, 60, 0, true), Change::Cut, 0.5),
-            ((200, 60, 0, true), Change::Cut, 0.25),
+            ((Accept, 50, 80, true), Change::Held, 2.0),
+            // A failed insert counts as slow; it started after the cut.
+            ((Accept, 130, 5, false), Change::Cut, 1.0),
+            // A slow delivery call says nothing while inserts come...
+            ((Delivery, 140, 900, true), Change::Held, 1.0),
+            // ...a failed one cuts.
+            ((Delivery, 140, 100, false), Change::Cut, 0.5),
+            ((Accept, 300, 60, true), Change::Cut, 0.25),
             // At the floor.
-            ((300, 60, 0, true), Change::Held, 0.25),
-            // Healthy again: back up by 0.5 a call, to the max and no further.
-            ((400, 10, 0, true), Change::Raised, 0.75),
-            ((410, 10, 0, true), Change::Raised, 1.25),
-            ((420, 10, 0, true), Change::Raised, 1.75),
-            ((430, 10, 0, true), Change::Raised, 2.25),
-            ((440, 10, 0, true), Change::Raised, 2.75),
-            ((450, 10, 0, true), Change::Raised, 3.25),
-            ((460, 10, 0, true), Change::Raised, 3.75),
-            ((470, 10, 0, true), Change::Raised, 4.0),
-            ((480, 10, 0, true), Change::Held, 4.0),
+            ((Accept, 400, 60, true), Change::Held, 0.25),
+            // Inserts on time add.
+            ((Accept, 500, 10, true), Change::Raised, 0.75),
+            ((Accept, 520, 10, true), Change::Raised, 1.25),
+            // A delivery call within a second of the last insert: nothing.
+            ((Delivery, 600, 500, true), Change::Held, 1.25),
+            // No insert for a second: delivery calls add, however slow.
+            ((Delivery, 1000, 600, true), Change::Raised, 1.75),
+            ((Delivery, 1600, 600, true), Change::Raised, 2.25),
+            ((Delivery, 2200, 600, true), Change::Raised, 2.75),
+            ((Delivery, 2800, 600, true), Change::Raised, 3.25),
+            ((Delivery, 3400, 600, true), Change::Raised, 3.75),
+            ((Delivery, 4000, 600, true), Change::Raised, 4.0),
+            ((Delivery, 4600, 600, true), Change::Held, 4.0),
         ];
         let mut aimd = Aimd::new(settings());
-        for (i, ((start, took, items, ok), change, limit)) in table.iter().enumerate() {
-            let got = aimd.on_sample(&sample(t0, *start, *took, *items, *ok));
+        for (i, ((source, start, took, ok), change, limit)) in table.iter().enumerate() {
+            let got = aimd.on_sample(&sample(t0, *source, *start, *took, *ok));
             assert_eq!((got, aimd.limit()), (*change, *limit), "row {i}");
         }
-    }
-
-    /// The first guess is 0.1 ms an item; this store takes 2 ms an item to write and
-    /// 0.2 ms to read. Once it has shown that, a write or read of 100 items at its own speed
-    /// is on time, and one that queued 100 ms more is slow.
-    #[tokio::test(start_paused = true)]
-    async fn the_cost_of_an_item_is_learnt_per_kind_and_forgotten_slowly() {
-        let t0 = Instant::now();
-        let mut aimd = Aimd::new(LimiterSettings {
-            per_item: Duration::from_micros(100),
-            ..settings()
-        });
-        let call = |kind, start_ms, took_ms| Sample {
-            kind,
-            items: 100,
-            ..sample(t0, start_ms, took_ms, 100, true)
-        };
-        use CallKind::{Read, Write};
-        // Judged by the guess (allowed 60 ms): slow; then learnt.
-        assert_eq!(aimd.on_sample(&call(Write, 0, 200)), Change::Cut);
-        assert_eq!(aimd.unit(Write), 2 * MS);
-        assert_eq!(aimd.unit(Read), Duration::from_micros(100), "not learnt");
-        assert_eq!(aimd.on_sample(&call(Read, 300, 20)), Change::Raised);
-        assert_eq!(aimd.unit(Read), Duration::from_micros(200));
-        let rows = [
-            (Write, 400, 210, Change::Raised),
-            (Write, 700, 310, Change::Cut),
-            (Read, 1100, 30, Change::Raised),
-            (Read, 1200, 130, Change::Cut),
-        ];
-        for (kind, start, took, change) in rows {
-            assert_eq!(
-                aimd.on_sample(&call(kind, start, took)),
-                change,
-                "{kind:?} {took}"
-            );
-        }
-        // Only slower calls for a while: the unit rises 0.5 % a call.
-        let before = aimd.unit(Write);
-        for i in 0..100 {
-            aimd.on_sample(&call(Write, 2000 + 1000 * i, 1000));
-        }
-        let risen = aimd.unit(Write).as_secs_f64() / before.as_secs_f64();
-        assert!((1.64..1.66).contains(&risen), "{risen}");
     }
 
     #[test]
@@ -550,15 +519,19 @@ mod tests {
         assert_eq!(gate.admit(t0), Admission::Go);
         assert_eq!(gate.admit(t0), Admission::Go);
         assert_eq!(gate.admit(t0), Admission::Full);
-        // Both slow: the first cuts to 1, the second started before the cut.
-        gate.finish(Some(&sample(t0, 0, 200, 0, true)));
-        gate.finish(Some(&sample(t0, 0, 210, 0, true)));
+        // A slow insert while both run: cut to 1.
+        gate.aimd
+            .on_sample(&sample(t0, Source::Accept, 0, 100, true));
+        gate.finish(Some(&sample(t0, Source::Delivery, 0, 200, true)));
+        gate.finish(Some(&sample(t0, Source::Delivery, 0, 210, true)));
         assert_eq!(gate.aimd.limit(), 1.0);
         let at = t0 + 210 * MS;
         assert_eq!(gate.admit(at), Admission::Go);
         assert_eq!(gate.admit(at), Admission::Full, "one slot now");
-        // Slow again: cut to 0.5, so a pause as long as the call before the next.
-        gate.finish(Some(&sample(t0, 210, 100, 0, true)));
+        // Another slow insert: cut to 0.5, so a pause as long as the call before the next.
+        gate.aimd
+            .on_sample(&sample(t0, Source::Accept, 210, 60, true));
+        gate.finish(Some(&sample(t0, Source::Delivery, 210, 100, true)));
         assert_eq!(gate.aimd.limit(), 0.5);
         let ended = t0 + 310 * MS;
         assert_eq!(gate.admit(ended), Admission::Until(ended + 100 * MS));
@@ -568,47 +541,65 @@ mod tests {
         assert_eq!((gate.in_flight(), gate.aimd.limit()), (0, 0.5));
     }
 
-    /// Ten callers at once, each call taking 200 ms (slow: target 50 ms): the limiter
-    /// starts with 4 in flight, cuts to its floor, and then has one call in flight a
-    /// quarter of the time; a fast store brings it back to 4.
+    /// Ten delivery callers at once, each call taking 200 ms, while inserts of the accept
+    /// path take 100 ms (slow: target 50 ms): the limiter starts with 4 calls in flight,
+    /// cuts to its floor, and then has one in flight a quarter of the time; once inserts
+    /// stop, it climbs back to 4.
     #[tokio::test(start_paused = true)]
-    async fn the_limiter_holds_callers_back_while_calls_are_slow() {
+    async fn the_limiter_holds_callers_back_while_inserts_are_slow() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let limiter = std::sync::Arc::new(StoreLimiter::new("test", settings()));
-        let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let took = std::sync::Arc::new(Mutex::new(200 * MS));
+        let peak = std::sync::Arc::new(AtomicUsize::new(0));
         let calls = |n: usize| {
-            let (limiter, peak, took) = (limiter.clone(), peak.clone(), took.clone());
+            let (limiter, peak) = (limiter.clone(), peak.clone());
             tokio::spawn(async move {
                 for _ in 0..n {
-                    let d = *took.lock().unwrap();
                     let _: Result<(), ()> = limiter
-                        .run(CallKind::Write, 0, async {
-                            let now = limiter.in_flight();
-                            peak.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
-                            tokio::time::sleep(d).await;
+                        .run(async {
+                            peak.fetch_max(limiter.in_flight(), SeqCst);
+                            tokio::time::sleep(200 * MS).await;
                             Ok(())
                         })
                         .await;
                 }
             })
         };
-        let first: Vec<_> = (0..10).map(|_| calls(3)).collect();
+        let inserts = |secs: u64| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_secs(secs);
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    tokio::time::sleep(100 * MS).await;
+                    let ended = Instant::now();
+                    limiter.observe(&Sample {
+                        started,
+                        ended,
+                        source: Source::Accept,
+                        ok: true,
+                    });
+                }
+            })
+        };
+        let accepting = inserts(20);
+        let first: Vec<_> = (0..10).map(|_| calls(2)).collect();
         for t in first {
             t.await.unwrap();
         }
-        assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(peak.load(SeqCst), 4);
         assert_eq!(limiter.limit(), 0.25);
-        // Slow and at the floor: one call at a time, 600 ms apart.
-        peak.store(0, std::sync::atomic::Ordering::SeqCst);
+        // At the floor: one call at a time, 600 ms apart.
+        peak.store(0, SeqCst);
         let started = Instant::now();
         let slow: Vec<_> = (0..4).map(|_| calls(1)).collect();
         for t in slow {
             t.await.unwrap();
         }
-        assert_eq!(peak.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(peak.load(SeqCst), 1);
         assert!(started.elapsed() >= 4 * 200 * MS + 3 * 600 * MS);
-        // Fast again: the limit climbs back.
-        *took.lock().unwrap() = 10 * MS;
+        accepting.await.unwrap();
+        // No insert for a second: the limit climbs back.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         calls(10).await.unwrap();
         assert_eq!(limiter.limit(), 4.0);
     }

@@ -1,27 +1,58 @@
-//! A [`Store`] whose calls that reach MongoDB on the delivery side (the claim's read, the
-//! outcome write, a reschedule, the receipts' batch) wait for a [`StoreLimiter`] first, so
-//! that while the store is slow they come fewer and larger, and leave it room for the
-//! RouterActor's inserts (which go to the store unwrapped). Lease renewals (Redis alone)
-//! and everything else pass straight through: a renewal held back could lose a lease.
+//! A [`Store`] in one of two roles around the adaptive limit ([`StoreLimiter`]):
+//! - **delivery** (the senders', the ReceiptActor's): the calls that reach MongoDB on the
+//!   delivery side (the claim's read, the outcome write, a reschedule, the receipts' batch)
+//!   wait for the limiter first, so that while the accept path is slow they come fewer and
+//!   larger. Lease renewals (Redis alone) and everything else pass straight through: a
+//!   renewal held back could lose a lease.
+//! - **accepts** (the RouterActor's): every `insert_many` goes at once, and its latency is
+//!   reported to the limiters, which is what they adapt to.
 
-use crate::adaptive::{CallKind, StoreLimiter};
+use crate::adaptive::{Sample, Source, StoreLimiter};
 use crate::domain::{ClaimResult, Communication, Outcome};
 use crate::ports::{
     DependencyError, FailResult, InsertResult, ReceiptResult, ReceiptUpdate, Store, SweepScope,
 };
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub struct LimitedStore {
     inner: Arc<dyn Store>,
-    limiter: Arc<StoreLimiter>,
+    role: Role,
+}
+
+enum Role {
+    Delivery(Arc<StoreLimiter>),
+    Accepts(Vec<Arc<StoreLimiter>>),
 }
 
 impl LimitedStore {
-    pub fn new(inner: Arc<dyn Store>, limiter: Arc<StoreLimiter>) -> Self {
-        LimitedStore { inner, limiter }
+    /// The delivery side's store: its MongoDB calls wait for `limiter`.
+    pub fn delivery(inner: Arc<dyn Store>, limiter: Arc<StoreLimiter>) -> Self {
+        LimitedStore {
+            inner,
+            role: Role::Delivery(limiter),
+        }
+    }
+
+    /// The accept path's store: its inserts are reported to `limiters`, never held back.
+    pub fn accepts(inner: Arc<dyn Store>, limiters: Vec<Arc<StoreLimiter>>) -> Self {
+        LimitedStore {
+            inner,
+            role: Role::Accepts(limiters),
+        }
+    }
+
+    async fn gated<T>(
+        &self,
+        call: impl Future<Output = Result<T, DependencyError>>,
+    ) -> Result<T, DependencyError> {
+        match &self.role {
+            Role::Delivery(limiter) => limiter.run(call).await,
+            Role::Accepts(_) => call.await,
+        }
     }
 }
 
@@ -33,8 +64,7 @@ impl Store for LimitedStore {
         owner: &str,
         stale_after: Duration,
     ) -> Result<Vec<ClaimResult>, DependencyError> {
-        let call = self.inner.claim(ids, owner, stale_after);
-        self.limiter.run(CallKind::Read, ids.len(), call).await
+        self.gated(self.inner.claim(ids, owner, stale_after)).await
     }
 
     async fn record_outcomes(
@@ -42,9 +72,7 @@ impl Store for LimitedStore {
         owner: &str,
         outcomes: &[(String, u32, Outcome)],
     ) -> Result<Vec<String>, DependencyError> {
-        let call = self.inner.record_outcomes(owner, outcomes);
-        self.limiter
-            .run(CallKind::Write, outcomes.len(), call)
+        self.gated(self.inner.record_outcomes(owner, outcomes))
             .await
     }
 
@@ -54,18 +82,15 @@ impl Store for LimitedStore {
         ids: &[String],
         not_before: DateTime<Utc>,
     ) -> Result<(), DependencyError> {
-        let call = self.inner.reschedule(owner, ids, not_before);
-        self.limiter.run(CallKind::Write, ids.len(), call).await
+        self.gated(self.inner.reschedule(owner, ids, not_before))
+            .await
     }
 
     async fn apply_receipts(
         &self,
         receipts: &[ReceiptUpdate],
     ) -> Result<Vec<ReceiptResult>, DependencyError> {
-        let call = self.inner.apply_receipts(receipts);
-        self.limiter
-            .run(CallKind::Write, receipts.len(), call)
-            .await
+        self.gated(self.inner.apply_receipts(receipts)).await
     }
 
     async fn renew(
@@ -81,7 +106,19 @@ impl Store for LimitedStore {
         &self,
         records: &[Communication],
     ) -> Result<Vec<InsertResult>, DependencyError> {
-        self.inner.insert_many(records).await
+        let Role::Accepts(limiters) = &self.role else {
+            return self.inner.insert_many(records).await;
+        };
+        let started = tokio::time::Instant::now();
+        let result = self.inner.insert_many(records).await;
+        let sample = Sample {
+            started,
+            ended: tokio::time::Instant::now(),
+            source: Source::Accept,
+            ok: result.is_ok(),
+        };
+        limiters.iter().for_each(|l| l.observe(&sample));
+        result
     }
 
     async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError> {

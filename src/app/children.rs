@@ -43,6 +43,8 @@ struct Ports<'a> {
     sender_store: Arc<dyn Store>,
     /// The store as the ReceiptActor sees it: behind a limit of its own, if it is on.
     receipts_store: Arc<dyn Store>,
+    /// The store as the router sees it: its inserts reported to both limits, if they are on.
+    router_store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     search: Arc<dyn SearchSink>,
     consumer: String,
@@ -55,9 +57,11 @@ struct Ports<'a> {
 /// the stats, the sweeper and the reconciler.
 pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     let store: Arc<dyn Store> = parts.store.clone();
+    let limits = StoreLimits::new(cfg, &store);
     let ports = Ports {
-        sender_store: limited(cfg, &store, "sender"),
-        receipts_store: limited(cfg, &store, "receipts"),
+        sender_store: limits.sender,
+        receipts_store: limits.receipts,
+        router_store: limits.router,
         store,
         queue: parts.queue.clone(),
         search: parts.search.clone(),
@@ -78,15 +82,34 @@ pub fn child_specs(cfg: &Config, parts: &Parts) -> Vec<ChildSpec> {
     specs
 }
 
-/// `store` behind an adaptive limit of its own for `caller`, unless the limiter is off
-/// (checked at start-up, so its settings are valid here).
-fn limited(cfg: &Config, store: &Arc<dyn Store>, caller: &'static str) -> Arc<dyn Store> {
-    match cfg.store_limiter.settings() {
-        Ok(Some(settings)) => {
-            let limiter = Arc::new(StoreLimiter::new(caller, settings));
-            Arc::new(LimitedStore::new(store.clone(), limiter))
+/// The store as the senders, the ReceiptActor and the router see it: with the limiter on,
+/// the senders share one limit and the ReceiptActor has its own, both adapting to the
+/// router's inserts (checked at start-up, so the settings are valid here).
+struct StoreLimits {
+    sender: Arc<dyn Store>,
+    receipts: Arc<dyn Store>,
+    router: Arc<dyn Store>,
+}
+
+impl StoreLimits {
+    fn new(cfg: &Config, store: &Arc<dyn Store>) -> Self {
+        let Ok(Some(settings)) = cfg.store_limiter.settings() else {
+            return StoreLimits {
+                sender: store.clone(),
+                receipts: store.clone(),
+                router: store.clone(),
+            };
+        };
+        let sender = Arc::new(StoreLimiter::new("sender", settings));
+        let receipts = Arc::new(StoreLimiter::new("receipts", settings));
+        let delivery = |l: &Arc<StoreLimiter>| -> Arc<dyn Store> {
+            Arc::new(LimitedStore::delivery(store.clone(), l.clone()))
+        };
+        StoreLimits {
+            sender: delivery(&sender),
+            receipts: delivery(&receipts),
+            router: Arc::new(LimitedStore::accepts(store.clone(), vec![sender, receipts])),
         }
-        _ => store.clone(),
     }
 }
 
@@ -202,7 +225,7 @@ fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSp
 
 fn router_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = RouterArgs {
-        store: p.store.clone(),
+        store: p.router_store.clone(),
         queue: p.queue.clone(),
         batch: cfg.router.batch(),
         max_inflight: cfg.router.max_inflight,

@@ -50,11 +50,6 @@ fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     u64::deserialize(d).map(Duration::from_millis)
 }
 
-/// `*_us` keys hold whole microseconds.
-fn micros<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    u64::deserialize(d).map(Duration::from_micros)
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -347,8 +342,8 @@ pub struct StoreLimiter {
     pub enabled: bool,
     #[serde(rename = "target_ms", deserialize_with = "millis")]
     pub target: Duration,
-    #[serde(rename = "per_item_us", deserialize_with = "micros")]
-    pub per_item: Duration,
+    #[serde(rename = "quiet_ms", deserialize_with = "millis")]
+    pub quiet: Duration,
     pub min_limit: f64,
     pub max_limit: f64,
     pub increase: f64,
@@ -365,7 +360,7 @@ impl StoreLimiter {
         }
         LimiterSettings {
             target: self.target,
-            per_item: self.per_item,
+            quiet: self.quiet,
             min: self.min_limit,
             max: self.max_limit,
             increase: self.increase,

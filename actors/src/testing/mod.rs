@@ -182,3 +182,20 @@ pub fn stream_entry(id: &str, record: &crate::domain::Communication) -> crate::d
             .collect(),
     }
 }
+
+/// The accept path in a test: one new record (ids from 10,000,000 on) inserted into
+/// `store` after another, `gap` apart, until the task is aborted; each insert as slow as
+/// the store's script makes it.
+pub fn keep_inserting(
+    store: std::sync::Arc<dyn crate::ports::Store>,
+    gap: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in 10_000_000.. {
+            let _ = store
+                .insert_many(&[record(n, crate::domain::Channel::Sms)])
+                .await;
+            tokio::time::sleep(gap).await;
+        }
+    })
+}
