@@ -8,7 +8,8 @@
 //!   (multiplicative), at most once per round trip: only a call that started after the
 //!   last cut can cut again, since the calls already under way then did not see the lower
 //!   limit;
-//! - an insert on time raises it by `increase` (additive);
+//! - an insert on time raises it by `increase` (additive), also at most once per round
+//!   trip (inserts come by the dozen a second, and overlap);
 //! - a delivery call raises it too, but only when no insert has been seen for `quiet` (no
 //!   request is waiting, so nothing needs the room: the backlog drains at full speed once
 //!   the load stops), and a failed one cuts it.
@@ -127,6 +128,8 @@ pub struct Aimd {
     limit: f64,
     /// When the limit was last cut: only calls started after it may cut it again.
     cut_at: Option<Instant>,
+    /// When an insert last raised the limit: only inserts started after it may raise it again.
+    raised_at: Option<Instant>,
     /// When the last insert of the accept path ended.
     last_accept: Option<Instant>,
 }
@@ -138,6 +141,7 @@ impl Aimd {
             settings,
             limit: settings.max,
             cut_at: None,
+            raised_at: None,
             last_accept: None,
         }
     }
@@ -166,9 +170,16 @@ impl Aimd {
     }
 
     pub fn on_sample(&mut self, s: &Sample) -> Change {
-        let verdict = self.verdict(s);
+        let mut verdict = self.verdict(s);
         if s.source == Source::Accept {
             self.last_accept = Some(self.last_accept.map_or(s.ended, |t| t.max(s.ended)));
+            if verdict == Some(false) {
+                if self.raised_at.is_some_and(|t| s.started < t) {
+                    verdict = None;
+                } else {
+                    self.raised_at = Some(s.ended);
+                }
+            }
         }
         let st = &self.settings;
         match verdict {
@@ -465,8 +476,9 @@ mod tests {
             ((Accept, 300, 60, true), Change::Cut, 0.25),
             // At the floor.
             ((Accept, 400, 60, true), Change::Held, 0.25),
-            // Inserts on time add.
+            // Inserts on time add, once a round trip.
             ((Accept, 500, 10, true), Change::Raised, 0.75),
+            ((Accept, 505, 10, true), Change::Held, 0.75),
             ((Accept, 520, 10, true), Change::Raised, 1.25),
             // A delivery call within a second of the last insert: nothing.
             ((Delivery, 600, 500, true), Change::Held, 1.25),
