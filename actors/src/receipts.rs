@@ -684,7 +684,7 @@ mod tests {
     /// While the accept path's inserts are slow, the adaptive limit paces the ReceiptActor's
     /// writes: the same receipts go in fewer, larger writes, and every one is applied.
     #[tokio::test(start_paused = true)]
-    async fn a_slow_store_gets_fewer_larger_receipt_writes() {
+    async fn slow_inserts_get_fewer_larger_receipt_writes() {
         let plain = steady_receipts(false).await;
         let limited = steady_receipts(true).await;
         assert!(
