@@ -1,5 +1,5 @@
 # The two commands: `make run` (local stack + service on :3001) and `make test`.
-.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer bench-costs load
+.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer bench-costs load load-accepts-first
 
 run: stack-up
 	cargo build --release --bin comm-aggregator --bin provider-sandbox
@@ -35,6 +35,13 @@ bench:
 load:
 	scripts/stack.sh install
 	scripts/load.sh $(LOAD_ARGS)
+
+# Accepts first (issue #14): accept latency at a fixed rate (default 300 requests/s for 60 s)
+# with the pipeline delivering, the adaptive store limiter on and off in alternate rounds,
+# each on a fresh stack of its own (README "Performance"); LOAD_ARGS for loadgen, ROUNDS.
+load-accepts-first:
+	scripts/stack.sh install
+	scripts/accepts-first.sh $(LOAD_ARGS)
 
 bench-indexer:
 	scripts/stack.sh install

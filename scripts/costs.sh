@@ -21,52 +21,15 @@ BUILD="${COSTS_BUILD:-release}"
 flag=""; [ "$BUILD" = release ] && flag="--release"
 cargo build $flag --bin comm-aggregator --bin loadgen --bin provider-sandbox
 BIN="$ROOT/target/$BUILD"
-export STACK_REDIS_PORT="${STACK_REDIS_PORT:-6393}" STACK_MONGO_PORT="${STACK_MONGO_PORT:-27029}"
-export STACK_ES_PORT="${STACK_ES_PORT:-9213}" STACK_SMTP_PORT="${STACK_SMTP_PORT:-2528}"
-export STACK_SANDBOX_PORT="${STACK_SANDBOX_PORT:-4013}" PORT="${COSTS_PORT:-3093}"
-WORK="$(mktemp -d /tmp/comm-agg-costs.XXXXXX)"
-export STACK_DIR="$WORK/stack"
-svc=""
 ARGS=("$@" --messages 2000 --connections 16)
-
-stack_down() {
-  local pids="" n
-  for n in redis mongo es smtp sandbox; do
-    [ -f "$STACK_DIR/$n.pid" ] && pids="$pids $(cat "$STACK_DIR/$n.pid")"
-  done
-  scripts/stack.sh down >/dev/null 2>&1 || true
-  for _ in $(seq 1 50); do
-    local alive=""
-    for n in $pids; do kill -0 "$n" 2>/dev/null && alive=1; done
-    [ -z "$alive" ] && return 0
-    sleep 0.2
-  done
-}
-
-stop_service() {
-  if [ -n "$svc" ]; then kill "$svc" 2>/dev/null || true; wait "$svc" 2>/dev/null || true; svc=""; fi
-}
-
-cleanup() { stop_service; stack_down; rm -rf "$WORK"; }
-trap cleanup EXIT
+# shellcheck source=lib/own-stack.sh
+. "$ROOT/scripts/lib/own-stack.sh"
+own_stack costs 6393 27029 9213 2528 4013 "${COSTS_PORT:-3093}"
 
 # phase NAME PROVIDER_RATE PROVIDER_BURST: a fresh stack, the service, loadgen --costs.
 phase() {
-  stack_down; rm -rf "$STACK_DIR"
-  SANDBOX_BIN="$BIN/provider-sandbox" scripts/stack.sh up >&2
-  (
-    eval "$(scripts/stack.sh env)"
-    if [ "${RECEIPTS:-1}" = 0 ]; then unset PUBLIC_BASE_URL; fi
-    export DEV_MODE=true API_RATE_PER_SEC=1000000 API_BURST=1000000 RECIPIENT_MAX=0 DAILY_QUOTA=0 \
-      RECIPIENTS_PER_HOUR=0 PROVIDER_RATE_PER_SEC="$2" PROVIDER_BURST="$3"
-    exec "$BIN/comm-aggregator"
-  ) >"$WORK/$1-service.log" 2>&1 &
-  svc=$!
-  for _ in $(seq 1 150); do
-    curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break
-    kill -0 "$svc" 2>/dev/null || { tail -20 "$WORK/$1-service.log" >&2; exit 1; }
-    sleep 0.2
-  done
+  fresh_stack
+  start_service "$WORK/$1-service.log" PROVIDER_RATE_PER_SEC="$2" PROVIDER_BURST="$3"
   local pids="service=$svc" n
   for n in redis mongo es smtp sandbox; do pids="$pids,$n=$(cat "$STACK_DIR/$n.pid")"; done
   (

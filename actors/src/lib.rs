@@ -41,7 +41,10 @@
 //! - [`health`]: per-provider circuit breaker and token bucket, pure over an explicit `now`.
 //! - [`retry`]: the per-message retry policy; [`backoff`]: the one backoff mechanism and
 //!   `retry_until`; [`batch`]: the batch limits (items, bytes, time).
+//! - [`adaptive`]: the AIMD limit on the delivery side's store calls (pure rule, tested by
+//!   tables, and the shared mechanism); [`limited_store`]: the `Store` that applies it.
 
+pub mod adaptive;
 pub mod audit;
 pub mod backoff;
 pub mod batch;
@@ -49,6 +52,7 @@ pub mod call;
 pub mod domain;
 pub mod fallback;
 pub mod health;
+pub mod limited_store;
 pub mod log_indexer;
 pub mod ports;
 pub mod receipts;

@@ -631,6 +631,75 @@ mod tests {
         assert_eq!(f.parking.parked().len(), 1);
     }
 
+    /// 400 receipts, one every 10 ms, over a store that takes 200 ms a write and as long
+    /// for the inserts of the accept path going on beside them: the sizes of the writes,
+    /// with the adaptive limit (target 20 ms, floor 0.1) or without.
+    async fn steady_receipts(limited: bool) -> Vec<usize> {
+        use crate::adaptive::{LimiterSettings, StoreLimiter};
+        use crate::limited_store::LimitedStore;
+        let store = Arc::new(MemoryStore::new());
+        for m in [StoreMethod::ApplyReceipts, StoreMethod::InsertMany] {
+            store.script.delay(m, Duration::from_millis(200));
+        }
+        let mut accepts: Arc<dyn crate::ports::Store> = store.clone();
+        let (queue, parking) = (MemoryQueue::new(), Arc::new(MemoryParking::new()));
+        let mut a = args(&store, &queue, &parking);
+        a.batch = BatchSettings::new(500, Duration::from_millis(20));
+        if limited {
+            let settings = LimiterSettings {
+                target: Duration::from_millis(20),
+                quiet: Duration::from_secs(1),
+                min: 0.1,
+                max: 1.0,
+                increase: 0.1,
+                decrease: 0.5,
+                max_pause: Duration::from_secs(2),
+            };
+            let limiter = Arc::new(StoreLimiter::new("receipts", settings));
+            a.store = Arc::new(LimitedStore::delivery(store.clone(), limiter.clone()));
+            accepts = Arc::new(LimitedStore::accepts(store.clone(), vec![limiter]));
+        }
+        let inserting = testing::keep_inserting(accepts, Duration::from_millis(10));
+        let (actor, _) = Actor::spawn(None, ReceiptActor, a).await.unwrap();
+        let f = Fixture {
+            store,
+            queue,
+            parking,
+            actor,
+        };
+        (1..=400).for_each(|n| f.sent(n));
+        let receipts = (1..=400u32).map(|n| {
+            let f = &f;
+            async move {
+                tokio::time::sleep(Duration::from_millis(10) * n).await;
+                f.apply(n, Status::Delivered).await
+            }
+        });
+        let answers = futures::future::join_all(receipts).await;
+        assert!(answers.into_iter().all(|a| a == Ok(true)), "all applied");
+        inserting.abort();
+        f.store.script.sizes(StoreMethod::ApplyReceipts)
+    }
+
+    /// While the accept path's inserts are slow, the adaptive limit paces the ReceiptActor's
+    /// writes: the same receipts go in fewer, larger writes, and every one is applied.
+    #[tokio::test(start_paused = true)]
+    async fn slow_inserts_get_fewer_larger_receipt_writes() {
+        let plain = steady_receipts(false).await;
+        let limited = steady_receipts(true).await;
+        assert!(
+            limited.len() * 2 < plain.len(),
+            "writes: {} limited, {} plain",
+            limited.len(),
+            plain.len()
+        );
+        let largest = |v: &[usize]| v.iter().copied().max().unwrap_or(0);
+        assert!(
+            largest(&limited) > 2 * largest(&plain),
+            "{limited:?} vs {plain:?}"
+        );
+    }
+
     #[test]
     fn a_parked_receipt_waits_longer_with_each_try() {
         let store = Arc::new(MemoryStore::new());

@@ -6,10 +6,12 @@ use crate::clients::indexes::{IndexReadiness, IndexState};
 use crate::clients::parked::MongoParking;
 use crate::clients::reconcile::ElasticIndexed;
 use crate::config::Config;
+use actors::adaptive::StoreLimiter;
 use actors::audit::{self, AuditActor, AuditArgs};
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::fallback::{self, FallbackActor, FallbackArgs};
+use actors::limited_store::LimitedStore;
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Queue, SearchSink, Store};
 use actors::ractor::Actor;
@@ -41,6 +43,12 @@ pub fn consumer_name(cfg: &Config) -> String {
 /// The ports every child shares, as the actors see them.
 struct Ports<'a> {
     store: Arc<dyn Store>,
+    /// The store as the senders see it: behind the adaptive limit they share, if it is on.
+    sender_store: Arc<dyn Store>,
+    /// The store as the ReceiptActor sees it: behind a limit of its own, if it is on.
+    receipts_store: Arc<dyn Store>,
+    /// The store as the router sees it: its inserts reported to both limits, if they are on.
+    router_store: Arc<dyn Store>,
     queue: Arc<dyn Queue>,
     search: Arc<dyn SearchSink>,
     consumer: String,
@@ -52,8 +60,13 @@ struct Ports<'a> {
 /// senders report to them), then the senders, the consumers that feed them, the router,
 /// the stats, the sweeper, the reconciler and the fallbacks.
 pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<ChildSpec> {
+    let store: Arc<dyn Store> = parts.store.clone();
+    let limits = StoreLimits::new(cfg, &store);
     let ports = Ports {
-        store: parts.store.clone(),
+        sender_store: limits.sender,
+        receipts_store: limits.receipts,
+        router_store: limits.router,
+        store,
         queue: parts.queue.clone(),
         search: parts.search.clone(),
         consumer: consumer_name(cfg),
@@ -80,6 +93,37 @@ pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<
 /// How each channel's stream is split.
 fn shards(cfg: &Config) -> StreamShards {
     StreamShards::new(cfg.redis.stream_shards)
+}
+
+/// The store as the senders, the ReceiptActor and the router see it: with the limiter on,
+/// the senders share one limit and the ReceiptActor has its own, both adapting to the
+/// router's inserts (checked at start-up, so the settings are valid here).
+struct StoreLimits {
+    sender: Arc<dyn Store>,
+    receipts: Arc<dyn Store>,
+    router: Arc<dyn Store>,
+}
+
+impl StoreLimits {
+    fn new(cfg: &Config, store: &Arc<dyn Store>) -> Self {
+        let Ok(Some(settings)) = cfg.store_limiter.settings() else {
+            return StoreLimits {
+                sender: store.clone(),
+                receipts: store.clone(),
+                router: store.clone(),
+            };
+        };
+        let sender = Arc::new(StoreLimiter::new("sender", settings));
+        let receipts = Arc::new(StoreLimiter::new("receipts", settings));
+        let delivery = |l: &Arc<StoreLimiter>| -> Arc<dyn Store> {
+            Arc::new(LimitedStore::delivery(store.clone(), l.clone()))
+        };
+        StoreLimits {
+            sender: delivery(&sender),
+            receipts: delivery(&receipts),
+            router: Arc::new(LimitedStore::accepts(store.clone(), vec![sender, receipts])),
+        }
+    }
 }
 
 /// The children each shutdown stage stops, in groups stopped one after another (see
@@ -129,7 +173,7 @@ where
 
 fn receipts_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = ReceiptArgs {
-        store: p.store.clone(),
+        store: p.receipts_store.clone(),
         queue: p.queue.clone(),
         parking: Arc::new(MongoParking::new(p.database)),
         batch: cfg.receipts.batch(),
@@ -161,7 +205,7 @@ fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec
     let args = SenderArgs {
         channel: ch,
         provider: parts.providers[&ch].clone(),
-        store: p.store.clone(),
+        store: p.sender_store.clone(),
         queue: p.queue.clone(),
         owner: p.consumer.clone(),
         stale_after: cfg.sender.stale_after,
@@ -199,7 +243,7 @@ fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel, shard: u32
 
 fn router_spec(cfg: &Config, p: &Ports) -> ChildSpec {
     let args = RouterArgs {
-        store: p.store.clone(),
+        store: p.router_store.clone(),
         queue: p.queue.clone(),
         batch: cfg.router.batch(),
         max_inflight: cfg.router.max_inflight,

@@ -1,9 +1,10 @@
 //! loadgen: drives a running service and prints what the Performance section quotes.
 //!
 //! `loadgen [--url http://127.0.0.1:3001] [--connections 32] [--seconds 20] [--type sms]
-//! [--api-key KEY] [--accept-only]` (the key also from `LOADGEN_API_KEY`; none is needed
-//! in `DEV_MODE`). `--accept-only` stops after phase 1. `--messages N` stops after N
-//! requests. `--costs` measures what one message costs each server instead (see
+//! [--api-key KEY] [--accept-only] [--rate R]` (the key also from `LOADGEN_API_KEY`; none is
+//! needed in `DEV_MODE`). `--accept-only` stops after phase 1. `--messages N` stops after N
+//! requests. `--rate R` makes phase 1 open-loop: R requests a second on a fixed schedule,
+//! latency from each one's due time (`loadgen/rate.rs`), instead of `connections` workers. `--costs` measures what one message costs each server instead (see
 //! `loadgen/costs.rs`; `scripts/costs.sh` runs it).
 //! Start the service with a high `API_RATE_PER_SEC` and `RECIPIENT_MAX=0` (or distinct
 //! numbers), or the limits, not the pipeline, are what gets measured.
@@ -12,7 +13,8 @@
 //! request to a new recipient. Prints accepted requests/s and p50/p99/p99.9 latency.
 //! Phase 2 (end to end): waits until the service reports every accepted message sent
 //! (`deliveries_total` on `/metrics`) and prints messages/s from the first request to the
-//! last send, and the p99 accept→sent latency (from `accept_to_sent_seconds`).
+//! last send, how long after the last answer the backlog reached zero, and the p99
+//! accept→sent latency (from `accept_to_sent_seconds`).
 //! Also: the service's idle and peak RSS (VmRSS before, VmHWM after, from /proc), and the
 //! CPU each local server used during the run, to show which one is the limit.
 
@@ -26,6 +28,8 @@ use std::time::{Duration, Instant};
 // its own; the crate root stays `loadgen.rs`, where the layout (lib.rs, README) says it is.
 #[path = "loadgen/costs.rs"]
 mod costs;
+#[path = "loadgen/rate.rs"]
+mod rate;
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -112,6 +116,7 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// What the command line asks for.
+#[derive(Clone)]
 struct Options {
     url: String,
     connections: usize,
@@ -121,6 +126,9 @@ struct Options {
     accept_only: bool,
     /// Stop after this many requests (`--messages`; unlimited by default).
     messages: u64,
+    /// `--rate R`: open loop, R requests a second whatever the answers do (`rate.rs`),
+    /// instead of `connections` workers each waiting for its answer.
+    rate: Option<f64>,
     costs: Option<costs::CostOptions>,
 }
 
@@ -137,6 +145,11 @@ impl Options {
             messages: arg("--messages", &u64::MAX.to_string())
                 .parse()
                 .expect("--messages"),
+            rate: std::env::args().any(|a| a == "--rate").then(|| {
+                arg("--rate", "")
+                    .parse()
+                    .expect("--rate: requests a second")
+            }),
             costs: costs::CostOptions::from_args(),
         }
     }
@@ -254,42 +267,50 @@ impl Worker {
             if n >= self.limit {
                 break;
             }
-            let (to, from) = if self.kind == "email" {
-                (
-                    format!("user{n}@example.com"),
-                    "noreply@example.com".to_string(),
-                )
-            } else {
-                (
-                    format!("+1555{:02}{:05}", run_id, n % 100_000),
-                    "+15550001111".to_string(),
-                )
-            };
-            let body = json!({"type": self.kind, "data": {"from": from, "to": to, "msg": format!("load {n}")}});
             let t = Instant::now();
-            let url = format!("{}/api/v1/communication", self.url);
-            match self.http.post(url).json(&body).send().await {
-                Ok(r) if r.status() == 200 => {
-                    let _ = r.bytes().await;
-                    lat.push(t.elapsed().as_micros() as u64);
-                }
-                _ => {
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                }
+            if post(&self.http, &self.url, &self.kind, n, run_id).await {
+                lat.push(t.elapsed().as_micros() as u64);
+            } else {
+                self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         lat
     }
 }
 
+/// POST request `n` of run `run_id`, to a recipient of its own; `true` if it was accepted.
+async fn post(http: &reqwest::Client, url: &str, kind: &str, n: u64, run_id: u64) -> bool {
+    let (to, from) = if kind == "email" {
+        (
+            format!("user{n}@example.com"),
+            "noreply@example.com".to_string(),
+        )
+    } else {
+        (
+            format!("+1555{:02}{:05}", run_id, n % 100_000),
+            "+15550001111".to_string(),
+        )
+    };
+    let body = json!({"type": kind, "data": {"from": from, "to": to, "msg": format!("load {n}")}});
+    let url = format!("{url}/api/v1/communication");
+    match http.post(url).json(&body).send().await {
+        Ok(r) if r.status() == 200 => r.bytes().await.is_ok(),
+        _ => false,
+    }
+}
+
 fn report_accept(opts: &Options, lat: &[u64], errors: u64, secs: f64, before: &Before) {
-    println!(
-        "accept: {} connections, {:.1} s, {} accepted, {} errors",
-        opts.connections,
-        secs,
-        lat.len(),
-        errors
-    );
+    match opts.rate {
+        Some(r) => println!(
+            "accept: open loop at {r} requests/s (latency from each request's due time), {secs:.1} s, {} accepted, {errors} errors",
+            lat.len()
+        ),
+        None => println!(
+            "accept: {} connections, {secs:.1} s, {} accepted, {errors} errors",
+            opts.connections,
+            lat.len()
+        ),
+    }
     println!("accepted requests/s: {:.0}", lat.len() as f64 / secs);
     println!(
         "accept latency ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
@@ -371,8 +392,16 @@ async fn main() {
     }
     let before = before(&http, &opts).await;
     let start = Instant::now();
-    let (lat, errors) = accept_phase(&http, &opts, start + Duration::from_secs(opts.seconds)).await;
-    report_accept(&opts, &lat, errors, start.elapsed().as_secs_f64(), &before);
+    let (lat, errors) = match opts.rate {
+        Some(rate) => {
+            let (lat, errors, timeline) = rate::accept_phase(&http, &opts, rate).await;
+            timeline.print(start.elapsed().as_secs_f64());
+            (lat, errors)
+        }
+        None => accept_phase(&http, &opts, start + Duration::from_secs(opts.seconds)).await,
+    };
+    let load_secs = start.elapsed().as_secs_f64();
+    report_accept(&opts, &lat, errors, load_secs, &before);
     if opts.accept_only {
         if let Some(kb) = before.service_pid.and_then(|p| status_kb(p, "VmHWM:")) {
             println!("service RSS: peak {} MB (VmHWM)", kb / 1024);
@@ -383,9 +412,10 @@ async fn main() {
     let (drained, last) = wait_drained(&http, &opts, &before.metrics, accepted, start).await;
     match drained {
         Some(t) => println!(
-            "end to end: {} messages sent in {t:.1} s: {:.0} messages/s",
+            "end to end: {} messages sent in {t:.1} s: {:.0} messages/s; backlog 0 {:.1} s after the last answer",
             lat.len(),
-            accepted / t
+            accepted / t,
+            (t - load_secs).max(0.0)
         ),
         None => println!("end to end: not drained within the time limit"),
     }

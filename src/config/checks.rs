@@ -22,6 +22,7 @@ const RULES: &[Rule] = &[
     counts_are_at_least_one,
     channels_are_usable,
     callbacks_outwait_receipts,
+    store_limiter_is_usable,
     consumers_are_forgotten_slowly,
     super::transport::transports_are_encrypted,
     super::transport::dev_mode_only_on_loopback,
@@ -38,6 +39,10 @@ fn fault_injection_only_in_test_builds(c: &Config) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+fn store_limiter_is_usable(c: &Config) -> Result<(), ConfigError> {
+    c.store_limiter.settings().map(|_| ())
 }
 
 fn callbacks_outwait_receipts(c: &Config) -> Result<(), ConfigError> {
@@ -385,6 +390,14 @@ mod tests {
             (&[("PROVIDER_BURST", "0.5")][..], "channels.email"),
             (&[("API_BURST", "0")][..], "auth.burst"),
             (&[("EMAIL_MAX_CHARS", "0")][..], "limits.email_max_chars"),
+            (
+                &[("STORE_LIMITER_MIN", "0")][..],
+                "store_limiter: min_limit",
+            ),
+            (
+                &[("STORE_LIMITER_TARGET_MS", "0")][..],
+                "store_limiter: target_ms",
+            ),
             (&[("SMTP_URL", "http://x")][..], "SMTP_URL"),
             (
                 &[("REDIS_URL", "redis://127.0.0.1:7000,redis://127.0.0.1:7001")][..],

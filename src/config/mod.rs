@@ -15,6 +15,7 @@ mod transport;
 
 pub use env::{env_help, EnvVar, ENV, ENV_VARS};
 
+use actors::adaptive::LimiterSettings;
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::health::BreakerConfig;
@@ -59,6 +60,7 @@ pub struct Config {
     pub router: Router,
     pub receipts: Receipts,
     pub sender: Sender,
+    pub store_limiter: StoreLimiter,
     pub channels: Channels,
     pub sweeper: Sweeper,
     pub log_indexer: LogIndexer,
@@ -355,6 +357,44 @@ pub struct Sender {
     #[serde(rename = "record_patience_ms", deserialize_with = "millis")]
     pub record_patience: Duration,
     pub fault_injection: bool,
+}
+
+/// The adaptive limit on the delivery side's store calls (`actors::adaptive`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreLimiter {
+    pub enabled: bool,
+    #[serde(rename = "target_ms", deserialize_with = "millis")]
+    pub target: Duration,
+    #[serde(rename = "quiet_ms", deserialize_with = "millis")]
+    pub quiet: Duration,
+    pub min_limit: f64,
+    pub max_limit: f64,
+    pub increase: f64,
+    pub decrease: f64,
+    #[serde(rename = "max_pause_ms", deserialize_with = "millis")]
+    pub max_pause: Duration,
+}
+
+impl StoreLimiter {
+    /// The limiter's settings, checked (`None`: the limiter is off).
+    pub fn settings(&self) -> Result<Option<LimiterSettings>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        LimiterSettings {
+            target: self.target,
+            quiet: self.quiet,
+            min: self.min_limit,
+            max: self.max_limit,
+            increase: self.increase,
+            decrease: self.decrease,
+            max_pause: self.max_pause,
+        }
+        .validate()
+        .map(Some)
+        .map_err(|e| bad(format!("store_limiter: {e}")))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

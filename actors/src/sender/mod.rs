@@ -626,6 +626,76 @@ mod tests {
         assert!(d.report.retry.is_empty());
     }
 
+    /// Four batches at once over the limited store, on records `first..first + 8`; every
+    /// message of them is sent.
+    async fn four_batches(f: &Fixture, first: u32) {
+        let batches = (0..4u32).map(|k| {
+            let from = first + 2 * k;
+            let entries = f.entries(from..from + 2);
+            let owner = format!("test:sms:{from}");
+            async move { deliver(&f.args, &owner, entries).await }
+        });
+        futures::future::join_all(batches).await;
+        for n in first..first + 8 {
+            assert_eq!(f.status(n), Status::Sent, "{n}");
+        }
+    }
+
+    /// Claims and outcome writes take 100 ms, and inserts of the accept path go on beside
+    /// them, 5 ms each at first: four batches have four calls in flight. Then the inserts
+    /// take 200 ms (the target is 50 ms): the limiter the batches share lowers the calls in
+    /// flight to one; once the inserts are fast again, the limit climbs back and four are
+    /// in flight again.
+    #[tokio::test(start_paused = true)]
+    async fn slow_inserts_get_fewer_calls_in_flight_until_they_are_fast_again() {
+        use crate::adaptive::{LimiterSettings, StoreLimiter};
+        use crate::limited_store::LimitedStore;
+        let mut f = fixture();
+        let limiter = Arc::new(StoreLimiter::new(
+            "sender",
+            LimiterSettings {
+                target: Duration::from_millis(50),
+                quiet: Duration::from_secs(1),
+                min: 0.25,
+                max: 4.0,
+                increase: 0.5,
+                decrease: 0.5,
+                max_pause: Duration::from_secs(1),
+            },
+        ));
+        f.args.store = Arc::new(LimitedStore::delivery(f.store.clone(), limiter.clone()));
+        let accepts = LimitedStore::accepts(f.store.clone(), vec![limiter.clone()]);
+        let script = &f.store.script;
+        for m in [StoreMethod::Claim, StoreMethod::RecordOutcomes] {
+            script.delay(m, Duration::from_millis(100));
+        }
+        let inserts_take = |ms| script.delay(StoreMethod::InsertMany, Duration::from_millis(ms));
+        inserts_take(5);
+        let inserting = testing::keep_inserting(Arc::new(accepts), Duration::from_millis(20));
+        four_batches(&f, 0).await;
+        // Store calls in flight: the batches' and the one insert.
+        assert_eq!(script.peak_in_flight(), 4 + 1, "fast: not limited");
+        inserts_take(200);
+        four_batches(&f, 100).await;
+        // Four slow inserts cut it to its floor (4 → 2 → 1 → 0.5 → 0.25).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(limiter.limit(), 0.25);
+        script.reset_peak();
+        four_batches(&f, 300).await;
+        assert_eq!(script.peak_in_flight(), 1 + 1, "slow: one at a time");
+        inserts_take(5);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(limiter.limit(), 4.0, "recovered");
+        script.reset_peak();
+        four_batches(&f, 400).await;
+        assert_eq!(
+            script.peak_in_flight(),
+            4 + 1,
+            "fast again: as many as before"
+        );
+        inserting.abort();
+    }
+
     /// A worker claimed record 1 and died before recording anything; its lease expires.
     async fn stale(f: &Fixture) -> Vec<StreamEntry> {
         let entries = f.entries([1]);

@@ -7,7 +7,7 @@
 //! Each double keeps a [`Script`] per port: `fail_next(method, n, kind)` makes the next `n`
 //! calls of a method fail with that [`ErrorKind`], `delay(method, d)` makes every call of
 //! it wait first, and `calls()` / `sizes(method)` tell what was called, in order, with how
-//! many items.
+//! many items; `peak_in_flight()` the most calls that waited at once.
 
 pub mod consumer;
 mod parking;
@@ -40,6 +40,9 @@ struct ScriptInner<M> {
     failures: HashMap<M, VecDeque<ErrorKind>>,
     delays: HashMap<M, Duration>,
     calls: Vec<(M, usize)>,
+    /// Calls waiting out their delay now, and the most there were at once.
+    in_flight: usize,
+    peak: usize,
 }
 
 impl<M: Copy + Eq + Hash> Script<M> {
@@ -50,6 +53,8 @@ impl<M: Copy + Eq + Hash> Script<M> {
                 failures: HashMap::new(),
                 delays: HashMap::new(),
                 calls: Vec::new(),
+                in_flight: 0,
+                peak: 0,
             }),
         }
     }
@@ -89,6 +94,25 @@ impl<M: Copy + Eq + Hash> Script<M> {
         self.sizes(method).len()
     }
 
+    /// The most calls that were waiting out their delay at once since the last
+    /// [`reset_peak`](Self::reset_peak) (calls of methods without a delay are not counted).
+    pub fn peak_in_flight(&self) -> usize {
+        self.lock().peak
+    }
+
+    pub fn reset_peak(&self) {
+        let mut g = self.lock();
+        g.peak = g.in_flight;
+    }
+
+    /// A delayed call starts waiting.
+    fn arrive(&self) -> Leave<'_, M> {
+        let mut g = self.lock();
+        g.in_flight += 1;
+        g.peak = g.peak.max(g.in_flight);
+        Leave(self)
+    }
+
     /// Record a call of `method` with `items` items; wait and fail as scripted.
     pub async fn enter(&self, method: M, items: usize) -> Result<(), DependencyError> {
         let (delay, failure) = {
@@ -98,7 +122,9 @@ impl<M: Copy + Eq + Hash> Script<M> {
             (g.delays.get(&method).copied(), failure)
         };
         if let Some(d) = delay {
+            let leave = self.arrive();
             tokio::time::sleep(d).await;
+            drop(leave);
         }
         match failure {
             Some(kind) => {
@@ -106,6 +132,17 @@ impl<M: Copy + Eq + Hash> Script<M> {
             }
             None => Ok(()),
         }
+    }
+}
+
+/// A delayed call leaves the in-flight count when its delay is over, or when it is
+/// dropped during it.
+struct Leave<'a, M>(&'a Script<M>);
+
+impl<M> Drop for Leave<'_, M> {
+    fn drop(&mut self) {
+        let mut g = self.0.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.in_flight = g.in_flight.saturating_sub(1);
     }
 }
 
@@ -145,4 +182,21 @@ pub fn stream_entry(id: &str, record: &crate::domain::Communication) -> crate::d
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
     }
+}
+
+/// The accept path in a test: one new record (ids from 10,000,000 on) inserted into
+/// `store` after another, `gap` apart, until the task is aborted; each insert as slow as
+/// the store's script makes it.
+pub fn keep_inserting(
+    store: std::sync::Arc<dyn crate::ports::Store>,
+    gap: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in 10_000_000.. {
+            let _ = store
+                .insert_many(&[record(n, crate::domain::Channel::Sms)])
+                .await;
+            tokio::time::sleep(gap).await;
+        }
+    })
 }

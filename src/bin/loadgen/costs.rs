@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 const TICKS_PER_SEC: f64 = 100.0;
 
 /// What `--costs` asks for.
+#[derive(Clone)]
 pub struct CostOptions {
     /// `accept` (deliveries held back by the service's settings) or `e2e` (wait until every
     /// accepted message is reported sent).
