@@ -55,6 +55,12 @@ async fn a_template_is_versioned_previewed_and_kept_per_tenant() {
     assert_eq!((s, t["version"].as_u64()), (200, Some(2)), "{t}");
     let (s, v1) = call(Method::GET, &format!("{path}?version=1"), None).await;
     assert_eq!((s, v1["body"].as_str()), (200, Some("Code {{ code }}")));
+    let (s, none) = call(Method::GET, &format!("{path}?version=99"), None).await;
+    assert_eq!(
+        (s, none["error"]["field"].as_str()),
+        (400, Some("version")),
+        "{none}"
+    );
     let (_, cur) = call(Method::GET, &path, None).await;
     assert_eq!(cur["versions"], json!([1, 2]));
     let (s, p) = call(

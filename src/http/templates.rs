@@ -190,6 +190,18 @@ fn version_asked(v: Option<&Value>) -> Result<Option<u32>, ApiError> {
     }
 }
 
+/// Version `asked` of `t`, or its current one: a version it does not have is a bad
+/// request (the template exists), not a missing template.
+fn version_of(t: &Template, asked: Option<u32>) -> Result<&Version, ApiError> {
+    t.at(asked).ok_or_else(|| {
+        TemplateError::Invalid {
+            field: "version".into(),
+            message: format!("template {:?} has versions 1 to {}", t.name, t.version),
+        }
+        .into()
+    })
+}
+
 async fn get(
     name: String,
     who: Result<Identity, AuthError>,
@@ -207,7 +219,7 @@ async fn get(
     if t.deleted {
         return Err(ApiError::TemplateNotFound(name));
     }
-    let v = t.at(asked).ok_or(ApiError::TemplateNotFound(name))?;
+    let v = version_of(&t, asked)?;
     Ok(warp::reply::json(&shown(&t, v)).into_response())
 }
 
@@ -291,9 +303,7 @@ fn render(
     vars: &Map<String, Value>,
     limits: &ValidationLimits,
 ) -> Result<(templates::Rendered, u32), ApiError> {
-    let v = t
-        .at(asked)
-        .ok_or_else(|| ApiError::TemplateNotFound(t.name.clone()))?;
+    let v = version_of(t, asked)?;
     let r = templates::render(v, locale, vars)?;
     let max = limits.max_msg_chars(t.channel);
     if r.body.chars().count() > max {
