@@ -317,8 +317,8 @@ async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
 
 /// SecantusDB reports itself as a one-member replica set, as MongoDB does: every write of
 /// a record (insert, claim-free outcome write, sweeps) asks for `w: "majority"` and the
-/// journal, so that no acknowledged write can be rolled back by a failover. Seen in
-/// MongoDB's own profiler.
+/// journal, so that no acknowledged write can be rolled back by a failover, and every read
+/// of records asks for what a majority holds. Seen in MongoDB's own profiler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_write_asks_the_replica_set_for_a_majority() {
     let _one = one_at_a_time().await;
@@ -361,6 +361,30 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
             .unwrap_or_else(|_| panic!("a write without a write concern: {p}"));
         assert_eq!(wc.get_str("w").ok(), Some("majority"), "{p}");
         assert_eq!(wc.get_bool("j").ok(), Some(true), "{p}");
+    }
+    // The reads that decide something (the claim's read of the batch, `_id $in`) read
+    // what a majority holds: a failover cannot roll back what they act on. (The test's own
+    // reads, by one `_id`, are left out.)
+    let reads: Vec<Document> = {
+        use futures::TryStreamExt;
+        db.collection::<Document>("system.profile")
+            .find(
+                doc! {"ns": "communication-aggregator.communications", "op": "query",
+                "command.filter._id.$in": {"$exists": true}},
+            )
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    assert!(!reads.is_empty(), "the claim reads were profiled");
+    for p in &reads {
+        let level = p
+            .get_document("command")
+            .and_then(|c| c.get_document("readConcern"))
+            .and_then(|rc| rc.get_str("level"));
+        assert_eq!(level.ok(), Some("majority"), "a read without majority: {p}");
     }
 }
 

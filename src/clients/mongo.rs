@@ -132,6 +132,12 @@ impl MongoStore {
         wc.w.get_or_insert(Acknowledgment::Majority);
         wc.journal.get_or_insert(true);
         let write_concern = mongodb::bson::to_document(&*wc).map_err(err)?;
+        // Reads that decide something (the claim's "still pending?", the receipts' record
+        // lookup, an idempotency key's holder) must not act on a write a failover can roll
+        // back: on a replica set they read what a majority holds, which every write of
+        // ours waits for anyway. A URL's `readConcernLevel` wins.
+        opts.read_concern
+            .get_or_insert(mongodb::options::ReadConcern::majority());
         opts.server_selection_timeout
             .get_or_insert(cfg.server_selection_timeout);
         opts.connect_timeout.get_or_insert(cfg.connect_timeout);
