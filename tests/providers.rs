@@ -9,7 +9,7 @@
 mod common;
 
 use common::{eventually, shared_with, unique, Service, Stack};
-use mongodb::bson::{doc, oid::ObjectId, Document};
+use mongodb::bson::Document;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,14 +35,7 @@ async fn accept(body: Value) -> String {
 }
 
 async fn record(id: &str) -> Document {
-    let (stack, _) = routed();
-    stack
-        .records()
-        .await
-        .find_one(doc! {"_id": ObjectId::parse_str(id).unwrap()})
-        .await
-        .unwrap()
-        .expect("the record")
+    routed().0.record(id).await.expect("the record")
 }
 
 async fn wait_status(id: &str, status: &str) -> Document {

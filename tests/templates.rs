@@ -7,7 +7,6 @@
 mod common;
 
 use common::{client, client_for, eventually, shared, unique, OTHER_KEY};
-use mongodb::bson::doc;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -165,13 +164,7 @@ async fn a_message_from_a_template_is_rendered_and_remembers_its_version() {
         mail.contains("Bonjour") && mail.contains("Bienvenue"),
         "{mail}"
     );
-    let rec = stack
-        .records()
-        .await
-        .find_one(doc! {"_id": mongodb::bson::oid::ObjectId::parse_str(&id).unwrap()})
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = stack.record(&id).await.unwrap();
     let t = rec.get_document("template").unwrap();
     assert_eq!(t.get_str("name").unwrap(), name);
     assert_eq!(t.get_i64("version").unwrap(), 1);

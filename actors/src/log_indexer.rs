@@ -777,9 +777,19 @@ mod port_tests {
     const GROUP: &str = "g";
 
     async fn start(queue: &MemoryQueue, search: &Arc<MemorySearch>) {
-        let args = IndexerArgs {
+        let args = test_args(queue, Arc::new(MemoryStore::new()), search);
+        Actor::spawn(None, LogIndexer, args).await.unwrap();
+    }
+
+    /// A LogIndexer `i1` of group `g`, bulks of 100 or every 10 ms.
+    fn test_args(
+        queue: &MemoryQueue,
+        store: Arc<MemoryStore>,
+        search: &Arc<MemorySearch>,
+    ) -> IndexerArgs {
+        IndexerArgs {
             queue: Arc::new(queue.clone()),
-            store: Arc::new(MemoryStore::new()),
+            store,
             search: search.clone(),
             group: GROUP.into(),
             consumer: "i1".into(),
@@ -788,8 +798,7 @@ mod port_tests {
             batch: BatchSettings::new(100, Duration::from_millis(10)),
             claim_idle: Duration::from_secs(2),
             forget_after: Duration::from_secs(3),
-        };
-        Actor::spawn(None, LogIndexer, args).await.unwrap();
+        }
     }
 
     async fn append_events(queue: &MemoryQueue, ns: std::ops::RangeInclusive<u32>) {
@@ -895,18 +904,7 @@ mod port_tests {
         over.attempts = 1;
         store.put(over.clone());
         queue.mark_overflowed(LOG_STREAM, &over.id);
-        let args = IndexerArgs {
-            queue: Arc::new(queue.clone()),
-            store,
-            search: search.clone(),
-            group: GROUP.into(),
-            consumer: "i1".into(),
-            logs_index: "logs".into(),
-            communications_index: "comms".into(),
-            batch: BatchSettings::new(100, Duration::from_millis(10)),
-            claim_idle: Duration::from_secs(2),
-            forget_after: Duration::from_secs(3),
-        };
+        let args = test_args(&queue, store, &search);
         Actor::spawn(None, LogIndexer, args).await.unwrap();
         settled(&queue).await;
         for _ in 0..100 {

@@ -178,7 +178,6 @@ fn ints(values: Vec<Value>) -> Result<Vec<i64>, DependencyError> {
                     );
                 }
             }
-            Value::Nil => out.push(0),
             other => out.push(
                 redis::from_redis_value_ref(&other)
                     .map_err(|e| DependencyError::new(Dependency::Redis, e))?,

@@ -406,6 +406,16 @@ impl Stack {
             .collection("communications")
     }
 
+    /// The record `id` as MongoDB has it now.
+    pub async fn record(&self, id: &str) -> Option<mongodb::bson::Document> {
+        let oid = mongodb::bson::oid::ObjectId::parse_str(id).unwrap();
+        self.records()
+            .await
+            .find_one(mongodb::bson::doc! {"_id": oid})
+            .await
+            .unwrap()
+    }
+
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(format!("redis://127.0.0.1:{}", self.redis_port))
             .unwrap()

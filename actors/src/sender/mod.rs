@@ -251,7 +251,6 @@ mod tests {
         Ambiguity, Channel, ClaimResult, ErrorClass, EventStatus, LogEvent, Lookup, Outcome,
         ProviderError, ProviderReceipt, Status, LOG_STREAM,
     };
-    use crate::health::BreakerConfig;
     use crate::ports::ErrorKind;
     use crate::testing::{
         self, Answer, MemoryQueue, MemoryStore, QueueMethod, ScriptedProvider, StoreMethod,
@@ -270,13 +269,7 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let queue = MemoryQueue::new();
         let provider = Arc::new(ScriptedProvider::new("scripted"));
-        let breaker = BreakerConfig {
-            consecutive_failures: 100,
-            failure_ratio: 1.0,
-            window: 100,
-            min_calls: 100,
-            cooldown: Duration::from_secs(1),
-        };
+        let breaker = crate::testing::lenient_breaker();
         let args = SenderArgs {
             channel: Channel::Sms,
             provider: provider.clone(),

@@ -3,7 +3,7 @@
 
 use super::{record, MemoryQueue, MemoryStore};
 use crate::domain::Channel;
-use crate::health::{BreakerConfig, ProviderHealth};
+use crate::health::ProviderHealth;
 use crate::ports::Queue;
 use crate::sender::{self, DeliverReport, SenderMsg};
 use crate::stream_consumer::{ConsumerArgs, StreamConsumer};
@@ -78,13 +78,7 @@ pub async fn start_consumer(
     )
     .await
     .unwrap();
-    let breaker = BreakerConfig {
-        consecutive_failures: 100,
-        failure_ratio: 1.0,
-        window: 100,
-        min_calls: 100,
-        cooldown: Duration::from_secs(1),
-    };
+    let breaker = super::lenient_breaker();
     let args = ConsumerArgs {
         channel,
         stream: channel.stream(),

@@ -146,6 +146,17 @@ impl<M> Drop for Leave<'_, M> {
     }
 }
 
+/// A breaker that never opens in a test's lifetime (tests that are not about the breaker).
+pub fn lenient_breaker() -> crate::health::BreakerConfig {
+    crate::health::BreakerConfig {
+        consecutive_failures: 100,
+        failure_ratio: 1.0,
+        window: 100,
+        min_calls: 100,
+        cooldown: Duration::from_secs(1),
+    }
+}
+
 /// Lock a std mutex, ignoring poisoning (a panicking test thread must not hide the state).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
