@@ -154,8 +154,30 @@ impl Limiter {
 
     /// Check and count one message of `channel` to `to`.
     pub async fn admit(&self, who: &Caller<'_>, channel: Channel, to: &str) -> Verdict {
+        self.admit_counted(who, channel, to, true).await
+    }
+
+    /// Check and count one recipient of a bulk send: its quota, distinct recipients and
+    /// per-recipient cap, but no token (the bulk request took one for all of them).
+    pub async fn admit_recipient(&self, who: &Caller<'_>, channel: Channel, to: &str) -> Verdict {
+        self.admit_counted(who, channel, to, false).await
+    }
+
+    async fn admit_counted(
+        &self,
+        who: &Caller<'_>,
+        channel: Channel,
+        to: &str,
+        with_token: bool,
+    ) -> Verdict {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
-        let c = self.counters(who, channel, to, now);
+        let mut c = self.counters(who, channel, to, now);
+        if !with_token {
+            c.bucket = Bucket {
+                rate_per_sec: 0.0,
+                burst: 0.0,
+            };
+        }
         match tokio::time::timeout(self.timeout, self.redis.check(&c)).await {
             Ok(Ok(outcome)) => {
                 let v = self.verdict(outcome, &c, now);

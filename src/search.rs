@@ -4,7 +4,7 @@
 //! for one record: `GET /communication/{id}`).
 //!
 //! Parameters: `q` (full text over the message), `type`, `status`, `to`, `from`,
-//! `since` / `until` (RFC 3339, on `createdAt`), `page` (from 1), `size` (1-100). Newest
+//! `since` / `until` (RFC 3339, on `createdAt`), `batchId` (a bulk send's), `page` (from 1), `size` (1-100). Newest
 //! first. The answer carries the page and the counts per status and per channel of
 //! everything that matched.
 
@@ -23,6 +23,8 @@ pub struct SearchParams {
     pub from: Option<String>,
     pub since: Option<String>,
     pub until: Option<String>,
+    #[serde(rename = "batchId")]
+    pub batch_id: Option<String>,
     pub page: Option<u32>,
     pub size: Option<u32>,
 }
@@ -47,7 +49,9 @@ impl SearchParams {
                 "page" | "size" => json!(v
                     .parse::<u32>()
                     .map_err(|_| QueryError::NotANumber(k.to_string()))?),
-                "q" | "type" | "status" | "to" | "from" | "since" | "until" => json!(v),
+                "q" | "type" | "status" | "to" | "from" | "since" | "until" | "batchId" => {
+                    json!(v)
+                }
                 other => return Err(QueryError::Unknown(other.to_string())),
             };
             map.insert(k.into_owned(), val);
@@ -119,6 +123,9 @@ pub fn build_query(p: &SearchParams, tenant: &str) -> Result<(Value, u32, u32), 
     }
     if let Some(v) = &p.from {
         filter.push(json!({"term": {"from": v}}));
+    }
+    if let Some(v) = &p.batch_id {
+        filter.push(json!({"term": {"batchId": v}}));
     }
     let mut range = serde_json::Map::new();
     if let Some(v) = &p.since {
@@ -220,6 +227,7 @@ mod tests {
             from: Some("+15550001111".into()),
             since: Some("2026-11-01T00:00:00Z".into()),
             until: Some("2026-11-30T00:00:00+01:00".into()),
+            batch_id: Some("0123456789abcdef01234567".into()),
             page: Some(3),
             size: Some(10),
         };
@@ -234,6 +242,7 @@ mod tests {
             "+15557654321",
             "+15550001111",
             "2026-11-29T23:00:00+00:00",
+            "\"batchId\":\"0123456789abcdef01234567\"",
         ] {
             assert!(f.contains(needle), "{needle} in {f}");
         }

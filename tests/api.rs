@@ -410,6 +410,24 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
             (http.get(svc.url("/api/v1/communications?type=sms")), 200),
         ),
         (
+            ("POST", "/api/v1/communications/bulk"),
+            (
+                http.post(svc.url("/api/v1/communications/bulk")).json(&json!({
+                    "type": "sms",
+                    "data": {"from": "+15550001111", "msg": unique("openapi")},
+                    "recipients": [{"to": "+15557654321"}],
+                })),
+                200,
+            ),
+        ),
+        (
+            ("GET", "/api/v1/batches/{batchId}"),
+            (
+                http.get(svc.url(&format!("/api/v1/batches/{}", "0".repeat(24)))),
+                404,
+            ),
+        ),
+        (
             ("GET", "/api/v1/providers"),
             (http.get(svc.url("/api/v1/providers")), 200),
         ),

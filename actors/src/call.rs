@@ -66,10 +66,49 @@ where
 {
     let actor = ActorRef::<M>::where_is(name.to_string()).ok_or(CallError::NotRunning(name))?;
     let ticket = Ticket::new();
-    let (tx, mut rx) = ractor::concurrency::oneshot();
+    let (tx, rx) = ractor::concurrency::oneshot();
     if actor.cast(ask(tx.into(), ticket.clone())).is_err() {
         return Err(CallError::Stopped(name));
     }
+    answer_until(name, rx, ticket, deadline).await
+}
+
+/// [`call_registered_until`] for many requests in one message: `ask` gets each request
+/// with its reply port and ticket; each is answered (or times out at `deadline`) on its
+/// own. `Err` when the message could not be delivered at all (no request was seen).
+pub async fn call_registered_many_until<M, R, T, E>(
+    name: &'static str,
+    requests: Vec<R>,
+    ask: impl FnOnce(Vec<(R, RpcReplyPort<Result<T, E>>, Ticket)>) -> M,
+    deadline: Instant,
+) -> Result<Vec<Result<T, CallError<E>>>, CallError<E>>
+where
+    M: Message,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let actor = ActorRef::<M>::where_is(name.to_string()).ok_or(CallError::NotRunning(name))?;
+    let mut asked = Vec::with_capacity(requests.len());
+    let mut waits = Vec::with_capacity(requests.len());
+    for r in requests {
+        let ticket = Ticket::new();
+        let (tx, rx) = ractor::concurrency::oneshot();
+        asked.push((r, tx.into(), ticket.clone()));
+        waits.push(answer_until(name, rx, ticket, deadline));
+    }
+    if actor.cast(ask(asked)).is_err() {
+        return Err(CallError::Stopped(name));
+    }
+    Ok(futures::future::join_all(waits).await)
+}
+
+/// The answer on `rx`, or `TimedOut` at `deadline` unless the actor committed first.
+async fn answer_until<T, E>(
+    name: &'static str,
+    mut rx: ractor::concurrency::OneshotReceiver<Result<T, E>>,
+    ticket: Ticket,
+    deadline: Instant,
+) -> Result<T, CallError<E>> {
     let answer = match tokio::time::timeout_at(deadline, &mut rx).await {
         Ok(answer) => answer,
         Err(_) if ticket.abandon() => return Err(CallError::TimedOut(name)),

@@ -654,6 +654,8 @@ pub struct Communication {
     pub fallback_of: Option<String>,
     /// The template its message was rendered from.
     pub template: Option<TemplateRef>,
+    /// The bulk send (`POST /api/v1/communications/bulk`) it was one recipient of.
+    pub batch_id: Option<String>,
 }
 
 /// A template version a message was rendered from, and the locale variant used.
@@ -688,6 +690,7 @@ impl Communication {
             fallback: None,
             fallback_of: None,
             template: None,
+            batch_id: None,
         }
     }
 
@@ -878,6 +881,9 @@ pub struct LogEvent {
     pub provider: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub provider_message_id: Option<String>,
+    /// The bulk send the record was one recipient of (searchable as `batchId`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub batch_id: Option<String>,
     /// The body was left out of the stream entry (longer than [`LOG_EVENT_BODY_MAX`]):
     /// the LogIndexer reads it from MongoDB.
     #[serde(skip)]
@@ -912,6 +918,7 @@ impl LogEvent {
             created_at: rec.created_at,
             provider: None,
             provider_message_id: None,
+            batch_id: rec.batch_id.clone(),
             msg_omitted: false,
         }
     }
@@ -1023,6 +1030,9 @@ impl LogEvent {
         if let Some(p) = &self.provider_message_id {
             f.push(("providerMessageId", p.clone()));
         }
+        if let Some(b) = &self.batch_id {
+            f.push(("batchId", b.clone()));
+        }
         if omit {
             f.push(("msgOmitted", "1".to_string()));
         }
@@ -1056,6 +1066,7 @@ impl LogEvent {
             created_at: time("createdAt")?,
             provider: e.field("provider").map(str::to_string),
             provider_message_id: e.field("providerMessageId").map(str::to_string),
+            batch_id: e.field("batchId").map(str::to_string),
             msg_omitted: e.field("msgOmitted") == Some("1"),
         })
     }

@@ -111,6 +111,7 @@ async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), FallbackError> {
         fallback: None,
         fallback_of: Some(d.id.clone()),
         template: None,
+        batch_id: None,
     };
     let deadline = tokio::time::Instant::now() + a.interval.max(Duration::from_secs(1));
     let accepted = a

@@ -439,6 +439,9 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
     if let Some(p) = &ev.provider_message_id {
         current["providerMessageId"] = json!(p);
     }
+    if let Some(b) = &ev.batch_id {
+        current["batchId"] = json!(b);
+    }
     if let Some(e) = &ev.error {
         current["lastError"] = json!(e);
     }

@@ -52,6 +52,9 @@ pub enum AcceptError {
     /// `max_pending` requests wait for the store already.
     #[error("too many requests are waiting for the store")]
     QueueFull,
+    /// The router is not running (it is restarting); nothing was stored.
+    #[error("the router is restarting")]
+    Restarting,
 }
 
 pub type AcceptReply = RpcReplyPort<Result<Accepted, AcceptError>>;
@@ -69,6 +72,8 @@ pub struct Submission {
     pub fallback_of: Option<String>,
     /// The template the message was rendered from.
     pub template: Option<crate::domain::TemplateRef>,
+    /// The bulk send it is one recipient of.
+    pub batch_id: Option<String>,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -83,6 +88,8 @@ pub struct Pending {
 
 pub enum RouterMsg {
     Accept(Box<Pending>),
+    /// A bulk send's submissions, in one message so that they fill whole group commits.
+    AcceptMany(Vec<Pending>),
     Flush,
 }
 
@@ -93,6 +100,9 @@ pub struct Admission {
     slots: Arc<Semaphore>,
     max_pending: usize,
     deadline: Duration,
+    /// A bulk send's deadline: its recipients go through the same group commits, a few
+    /// batches' worth at once.
+    bulk_deadline: Duration,
 }
 
 impl Admission {
@@ -102,12 +112,67 @@ impl Admission {
             slots: Arc::new(Semaphore::new(max_pending)),
             max_pending,
             deadline,
+            bulk_deadline: deadline,
         }
+    }
+
+    /// This admission with the deadline of bulk sends.
+    pub fn with_bulk_deadline(mut self, bulk_deadline: Duration) -> Admission {
+        self.bulk_deadline = bulk_deadline.max(self.deadline);
+        self
     }
 
     /// The deadline of a request that arrived at `arrived`.
     pub fn deadline_from(&self, arrived: Instant) -> Instant {
         arrived + self.deadline
+    }
+
+    /// The deadline of a bulk send that arrived at `arrived`.
+    pub fn bulk_deadline_from(&self, arrived: Instant) -> Instant {
+        arrived + self.bulk_deadline
+    }
+
+    /// A bulk send's submissions, each answered on its own (a refusal of one is its own),
+    /// all written through the router's group commits. Admitted together or not at all:
+    /// when fewer than all of them fit in `max_pending`, `QueueFull` and nothing is stored.
+    pub async fn accept_many(
+        &self,
+        submissions: Vec<Submission>,
+        deadline: Instant,
+    ) -> Result<Vec<Result<Accepted, CallError<AcceptError>>>, AcceptError> {
+        self.ask_many(NAME, submissions, deadline).await
+    }
+
+    /// [`Admission::accept_many`] to the router registered as `name`.
+    async fn ask_many(
+        &self,
+        name: &'static str,
+        submissions: Vec<Submission>,
+        deadline: Instant,
+    ) -> Result<Vec<Result<Accepted, CallError<AcceptError>>>, AcceptError> {
+        let n = u32::try_from(submissions.len()).map_err(|_| AcceptError::QueueFull)?;
+        let mut slots = match self.slots.clone().try_acquire_many_owned(n) {
+            Ok(s) => s,
+            Err(_) => {
+                metrics::counter!("router_queue_full_total").increment(1);
+                return Err(AcceptError::QueueFull);
+            }
+        };
+        let ask = |asked: Vec<(Submission, AcceptReply, Ticket)>| {
+            let pending = asked
+                .into_iter()
+                .map(|(submission, reply, ticket)| Pending {
+                    submission,
+                    reply,
+                    ticket,
+                    deadline,
+                    slot: slots.split(1),
+                });
+            RouterMsg::AcceptMany(pending.collect())
+        };
+        crate::call::call_registered_many_until(name, submissions, ask, deadline)
+            .await
+            .map_err(|_| AcceptError::Restarting)
     }
 
     /// Hand a submission to the running router and wait until `deadline` at most.
@@ -219,32 +284,10 @@ impl Actor for RouterActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RouterMsg::Accept(p) => {
-                let p = *p;
-                let id = bson::oid::ObjectId::new().to_hex();
-                let mut record = Communication::new(id, p.submission.request, Utc::now())
-                    .with_fallback(p.submission.fallback);
-                record.tenant = p.submission.tenant;
-                record.idempotency_key = p.submission.idempotency_key;
-                record.fallback_of = p.submission.fallback_of;
-                record.template = p.submission.template;
-                let waiting = Waiting {
-                    record,
-                    reply: p.reply,
-                    ticket: p.ticket,
-                    deadline: p.deadline,
-                    _slot: p.slot,
-                };
-                if !waiting.is_live(Instant::now()) {
-                    metrics::counter!("router_expired_total").increment(1);
-                    return Ok(());
-                }
-                state.batch.push(waiting);
-                if state.args.batch.is_full(state.batch.len(), 0) {
-                    flush(state).await;
-                } else if !state.flush_scheduled {
-                    state.flush_scheduled = true;
-                    myself.send_after(state.args.batch.max_wait, || RouterMsg::Flush);
+            RouterMsg::Accept(p) => take(&myself, state, *p).await,
+            RouterMsg::AcceptMany(many) => {
+                for p in many {
+                    take(&myself, state, p).await;
                 }
             }
             RouterMsg::Flush => {
@@ -253,6 +296,37 @@ impl Actor for RouterActor {
             }
         }
         Ok(())
+    }
+}
+
+/// A submission into the batch: its record made, written with the batch once the batch
+/// is full or has waited `linger`.
+async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending) {
+    let id = bson::oid::ObjectId::new().to_hex();
+    let mut record = Communication::new(id, p.submission.request, Utc::now())
+        .with_fallback(p.submission.fallback);
+    record.tenant = p.submission.tenant;
+    record.idempotency_key = p.submission.idempotency_key;
+    record.fallback_of = p.submission.fallback_of;
+    record.template = p.submission.template;
+    record.batch_id = p.submission.batch_id;
+    let waiting = Waiting {
+        record,
+        reply: p.reply,
+        ticket: p.ticket,
+        deadline: p.deadline,
+        _slot: p.slot,
+    };
+    if !waiting.is_live(Instant::now()) {
+        metrics::counter!("router_expired_total").increment(1);
+        return;
+    }
+    state.batch.push(waiting);
+    if state.args.batch.is_full(state.batch.len(), 0) {
+        flush(state).await;
+    } else if !state.flush_scheduled {
+        state.flush_scheduled = true;
+        myself.send_after(state.args.batch.max_wait, || RouterMsg::Flush);
     }
 }
 
@@ -554,6 +628,7 @@ mod tests {
             },
             tenant: "acme".into(),
             idempotency_key: key.map(str::to_string),
+            batch_id: None,
             fallback: None,
             fallback_of: None,
             template: None,
@@ -620,6 +695,43 @@ mod tests {
             .try_acquire_owned()
             .map_err(|_| CallError::Refused(AcceptError::QueueFull))?;
         admission.ask(name, sub, slot, deadline).await
+    }
+
+    /// A bulk send's submissions go in one message and fill whole group commits; beyond
+    /// what `max_pending` admits, none of them is taken.
+    #[tokio::test]
+    async fn a_bulk_send_fills_whole_group_commits_and_is_admitted_whole_or_not_at_all() {
+        let name = "router-test-bulk";
+        let store = Arc::new(MemoryStore::new());
+        let args = RouterArgs {
+            store: store.clone(),
+            queue: Arc::new(MemoryQueue::new()),
+            batch: BatchSettings::new(100, Duration::from_millis(50)),
+            max_inflight: 2,
+            shards: StreamShards::ONE,
+        };
+        let (router, _) = Actor::spawn(Some(name.into()), RouterActor, args)
+            .await
+            .unwrap();
+        let admission = Admission::new(300, Duration::from_secs(10));
+        let deadline = admission.deadline_from(Instant::now());
+        let subs: Vec<Submission> = (0..250).map(|n| submission(n, None)).collect();
+        let answers = admission.ask_many(name, subs, deadline).await.unwrap();
+        assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 250);
+        let sizes = store.script.sizes(StoreMethod::InsertMany);
+        assert_eq!(sizes, [100, 100, 50], "whole group commits");
+        let too_many: Vec<Submission> = (0..301).map(|n| submission(n, None)).collect();
+        let refused = admission.ask_many(name, too_many, deadline).await;
+        assert!(
+            matches!(refused, Err(AcceptError::QueueFull)),
+            "{refused:?}"
+        );
+        assert_eq!(
+            store.script.count(StoreMethod::InsertMany),
+            3,
+            "nothing of it was taken"
+        );
+        router.stop(None);
     }
 
     /// A store slower than the deadline: the caller gets `TimedOut` at the deadline; the

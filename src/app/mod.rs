@@ -163,7 +163,8 @@ fn http_state(
         admission: actors::router::Admission::new(
             cfg.router.max_pending,
             cfg.router.accept_deadline,
-        ),
+        )
+        .with_bulk_deadline(cfg.router.bulk_deadline),
         store: parts.store.clone(),
         queue: parts.queue.clone(),
         search: parts.search.clone(),

@@ -42,6 +42,7 @@ pub fn communications_mapping() -> Value {
         "attempts": {"type": "integer"},
         "provider": {"type": "keyword"},
         "providerMessageId": {"type": "keyword"},
+        "batchId": {"type": "keyword"},
         "lastError": {"type": "text"}
     }}})
 }

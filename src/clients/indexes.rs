@@ -173,6 +173,15 @@ fn models() -> Vec<IndexModel> {
                     .build(),
             )
             .build(),
+        // A bulk send's counts by status; only records of a bulk send.
+        IndexModel::builder()
+            .keys(doc! {"tenant": 1, "batchId": 1})
+            .options(
+                named("batch")
+                    .partial_filter_expression(doc! {"batchId": {"$exists": true}})
+                    .build(),
+            )
+            .build(),
     ]
 }
 

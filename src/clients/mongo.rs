@@ -208,6 +208,9 @@ impl MongoStore {
         if let Some(of) = &r.fallback_of {
             d.insert("fallbackOf", of);
         }
+        if let Some(b) = &r.batch_id {
+            d.insert("batchId", b);
+        }
         if let Some(t) = &r.template {
             let mut td = doc! {"name": &t.name, "version": t.version as i64};
             if let Some(l) = &t.locale {
@@ -254,6 +257,7 @@ impl MongoStore {
             fallback: None,
             fallback_of: d.get_str("fallbackOf").ok().map(str::to_string),
             template: None,
+            batch_id: d.get_str("batchId").ok().map(str::to_string),
         })
     }
 
@@ -286,6 +290,28 @@ impl MongoStore {
             .find_one(doc! {"_id": oid, "tenant": tenant})
             .await
             .map_err(err)
+    }
+
+    /// How many records of a tenant's bulk send are in each status (as the API names
+    /// them); empty when the tenant has no such batch. One indexed read of the statuses.
+    pub async fn batch_counts(
+        &self,
+        tenant: &str,
+        batch_id: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, DependencyError> {
+        use futures::TryStreamExt;
+        let mut found = self
+            .coll
+            .find(doc! {"tenant": tenant, "batchId": batch_id})
+            .projection(doc! {"status": 1})
+            .await
+            .map_err(err)?;
+        let mut counts = std::collections::BTreeMap::new();
+        while let Some(d) = found.try_next().await.map_err(err)? {
+            let status = d.get_str("status").unwrap_or("unknown").to_string();
+            *counts.entry(status).or_insert(0) += 1;
+        }
+        Ok(counts)
     }
 
     /// The leased records; on failure the leases go back, since no provider call follows.

@@ -312,6 +312,10 @@ pub struct Router {
     pub accept_deadline: Duration,
     /// Requests admitted and not yet answered; beyond it, 503 at once.
     pub max_pending: usize,
+    /// A bulk send is answered by then (from its arrival); a recipient not stored by then
+    /// is answered 503 in its place of the answer, with nothing stored for it.
+    #[serde(rename = "bulk_deadline_ms", deserialize_with = "millis")]
+    pub bulk_deadline: Duration,
 }
 
 impl Router {

@@ -93,6 +93,7 @@ async fn create(
             version: t.version,
             locale: t.locale,
         }),
+        batch_id: None,
     };
     let accepted = state
         .admission
@@ -104,7 +105,7 @@ async fn create(
 
 /// Nothing is stored before the unique `Idempotency-Key` index exists: a request that
 /// comes in the first moments after start-up waits for it, within its deadline.
-async fn indexes_in_place(state: &AppState, deadline: Instant) -> Result<(), ApiError> {
+pub(super) async fn indexes_in_place(state: &AppState, deadline: Instant) -> Result<(), ApiError> {
     match state.indexes.wait_until(deadline).await {
         Ok(()) => Ok(()),
         Err(IndexState::Failed(_)) => Err(ApiError::IndexesFailed),
@@ -113,7 +114,7 @@ async fn indexes_in_place(state: &AppState, deadline: Instant) -> Result<(), Api
 }
 
 /// `application/json` or any `+json` type, parameters aside.
-fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
+pub(super) fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
     let is_json = content_type.is_some_and(|ct| {
         let mime = ct
             .split(';')
@@ -126,7 +127,7 @@ fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
     is_json.then_some(()).ok_or(ApiError::NotJson)
 }
 
-fn parse_body(body: &[u8]) -> Result<RawRequest, ApiError> {
+pub(super) fn parse_body(body: &[u8]) -> Result<RawRequest, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(object @ Value::Object(_)) => serde_json::from_value(object)
             .map_err(|e| ApiError::InvalidJson(format!("malformed request: {e}"))),
@@ -137,7 +138,7 @@ fn parse_body(body: &[u8]) -> Result<RawRequest, ApiError> {
     }
 }
 
-fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
+pub(super) fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| (0x21..0x7f).contains(&b)) {
         return Err(ApiError::Invalid {
             field: "Idempotency-Key",
@@ -149,7 +150,10 @@ fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 
 /// A request that leaves `data.from` out is sent as the tenant's default sender of the
 /// channel; without one, `from` is required.
-fn with_default_from(mut raw: RawRequest, policy: &TenantPolicy) -> Result<RawRequest, ApiError> {
+pub(super) fn with_default_from(
+    mut raw: RawRequest,
+    policy: &TenantPolicy,
+) -> Result<RawRequest, ApiError> {
     let channel = raw
         .kind
         .as_ref()
@@ -177,7 +181,7 @@ fn with_default_from(mut raw: RawRequest, policy: &TenantPolicy) -> Result<RawRe
 /// from the first message, its `from` from the tenant's default sender of its channel) and
 /// held to the tenant's senders and countries like the first. Its errors name
 /// `fallback.*` fields.
-fn fallback_request(
+pub(super) fn fallback_request(
     raw: &RawRequest,
     first: &NewCommunication,
     policy: &TenantPolicy,
@@ -205,7 +209,7 @@ fn fallback_request(
 }
 
 /// A `from` the tenant does not own, or a destination outside its countries, is a 403.
-fn check_sender_and_destination(
+pub(super) fn check_sender_and_destination(
     policy: &TenantPolicy,
     request: &NewCommunication,
 ) -> Result<(), ApiError> {
@@ -234,9 +238,25 @@ async fn check_limits(
     idempotency_key: Option<&str>,
     deadline: Instant,
 ) -> Result<(), ApiError> {
-    let channel = request.channel;
-    let refusal = match state.limiter.admit(caller, channel, &request.to).await {
-        Verdict::Allowed | Verdict::Unchecked => return Ok(()),
+    let verdict = state
+        .limiter
+        .admit(caller, request.channel, &request.to)
+        .await;
+    let Some(refusal) = refusal(verdict, request.channel)? else {
+        return Ok(());
+    };
+    if is_replay(state, caller.tenant, idempotency_key, deadline).await? {
+        return Ok(());
+    }
+    Err(refusal)
+}
+
+/// What the limits' verdict means for a request: let through (`None`), refused at once
+/// (`Err`: the limits could not be asked, or the key's bucket is empty), or a refusal
+/// that a retry of a request already accepted is spared (`Some`).
+pub(super) fn refusal(verdict: Verdict, channel: Channel) -> Result<Option<ApiError>, ApiError> {
+    Ok(Some(match verdict {
+        Verdict::Allowed | Verdict::Unchecked => return Ok(None),
         Verdict::Unavailable => return Err(ApiError::LimiterUnavailable),
         Verdict::RateLimited(wait) => return Err(AuthError::RateLimited(wait).into()),
         Verdict::QuotaExceeded {
@@ -264,15 +284,11 @@ async fn check_limits(
             channel,
             retry_after_secs,
         },
-    };
-    if is_replay(state, caller.tenant, idempotency_key, deadline).await? {
-        return Ok(());
-    }
-    Err(refusal)
+    }))
 }
 
 /// Whether `idempotency_key` already holds an accepted request of this tenant.
-async fn is_replay(
+pub(super) async fn is_replay(
     state: &AppState,
     tenant: &str,
     idempotency_key: Option<&str>,
@@ -288,7 +304,7 @@ async fn is_replay(
     }
 }
 
-fn accept_error(e: CallError<AcceptError>) -> ApiError {
+pub(super) fn accept_error(e: CallError<AcceptError>) -> ApiError {
     match e {
         CallError::Refused(AcceptError::KeyConflict(k)) => ApiError::KeyReused(k),
         CallError::Refused(AcceptError::Unavailable(e)) => {
@@ -296,7 +312,9 @@ fn accept_error(e: CallError<AcceptError>) -> ApiError {
             ApiError::NothingStored
         }
         CallError::Refused(AcceptError::QueueFull) => ApiError::AcceptQueueFull,
-        CallError::NotRunning(_) => ApiError::RouterRestarting,
+        CallError::NotRunning(_) | CallError::Refused(AcceptError::Restarting) => {
+            ApiError::RouterRestarting
+        }
         // The router dropped the request, or voids its record: nothing is stored.
         CallError::TimedOut(_) | CallError::Stopped(_) => ApiError::NotProcessedInTime,
     }

@@ -37,6 +37,8 @@ pub enum ApiError {
     InvalidQuery(#[from] QueryError),
     #[error("a communication id is 24 hexadecimal digits")]
     InvalidId,
+    #[error("a batch id is 24 hexadecimal digits")]
+    InvalidBatchId,
     #[error("data.to has had {max} {channel} messages in this window, the most allowed; retry after the Retry-After seconds")]
     RecipientLimit {
         max: u64,
@@ -65,6 +67,8 @@ pub enum ApiError {
     LimiterUnavailable,
     #[error("Idempotency-Key {0:?} was already used for a different request")]
     KeyReused(String),
+    #[error("no bulk send {0} of this tenant")]
+    NoBatch(String),
     #[error("no communication {0}")]
     NoCommunication(String),
     #[error("the router is restarting; nothing was stored, retry shortly")]
@@ -120,8 +124,8 @@ pub enum ApiError {
         /// The methods the path answers, for `Allow`.
         allow: Vec<&'static str>,
     },
-    #[error("the body is larger than {BODY_LIMIT} bytes")]
-    PayloadTooLarge,
+    #[error("the body is larger than {0} bytes")]
+    PayloadTooLarge(u64),
     #[error("a content-length is required")]
     LengthRequired,
     #[error("unsupported content type")]
@@ -162,10 +166,10 @@ impl ApiError {
     ) -> ApiError {
         if err.is_not_found() {
             ApiError::NoRoute
-        } else if err.find::<warp::reject::PayloadTooLarge>().is_some()
-            || err.find::<TooLarge>().is_some()
-        {
-            ApiError::PayloadTooLarge
+        } else if let Some(TooLarge(limit)) = err.find::<TooLarge>() {
+            ApiError::PayloadTooLarge(*limit)
+        } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+            ApiError::PayloadTooLarge(BODY_LIMIT)
         } else if err.find::<warp::reject::LengthRequired>().is_some() {
             ApiError::LengthRequired
         } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
@@ -193,13 +197,16 @@ impl ApiError {
             | Invalid { .. }
             | InvalidQuery(_)
             | InvalidId
+            | InvalidBatchId
             | InvalidCallback
             | Template(_)
             | Unreadable => StatusCode::BAD_REQUEST,
             KeyReused(_) | TemplateExists(_) | TemplateChanged(_) => StatusCode::CONFLICT,
-            NoCommunication(_) | NoRoute | TemplateNotFound(_) => StatusCode::NOT_FOUND,
+            NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             LengthRequired => StatusCode::LENGTH_REQUIRED,
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
@@ -221,7 +228,7 @@ impl ApiError {
             InvalidJson(_) => "invalid_json",
             Invalid { .. } => "validation_failed",
             InvalidQuery(_) => "invalid_query",
-            InvalidId => "invalid_id",
+            InvalidId | InvalidBatchId => "invalid_id",
             RecipientLimit { .. } => "recipient_limit",
             SenderNotAllowed { .. } => "sender_not_allowed",
             DestinationNotAllowed { .. } => "destination_not_allowed",
@@ -229,7 +236,7 @@ impl ApiError {
             TooManyRecipients { .. } => "distinct_recipient_limit",
             LimiterUnavailable => "limiter_unavailable",
             KeyReused(_) => "idempotency_key_reused",
-            NoCommunication(_) | NoRoute => "not_found",
+            NoCommunication(_) | NoBatch(_) | NoRoute => "not_found",
             RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
             NotProcessedInTime | NothingStored | AcceptQueueFull | StoreUnavailable
             | ReceiptNotRecorded => "store_unavailable",
@@ -240,7 +247,7 @@ impl ApiError {
             CallbacksNotConfigured => "callbacks_not_configured",
             VerificationFailed => "verification_failed",
             MethodNotAllowed { .. } => "method_not_allowed",
-            PayloadTooLarge => "payload_too_large",
+            PayloadTooLarge(_) => "payload_too_large",
             RequestTimeout(_) => "request_timeout",
             LengthRequired => "length_required",
             Unreadable => "bad_request",
@@ -290,11 +297,12 @@ impl ApiError {
     }
 }
 
-impl Reply for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The JSON body: `{"error": {"code", "message", "field"?...}}`.
+    pub fn body(&self) -> serde_json::Value {
         let code = self.code();
         let message = self.to_string();
-        let body = match &self {
+        match self {
             ApiError::Invalid { field, .. } => {
                 json!({"error": {"code": code, "field": field, "message": message}})
             }
@@ -309,7 +317,14 @@ impl Reply for ApiError {
                 json!({"error": {"code": code, "message": message, "resetAt": at}})
             }
             _ => json!({"error": {"code": code, "message": message}}),
-        };
+        }
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let body = self.body();
         let mut r =
             warp::reply::with_status(warp::reply::json(&body), self.status()).into_response();
         r.headers_mut().extend(self.headers());

@@ -10,6 +10,7 @@
 //!   the caller's identity to them.
 //! - `body.rs`: the request body, bounded.
 //! - `communications.rs`: accept a communication, read one back.
+//! - `bulk.rs`: one message to many recipients; a bulk send's counts.
 //! - `search.rs`: search the communications.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
 //! - `templates.rs`: a tenant's message templates, and rendering a request from one.
@@ -20,6 +21,7 @@
 //! `x-request-id`, a tracing span, and the request metrics.
 
 mod body;
+mod bulk;
 pub mod callbacks;
 mod communications;
 pub mod errors;
@@ -49,6 +51,7 @@ pub fn routes(
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
     let api = [
         communications::routes(&state),
+        bulk::routes(&state),
         search::routes(&state),
         callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),

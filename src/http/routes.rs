@@ -14,6 +14,8 @@ pub type Route = (&'static str, &'static str);
 pub const CREATE_COMMUNICATION: Route = ("POST", "/api/v1/communication");
 pub const GET_COMMUNICATION: Route = ("GET", "/api/v1/communication/{id}");
 pub const SEARCH_COMMUNICATIONS: Route = ("GET", "/api/v1/communications");
+pub const CREATE_BULK: Route = ("POST", "/api/v1/communications/bulk");
+pub const GET_BATCH: Route = ("GET", "/api/v1/batches/{batchId}");
 pub const PROVIDERS: Route = ("GET", "/api/v1/providers");
 pub const OPENAPI_DOCUMENT: Route = ("GET", "/api/v1/openapi.json");
 pub const TWILIO_CALLBACK: Route = ("POST", "/api/v1/callbacks/twilio");
@@ -36,6 +38,8 @@ pub const ROUTES: &[Route] = &[
     CREATE_COMMUNICATION,
     GET_COMMUNICATION,
     SEARCH_COMMUNICATIONS,
+    CREATE_BULK,
+    GET_BATCH,
     PROVIDERS,
     OPENAPI_DOCUMENT,
     TWILIO_CALLBACK,

@@ -347,7 +347,26 @@ pub async fn render_request(
     tenant: &str,
     raw: &mut RawRequest,
 ) -> Result<Option<Used>, ApiError> {
-    let Some(Value::Object(data)) = raw.data.as_mut() else {
+    let Some(named) = request_template(state, tenant, raw).await? else {
+        return Ok(None);
+    };
+    render_with(&named, raw, &state.validation).map(Some)
+}
+
+/// The template a request names, read once (a bulk send renders it for every recipient).
+pub struct Named {
+    name: String,
+    template: Template,
+}
+
+/// The current template `data.template` names, if it names one, checked against the
+/// request (`msg` and `template` together are refused; the channel must match).
+pub async fn request_template(
+    state: &AppState,
+    tenant: &str,
+    raw: &RawRequest,
+) -> Result<Option<Named>, ApiError> {
+    let Some(Value::Object(data)) = raw.data.as_ref() else {
         return Ok(None);
     };
     let name = match data.get("template") {
@@ -367,31 +386,46 @@ pub async fn render_request(
             message: "give data.msg or data.template, not both".into(),
         });
     }
-    let vars = variables(data.get("variables"), "variables")?;
-    let locale = locale(data.get("locale"), "locale")?;
     let channel = raw
         .kind
         .as_ref()
         .and_then(Value::as_str)
         .and_then(Channel::parse);
-    let t = match found(state, tenant, &name).await {
-        Ok(t) if !t.deleted && channel.is_none_or(|c| c == t.channel) => t,
-        Ok(_) | Err(ApiError::TemplateNotFound(_)) => {
-            return Err(ApiError::Invalid {
-                field: "template",
-                message: format!("no template {name:?} for this channel"),
-            })
+    match found(state, tenant, &name).await {
+        Ok(template) if !template.deleted && channel.is_none_or(|c| c == template.channel) => {
+            Ok(Some(Named { name, template }))
         }
-        Err(e) => return Err(e),
+        Ok(_) | Err(ApiError::TemplateNotFound(_)) => Err(ApiError::Invalid {
+            field: "template",
+            message: format!("no template {name:?} for this channel"),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// `raw`'s `msg` (and `subject`, unless given) rendered from `named` with the request's
+/// `data.variables` and `data.locale`.
+pub fn render_with(
+    named: &Named,
+    raw: &mut RawRequest,
+    limits: &ValidationLimits,
+) -> Result<Used, ApiError> {
+    let Some(Value::Object(data)) = raw.data.as_mut() else {
+        return Err(ApiError::Invalid {
+            field: "data",
+            message: "data must be an object".into(),
+        });
     };
-    let (r, version) = render(&t, None, locale.as_deref(), &vars, &state.validation)?;
+    let vars = variables(data.get("variables"), "variables")?;
+    let locale = locale(data.get("locale"), "locale")?;
+    let (r, version) = render(&named.template, None, locale.as_deref(), &vars, limits)?;
     data.insert("msg".into(), Value::String(r.body));
     if let Some(s) = r.subject {
         data.entry("subject").or_insert(Value::String(s));
     }
-    Ok(Some(Used {
-        name,
+    Ok(Used {
+        name: named.name.clone(),
         version,
         locale: r.locale,
-    }))
+    })
 }

@@ -41,6 +41,7 @@ pub const RECORD_FIELDS: &[&str] = &[
     "fallbackOf",
     "fallbackSettledAt",
     "template",
+    "batchId",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.
