@@ -227,6 +227,7 @@ impl MongoStore {
                     .map(|e| AttemptError {
                         attempt: e.get_i32("attempt").unwrap_or(0) as u32,
                         at: cdate(e, "at").unwrap_or_default(),
+                        provider: e.get_str("provider").ok().map(str::to_string),
                         code: e.get_str("code").ok().map(str::to_string),
                         message: e.get_str("message").unwrap_or_default().to_string(),
                     })
@@ -564,6 +565,10 @@ fn unknown_attempt(d: &Document, stale: bool, record: &Communication) -> Option<
             attempt: attempt as u32,
             cause,
             since,
+            provider: d
+                .get_str("unknownProvider")
+                .ok()
+                .and_then(crate::providers::known_name),
         }),
         _ => None,
     };
@@ -575,6 +580,8 @@ fn unknown_attempt(d: &Document, stale: bool, record: &Communication) -> Option<
         attempt: record.attempts.saturating_sub(1),
         cause: Ambiguity::StaleLease,
         since,
+        // The lost claim may have called any provider of the channel.
+        provider: None,
     })
 }
 
@@ -589,10 +596,20 @@ fn duplicate_fields(dup: &UnknownAttempt) -> Document {
 
 fn error_doc(e: &AttemptError) -> Document {
     let mut d = doc! {"attempt": e.attempt as i32, "at": bdate(e.at), "message": &e.message};
+    if let Some(p) = &e.provider {
+        d.insert("provider", p);
+    }
     if let Some(c) = &e.code {
         d.insert("code", c);
     }
     d
+}
+
+/// The errors an outcome adds to the record: those of the providers failed over from,
+/// then its own.
+fn errors_push(failovers: &[AttemptError], last: Option<&AttemptError>) -> Document {
+    let each: Vec<Document> = failovers.iter().chain(last).map(error_doc).collect();
+    doc! {"errors": {"$each": each}}
 }
 
 /// The `sent` outcomes of one provider (and one possible-duplicate cause): records, their
@@ -624,6 +641,20 @@ fn outcome_statements(
                 provider,
                 provider_message_id,
                 possible_duplicate,
+                failovers,
+            } if !failovers.is_empty() => sent_after_failover(
+                provider,
+                provider_message_id.as_deref(),
+                *possible_duplicate,
+                failovers,
+                (owner, *attempt),
+                now,
+            ),
+            Outcome::Sent {
+                provider,
+                provider_message_id,
+                possible_duplicate,
+                ..
             } => {
                 let g = sent
                     .entry((provider.as_str(), possible_duplicate.map(|d| d.cause)))
@@ -640,6 +671,7 @@ fn outcome_statements(
                 provider,
                 error,
                 possible_duplicate,
+                failovers,
             } => {
                 let mut set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
                 "provider": provider, "lastError": &error.message, "attempts": *attempt as i32};
@@ -651,7 +683,7 @@ fn outcome_statements(
                 );
                 doc! {
                     "$set": set,
-                    "$push": {"errors": error_doc(error)},
+                    "$push": errors_push(failovers, Some(error)),
                     "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
                 }
             }
@@ -661,12 +693,12 @@ fn outcome_statements(
                 not_before,
                 possible_duplicate,
                 unknown,
+                failovers,
             } => retry_update(
                 provider,
-                error,
+                (failovers, error),
                 *not_before,
-                *possible_duplicate,
-                *unknown,
+                (*possible_duplicate, *unknown),
                 *attempt,
                 now,
             ),
@@ -680,15 +712,15 @@ fn outcome_statements(
     Ok(updates)
 }
 
-/// A retry: back to `pending` until `not_before`, the attempt's error kept; an attempt of
-/// unknown outcome is remembered for the next claim (`unknown*`, the lookup window's start
-/// kept from the first), and a possible duplicate flagged.
+/// A retry: back to `pending` until `not_before`, the attempt's errors kept (those of the
+/// providers failed over from, then its own); an attempt of unknown outcome is remembered
+/// for the next claim (`unknown*`, the lookup window's start kept from the first, and the
+/// provider to ask: none when not known), and a possible duplicate flagged.
 fn retry_update(
     provider: &str,
-    error: &AttemptError,
+    (failovers, error): (&[AttemptError], &AttemptError),
     not_before: DateTime<Utc>,
-    possible_duplicate: Option<UnknownAttempt>,
-    unknown: Option<UnknownAttempt>,
+    (possible_duplicate, unknown): (Option<UnknownAttempt>, Option<UnknownAttempt>),
     attempt: u32,
     now: BsonDate,
 ) -> Document {
@@ -705,11 +737,39 @@ fn retry_update(
         set.insert("unknownAttempt", u.attempt as i32);
         set.insert("unknownCause", u.cause.as_str());
         set.insert("unknownSince", bdate(u.since));
+        set.insert("unknownProvider", u.provider.map_or(Bson::Null, Bson::from));
     }
     doc! {
         "$set": set,
-        "$push": {"errors": error_doc(error)},
+        "$push": errors_push(failovers, Some(error)),
         "$unset": {"claimedBy": "", "claimKind": ""},
+    }
+}
+
+/// A `sent` after providers failed over from, on its own (rare: only while a provider
+/// fails): the refusals of those providers pushed to `errors` with the send's fields.
+fn sent_after_failover(
+    provider: &str,
+    provider_message_id: Option<&str>,
+    possible_duplicate: Option<UnknownAttempt>,
+    failovers: &[AttemptError],
+    (owner, attempt): (&str, u32),
+    now: BsonDate,
+) -> Document {
+    let sent_by = owner.rsplitn(3, ':').last().unwrap_or(owner);
+    let mut set = doc! {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
+    "sentBy": sent_by, "providerMessageId": provider_message_id.map_or(Bson::Null, Bson::from),
+    "attempts": attempt as i32};
+    set.extend(
+        possible_duplicate
+            .as_ref()
+            .map(duplicate_fields)
+            .unwrap_or_default(),
+    );
+    doc! {
+        "$set": set,
+        "$push": errors_push(failovers, None),
+        "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
     }
 }
 
@@ -1286,7 +1346,9 @@ mod tests {
                 attempt: 1,
                 cause: Ambiguity::Timeout,
                 since: Utc::now(),
+                provider: Some("twilio"),
             }),
+            failovers: Vec::new(),
         }
     }
 
@@ -1307,6 +1369,7 @@ mod tests {
             cause: Ambiguity::Gateway5xx,
             // Stored to the millisecond.
             since: cdate(&d, "unknownSince").unwrap(),
+            provider: None,
         };
         let ClaimResult::Claimed(c) = claim_one(2, Some(&d), now).0 else {
             panic!("not claimed");
@@ -1330,6 +1393,7 @@ mod tests {
         let error = AttemptError {
             attempt: 2,
             at: Utc::now(),
+            provider: Some("meta-whatsapp".into()),
             code: Some("timeout".into()),
             message: "no answer".into(),
         };
@@ -1337,6 +1401,7 @@ mod tests {
             attempt: 1,
             cause: Ambiguity::Timeout,
             since: Utc::now(),
+            provider: Some("meta-whatsapp"),
         };
         let outcomes = [
             sent("meta-whatsapp", true),
@@ -1344,6 +1409,7 @@ mod tests {
                 provider: "meta-whatsapp".into(),
                 error: error.clone(),
                 possible_duplicate: Some(dup),
+                failovers: Vec::new(),
             },
             Outcome::Retry {
                 provider: "meta-whatsapp".into(),
@@ -1351,6 +1417,7 @@ mod tests {
                 not_before: Utc::now(),
                 possible_duplicate: Some(dup),
                 unknown: Some(UnknownAttempt { attempt: 2, ..dup }),
+                failovers: Vec::new(),
             },
         ];
         let outcomes: Vec<(String, u32, Outcome)> = outcomes
@@ -1386,6 +1453,7 @@ mod tests {
         let error = AttemptError {
             attempt: 1,
             at: Utc::now(),
+            provider: Some("twilio".into()),
             code: Some("21211".into()),
             message: "invalid".into(),
         };
@@ -1398,6 +1466,7 @@ mod tests {
             provider: "twilio".into(),
             error: error.clone(),
             possible_duplicate: None,
+            failovers: Vec::new(),
         };
         outcomes.push((ObjectId::new().to_hex(), 1, failed));
         let retry = Outcome::Retry {
@@ -1406,6 +1475,7 @@ mod tests {
             not_before: Utc::now(),
             possible_duplicate: None,
             unknown: None,
+            failovers: Vec::new(),
         };
         outcomes.push((ObjectId::new().to_hex(), 1, retry));
         let statements = outcome_statements("host-1:sms:0", &outcomes, bdate(Utc::now())).unwrap();

@@ -20,6 +20,7 @@ use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::health::BreakerConfig;
 use actors::retry::RetryPolicy;
+use actors::routing::Strategy;
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -594,24 +595,69 @@ pub struct SendGrid {
     pub webhook_public_key: String,
 }
 
-/// `[routing]`: the providers of each channel, in order. Names: `twilio` and `vonage` for
-/// SMS, `smtp` and `sendgrid` for email, `meta` and `twilio` for WhatsApp. The first is
-/// the channel's provider.
+/// `[routing]`: the providers of each channel, in order, and the channel's strategy
+/// (`failover`: the first healthy one takes every message; `weighted`: split by weight among
+/// the healthy ones). Names: `twilio` and `vonage` for SMS, `smtp` and `sendgrid` for email,
+/// `meta` and `twilio` for WhatsApp; under `weighted` an entry may carry its weight,
+/// `name:weight` (default 1; 0: only ever a failover target).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Routing {
     pub email: Vec<String>,
     pub sms: Vec<String>,
     pub whatsapp: Vec<String>,
+    #[serde(default = "failover")]
+    pub email_strategy: String,
+    #[serde(default = "failover")]
+    pub sms_strategy: String,
+    #[serde(default = "failover")]
+    pub whatsapp_strategy: String,
+}
+
+fn failover() -> String {
+    "failover".into()
+}
+
+/// One `[routing]` entry, `name` or `name:weight`, split (the weight unparsed).
+pub fn route_entry(entry: &str) -> (&str, Option<&str>) {
+    match entry.split_once(':') {
+        Some((name, weight)) => (name.trim(), Some(weight.trim())),
+        None => (entry.trim(), None),
+    }
 }
 
 impl Routing {
+    /// The channel's entries as configured (`name` or `name:weight`).
     pub fn of(&self, channel: Channel) -> &[String] {
         match channel {
             Channel::Email => &self.email,
             Channel::Sms => &self.sms,
             Channel::Whatsapp => &self.whatsapp,
         }
+    }
+
+    /// The channel's provider names, in order.
+    pub fn names(&self, channel: Channel) -> Vec<&str> {
+        self.of(channel).iter().map(|e| route_entry(e).0).collect()
+    }
+
+    /// The channel's weights, in order (1 where none is given; checked at start-up).
+    pub fn weights(&self, channel: Channel) -> Vec<u32> {
+        let weight = |e: &String| route_entry(e).1.and_then(|w| w.parse().ok()).unwrap_or(1);
+        self.of(channel).iter().map(weight).collect()
+    }
+
+    /// The channel's strategy as configured (checked at start-up).
+    pub fn strategy_name(&self, channel: Channel) -> &str {
+        match channel {
+            Channel::Email => &self.email_strategy,
+            Channel::Sms => &self.sms_strategy,
+            Channel::Whatsapp => &self.whatsapp_strategy,
+        }
+    }
+
+    pub fn strategy(&self, channel: Channel) -> Strategy {
+        Strategy::parse(self.strategy_name(channel).trim()).unwrap_or(Strategy::Failover)
     }
 
     /// The providers a channel may name, in the names `[routing]` uses.
@@ -627,7 +673,7 @@ impl Routing {
     pub fn uses(&self, provider: &str) -> bool {
         Channel::ALL
             .into_iter()
-            .any(|ch| self.of(ch).iter().any(|p| p == provider))
+            .any(|ch| self.names(ch).contains(&provider))
     }
 }
 

@@ -165,6 +165,7 @@ impl MemoryStore {
                 attempt: s.record.attempts,
                 cause: Ambiguity::StaleLease,
                 since: since.min(s.record.updated_at),
+                provider: None,
             });
         }
         s.record.status = Status::Sending;
@@ -182,6 +183,7 @@ impl MemoryStore {
         r.updated_at = Utc::now();
         s.lease = None;
         s.flagged = outcome.possible_duplicate().or(s.flagged);
+        r.errors.extend(outcome.failovers().iter().cloned());
         match outcome {
             Outcome::Sent {
                 provider,
@@ -428,6 +430,7 @@ impl Store for MemoryStore {
                     attempt: *attempt,
                     cause: Ambiguity::LostLease,
                     since: s.record.updated_at,
+                    provider: None,
                 });
             }
             fenced.push(id.clone());
