@@ -288,6 +288,45 @@ mod tests {
         }
     }
 
+    /// The consumer reads while any breaker of the channel lets calls through; it pauses
+    /// only when every one is open, for the shortest wait among them.
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_pauses_only_when_every_breaker_is_open() {
+        let strict = crate::health::BreakerConfig {
+            consecutive_failures: 1,
+            failure_ratio: 1.0,
+            window: 10,
+            min_calls: 10,
+            cooldown: Duration::from_secs(10),
+        };
+        let route = |name| Route {
+            provider: Arc::new(crate::testing::ScriptedProvider::new(name)),
+            health: Arc::new(ProviderHealth::new(name, "sms", strict, 1e6, 1e6)),
+            weight: 1,
+        };
+        let routes = Routes::new(Strategy::Failover, vec![route("a"), route("b")]);
+        assert_eq!(routes.permit(), Permit::Allowed);
+        routes.get(0).health.record(false);
+        assert_eq!(routes.permit(), Permit::Allowed, "b is closed");
+        assert_eq!(routes.order(&mut rng()), [1], "a skipped at once");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        routes.get(1).health.record(false);
+        assert_eq!(
+            routes.permit(),
+            Permit::Rejected(Duration::from_secs(6)),
+            "both open: wait for a's cool-down"
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(routes.permit(), Permit::Probe);
+        assert_eq!(routes.permit(), Permit::Probe, "asking takes no probe");
+        assert_eq!(
+            routes.get(0).health.permit(),
+            Permit::Probe,
+            "the sender takes it"
+        );
+        assert!(matches!(routes.permit(), Permit::Rejected(_)));
+    }
+
     #[test]
     fn strategies_parse_from_their_names() {
         for s in [Strategy::Failover, Strategy::Weighted] {

@@ -672,21 +672,13 @@ fn outcome_statements(
                 error,
                 possible_duplicate,
                 failovers,
-            } => {
-                let mut set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
-                "provider": provider, "lastError": &error.message, "attempts": *attempt as i32};
-                set.extend(
-                    possible_duplicate
-                        .as_ref()
-                        .map(duplicate_fields)
-                        .unwrap_or_default(),
-                );
-                doc! {
-                    "$set": set,
-                    "$push": errors_push(failovers, Some(error)),
-                    "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
-                }
-            }
+            } => failed_update(
+                provider,
+                (failovers, error),
+                *possible_duplicate,
+                *attempt,
+                now,
+            ),
             Outcome::Retry {
                 provider,
                 error,
@@ -710,6 +702,30 @@ fn outcome_statements(
         updates.extend(sent_statements(provider, dup, &group, sent_by, now, &open));
     }
     Ok(updates)
+}
+
+/// A failure for good: `failed`, the attempt's errors kept (those of the providers failed
+/// over from, then its own), a possible duplicate flagged.
+fn failed_update(
+    provider: &str,
+    (failovers, error): (&[AttemptError], &AttemptError),
+    possible_duplicate: Option<UnknownAttempt>,
+    attempt: u32,
+    now: BsonDate,
+) -> Document {
+    let mut set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
+    "provider": provider, "lastError": &error.message, "attempts": attempt as i32};
+    set.extend(
+        possible_duplicate
+            .as_ref()
+            .map(duplicate_fields)
+            .unwrap_or_default(),
+    );
+    doc! {
+        "$set": set,
+        "$push": errors_push(failovers, Some(error)),
+        "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
+    }
 }
 
 /// A retry: back to `pending` until `not_before`, the attempt's errors kept (those of the

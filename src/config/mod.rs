@@ -979,6 +979,47 @@ zeta:zeta-0123456789abcdef
             let err = load(&bad).unwrap_err().to_string();
             assert!(err.contains(named), "{var}={value}: {err}");
         }
+        let weighted = |providers: &'static str| {
+            let mut w = v.clone();
+            w.retain(|(k, _)| *k != "SMS_PROVIDERS");
+            w.extend([("SMS_PROVIDERS", providers), ("SMS_ROUTING", "weighted")]);
+            load(&w)
+        };
+        let c = weighted("twilio:3, vonage").unwrap();
+        assert_eq!(c.routing.names(Channel::Sms), ["twilio", "vonage"]);
+        assert_eq!(c.routing.weights(Channel::Sms), [3, 1]);
+        assert_eq!(c.routing.strategy(Channel::Sms), Strategy::Weighted);
+        assert_eq!(c.routing.strategy(Channel::Email), Strategy::Failover);
+        for (providers, named) in [
+            (
+                "twilio:x,vonage",
+                "the weight of twilio in \"twilio:x\" must be a whole number",
+            ),
+            ("twilio:1001", "from 0 to 1000"),
+            ("twilio:0,vonage:0", "SMS_PROVIDERS: every weight is 0"),
+            ("twilio:2,twilio:1", "\"twilio\" is named twice"),
+        ] {
+            let err = weighted(providers).unwrap_err().to_string();
+            assert!(err.contains(named), "{providers}: {err}");
+        }
+        for (var, value, named) in [
+            (
+                "SMS_ROUTING",
+                "random",
+                "SMS_ROUTING (routing.sms_strategy) is \"random\"",
+            ),
+            (
+                "SMS_PROVIDERS",
+                "twilio:3,vonage",
+                "gives twilio a weight, but weights need SMS_ROUTING=weighted",
+            ),
+        ] {
+            let mut bad = v.clone();
+            bad.retain(|(k, _)| *k != var);
+            bad.push((var, value));
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{var}={value}: {err}");
+        }
         // Meta's credentials are needed only while WhatsApp routes through Meta.
         v.retain(|(k, _)| !k.starts_with("WHATSAPP_"));
         v.push(("WHATSAPP_PROVIDERS", "twilio"));

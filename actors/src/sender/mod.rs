@@ -37,6 +37,8 @@
 //! the next try (asked at the provider it happened at).
 
 mod decision;
+#[cfg(test)]
+mod failover_tests;
 mod stages;
 
 pub use decision::{decide, CallResult, Decision, DecisionContext};

@@ -113,6 +113,14 @@ impl MemoryStore {
         lock(&self.records).get(id).map(|s| s.record.clone())
     }
 
+    /// Record `id`'s retry is due now (the store's clock is the wall clock, which paused
+    /// test time does not move).
+    pub fn make_due(&self, id: &str) {
+        if let Some(s) = lock(&self.records).get_mut(id) {
+            s.not_before = None;
+        }
+    }
+
     /// The record's possible-duplicate flag (`possibleDuplicate` with its attempt and cause).
     pub fn flagged(&self, id: &str) -> Option<UnknownAttempt> {
         lock(&self.records).get(id).and_then(|s| s.flagged)
