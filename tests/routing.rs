@@ -243,3 +243,49 @@ async fn a_weighted_channel_splits_messages_by_weight() {
         (Some("weighted"), Some(1))
     );
 }
+
+/// Tenant `other` has its own SMS order, Vonage alone, on a channel that routes through
+/// Twilio first (a service of its own): its messages all go through Vonage, while those
+/// of tenant `tests` go through Twilio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_its_own_provider_order_gets_it() {
+    let _one = one_at_a_time().await;
+    let (stack, _) = failover();
+    let tenants = stack.dir.join("tenants-routing.toml");
+    let table = format!("{}providers = {{ sms = [\"vonage\"] }}\n", Stack::TENANTS);
+    std::fs::write(&tenants, table).unwrap();
+    let redis = format!("redis://127.0.0.1:{}/3", stack.redis_port);
+    let svc = stack.start_service(&[
+        ("REDIS_URL", &redis),
+        ("SMS_PROVIDERS", "twilio,vonage"),
+        ("TENANTS_FILE", &tenants.to_string_lossy()),
+    ]);
+    let theirs = common::client_for(common::OTHER_KEY);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        for (http, tenant) in [(common::client(), "tests"), (theirs.clone(), "other")] {
+            let res = http
+                .post(svc.url("/api/v1/communication"))
+                .json(&sms(&unique(&format!("tenant-order-{i}"))))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+            let v: Value = res.json().await.unwrap();
+            ids.push((tenant, v["id"].as_str().unwrap().to_string()));
+        }
+    }
+    for (tenant, id) in &ids {
+        let r = eventually(WAIT, "the message sent", || async {
+            let r = record(stack, id).await;
+            (r.get_str("status") != Ok("pending")).then_some(r)
+        })
+        .await;
+        let want = if *tenant == "other" {
+            "vonage"
+        } else {
+            "twilio"
+        };
+        assert_eq!(r.get_str("provider").unwrap(), want, "{tenant}: {r}");
+    }
+}

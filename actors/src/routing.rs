@@ -6,7 +6,8 @@
 //! [`crate::health`]) and a weight. For each message, [`Routes::order`] says in what order
 //! to try them, by the pure [`plan`]:
 //! - `failover`: the providers whose breaker lets a call through, in list order;
-//! - `weighted`: the same, except that the first is drawn by weight among them.
+//! - `weighted`: the same, except that the first is drawn by weight among them;
+//! - a tenant with an order of its own: `failover` over that order.
 //!
 //! The sender calls the first; on a result worth failing over (`decision::fails_over`: a
 //! retryable refusal, a timeout, a reset) it calls the next, within the same attempt. A
@@ -17,6 +18,7 @@ use crate::health::{Permit, ProviderHealth};
 use crate::ports::Provider;
 use rand::Rng;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// How a channel spreads its messages over its providers.
@@ -51,10 +53,14 @@ pub struct Route {
     pub weight: u32,
 }
 
-/// A channel's providers, in order, and its strategy.
+/// A channel's providers, in order, and its strategy; and the tenants with an order of
+/// their own.
 pub struct Routes {
     strategy: Strategy,
     routes: Vec<Route>,
+    /// Per tenant, the positions of the providers its messages go to, in its order
+    /// (failed over in that order, whatever the channel's strategy).
+    tenants: HashMap<String, Vec<usize>>,
 }
 
 /// What [`plan`] knows of one provider.
@@ -115,7 +121,24 @@ impl Routes {
     /// `routes` must not be empty (the start-up checks refuse a channel without a provider).
     pub fn new(strategy: Strategy, routes: Vec<Route>) -> Routes {
         assert!(!routes.is_empty(), "a channel needs at least one provider");
-        Routes { strategy, routes }
+        Routes {
+            strategy,
+            routes,
+            tenants: HashMap::new(),
+        }
+    }
+
+    /// `tenant`'s messages go to the providers at `positions` (of this list), in that
+    /// order; positions out of the list are dropped, and an empty order is none.
+    pub fn with_tenant_order(mut self, tenant: &str, positions: Vec<usize>) -> Routes {
+        let positions: Vec<usize> = positions
+            .into_iter()
+            .filter(|&i| i < self.routes.len())
+            .collect();
+        if !positions.is_empty() {
+            self.tenants.insert(tenant.to_string(), positions);
+        }
+        self
     }
 
     /// One provider alone.
@@ -154,18 +177,26 @@ impl Routes {
         best(self.routes.iter().map(|r| r.health.peek()))
     }
 
-    /// The order to try the providers in for one message (see [`plan`]).
-    pub fn order(&self, rng: &mut impl Rng) -> Vec<usize> {
-        let candidates: Vec<Candidate> = self
-            .routes
+    /// The order to try the providers in for one message of `tenant` (see [`plan`]): the
+    /// tenant's own order, failed over, where it has one; else the channel's.
+    pub fn order(&self, tenant: &str, rng: &mut impl Rng) -> Vec<usize> {
+        let (strategy, positions) = match self.tenants.get(tenant) {
+            Some(own) => (Strategy::Failover, own.clone()),
+            None => (self.strategy, (0..self.routes.len()).collect()),
+        };
+        let candidates: Vec<Candidate> = positions
             .iter()
-            .map(|r| Candidate {
-                weight: r.weight,
-                ready: !matches!(r.health.peek(), Permit::Rejected(_))
-                    && r.health.paused_for().is_none(),
+            .map(|&i| {
+                let r = &self.routes[i];
+                Candidate {
+                    weight: r.weight,
+                    ready: !matches!(r.health.peek(), Permit::Rejected(_))
+                        && r.health.paused_for().is_none(),
+                }
             })
             .collect();
-        plan(self.strategy, &candidates, rng)
+        let order = plan(strategy, &candidates, rng);
+        order.into_iter().map(|k| positions[k]).collect()
     }
 
     /// Each provider's health, with its place in the channel's routing.
@@ -308,7 +339,7 @@ mod tests {
         assert_eq!(routes.permit(), Permit::Allowed);
         routes.get(0).health.record(false);
         assert_eq!(routes.permit(), Permit::Allowed, "b is closed");
-        assert_eq!(routes.order(&mut rng()), [1], "a skipped at once");
+        assert_eq!(routes.order("t", &mut rng()), [1], "a skipped at once");
         tokio::time::advance(Duration::from_secs(4)).await;
         routes.get(1).health.record(false);
         assert_eq!(
@@ -325,6 +356,38 @@ mod tests {
             "the sender takes it"
         );
         assert!(matches!(routes.permit(), Permit::Rejected(_)));
+    }
+
+    /// A tenant with an order of its own gets it (failed over, even on a weighted
+    /// channel); the others get the channel's.
+    #[test]
+    fn a_tenant_order_overrides_the_channels() {
+        let route = |name, weight| Route {
+            provider: Arc::new(crate::testing::ScriptedProvider::new(name)),
+            health: Arc::new(ProviderHealth::new(
+                name,
+                "sms",
+                crate::testing::lenient_breaker(),
+                1e6,
+                1e6,
+            )),
+            weight,
+        };
+        let routes = Routes::new(Strategy::Weighted, vec![route("a", 1), route("b", 0)])
+            .with_tenant_order("acme", vec![1, 0])
+            .with_tenant_order("zeta", vec![1])
+            .with_tenant_order("none", vec![7]);
+        let mut r = rng();
+        for _ in 0..100 {
+            assert_eq!(routes.order("acme", &mut r), [1, 0]);
+            assert_eq!(routes.order("zeta", &mut r), [1]);
+            assert_eq!(
+                routes.order("none", &mut r),
+                [0, 1],
+                "no usable order: the channel's"
+            );
+            assert_eq!(routes.order("other", &mut r), [0, 1], "b weighs 0");
+        }
     }
 
     #[test]

@@ -98,9 +98,26 @@ fn routes(cfg: &Config) -> Result<HashMap<Channel, Arc<Routes>>, RunError> {
                 weight,
             });
         }
-        out.insert(ch, Arc::new(Routes::new(cfg.routing.strategy(ch), list)));
+        let routes = Routes::new(cfg.routing.strategy(ch), list);
+        out.insert(ch, Arc::new(tenant_orders(cfg, ch, routes)));
     }
     Ok(out)
+}
+
+/// `routes` with the provider orders of the tenants that have one for `ch` (their names
+/// checked at start-up against the channel's list).
+fn tenant_orders(cfg: &Config, ch: Channel, mut routes: Routes) -> Routes {
+    let names = cfg.routing.names(ch);
+    for (tenant, t) in &cfg.tenants.tables {
+        if let Some(own) = t.providers.get(ch) {
+            let positions = own
+                .iter()
+                .filter_map(|p| names.iter().position(|n| n == p))
+                .collect();
+            routes = routes.with_tenant_order(tenant, positions);
+        }
+    }
+    routes
 }
 
 /// The client of provider `name` (a `[routing]` name, checked at start-up) for `channel`.

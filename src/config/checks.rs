@@ -9,6 +9,7 @@ type Rule = fn(&Config) -> Result<(), ConfigError>;
 const RULES: &[Rule] = &[
     urls_have_known_schemes,
     routes_name_known_providers,
+    tenant_routes_name_channel_providers,
     provider_credentials_are_set,
     sendgrid_key_is_a_key,
     api_keys_or_dev_mode,
@@ -134,6 +135,35 @@ fn routes_name_known_providers(c: &Config) -> Result<(), ConfigError> {
             }
         }
         route_weights_are_usable(c, ch, &var)?;
+    }
+    Ok(())
+}
+
+/// A tenant's own provider order names providers of the channel's `[routing]` list (each
+/// has its breaker and bucket there), each once, at least one.
+fn tenant_routes_name_channel_providers(c: &Config) -> Result<(), ConfigError> {
+    for (tenant, t) in &c.tenants.tables {
+        for ch in actors::domain::Channel::ALL {
+            let Some(list) = t.providers.get(ch) else {
+                continue;
+            };
+            let at = format!("TENANTS_FILE: [{tenant}] providers.{}", ch.as_str());
+            let routed = c.routing.names(ch);
+            if list.is_empty() {
+                return Err(bad(format!("{at} names no provider")));
+            }
+            for (i, p) in list.iter().enumerate() {
+                if !routed.contains(&p.as_str()) {
+                    return Err(bad(format!(
+                        "{at}: {p:?} is not among the channel's providers {routed:?} ({}_PROVIDERS)",
+                        ch.as_str().to_uppercase()
+                    )));
+                }
+                if list[..i].contains(p) {
+                    return Err(bad(format!("{at}: {p:?} is named twice")));
+                }
+            }
+        }
     }
     Ok(())
 }

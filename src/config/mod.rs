@@ -864,6 +864,43 @@ mod tests {
         assert!(!c.auth.dev_mode, "dev mode is off unless switched on");
     }
 
+    /// A tenant's own provider order names providers of the channel's list.
+    #[test]
+    fn tenant_provider_orders_name_the_channels_providers() {
+        let file = std::env::temp_dir().join(format!("tenant-routes-{}.toml", std::process::id()));
+        let path = file.to_string_lossy().to_string();
+        let mut v = CREDS.to_vec();
+        v.extend([
+            ("TENANTS_FILE", path.as_str()),
+            ("SMS_PROVIDERS", "twilio,vonage"),
+            ("VONAGE_API_KEY", "k"),
+            ("VONAGE_API_SECRET", "s"),
+        ]);
+        let with = |table: &str| {
+            std::fs::write(&file, format!("[acme]\n{table}\n")).unwrap();
+            load(&v)
+        };
+        let c = with("providers = { sms = [\"vonage\", \"twilio\"] }").unwrap();
+        let acme = &c.tenants.tables["acme"];
+        assert_eq!(
+            acme.providers.sms.as_deref(),
+            Some(&["vonage".to_string(), "twilio".to_string()][..])
+        );
+        for (table, named) in [
+            (
+                "providers = { sms = [\"sendgrid\"] }",
+                "TENANTS_FILE: [acme] providers.sms: \"sendgrid\" is not among the channel's providers",
+            ),
+            ("providers = { email = [\"sendgrid\"] }", "[acme] providers.email: \"sendgrid\""),
+            ("providers = { sms = [] }", "[acme] providers.sms names no provider"),
+            ("providers = { sms = [\"vonage\", \"vonage\"] }", "named twice"),
+        ] {
+            let err = with(table).unwrap_err().to_string();
+            assert!(err.contains(named), "{table}: {err}");
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
+
     #[test]
     fn tenant_settings_from_the_file_and_the_environment() {
         let c = load(&CREDS).unwrap();

@@ -253,7 +253,7 @@ async fn take_turn(
         record_id: record.id.clone(),
     };
     let lease_until = claimed_at + args.stale_after;
-    let order = args.routes.order(&mut rand::thread_rng());
+    let order = args.routes.order(&record.tenant, &mut rand::thread_rng());
     let first = match first_route(args, &order, lease_until).await {
         Ok(first) => first,
         Err(pause) => {
