@@ -190,9 +190,7 @@ async fn a_timeout_at_twilio_fails_over_to_vonage_as_a_possible_duplicate() {
         seen.contains(&"twilio".into()) && seen.contains(&"vonage".into()),
         "{seen:?}"
     );
-    let metrics = common::client()
-        .get(svc.url("/metrics"))
-        .send()
+    let metrics = common::get(svc.url("/metrics"))
         .await
         .unwrap()
         .text()

@@ -713,8 +713,18 @@ fn failed_update(
     attempt: u32,
     now: BsonDate,
 ) -> Document {
-    let mut set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
+    let set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
     "provider": provider, "lastError": &error.message, "attempts": attempt as i32};
+    closing_update(set, possible_duplicate, errors_push(failovers, Some(error)))
+}
+
+/// The update of an outcome that ends the record's attempts (`sent`, `failed`): `set`, a
+/// possible duplicate flagged, the errors `push`ed, the claim and the next look gone.
+fn closing_update(
+    mut set: Document,
+    possible_duplicate: Option<UnknownAttempt>,
+    push: Document,
+) -> Document {
     set.extend(
         possible_duplicate
             .as_ref()
@@ -723,7 +733,7 @@ fn failed_update(
     );
     doc! {
         "$set": set,
-        "$push": errors_push(failovers, Some(error)),
+        "$push": push,
         "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
     }
 }
@@ -773,20 +783,10 @@ fn sent_after_failover(
     now: BsonDate,
 ) -> Document {
     let sent_by = owner.rsplitn(3, ':').last().unwrap_or(owner);
-    let mut set = doc! {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
+    let set = doc! {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
     "sentBy": sent_by, "providerMessageId": provider_message_id.map_or(Bson::Null, Bson::from),
     "attempts": attempt as i32};
-    set.extend(
-        possible_duplicate
-            .as_ref()
-            .map(duplicate_fields)
-            .unwrap_or_default(),
-    );
-    doc! {
-        "$set": set,
-        "$push": errors_push(failovers, None),
-        "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
-    }
+    closing_update(set, possible_duplicate, errors_push(failovers, None))
 }
 
 /// Every `sent` of a group in statements of [`SENT_CHUNK`] records: a pipeline update that

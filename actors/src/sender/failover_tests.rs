@@ -8,7 +8,7 @@ use crate::domain::{
 };
 use crate::health::{BreakerConfig, ProviderHealth};
 use crate::routing::{Route, Strategy};
-use crate::testing::{self, Answer, MemoryQueue, MemoryStore, ScriptedProvider};
+use crate::testing::{self, Answer, MemoryStore, ScriptedProvider};
 
 struct Two {
     store: Arc<MemoryStore>,
@@ -29,9 +29,10 @@ fn strict() -> BreakerConfig {
     }
 }
 
-/// An SMS sender over providers `a` then `b` (weights `wa`, `wb`), one call at a time.
+/// The sender of `super::tests::fixture` (SMS, one call at a time, three attempts) over
+/// providers `a` then `b` (weights `wa`, `wb`).
 fn two(strategy: Strategy, (wa, wb): (u32, u32)) -> Two {
-    let store = Arc::new(MemoryStore::new());
+    let f = super::tests::fixture();
     let a = Arc::new(ScriptedProvider::new("a"));
     let b = Arc::new(ScriptedProvider::new("b"));
     let health = ["a", "b"].map(|n| {
@@ -43,40 +44,16 @@ fn two(strategy: Strategy, (wa, wb): (u32, u32)) -> Two {
             1e6,
         ))
     });
-    let routes = Routes::new(
-        strategy,
-        vec![
-            Route {
-                provider: a.clone(),
-                health: health[0].clone(),
-                weight: wa,
-            },
-            Route {
-                provider: b.clone(),
-                health: health[1].clone(),
-                weight: wb,
-            },
-        ],
-    );
-    let args = SenderArgs {
-        channel: Channel::Sms,
-        routes: Arc::new(routes),
-        store: store.clone(),
-        queue: Arc::new(MemoryQueue::new()),
-        owner: "test".into(),
-        stale_after: Duration::from_secs(30),
-        provider_timeout: Duration::from_secs(2),
-        concurrency: 1,
-        retry: RetryPolicy {
-            max_attempts: 3,
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(10),
-        },
-        record_patience: Duration::from_secs(3),
-        faults: false,
+    let route = |provider: &Arc<ScriptedProvider>, health: &Arc<ProviderHealth>, weight| Route {
+        provider: provider.clone(),
+        health: health.clone(),
+        weight,
     };
+    let routes = vec![route(&a, &health[0], wa), route(&b, &health[1], wb)];
+    let mut args = f.args;
+    args.routes = Arc::new(Routes::new(strategy, routes));
     Two {
-        store,
+        store: f.store,
         a,
         b,
         health,

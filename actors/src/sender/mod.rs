@@ -266,16 +266,16 @@ mod tests {
         self, Answer, MemoryQueue, MemoryStore, QueueMethod, ScriptedProvider, StoreMethod,
     };
 
-    struct Fixture {
-        store: Arc<MemoryStore>,
+    pub(super) struct Fixture {
+        pub(super) store: Arc<MemoryStore>,
         queue: MemoryQueue,
         provider: Arc<ScriptedProvider>,
-        args: SenderArgs,
+        pub(super) args: SenderArgs,
     }
 
     /// A sender for SMS over in-memory ports, one provider call at a time (so a script's
     /// answers go to the records in order), three attempts per message.
-    fn fixture() -> Fixture {
+    pub(super) fn fixture() -> Fixture {
         let store = Arc::new(MemoryStore::new());
         let queue = MemoryQueue::new();
         let provider = Arc::new(ScriptedProvider::new("scripted"));
