@@ -1,5 +1,6 @@
-//! Per-provider health, shared by the channel's sender (which reports every call), its
-//! consumer (which stops reading while the breaker is open) and the HTTP layer
+//! Per-provider health, shared (through the channel's `routing::Routes`) by the channel's
+//! sender (which reports every call, and skips a provider whose breaker is open), its
+//! consumers (which stop reading while every provider's breaker is open) and the HTTP layer
 //! (`GET /api/v1/providers`): a circuit breaker and a token bucket, both pure state
 //! machines over an explicit `now`, wrapped in one mutex. It lives outside the actors so a
 //! restarted sender keeps its provider's history.

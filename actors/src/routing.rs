@@ -16,10 +16,11 @@
 
 use crate::health::{Permit, ProviderHealth};
 use crate::ports::Provider;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// How a channel spreads its messages over its providers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +62,9 @@ pub struct Routes {
     /// Per tenant, the positions of the providers its messages go to, in its order
     /// (failed over in that order, whatever the channel's strategy).
     tenants: HashMap<String, Vec<usize>>,
+    /// The weighted draws' source: seeded from the OS, or by a test for a split it can
+    /// repeat. A std mutex: held for one draw, never across an await.
+    rng: Mutex<StdRng>,
 }
 
 /// What [`plan`] knows of one provider.
@@ -125,6 +129,15 @@ impl Routes {
             strategy,
             routes,
             tenants: HashMap::new(),
+            rng: Mutex::new(StdRng::from_entropy()),
+        }
+    }
+
+    /// These routes with their draws from `seed`: the same split every run (tests).
+    pub fn with_seed(self, seed: u64) -> Routes {
+        Routes {
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            ..self
         }
     }
 
@@ -179,7 +192,7 @@ impl Routes {
 
     /// The order to try the providers in for one message of `tenant` (see [`plan`]): the
     /// tenant's own order, failed over, where it has one; else the channel's.
-    pub fn order(&self, tenant: &str, rng: &mut impl Rng) -> Vec<usize> {
+    pub fn order(&self, tenant: &str) -> Vec<usize> {
         let (strategy, positions) = match self.tenants.get(tenant) {
             Some(own) => (Strategy::Failover, own.clone()),
             None => (self.strategy, (0..self.routes.len()).collect()),
@@ -195,7 +208,8 @@ impl Routes {
                 }
             })
             .collect();
-        let order = plan(strategy, &candidates, rng);
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let order = plan(strategy, &candidates, &mut *rng);
         order.into_iter().map(|k| positions[k]).collect()
     }
 
@@ -339,7 +353,7 @@ mod tests {
         assert_eq!(routes.permit(), Permit::Allowed);
         routes.get(0).health.record(false);
         assert_eq!(routes.permit(), Permit::Allowed, "b is closed");
-        assert_eq!(routes.order("t", &mut rng()), [1], "a skipped at once");
+        assert_eq!(routes.order("t"), [1], "a skipped at once");
         tokio::time::advance(Duration::from_secs(4)).await;
         routes.get(1).health.record(false);
         assert_eq!(
@@ -377,16 +391,15 @@ mod tests {
             .with_tenant_order("acme", vec![1, 0])
             .with_tenant_order("zeta", vec![1])
             .with_tenant_order("none", vec![7]);
-        let mut r = rng();
         for _ in 0..100 {
-            assert_eq!(routes.order("acme", &mut r), [1, 0]);
-            assert_eq!(routes.order("zeta", &mut r), [1]);
+            assert_eq!(routes.order("acme"), [1, 0]);
+            assert_eq!(routes.order("zeta"), [1]);
             assert_eq!(
-                routes.order("none", &mut r),
+                routes.order("none"),
                 [0, 1],
                 "no usable order: the channel's"
             );
-            assert_eq!(routes.order("other", &mut r), [0, 1], "b weighs 0");
+            assert_eq!(routes.order("other"), [0, 1], "b weighs 0");
         }
     }
 

@@ -253,7 +253,7 @@ async fn take_turn(
         record_id: record.id.clone(),
     };
     let lease_until = claimed_at + args.stale_after;
-    let order = args.routes.order(&record.tenant, &mut rand::thread_rng());
+    let order = args.routes.order(&record.tenant);
     let first = match first_route(args, &order, lease_until).await {
         Ok(first) => first,
         Err(pause) => {
@@ -357,6 +357,9 @@ async fn route_calls(
         claimed: claimed.clone(),
     };
     if let Some((provider, result)) = find_earlier(args, &claimed, &msg, first).await {
+        if let Some(i) = args.routes.position(provider) {
+            report_health(&args.routes.get(i).health, &result);
+        }
         (call.provider, call.result) = (provider, result);
         return call;
     }
@@ -367,9 +370,10 @@ async fn route_calls(
         let result = call_once(route.provider.as_ref(), &msg, args.provider_timeout).await;
         report_health(&route.health, &result);
         let name = route.provider.name();
-        let next = match decision::fails_over(&result) {
-            true => next_route(args, &mut rest, lease_until).await,
-            false => None,
+        let next = if decision::fails_over(&result) {
+            next_route(args, &mut rest, lease_until).await
+        } else {
+            None
         };
         let Some(next) = next else {
             (call.claimed, call.provider, call.result) = (claimed, name, result);
