@@ -17,6 +17,7 @@
 //! recipients_per_hour = 500
 //! rate_per_sec = 20.0
 //! burst = 40.0
+//! providers = { sms = ["vonage", "twilio"] } # its own provider order (see README, Routing)
 //! ```
 //!
 //! The checks here are pure (no I/O): whether a `from` is the tenant's, the `from` to use
@@ -69,6 +70,10 @@ pub struct TenantSettings {
     pub recipients_per_hour: Option<u64>,
     pub rate_per_sec: Option<f64>,
     pub burst: Option<f64>,
+    /// The tenant's own order of a channel's providers (names of the channel's
+    /// `[routing]` list, failed over in this order); a channel left out goes by `[routing]`.
+    #[serde(default)]
+    pub providers: PerChannel<Option<Vec<String>>>,
 }
 
 impl TenantSettings {

@@ -726,6 +726,10 @@ impl Communication {
 pub struct AttemptError {
     pub attempt: u32,
     pub at: DateTime<Utc>,
+    /// The provider that refused (or did not answer); `None` on records from before
+    /// routing, or for an error outside any provider call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub code: Option<String>,
     pub message: String,
 }
@@ -783,6 +787,10 @@ pub struct UnknownAttempt {
     /// No earlier than the start of the first attempt whose outcome is unknown: where a
     /// lookup at the provider begins.
     pub since: DateTime<Utc>,
+    /// The provider that may have the message (by its `Provider::name`); `None` when that
+    /// is not known (a stale claim, or unknown outcomes at two providers): every provider
+    /// of the channel is asked.
+    pub provider: Option<&'static str>,
 }
 
 /// A record claimed by one worker for one provider call.
@@ -814,11 +822,14 @@ pub enum Outcome {
         /// This call was a resend after an attempt of unknown outcome: it may be a second
         /// send (flagged on the record, with that attempt and its cause).
         possible_duplicate: Option<UnknownAttempt>,
+        /// The refusals of the providers tried before this one in the same attempt.
+        failovers: Vec<AttemptError>,
     },
     Failed {
         provider: String,
         error: AttemptError,
         possible_duplicate: Option<UnknownAttempt>,
+        failovers: Vec<AttemptError>,
     },
     Retry {
         provider: String,
@@ -827,6 +838,7 @@ pub enum Outcome {
         possible_duplicate: Option<UnknownAttempt>,
         /// This attempt's own outcome is unknown: the next claim asks the provider first.
         unknown: Option<UnknownAttempt>,
+        failovers: Vec<AttemptError>,
     },
 }
 
@@ -839,6 +851,25 @@ impl Outcome {
             Outcome::Retry { unknown, .. } => unknown.is_some(),
             Outcome::Failed { .. } => false,
         }
+    }
+
+    /// The refusals of the providers tried before the one this outcome is from.
+    pub fn failovers(&self) -> &[AttemptError] {
+        match self {
+            Outcome::Sent { failovers, .. }
+            | Outcome::Failed { failovers, .. }
+            | Outcome::Retry { failovers, .. } => failovers,
+        }
+    }
+
+    /// This outcome, after the providers that refused before it in the same attempt.
+    pub fn with_failovers(mut self, errors: Vec<AttemptError>) -> Outcome {
+        match &mut self {
+            Outcome::Sent { failovers, .. }
+            | Outcome::Failed { failovers, .. }
+            | Outcome::Retry { failovers, .. } => *failovers = errors,
+        }
+        self
     }
 
     /// The call this outcome records was a resend that may duplicate.

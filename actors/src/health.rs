@@ -1,5 +1,6 @@
-//! Per-provider health, shared by the channel's sender (which reports every call), its
-//! consumer (which stops reading while the breaker is open) and the HTTP layer
+//! Per-provider health, shared (through the channel's `routing::Routes`) by the channel's
+//! sender (which reports every call, and skips a provider whose breaker is open), its
+//! consumers (which stop reading while every provider's breaker is open) and the HTTP layer
 //! (`GET /api/v1/providers`): a circuit breaker and a token bucket, both pure state
 //! machines over an explicit `now`, wrapped in one mutex. It lives outside the actors so a
 //! restarted sender keeps its provider's history.
@@ -96,6 +97,18 @@ impl CircuitBreaker {
 
     /// May a call go out now? Moves Open → HalfOpen when the cool-down is over.
     pub fn permit(&mut self, now: Instant) -> Permit {
+        let p = self.peek(now);
+        if p == Permit::Probe {
+            self.state = BreakerState::HalfOpen {
+                probe_since: Some(now),
+            };
+        }
+        p
+    }
+
+    /// What [`CircuitBreaker::permit`] would answer now, without taking the probe: for a
+    /// reader that only asks whether some call may go out (the channel's consumer).
+    pub fn peek(&self, now: Instant) -> Permit {
         match self.state {
             BreakerState::Closed => Permit::Allowed,
             BreakerState::Open { until } if now < until => Permit::Rejected(until - now),
@@ -104,12 +117,7 @@ impl CircuitBreaker {
             } if now.saturating_duration_since(t) < self.cfg.cooldown => {
                 Permit::Rejected(Duration::from_millis(100))
             }
-            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => {
-                self.state = BreakerState::HalfOpen {
-                    probe_since: Some(now),
-                };
-                Permit::Probe
-            }
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => Permit::Probe,
         }
     }
 
@@ -257,6 +265,16 @@ impl ProviderHealth {
         p
     }
 
+    /// What [`ProviderHealth::permit`] would answer, the probe left for the sender to take.
+    pub fn peek(&self) -> Permit {
+        self.lock().breaker.peek(Instant::now())
+    }
+
+    /// The provider's `Retry-After` pause still to run, if any.
+    pub fn paused_for(&self) -> Option<Duration> {
+        self.lock().bucket.paused_for(Instant::now())
+    }
+
     /// Report one provider call: `ok` is false for failures that speak of the provider's
     /// health (network, timeout, 5xx), true otherwise (a permanent refusal is a healthy
     /// provider answering).
@@ -317,14 +335,6 @@ impl ProviderHealth {
                 return Err(p);
             }
             tokio::time::sleep(d.min(Duration::from_secs(5))).await;
-        }
-    }
-
-    /// The probe found nothing to send: allow another one at once.
-    pub fn release_probe(&self) {
-        let mut g = self.lock();
-        if let BreakerState::HalfOpen { .. } = g.breaker.state {
-            g.breaker.state = BreakerState::HalfOpen { probe_since: None };
         }
     }
 

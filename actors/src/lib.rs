@@ -39,6 +39,8 @@
 //!   [`ports::DependencyError`] with its typed kinds.
 //! - [`testing`]: in-memory ports with scripted failures and recorded calls (test doubles).
 //! - [`health`]: per-provider circuit breaker and token bucket, pure over an explicit `now`.
+//! - [`routing`]: a channel's providers (each with its health and weight) and the pure
+//!   choice of the order to try them in (`failover` or `weighted`).
 //! - [`retry`]: the per-message retry policy; [`backoff`]: the one backoff mechanism and
 //!   `retry_until`; [`batch`]: the batch limits (items, bytes, time).
 //! - [`adaptive`]: the AIMD limit on the delivery side's store calls (pure rule, tested by
@@ -59,6 +61,7 @@ pub mod receipts;
 pub mod reconciler;
 pub mod retry;
 pub mod router;
+pub mod routing;
 pub mod sender;
 pub mod shards;
 pub mod stats;

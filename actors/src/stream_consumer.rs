@@ -16,8 +16,9 @@
 
 use crate::backoff::{Backoff, Delays};
 use crate::domain::{Channel, EventStatus, LogEvent, StreamEntry, LOG_STREAM};
-use crate::health::{Permit, ProviderHealth};
+use crate::health::Permit;
 use crate::ports::{DependencyError, FailResult, Queue, ReadFrom, Store};
+use crate::routing::Routes;
 use crate::sender::{self, SenderMsg};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
@@ -58,9 +59,10 @@ pub struct ConsumerArgs {
     /// An entry delivered this often without an outcome goes to `{stream}:dlq`.
     pub max_deliveries: u64,
     pub store: Arc<dyn Store>,
-    /// While the provider's breaker is open, nothing is read: the backlog waits in the
-    /// stream instead of burning attempts.
-    pub health: Arc<ProviderHealth>,
+    /// The channel's providers: while every one's breaker is open, nothing is read (the
+    /// backlog waits in the stream instead of burning attempts); one open breaker among
+    /// others only moves the sender's calls to the next provider.
+    pub routes: Arc<Routes>,
 }
 
 pub struct ConsumerState {
@@ -141,7 +143,7 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
             .await?;
         state.group_ready = true;
     }
-    let permit = state.args.health.permit();
+    let permit = state.args.routes.permit();
     let count = match permit {
         Permit::Allowed => state.args.count,
         Permit::Probe => 1,
@@ -182,10 +184,8 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
         };
     }
     if entries.is_empty() {
-        if probing {
-            // Nothing to probe with: let the next poll try again.
-            state.args.health.release_probe();
-        }
+        // Nothing to probe with: the probe was not taken (the sender takes it with its
+        // call), so the next poll may try again.
         return Ok(());
     }
     deliver(state, entries).await

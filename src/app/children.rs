@@ -204,7 +204,7 @@ fn indexer_spec(cfg: &Config, p: &Ports) -> ChildSpec {
 fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec {
     let args = SenderArgs {
         channel: ch,
-        provider: parts.providers[&ch].clone(),
+        routes: parts.routes[&ch].clone(),
         store: p.sender_store.clone(),
         queue: p.queue.clone(),
         owner: p.consumer.clone(),
@@ -212,7 +212,6 @@ fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec
         provider_timeout: cfg.providers.timeout,
         concurrency: cfg.channels.get(ch).concurrency,
         retry: cfg.channels.get(ch).retry(),
-        health: parts.health[&ch].clone(),
         record_patience: cfg.sender.record_patience,
         faults: cfg.sender.fault_injection,
     };
@@ -236,7 +235,7 @@ fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel, shard: u32
             + cfg.redis.deliver_grace,
         max_deliveries: cfg.redis.max_deliveries,
         store: p.store.clone(),
-        health: parts.health[&ch].clone(),
+        routes: parts.routes[&ch].clone(),
     };
     spec(stream_consumer::name(ch, shard), || StreamConsumer, args)
 }

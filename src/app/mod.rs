@@ -170,9 +170,9 @@ fn http_state(
         search: parts.search.clone(),
         prometheus,
         shutting_down,
-        health: Channel::ALL
+        routes: Channel::ALL
             .iter()
-            .map(|c| parts.health[c].clone())
+            .map(|c| parts.routes[c].clone())
             .collect(),
         callbacks: Arc::new(callbacks::CallbackConfig {
             twilio_url: cfg.callbacks.twilio_url(),

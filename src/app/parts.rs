@@ -13,6 +13,7 @@ use crate::providers::{
 use actors::domain::{Channel, LOG_STREAM};
 use actors::health::ProviderHealth;
 use actors::ports::Provider;
+use actors::routing::{Route, Routes};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -20,9 +21,9 @@ pub struct Parts {
     pub store: Arc<MongoStore>,
     pub queue: Arc<RedisQueue>,
     pub search: Arc<ElasticSink>,
-    pub providers: HashMap<Channel, Arc<dyn Provider>>,
-    /// Breaker and rate limit per provider, shared by sender, consumer and `/api/v1/providers`.
-    pub health: HashMap<Channel, Arc<ProviderHealth>>,
+    /// Each channel's providers, each with its breaker and rate limit, shared by the
+    /// channel's sender and consumers and `/api/v1/providers`.
+    pub routes: HashMap<Channel, Arc<Routes>>,
 }
 
 impl Parts {
@@ -42,14 +43,11 @@ impl Parts {
         let store = MongoStore::new(&cfg.mongodb, cfg.sweeper.recheck, leases)
             .await
             .map_err(RunError::MongoDb)?;
-        let providers = providers(cfg)?;
-        let health = health(cfg, &providers);
         Ok(Parts {
             store: Arc::new(store),
             queue,
             search: Arc::new(search(cfg)?),
-            providers,
-            health,
+            routes: routes(cfg)?,
         })
     }
 }
@@ -68,7 +66,9 @@ fn search(cfg: &Config) -> Result<ElasticSink, RunError> {
         .map_err(RunError::Elasticsearch)
 }
 
-fn providers(cfg: &Config) -> Result<HashMap<Channel, Arc<dyn Provider>>, RunError> {
+/// Each channel's providers, in the `[routing]` order, with their weights and a breaker
+/// and token bucket each (the channel's settings).
+fn routes(cfg: &Config) -> Result<HashMap<Channel, Arc<Routes>>, RunError> {
     let p = &cfg.providers;
     let http = reqwest::Client::builder()
         .timeout(p.timeout)
@@ -77,10 +77,47 @@ fn providers(cfg: &Config) -> Result<HashMap<Channel, Arc<dyn Provider>>, RunErr
         .user_agent(concat!("comm-aggregator/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(RunError::HttpClient)?;
-    Channel::ALL
-        .into_iter()
-        .map(|ch| Ok((ch, provider(cfg, &http, ch, &cfg.routing.of(ch)[0])?)))
-        .collect()
+    let mut out = HashMap::new();
+    for ch in Channel::ALL {
+        let c = cfg.channels.get(ch);
+        let names = cfg.routing.names(ch);
+        let weights = cfg.routing.weights(ch);
+        let mut list = Vec::with_capacity(names.len());
+        for (name, weight) in names.into_iter().zip(weights) {
+            let provider = provider(cfg, &http, ch, name)?;
+            let health = ProviderHealth::new(
+                provider.name(),
+                ch.as_str(),
+                c.breaker(),
+                c.rate_per_sec,
+                c.burst,
+            );
+            list.push(Route {
+                provider,
+                health: Arc::new(health),
+                weight,
+            });
+        }
+        let routes = Routes::new(cfg.routing.strategy(ch), list);
+        out.insert(ch, Arc::new(tenant_orders(cfg, ch, routes)));
+    }
+    Ok(out)
+}
+
+/// `routes` with the provider orders of the tenants that have one for `ch` (their names
+/// checked at start-up against the channel's list).
+fn tenant_orders(cfg: &Config, ch: Channel, mut routes: Routes) -> Routes {
+    let names = cfg.routing.names(ch);
+    for (tenant, t) in &cfg.tenants.tables {
+        if let Some(own) = t.providers.get(ch) {
+            let positions = own
+                .iter()
+                .filter_map(|p| names.iter().position(|n| n == p))
+                .collect();
+            routes = routes.with_tenant_order(tenant, positions);
+        }
+    }
+    routes
 }
 
 /// The client of provider `name` (a `[routing]` name, checked at start-up) for `channel`.
@@ -130,24 +167,4 @@ fn provider(
         )?),
         (ch, other) => unreachable!("{other:?} for {ch:?}: refused by the start-up checks"),
     })
-}
-
-fn health(
-    cfg: &Config,
-    providers: &HashMap<Channel, Arc<dyn Provider>>,
-) -> HashMap<Channel, Arc<ProviderHealth>> {
-    Channel::ALL
-        .into_iter()
-        .map(|ch| {
-            let c = cfg.channels.get(ch);
-            let h = ProviderHealth::new(
-                providers[&ch].name(),
-                ch.as_str(),
-                c.breaker(),
-                c.rate_per_sec,
-                c.burst,
-            );
-            (ch, Arc::new(h))
-        })
-        .collect()
 }

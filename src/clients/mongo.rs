@@ -230,6 +230,7 @@ impl MongoStore {
                     .map(|e| AttemptError {
                         attempt: e.get_i32("attempt").unwrap_or(0) as u32,
                         at: cdate(e, "at").unwrap_or_default(),
+                        provider: e.get_str("provider").ok().map(str::to_string),
                         code: e.get_str("code").ok().map(str::to_string),
                         message: e.get_str("message").unwrap_or_default().to_string(),
                     })
@@ -590,6 +591,10 @@ fn unknown_attempt(d: &Document, stale: bool, record: &Communication) -> Option<
             attempt: attempt as u32,
             cause,
             since,
+            provider: d
+                .get_str("unknownProvider")
+                .ok()
+                .and_then(crate::providers::known_name),
         }),
         _ => None,
     };
@@ -601,6 +606,8 @@ fn unknown_attempt(d: &Document, stale: bool, record: &Communication) -> Option<
         attempt: record.attempts.saturating_sub(1),
         cause: Ambiguity::StaleLease,
         since,
+        // The lost claim may have called any provider of the channel.
+        provider: None,
     })
 }
 
@@ -615,10 +622,20 @@ fn duplicate_fields(dup: &UnknownAttempt) -> Document {
 
 fn error_doc(e: &AttemptError) -> Document {
     let mut d = doc! {"attempt": e.attempt as i32, "at": bdate(e.at), "message": &e.message};
+    if let Some(p) = &e.provider {
+        d.insert("provider", p);
+    }
     if let Some(c) = &e.code {
         d.insert("code", c);
     }
     d
+}
+
+/// The errors an outcome adds to the record: those of the providers failed over from,
+/// then its own.
+fn errors_push(failovers: &[AttemptError], last: Option<&AttemptError>) -> Document {
+    let each: Vec<Document> = failovers.iter().chain(last).map(error_doc).collect();
+    doc! {"errors": {"$each": each}}
 }
 
 /// The `sent` outcomes of one provider (and one possible-duplicate cause): records, their
@@ -650,6 +667,20 @@ fn outcome_statements(
                 provider,
                 provider_message_id,
                 possible_duplicate,
+                failovers,
+            } if !failovers.is_empty() => sent_after_failover(
+                provider,
+                provider_message_id.as_deref(),
+                *possible_duplicate,
+                failovers,
+                (owner, *attempt),
+                now,
+            ),
+            Outcome::Sent {
+                provider,
+                provider_message_id,
+                possible_duplicate,
+                ..
             } => {
                 let g = sent
                     .entry((provider.as_str(), possible_duplicate.map(|d| d.cause)))
@@ -666,33 +697,26 @@ fn outcome_statements(
                 provider,
                 error,
                 possible_duplicate,
-            } => {
-                let mut set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
-                "provider": provider, "lastError": &error.message, "attempts": *attempt as i32};
-                set.extend(
-                    possible_duplicate
-                        .as_ref()
-                        .map(duplicate_fields)
-                        .unwrap_or_default(),
-                );
-                doc! {
-                    "$set": set,
-                    "$push": {"errors": error_doc(error)},
-                    "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
-                }
-            }
+                failovers,
+            } => failed_update(
+                provider,
+                (failovers, error),
+                *possible_duplicate,
+                *attempt,
+                now,
+            ),
             Outcome::Retry {
                 provider,
                 error,
                 not_before,
                 possible_duplicate,
                 unknown,
+                failovers,
             } => retry_update(
                 provider,
-                error,
+                (failovers, error),
                 *not_before,
-                *possible_duplicate,
-                *unknown,
+                (*possible_duplicate, *unknown),
                 *attempt,
                 now,
             ),
@@ -706,15 +730,49 @@ fn outcome_statements(
     Ok(updates)
 }
 
-/// A retry: back to `pending` until `not_before`, the attempt's error kept; an attempt of
-/// unknown outcome is remembered for the next claim (`unknown*`, the lookup window's start
-/// kept from the first), and a possible duplicate flagged.
+/// A failure for good: `failed`, the attempt's errors kept (those of the providers failed
+/// over from, then its own), a possible duplicate flagged.
+fn failed_update(
+    provider: &str,
+    (failovers, error): (&[AttemptError], &AttemptError),
+    possible_duplicate: Option<UnknownAttempt>,
+    attempt: u32,
+    now: BsonDate,
+) -> Document {
+    let set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
+    "provider": provider, "lastError": &error.message, "attempts": attempt as i32};
+    closing_update(set, possible_duplicate, errors_push(failovers, Some(error)))
+}
+
+/// The update of an outcome that ends the record's attempts (`sent`, `failed`): `set`, a
+/// possible duplicate flagged, the errors `push`ed, the claim and the next look gone.
+fn closing_update(
+    mut set: Document,
+    possible_duplicate: Option<UnknownAttempt>,
+    push: Document,
+) -> Document {
+    set.extend(
+        possible_duplicate
+            .as_ref()
+            .map(duplicate_fields)
+            .unwrap_or_default(),
+    );
+    doc! {
+        "$set": set,
+        "$push": push,
+        "$unset": {"claimedBy": "", "claimKind": "", "nextAttemptAt": ""},
+    }
+}
+
+/// A retry: back to `pending` until `not_before`, the attempt's errors kept (those of the
+/// providers failed over from, then its own); an attempt of unknown outcome is remembered
+/// for the next claim (`unknown*`, the lookup window's start kept from the first, and the
+/// provider to ask: none when not known), and a possible duplicate flagged.
 fn retry_update(
     provider: &str,
-    error: &AttemptError,
+    (failovers, error): (&[AttemptError], &AttemptError),
     not_before: DateTime<Utc>,
-    possible_duplicate: Option<UnknownAttempt>,
-    unknown: Option<UnknownAttempt>,
+    (possible_duplicate, unknown): (Option<UnknownAttempt>, Option<UnknownAttempt>),
     attempt: u32,
     now: BsonDate,
 ) -> Document {
@@ -731,12 +789,30 @@ fn retry_update(
         set.insert("unknownAttempt", u.attempt as i32);
         set.insert("unknownCause", u.cause.as_str());
         set.insert("unknownSince", bdate(u.since));
+        set.insert("unknownProvider", u.provider.map_or(Bson::Null, Bson::from));
     }
     doc! {
         "$set": set,
-        "$push": {"errors": error_doc(error)},
+        "$push": errors_push(failovers, Some(error)),
         "$unset": {"claimedBy": "", "claimKind": ""},
     }
+}
+
+/// A `sent` after providers failed over from, on its own (rare: only while a provider
+/// fails): the refusals of those providers pushed to `errors` with the send's fields.
+fn sent_after_failover(
+    provider: &str,
+    provider_message_id: Option<&str>,
+    possible_duplicate: Option<UnknownAttempt>,
+    failovers: &[AttemptError],
+    (owner, attempt): (&str, u32),
+    now: BsonDate,
+) -> Document {
+    let sent_by = owner.rsplitn(3, ':').last().unwrap_or(owner);
+    let set = doc! {"status": "sent", "sentAt": now, "updatedAt": now, "provider": provider,
+    "sentBy": sent_by, "providerMessageId": provider_message_id.map_or(Bson::Null, Bson::from),
+    "attempts": attempt as i32};
+    closing_update(set, possible_duplicate, errors_push(failovers, None))
 }
 
 /// Every `sent` of a group in statements of [`SENT_CHUNK`] records: a pipeline update that
@@ -1312,7 +1388,9 @@ mod tests {
                 attempt: 1,
                 cause: Ambiguity::Timeout,
                 since: Utc::now(),
+                provider: Some("twilio"),
             }),
+            failovers: Vec::new(),
         }
     }
 
@@ -1333,6 +1411,7 @@ mod tests {
             cause: Ambiguity::Gateway5xx,
             // Stored to the millisecond.
             since: cdate(&d, "unknownSince").unwrap(),
+            provider: None,
         };
         let ClaimResult::Claimed(c) = claim_one(2, Some(&d), now).0 else {
             panic!("not claimed");
@@ -1356,6 +1435,7 @@ mod tests {
         let error = AttemptError {
             attempt: 2,
             at: Utc::now(),
+            provider: Some("meta-whatsapp".into()),
             code: Some("timeout".into()),
             message: "no answer".into(),
         };
@@ -1363,6 +1443,7 @@ mod tests {
             attempt: 1,
             cause: Ambiguity::Timeout,
             since: Utc::now(),
+            provider: Some("meta-whatsapp"),
         };
         let outcomes = [
             sent("meta-whatsapp", true),
@@ -1370,6 +1451,7 @@ mod tests {
                 provider: "meta-whatsapp".into(),
                 error: error.clone(),
                 possible_duplicate: Some(dup),
+                failovers: Vec::new(),
             },
             Outcome::Retry {
                 provider: "meta-whatsapp".into(),
@@ -1377,6 +1459,7 @@ mod tests {
                 not_before: Utc::now(),
                 possible_duplicate: Some(dup),
                 unknown: Some(UnknownAttempt { attempt: 2, ..dup }),
+                failovers: Vec::new(),
             },
         ];
         let outcomes: Vec<(String, u32, Outcome)> = outcomes
@@ -1412,6 +1495,7 @@ mod tests {
         let error = AttemptError {
             attempt: 1,
             at: Utc::now(),
+            provider: Some("twilio".into()),
             code: Some("21211".into()),
             message: "invalid".into(),
         };
@@ -1424,6 +1508,7 @@ mod tests {
             provider: "twilio".into(),
             error: error.clone(),
             possible_duplicate: None,
+            failovers: Vec::new(),
         };
         outcomes.push((ObjectId::new().to_hex(), 1, failed));
         let retry = Outcome::Retry {
@@ -1432,6 +1517,7 @@ mod tests {
             not_before: Utc::now(),
             possible_duplicate: None,
             unknown: None,
+            failovers: Vec::new(),
         };
         outcomes.push((ObjectId::new().to_hex(), 1, retry));
         let statements = outcome_statements("host-1:sms:0", &outcomes, bdate(Utc::now())).unwrap();

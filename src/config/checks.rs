@@ -1,7 +1,7 @@
 //! Start-up validations: one small function per rule, each error naming the variable or
 //! setting to fix. They run in the order of [`RULES`]; the first failure stops start-up.
 
-use super::{bad, ChannelSettings, Config, ConfigError};
+use super::{bad, ChannelSettings, Config, ConfigError, Routing};
 use secrecy::ExposeSecret;
 
 type Rule = fn(&Config) -> Result<(), ConfigError>;
@@ -9,6 +9,7 @@ type Rule = fn(&Config) -> Result<(), ConfigError>;
 const RULES: &[Rule] = &[
     urls_have_known_schemes,
     routes_name_known_providers,
+    tenant_routes_name_channel_providers,
     provider_credentials_are_set,
     sendgrid_key_is_a_key,
     api_keys_or_dev_mode,
@@ -107,30 +108,101 @@ fn urls_have_known_schemes(c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Each channel names at least one provider, each one it knows, none twice.
+/// Each channel names at least one provider, each one it knows, none twice; its strategy
+/// is `failover` or `weighted`; weights are whole numbers up to 1000, given only under
+/// `weighted`, and not all 0.
 fn routes_name_known_providers(c: &Config) -> Result<(), ConfigError> {
-    use super::Routing;
     for ch in actors::domain::Channel::ALL {
-        let var = format!("{}_PROVIDERS", ch.as_str().to_uppercase());
-        let list = c.routing.of(ch);
-        if list.is_empty() {
+        let upper = ch.as_str().to_uppercase();
+        let var = format!("{upper}_PROVIDERS");
+        let names = c.routing.names(ch);
+        if names.is_empty() {
             return Err(bad(format!(
                 "{var} (routing.{}) names no provider",
                 ch.as_str()
             )));
         }
-        for (i, p) in list.iter().enumerate() {
-            if !Routing::known(ch).contains(&p.as_str()) {
+        for (i, p) in names.iter().enumerate() {
+            if !Routing::known(ch).contains(p) {
                 return Err(bad(format!(
                     "{var}: {p:?} is not a {} provider; one of {:?}",
                     ch.as_str(),
                     Routing::known(ch)
                 )));
             }
-            if list[..i].contains(p) {
+            if names[..i].contains(p) {
                 return Err(bad(format!("{var}: {p:?} is named twice")));
             }
         }
+        route_weights_are_usable(c, ch, &var)?;
+    }
+    Ok(())
+}
+
+/// A tenant's own provider order names providers of the channel's `[routing]` list (each
+/// has its breaker and bucket there), each once, at least one.
+fn tenant_routes_name_channel_providers(c: &Config) -> Result<(), ConfigError> {
+    for (tenant, t) in &c.tenants.tables {
+        for ch in actors::domain::Channel::ALL {
+            let Some(list) = t.providers.get(ch) else {
+                continue;
+            };
+            let at = format!("TENANTS_FILE: [{tenant}] providers.{}", ch.as_str());
+            let routed = c.routing.names(ch);
+            if list.is_empty() {
+                return Err(bad(format!("{at} names no provider")));
+            }
+            for (i, p) in list.iter().enumerate() {
+                if !routed.contains(&p.as_str()) {
+                    return Err(bad(format!(
+                        "{at}: {p:?} is not among the channel's providers {routed:?} ({}_PROVIDERS)",
+                        ch.as_str().to_uppercase()
+                    )));
+                }
+                if list[..i].contains(p) {
+                    return Err(bad(format!("{at}: {p:?} is named twice")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One channel's strategy and weights (see [`routes_name_known_providers`]).
+fn route_weights_are_usable(
+    c: &Config,
+    ch: actors::domain::Channel,
+    var: &str,
+) -> Result<(), ConfigError> {
+    let upper = ch.as_str().to_uppercase();
+    let strategy = c.routing.strategy_name(ch);
+    let weighted = match actors::routing::Strategy::parse(strategy.trim()) {
+        Some(s) => s == actors::routing::Strategy::Weighted,
+        None => {
+            return Err(bad(format!(
+                "{upper}_ROUTING (routing.{}_strategy) is {strategy:?}: one of \"failover\", \"weighted\"",
+                ch.as_str()
+            )))
+        }
+    };
+    for entry in c.routing.of(ch) {
+        let (name, weight) = super::route_entry(entry);
+        let Some(w) = weight else { continue };
+        if !weighted {
+            return Err(bad(format!(
+                "{var}: {entry:?} gives {name} a weight, but weights need {upper}_ROUTING=weighted"
+            )));
+        }
+        if !w.parse::<u32>().is_ok_and(|w| w <= 1000) {
+            return Err(bad(format!(
+                "{var}: the weight of {name} in {entry:?} must be a whole number from 0 to 1000"
+            )));
+        }
+    }
+    if weighted && c.routing.weights(ch).iter().all(|w| *w == 0) {
+        return Err(bad(format!(
+            "{var}: every weight is 0; give one provider a weight"
+        )));
     }
     Ok(())
 }
@@ -151,6 +223,7 @@ fn provider_credentials_are_set(c: &Config) -> Result<(), ConfigError> {
     let p = &c.providers;
     let r = &c.routing;
     let twilio = r.uses("twilio");
+    let meta = r.names(actors::domain::Channel::Whatsapp).contains(&"meta");
     let needed: [(bool, &str, &str, &str); 7] = [
         (
             twilio,
@@ -165,13 +238,13 @@ fn provider_credentials_are_set(c: &Config) -> Result<(), ConfigError> {
             "the Twilio auth token",
         ),
         (
-            r.whatsapp.iter().any(|x| x == "meta"),
+            meta,
             "WHATSAPP_PHONE_NUMBER_ID",
             &p.whatsapp.phone_number_id,
             "the WhatsApp Business phone number id",
         ),
         (
-            r.whatsapp.iter().any(|x| x == "meta"),
+            meta,
             "WHATSAPP_TOKEN",
             p.whatsapp.token.expose_secret(),
             "the WhatsApp Cloud API access token",

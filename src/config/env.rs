@@ -213,9 +213,12 @@ pub const ENV: &[EnvVar] = &[
     var("SENDGRID_API_BASE", "providers.sendgrid.api_base", "SendGrid API", set!(text => providers.sendgrid.api_base)),
     var("SENDGRID_API_KEY", "", "SendGrid API key", set!(secret => providers.sendgrid.api_key)),
     var("SENDGRID_WEBHOOK_PUBLIC_KEY", "providers.sendgrid.webhook_public_key", "SendGrid event webhook verification key", set!(text => providers.sendgrid.webhook_public_key)),
-    var("EMAIL_PROVIDERS", "routing.email", "email providers in order: `smtp`, `sendgrid`", set!(list => routing.email)),
-    var("SMS_PROVIDERS", "routing.sms", "SMS providers in order: `twilio`, `vonage`", set!(list => routing.sms)),
-    var("WHATSAPP_PROVIDERS", "routing.whatsapp", "WhatsApp providers in order: `meta`, `twilio`", set!(list => routing.whatsapp)),
+    var("EMAIL_PROVIDERS", "routing.email", "email providers in order: `smtp`, `sendgrid` (`name:weight` under `weighted`)", set!(list => routing.email)),
+    var("SMS_PROVIDERS", "routing.sms", "SMS providers in order: `twilio`, `vonage` (e.g. `twilio:3,vonage:1` under `weighted`)", set!(list => routing.sms)),
+    var("WHATSAPP_PROVIDERS", "routing.whatsapp", "WhatsApp providers in order: `meta`, `twilio` (`name:weight` under `weighted`)", set!(list => routing.whatsapp)),
+    var("EMAIL_ROUTING", "routing.email_strategy", "`failover` (first healthy provider) or `weighted` (split by weight)", set!(text => routing.email_strategy)),
+    var("SMS_ROUTING", "routing.sms_strategy", "`failover` or `weighted`, for SMS", set!(text => routing.sms_strategy)),
+    var("WHATSAPP_ROUTING", "routing.whatsapp_strategy", "`failover` or `weighted`, for WhatsApp", set!(text => routing.whatsapp_strategy)),
 ];
 
 const fn names() -> [&'static str; ENV.len()] {

@@ -20,6 +20,7 @@ use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::health::BreakerConfig;
 use actors::retry::RetryPolicy;
+use actors::routing::Strategy;
 use serde::{Deserialize, Deserializer};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -598,24 +599,69 @@ pub struct SendGrid {
     pub webhook_public_key: String,
 }
 
-/// `[routing]`: the providers of each channel, in order. Names: `twilio` and `vonage` for
-/// SMS, `smtp` and `sendgrid` for email, `meta` and `twilio` for WhatsApp. The first is
-/// the channel's provider.
+/// `[routing]`: the providers of each channel, in order, and the channel's strategy
+/// (`failover`: the first healthy one takes every message; `weighted`: split by weight among
+/// the healthy ones). Names: `twilio` and `vonage` for SMS, `smtp` and `sendgrid` for email,
+/// `meta` and `twilio` for WhatsApp; under `weighted` an entry may carry its weight,
+/// `name:weight` (default 1; 0: only ever a failover target).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Routing {
     pub email: Vec<String>,
     pub sms: Vec<String>,
     pub whatsapp: Vec<String>,
+    #[serde(default = "failover")]
+    pub email_strategy: String,
+    #[serde(default = "failover")]
+    pub sms_strategy: String,
+    #[serde(default = "failover")]
+    pub whatsapp_strategy: String,
+}
+
+fn failover() -> String {
+    "failover".into()
+}
+
+/// One `[routing]` entry, `name` or `name:weight`, split (the weight unparsed).
+pub fn route_entry(entry: &str) -> (&str, Option<&str>) {
+    match entry.split_once(':') {
+        Some((name, weight)) => (name.trim(), Some(weight.trim())),
+        None => (entry.trim(), None),
+    }
 }
 
 impl Routing {
+    /// The channel's entries as configured (`name` or `name:weight`).
     pub fn of(&self, channel: Channel) -> &[String] {
         match channel {
             Channel::Email => &self.email,
             Channel::Sms => &self.sms,
             Channel::Whatsapp => &self.whatsapp,
         }
+    }
+
+    /// The channel's provider names, in order.
+    pub fn names(&self, channel: Channel) -> Vec<&str> {
+        self.of(channel).iter().map(|e| route_entry(e).0).collect()
+    }
+
+    /// The channel's weights, in order (1 where none is given; checked at start-up).
+    pub fn weights(&self, channel: Channel) -> Vec<u32> {
+        let weight = |e: &String| route_entry(e).1.and_then(|w| w.parse().ok()).unwrap_or(1);
+        self.of(channel).iter().map(weight).collect()
+    }
+
+    /// The channel's strategy as configured (checked at start-up).
+    pub fn strategy_name(&self, channel: Channel) -> &str {
+        match channel {
+            Channel::Email => &self.email_strategy,
+            Channel::Sms => &self.sms_strategy,
+            Channel::Whatsapp => &self.whatsapp_strategy,
+        }
+    }
+
+    pub fn strategy(&self, channel: Channel) -> Strategy {
+        Strategy::parse(self.strategy_name(channel).trim()).unwrap_or(Strategy::Failover)
     }
 
     /// The providers a channel may name, in the names `[routing]` uses.
@@ -631,7 +677,7 @@ impl Routing {
     pub fn uses(&self, provider: &str) -> bool {
         Channel::ALL
             .into_iter()
-            .any(|ch| self.of(ch).iter().any(|p| p == provider))
+            .any(|ch| self.names(ch).contains(&provider))
     }
 }
 
@@ -822,6 +868,43 @@ mod tests {
         assert!(!c.auth.dev_mode, "dev mode is off unless switched on");
     }
 
+    /// A tenant's own provider order names providers of the channel's list.
+    #[test]
+    fn tenant_provider_orders_name_the_channels_providers() {
+        let file = std::env::temp_dir().join(format!("tenant-routes-{}.toml", std::process::id()));
+        let path = file.to_string_lossy().to_string();
+        let mut v = CREDS.to_vec();
+        v.extend([
+            ("TENANTS_FILE", path.as_str()),
+            ("SMS_PROVIDERS", "twilio,vonage"),
+            ("VONAGE_API_KEY", "k"),
+            ("VONAGE_API_SECRET", "s"),
+        ]);
+        let with = |table: &str| {
+            std::fs::write(&file, format!("[acme]\n{table}\n")).unwrap();
+            load(&v)
+        };
+        let c = with("providers = { sms = [\"vonage\", \"twilio\"] }").unwrap();
+        let acme = &c.tenants.tables["acme"];
+        assert_eq!(
+            acme.providers.sms.as_deref(),
+            Some(&["vonage".to_string(), "twilio".to_string()][..])
+        );
+        for (table, named) in [
+            (
+                "providers = { sms = [\"sendgrid\"] }",
+                "TENANTS_FILE: [acme] providers.sms: \"sendgrid\" is not among the channel's providers",
+            ),
+            ("providers = { email = [\"sendgrid\"] }", "[acme] providers.email: \"sendgrid\""),
+            ("providers = { sms = [] }", "[acme] providers.sms names no provider"),
+            ("providers = { sms = [\"vonage\", \"vonage\"] }", "named twice"),
+        ] {
+            let err = with(table).unwrap_err().to_string();
+            assert!(err.contains(named), "{table}: {err}");
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
+
     #[test]
     fn tenant_settings_from_the_file_and_the_environment() {
         let c = load(&CREDS).unwrap();
@@ -934,6 +1017,47 @@ zeta:zeta-0123456789abcdef
             if !value.is_empty() {
                 bad.push((var, value));
             }
+            let err = load(&bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{var}={value}: {err}");
+        }
+        let weighted = |providers: &'static str| {
+            let mut w = v.clone();
+            w.retain(|(k, _)| *k != "SMS_PROVIDERS");
+            w.extend([("SMS_PROVIDERS", providers), ("SMS_ROUTING", "weighted")]);
+            load(&w)
+        };
+        let c = weighted("twilio:3, vonage").unwrap();
+        assert_eq!(c.routing.names(Channel::Sms), ["twilio", "vonage"]);
+        assert_eq!(c.routing.weights(Channel::Sms), [3, 1]);
+        assert_eq!(c.routing.strategy(Channel::Sms), Strategy::Weighted);
+        assert_eq!(c.routing.strategy(Channel::Email), Strategy::Failover);
+        for (providers, named) in [
+            (
+                "twilio:x,vonage",
+                "the weight of twilio in \"twilio:x\" must be a whole number",
+            ),
+            ("twilio:1001", "from 0 to 1000"),
+            ("twilio:0,vonage:0", "SMS_PROVIDERS: every weight is 0"),
+            ("twilio:2,twilio:1", "\"twilio\" is named twice"),
+        ] {
+            let err = weighted(providers).unwrap_err().to_string();
+            assert!(err.contains(named), "{providers}: {err}");
+        }
+        for (var, value, named) in [
+            (
+                "SMS_ROUTING",
+                "random",
+                "SMS_ROUTING (routing.sms_strategy) is \"random\"",
+            ),
+            (
+                "SMS_PROVIDERS",
+                "twilio:3,vonage",
+                "gives twilio a weight, but weights need SMS_ROUTING=weighted",
+            ),
+        ] {
+            let mut bad = v.clone();
+            bad.retain(|(k, _)| *k != var);
+            bad.push((var, value));
             let err = load(&bad).unwrap_err().to_string();
             assert!(err.contains(named), "{var}={value}: {err}");
         }

@@ -65,7 +65,7 @@ fn openapi(who: Result<Identity, AuthError>) -> Result<Response, ApiError> {
 
 fn providers(who: Result<Identity, AuthError>, state: &AppState) -> Result<Response, ApiError> {
     who?;
-    let list: Vec<serde_json::Value> = state.health.iter().map(|h| h.snapshot()).collect();
+    let list: Vec<serde_json::Value> = state.routes.iter().flat_map(|r| r.snapshot()).collect();
     Ok(warp::reply::json(&json!({"providers": list})).into_response())
 }
 

@@ -9,9 +9,9 @@ use crate::http::callbacks::CallbackConfig;
 use crate::limits::{Caller, Limiter, Verdict};
 use crate::tenants::Tenants;
 use actors::domain::ValidationLimits;
-use actors::health::ProviderHealth;
 use actors::ports::Queue;
 use actors::router::Admission;
+use actors::routing::Routes;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ pub struct AppState {
     pub indexes: IndexReadiness,
     /// The bounded way into the router, with the accept deadline.
     pub admission: Admission,
-    pub health: Vec<Arc<ProviderHealth>>,
+    pub routes: Vec<Arc<Routes>>,
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,
     pub auth: Arc<ApiKeys>,

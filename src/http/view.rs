@@ -35,6 +35,7 @@ pub const RECORD_FIELDS: &[&str] = &[
     "unknownAttempt",
     "unknownCause",
     "unknownSince",
+    "unknownProvider",
     "fallback",
     "fallbackAt",
     "fallbackId",
@@ -48,7 +49,7 @@ pub const RECORD_FIELDS: &[&str] = &[
 const SEARCH_EXTRA: &[&str] = &["stream", "timestamp"];
 
 /// The fields of each entry of `errors[]`.
-const ERROR_FIELDS: &[&str] = &["attempt", "at", "code", "message"];
+const ERROR_FIELDS: &[&str] = &["attempt", "at", "provider", "code", "message"];
 
 fn keep(v: &mut Value, allowed: &[&str]) {
     if let Some(o) = v.as_object_mut() {

@@ -11,6 +11,22 @@ pub mod whatsapp;
 use actors::domain::{Ambiguity, ErrorClass, ProviderError};
 use std::time::Duration;
 
+/// Every provider's `Provider::name`, as records keep them.
+pub const NAMES: [&str; 6] = [
+    twilio::NAME,
+    twilio::WHATSAPP_NAME,
+    vonage::NAME,
+    whatsapp::NAME,
+    sendgrid::NAME,
+    "smtp",
+];
+
+/// The provider `name` names, as the static name its client reports (`None`: no provider
+/// of ours has that name).
+pub fn known_name(name: &str) -> Option<&'static str> {
+    NAMES.into_iter().find(|n| *n == name)
+}
+
 /// `Retry-After` in seconds (the form Twilio and Meta send).
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers

@@ -94,7 +94,7 @@ pub struct DecisionContext<'a> {
     /// The `service` of the log events: the channel.
     pub service: &'a str,
     /// The provider's name, for the record, the events and the error text.
-    pub provider: &'a str,
+    pub provider: &'static str,
     pub retry: &'a RetryPolicy,
     /// The provider timeout: a call whose outcome is unknown started at most this long
     /// before its decision.
@@ -141,6 +141,7 @@ pub fn decide(
                 provider,
                 provider_message_id,
                 possible_duplicate,
+                failovers: Vec::new(),
             },
             event: ev,
             label: "sent",
@@ -163,7 +164,8 @@ pub fn decide(
                     error,
                     not_before,
                     possible_duplicate,
-                    unknown: unknown_attempt(&err, claimed, ctx.timeout, now),
+                    unknown: unknown_attempt(&err, claimed, ctx, now),
+                    failovers: Vec::new(),
                 },
                 event: ev,
                 label: "retry",
@@ -177,6 +179,7 @@ pub fn decide(
                     provider,
                     error,
                     possible_duplicate,
+                    failovers: Vec::new(),
                 },
                 event: ev,
                 label: "failed",
@@ -199,31 +202,74 @@ fn attempt_error(
     let error = AttemptError {
         attempt,
         at: now,
+        provider: Some(provider.to_string()),
         code: err.code.clone(),
         message: err.message.clone(),
     };
     (error, text)
 }
 
-/// The unknown attempt a retry carries when this attempt's outcome is unknown: this
-/// attempt and its cause, looked up from the start of the first unknown attempt (this
-/// call started at most `timeout` ago).
+/// The unknown attempt a retry carries: this attempt's, when its outcome is unknown (the
+/// lookup window from the start of the first unknown attempt: this call started at most
+/// `timeout` ago), else the one the claim carried (an earlier attempt, or a provider failed
+/// over from in this one), so the next claim still asks before sending. Asked at this
+/// provider, unless the earlier unknown attempt was at another (or at one not known).
 fn unknown_attempt(
     err: &ProviderError,
     claimed: &Claimed,
-    timeout: Duration,
+    ctx: DecisionContext<'_>,
     now: DateTime<Utc>,
 ) -> Option<UnknownAttempt> {
-    let cause = err.ambiguous?;
-    let started = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::zero());
+    let Some(cause) = err.ambiguous else {
+        return claimed.unknown;
+    };
+    let started = now - chrono::Duration::from_std(ctx.timeout).unwrap_or(chrono::Duration::zero());
     let since = claimed
         .unknown
         .map_or(started, |earlier| earlier.since.min(started));
+    let provider = match claimed.unknown {
+        Some(earlier) if earlier.provider != Some(ctx.provider) => None,
+        _ => Some(ctx.provider),
+    };
     Some(UnknownAttempt {
         attempt: claimed.record.attempts,
         cause,
         since,
+        provider,
     })
+}
+
+/// Whether a call's result sends the message on to the channel's next provider, within
+/// the same attempt: a retryable refusal (an outage, a rate limit) or a call whose outcome
+/// is unknown (a timeout, a reset, an ambiguous 5xx: the next send is flagged as a possible
+/// duplicate). Not a permanent refusal (it is about the message, e.g. an invalid number:
+/// the next provider would refuse it too), not a panic (our own client's bug: the sender
+/// restarts), not an answer about an earlier attempt.
+pub fn fails_over(result: &CallResult) -> bool {
+    match result {
+        CallResult::Refused(e) => matches!(e.class, ErrorClass::Retryable { .. }),
+        CallResult::TimedOut(_) => true,
+        CallResult::Accepted { .. }
+        | CallResult::Found { .. }
+        | CallResult::NotResent
+        | CallResult::Panicked => false,
+    }
+}
+
+/// The refusals of the providers failed over from, as the record keeps them (each with
+/// its provider), all of attempt `attempt`.
+pub fn failover_errors(
+    failovers: &[(&str, CallResult)],
+    attempt: u32,
+    now: DateTime<Utc>,
+) -> Vec<AttemptError> {
+    failovers
+        .iter()
+        .filter_map(|(provider, result)| {
+            let err = result.error(provider)?;
+            Some(attempt_error(&err, attempt, now, provider).0)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -402,6 +448,71 @@ mod tests {
         }
     }
 
+    /// What sends a message on to the next provider within the attempt.
+    #[test]
+    fn retryable_and_unknown_results_fail_over_permanent_ones_do_not() {
+        let gateway = CallResult::Refused(ProviderError {
+            class: retryable(None),
+            ambiguous: Some(Ambiguity::Gateway5xx),
+            rate_limited: false,
+            code: Some("http-503".into()),
+            message: "HTTP 503".into(),
+        });
+        let rows = [
+            ("an outage", refused(retryable(None), Some("20500")), true),
+            (
+                "a rate limit",
+                refused(retryable(Some(TIMEOUT)), Some("20429")),
+                true,
+            ),
+            ("a timeout", CallResult::TimedOut(TIMEOUT), true),
+            ("an ambiguous 5xx", gateway, true),
+            (
+                "an invalid number",
+                refused(ErrorClass::Permanent, Some("21211")),
+                false,
+            ),
+            (
+                "accepted",
+                CallResult::Accepted {
+                    provider_message_id: None,
+                },
+                false,
+            ),
+            (
+                "found",
+                CallResult::Found {
+                    provider_message_id: None,
+                },
+                false,
+            ),
+            ("not resent", CallResult::NotResent, false),
+            ("a panic", CallResult::Panicked, false),
+        ];
+        for (name, result, want) in rows {
+            assert_eq!(fails_over(&result), want, "{name}");
+        }
+        let errors = failover_errors(
+            &[
+                ("twilio", refused(retryable(None), Some("20500"))),
+                ("vonage", CallResult::TimedOut(TIMEOUT)),
+            ],
+            2,
+            now(),
+        );
+        let providers: Vec<_> = errors
+            .iter()
+            .map(|e| (e.attempt, e.provider.as_deref(), e.code.as_deref()))
+            .collect();
+        assert_eq!(
+            providers,
+            [
+                (2, Some("twilio"), Some("20500")),
+                (2, Some("vonage"), Some("timeout"))
+            ]
+        );
+    }
+
     #[test]
     fn a_send_carries_its_message_id_and_duplicate_mark() {
         let call = CallResult::Accepted {
@@ -411,6 +522,7 @@ mod tests {
             attempt: 1,
             cause: Ambiguity::StaleLease,
             since: now(),
+            provider: None,
         };
         for dup in [None, Some(stale)] {
             let d = run(&call, 2, dup, 1);
@@ -420,6 +532,7 @@ mod tests {
                     provider: "twilio".into(),
                     provider_message_id: Some("SM1".into()),
                     possible_duplicate: dup,
+                    failovers: Vec::new(),
                 }
             );
             assert_eq!(d.event.provider_message_id.as_deref(), Some("SM1"));
@@ -458,6 +571,7 @@ mod tests {
             attempt,
             cause,
             since,
+            provider: Some("twilio"),
         };
         let earlier = unknown(1, Ambiguity::Timeout, ago(60));
         let stale = unknown(1, Ambiguity::StaleLease, ago(120));
@@ -565,6 +679,33 @@ mod tests {
                 "retry",
                 Some(unknown(3, Ambiguity::Timeout, ago(60))),
                 Some(earlier),
+            ),
+            (
+                "a definite retryable failure after an unknown attempt carries it on",
+                refused(retryable(None), Some("20500")),
+                2,
+                Some(earlier),
+                "retry",
+                Some(earlier),
+                Some(earlier),
+            ),
+            (
+                "unknown at another provider too: asked at every provider next time",
+                timeout.clone(),
+                2,
+                Some(UnknownAttempt {
+                    provider: Some("vonage"),
+                    ..earlier
+                }),
+                "retry",
+                Some(UnknownAttempt {
+                    provider: None,
+                    ..unknown(2, Ambiguity::Timeout, ago(60))
+                }),
+                Some(UnknownAttempt {
+                    provider: Some("vonage"),
+                    ..earlier
+                }),
             ),
             (
                 "a definite failure of the last attempt fails it",

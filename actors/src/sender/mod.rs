@@ -1,16 +1,22 @@
-//! SenderActor (one per channel): claims records, calls the provider, records outcomes.
+//! SenderActor (one per channel): claims records, calls the channel's providers, records
+//! outcomes.
 //!
-//! Owns: the channel's provider client and retry policy.
+//! Owns: the channel's routes (its providers, each with its breaker and token bucket, and
+//! the strategy among them: `routing.rs`) and retry policy.
 //! Talks to it: the channel's StreamConsumer (`Deliver`, an RPC answered with the stream
 //! entry ids that may be acknowledged, and those to offer again).
 //! Talks to: the store (claim before the call: a lease in Redis and one MongoDB read;
-//! outcome after it: one MongoDB write; one round trip per batch each), the provider,
+//! outcome after it: one MongoDB write; one round trip per batch each), the providers,
 //! Redis (`log_stream` events).
 //! A batch goes through named stages (`stages.rs`): partition the entries (valid ids vs
-//! malformed) → claim → call the provider (rate limit, timeout, panic caught, breaker
-//! told; for a record whose earlier attempt has an unknown outcome, first ask the
-//! provider whether it has the message, and send only if it cannot say yes) → decide each call (`decision.rs`, pure: outcome, log event, metric label) →
-//! persist the outcomes → append the log events → report.
+//! malformed) → claim → call the providers (the order from the routes; rate limit,
+//! timeout, panic caught, breaker told; on a result that fails over — a retryable refusal,
+//! a timeout, a reset — the next ready provider within the same attempt, a call after an
+//! unknown outcome flagged as a possible duplicate; for a record whose earlier attempt has
+//! an unknown outcome, first ask the provider of that attempt whether it has the message,
+//! and send anywhere only if it cannot say yes) → decide each call (`decision.rs`, pure:
+//! outcome, log event, metric label, whether to fail over) → persist the outcomes → append
+//! the log events → report.
 //! Leases: each record's lease is confirmed right before its own call (a claim whose
 //! lease another worker took makes none), renewed while the call runs and until the
 //! batch's outcomes are written, and fences the outcome write (a write whose lease was
@@ -24,21 +30,24 @@
 //! consumer without an answer, so every entry of the batch stays pending in the group; the
 //! dead batch's leases expire after `stale_after`, then those records are claimed again
 //! (the consumer hands autoclaimed entries over one at a time, which isolates a message
-//! that crashes its sender), looked up at the provider, and sent again only if it cannot
-//! find it: marked `possibleDuplicate` on the record (cause `stale_lease`) and counted in
-//! `possible_duplicate_sends_total{channel,cause}`, since the provider call may have been
-//! made. A timeout, a reset or an ambiguous 5xx is handled the same way on the next try.
+//! that crashes its sender), looked up at every provider of the channel, and sent again
+//! only if none finds it: marked `possibleDuplicate` on the record (cause `stale_lease`)
+//! and counted in `possible_duplicate_sends_total{channel,cause}`, since the provider call
+//! may have been made. A timeout, a reset or an ambiguous 5xx is handled the same way on
+//! the next try (asked at the provider it happened at).
 
 mod decision;
+#[cfg(test)]
+mod failover_tests;
 mod stages;
 
 pub use decision::{decide, CallResult, Decision, DecisionContext};
 pub use stages::{Call, Claims, Decided, EntryRef, Partition, ToSend};
 
 use crate::domain::StreamEntry;
-use crate::health::ProviderHealth;
-use crate::ports::{Provider, Queue, Store};
+use crate::ports::{Queue, Store};
 use crate::retry::RetryPolicy;
+use crate::routing::Routes;
 use chrono::Utc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::SeedableRng;
@@ -66,7 +75,9 @@ pub enum SenderMsg {
 #[derive(Clone)]
 pub struct SenderArgs {
     pub channel: crate::domain::Channel,
-    pub provider: Arc<dyn Provider>,
+    /// The channel's providers (each with its breaker and rate limit, shared with the
+    /// consumers and `/api/v1/providers`) and how to choose among them.
+    pub routes: Arc<Routes>,
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
     /// This process's consumer name; claims are `{owner}:{n}`.
@@ -79,8 +90,6 @@ pub struct SenderArgs {
     pub record_patience: Duration,
     /// Honour the fault-injection markers (tests only).
     pub faults: bool,
-    /// The provider's circuit breaker and rate limit, shared with the consumer.
-    pub health: Arc<ProviderHealth>,
 }
 
 pub struct SenderState {
@@ -251,28 +260,34 @@ mod tests {
         Ambiguity, Channel, ClaimResult, ErrorClass, EventStatus, LogEvent, Lookup, Outcome,
         ProviderError, ProviderReceipt, Status, LOG_STREAM,
     };
+    use crate::health::ProviderHealth;
     use crate::ports::ErrorKind;
     use crate::testing::{
         self, Answer, MemoryQueue, MemoryStore, QueueMethod, ScriptedProvider, StoreMethod,
     };
 
-    struct Fixture {
-        store: Arc<MemoryStore>,
+    pub(super) struct Fixture {
+        pub(super) store: Arc<MemoryStore>,
         queue: MemoryQueue,
         provider: Arc<ScriptedProvider>,
-        args: SenderArgs,
+        pub(super) args: SenderArgs,
     }
 
     /// A sender for SMS over in-memory ports, one provider call at a time (so a script's
     /// answers go to the records in order), three attempts per message.
-    fn fixture() -> Fixture {
+    pub(super) fn fixture() -> Fixture {
         let store = Arc::new(MemoryStore::new());
         let queue = MemoryQueue::new();
         let provider = Arc::new(ScriptedProvider::new("scripted"));
         let breaker = crate::testing::lenient_breaker();
         let args = SenderArgs {
             channel: Channel::Sms,
-            provider: provider.clone(),
+            routes: Arc::new(Routes::single(
+                provider.clone(),
+                Arc::new(ProviderHealth::new(
+                    "scripted", "sms", breaker, 1000.0, 1000.0,
+                )),
+            )),
             store: store.clone(),
             queue: Arc::new(queue.clone()),
             owner: "test".into(),
@@ -286,9 +301,6 @@ mod tests {
             },
             record_patience: Duration::from_secs(3),
             faults: false,
-            health: Arc::new(ProviderHealth::new(
-                "scripted", "sms", breaker, 1000.0, 1000.0,
-            )),
         };
         Fixture {
             store,

@@ -1,17 +1,18 @@
 //! The stages of one `Deliver`, each a function with a named hand-off:
-//! [`partition`] (valid ids vs malformed entries) → [`claim`] → [`call_provider`] →
-//! [`decide_all`] → [`persist`] → [`append_log`]; `deliver` in the actor strings them
+//! [`partition`] (valid ids vs malformed entries) → [`claim`] → [`call_provider`] (per
+//! claim: the routes' order, then the calls, failing over from one provider to the next)
+//! → [`decide_all`] → [`persist`] → [`append_log`]; `deliver` in the actor strings them
 //! together and reports, while [`keep_leases`] renews the leases of the calls under way
 //! until their outcomes are recorded.
 
-use super::decision::{decide, CallResult, DecisionContext};
+use super::decision::{self, decide, CallResult, DecisionContext};
 use super::SenderArgs;
 use crate::backoff::{retry_until, Backoff};
 use crate::domain::{
     Ambiguity, Channel, ClaimResult, Claimed, ErrorClass, LogEvent, Lookup, OutboundMessage,
-    Outcome, StreamEntry, LOG_STREAM,
+    Outcome, StreamEntry, UnknownAttempt, LOG_STREAM,
 };
-use crate::health::ProviderHealth;
+use crate::health::{Permit, ProviderHealth};
 use crate::ports::{DependencyError, Provider};
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
@@ -61,12 +62,17 @@ pub struct ToSend {
     pub claimed: Claimed,
 }
 
-/// One provider call made.
+/// One claim's provider calls made: the last one's result, and the ones failed over from.
 #[derive(Debug, Clone)]
 pub struct Call {
     pub entry_id: String,
+    /// The claim, carrying the unknown outcome of a provider failed over from, if any.
     pub claimed: Claimed,
+    /// The provider of `result` (the one asked, where the message was found).
+    pub provider: &'static str,
     pub result: CallResult,
+    /// The providers tried before, in order, and what each said.
+    pub failovers: Vec<(&'static str, CallResult)>,
     pub took: Duration,
 }
 
@@ -232,7 +238,8 @@ pub async fn call_provider(
     calls
 }
 
-/// One claim's turn: the rate limit, the lease check, the call.
+/// One claim's turn: the providers' order, the first one's breaker and rate limit, the
+/// lease check, the calls.
 async fn take_turn(
     args: &SenderArgs,
     owner: &str,
@@ -245,15 +252,19 @@ async fn take_turn(
         entry_id: t.entry_id.clone(),
         record_id: record.id.clone(),
     };
-    let lease_left = (claimed_at + args.stale_after).saturating_duration_since(Instant::now());
-    if let Err(pause) = args.health.acquire_within(lease_left).await {
-        tracing::info!(
-            ?pause,
-            "the provider asked for a pause longer than the lease; postponed"
-        );
-        let due = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
-        return Turn::Postponed(entry, due);
-    }
+    let lease_until = claimed_at + args.stale_after;
+    let order = args.routes.order(&record.tenant);
+    let first = match first_route(args, &order, lease_until).await {
+        Ok(first) => first,
+        Err(pause) => {
+            tracing::info!(
+                ?pause,
+                "the provider asked for a pause longer than the lease; postponed"
+            );
+            let due = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
+            return Turn::Postponed(entry, due);
+        }
+    };
     let claim = [(record.id.clone(), record.attempts)];
     match args.store.renew(owner, &claim, args.stale_after).await {
         Ok(kept) if kept == [true] => held.add(&record.id, record.attempts),
@@ -269,14 +280,48 @@ async fn take_turn(
         }
     }
     let started = Instant::now();
-    let result = find_or_call(args, &t.claimed).await;
-    report_health(&args.health, &result);
-    Turn::Called(Box::new(Call {
-        entry_id: t.entry_id,
-        claimed: t.claimed,
-        result,
-        took: started.elapsed(),
-    }))
+    let mut call = route_calls(args, t.claimed, &order, first, lease_until).await;
+    call.entry_id = t.entry_id;
+    call.took = started.elapsed();
+    Turn::Called(Box::new(call))
+}
+
+/// The first provider of `order` whose breaker lets a call through (taking a half-open
+/// breaker's probe), else the first of `order`; with a token of its rate limit. `Err`: its
+/// `Retry-After` pause lasts beyond the lease.
+async fn first_route(
+    args: &SenderArgs,
+    order: &[usize],
+    lease_until: Instant,
+) -> Result<usize, Duration> {
+    let pick = order
+        .iter()
+        .copied()
+        .find(|&i| !matches!(args.routes.get(i).health.permit(), Permit::Rejected(_)))
+        .unwrap_or(order[0]);
+    let left = lease_until.saturating_duration_since(Instant::now());
+    args.routes.get(pick).health.acquire_within(left).await?;
+    Ok(pick)
+}
+
+/// The next provider of `rest` whose breaker lets a call through and whose rate limit
+/// gives a token before the lease ends.
+async fn next_route(
+    args: &SenderArgs,
+    rest: &mut impl Iterator<Item = usize>,
+    lease_until: Instant,
+) -> Option<usize> {
+    for i in rest.by_ref() {
+        let health = &args.routes.get(i).health;
+        if matches!(health.permit(), Permit::Rejected(_)) {
+            continue;
+        }
+        let left = lease_until.saturating_duration_since(Instant::now());
+        if health.acquire_within(left).await.is_ok() {
+            return Some(i);
+        }
+    }
+    None
 }
 
 fn outbound(claimed: &Claimed) -> OutboundMessage {
@@ -290,41 +335,135 @@ fn outbound(claimed: &Claimed) -> OutboundMessage {
     }
 }
 
-/// The provider call, unless an earlier attempt's outcome is unknown and the provider
-/// says it has the message already. Where it cannot tell (or the lookup fails), the
-/// message is sent again (the decision flags that send as a possible duplicate), unless
-/// the attempts are spent: the claim was only to ask.
-async fn find_or_call(args: &SenderArgs, claimed: &Claimed) -> CallResult {
-    let provider = args.provider.as_ref();
-    let msg = outbound(claimed);
-    if let Some(unknown) = claimed.unknown {
-        let since = unknown.since - LOOKUP_CLOCK_SKEW;
-        let found = lookup_once(provider, &msg, since, args.provider_timeout).await;
-        if let Lookup::Found(receipt) = found {
+/// One claim's calls: unless an earlier attempt's outcome is unknown and a provider says
+/// it has the message (see [`find_earlier`]), the provider `first`, then, while a result
+/// fails over (`decision::fails_over`), the next ready provider of `order`. A call after one
+/// whose outcome is unknown carries that unknown attempt, so its decision flags it as a
+/// possible duplicate.
+async fn route_calls(
+    args: &SenderArgs,
+    mut claimed: Claimed,
+    order: &[usize],
+    first: usize,
+    lease_until: Instant,
+) -> Call {
+    let msg = outbound(&claimed);
+    let mut call = Call {
+        entry_id: String::new(),
+        provider: args.routes.get(first).provider.name(),
+        result: CallResult::NotResent,
+        failovers: Vec::new(),
+        took: Duration::ZERO,
+        claimed: claimed.clone(),
+    };
+    if let Some((provider, result)) = find_earlier(args, &claimed, &msg, first).await {
+        if let Some(i) = args.routes.position(provider) {
+            report_health(&args.routes.get(i).health, &result);
+        }
+        (call.provider, call.result) = (provider, result);
+        return call;
+    }
+    let mut rest = order.iter().copied().filter(|&i| i != first);
+    let mut route = args.routes.get(first);
+    loop {
+        let at = Utc::now();
+        let result = call_once(route.provider.as_ref(), &msg, args.provider_timeout).await;
+        report_health(&route.health, &result);
+        let name = route.provider.name();
+        let next = if decision::fails_over(&result) {
+            next_route(args, &mut rest, lease_until).await
+        } else {
+            None
+        };
+        let Some(next) = next else {
+            (call.claimed, call.provider, call.result) = (claimed, name, result);
+            return call;
+        };
+        if let Some(cause) = result.error(name).and_then(|e| e.ambiguous) {
+            claimed.unknown = Some(failed_over_unknown(&claimed, cause, at, name));
+        }
+        tracing::warn!(
+            from = name,
+            to = args.routes.get(next).provider.name(),
+            "failing over to the next provider"
+        );
+        metrics::counter!("provider_failovers_total", "channel" => args.channel.as_str(), "provider" => name)
+            .increment(1);
+        call.failovers.push((name, result));
+        route = args.routes.get(next);
+    }
+}
+
+/// The unknown attempt a call failed over from leaves behind (its lookup window from
+/// `at`, when it started, or earlier); at `provider`, unless an earlier one was elsewhere.
+fn failed_over_unknown(
+    claimed: &Claimed,
+    cause: Ambiguity,
+    at: DateTime<Utc>,
+    provider: &'static str,
+) -> UnknownAttempt {
+    let earlier = claimed.unknown;
+    UnknownAttempt {
+        attempt: claimed.record.attempts,
+        cause,
+        since: earlier.map_or(at, |e| e.since.min(at)),
+        provider: match earlier {
+            Some(e) if e.provider != Some(provider) => None,
+            _ => Some(provider),
+        },
+    }
+}
+
+/// For a claim whose earlier attempt's outcome is unknown: ask the provider of that attempt
+/// (every provider of the channel when that is not known) before sending anywhere.
+/// `Some`: no send: found (at that provider), or not resent (the attempts are spent and no
+/// provider could say it has the message). `None`: send (flagged as a possible duplicate).
+async fn find_earlier(
+    args: &SenderArgs,
+    claimed: &Claimed,
+    msg: &OutboundMessage,
+    first: usize,
+) -> Option<(&'static str, CallResult)> {
+    let unknown = claimed.unknown?;
+    let since = unknown.since - LOOKUP_CLOCK_SKEW;
+    let asked: Vec<usize> = match unknown.provider.and_then(|p| args.routes.position(p)) {
+        Some(i) => vec![i],
+        None => (0..args.routes.all().len()).collect(),
+    };
+    for i in asked {
+        let provider = args.routes.get(i).provider.as_ref();
+        if let Lookup::Found(receipt) =
+            lookup_once(provider, msg, since, args.provider_timeout).await
+        {
             tracing::info!(
                 attempt = unknown.attempt,
                 cause = unknown.cause.as_str(),
+                provider = provider.name(),
                 "the provider has the message already; not sending it again"
             );
-            return CallResult::Found {
+            let found = CallResult::Found {
                 provider_message_id: receipt.provider_message_id,
             };
+            return Some((provider.name(), found));
         }
-        if !args.retry.allows_another(claimed.record.attempts - 1) {
-            tracing::warn!(
-                attempt = unknown.attempt,
-                cause = unknown.cause.as_str(),
-                "no attempt left and the provider cannot tell whether the last one went through"
-            );
-            return CallResult::NotResent;
-        }
+    }
+    if !args.retry.allows_another(claimed.record.attempts - 1) {
         tracing::warn!(
             attempt = unknown.attempt,
             cause = unknown.cause.as_str(),
-            "resending a message whose earlier provider call may have gone through"
+            "no attempt left and the provider cannot tell whether the last one went through"
         );
+        let asked = unknown
+            .provider
+            .unwrap_or(args.routes.get(first).provider.name());
+        return Some((asked, CallResult::NotResent));
     }
-    call_once(provider, &msg, args.provider_timeout).await
+    tracing::warn!(
+        attempt = unknown.attempt,
+        cause = unknown.cause.as_str(),
+        "resending a message whose earlier provider call may have gone through"
+    );
+    None
 }
 
 /// Ask the provider about `msg` within `timeout`; a failed, slow or panicking lookup
@@ -402,32 +541,37 @@ pub fn decide_all(
     rng: &mut impl Rng,
 ) -> Decided {
     let channel = args.channel.as_str();
-    let provider = args.provider.name();
-    let ctx = DecisionContext {
-        service: channel,
-        provider,
-        retry: &args.retry,
-        timeout: args.provider_timeout,
-    };
     let mut d = Decided::default();
     for call in calls {
         let rec = &call.claimed.record;
+        let provider = call.provider;
+        let ctx = DecisionContext {
+            service: channel,
+            provider,
+            retry: &args.retry,
+            timeout: args.provider_timeout,
+        };
         d.panicked |= call.result == CallResult::Panicked;
         metrics::histogram!("provider_call_seconds", "provider" => provider)
             .record(call.took.as_secs_f64());
         let decision = decide(&call.result, &call.claimed, ctx, now, rng);
-        if let Some(dup) = decision.outcome.possible_duplicate() {
+        let failovers = decision::failover_errors(&call.failovers, rec.attempts, now);
+        let outcome = decision.outcome.with_failovers(failovers);
+        if let Some(dup) = outcome.possible_duplicate() {
             metrics::counter!("possible_duplicate_sends_total", "channel" => channel, "cause" => dup.cause.as_str())
                 .increment(1);
         }
-        if let Outcome::Sent { .. } = decision.outcome {
+        if let Outcome::Sent { .. } = outcome {
             let latency = (now - rec.created_at).num_milliseconds().max(0) as f64 / 1000.0;
             metrics::histogram!("accept_to_sent_seconds", "channel" => channel).record(latency);
         }
+        for (from, _) in &call.failovers {
+            metrics::counter!("deliveries_total", "channel" => channel, "provider" => *from, "outcome" => "failover")
+                .increment(1);
+        }
         metrics::counter!("deliveries_total", "channel" => channel, "provider" => provider, "outcome" => decision.label)
             .increment(1);
-        d.outcomes
-            .push((rec.id.clone(), rec.attempts, decision.outcome));
+        d.outcomes.push((rec.id.clone(), rec.attempts, outcome));
         d.events.push(decision.event);
         d.acks.push(call.entry_id);
     }

@@ -5,6 +5,7 @@ use super::{record, MemoryQueue, MemoryStore};
 use crate::domain::Channel;
 use crate::health::ProviderHealth;
 use crate::ports::Queue;
+use crate::routing::Routes;
 use crate::sender::{self, DeliverReport, SenderMsg};
 use crate::stream_consumer::{ConsumerArgs, StreamConsumer};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -91,7 +92,10 @@ pub async fn start_consumer(
         deliver_timeout: Duration::from_secs(5),
         max_deliveries: 5,
         store: Arc::new(MemoryStore::new()),
-        health: Arc::new(ProviderHealth::new("p", "c", breaker, 1000.0, 1000.0)),
+        routes: Arc::new(Routes::single(
+            Arc::new(super::ScriptedProvider::new("p")),
+            Arc::new(ProviderHealth::new("p", "c", breaker, 1000.0, 1000.0)),
+        )),
     };
     Actor::spawn(None, StreamConsumer, args).await.unwrap();
     batches

@@ -113,6 +113,14 @@ impl MemoryStore {
         lock(&self.records).get(id).map(|s| s.record.clone())
     }
 
+    /// Record `id`'s retry is due now (the store's clock is the wall clock, which paused
+    /// test time does not move).
+    pub fn make_due(&self, id: &str) {
+        if let Some(s) = lock(&self.records).get_mut(id) {
+            s.not_before = None;
+        }
+    }
+
     /// The record's possible-duplicate flag (`possibleDuplicate` with its attempt and cause).
     pub fn flagged(&self, id: &str) -> Option<UnknownAttempt> {
         lock(&self.records).get(id).and_then(|s| s.flagged)
@@ -165,6 +173,7 @@ impl MemoryStore {
                 attempt: s.record.attempts,
                 cause: Ambiguity::StaleLease,
                 since: since.min(s.record.updated_at),
+                provider: None,
             });
         }
         s.record.status = Status::Sending;
@@ -182,6 +191,7 @@ impl MemoryStore {
         r.updated_at = Utc::now();
         s.lease = None;
         s.flagged = outcome.possible_duplicate().or(s.flagged);
+        r.errors.extend(outcome.failovers().iter().cloned());
         match outcome {
             Outcome::Sent {
                 provider,
@@ -428,6 +438,7 @@ impl Store for MemoryStore {
                     attempt: *attempt,
                     cause: Ambiguity::LostLease,
                     since: s.record.updated_at,
+                    provider: None,
                 });
             }
             fenced.push(id.clone());
