@@ -5,7 +5,9 @@
 //! needed in `DEV_MODE`). `--accept-only` stops after phase 1. `--messages N` stops after N
 //! requests. `--rate R` makes phase 1 open-loop: R requests a second on a fixed schedule,
 //! latency from each one's due time (`loadgen/rate.rs`), instead of `connections` workers. `--costs` measures what one message costs each server instead (see
-//! `loadgen/costs.rs`; `scripts/costs.sh` runs it).
+//! `loadgen/costs.rs`; `scripts/costs.sh` runs it). `--bulk N` sends bulk sends of N
+//! recipients instead of single requests (`loadgen/bulk.rs`; `--messages` then counts
+//! recipients).
 //! Start the service with a high `API_RATE_PER_SEC` and `RECIPIENT_MAX=0` (or distinct
 //! numbers), or the limits, not the pipeline, are what gets measured.
 //!
@@ -26,6 +28,8 @@ use std::time::{Duration, Instant};
 
 // Beside this file rather than `src/bin/costs.rs`, which Cargo would take for a binary of
 // its own; the crate root stays `loadgen.rs`, where the layout (lib.rs, README) says it is.
+#[path = "loadgen/bulk.rs"]
+mod bulk;
 #[path = "loadgen/costs.rs"]
 mod costs;
 #[path = "loadgen/rate.rs"]
@@ -129,6 +133,8 @@ struct Options {
     /// `--rate R`: open loop, R requests a second whatever the answers do (`rate.rs`),
     /// instead of `connections` workers each waiting for its answer.
     rate: Option<f64>,
+    /// `--bulk N`: bulk sends of N recipients instead of single requests.
+    bulk: Option<u64>,
     costs: Option<costs::CostOptions>,
 }
 
@@ -149,6 +155,11 @@ impl Options {
                 arg("--rate", "")
                     .parse()
                     .expect("--rate: requests a second")
+            }),
+            bulk: std::env::args().any(|a| a == "--bulk").then(|| {
+                arg("--bulk", "")
+                    .parse()
+                    .expect("--bulk: recipients a send (1-1000)")
             }),
             costs: costs::CostOptions::from_args(),
         }
@@ -392,6 +403,16 @@ async fn main() {
     }
     let before = before(&http, &opts).await;
     let start = Instant::now();
+    if let Some(size) = opts.bulk {
+        let deadline = start + Duration::from_secs(opts.seconds);
+        let run = bulk::accept_phase(&http, &opts, size, deadline).await;
+        let secs = start.elapsed().as_secs_f64();
+        bulk::report(&run, size, opts.connections, secs);
+        if !opts.accept_only {
+            end_to_end(&http, &opts, &before, run.accepted as f64, start, secs).await;
+        }
+        return;
+    }
     let (lat, errors) = match opts.rate {
         Some(rate) => {
             let (lat, errors, timeline) = rate::accept_phase(&http, &opts, rate).await;
@@ -408,12 +429,23 @@ async fn main() {
         }
         return;
     }
-    let accepted = lat.len() as f64;
-    let (drained, last) = wait_drained(&http, &opts, &before.metrics, accepted, start).await;
+    end_to_end(&http, &opts, &before, lat.len() as f64, start, load_secs).await;
+}
+
+/// Phase 2: wait for `accepted` messages to be sent; print the rate, the drain time, the
+/// p99 accept→sent latency and the service's memory.
+async fn end_to_end(
+    http: &reqwest::Client,
+    opts: &Options,
+    before: &Before,
+    accepted: f64,
+    start: Instant,
+    load_secs: f64,
+) {
+    let (drained, last) = wait_drained(http, opts, &before.metrics, accepted, start).await;
     match drained {
         Some(t) => println!(
-            "end to end: {} messages sent in {t:.1} s: {:.0} messages/s; backlog 0 {:.1} s after the last answer",
-            lat.len(),
+            "end to end: {accepted} messages sent in {t:.1} s: {:.0} messages/s; backlog 0 {:.1} s after the last answer",
             accepted / t,
             (t - load_secs).max(0.0)
         ),
