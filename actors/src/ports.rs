@@ -551,3 +551,27 @@ pub trait Fallbacks: Send + Sync + 'static {
     async fn settle_fallback(&self, id: &str, sent_as: Option<&str>)
         -> Result<(), DependencyError>;
 }
+
+/// Where the SchedulerActor finds scheduled sends that are due (MongoDB's
+/// `communications`: `status: "scheduled"`, `sendAt`, indexed together), and queues them.
+#[async_trait]
+pub trait ScheduledSends: Send + Sync + 'static {
+    /// Ids of `scheduled` records whose `sendAt` ≤ `now`, oldest `sendAt` first, at most
+    /// `limit`.
+    async fn due_scheduled(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, DependencyError>;
+
+    /// Move these records from `scheduled` to `pending`, compare-and-set on the status:
+    /// those still `scheduled` only (another process, or a cancel, may have moved one).
+    /// Each is noted queued at `now` and due for the OutboxSweeper's look after its grace
+    /// time, so one whose stream entry never gets appended (a crash right after this) is
+    /// queued by the sweeper. Answers the records this call moved, now `pending`.
+    async fn release_scheduled(
+        &self,
+        ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Communication>, DependencyError>;
+}

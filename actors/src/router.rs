@@ -21,7 +21,7 @@
 use crate::backoff::{retry_until, Backoff};
 use crate::batch::BatchSettings;
 use crate::call::{CallError, Ticket};
-use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, LOG_STREAM};
+use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, Status, LOG_STREAM};
 use crate::ports::{DependencyError, ErrorKind, InsertResult, Queue, Store};
 use crate::shards::StreamShards;
 use chrono::Utc;
@@ -69,6 +69,8 @@ pub struct Submission {
     pub fallback_of: Option<String>,
     /// The template the message was rendered from.
     pub template: Option<crate::domain::TemplateRef>,
+    /// When to send it, if later than now: stored `scheduled`, on no stream until then.
+    pub send_at: Option<chrono::DateTime<Utc>>,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -223,7 +225,8 @@ impl Actor for RouterActor {
                 let p = *p;
                 let id = bson::oid::ObjectId::new().to_hex();
                 let mut record = Communication::new(id, p.submission.request, Utc::now())
-                    .with_fallback(p.submission.fallback);
+                    .with_fallback(p.submission.fallback)
+                    .scheduled_at(p.submission.send_at);
                 record.tenant = p.submission.tenant;
                 record.idempotency_key = p.submission.idempotency_key;
                 record.fallback_of = p.submission.fallback_of;
@@ -451,6 +454,32 @@ impl Writer {
     }
 }
 
+/// A new record's answer, counted.
+fn accepted(record: Communication) -> Result<Accepted, AcceptError> {
+    metrics::counter!("communications_accepted_total", "channel" => record.channel.as_str())
+        .increment(1);
+    Ok(Accepted {
+        record,
+        replayed: false,
+    })
+}
+
+/// What puts a record on its stream: its `queued` log event, then its entry on the shard
+/// its id picks (the router's at acceptance, the SchedulerActor's when a scheduled one is
+/// due).
+pub fn queue_entries(
+    rec: &Communication,
+    service: &str,
+    shards: StreamShards,
+    now: chrono::DateTime<Utc>,
+) -> [(&'static str, Vec<(&'static str, String)>); 2] {
+    let event = LogEvent::for_record(rec, service, EventStatus::Queued, 0, now);
+    [
+        (LOG_STREAM, event.to_fields()),
+        (shards.for_record(rec.channel, &rec.id), rec.stream_fields()),
+    ]
+}
+
 /// The stream entries of the stored records answered `queued`.
 type Entries = Vec<(&'static str, Vec<(&'static str, String)>)>;
 
@@ -476,17 +505,16 @@ fn settle(
                 }
                 continue;
             }
+            Ok(InsertResult::Inserted) if rec.status == Status::Scheduled => {
+                // On no stream until its time: the SchedulerActor queues it then.
+                let event = LogEvent::for_record(&rec, "router", EventStatus::Scheduled, 0, now);
+                entries.push((LOG_STREAM, event.to_fields()));
+                accepted(rec)
+            }
             Ok(InsertResult::Inserted) => {
                 // The log event first: the `communications` index sees `queued` before any outcome.
-                let event = LogEvent::for_record(&rec, "router", EventStatus::Queued, 0, now);
-                entries.push((LOG_STREAM, event.to_fields()));
-                entries.push((shards.for_record(rec.channel, &rec.id), rec.stream_fields()));
-                metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
-                    .increment(1);
-                Ok(Accepted {
-                    record: rec,
-                    replayed: false,
-                })
+                entries.extend(queue_entries(&rec, "router", shards, now));
+                accepted(rec)
             }
             Ok(InsertResult::KeyTaken(original)) if original.request_hash == rec.request_hash => {
                 metrics::counter!("idempotent_replays_total").increment(1);
@@ -556,6 +584,7 @@ mod tests {
             idempotency_key: key.map(str::to_string),
             fallback: None,
             fallback_of: None,
+            send_at: None,
             template: None,
         }
     }

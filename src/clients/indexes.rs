@@ -173,6 +173,16 @@ fn models() -> Vec<IndexModel> {
                     .build(),
             )
             .build(),
+        // The SchedulerActor's look for scheduled sends due; only records that had a
+        // `sendAt`.
+        IndexModel::builder()
+            .keys(doc! {"status": 1, "sendAt": 1})
+            .options(
+                named("scheduled_due")
+                    .partial_filter_expression(doc! {"sendAt": {"$exists": true}})
+                    .build(),
+            )
+            .build(),
     ]
 }
 

@@ -170,6 +170,11 @@ impl MongoStore {
         &self.coll
     }
 
+    /// The leases that make one worker the only one to call the provider for a record.
+    pub fn leases(&self) -> &Arc<RedisLeases> {
+        &self.leases
+    }
+
     pub fn database(&self) -> &Database {
         &self.db
     }
@@ -202,11 +207,18 @@ impl MongoStore {
             d.insert("fallback", super::fallbacks::fallback_doc(f));
             d.insert(
                 "fallbackAt",
-                bdate(r.created_at + chrono::Duration::seconds(i64::from(f.after_secs))),
+                // A scheduled message's wait starts when it is sent.
+                bdate(
+                    r.send_at.unwrap_or(r.created_at)
+                        + chrono::Duration::seconds(i64::from(f.after_secs)),
+                ),
             );
         }
         if let Some(of) = &r.fallback_of {
             d.insert("fallbackOf", of);
+        }
+        if let Some(at) = r.send_at {
+            d.insert("sendAt", bdate(at));
         }
         if let Some(t) = &r.template {
             let mut td = doc! {"name": &t.name, "version": t.version as i64};
@@ -254,6 +266,7 @@ impl MongoStore {
             fallback: None,
             fallback_of: d.get_str("fallbackOf").ok().map(str::to_string),
             template: None,
+            send_at: cdate(d, "sendAt"),
         })
     }
 

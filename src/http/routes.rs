@@ -13,6 +13,7 @@ pub type Route = (&'static str, &'static str);
 
 pub const CREATE_COMMUNICATION: Route = ("POST", "/api/v1/communication");
 pub const GET_COMMUNICATION: Route = ("GET", "/api/v1/communication/{id}");
+pub const CANCEL_COMMUNICATION: Route = ("DELETE", "/api/v1/communication/{id}");
 pub const SEARCH_COMMUNICATIONS: Route = ("GET", "/api/v1/communications");
 pub const PROVIDERS: Route = ("GET", "/api/v1/providers");
 pub const OPENAPI_DOCUMENT: Route = ("GET", "/api/v1/openapi.json");
@@ -35,6 +36,7 @@ pub const READYZ: Route = ("GET", "/readyz");
 pub const ROUTES: &[Route] = &[
     CREATE_COMMUNICATION,
     GET_COMMUNICATION,
+    CANCEL_COMMUNICATION,
     SEARCH_COMMUNICATIONS,
     PROVIDERS,
     OPENAPI_DOCUMENT,
@@ -153,7 +155,7 @@ mod tests {
             allowed_methods("/api/v1/callbacks/whatsapp/"),
             ["GET", "POST"]
         );
-        assert_eq!(allowed_methods("/api/v1/communication/x"), ["GET"]);
+        assert_eq!(allowed_methods("/api/v1/communication/x"), ["GET", "DELETE"]);
     }
 
     #[tokio::test]

@@ -41,6 +41,8 @@ pub const RECORD_FIELDS: &[&str] = &[
     "fallbackOf",
     "fallbackSettledAt",
     "template",
+    "sendAt",
+    "canceledAt",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.
