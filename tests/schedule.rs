@@ -130,19 +130,6 @@ async fn a_scheduled_message_is_sent_once_across_a_restart() {
     drop(svc);
 }
 
-/// `scheduled_sends_queued_total` of a service.
-async fn queued_by(svc: &Service) -> u64 {
-    let text = reqwest::get(svc.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("scheduled_sends_queued_total "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_queue_each_scheduled_message_once() {
     let stack = Stack::start();
@@ -158,21 +145,35 @@ async fn two_processes_queue_each_scheduled_message_once() {
         sent(&stack, id.as_str().unwrap()).await;
     }
     // Each was moved and appended by one process only (compare-and-set on the status).
-    assert_eq!(queued_by(&one).await + queued_by(&two).await, 20);
+    let name = "scheduled_sends_queued_total";
+    let queued = one.metric_total(name).await + two.metric_total(name).await;
+    assert_eq!(queued, 20.0);
     for i in 0..20 {
         assert_eq!(at_provider(&stack, &format!("{tag}-{i}")).await, 1, "{i}");
     }
 }
 
+/// Search finds the one message with `tag` under `status`, once indexed.
+async fn found_as(svc: &Service, tag: &str, status: &str, id: &str) {
+    let path = format!("/api/v1/communications?q={tag}&status={status}");
+    eventually(WAIT, &format!("search finds it {status}"), || async {
+        let (code, v) = svc.get(&path).await;
+        (code == 200 && v["total"] == 1 && v["items"][0]["id"] == id).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canceled_message_never_reaches_the_provider() {
     let (stack, svc) = shared_with(SCHED);
-    let msg = unique("canceled before its time");
-    let at = in_secs(2);
+    let tag = unique("zc").replace('-', "x");
+    let msg = format!("canceled before its time {tag}");
+    let at = in_secs(4);
     let id = accept(svc, sms_at("+15557654321", &msg, &rfc3339(at))).await["id"]
         .as_str()
         .unwrap()
         .to_string();
+    found_as(svc, &tag, "scheduled", &id).await;
     // Another tenant cannot see it, let alone cancel it.
     let (status, body) = cancel_as(&client_for(OTHER_KEY), svc, &id).await;
     assert_eq!(
@@ -186,6 +187,7 @@ async fn a_canceled_message_never_reaches_the_provider() {
     // Idempotent.
     let (status, again) = cancel(svc, &id).await;
     assert_eq!((status, &again["status"]), (200, &json!("canceled")));
+    found_as(svc, &tag, "canceled", &id).await;
     // Past its time and a few of the scheduler's looks: never sent.
     let past = (at - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(2);
     tokio::time::sleep(past).await;

@@ -93,7 +93,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Make sure these records, whose callers were answered "not stored", are never sent,
     /// whether their insert landed, lands later or never does: a stored one still
-    /// `pending` becomes `void` (and gives its idempotency key up); for one not stored, a
+    /// `pending` (or `scheduled`) becomes `void` (and gives its idempotency key up); for one not stored, a
     /// `void` placeholder takes its id, so a late insert of it fails. Answers how many had
     /// already moved past `pending` (too late to void; should never happen).
     async fn void(&self, ids: &[String]) -> Result<usize, DependencyError>;

@@ -782,6 +782,64 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_scheduled_submission_is_stored_and_logged_but_on_no_stream() {
+        let f = fixture(2).await;
+        let at = Utc::now() + chrono::Duration::hours(1);
+        let later = Submission {
+            send_at: Some(at),
+            ..submission(1, None)
+        };
+        let answers = accept_all(&f.router, vec![later, submission(2, None)]).await;
+        let scheduled = &answers[0].as_ref().unwrap().record;
+        assert_eq!(
+            (scheduled.status, scheduled.send_at),
+            (Status::Scheduled, Some(at))
+        );
+        let events: Vec<_> = f
+            .queue
+            .entries(LOG_STREAM)
+            .iter()
+            .map(|e| LogEvent::from_entry(e).unwrap())
+            .map(|e| (e.communication_id, e.status))
+            .collect();
+        let now = answers[1].as_ref().unwrap().record.id.clone();
+        assert_eq!(
+            events,
+            [
+                (scheduled.id.clone(), EventStatus::Scheduled),
+                (now.clone(), EventStatus::Queued)
+            ]
+        );
+        let on_stream = f.queue.entries(Channel::Sms.stream());
+        assert_eq!(on_stream.len(), 1);
+        assert_eq!(on_stream[0].field("_id"), Some(now.as_str()));
+    }
+
+    /// A scheduled record whose caller was answered 503 is voided like any other.
+    #[tokio::test(start_paused = true)]
+    async fn a_scheduled_insert_slower_than_the_deadline_is_voided() {
+        let name = "router-test-slow-scheduled";
+        let f = named(name, Duration::from_secs(3), 2).await;
+        // The void comes after the insert has landed.
+        f.store
+            .script
+            .delay(StoreMethod::Void, Duration::from_secs(6));
+        let admission = Admission::new(8, Duration::from_secs(2));
+        let later = Submission {
+            send_at: Some(Utc::now() + chrono::Duration::hours(1)),
+            ..submission(1, None)
+        };
+        let answer = accept_via(&admission, name, later).await;
+        assert!(matches!(answer, Err(CallError::TimedOut(_))));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(f.store.records().len(), 1, "landed, the void not yet");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(f.store.records().is_empty());
+        assert_eq!(f.store.voided().len(), 1);
+        f.router.stop(None);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_taken_key_answers_with_the_earlier_record_or_a_conflict() {
         let f = fixture(2).await;
         let first = accept_all(&f.router, vec![submission(1, Some("k"))]).await;

@@ -105,6 +105,13 @@ fn sweep_scope(s: &SweepScope) -> Document {
     }
 }
 
+/// The ids that are ObjectIds (others name no record).
+pub fn object_ids<S: AsRef<str>>(ids: &[S]) -> Vec<ObjectId> {
+    ids.iter()
+        .filter_map(|i| ObjectId::parse_str(i.as_ref()).ok())
+        .collect()
+}
+
 fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
 }
@@ -307,10 +314,7 @@ impl MongoStore {
         leased: &[&str],
         owner: &str,
     ) -> Result<Vec<Document>, DependencyError> {
-        let oids: Vec<ObjectId> = leased
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(leased);
         let read = async {
             self.coll
                 .find(doc! {"_id": {"$in": &oids}})
@@ -819,10 +823,7 @@ impl Store for MongoStore {
     }
 
     async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         let found: Vec<Document> = self
             .coll
             .find(doc! {"_id": {"$in": oids}, "status": {"$ne": VOID}})
@@ -839,8 +840,8 @@ impl Store for MongoStore {
         Ok(ids.iter().map(|id| found.contains(id)).collect())
     }
 
-    /// One upsert a record, matching it only while `pending` (or already void): a stored
-    /// record becomes `void` and gives its idempotency key up; a missing one gets a `void`
+    /// One upsert a record, matching it only while `pending` or `scheduled` (or already
+    /// void): a stored record becomes `void` and gives its idempotency key up; a missing one gets a `void`
     /// placeholder under its id, so its late insert fails on the `_id` index. A record
     /// that has moved on makes the upsert clash on `_id` (11000): too late, counted.
     async fn void(&self, ids: &[String]) -> Result<usize, DependencyError> {
@@ -850,12 +851,12 @@ impl Store for MongoStore {
             .filter_map(|i| ObjectId::parse_str(i).ok())
             .map(|oid| {
                 doc! {
-                    "q": {"_id": oid, "status": {"$in": ["pending", VOID]}},
+                    "q": {"_id": oid, "status": {"$in": ["pending", "scheduled", VOID]}},
                     "u": {
                         "$set": {"status": VOID, "voidedAt": now, "updatedAt": now,
                                  "lastError": "answered 503 before its insert completed; never sent"},
                         // Never accepted: the record keeps nothing of the message.
-                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "msg": "",
+                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "sendAt": "", "msg": "",
                                    "from": "", "to": "", "subject": "", "requestHash": ""},
                     },
                     "upsert": true,
@@ -989,10 +990,7 @@ impl Store for MongoStore {
         ids: &[String],
         not_before: DateTime<Utc>,
     ) -> Result<(), DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         if oids.is_empty() {
             return Ok(());
         }
@@ -1139,10 +1137,7 @@ impl Store for MongoStore {
     }
 
     async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|id| ObjectId::parse_str(id).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         if oids.is_empty() {
             return Ok(Vec::new());
         }

@@ -17,7 +17,7 @@
 //! outcome (its worker died; the provider may have the message) refuses the cancel too.
 
 use crate::clients::lease::{RedisLeases, Release};
-use crate::clients::mongo::MongoStore;
+use crate::clients::mongo::{object_ids, MongoStore};
 use actors::domain::{Communication, Status};
 use actors::ports::{Dependency, DependencyError, ScheduledSends};
 use async_trait::async_trait;
@@ -188,10 +188,7 @@ impl ScheduledSends for MongoScheduled {
         ids: &[String],
         now: DateTime<Utc>,
     ) -> Result<Vec<Communication>, DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         if oids.is_empty() {
             return Ok(Vec::new());
         }

@@ -347,10 +347,7 @@ async fn get(
     let who = who?;
     check_id(&id)?;
     match state.store.get_doc(&id, &who.tenant).await {
-        Ok(Some(d)) => {
-            let shown = super::view::record(MongoStore::to_api_json(&d));
-            Ok(warp::reply::json(&shown).into_response())
-        }
+        Ok(Some(d)) => Ok(shown(&d)),
         Ok(None) => Err(ApiError::NoCommunication(id)),
         Err(e) => {
             tracing::warn!(error = %e, "lookup failed");
@@ -389,8 +386,13 @@ async fn cancel(
             return Err(ApiError::StoreUnavailable);
         }
     };
-    let shown = super::view::record(MongoStore::to_api_json(&doc));
-    Ok(warp::reply::json(&shown).into_response())
+    Ok(shown(&doc))
+}
+
+/// A record as its tenant sees it (the allow-list of `view.rs`).
+fn shown(d: &mongodb::bson::Document) -> Response {
+    let v = super::view::record(MongoStore::to_api_json(d));
+    warp::reply::json(&v).into_response()
 }
 
 /// The `canceled` log event; if Redis does not take it, the Reconciler brings search in

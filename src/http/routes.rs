@@ -155,7 +155,10 @@ mod tests {
             allowed_methods("/api/v1/callbacks/whatsapp/"),
             ["GET", "POST"]
         );
-        assert_eq!(allowed_methods("/api/v1/communication/x"), ["GET", "DELETE"]);
+        assert_eq!(
+            allowed_methods("/api/v1/communication/x"),
+            ["GET", "DELETE"]
+        );
     }
 
     #[tokio::test]

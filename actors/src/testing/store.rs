@@ -301,7 +301,7 @@ impl Store for MemoryStore {
         let mut too_late = 0;
         for id in ids {
             match all.get(id).map(|s| s.record.status) {
-                Some(Status::Pending) | None => {
+                Some(Status::Pending | Status::Scheduled) | None => {
                     all.remove(id);
                     voided.insert(id.clone());
                 }
