@@ -133,22 +133,31 @@ async fn a_scheduled_message_is_sent_once_across_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_queue_each_scheduled_message_once() {
     let stack = Stack::start();
-    let (one, two) = (stack.start_service(SCHED), stack.start_service(SCHED));
+    // Batches of 5: a full batch looks again at once, so both processes read the same due
+    // records over and over while 60 come due together, and race for each.
+    let small = [("schedule.batch", toml::Value::Integer(5))];
+    let start = || stack.start_service_configured(SCHED, &small);
+    let (one, two) = (start(), start());
     let tag = unique("two schedulers");
-    let at = rfc3339(in_secs(2));
-    let mut ids = Vec::new();
-    for i in 0..20 {
+    let at = rfc3339(in_secs(3));
+    let n = 60;
+    let accepts = (0..n).map(|i| {
         let body = sms_at("+15557654321", &format!("{tag}-{i}"), &at);
-        ids.push(accept(if i % 2 == 0 { &one } else { &two }, body).await["id"].clone());
-    }
+        accept(if i % 2 == 0 { &one } else { &two }, body)
+    });
+    let ids: Vec<Value> = futures::future::join_all(accepts)
+        .await
+        .into_iter()
+        .map(|a| a["id"].clone())
+        .collect();
     for id in &ids {
         sent(&stack, id.as_str().unwrap()).await;
     }
     // Each was moved and appended by one process only (compare-and-set on the status).
     let name = "scheduled_sends_queued_total";
     let queued = one.metric_total(name).await + two.metric_total(name).await;
-    assert_eq!(queued, 20.0);
-    for i in 0..20 {
+    assert_eq!(queued, f64::from(n));
+    for i in 0..n {
         assert_eq!(at_provider(&stack, &format!("{tag}-{i}")).await, 1, "{i}");
     }
 }
