@@ -553,7 +553,8 @@ pub trait Fallbacks: Send + Sync + 'static {
 }
 
 /// Where the SchedulerActor finds scheduled sends that are due (MongoDB's
-/// `communications`: `status: "scheduled"`, `sendAt`, indexed together), and queues them.
+/// `communications`: an indexed due time that only `scheduled` records carry), and queues
+/// them.
 #[async_trait]
 pub trait ScheduledSends: Send + Sync + 'static {
     /// Ids of `scheduled` records whose `sendAt` ≤ `now`, oldest `sendAt` first, at most

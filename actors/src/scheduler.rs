@@ -2,9 +2,9 @@
 //! and on no stream) on its stream when its time comes. A [`DueWork`] looked at by a
 //! [`crate::due::DueTimer`] registered as [`NAME`], every `schedule.interval_ms`.
 //!
-//! Owns: nothing; MongoDB holds every scheduled send and its `sendAt` (indexed with the
-//! status), so the timer survives restarts and a look costs one indexed range read, not a
-//! scan of the scheduled records.
+//! Owns: nothing; MongoDB holds every scheduled send and its due time (indexed, carried
+//! only while the record is `scheduled`), so the timer survives restarts and a look costs
+//! one indexed range read of the due records, not a scan of the scheduled ones.
 //! Talks to it: its DueTimer; the supervisor starts and stops that.
 //! Talks to: the store ([`ScheduledSends`]: the due ones, oldest first; a compare-and-set
 //! from `scheduled` to `pending`), Redis (one pipeline a batch: the `queued` log event and

@@ -5,7 +5,8 @@
 //! notBefore, nextAttemptAt, sentAt?, failedAt?, deliveredAt?, readAt?, undeliveredAt?,
 //! provider?, providerMessageId?, possibleDuplicate?, possibleDuplicateCause?,
 //! possibleDuplicateAttempt?, unknownAttempt?, unknownCause?, unknownSince?, lastError?,
-//! errors[], idempotencyKey?, requestHash`. There is deliberately no unique index on `to`.
+//! errors[], idempotencyKey?, requestHash, sendAt?, scheduledDueAt? (while `scheduled`),
+//! canceledAt?`. There is deliberately no unique index on `to`.
 //! `unknown*` name an attempt whose outcome is unknown (timeout, reset, ambiguous 5xx), so
 //! the next claim asks the provider before sending again; `possibleDuplicate*` mark a
 //! send made after one (or after a stale claim), with that attempt and its cause.
@@ -226,6 +227,8 @@ impl MongoStore {
         }
         if let Some(at) = r.send_at {
             d.insert("sendAt", bdate(at));
+            // The SchedulerActor's due time: removed when it is queued or canceled.
+            d.insert(super::scheduled::DUE_FIELD, bdate(at));
         }
         if let Some(t) = &r.template {
             let mut td = doc! {"name": &t.name, "version": t.version as i64};
@@ -856,7 +859,8 @@ impl Store for MongoStore {
                         "$set": {"status": VOID, "voidedAt": now, "updatedAt": now,
                                  "lastError": "answered 503 before its insert completed; never sent"},
                         // Never accepted: the record keeps nothing of the message.
-                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "sendAt": "", "msg": "",
+                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "sendAt": "",
+                                   "scheduledDueAt": "", "msg": "",
                                    "from": "", "to": "", "subject": "", "requestHash": ""},
                     },
                     "upsert": true,

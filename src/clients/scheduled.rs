@@ -2,12 +2,14 @@
 //! `actors::ports::ScheduledSends` (the SchedulerActor's due range and its compare-and-set)
 //! and the cancel of `DELETE /api/v1/communication/{id}`.
 //!
-//! A scheduled record is stored `scheduled` with `sendAt`; the index `scheduled_due`
-//! (`status`, `sendAt`) makes a look one range read, oldest first. Moving it on sets
-//! `status: pending`, `queuedAt` and `nextAttemptAt` (the OutboxSweeper's next look, after
-//! its grace time), and stamps the move (`releasedBy`), so that the records this call
-//! moved can be read back by the stamp: an `update_many` tells how many it moved, not
-//! which.
+//! A scheduled record is stored `scheduled` with `sendAt`, and with the same time in
+//! [`DUE_FIELD`] while it stays `scheduled` (removed when it is queued, canceled or
+//! voided): the sparse index `scheduled_due` on that field holds the scheduled records
+//! alone, so a look is one range read of the due ones, oldest first, whatever else the
+//! collection holds. Moving a record on sets `status: pending`, `queuedAt` and
+//! `nextAttemptAt` (the OutboxSweeper's next look, after its grace time), and stamps the
+//! move (`releasedBy`), so that the records this call moved can be read back by the
+//! stamp: an `update_many` tells how many it moved, not which.
 //!
 //! A cancel sets `status: canceled` and `canceledAt`, from `scheduled`, or from `pending`
 //! with no attempt made, under the record's lease in Redis (`lease:{id}`, the one a sender
@@ -28,6 +30,9 @@ use mongodb::options::ReturnDocument;
 use mongodb::Collection;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// A scheduled record's due time, present only while it is `scheduled`.
+pub const DUE_FIELD: &str = "scheduledDueAt";
 
 /// How long a cancel holds a record's lease (one write).
 const CANCEL_LEASE: Duration = Duration::from_secs(30);
@@ -146,7 +151,7 @@ impl MongoScheduled {
                 filter,
                 doc! {
                     "$set": {"status": Status::Canceled.as_str(), "canceledAt": now, "updatedAt": now},
-                    "$unset": {"nextAttemptAt": ""},
+                    "$unset": {"nextAttemptAt": "", DUE_FIELD: ""},
                 },
             )
             .return_document(ReturnDocument::After)
@@ -175,8 +180,8 @@ impl ScheduledSends for MongoScheduled {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, DependencyError> {
-        let filter = doc! {"status": Status::Scheduled.as_str(), "sendAt": {"$lte": bdate(now)}};
-        let docs = oldest_due(&self.coll, filter, "sendAt", limit, doc! {"_id": 1}).await?;
+        let filter = doc! {DUE_FIELD: {"$lte": bdate(now)}};
+        let docs = oldest_due(&self.coll, filter, DUE_FIELD, limit, doc! {"_id": 1}).await?;
         Ok(docs
             .iter()
             .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
@@ -198,11 +203,14 @@ impl ScheduledSends for MongoScheduled {
             .coll
             .update_many(
                 doc! {"_id": {"$in": &oids}, "status": Status::Scheduled.as_str()},
-                doc! {"$set": {
-                    "status": Status::Pending.as_str(), "updatedAt": bdate(now),
-                    "notBefore": bdate(now), "queuedAt": bdate(now),
-                    "nextAttemptAt": bdate(look), "releasedBy": &stamp,
-                }},
+                doc! {
+                    "$set": {
+                        "status": Status::Pending.as_str(), "updatedAt": bdate(now),
+                        "notBefore": bdate(now), "queuedAt": bdate(now),
+                        "nextAttemptAt": bdate(look), "releasedBy": &stamp,
+                    },
+                    "$unset": {DUE_FIELD: ""},
+                },
             )
             .await
             .map_err(err)?;
