@@ -388,6 +388,18 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
         .await
         .unwrap();
     let id = accepted["id"].as_str().unwrap().to_string();
+    let mut later = sms("+15557654321", &unique("openapi"));
+    later["sendAt"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let scheduled: Value = client()
+        .post(svc.url("/api/v1/communication"))
+        .json(&later)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let scheduled_id = scheduled["id"].as_str().unwrap().to_string();
     let http = client();
     let probes: HashMap<(&str, &str), (reqwest::RequestBuilder, u16)> = HashMap::from([
         (
@@ -402,6 +414,13 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
             ("GET", "/api/v1/communication/{id}"),
             (
                 http.get(svc.url(&format!("/api/v1/communication/{id}"))),
+                200,
+            ),
+        ),
+        (
+            ("DELETE", "/api/v1/communication/{id}"),
+            (
+                http.delete(svc.url(&format!("/api/v1/communication/{scheduled_id}"))),
                 200,
             ),
         ),

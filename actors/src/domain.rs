@@ -63,12 +63,15 @@ impl fmt::Display for Channel {
 
 /// Where a communication is in its life. Stored in MongoDB as lowercase strings.
 ///
-/// `pending` (stored, waiting for a worker) → `sending` (claimed by one worker, provider call
-/// in flight) → `sent` | `failed`. A retryable failure returns it to `pending` with a
-/// `notBefore` time.
+/// `scheduled` (stored with a `sendAt` ahead, on no stream yet) → `pending` (stored, waiting
+/// for a worker) → `sending` (claimed by one worker, provider call in flight) → `sent` |
+/// `failed`. A retryable failure returns it to `pending` with a `notBefore` time. A
+/// `scheduled` record, or a `pending` one no worker has claimed yet, may be `canceled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Waiting for its `sendAt` (the SchedulerActor queues it then).
+    Scheduled,
     Pending,
     Sending,
     Sent,
@@ -77,11 +80,15 @@ pub enum Status {
     Delivered,
     Undelivered,
     Read,
+    /// Canceled by its tenant before any worker claimed it: never sent.
+    Canceled,
 }
 
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
+            Status::Scheduled => "scheduled",
+            Status::Canceled => "canceled",
             Status::Pending => "pending",
             Status::Sending => "sending",
             Status::Sent => "sent",
@@ -94,6 +101,8 @@ impl Status {
 
     pub fn parse(s: &str) -> Option<Status> {
         match s {
+            "scheduled" => Some(Status::Scheduled),
+            "canceled" => Some(Status::Canceled),
             "pending" => Some(Status::Pending),
             "sending" => Some(Status::Sending),
             "sent" => Some(Status::Sent),
@@ -105,9 +114,10 @@ impl Status {
         }
     }
 
-    /// Nothing more to send: the provider has it (or refused it for good).
+    /// Nothing more to send: the provider has it (or refused it for good), or it was
+    /// canceled.
     pub fn is_terminal(self) -> bool {
-        !matches!(self, Status::Pending | Status::Sending)
+        !matches!(self, Status::Pending | Status::Sending | Status::Scheduled)
     }
 
     /// The states a provider receipt may move a record from (receipts can arrive out of
@@ -129,6 +139,8 @@ impl Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStatus {
+    /// Stored with a `sendAt` ahead; `queued` follows when it comes.
+    Scheduled,
     Queued,
     Retrying,
     Sent,
@@ -136,10 +148,12 @@ pub enum EventStatus {
     Delivered,
     Undelivered,
     Read,
+    Canceled,
 }
 
 impl EventStatus {
-    pub const ALL: [EventStatus; 7] = [
+    pub const ALL: [EventStatus; 9] = [
+        EventStatus::Scheduled,
         EventStatus::Queued,
         EventStatus::Retrying,
         EventStatus::Sent,
@@ -147,6 +161,7 @@ impl EventStatus {
         EventStatus::Delivered,
         EventStatus::Undelivered,
         EventStatus::Read,
+        EventStatus::Canceled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -171,6 +186,8 @@ impl EventStatus {
             EventStatus::Delivered => Status::Delivered,
             EventStatus::Undelivered => Status::Undelivered,
             EventStatus::Read => Status::Read,
+            EventStatus::Scheduled => Status::Scheduled,
+            EventStatus::Canceled => Status::Canceled,
         }
     }
 
@@ -178,13 +195,17 @@ impl EventStatus {
     /// of order must never move the record back, and every move MongoDB allows is a step
     /// up (`delivered` → `undelivered`, `failed` or `read`: a receipt's
     /// `receipt_predecessors`), so no allowed move is lost to an equal version.
+    /// `scheduled` comes before `queued`; `canceled` ends a record that was never
+    /// claimed (attempt 0), after its `scheduled` or `queued`.
     pub fn rank(self) -> u64 {
         match self {
-            EventStatus::Queued => 0,
-            EventStatus::Retrying => 1,
-            EventStatus::Sent => 2,
-            EventStatus::Delivered => 3,
-            EventStatus::Failed | EventStatus::Undelivered | EventStatus::Read => 4,
+            EventStatus::Scheduled => 0,
+            EventStatus::Queued => 1,
+            EventStatus::Retrying => 2,
+            EventStatus::Sent => 3,
+            EventStatus::Delivered => 4,
+            EventStatus::Failed | EventStatus::Undelivered | EventStatus::Read => 5,
+            EventStatus::Canceled => 6,
         }
     }
 
@@ -221,6 +242,8 @@ impl TryFrom<Status> for EventStatus {
             Status::Delivered => Ok(EventStatus::Delivered),
             Status::Undelivered => Ok(EventStatus::Undelivered),
             Status::Read => Ok(EventStatus::Read),
+            Status::Scheduled => Ok(EventStatus::Scheduled),
+            Status::Canceled => Ok(EventStatus::Canceled),
             Status::Pending | Status::Sending => Err(NotAnEventStatus(s)),
         }
     }
@@ -237,6 +260,75 @@ pub struct RawRequest {
     /// reach the person (see [`Fallback`]).
     #[serde(default)]
     pub fallback: Option<serde_json::Value>,
+    /// `"sendAt": "<RFC 3339>"`: when to send (see [`send_at_of`]).
+    #[serde(default, rename = "sendAt")]
+    pub send_at: Option<serde_json::Value>,
+}
+
+/// How far ahead a message may be scheduled, and how late a `sendAt` may be and still
+/// mean "now" (the clocks of caller and service differ a little).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduleLimits {
+    pub horizon: chrono::Duration,
+    pub past_grace: chrono::Duration,
+}
+
+impl ScheduleLimits {
+    /// 30 days ahead; up to 5 s in the past is sent now.
+    pub const DEFAULT_HORIZON_DAYS: u32 = 30;
+    pub const PAST_GRACE_SECS: i64 = 5;
+
+    pub fn with_horizon_days(days: u32) -> ScheduleLimits {
+        ScheduleLimits {
+            horizon: chrono::Duration::days(i64::from(days)),
+            past_grace: chrono::Duration::seconds(Self::PAST_GRACE_SECS),
+        }
+    }
+}
+
+impl Default for ScheduleLimits {
+    fn default() -> Self {
+        ScheduleLimits::with_horizon_days(Self::DEFAULT_HORIZON_DAYS)
+    }
+}
+
+/// The request's `sendAt`, read at `now`: `None` to send now (no `sendAt`, or one at most
+/// `past_grace` ago or not after `now`), else the time to send at. Not RFC 3339, further
+/// in the past, or beyond `now + horizon` is refused, naming `sendAt`.
+pub fn send_at_of(
+    raw: &RawRequest,
+    now: DateTime<Utc>,
+    limits: &ScheduleLimits,
+) -> Result<Option<DateTime<Utc>>, ValidationError> {
+    let text = match raw.send_at.as_ref() {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => s,
+        Some(_) => {
+            return Err(invalid(
+                "sendAt",
+                "sendAt must be an RFC 3339 date-time string",
+            ))
+        }
+    };
+    let at = DateTime::parse_from_rfc3339(text)
+        .map_err(|e| {
+            invalid(
+                "sendAt",
+                format!("sendAt must be an RFC 3339 date-time, like 2026-12-01T09:00:00Z ({e})"),
+            )
+        })?
+        .with_timezone(&Utc);
+    if at < now - limits.past_grace {
+        return Err(invalid("sendAt", "sendAt is in the past"));
+    }
+    if at > now + limits.horizon {
+        let days = limits.horizon.num_days();
+        return Err(invalid(
+            "sendAt",
+            format!("sendAt is more than {days} days ahead"),
+        ));
+    }
+    Ok((at > now).then_some(at))
 }
 
 /// A message to send instead when the first does not reach the person: created once the
@@ -316,6 +408,7 @@ pub fn fallback_of(
             kind: Some(channel.as_str().into()),
             data: Some(serde_json::Value::Object(data)),
             fallback: None,
+            send_at: None,
         },
     }))
 }
@@ -336,13 +429,22 @@ pub fn fallback_field(field: &'static str) -> &'static str {
 impl Fallback {
     /// The request's fingerprint with this fallback in it: a replay must ask for the same.
     pub fn fingerprint_with(&self, first: &str) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(first.as_bytes());
-        h.update(self.after_secs.to_be_bytes());
-        h.update(self.request.fingerprint().as_bytes());
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex_sha256(&[
+            first.as_bytes(),
+            &self.after_secs.to_be_bytes(),
+            self.request.fingerprint().as_bytes(),
+        ])
     }
+}
+
+/// SHA-256 of the parts, one after the other, in hex.
+fn hex_sha256(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A request that passed validation.
@@ -656,6 +758,8 @@ pub struct Communication {
     pub template: Option<TemplateRef>,
     /// The bulk send (`POST /api/v1/communications/bulk`) it was one recipient of.
     pub batch_id: Option<String>,
+    /// When to send it: set on a `scheduled` record.
+    pub send_at: Option<DateTime<Utc>>,
 }
 
 /// A template version a message was rendered from, and the locale variant used.
@@ -691,7 +795,20 @@ impl Communication {
             fallback_of: None,
             template: None,
             batch_id: None,
+            send_at: None,
         }
+    }
+
+    /// This record sent at `send_at` (`scheduled` until then), which is part of its
+    /// fingerprint: a replay must ask for the same time.
+    pub fn scheduled_at(mut self, send_at: Option<DateTime<Utc>>) -> Communication {
+        if let Some(at) = send_at {
+            let millis = at.timestamp_millis().to_be_bytes();
+            self.request_hash = hex_sha256(&[self.request_hash.as_bytes(), &millis]);
+            self.status = Status::Scheduled;
+        }
+        self.send_at = send_at;
+        self
     }
 
     /// This record with a fallback: kept with it, and part of its fingerprint.
@@ -1260,6 +1377,87 @@ mod tests {
     }
 
     #[test]
+    fn send_at_is_rfc_3339_within_the_horizon() {
+        let now = DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let limits = ScheduleLimits::with_horizon_days(30);
+        let at = |v: serde_json::Value| {
+            let r = raw(json!({"type": "sms", "data": {}, "sendAt": v}));
+            send_at_of(&r, now, &limits)
+        };
+        let time = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        // Ahead, in any offset, up to the horizon: that time.
+        for (given, expected) in [
+            ("2026-11-28T12:00:01Z", "2026-11-28T12:00:01Z"),
+            ("2026-11-28T14:00:01+02:00", "2026-11-28T12:00:01Z"),
+            ("2026-12-28T12:00:00Z", "2026-12-28T12:00:00Z"),
+            ("2026-12-01T09:00:00.250-05:00", "2026-12-01T14:00:00.250Z"),
+        ] {
+            assert_eq!(at(json!(given)), Ok(Some(time(expected))), "{given}");
+        }
+        // Absent, null, now itself, or a moment ago (5 s grace): now.
+        assert_eq!(at(json!("2026-11-28T14:00:00+02:00")), Ok(None));
+        assert_eq!(
+            send_at_of(&raw(json!({"type": "sms"})), now, &limits),
+            Ok(None)
+        );
+        assert_eq!(at(json!(null)), Ok(None));
+        assert_eq!(at(json!("2026-11-28T11:59:55Z")), Ok(None));
+        // Refused, naming sendAt.
+        for bad in [
+            json!("2026-11-28T11:59:54Z"),
+            json!("2026-12-28T12:00:00.001Z"),
+            json!("2026-11-28 12:00"),
+            json!("tomorrow"),
+            json!(""),
+            json!(1_800_000_000),
+            json!({"at": "2026-11-29T00:00:00Z"}),
+        ] {
+            let err = at(bad.clone()).expect_err(&bad.to_string());
+            assert_eq!(err.field, "sendAt", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_scheduled_record_is_fingerprinted_with_its_time() {
+        let req = || NewCommunication {
+            channel: Channel::Sms,
+            from: "+15550001111".into(),
+            to: "+15557654321".into(),
+            msg: "hi".into(),
+            subject: None,
+        };
+        let now = Utc::now();
+        let plain = Communication::new("a".into(), req(), now).scheduled_at(None);
+        assert_eq!(plain.status, Status::Pending);
+        assert_eq!(plain.request_hash, req().fingerprint());
+        let at = |secs| Some(now + chrono::Duration::seconds(secs));
+        let one = Communication::new("a".into(), req(), now).scheduled_at(at(60));
+        let other = Communication::new("a".into(), req(), now).scheduled_at(at(61));
+        assert_eq!(one.status, Status::Scheduled);
+        assert_ne!(one.request_hash, plain.request_hash);
+        assert_ne!(one.request_hash, other.request_hash);
+    }
+
+    #[test]
+    fn scheduled_and_canceled_rank_around_a_first_attempt() {
+        use EventStatus::*;
+        assert!(Scheduled.rank() < Queued.rank());
+        for e in EventStatus::ALL {
+            assert!(e == Canceled || e.rank() < Canceled.rank(), "{e}");
+            assert!(e.rank() < 10, "a rank stays within its attempt");
+            assert_eq!(EventStatus::parse(e.as_str()), Some(e));
+        }
+        assert_eq!(
+            EventStatus::of_record(Status::Scheduled, 0),
+            Some(Scheduled)
+        );
+        assert_eq!(EventStatus::of_record(Status::Canceled, 0), Some(Canceled));
+        assert!(Status::Canceled.is_terminal() && !Status::Scheduled.is_terminal());
+    }
+
+    #[test]
     fn email_lengths_follow_rfc_5321() {
         let local = "a".repeat(64);
         assert!(is_email_address(&format!("{local}@example.com")));
@@ -1271,6 +1469,7 @@ mod tests {
     #[test]
     fn event_statuses_keep_their_wire_spelling() {
         let wire = [
+            "scheduled",
             "queued",
             "retrying",
             "sent",
@@ -1278,6 +1477,7 @@ mod tests {
             "delivered",
             "undelivered",
             "read",
+            "canceled",
         ];
         for (status, text) in EventStatus::ALL.into_iter().zip(wire) {
             assert_eq!(status.as_str(), text);

@@ -2,39 +2,37 @@
 //! the request) when the message did not reach the person: not `delivered` or `read`
 //! `afterSeconds` after it was accepted, or `failed` for good before that.
 //!
-//! Owns: nothing but its timer; MongoDB holds every fallback, when it is due
-//! (`fallbackAt`) and whether it is settled, so the timer survives restarts.
-//! Talks to it: itself (`Tick`); the supervisor starts and stops it.
+//! A [`DueWork`] looked at by a [`crate::due::DueTimer`] registered as [`NAME`].
+//!
+//! Owns: nothing; MongoDB holds every fallback, when it is due (`fallbackAt`) and whether
+//! it is settled, so the timer survives restarts.
+//! Talks to it: its DueTimer, every `fallback.interval_ms`; the supervisor starts and
+//! stops that.
 //! Talks to: the store ([`Fallbacks`]: the due ones, oldest first; settling them), the
 //! RouterActor through [`Admission`], as an HTTP request would.
-//! On failure: nothing is in flight between ticks. A fallback goes to the router with the
+//! On failure: nothing is in flight between looks. A fallback goes to the router with the
 //! idempotency key `fallback of {id}` (with a space, which no client's key can hold), so
 //! one submitted before a crash, or by another process at the same time, is answered as
 //! the same record the next time instead of being made twice; settling is idempotent. A
-//! store or router error leaves the record due, for the next tick.
+//! store or router error leaves the record due, for the next look.
 
 use crate::domain::Status;
-use crate::ports::{DependencyError, DueFallback, Fallbacks};
+use crate::due::{DueError, DueWork};
+use crate::ports::{DueFallback, Fallbacks};
 use crate::router::{AcceptError, Admission, Submission};
+use async_trait::async_trait;
 use chrono::Utc;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const NAME: &str = "fallback";
 
-pub enum FallbackMsg {
-    Tick,
-}
-
 #[derive(Clone)]
 pub struct FallbackArgs {
     pub store: Arc<dyn Fallbacks>,
     pub admission: Admission,
-    /// Time between looks for due fallbacks.
-    pub interval: Duration,
-    /// Most fallbacks handled a look.
-    pub batch: usize,
+    /// How long the router may take with one fallback.
+    pub deadline: Duration,
     /// Whether fallbacks may be submitted yet (the store's unique idempotency index, which
     /// keeps a fallback from being made twice, exists).
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
@@ -45,61 +43,36 @@ pub fn key_of(id: &str) -> String {
     format!("fallback of {id}")
 }
 
-/// Why a fallback could not be settled this time.
-#[derive(Debug, thiserror::Error)]
-pub enum FallbackError {
-    #[error(transparent)]
-    Store(#[from] DependencyError),
-    #[error("the router did not take the fallback: {0}")]
-    Router(String),
-}
-
-pub struct FallbackActor;
-
-impl Actor for FallbackActor {
-    type Msg = FallbackMsg;
-    type State = FallbackArgs;
-    type Arguments = FallbackArgs;
-
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        args: FallbackArgs,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        myself.send_after(args.interval, || FallbackMsg::Tick);
-        Ok(args)
+#[async_trait]
+impl DueWork for FallbackArgs {
+    fn what(&self) -> &'static str {
+        "fallbacks"
     }
 
-    async fn handle(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        _msg: Self::Msg,
-        args: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Err(e) = pass(args).await {
-            metrics::counter!("fallback_errors_total").increment(1);
-            tracing::warn!(error = %e, "fallbacks not settled; trying again next time");
+    fn errors_metric(&self) -> &'static str {
+        "fallback_errors_total"
+    }
+
+    /// One look: every due fallback sent or found not needed, and settled.
+    async fn pass(&self, batch: usize) -> Result<usize, DueError> {
+        if !(self.ready)() {
+            return Ok(0);
         }
-        myself.send_after(args.interval, || FallbackMsg::Tick);
-        Ok(())
+        let due = self.store.due_fallbacks(Utc::now(), batch).await?;
+        let n = due.len();
+        for d in due {
+            settle(self, d).await?;
+        }
+        Ok(n)
     }
 }
 
-/// One look: every due fallback sent or found not needed, and settled.
-pub async fn pass(a: &FallbackArgs) -> Result<usize, FallbackError> {
-    if !(a.ready)() {
-        return Ok(0);
-    }
-    let due = a.store.due_fallbacks(Utc::now(), a.batch).await?;
-    let n = due.len();
-    for d in due {
-        settle(a, d).await?;
-    }
-    Ok(n)
-}
-
-async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), FallbackError> {
-    if matches!(d.status, Status::Delivered | Status::Read) {
+async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), DueError> {
+    // A canceled message was meant not to reach the person: nor is its fallback.
+    if matches!(
+        d.status,
+        Status::Delivered | Status::Read | Status::Canceled
+    ) {
         metrics::counter!("fallbacks_total", "outcome" => "not_needed").increment(1);
         a.store.settle_fallback(&d.id, None).await?;
         return Ok(());
@@ -112,17 +85,18 @@ async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), FallbackError> {
         fallback_of: Some(d.id.clone()),
         template: None,
         batch_id: None,
+        send_at: None,
     };
-    let deadline = tokio::time::Instant::now() + a.interval.max(Duration::from_secs(1));
+    let deadline = tokio::time::Instant::now() + a.deadline;
     let accepted = a
         .admission
         .accept(submission, deadline)
         .await
         .map_err(|e| match e {
             crate::call::CallError::Refused(AcceptError::KeyConflict(k)) => {
-                FallbackError::Router(format!("key {k:?} holds another request"))
+                DueError::Router(format!("key {k:?} holds another request"))
             }
-            other => FallbackError::Router(other.to_string()),
+            other => DueError::Router(other.to_string()),
         })?;
     if !accepted.replayed {
         metrics::counter!("fallbacks_total", "outcome" => "sent").increment(1);

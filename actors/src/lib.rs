@@ -7,15 +7,16 @@
 //!
 //! ```text
 //!                                    Supervisor
-//!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┬────────────┬──────────┐
-//! Router  StreamConsumer×3N Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler  Fallback
+//!   ┌─────────┬────────────────┬──────────┬────────────┬───────────────┬──────────┬───────┬────────────┬──────────┬───────────┐
+//! Router  StreamConsumer×3N Sender×3  LogIndexer  OutboxSweeper  Receipts  Stats  Reconciler  Fallback  Scheduler
 //! ```
 //! A request goes HTTP → Router (stored, then on `{type}_stream` and `log_stream`) →
 //! StreamConsumer → Sender (claim, provider call, outcome) ; every step's log event goes
 //! `log_stream` → LogIndexer → Elasticsearch. Receipts apply the providers' delivery
 //! reports; the OutboxSweeper re-queues what MongoDB says should be moving; Stats trims
 //! streams and reports their gauges; Fallback sends a message's fallback when it did not
-//! reach the person in time.
+//! reach the person in time; Scheduler queues a scheduled send (`sendAt`) when it is due.
+//! Fallback and Scheduler are each a [`due::DueTimer`] over their own [`due::DueWork`].
 //!
 //! # Layout
 //!
@@ -28,7 +29,10 @@
 //! - [`receipts`]: ReceiptActor, providers' delivery receipts in batches.
 //! - [`log_indexer`]: LogIndexer, `log_stream` into Elasticsearch.
 //! - [`reconciler`]: Reconciler, makes search agree with MongoDB for recent records.
+//! - [`due`]: DueTimer, the one timer for work MongoDB keeps due times of (oldest first,
+//!   in batches).
 //! - [`fallback`]: FallbackActor, a message's fallback on another channel, on time.
+//! - [`scheduler`]: SchedulerActor, a scheduled send onto its stream when its time comes.
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
 //! - [`stats`]: StatsActor, stream trimming and gauges.
 //! - [`audit`]: AuditActor, security events into their own index.
@@ -52,6 +56,7 @@ pub mod backoff;
 pub mod batch;
 pub mod call;
 pub mod domain;
+pub mod due;
 pub mod fallback;
 pub mod health;
 pub mod limited_store;
@@ -62,6 +67,7 @@ pub mod reconciler;
 pub mod retry;
 pub mod router;
 pub mod routing;
+pub mod scheduler;
 pub mod sender;
 pub mod shards;
 pub mod stats;

@@ -322,6 +322,8 @@ pub fn record_event(r: &Communication) -> LogEvent {
         Status::Delivered => (EventStatus::Delivered, r.attempts),
         Status::Undelivered => (EventStatus::Undelivered, r.attempts),
         Status::Read => (EventStatus::Read, r.attempts),
+        Status::Scheduled => (EventStatus::Scheduled, 0),
+        Status::Canceled => (EventStatus::Canceled, r.attempts),
     };
     let mut ev = LogEvent::for_record(r, "reindex", status, attempt, r.updated_at);
     ev.provider = r.provider.clone();

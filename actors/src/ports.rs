@@ -93,7 +93,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Make sure these records, whose callers were answered "not stored", are never sent,
     /// whether their insert landed, lands later or never does: a stored one still
-    /// `pending` becomes `void` (and gives its idempotency key up); for one not stored, a
+    /// `pending` (or `scheduled`) becomes `void` (and gives its idempotency key up); for one not stored, a
     /// `void` placeholder takes its id, so a late insert of it fails. Answers how many had
     /// already moved past `pending` (too late to void; should never happen).
     async fn void(&self, ids: &[String]) -> Result<usize, DependencyError>;
@@ -550,4 +550,29 @@ pub trait Fallbacks: Send + Sync + 'static {
     /// the first message reached the person).
     async fn settle_fallback(&self, id: &str, sent_as: Option<&str>)
         -> Result<(), DependencyError>;
+}
+
+/// Where the SchedulerActor finds scheduled sends that are due (MongoDB's
+/// `communications`: an indexed due time that only `scheduled` records carry), and queues
+/// them.
+#[async_trait]
+pub trait ScheduledSends: Send + Sync + 'static {
+    /// Ids of `scheduled` records whose `sendAt` ≤ `now`, oldest `sendAt` first, at most
+    /// `limit`.
+    async fn due_scheduled(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, DependencyError>;
+
+    /// Move these records from `scheduled` to `pending`, compare-and-set on the status:
+    /// those still `scheduled` only (another process, or a cancel, may have moved one).
+    /// Each is noted queued at `now` and due for the OutboxSweeper's look after its grace
+    /// time, so one whose stream entry never gets appended (a crash right after this) is
+    /// queued by the sweeper. Answers the records this call moved, now `pending`.
+    async fn release_scheduled(
+        &self,
+        ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Communication>, DependencyError>;
 }

@@ -21,7 +21,7 @@
 use crate::backoff::{retry_until, Backoff};
 use crate::batch::BatchSettings;
 use crate::call::{CallError, Ticket};
-use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, LOG_STREAM};
+use crate::domain::{Communication, EventStatus, LogEvent, NewCommunication, Status, LOG_STREAM};
 use crate::ports::{DependencyError, ErrorKind, InsertResult, Queue, Store};
 use crate::shards::StreamShards;
 use chrono::Utc;
@@ -74,6 +74,8 @@ pub struct Submission {
     pub template: Option<crate::domain::TemplateRef>,
     /// The bulk send it is one recipient of.
     pub batch_id: Option<String>,
+    /// When to send it, if later than now: stored `scheduled`, on no stream until then.
+    pub send_at: Option<chrono::DateTime<Utc>>,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -304,7 +306,8 @@ impl Actor for RouterActor {
 async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending) {
     let id = bson::oid::ObjectId::new().to_hex();
     let mut record = Communication::new(id, p.submission.request, Utc::now())
-        .with_fallback(p.submission.fallback);
+        .with_fallback(p.submission.fallback)
+        .scheduled_at(p.submission.send_at);
     record.tenant = p.submission.tenant;
     record.idempotency_key = p.submission.idempotency_key;
     record.fallback_of = p.submission.fallback_of;
@@ -525,6 +528,32 @@ impl Writer {
     }
 }
 
+/// A new record's answer, counted.
+fn accepted(record: Communication) -> Result<Accepted, AcceptError> {
+    metrics::counter!("communications_accepted_total", "channel" => record.channel.as_str())
+        .increment(1);
+    Ok(Accepted {
+        record,
+        replayed: false,
+    })
+}
+
+/// What puts a record on its stream: its `queued` log event, then its entry on the shard
+/// its id picks (the router's at acceptance, the SchedulerActor's when a scheduled one is
+/// due).
+pub fn queue_entries(
+    rec: &Communication,
+    service: &str,
+    shards: StreamShards,
+    now: chrono::DateTime<Utc>,
+) -> [(&'static str, Vec<(&'static str, String)>); 2] {
+    let event = LogEvent::for_record(rec, service, EventStatus::Queued, 0, now);
+    [
+        (LOG_STREAM, event.to_fields()),
+        (shards.for_record(rec.channel, &rec.id), rec.stream_fields()),
+    ]
+}
+
 /// The stream entries of the stored records answered `queued`.
 type Entries = Vec<(&'static str, Vec<(&'static str, String)>)>;
 
@@ -550,17 +579,16 @@ fn settle(
                 }
                 continue;
             }
+            Ok(InsertResult::Inserted) if rec.status == Status::Scheduled => {
+                // On no stream until its time: the SchedulerActor queues it then.
+                let event = LogEvent::for_record(&rec, "router", EventStatus::Scheduled, 0, now);
+                entries.push((LOG_STREAM, event.to_fields()));
+                accepted(rec)
+            }
             Ok(InsertResult::Inserted) => {
                 // The log event first: the `communications` index sees `queued` before any outcome.
-                let event = LogEvent::for_record(&rec, "router", EventStatus::Queued, 0, now);
-                entries.push((LOG_STREAM, event.to_fields()));
-                entries.push((shards.for_record(rec.channel, &rec.id), rec.stream_fields()));
-                metrics::counter!("communications_accepted_total", "channel" => rec.channel.as_str())
-                    .increment(1);
-                Ok(Accepted {
-                    record: rec,
-                    replayed: false,
-                })
+                entries.extend(queue_entries(&rec, "router", shards, now));
+                accepted(rec)
             }
             Ok(InsertResult::KeyTaken(original)) if original.request_hash == rec.request_hash => {
                 metrics::counter!("idempotent_replays_total").increment(1);
@@ -631,6 +659,7 @@ mod tests {
             batch_id: None,
             fallback: None,
             fallback_of: None,
+            send_at: None,
             template: None,
         }
     }
@@ -862,6 +891,64 @@ mod tests {
         }
         assert_eq!(f.queue.entries(Channel::Sms.stream()).len(), 3);
         assert_eq!(f.store.records().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scheduled_submission_is_stored_and_logged_but_on_no_stream() {
+        let f = fixture(2).await;
+        let at = Utc::now() + chrono::Duration::hours(1);
+        let later = Submission {
+            send_at: Some(at),
+            ..submission(1, None)
+        };
+        let answers = accept_all(&f.router, vec![later, submission(2, None)]).await;
+        let scheduled = &answers[0].as_ref().unwrap().record;
+        assert_eq!(
+            (scheduled.status, scheduled.send_at),
+            (Status::Scheduled, Some(at))
+        );
+        let events: Vec<_> = f
+            .queue
+            .entries(LOG_STREAM)
+            .iter()
+            .map(|e| LogEvent::from_entry(e).unwrap())
+            .map(|e| (e.communication_id, e.status))
+            .collect();
+        let now = answers[1].as_ref().unwrap().record.id.clone();
+        assert_eq!(
+            events,
+            [
+                (scheduled.id.clone(), EventStatus::Scheduled),
+                (now.clone(), EventStatus::Queued)
+            ]
+        );
+        let on_stream = f.queue.entries(Channel::Sms.stream());
+        assert_eq!(on_stream.len(), 1);
+        assert_eq!(on_stream[0].field("_id"), Some(now.as_str()));
+    }
+
+    /// A scheduled record whose caller was answered 503 is voided like any other.
+    #[tokio::test(start_paused = true)]
+    async fn a_scheduled_insert_slower_than_the_deadline_is_voided() {
+        let name = "router-test-slow-scheduled";
+        let f = named(name, Duration::from_secs(3), 2).await;
+        // The void comes after the insert has landed.
+        f.store
+            .script
+            .delay(StoreMethod::Void, Duration::from_secs(6));
+        let admission = Admission::new(8, Duration::from_secs(2));
+        let later = Submission {
+            send_at: Some(Utc::now() + chrono::Duration::hours(1)),
+            ..submission(1, None)
+        };
+        let answer = accept_via(&admission, name, later).await;
+        assert!(matches!(answer, Err(CallError::TimedOut(_))));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(f.store.records().len(), 1, "landed, the void not yet");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(f.store.records().is_empty());
+        assert_eq!(f.store.voided().len(), 1);
+        f.router.stop(None);
     }
 
     #[tokio::test(start_paused = true)]

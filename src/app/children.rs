@@ -5,12 +5,14 @@ use crate::clients::fallbacks::MongoFallbacks;
 use crate::clients::indexes::{IndexReadiness, IndexState};
 use crate::clients::parked::MongoParking;
 use crate::clients::reconcile::ElasticIndexed;
+use crate::clients::scheduled::MongoScheduled;
 use crate::config::Config;
 use actors::adaptive::StoreLimiter;
 use actors::audit::{self, AuditActor, AuditArgs};
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
-use actors::fallback::{self, FallbackActor, FallbackArgs};
+use actors::due::{DueTimer, DueTimerArgs};
+use actors::fallback::{self, FallbackArgs};
 use actors::limited_store::LimitedStore;
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
 use actors::ports::{Queue, SearchSink, Store};
@@ -18,6 +20,7 @@ use actors::ractor::Actor;
 use actors::receipts::{self, ReceiptActor, ReceiptArgs};
 use actors::reconciler::{self, Reconciler, ReconcilerArgs};
 use actors::router::{self, RouterActor, RouterArgs};
+use actors::scheduler::{self, SchedulerArgs};
 use actors::sender::{self, SenderActor, SenderArgs};
 use actors::shards::StreamShards;
 use actors::stats::{self, StatsActor, StatsArgs};
@@ -87,6 +90,7 @@ pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<
     specs.push(sweeper_spec(cfg, &ports));
     specs.push(reconciler_spec(cfg, parts));
     specs.push(fallback_spec(cfg, parts, indexes));
+    specs.push(scheduler_spec(cfg, parts));
     specs
 }
 
@@ -141,6 +145,7 @@ pub fn shutdown_stages(cfg: &Config) -> [Vec<Vec<String>>; 3] {
             stats::NAME.to_string(),
             reconciler::NAME.to_string(),
             fallback::NAME.to_string(),
+            scheduler::NAME.to_string(),
         ]],
         vec![consumers, Channel::ALL.map(sender::name).to_vec()],
         vec![
@@ -307,12 +312,31 @@ fn reconciler_spec(cfg: &Config, parts: &Parts) -> ChildSpec {
 /// and only once the unique idempotency index exists: that index is what keeps a fallback
 /// from being made twice.
 fn fallback_spec(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> ChildSpec {
-    let args = FallbackArgs {
+    let work = FallbackArgs {
         store: Arc::new(MongoFallbacks::new(parts.store.collection().clone())),
         admission: actors::router::Admission::new(cfg.fallback.batch, cfg.router.accept_deadline),
-        interval: cfg.fallback.interval,
-        batch: cfg.fallback.batch,
+        deadline: cfg.fallback.interval.max(std::time::Duration::from_secs(1)),
         ready: Arc::new(move || indexes.state() == IndexState::Ready),
     };
-    spec(fallback::NAME.to_string(), || FallbackActor, args)
+    let args = DueTimerArgs {
+        work: Arc::new(work),
+        interval: cfg.fallback.interval,
+        batch: cfg.fallback.batch,
+    };
+    spec(fallback::NAME.to_string(), || DueTimer, args)
+}
+
+/// The SchedulerActor: scheduled sends onto their streams when due.
+fn scheduler_spec(cfg: &Config, parts: &Parts) -> ChildSpec {
+    let work = SchedulerArgs {
+        store: Arc::new(MongoScheduled::new(&parts.store, cfg.sweeper.recheck)),
+        queue: parts.queue.clone(),
+        shards: shards(cfg),
+    };
+    let args = DueTimerArgs {
+        work: Arc::new(work),
+        interval: cfg.schedule.interval,
+        batch: cfg.schedule.batch,
+    };
+    spec(scheduler::NAME.to_string(), || DueTimer, args)
 }

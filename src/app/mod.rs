@@ -204,6 +204,11 @@ fn http_state(
             email_max_chars: cfg.limits.email_max_chars,
             fallback_max_after_secs: cfg.fallback.max_after_secs,
         },
+        schedule: actors::domain::ScheduleLimits::with_horizon_days(cfg.schedule.horizon_days),
+        scheduled: Arc::new(crate::clients::scheduled::MongoScheduled::new(
+            &parts.store,
+            cfg.sweeper.recheck,
+        )),
         templates: Arc::new(crate::clients::templates::MongoTemplates::new(
             parts.store.database(),
         )),

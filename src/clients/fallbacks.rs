@@ -5,13 +5,12 @@
 //! `fallbackSettledAt`, and `fallbackId` when a fallback was sent. Due: not settled, and
 //! `fallbackAt` passed or the record `failed`.
 
+use super::scheduled::oldest_due;
 use actors::domain::{Channel, Fallback, NewCommunication, Status};
 use actors::ports::{Dependency, DependencyError, DueFallback, Fallbacks};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, DateTime as BsonDate, Document};
-use mongodb::options::FindOptions;
 use mongodb::Collection;
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
@@ -74,20 +73,8 @@ impl Fallbacks for MongoFallbacks {
                 {"status": Status::Failed.as_str()},
             ],
         };
-        let opts = FindOptions::builder()
-            .sort(doc! {"fallbackAt": 1})
-            .limit(limit as i64)
-            .projection(doc! {"tenant": 1, "status": 1, "fallback": 1})
-            .build();
-        let docs: Vec<Document> = self
-            .coll
-            .find(filter)
-            .with_options(opts)
-            .await
-            .map_err(err)?
-            .try_collect()
-            .await
-            .map_err(err)?;
+        let projection = doc! {"tenant": 1, "status": 1, "fallback": 1};
+        let docs = oldest_due(&self.coll, filter, "fallbackAt", limit, projection).await?;
         Ok(docs
             .iter()
             .filter_map(|d| {

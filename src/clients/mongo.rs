@@ -5,7 +5,8 @@
 //! notBefore, nextAttemptAt, sentAt?, failedAt?, deliveredAt?, readAt?, undeliveredAt?,
 //! provider?, providerMessageId?, possibleDuplicate?, possibleDuplicateCause?,
 //! possibleDuplicateAttempt?, unknownAttempt?, unknownCause?, unknownSince?, lastError?,
-//! errors[], idempotencyKey?, requestHash`. There is deliberately no unique index on `to`.
+//! errors[], idempotencyKey?, requestHash, sendAt?, scheduledDueAt? (while `scheduled`),
+//! canceledAt?`. There is deliberately no unique index on `to`.
 //! `unknown*` name an attempt whose outcome is unknown (timeout, reset, ambiguous 5xx), so
 //! the next claim asks the provider before sending again; `possibleDuplicate*` mark a
 //! send made after one (or after a stale claim), with that attempt and its cause.
@@ -105,6 +106,13 @@ fn sweep_scope(s: &SweepScope) -> Document {
     }
 }
 
+/// The ids that are ObjectIds (others name no record).
+pub fn object_ids<S: AsRef<str>>(ids: &[S]) -> Vec<ObjectId> {
+    ids.iter()
+        .filter_map(|i| ObjectId::parse_str(i.as_ref()).ok())
+        .collect()
+}
+
 fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
 }
@@ -170,6 +178,11 @@ impl MongoStore {
         &self.coll
     }
 
+    /// The leases that make one worker the only one to call the provider for a record.
+    pub fn leases(&self) -> &Arc<RedisLeases> {
+        &self.leases
+    }
+
     pub fn database(&self) -> &Database {
         &self.db
     }
@@ -202,7 +215,11 @@ impl MongoStore {
             d.insert("fallback", super::fallbacks::fallback_doc(f));
             d.insert(
                 "fallbackAt",
-                bdate(r.created_at + chrono::Duration::seconds(i64::from(f.after_secs))),
+                // A scheduled message's wait starts when it is sent.
+                bdate(
+                    r.send_at.unwrap_or(r.created_at)
+                        + chrono::Duration::seconds(i64::from(f.after_secs)),
+                ),
             );
         }
         if let Some(of) = &r.fallback_of {
@@ -210,6 +227,11 @@ impl MongoStore {
         }
         if let Some(b) = &r.batch_id {
             d.insert("batchId", b);
+        }
+        if let Some(at) = r.send_at {
+            d.insert("sendAt", bdate(at));
+            // The SchedulerActor's due time: removed when it is queued or canceled.
+            d.insert(super::scheduled::DUE_FIELD, bdate(at));
         }
         if let Some(t) = &r.template {
             let mut td = doc! {"name": &t.name, "version": t.version as i64};
@@ -259,6 +281,7 @@ impl MongoStore {
             fallback_of: d.get_str("fallbackOf").ok().map(str::to_string),
             template: None,
             batch_id: d.get_str("batchId").ok().map(str::to_string),
+            send_at: cdate(d, "sendAt"),
         })
     }
 
@@ -321,10 +344,7 @@ impl MongoStore {
         leased: &[&str],
         owner: &str,
     ) -> Result<Vec<Document>, DependencyError> {
-        let oids: Vec<ObjectId> = leased
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(leased);
         let read = async {
             self.coll
                 .find(doc! {"_id": {"$in": &oids}})
@@ -908,10 +928,7 @@ impl Store for MongoStore {
     }
 
     async fn stored(&self, ids: &[String]) -> Result<Vec<bool>, DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         let found: Vec<Document> = self
             .coll
             .find(doc! {"_id": {"$in": oids}, "status": {"$ne": VOID}})
@@ -928,8 +945,8 @@ impl Store for MongoStore {
         Ok(ids.iter().map(|id| found.contains(id)).collect())
     }
 
-    /// One upsert a record, matching it only while `pending` (or already void): a stored
-    /// record becomes `void` and gives its idempotency key up; a missing one gets a `void`
+    /// One upsert a record, matching it only while `pending` or `scheduled` (or already
+    /// void): a stored record becomes `void` and gives its idempotency key up; a missing one gets a `void`
     /// placeholder under its id, so its late insert fails on the `_id` index. A record
     /// that has moved on makes the upsert clash on `_id` (11000): too late, counted.
     async fn void(&self, ids: &[String]) -> Result<usize, DependencyError> {
@@ -939,12 +956,13 @@ impl Store for MongoStore {
             .filter_map(|i| ObjectId::parse_str(i).ok())
             .map(|oid| {
                 doc! {
-                    "q": {"_id": oid, "status": {"$in": ["pending", VOID]}},
+                    "q": {"_id": oid, "status": {"$in": ["pending", "scheduled", VOID]}},
                     "u": {
                         "$set": {"status": VOID, "voidedAt": now, "updatedAt": now,
                                  "lastError": "answered 503 before its insert completed; never sent"},
                         // Never accepted: the record keeps nothing of the message.
-                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "msg": "",
+                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "sendAt": "",
+                                   "scheduledDueAt": "", "msg": "",
                                    "from": "", "to": "", "subject": "", "requestHash": ""},
                     },
                     "upsert": true,
@@ -1078,10 +1096,7 @@ impl Store for MongoStore {
         ids: &[String],
         not_before: DateTime<Utc>,
     ) -> Result<(), DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|i| ObjectId::parse_str(i).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         if oids.is_empty() {
             return Ok(());
         }
@@ -1228,10 +1243,7 @@ impl Store for MongoStore {
     }
 
     async fn records(&self, ids: &[String]) -> Result<Vec<Communication>, DependencyError> {
-        let oids: Vec<ObjectId> = ids
-            .iter()
-            .filter_map(|id| ObjectId::parse_str(id).ok())
-            .collect();
+        let oids: Vec<ObjectId> = object_ids(ids);
         if oids.is_empty() {
             return Ok(Vec::new());
         }

@@ -409,6 +409,8 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
         ("redis.max_deliveries", c.redis.max_deliveries as usize),
         ("audit.batch_max", c.audit.batch_max),
         ("audit.max_buffered", c.audit.max_buffered),
+        ("schedule.batch", c.schedule.batch),
+        ("schedule.horizon_days", c.schedule.horizon_days as usize),
     ] {
         if v == 0 {
             return Err(bad(format!("{name} must be at least 1")));

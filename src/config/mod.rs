@@ -68,6 +68,7 @@ pub struct Config {
     pub stats: Stats,
     pub reconciler: Reconciler,
     pub fallback: FallbackSettings,
+    pub schedule: ScheduleSettings,
     pub supervisor: Supervisor,
     pub callbacks: Callbacks,
     pub providers: Providers,
@@ -542,6 +543,16 @@ pub struct FallbackSettings {
     pub interval: Duration,
     pub batch: usize,
     pub max_after_secs: u32,
+}
+
+/// `[schedule]`: how far ahead a `sendAt` may be, and the SchedulerActor's pace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    pub horizon_days: u32,
+    #[serde(rename = "interval_ms", deserialize_with = "millis")]
+    pub interval: Duration,
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -29,7 +29,7 @@ use crate::http::state::{authenticated, authenticated_read, with_state, AppState
 use crate::http::templates::{render_with, request_template, Named};
 use crate::limits::{Caller, Verdict};
 use crate::tenants::TenantPolicy;
-use actors::domain::{validate_with, Channel, RawRequest};
+use actors::domain::{send_at_of, validate_with, Channel, RawRequest};
 use actors::router::{Accepted, Submission};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
@@ -97,6 +97,7 @@ async fn create(
     };
     take_token(&state, &caller).await?;
     let named = request_template(&state, &who.tenant, &shared).await?;
+    let send_at = send_at_of(&shared, chrono::Utc::now(), &state.schedule)?;
     let batch_id = batch_id(&who.tenant, idempotency_key.as_deref());
     let mut places: Vec<Place> = recipients
         .iter()
@@ -107,6 +108,7 @@ async fn create(
                 .map(|mut s| {
                     s.tenant.clone_from(&who.tenant);
                     s.batch_id = Some(batch_id.clone());
+                    s.send_at = send_at;
                     Place::Ready(Box::new(s))
                 })
                 .unwrap_or_else(Place::Refused)
@@ -223,6 +225,7 @@ fn prepare(
             locale: t.locale,
         }),
         batch_id: None,
+        send_at: None,
     })
 }
 
@@ -339,7 +342,12 @@ fn render(
                 Place::Done(a) => {
                     accepted += 1;
                     replayed += usize::from(a.replayed);
-                    json!({"index": i, "to": to, "status": "queued", "id": a.record.id})
+                    let status = if a.record.send_at.is_some() {
+                        "scheduled"
+                    } else {
+                        "queued"
+                    };
+                    json!({"index": i, "to": to, "status": status, "id": a.record.id})
                 }
                 Place::Refused(e) => {
                     let mut v = e.body();

@@ -1,9 +1,10 @@
-//! `POST /api/v1/communication` (accept a message) and `GET /api/v1/communication/{id}`
-//! (one record, from MongoDB, the source of truth).
+//! `POST /api/v1/communication` (accept a message, now or at its `sendAt`),
+//! `GET /api/v1/communication/{id}` (one record, from MongoDB, the source of truth) and
+//! `DELETE /api/v1/communication/{id}` (cancel it while no sender has started on it).
 //!
 //! Accepting goes in named steps: authenticate → refuse during shutdown → read the JSON
 //! body → render `data.template`, if named → the tenant's default `from` where it is left
-//! out → validate → the tenant's
+//! out → validate (and read `sendAt`) → the tenant's
 //! senders and destination countries (403) → check the `Idempotency-Key` → the tenant's
 //! limits in Redis (rate, daily quota, distinct recipients, per-recipient cap: one round
 //! trip) → wait for MongoDB's indexes (they exist a moment after start-up) → hand to the
@@ -14,16 +15,19 @@
 use crate::auth::{AuthError, Identity};
 use crate::clients::indexes::IndexState;
 use crate::clients::mongo::MongoStore;
+use crate::clients::scheduled::Cancel;
 use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
-use crate::http::routes::{at, at_with_param, CREATE_COMMUNICATION, GET_COMMUNICATION};
+use crate::http::routes::{
+    at, at_with_param, CANCEL_COMMUNICATION, CREATE_COMMUNICATION, GET_COMMUNICATION,
+};
 use crate::http::state::{authenticated, authenticated_read, with_state, AppState};
 use crate::limits::{Caller, Verdict};
 use crate::tenants::TenantPolicy;
 use actors::call::CallError;
 use actors::domain::{
-    fallback_field, fallback_of, validate_with, Channel, Fallback, NewCommunication, RawRequest,
-    ValidationLimits,
+    fallback_field, fallback_of, send_at_of, validate_with, Channel, EventStatus, Fallback,
+    LogEvent, NewCommunication, RawRequest, Status, ValidationLimits, LOG_STREAM,
 };
 use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
@@ -48,7 +52,12 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
         .and(with_state(state))
         .then(get)
         .map(respond);
-    create.or(get_one).unify().boxed()
+    let cancel_one = at_with_param(CANCEL_COMMUNICATION)
+        .and(authenticated_read(state))
+        .and(with_state(state))
+        .then(cancel)
+        .map(respond);
+    create.or(get_one).unify().or(cancel_one).unify().boxed()
 }
 
 async fn create(
@@ -69,6 +78,7 @@ async fn create(
     let template = super::templates::render_request(&state, &who.tenant, &mut raw).await?;
     let raw = with_default_from(raw, &policy)?;
     let request = validate_with(&raw, &state.validation)?;
+    let send_at = send_at_of(&raw, chrono::Utc::now(), &state.schedule)?;
     check_sender_and_destination(&policy, &request)?;
     let fallback = fallback_request(&raw, &request, &policy, &state.validation)?;
     if let Some(key) = &idempotency_key {
@@ -94,6 +104,7 @@ async fn create(
             locale: t.locale,
         }),
         batch_id: None,
+        send_at,
     };
     let accepted = state
         .admission
@@ -325,12 +336,19 @@ fn render_accepted(Accepted { record, replayed }: Accepted) -> Response {
     if let Some(s) = &record.subject {
         data["subject"] = json!(s);
     }
-    let body = json!({
-        "status": "queued",
+    let status = match record.status {
+        Status::Scheduled => "scheduled",
+        _ => "queued",
+    };
+    let mut body = json!({
+        "status": status,
         "stream": record.channel.stream(),
         "id": record.id,
         "data": data,
     });
+    if let Some(at) = record.send_at {
+        body["sendAt"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    }
     let mut r = warp::reply::json(&body).into_response();
     if replayed {
         r.headers_mut()
@@ -345,19 +363,74 @@ async fn get(
     state: AppState,
 ) -> Result<Response, ApiError> {
     let who = who?;
-    if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::InvalidId);
-    }
+    check_id(&id)?;
     match state.store.get_doc(&id, &who.tenant).await {
-        Ok(Some(d)) => {
-            let shown = super::view::record(MongoStore::to_api_json(&d));
-            Ok(warp::reply::json(&shown).into_response())
-        }
+        Ok(Some(d)) => Ok(shown(&d)),
         Ok(None) => Err(ApiError::NoCommunication(id)),
         Err(e) => {
             tracing::warn!(error = %e, "lookup failed");
             Err(ApiError::StoreUnavailable)
         }
+    }
+}
+
+/// A 24-hex-digit id, or 400.
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::InvalidId);
+    }
+    Ok(())
+}
+
+/// Cancel: 200 with the record once it is `canceled` (again, for a second cancel), 409
+/// once sending has started, 404 for an unknown id or another tenant's.
+async fn cancel(
+    id: String,
+    who: Result<Identity, AuthError>,
+    state: AppState,
+) -> Result<Response, ApiError> {
+    let who = who?;
+    check_id(&id)?;
+    let doc = match state.scheduled.cancel(&id, &who.tenant).await {
+        Ok(Cancel::Canceled(d)) => {
+            log_canceled(&state, &d).await;
+            d
+        }
+        Ok(Cancel::AlreadyCanceled(d)) => d,
+        Ok(Cancel::TooLate(status)) => return Err(ApiError::NotCancelable(status)),
+        Ok(Cancel::NotFound) => return Err(ApiError::NoCommunication(id)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cancel failed");
+            return Err(ApiError::StoreUnavailable);
+        }
+    };
+    Ok(shown(&doc))
+}
+
+/// A record as its tenant sees it (the allow-list of `view.rs`).
+fn shown(d: &mongodb::bson::Document) -> Response {
+    let v = super::view::record(MongoStore::to_api_json(d));
+    warp::reply::json(&v).into_response()
+}
+
+/// The `canceled` log event; if Redis does not take it, the Reconciler brings search in
+/// line with MongoDB within its interval.
+async fn log_canceled(state: &AppState, d: &mongodb::bson::Document) {
+    let Some(rec) = MongoStore::from_doc(d) else {
+        return;
+    };
+    metrics::counter!("communications_canceled_total", "channel" => rec.channel.as_str())
+        .increment(1);
+    tracing::info!(id = %rec.id, "communication canceled");
+    let ev = LogEvent::for_record(
+        &rec,
+        "api",
+        EventStatus::Canceled,
+        rec.attempts,
+        rec.updated_at,
+    );
+    if let Err(e) = state.queue.append(&[(LOG_STREAM, ev.to_fields())]).await {
+        tracing::warn!(error = %e, id = %rec.id, "canceled event not logged; the reconciler repairs search");
     }
 }
 

@@ -71,6 +71,9 @@ pub enum ApiError {
     NoBatch(String),
     #[error("no communication {0}")]
     NoCommunication(String),
+    /// Sending has started (a sender holds it, it was attempted, or it is final).
+    #[error("the communication cannot be canceled: sending has started (status {0})")]
+    NotCancelable(String),
     #[error("the router is restarting; nothing was stored, retry shortly")]
     RouterRestarting,
     /// The accept deadline passed before the store answered: the request is dropped, and a
@@ -201,7 +204,9 @@ impl ApiError {
             | InvalidCallback
             | Template(_)
             | Unreadable => StatusCode::BAD_REQUEST,
-            KeyReused(_) | TemplateExists(_) | TemplateChanged(_) => StatusCode::CONFLICT,
+            KeyReused(_) | TemplateExists(_) | TemplateChanged(_) | NotCancelable(_) => {
+                StatusCode::CONFLICT
+            }
             NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -236,6 +241,7 @@ impl ApiError {
             TooManyRecipients { .. } => "distinct_recipient_limit",
             LimiterUnavailable => "limiter_unavailable",
             KeyReused(_) => "idempotency_key_reused",
+            NotCancelable(_) => "not_cancelable",
             NoCommunication(_) | NoBatch(_) | NoRoute => "not_found",
             RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
             NotProcessedInTime | NothingStored | AcceptQueueFull | StoreUnavailable

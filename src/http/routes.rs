@@ -13,6 +13,7 @@ pub type Route = (&'static str, &'static str);
 
 pub const CREATE_COMMUNICATION: Route = ("POST", "/api/v1/communication");
 pub const GET_COMMUNICATION: Route = ("GET", "/api/v1/communication/{id}");
+pub const CANCEL_COMMUNICATION: Route = ("DELETE", "/api/v1/communication/{id}");
 pub const SEARCH_COMMUNICATIONS: Route = ("GET", "/api/v1/communications");
 pub const CREATE_BULK: Route = ("POST", "/api/v1/communications/bulk");
 pub const GET_BATCH: Route = ("GET", "/api/v1/batches/{batchId}");
@@ -37,6 +38,7 @@ pub const READYZ: Route = ("GET", "/readyz");
 pub const ROUTES: &[Route] = &[
     CREATE_COMMUNICATION,
     GET_COMMUNICATION,
+    CANCEL_COMMUNICATION,
     SEARCH_COMMUNICATIONS,
     CREATE_BULK,
     GET_BATCH,
@@ -157,7 +159,10 @@ mod tests {
             allowed_methods("/api/v1/callbacks/whatsapp/"),
             ["GET", "POST"]
         );
-        assert_eq!(allowed_methods("/api/v1/communication/x"), ["GET"]);
+        assert_eq!(
+            allowed_methods("/api/v1/communication/x"),
+            ["GET", "DELETE"]
+        );
     }
 
     #[tokio::test]

@@ -40,6 +40,10 @@ pub struct AppState {
     /// Each tenant's senders, countries and limits.
     pub tenants: Arc<Tenants>,
     pub validation: ValidationLimits,
+    /// How far ahead a `sendAt` may be.
+    pub schedule: actors::domain::ScheduleLimits,
+    /// Cancels (`DELETE /api/v1/communication/{id}`).
+    pub scheduled: Arc<crate::clients::scheduled::MongoScheduled>,
     /// The tenants' message templates (MongoDB's `templates`).
     pub templates: Arc<crate::clients::templates::MongoTemplates>,
     pub metrics_token: Option<secrecy::SecretString>,

@@ -43,6 +43,8 @@ pub const RECORD_FIELDS: &[&str] = &[
     "fallbackSettledAt",
     "template",
     "batchId",
+    "sendAt",
+    "canceledAt",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.

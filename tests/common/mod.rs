@@ -651,6 +651,23 @@ impl Service {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// The sum of a metric's series (every label set) on `/metrics`; 0 when it has none.
+    pub async fn metric_total(&self, name: &str) -> f64 {
+        let text = get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let res = get(self.url(path)).await.unwrap();
         let status = res.status().as_u16();

@@ -157,7 +157,7 @@ impl MemoryStore {
         if s.record.status.is_terminal() {
             return ClaimResult::Skip("already final");
         }
-        if s.not_before.is_some_and(|t| t > Utc::now()) {
+        if s.not_before.is_some_and(|t| t > Utc::now()) || s.record.status == Status::Scheduled {
             return ClaimResult::Skip("retry not yet due");
         }
         if s.lease
@@ -311,7 +311,7 @@ impl Store for MemoryStore {
         let mut too_late = 0;
         for id in ids {
             match all.get(id).map(|s| s.record.status) {
-                Some(Status::Pending) | None => {
+                Some(Status::Pending | Status::Scheduled) | None => {
                     all.remove(id);
                     voided.insert(id.clone());
                 }
@@ -464,7 +464,7 @@ impl Store for MemoryStore {
                 continue;
             };
             let queued = s.queued_at.unwrap_or(r.created_at);
-            let ready = !r.status.is_terminal()
+            let ready = matches!(r.status, Status::Pending | Status::Sending)
                 && scope.acked_up_to.is_none_or(|t| queued <= t)
                 && s.not_before.is_none_or(|t| t <= now)
                 && s.next_look.is_none_or(|t| t <= now);

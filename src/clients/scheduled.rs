@@ -1,0 +1,263 @@
+//! Scheduled sends and cancels on `communications` records: implements
+//! `actors::ports::ScheduledSends` (the SchedulerActor's due range and its compare-and-set)
+//! and the cancel of `DELETE /api/v1/communication/{id}`.
+//!
+//! A scheduled record is stored `scheduled` with `sendAt`, and with the same time in
+//! [`DUE_FIELD`] while it stays `scheduled` (removed when it is queued, canceled or
+//! voided): the sparse index `scheduled_due` on that field holds the scheduled records
+//! alone, so a look is one range read of the due ones, oldest first, whatever else the
+//! collection holds. Moving a record on sets `status: pending`, `queuedAt` and
+//! `nextAttemptAt` (the OutboxSweeper's next look, after its grace time), and stamps the
+//! move (`releasedBy`), so that the records this call moved can be read back by the
+//! stamp: an `update_many` tells how many it moved, not which.
+//!
+//! A cancel sets `status: canceled` and `canceledAt`, from `scheduled`, or from `pending`
+//! with no attempt made, under the record's lease in Redis (`lease:{id}`, the one a sender
+//! takes to claim it): while a sender holds it the cancel is refused (sending has
+//! started), and a sender that leases the record after the cancel reads it `canceled` and
+//! sends nothing. A lease whose try count shows an earlier claim that never recorded an
+//! outcome (its worker died; the provider may have the message) refuses the cancel too.
+
+use crate::clients::lease::{RedisLeases, Release};
+use crate::clients::mongo::{object_ids, MongoStore};
+use actors::domain::{Communication, Status};
+use actors::ports::{Dependency, DependencyError, ScheduledSends};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, DateTime as BsonDate, Document};
+use mongodb::options::ReturnDocument;
+use mongodb::Collection;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A scheduled record's due time, present only while it is `scheduled`.
+pub const DUE_FIELD: &str = "scheduledDueAt";
+
+/// How long a cancel holds a record's lease (one write).
+const CANCEL_LEASE: Duration = Duration::from_secs(30);
+
+fn err(e: impl std::fmt::Display) -> DependencyError {
+    DependencyError::new(Dependency::MongoDb, e)
+}
+
+fn bdate(t: DateTime<Utc>) -> BsonDate {
+    BsonDate::from_millis(t.timestamp_millis())
+}
+
+/// The documents matching `filter`, oldest `due_field` first, at most `limit`, with the
+/// fields of `projection`: the due-time range read of the timers (fallbacks, scheduled
+/// sends), each served by an index on its due field.
+pub async fn oldest_due(
+    coll: &Collection<Document>,
+    filter: Document,
+    due_field: &str,
+    limit: usize,
+    projection: Document,
+) -> Result<Vec<Document>, DependencyError> {
+    coll.find(filter)
+        .sort(doc! {due_field: 1})
+        .limit(limit as i64)
+        .projection(projection)
+        .await
+        .map_err(err)?
+        .try_collect()
+        .await
+        .map_err(err)
+}
+
+/// What a cancel came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancel {
+    /// Canceled now: the record as it is after the cancel.
+    Canceled(Document),
+    /// It was canceled before: the record.
+    AlreadyCanceled(Document),
+    /// Sending has started (a sender holds it, it was attempted, or it is final): its
+    /// status.
+    TooLate(String),
+    /// No such record of this tenant.
+    NotFound,
+}
+
+pub struct MongoScheduled {
+    coll: Collection<Document>,
+    leases: Arc<RedisLeases>,
+    /// How long after its move a record is left to its stream entry before the
+    /// OutboxSweeper queues it (the store's first look at a new record).
+    first_look: Duration,
+}
+
+impl MongoScheduled {
+    pub fn new(store: &MongoStore, first_look: Duration) -> MongoScheduled {
+        MongoScheduled {
+            coll: store.collection().clone(),
+            leases: store.leases().clone(),
+            first_look,
+        }
+    }
+
+    /// Cancel `tenant`'s record `id` unless sending has started (see the module's text).
+    pub async fn cancel(&self, id: &str, tenant: &str) -> Result<Cancel, DependencyError> {
+        let Ok(oid) = ObjectId::parse_str(id) else {
+            return Ok(Cancel::NotFound);
+        };
+        let mine = doc! {"_id": oid, "tenant": tenant};
+        let Some(found) = self.coll.find_one(mine.clone()).await.map_err(err)? else {
+            return Ok(Cancel::NotFound);
+        };
+        if let Some(settled) = settled(found) {
+            return Ok(settled);
+        }
+        let token = format!("cancel:{}", ObjectId::new().to_hex());
+        let tries = self.leases.lease(&[id], &token, CANCEL_LEASE).await?;
+        let n = tries.first().copied().unwrap_or(-1);
+        if n < 0 {
+            return Ok(Cancel::TooLate(Status::Sending.as_str().into()));
+        }
+        let canceled = if n == 1 {
+            self.set_canceled(mine.clone()).await
+        } else {
+            // An earlier claim ended without an outcome: the provider may have it.
+            Ok(None)
+        };
+        let how = match canceled {
+            Ok(Some(_)) => Release::Final,
+            _ => Release::Undo,
+        };
+        if let Err(e) = self.leases.release(&[(id, how)], &token).await {
+            tracing::debug!(error = %e, "cancel lease not given back; it expires");
+        }
+        match canceled? {
+            Some(d) => Ok(Cancel::Canceled(d)),
+            None if n == 1 => {
+                let now = self.coll.find_one(mine).await.map_err(err)?;
+                Ok(now.map_or(Cancel::NotFound, |d| {
+                    settled(d).unwrap_or(Cancel::TooLate(Status::Sending.as_str().into()))
+                }))
+            }
+            None => Ok(Cancel::TooLate(Status::Sending.as_str().into())),
+        }
+    }
+
+    /// The compare-and-set: `scheduled`, or `pending` with no attempt, becomes `canceled`.
+    async fn set_canceled(&self, mine: Document) -> Result<Option<Document>, DependencyError> {
+        let now = bdate(Utc::now());
+        let mut filter = mine;
+        filter.insert("status", doc! {"$in": ["scheduled", "pending"]});
+        filter.insert("attempts", 0);
+        self.coll
+            .find_one_and_update(
+                filter,
+                doc! {
+                    "$set": {"status": Status::Canceled.as_str(), "canceledAt": now, "updatedAt": now},
+                    "$unset": {"nextAttemptAt": "", DUE_FIELD: ""},
+                },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(err)
+    }
+}
+
+/// What a record's stored state already answers: canceled before, or past canceling.
+/// `None` while it may still be canceled (`scheduled`, or `pending` with no attempt).
+fn settled(d: Document) -> Option<Cancel> {
+    let status = d.get_str("status").unwrap_or_default().to_string();
+    let attempts = d.get_i32("attempts").unwrap_or(0);
+    match Status::parse(&status) {
+        Some(Status::Canceled) => Some(Cancel::AlreadyCanceled(d)),
+        Some(Status::Scheduled) => None,
+        Some(Status::Pending) if attempts == 0 => None,
+        _ => Some(Cancel::TooLate(status)),
+    }
+}
+
+#[async_trait]
+impl ScheduledSends for MongoScheduled {
+    async fn due_scheduled(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<String>, DependencyError> {
+        let filter = doc! {DUE_FIELD: {"$lte": bdate(now)}};
+        let docs = oldest_due(&self.coll, filter, DUE_FIELD, limit, doc! {"_id": 1}).await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
+            .collect())
+    }
+
+    async fn release_scheduled(
+        &self,
+        ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Communication>, DependencyError> {
+        let oids: Vec<ObjectId> = object_ids(ids);
+        if oids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stamp = ObjectId::new().to_hex();
+        let look = now + chrono::Duration::from_std(self.first_look).unwrap_or_default();
+        let moved = self
+            .coll
+            .update_many(
+                doc! {"_id": {"$in": &oids}, "status": Status::Scheduled.as_str()},
+                doc! {
+                    "$set": {
+                        "status": Status::Pending.as_str(), "updatedAt": bdate(now),
+                        "notBefore": bdate(now), "queuedAt": bdate(now),
+                        "nextAttemptAt": bdate(look), "releasedBy": &stamp,
+                    },
+                    "$unset": {DUE_FIELD: ""},
+                },
+            )
+            .await
+            .map_err(err)?;
+        if moved.modified_count == 0 {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id": {"$in": oids}, "releasedBy": &stamp})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(status: &str, attempts: i32) -> Document {
+        doc! {"_id": ObjectId::new(), "status": status, "attempts": attempts}
+    }
+
+    #[test]
+    fn what_a_stored_state_answers_to_a_cancel() {
+        assert!(settled(rec("scheduled", 0)).is_none());
+        assert!(settled(rec("pending", 0)).is_none());
+        assert!(matches!(
+            settled(rec("canceled", 0)),
+            Some(Cancel::AlreadyCanceled(_))
+        ));
+        for (status, attempts) in [
+            ("pending", 1),
+            ("sending", 1),
+            ("sent", 1),
+            ("delivered", 1),
+            ("failed", 2),
+            ("void", 0),
+        ] {
+            assert_eq!(
+                settled(rec(status, attempts)),
+                Some(Cancel::TooLate(status.into())),
+                "{status}"
+            );
+        }
+    }
+}
