@@ -1,10 +1,11 @@
 //! Micro-benchmarks of the per-message hot paths: request validation, stream entry and log
-//! event encoding/decoding, and reading a bulk answer. `make bench` prints the figures.
+//! event encoding/decoding, writing a bulk body and reading a bulk answer. `make bench`
+//! prints the figures.
 
 use actors::domain::{validate, Communication, EventStatus, LogEvent, RawRequest, StreamEntry};
 use actors::log_indexer::ops_for;
 use chrono::Utc;
-use comm_aggregator::clients::elastic::parse_bulk_items;
+use comm_aggregator::clients::elastic::{bulk_body, read_bulk_answer};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use serde_json::json;
 
@@ -43,9 +44,18 @@ fn hot_paths(c: &mut Criterion) {
     let ops: Vec<_> = (0..500)
         .flat_map(|_| ops_for(&ev, "communication-logs", "communications"))
         .collect();
-    let answer = json!({"errors": false, "items": (0..ops.len()).map(|_| json!({"create": {"status": 201}})).collect::<Vec<_>>()});
+    c.bench_function("write a 1000-operation bulk body", |b| {
+        b.iter(|| bulk_body(black_box(&ops)))
+    });
+    // As Elasticsearch answers: every item with its index, id, version and shards.
+    let answer =
+        json!({"took": 30, "errors": false, "items": (0..ops.len()).map(|k| json!({"create": {
+        "_index": "communication-logs", "_id": format!("65f000000000000000000001:sent:{k}"),
+        "_version": 1, "result": "created", "_shards": {"total": 2, "successful": 1, "failed": 0},
+        "_seq_no": k, "_primary_term": 1, "status": 201}})).collect::<Vec<_>>()})
+        .to_string();
     c.bench_function("read a 1000-item bulk answer", |b| {
-        b.iter(|| parse_bulk_items(black_box(&ops), black_box(&answer)))
+        b.iter(|| read_bulk_answer(black_box(&ops), black_box(answer.as_bytes())))
     });
 }
 

@@ -8,6 +8,8 @@
 #   COSTS_PHASES  "accept e2e" (default), or one of them
 #   RECEIPTS=0    end to end without Twilio status callbacks (no PUBLIC_BASE_URL)
 #   COSTS_BUILD   release (default) or debug: which binaries to build and run
+#   COSTS_BIN     run the binaries in this folder instead, building nothing (an older
+#                 commit's, copied aside, to compare side by side)
 #   COSTS_WARMUP / COSTS_IDLE / COSTS_SETTLE  seconds after the service is ready / of the
 #                 idle interval / of the wait after the load (default 5 / 10 / 3)
 # The accept phase holds deliveries back as scripts/load.sh --accept-only does: a provider
@@ -19,8 +21,12 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 BUILD="${COSTS_BUILD:-release}"
 flag=""; [ "$BUILD" = release ] && flag="--release"
-cargo build $flag --bin comm-aggregator --bin loadgen --bin provider-sandbox
-BIN="$ROOT/target/$BUILD"
+if [ -n "${COSTS_BIN:-}" ]; then
+  BIN="$(cd "$COSTS_BIN" && pwd)"
+else
+  cargo build $flag --bin comm-aggregator --bin loadgen --bin provider-sandbox
+  BIN="$ROOT/target/$BUILD"
+fi
 ARGS=("$@" --messages 2000 --connections 16)
 # shellcheck source=lib/own-stack.sh
 . "$ROOT/scripts/lib/own-stack.sh"

@@ -242,7 +242,7 @@ impl AuditState {
                 index: self.args.index.clone(),
                 id: e.id.clone(),
                 action: BulkAction::Create,
-                doc: e.to_doc(),
+                doc: e.to_doc().into(),
             })
             .collect();
         let results = match self.args.search.bulk(&ops).await {
@@ -318,7 +318,7 @@ mod tests {
             (stored[0].index.as_str(), &stored[0].id),
             ("security-audit", &e.id)
         );
-        let doc = &stored[0].doc;
+        let doc = stored[0].doc.value();
         assert_eq!(doc["kind"], "auth_failed");
         assert_eq!(doc["keyDigest"], key_digest("nope"));
     }

@@ -29,14 +29,15 @@
 use crate::backoff::{Backoff, Delays};
 use crate::batch::BatchSettings;
 use crate::domain::{
-    Communication, EventStatus, LogEvent, Status, StreamEntry, LOG_DEAD_LETTER_STREAM, LOG_STREAM,
+    Channel, Communication, EventStatus, LogEvent, Status, StreamEntry, LOG_DEAD_LETTER_STREAM,
+    LOG_STREAM,
 };
 use crate::ports::{
-    BulkAction, BulkOp, Dependency, DependencyError, ErrorKind, ItemResult, Queue, ReadFrom,
+    BulkAction, BulkOp, Dependency, DependencyError, Doc, ErrorKind, ItemResult, Queue, ReadFrom,
     SearchSink, Store,
 };
+use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -425,42 +426,61 @@ pub fn state_version(status: EventStatus, attempt: u32) -> u64 {
     attempt as u64 * 10 + status.rank() + 1
 }
 
-/// The two documents one event becomes.
+/// A record's document in the `communications` index as one event leaves it: the seed's
+/// model, with the record's current state (`status`, `updatedAt`, `attempts`, provider
+/// details) over it. Serialised straight from the event's fields.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CommunicationDoc<'a> {
+    tenant: &'a str,
+    communication_id: &'a str,
+    from: &'a str,
+    to: &'a str,
+    msg: &'a str,
+    #[serde(rename = "type")]
+    channel: Channel,
+    stream: &'static str,
+    timestamp: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    status: &'static str,
+    updated_at: DateTime<Utc>,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider_message_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a str>,
+}
+
+impl<'a> CommunicationDoc<'a> {
+    fn of(ev: &'a LogEvent) -> CommunicationDoc<'a> {
+        CommunicationDoc {
+            tenant: &ev.tenant,
+            communication_id: &ev.communication_id,
+            from: &ev.from,
+            to: &ev.to,
+            msg: &ev.msg,
+            channel: ev.channel,
+            stream: ev.channel.stream(),
+            timestamp: ev.timestamp,
+            created_at: ev.created_at,
+            status: ev.status.record_status().as_str(),
+            updated_at: ev.timestamp,
+            attempts: ev.attempt,
+            provider: ev.provider.as_deref(),
+            provider_message_id: ev.provider_message_id.as_deref(),
+            batch_id: ev.batch_id.as_deref(),
+            last_error: ev.error.as_deref(),
+        }
+    }
+}
+
+/// The two documents one event becomes: the event itself in the logs index, and the
+/// record's current state in the communications index.
 pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> Vec<BulkOp> {
-    let log_doc = serde_json::to_value(ev).unwrap_or_default();
-    let status = ev.status.record_status().as_str();
-    let mut current = json!({
-        "communicationId": ev.communication_id,
-        "status": status,
-        "updatedAt": ev.timestamp,
-        "attempts": ev.attempt,
-    });
-    if let Some(p) = &ev.provider {
-        current["provider"] = json!(p);
-    }
-    if let Some(p) = &ev.provider_message_id {
-        current["providerMessageId"] = json!(p);
-    }
-    if let Some(b) = &ev.batch_id {
-        current["batchId"] = json!(b);
-    }
-    if let Some(e) = &ev.error {
-        current["lastError"] = json!(e);
-    }
-    let mut full = json!({
-        "tenant": ev.tenant,
-        "communicationId": ev.communication_id,
-        "from": ev.from,
-        "to": ev.to,
-        "msg": ev.msg,
-        "type": ev.channel,
-        "stream": ev.channel.stream(),
-        "timestamp": ev.timestamp,
-        "createdAt": ev.created_at,
-    });
-    for (k, v) in current.as_object().into_iter().flatten() {
-        full[k] = v.clone();
-    }
     // The record's current state, versioned by how far along it is: a `delivered` that
     // overtook its `sent` in the stream is not undone by it.
     let comm_op = BulkOp {
@@ -469,14 +489,14 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
         action: BulkAction::IndexVersioned {
             version: state_version(ev.status, ev.attempt),
         },
-        doc: full,
+        doc: Doc::json(&CommunicationDoc::of(ev)),
     };
     vec![
         BulkOp {
             index: logs_index.to_string(),
             id: ev.log_doc_id(),
             action: BulkAction::Create,
-            doc: log_doc,
+            doc: Doc::json(ev),
         },
         comm_op,
     ]
@@ -710,6 +730,88 @@ mod tests {
     use super::*;
     use crate::domain::{Communication, NewCommunication};
     use chrono::Utc;
+    use serde_json::{json, Value};
+
+    /// The two documents as `ops_for` built them before they were serialised straight
+    /// from the event: `serde_json::Value` trees, merged key by key.
+    fn value_tree_docs(ev: &LogEvent) -> (Value, Value) {
+        let log_doc = serde_json::to_value(ev).unwrap_or_default();
+        let status = ev.status.record_status().as_str();
+        let mut current = json!({
+            "communicationId": ev.communication_id,
+            "status": status,
+            "updatedAt": ev.timestamp,
+            "attempts": ev.attempt,
+        });
+        if let Some(p) = &ev.provider {
+            current["provider"] = json!(p);
+        }
+        if let Some(p) = &ev.provider_message_id {
+            current["providerMessageId"] = json!(p);
+        }
+        if let Some(b) = &ev.batch_id {
+            current["batchId"] = json!(b);
+        }
+        if let Some(e) = &ev.error {
+            current["lastError"] = json!(e);
+        }
+        let mut full = json!({
+            "tenant": ev.tenant,
+            "communicationId": ev.communication_id,
+            "from": ev.from,
+            "to": ev.to,
+            "msg": ev.msg,
+            "type": ev.channel,
+            "stream": ev.channel.stream(),
+            "timestamp": ev.timestamp,
+            "createdAt": ev.created_at,
+        });
+        for (k, v) in current.as_object().into_iter().flatten() {
+            full[k] = v.clone();
+        }
+        (log_doc, full)
+    }
+
+    #[test]
+    fn documents_are_the_json_the_value_trees_were() {
+        let rec = Communication::new(
+            "65f000000000000000000001".into(),
+            NewCommunication {
+                channel: crate::domain::Channel::Email,
+                from: "a@example.com".into(),
+                to: "b@example.com".into(),
+                msg: "line \"one\"\n\tzwei – drei \u{1F600} \\ </script>".into(),
+                subject: Some("s".into()),
+            },
+            Utc::now(),
+        );
+        let mut events = Vec::new();
+        for channel in crate::domain::Channel::ALL {
+            for status in EventStatus::ALL {
+                let r = Communication {
+                    channel,
+                    ..rec.clone()
+                };
+                events.push(LogEvent::for_record(&r, "t", status, 2, Utc::now()));
+            }
+        }
+        let mut full = LogEvent::for_record(&rec, "sender", EventStatus::Failed, 3, Utc::now());
+        full.provider = Some("twilio".into());
+        full.provider_message_id = Some("SM123".into());
+        full.error = Some("21211: invalid \"To\"".into());
+        full.batch_id = Some("65f0000000000000000000aa".into());
+        events.push(full);
+        let mut only_id = events[0].clone();
+        only_id.provider_message_id = Some("x".into());
+        events.push(only_id);
+        for ev in &events {
+            let ops = ops_for(ev, "logs", "comms");
+            let (log, comm) = value_tree_docs(ev);
+            assert_eq!(ops[0].doc.value(), log, "{}", ops[0].doc.as_str());
+            assert_eq!(ops[1].doc.value(), comm, "{}", ops[1].doc.as_str());
+            assert!(log.is_object() && comm.is_object());
+        }
+    }
 
     #[test]
     fn only_the_newest_version_of_a_record_goes_in_one_batch() {
@@ -926,8 +1028,8 @@ mod port_tests {
                 .unwrap()
                 .clone()
         };
-        assert_eq!(comm(&long.id).doc["msg"], long.msg.as_str());
-        assert_eq!(comm(&over.id).doc["status"], "sent");
+        assert_eq!(comm(&long.id).doc.value()["msg"], long.msg.as_str());
+        assert_eq!(comm(&over.id).doc.value()["status"], "sent");
         assert!(ops
             .iter()
             .any(|o| o.index == "logs" && o.id == format!("{}:sent:1", over.id)));

@@ -447,7 +447,38 @@ pub struct BulkOp {
     pub index: String,
     pub id: String,
     pub action: BulkAction,
-    pub doc: serde_json::Value,
+    pub doc: Doc,
+}
+
+/// A document's JSON text, written once when its operation is made (straight from a
+/// borrowed struct, no `serde_json::Value` tree in between) and put into the bulk body as
+/// it is; copies of the operation (a retry, the batch's newest versions) share the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc(Arc<str>);
+
+impl Doc {
+    /// The JSON of `value`: one of our document structs, or a `serde_json::Value`.
+    pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> Doc {
+        // Writing a struct or a map with string keys into a string cannot fail.
+        Doc(serde_json::to_string(value)
+            .unwrap_or_else(|_| "{}".to_string())
+            .into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The document parsed back (tests, and what reads a field of it).
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+}
+
+impl From<serde_json::Value> for Doc {
+    fn from(v: serde_json::Value) -> Doc {
+        Doc::json(&v)
+    }
 }
 
 /// What happened to one item of a bulk request.

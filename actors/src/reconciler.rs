@@ -203,7 +203,7 @@ mod tests {
             if want.is_some() {
                 let log = ops.iter().find(|o| o.index == "logs").unwrap();
                 assert_eq!(log.action, BulkAction::Create);
-                assert_eq!(ops[1].doc["status"], status.as_str());
+                assert_eq!(ops[1].doc.value()["status"], status.as_str());
             }
         }
     }

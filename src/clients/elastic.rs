@@ -4,11 +4,11 @@
 use actors::ports::{BulkAction, BulkOp, Dependency, DependencyError, ItemResult, SearchSink};
 use async_trait::async_trait;
 use elasticsearch::auth::Credentials;
-use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::indices::{IndicesCreateParts, IndicesExistsParts};
 use elasticsearch::{BulkParts, Elasticsearch};
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -94,65 +94,140 @@ pub fn parse_bulk_items(ops: &[BulkOp], body: &Value) -> Vec<ItemResult> {
                 return ItemResult::Retry("empty bulk item".into());
             };
             let status = inner.get("status").and_then(Value::as_u64).unwrap_or(0);
-            let reason = || {
-                inner
-                    .get("error")
-                    .map(|e| match e.get("reason").and_then(Value::as_str) {
-                        Some(r) => format!("{status} {r}"),
-                        None => format!("{status} {e}"),
-                    })
-                    .unwrap_or_else(|| status.to_string())
-            };
-            match status {
-                200..=299 => ItemResult::Done,
-                // Exists already (create), or a newer version is stored (versioned index).
-                409 if matches!(
-                    ops[i].action,
-                    BulkAction::Create | BulkAction::IndexVersioned { .. }
-                ) =>
-                {
-                    ItemResult::Done
-                }
-                409 | 429 | 500..=599 => ItemResult::Retry(reason()),
-                _ => ItemResult::Rejected(reason()),
-            }
+            item_result(&ops[i].action, status, inner.get("error"))
         })
         .collect()
 }
 
-/// The NDJSON lines of one bulk request.
-pub fn bulk_body(ops: &[BulkOp]) -> Vec<JsonBody<Value>> {
-    let mut body = Vec::with_capacity(ops.len() * 2);
+/// One item's outcome, from its status and error.
+fn item_result(action: &BulkAction, status: u64, error: Option<&Value>) -> ItemResult {
+    let reason = || {
+        error
+            .map(|e| match e.get("reason").and_then(Value::as_str) {
+                Some(r) => format!("{status} {r}"),
+                None => format!("{status} {e}"),
+            })
+            .unwrap_or_else(|| status.to_string())
+    };
+    match status {
+        200..=299 => ItemResult::Done,
+        // Exists already (create), or a newer version is stored (versioned index).
+        409 if matches!(
+            action,
+            BulkAction::Create | BulkAction::IndexVersioned { .. }
+        ) =>
+        {
+            ItemResult::Done
+        }
+        409 | 429 | 500..=599 => ItemResult::Retry(reason()),
+        _ => ItemResult::Rejected(reason()),
+    }
+}
+
+/// A bulk answer read only as far as its items' outcomes, without a `serde_json::Value`
+/// tree for the rest (`_index`, `_id`, `_version`, `_shards` ... of every item are skipped).
+#[derive(Deserialize)]
+struct BulkAnswer {
+    #[serde(default)]
+    items: Vec<BulkItem>,
+}
+
+/// `{"create": {...}}`, `{"index": {...}}` or `{"update": {...}}`.
+#[derive(Deserialize)]
+struct BulkItem {
+    #[serde(alias = "index", alias = "update", alias = "delete")]
+    create: Option<ItemOutcome>,
+}
+
+#[derive(Deserialize)]
+struct ItemOutcome {
+    #[serde(default)]
+    status: u64,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+/// Read a bulk answer's text: the items' outcomes in the typed form; an answer of any
+/// other shape item by item as a `serde_json::Value` ([`parse_bulk_items`]), as before.
+pub fn read_bulk_answer(ops: &[BulkOp], text: &[u8]) -> Result<Vec<ItemResult>, serde_json::Error> {
+    let Ok(answer) = serde_json::from_slice::<BulkAnswer>(text) else {
+        return Ok(parse_bulk_items(ops, &serde_json::from_slice(text)?));
+    };
+    Ok(ops
+        .iter()
+        .enumerate()
+        .map(|(i, op)| match answer.items.get(i) {
+            None => ItemResult::Retry("missing from the bulk answer".into()),
+            Some(BulkItem { create: None }) => ItemResult::Retry("empty bulk item".into()),
+            Some(BulkItem {
+                create: Some(outcome),
+            }) => item_result(&op.action, outcome.status, outcome.error.as_ref()),
+        })
+        .collect())
+}
+
+/// The action line of one bulk operation: `{"<verb>": {"_index": .., "_id": .., ...}}`.
+#[derive(Serialize)]
+struct ActionMeta<'a> {
+    #[serde(rename = "_index")]
+    index: &'a str,
+    #[serde(rename = "_id")]
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_on_conflict: Option<u32>,
+}
+
+/// The NDJSON body of one bulk request, written into one buffer: each operation's action
+/// line, then its document's text as it was serialised when the operation was made.
+pub fn bulk_body(ops: &[BulkOp]) -> Vec<u8> {
+    let size: usize = ops
+        .iter()
+        .map(|op| op.doc.as_str().len() + op.index.len() + op.id.len() + 96)
+        .sum();
+    let mut body = Vec::with_capacity(size);
     for op in ops {
-        match &op.action {
-            BulkAction::Create => {
-                body.push(json!({"create": {"_index": op.index, "_id": op.id}}).into());
-                body.push(op.doc.clone().into());
-            }
+        let mut meta = ActionMeta {
+            index: &op.index,
+            id: &op.id,
+            version: None,
+            version_type: None,
+            retry_on_conflict: None,
+        };
+        let verb = match &op.action {
+            BulkAction::Create => "create",
             BulkAction::IndexVersioned { version } => {
-                body.push(
-                    json!({"index": {"_index": op.index, "_id": op.id,
-                        "version": version, "version_type": "external"}})
-                    .into(),
-                );
-                body.push(op.doc.clone().into());
+                (meta.version, meta.version_type) = (Some(*version), Some("external"));
+                "index"
             }
             BulkAction::IndexAtLeast { version } => {
-                body.push(
-                    json!({"index": {"_index": op.index, "_id": op.id,
-                        "version": version, "version_type": "external_gte"}})
-                    .into(),
-                );
-                body.push(op.doc.clone().into());
+                (meta.version, meta.version_type) = (Some(*version), Some("external_gte"));
+                "index"
             }
-            BulkAction::Update { upsert } => {
-                body.push(
-                    json!({"update": {"_index": op.index, "_id": op.id, "retry_on_conflict": 3}})
-                        .into(),
-                );
-                body.push(json!({"doc": op.doc, "upsert": upsert}).into());
+            BulkAction::Update { .. } => {
+                meta.retry_on_conflict = Some(3);
+                "update"
             }
+        };
+        body.extend_from_slice(b"{\"");
+        body.extend_from_slice(verb.as_bytes());
+        body.extend_from_slice(b"\":");
+        // Into a Vec: writing cannot fail, and these structs always serialise.
+        let _ = serde_json::to_writer(&mut body, &meta);
+        body.extend_from_slice(b"}\n");
+        if let BulkAction::Update { upsert } = &op.action {
+            body.extend_from_slice(b"{\"doc\":");
+            body.extend_from_slice(op.doc.as_str().as_bytes());
+            body.extend_from_slice(b",\"upsert\":");
+            let _ = serde_json::to_writer(&mut body, upsert);
+            body.push(b'}');
+        } else {
+            body.extend_from_slice(op.doc.as_str().as_bytes());
         }
+        body.push(b'\n');
     }
     body
 }
@@ -269,7 +344,7 @@ impl SearchSink for ElasticSink {
         let res = self
             .client
             .bulk(BulkParts::None)
-            .body(bulk_body(ops))
+            .body(vec![bytes::Bytes::from(bulk_body(ops))])
             .send()
             .await
             .map_err(err)?;
@@ -281,8 +356,8 @@ impl SearchSink for ElasticSink {
                 text.chars().take(300).collect::<String>()
             )));
         }
-        let body: Value = res.json().await.map_err(err)?;
-        Ok(parse_bulk_items(ops, &body))
+        let text = res.bytes().await.map_err(err)?;
+        read_bulk_answer(ops, &text).map_err(err)
     }
 
     async fn ping(&self) -> Result<(), DependencyError> {
@@ -304,7 +379,7 @@ mod tests {
             index: "i".into(),
             id: "x".into(),
             action,
-            doc: json!({}),
+            doc: json!({}).into(),
         }
     }
 
@@ -325,6 +400,10 @@ mod tests {
             {"update": {"status": 503, "error": {"reason": "unavailable"}}}
         ]});
         let r = parse_bulk_items(&ops, &body);
+        assert_eq!(
+            read_bulk_answer(&ops, body.to_string().as_bytes()).unwrap(),
+            r
+        );
         assert_eq!(r[0], ItemResult::Done);
         assert_eq!(r[1], ItemResult::Done);
         assert!(matches!(&r[2], ItemResult::Retry(why) if why.contains("429")));
@@ -335,7 +414,12 @@ mod tests {
     #[test]
     fn missing_items_are_retried_not_dropped() {
         let ops = vec![op(BulkAction::Create), op(BulkAction::Create)];
-        let r = parse_bulk_items(&ops, &json!({"items": [{"create": {"status": 201}}]}));
+        let answer = json!({"items": [{"create": {"status": 201}}]});
+        let r = parse_bulk_items(&ops, &answer);
+        assert_eq!(
+            read_bulk_answer(&ops, answer.to_string().as_bytes()).unwrap(),
+            r
+        );
         assert_eq!(r[0], ItemResult::Done);
         assert!(matches!(r[1], ItemResult::Retry(_)));
     }
@@ -353,7 +437,7 @@ mod tests {
                 .into(),
                 id: format!("op{k}"),
                 action: BulkAction::Create,
-                doc: json!({}),
+                doc: json!({}).into(),
             })
             .collect();
         let owner: Vec<usize> = (0..8).map(|k| k / 2).collect();
@@ -364,6 +448,10 @@ mod tests {
             json!({"create": item})
         }).collect::<Vec<_>>()});
         let results = parse_bulk_items(&ops, &answer);
+        assert_eq!(
+            read_bulk_answer(&ops, answer.to_string().as_bytes()).unwrap(),
+            results
+        );
         let (retry, dead) = actors::log_indexer::settle(&ops, &owner, &results, 4);
         assert!(retry[0].is_empty() && retry[1].is_empty() && retry[3].is_empty());
         assert_eq!(
@@ -374,5 +462,95 @@ mod tests {
         assert_eq!(dead[1], None, "409 on create counts as done");
         assert_eq!(dead[2], None);
         assert!(dead[3].as_deref().unwrap().contains("400"));
+    }
+
+    /// The lines `bulk_body` wrote before it wrote one buffer: a `serde_json::Value` per
+    /// action line and per document.
+    fn value_tree_lines(ops: &[BulkOp]) -> Vec<Value> {
+        let mut lines = Vec::new();
+        for op in ops {
+            let doc = op.doc.value();
+            match &op.action {
+                BulkAction::Create => {
+                    lines.push(json!({"create": {"_index": op.index, "_id": op.id}}));
+                    lines.push(doc);
+                }
+                BulkAction::IndexVersioned { version } => {
+                    lines.push(json!({"index": {"_index": op.index, "_id": op.id,
+                        "version": version, "version_type": "external"}}));
+                    lines.push(doc);
+                }
+                BulkAction::IndexAtLeast { version } => {
+                    lines.push(json!({"index": {"_index": op.index, "_id": op.id,
+                        "version": version, "version_type": "external_gte"}}));
+                    lines.push(doc);
+                }
+                BulkAction::Update { upsert } => {
+                    lines.push(json!({"update": {"_index": op.index, "_id": op.id,
+                        "retry_on_conflict": 3}}));
+                    lines.push(json!({"doc": doc, "upsert": upsert}));
+                }
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn the_bulk_body_is_the_ndjson_the_value_trees_made() {
+        let ev = actors::domain::LogEvent {
+            tenant: "t".into(),
+            service: "sender".into(),
+            status: actors::domain::EventStatus::Sent,
+            from: "+15550001111".into(),
+            to: "+15557654321".into(),
+            msg: "a \"quoted\"\nbody – ü \\".into(),
+            error: Some("e".into()),
+            communication_id: "65f000000000000000000001".into(),
+            timestamp: chrono::Utc::now(),
+            channel: actors::domain::Channel::Sms,
+            attempt: 1,
+            created_at: chrono::Utc::now(),
+            provider: Some("twilio".into()),
+            provider_message_id: Some("SM1".into()),
+            batch_id: Some("65f0000000000000000000aa".into()),
+            msg_omitted: false,
+        };
+        let mut ops = actors::log_indexer::ops_for(&ev, "communication-logs", "communications");
+        ops.push(BulkOp {
+            action: BulkAction::IndexAtLeast { version: 7 },
+            ..ops[1].clone()
+        });
+        ops.push(BulkOp {
+            action: BulkAction::Update {
+                upsert: json!({"a": [1, "x\"y"]}),
+            },
+            ..ops[0].clone()
+        });
+        ops.push(op(BulkAction::Create));
+        let body = bulk_body(&ops);
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(text.ends_with('\n'));
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, value_tree_lines(&ops));
+    }
+
+    #[test]
+    fn an_answer_of_another_shape_is_read_item_by_item_as_before() {
+        let ops = vec![
+            op(BulkAction::Create),
+            op(BulkAction::Create),
+            op(BulkAction::Create),
+        ];
+        // A status that is not a number, and an item that is not an object.
+        let answer =
+            json!({"items": [{"create": {"status": "201"}}, 5, {"index": {"status": 201}}]});
+        let r = read_bulk_answer(&ops, answer.to_string().as_bytes()).unwrap();
+        assert_eq!(r, parse_bulk_items(&ops, &answer));
+        assert!(matches!(&r[1], ItemResult::Retry(_)));
+        assert_eq!(r[2], ItemResult::Done);
+        assert!(read_bulk_answer(&ops, b"not json").is_err());
     }
 }
