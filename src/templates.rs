@@ -2,11 +2,14 @@
 //! `subject`, locale variants (`en`, `de-CH`, …) and a version that every change increases
 //! (old versions stay readable). Rendered by minijinja, strictly: a variable the template
 //! uses and the request leaves out is refused naming it, never sent as an empty hole.
-//! Templates run with a fuel limit, so one cannot loop a sender's CPU away.
+//! Templates run with a fuel limit, so one cannot loop a sender's CPU away. An email template
+//! may have an `html` body beside its text body: rendered with HTML escaping of every value
+//! (`{{ name }}` of `<b>` is `&lt;b&gt;`; `|safe` opts out), sent as the HTML part of a
+//! multipart/alternative mail whose text part is the `body`.
 
 use actors::domain::Channel;
 use chrono::{DateTime, Utc};
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -19,11 +22,13 @@ pub const MAX_NAME: usize = 64;
 /// Locale variants a template may have.
 pub const MAX_LOCALES: usize = 50;
 
-/// A body and subject: the template's own, or one locale's.
+/// A body, subject and HTML body: the template's own, or one locale's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Content {
     pub body: String,
     pub subject: Option<String>,
+    /// Email only: the HTML part (the `body` is the text part).
+    pub html: Option<String>,
 }
 
 /// One version of a template.
@@ -49,6 +54,8 @@ pub struct Input {
 pub struct Rendered {
     pub body: String,
     pub subject: Option<String>,
+    /// The HTML body, every value escaped.
+    pub html: Option<String>,
     /// The variant used: the asked locale, its language, or `None` for the default.
     pub locale: Option<String>,
 }
@@ -140,7 +147,24 @@ fn content_of(
             "only email templates have a subject",
         ));
     }
-    let content = Content { body, subject };
+    let html = string_field(obj, "html", &name("html"))?;
+    if html.is_some() && channel.is_some_and(|c| c != Channel::Email) {
+        return Err(invalid(
+            &name("html"),
+            "only email templates have an html body",
+        ));
+    }
+    if html.as_ref().is_some_and(|h| h.chars().count() > MAX_BODY) {
+        return Err(invalid(
+            &name("html"),
+            format!("{} is longer than {MAX_BODY} characters", name("html")),
+        ));
+    }
+    let content = Content {
+        body,
+        subject,
+        html,
+    };
     check_syntax(&content, at)?;
     Ok(content)
 }
@@ -216,12 +240,25 @@ fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_fuel(Some(FUEL));
+    // Text bodies and subjects are sent as they render; only the HTML body escapes.
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    env
+}
+
+/// [`environment`] for HTML bodies: every value HTML-escaped unless marked `|safe`.
+fn html_environment() -> Environment<'static> {
+    let mut env = environment();
+    env.set_auto_escape_callback(|_| AutoEscape::Html);
     env
 }
 
 fn check_syntax(c: &Content, at: &str) -> Result<(), TemplateError> {
     let env = environment();
-    let sources = [("body", Some(&c.body)), ("subject", c.subject.as_ref())];
+    let sources = [
+        ("body", Some(&c.body)),
+        ("subject", c.subject.as_ref()),
+        ("html", c.html.as_ref()),
+    ];
     for (part, src) in sources {
         let Some(src) = src else { continue };
         if let Err(e) = env.template_from_str(src) {
@@ -292,9 +329,14 @@ pub fn render(
         Some(s) => Some(render_one(&env, s, vars)?),
         None => None,
     };
+    let html = match &content.html {
+        Some(h) => Some(render_one(&html_environment(), h, vars)?),
+        None => None,
+    };
     Ok(Rendered {
         body,
         subject,
+        html,
         locale: used,
     })
 }
@@ -316,6 +358,40 @@ mod tests {
 
     fn vars(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn an_html_body_escapes_every_value_and_the_text_body_none() {
+        let v = version(
+            json!({"type": "email", "body": "Hi {{ name }}", "subject": "For {{ name }}",
+            "html": "<p>Hi {{ name }}</p>{{ sig|safe }}",
+            "locales": {"de": {"body": "Hallo {{ name }}", "html": "<p>Hallo {{ name }}</p>"}}}),
+        );
+        let vars = vars(json!({"name": "<b>Ann & Bo</b>", "sig": "<i>us</i>"}));
+        let r = render(&v, None, &vars).unwrap();
+        assert_eq!(r.body, "Hi <b>Ann & Bo</b>");
+        assert_eq!(r.subject.as_deref(), Some("For <b>Ann & Bo</b>"));
+        assert_eq!(
+            r.html.as_deref(),
+            Some("<p>Hi &lt;b&gt;Ann &amp; Bo&lt;&#x2f;b&gt;</p><i>us</i>")
+        );
+        let de = render(&v, Some("de"), &vars).unwrap();
+        assert_eq!(
+            de.html.as_deref(),
+            Some("<p>Hallo &lt;b&gt;Ann &amp; Bo&lt;&#x2f;b&gt;</p>")
+        );
+        let sms = parse_input(
+            &json!({"type": "sms", "body": "x", "html": "<p>x</p>"}),
+            true,
+            None,
+        );
+        assert!(matches!(sms, Err(TemplateError::Invalid { field, .. }) if field == "html"));
+        let broken = parse_input(
+            &json!({"type": "email", "body": "x", "html": "{{ x"}),
+            true,
+            None,
+        );
+        assert!(matches!(broken, Err(TemplateError::Syntax { field, .. }) if field == "html"));
     }
 
     #[test]

@@ -116,6 +116,37 @@ async fn email_goes_through_sendgrid_and_its_signed_events_apply() {
     );
 }
 
+/// An email template's HTML body goes to SendGrid as the `text/html` content after the
+/// `text/plain` one, every value escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_html_template_goes_to_sendgrid_as_text_and_html() {
+    let (_, svc) = routed();
+    let name = unique("html_sg").replace('-', "_");
+    let created = common::client()
+        .post(svc.url("/api/v1/templates"))
+        .json(
+            &json!({"name": name, "type": "email", "subject": "Hi", "body": "Hi {{ who }}",
+                      "html": "<p>Hi {{ who }}</p>"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let who = format!("<b>{}</b>", unique("sg"));
+    accept(
+        json!({"type": "email", "data": {"from": "a@example.com", "to": "b@example.com",
+        "template": name, "variables": {"who": who}}}),
+    )
+    .await;
+    let got = taken(&format!("Hi {who}")).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let escaped = who
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('/', "&#x2f;");
+    assert_eq!(got[0]["html"], format!("<p>Hi {escaped}</p>"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whatsapp_goes_through_twilio_with_whatsapp_addresses() {
     let msg = unique("Your order shipped (Twilio WhatsApp)");

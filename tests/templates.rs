@@ -132,6 +132,62 @@ async fn a_template_is_versioned_previewed_and_kept_per_tenant() {
     );
 }
 
+/// An email template with an `html` body: the mail is multipart/alternative, its HTML part
+/// has every value escaped and its text part has them as given; the record keeps the HTML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_html_template_sends_a_text_and_an_escaped_html_part() {
+    use reqwest::Method;
+    let (stack, svc) = shared();
+    let name = unique("html").replace('-', "_");
+    let marker = unique("ref").replace('-', "");
+    let (s, t) = call(
+        Method::POST,
+        "/api/v1/templates",
+        Some(json!({"name": name, "type": "email", "subject": "Ref {{ ref }}",
+            "body": "Dear {{ who }}, ref {{ ref }}", "html": "<p>Dear {{ who }}, ref {{ ref }}</p>"})),
+    )
+    .await;
+    assert_eq!(
+        (s, t["html"].as_str()),
+        (201, Some("<p>Dear {{ who }}, ref {{ ref }}</p>")),
+        "{t}"
+    );
+    let (s, answer) = svc
+        .post(
+            json!({"type": "email", "data": {"from": "a@example.com", "to": "b@example.com",
+            "template": name, "variables": {"who": "<i>Ann</i>", "ref": marker}}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{answer}");
+    let mail = eventually(WAIT, "the mail at the SMTP server", || async {
+        stack.mails().into_iter().find(|m| m.contains(&marker))
+    })
+    .await;
+    assert!(mail.contains("multipart/alternative"), "{mail}");
+    assert!(mail.contains("Content-Type: text/plain"), "{mail}");
+    assert!(mail.contains("Content-Type: text/html"), "{mail}");
+    assert!(
+        mail.contains(&format!("Dear <i>Ann</i>, ref {marker}")),
+        "{mail}"
+    );
+    assert!(
+        mail.contains(&format!(
+            "<p>Dear &lt;i&gt;Ann&lt;&#x2f;i&gt;, ref {marker}</p>"
+        )),
+        "{mail}"
+    );
+    let id = answer["id"].as_str().unwrap();
+    let (_, rec) = svc.get(&format!("/api/v1/communication/{id}")).await;
+    assert_eq!(
+        rec["html"].as_str(),
+        Some(format!("<p>Dear &lt;i&gt;Ann&lt;&#x2f;i&gt;, ref {marker}</p>").as_str())
+    );
+    assert_eq!(
+        rec["msg"].as_str(),
+        Some(format!("Dear <i>Ann</i>, ref {marker}").as_str())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_from_a_template_is_rendered_and_remembers_its_version() {
     use reqwest::Method;

@@ -758,6 +758,8 @@ pub struct Communication {
     pub template: Option<TemplateRef>,
     /// The bulk send (`POST /api/v1/communications/bulk`) it was one recipient of.
     pub batch_id: Option<String>,
+    /// An email's HTML part (rendered from its template); `msg` is the text part.
+    pub html: Option<String>,
     /// When to send it: set on a `scheduled` record.
     pub send_at: Option<DateTime<Utc>>,
 }
@@ -796,6 +798,7 @@ impl Communication {
             template: None,
             batch_id: None,
             send_at: None,
+            html: None,
         }
     }
 
@@ -1102,6 +1105,8 @@ pub struct OutboundMessage {
     pub to: String,
     pub subject: Option<String>,
     pub body: String,
+    /// An email's HTML part, sent beside `body` (the text part).
+    pub html: Option<String>,
 }
 
 /// What a provider said when it accepted a message.

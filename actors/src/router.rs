@@ -74,6 +74,8 @@ pub struct Submission {
     pub template: Option<crate::domain::TemplateRef>,
     /// The bulk send it is one recipient of.
     pub batch_id: Option<String>,
+    /// An email's HTML part, rendered from its template.
+    pub html: Option<String>,
     /// When to send it, if later than now: stored `scheduled`, on no stream until then.
     pub send_at: Option<chrono::DateTime<Utc>>,
 }
@@ -313,6 +315,7 @@ async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending)
     record.fallback_of = p.submission.fallback_of;
     record.template = p.submission.template;
     record.batch_id = p.submission.batch_id;
+    record.html = p.submission.html;
     let waiting = Waiting {
         record,
         reply: p.reply,

@@ -228,6 +228,9 @@ impl MongoStore {
         if let Some(b) = &r.batch_id {
             d.insert("batchId", b);
         }
+        if let Some(h) = &r.html {
+            d.insert("html", h);
+        }
         if let Some(at) = r.send_at {
             d.insert("sendAt", bdate(at));
             // The SchedulerActor's due time: removed when it is queued or canceled.
@@ -281,6 +284,7 @@ impl MongoStore {
             fallback_of: d.get_str("fallbackOf").ok().map(str::to_string),
             template: None,
             batch_id: d.get_str("batchId").ok().map(str::to_string),
+            html: d.get_str("html").ok().map(str::to_string),
             send_at: cdate(d, "sendAt"),
         })
     }

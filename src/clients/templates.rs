@@ -1,6 +1,6 @@
 //! MongoDB's `templates`: one document per tenant and name, `_id: {tenant, name}`, holding
 //! `type`, the current `version`, `deleted`, and every version in `versions` (`version`,
-//! `body`, `subject?`, `locales: {tag: {body, subject?}}`, `createdAt`), so old versions
+//! `body`, `subject?`, `html?`, `locales: {tag: {body, subject?, html?}}`, `createdAt`), so old versions
 //! stay readable. A change adds a version only if the document still has the version it
 //! read (a compare-and-set), so two concurrent changes cannot both become version n+1.
 
@@ -52,6 +52,9 @@ fn content_doc(c: &Content) -> Document {
     if let Some(s) = &c.subject {
         d.insert("subject", s);
     }
+    if let Some(h) = &c.html {
+        d.insert("html", h);
+    }
     d
 }
 
@@ -72,6 +75,7 @@ fn content_from(d: &Document) -> Option<Content> {
     Some(Content {
         body: d.get_str("body").ok()?.to_string(),
         subject: d.get_str("subject").ok().map(str::to_string),
+        html: d.get_str("html").ok().map(str::to_string),
     })
 }
 

@@ -213,17 +213,15 @@ fn prepare(
     let request = validate_with(&raw, &state.validation)?;
     check_sender_and_destination(policy, &request)?;
     let fallback = fallback_request(&raw, &request, policy, &state.validation)?;
+    let (template, html) = crate::http::templates::Used::into_record(template);
     Ok(Submission {
         request,
         tenant: String::new(),
         idempotency_key,
         fallback,
         fallback_of: None,
-        template: template.map(|t| actors::domain::TemplateRef {
-            name: t.name,
-            version: t.version,
-            locale: t.locale,
-        }),
+        template,
+        html,
         batch_id: None,
         send_at: None,
     })

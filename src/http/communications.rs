@@ -92,17 +92,15 @@ async fn create(
     };
     check_limits(&state, &caller, &request, key, deadline).await?;
     indexes_in_place(&state, deadline).await?;
+    let (template, html) = super::templates::Used::into_record(template);
     let submission = Submission {
         request,
         tenant: who.tenant,
         idempotency_key,
         fallback,
         fallback_of: None,
-        template: template.map(|t| actors::domain::TemplateRef {
-            name: t.name,
-            version: t.version,
-            locale: t.locale,
-        }),
+        template,
+        html,
         batch_id: None,
         send_at,
     };

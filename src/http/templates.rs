@@ -29,6 +29,27 @@ pub struct Used {
     pub name: String,
     pub version: u32,
     pub locale: Option<String>,
+    /// The rendered HTML body of an email template that has one.
+    pub html: Option<String>,
+}
+
+impl Used {
+    /// What the record keeps: the template reference, and the HTML body if any.
+    pub fn into_record(
+        used: Option<Used>,
+    ) -> (Option<actors::domain::TemplateRef>, Option<String>) {
+        match used {
+            Some(u) => {
+                let t = actors::domain::TemplateRef {
+                    name: u.name,
+                    version: u.version,
+                    locale: u.locale,
+                };
+                (Some(t), u.html)
+            }
+            None => (None, None),
+        }
+    }
 }
 
 pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
@@ -100,12 +121,16 @@ fn shown(t: &Template, v: &Version) -> Value {
     let locales: Map<String, Value> = v
         .locales
         .iter()
-        .map(|(tag, c)| (tag.clone(), json!({"body": c.body, "subject": c.subject})))
+        .map(|(tag, c)| {
+            let shown = json!({"body": c.body, "subject": c.subject, "html": c.html});
+            (tag.clone(), shown)
+        })
         .collect();
     json!({
         "name": t.name, "type": t.channel.as_str(), "version": v.version,
         "currentVersion": t.version, "deleted": t.deleted,
-        "body": v.content.body, "subject": v.content.subject, "locales": locales,
+        "body": v.content.body, "subject": v.content.subject, "html": v.content.html,
+        "locales": locales,
         "createdAt": v.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "versions": t.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
     })
@@ -333,7 +358,7 @@ async fn preview(
     let (r, version) = render(&t, asked, locale.as_deref(), &vars, &state.validation)?;
     Ok(warp::reply::json(&json!({
         "name": t.name, "type": t.channel.as_str(), "version": version,
-        "locale": r.locale, "body": r.body, "subject": r.subject,
+        "locale": r.locale, "body": r.body, "subject": r.subject, "html": r.html,
     }))
     .into_response())
 }
@@ -427,5 +452,6 @@ pub fn render_with(
         name: named.name.clone(),
         version,
         locale: r.locale,
+        html: r.html,
     })
 }

@@ -43,6 +43,7 @@ pub const RECORD_FIELDS: &[&str] = &[
     "fallbackSettledAt",
     "template",
     "batchId",
+    "html",
     "sendAt",
     "canceledAt",
 ];

@@ -49,7 +49,13 @@ impl SendGrid {
         }
     }
 
+    /// The Mail Send body; an HTML part goes after the text one (SendGrid wants
+    /// `text/plain` first when both are given).
     fn body(&self, msg: &OutboundMessage) -> Value {
+        let mut content = vec![json!({"type": "text/plain", "value": msg.body})];
+        if let Some(h) = &msg.html {
+            content.push(json!({"type": "text/html", "value": h}));
+        }
         json!({
             "personalizations": [{
                 "to": [{"email": msg.to}],
@@ -57,7 +63,7 @@ impl SendGrid {
             }],
             "from": {"email": msg.from},
             "subject": msg.subject.as_deref().unwrap_or(&self.default_subject),
-            "content": [{"type": "text/plain", "value": msg.body}],
+            "content": content,
         })
     }
 }
@@ -200,12 +206,16 @@ mod tests {
             to: "b@example.com".into(),
             subject: None,
             body: "hi".into(),
+            html: Some("<p>hi</p>".into()),
         });
         assert_eq!(
             b["personalizations"][0]["custom_args"]["communicationId"],
             "65f000000000000000000001"
         );
         assert_eq!(b["subject"], "Message");
-        assert_eq!(b["content"][0]["value"], "hi");
+        assert_eq!(
+            b["content"],
+            json!([{"type": "text/plain", "value": "hi"}, {"type": "text/html", "value": "<p>hi</p>"}])
+        );
     }
 }

@@ -11,7 +11,7 @@ use super::scrub::Scrub;
 use actors::domain::{Ambiguity, ErrorClass, OutboundMessage, ProviderError, ProviderReceipt};
 use actors::ports::Provider;
 use async_trait::async_trait;
-use lettre::message::{header::ContentType, Mailbox};
+use lettre::message::{header::ContentType, Mailbox, MultiPart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use std::time::Duration;
 
@@ -91,7 +91,7 @@ impl Smtp {
             .map_err(|e| permanent(format!("from: {e}")))?;
         let to: Mailbox = msg.to.parse().map_err(|e| permanent(format!("to: {e}")))?;
         let message_id = message_id(&msg.communication_id);
-        let email = Message::builder()
+        let builder = Message::builder()
             .from(from)
             .to(to)
             .subject(
@@ -99,10 +99,19 @@ impl Smtp {
                     .clone()
                     .unwrap_or_else(|| self.default_subject.clone()),
             )
-            .message_id(Some(message_id.clone()))
-            .header(ContentType::TEXT_PLAIN)
-            .body(msg.body.clone())
-            .map_err(|e| permanent(e.to_string()))?;
+            .message_id(Some(message_id.clone()));
+        // With an HTML part: multipart/alternative, the text part first (RFC 2046: the
+        // last part is the preferred one).
+        let email = match &msg.html {
+            Some(html) => builder.multipart(MultiPart::alternative_plain_html(
+                msg.body.clone(),
+                html.clone(),
+            )),
+            None => builder
+                .header(ContentType::TEXT_PLAIN)
+                .body(msg.body.clone()),
+        }
+        .map_err(|e| permanent(e.to_string()))?;
         match self.transport.send(email).await {
             Ok(_) => Ok(ProviderReceipt {
                 provider_message_id: Some(message_id),

@@ -266,6 +266,7 @@ mod tests {
             to: "+15557654321".into(),
             subject: None,
             body: body.into(),
+            html: None,
         }
     }
 

@@ -243,6 +243,7 @@ mod tests {
             to: "+15557654321".into(),
             subject: None,
             body: "hello".into(),
+            html: None,
         };
         let f = form(&m, "k", "s", None);
         assert!(f.contains(&("to", "15557654321")) && f.contains(&("from", "15550001111")));

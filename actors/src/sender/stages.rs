@@ -332,6 +332,7 @@ fn outbound(claimed: &Claimed) -> OutboundMessage {
         to: r.to.clone(),
         subject: r.subject.clone(),
         body: r.msg.clone(),
+        html: r.html.clone(),
     }
 }
 

@@ -52,6 +52,20 @@ fn missing(v: &Value) -> Option<(&'static str, &'static str)> {
             "content.0.value",
         ));
     }
+    let types: Vec<&str> = v["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    let html_at = types.iter().position(|t| *t == "text/html");
+    let plain_at = types.iter().position(|t| *t == "text/plain");
+    if html_at.is_some_and(|h| h > 1 || plain_at.is_some_and(|p| p > h)) {
+        return Some((
+            "If present, text/plain and text/html may only be provided in this order, and must be the first content types.",
+            "content",
+        ));
+    }
     None
 }
 
@@ -78,6 +92,8 @@ impl Sandbox {
         self.received.lock().unwrap().push(json!({
             "provider": "sendgrid", "id": id, "to": to, "from": v.pointer("/from/email"),
             "subject": v["subject"], "body": v.pointer("/content/0/value"),
+            "html": v["content"].as_array().into_iter().flatten()
+                .find(|c| c["type"] == "text/html").map(|c| c["value"].clone()),
             "customArgs": v.pointer("/personalizations/0/custom_args"),
         }));
         let hook = self.sendgrid_webhook.lock().unwrap().clone();
