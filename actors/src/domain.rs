@@ -416,6 +416,16 @@ pub fn is_e164(s: &str) -> bool {
         && !digits.starts_with('0')
 }
 
+/// A recipient as the suppression list keys it: an email address trimmed and lowercased,
+/// a phone number (SMS, WhatsApp) trimmed and E.164 as validated; `None` if it is neither.
+pub fn suppression_address(channel: Channel, address: &str) -> Option<String> {
+    let a = address.trim();
+    match channel {
+        Channel::Email => Some(a.to_lowercase()).filter(|a| is_email_address(a)),
+        Channel::Sms | Channel::Whatsapp => Some(a.to_string()).filter(|a| is_e164(a)),
+    }
+}
+
 /// A conservative address check with RFC 5321 lengths: local part ≤ 64, domain ≤ 255,
 /// whole path ≤ 254 (256 minus the angle brackets).
 pub fn is_email_address(s: &str) -> bool {

@@ -2,7 +2,8 @@
 //! exist yet, in `indexes`), Redis (one server or a cluster, `redis_conn`; streams, and the leases that make one worker the only
 //! one to send a record, and the start-up check of the server in `redis_checks`),
 //! Elasticsearch; `parked` keeps the delivery receipts that came before their records
-//! (MongoDB); `reconcile` reads both stores for the Reconciler.
+//! (MongoDB); `reconcile` reads both stores for the Reconciler; `suppressions` is the
+//! tenants' opt-out list (MongoDB).
 pub mod elastic;
 pub mod fallbacks;
 pub mod indexes;
@@ -14,4 +15,5 @@ pub mod reconcile;
 pub mod redis_checks;
 pub mod redis_conn;
 pub mod redis_queue;
+pub mod suppressions;
 pub mod templates;

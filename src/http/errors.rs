@@ -135,6 +135,8 @@ pub enum ApiError {
     /// A template, or what a request gives one, breaks a rule (see `crate::templates`).
     #[error(transparent)]
     Template(#[from] crate::templates::TemplateError),
+    #[error("no such suppression for this tenant")]
+    NoSuppression,
     #[error("no template {0:?}")]
     TemplateNotFound(String),
     #[error("a template {0:?} exists already; PUT changes it")]
@@ -202,7 +204,7 @@ impl ApiError {
             | Template(_)
             | Unreadable => StatusCode::BAD_REQUEST,
             KeyReused(_) | TemplateExists(_) | TemplateChanged(_) => StatusCode::CONFLICT,
-            NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) => {
+            NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) | NoSuppression => {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -236,7 +238,7 @@ impl ApiError {
             TooManyRecipients { .. } => "distinct_recipient_limit",
             LimiterUnavailable => "limiter_unavailable",
             KeyReused(_) => "idempotency_key_reused",
-            NoCommunication(_) | NoBatch(_) | NoRoute => "not_found",
+            NoCommunication(_) | NoBatch(_) | NoRoute | NoSuppression => "not_found",
             RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
             NotProcessedInTime | NothingStored | AcceptQueueFull | StoreUnavailable
             | ReceiptNotRecorded => "store_unavailable",

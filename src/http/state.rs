@@ -42,6 +42,8 @@ pub struct AppState {
     pub validation: ValidationLimits,
     /// The tenants' message templates (MongoDB's `templates`).
     pub templates: Arc<crate::clients::templates::MongoTemplates>,
+    /// The tenants' opt-out lists (MongoDB's `suppressions`).
+    pub suppressions: Arc<crate::clients::suppressions::MongoSuppressions>,
     pub metrics_token: Option<secrecy::SecretString>,
 }
 
