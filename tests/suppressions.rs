@@ -123,7 +123,7 @@ async fn send(body: Value) -> String {
             .unwrap(),
     )
     .await;
-    assert_eq!(s, 202, "{v}");
+    assert!(matches!(s, 200 | 202), "{s} {v}");
     v["id"].as_str().unwrap().to_string()
 }
 

@@ -77,6 +77,8 @@ pub enum Status {
     Delivered,
     Undelivered,
     Read,
+    /// The recipient is on the tenant's suppression list: never sent.
+    Suppressed,
 }
 
 impl Status {
@@ -89,6 +91,7 @@ impl Status {
             Status::Delivered => "delivered",
             Status::Undelivered => "undelivered",
             Status::Read => "read",
+            Status::Suppressed => "suppressed",
         }
     }
 
@@ -101,6 +104,7 @@ impl Status {
             "delivered" => Some(Status::Delivered),
             "undelivered" => Some(Status::Undelivered),
             "read" => Some(Status::Read),
+            "suppressed" => Some(Status::Suppressed),
             _ => None,
         }
     }
@@ -136,10 +140,11 @@ pub enum EventStatus {
     Delivered,
     Undelivered,
     Read,
+    Suppressed,
 }
 
 impl EventStatus {
-    pub const ALL: [EventStatus; 7] = [
+    pub const ALL: [EventStatus; 8] = [
         EventStatus::Queued,
         EventStatus::Retrying,
         EventStatus::Sent,
@@ -147,6 +152,7 @@ impl EventStatus {
         EventStatus::Delivered,
         EventStatus::Undelivered,
         EventStatus::Read,
+        EventStatus::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -171,6 +177,7 @@ impl EventStatus {
             EventStatus::Delivered => Status::Delivered,
             EventStatus::Undelivered => Status::Undelivered,
             EventStatus::Read => Status::Read,
+            EventStatus::Suppressed => Status::Suppressed,
         }
     }
 
@@ -184,7 +191,10 @@ impl EventStatus {
             EventStatus::Retrying => 1,
             EventStatus::Sent => 2,
             EventStatus::Delivered => 3,
-            EventStatus::Failed | EventStatus::Undelivered | EventStatus::Read => 4,
+            EventStatus::Failed
+            | EventStatus::Undelivered
+            | EventStatus::Read
+            | EventStatus::Suppressed => 4,
         }
     }
 
@@ -221,6 +231,7 @@ impl TryFrom<Status> for EventStatus {
             Status::Delivered => Ok(EventStatus::Delivered),
             Status::Undelivered => Ok(EventStatus::Undelivered),
             Status::Read => Ok(EventStatus::Read),
+            Status::Suppressed => Ok(EventStatus::Suppressed),
             Status::Pending | Status::Sending => Err(NotAnEventStatus(s)),
         }
     }
@@ -823,7 +834,7 @@ pub enum ClaimResult {
     Busy,
 }
 
-/// The outcome of one provider call, to be recorded.
+/// The outcome of one provider call (or of the claim that made none), to be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Sent {
@@ -850,6 +861,9 @@ pub enum Outcome {
         unknown: Option<UnknownAttempt>,
         failovers: Vec<AttemptError>,
     },
+    /// The recipient is on the tenant's suppression list: no call was made, and none will
+    /// be.
+    Suppressed,
 }
 
 impl Outcome {
@@ -859,7 +873,7 @@ impl Outcome {
         match self {
             Outcome::Sent { .. } => true,
             Outcome::Retry { unknown, .. } => unknown.is_some(),
-            Outcome::Failed { .. } => false,
+            Outcome::Failed { .. } | Outcome::Suppressed => false,
         }
     }
 
@@ -869,6 +883,7 @@ impl Outcome {
             Outcome::Sent { failovers, .. }
             | Outcome::Failed { failovers, .. }
             | Outcome::Retry { failovers, .. } => failovers,
+            Outcome::Suppressed => &[],
         }
     }
 
@@ -878,6 +893,7 @@ impl Outcome {
             Outcome::Sent { failovers, .. }
             | Outcome::Failed { failovers, .. }
             | Outcome::Retry { failovers, .. } => *failovers = errors,
+            Outcome::Suppressed => {}
         }
         self
     }
@@ -894,6 +910,7 @@ impl Outcome {
             | Outcome::Retry {
                 possible_duplicate, ..
             } => *possible_duplicate,
+            Outcome::Suppressed => None,
         }
     }
 }

@@ -322,6 +322,7 @@ pub fn record_event(r: &Communication) -> LogEvent {
         Status::Delivered => (EventStatus::Delivered, r.attempts),
         Status::Undelivered => (EventStatus::Undelivered, r.attempts),
         Status::Read => (EventStatus::Read, r.attempts),
+        Status::Suppressed => (EventStatus::Suppressed, r.attempts),
     };
     let mut ev = LogEvent::for_record(r, "reindex", status, attempt, r.updated_at);
     ev.provider = r.provider.clone();

@@ -46,12 +46,15 @@ fn from_doc(d: &Document) -> Option<Suppression> {
 
 pub struct MongoSuppressions {
     coll: Collection<Document>,
+    /// The communications, to learn whose a provider's report is.
+    records: Collection<Document>,
 }
 
 impl MongoSuppressions {
     pub fn new(db: &Database) -> MongoSuppressions {
         MongoSuppressions {
             coll: db.collection(COLLECTION),
+            records: db.collection(crate::clients::mongo::COLLECTION),
         }
     }
 
@@ -139,6 +142,41 @@ impl MongoSuppressions {
             .await
             .map_err(err)?;
         Ok(docs.iter().filter_map(from_doc).collect())
+    }
+}
+
+impl MongoSuppressions {
+    /// The tenant of each of these communications that exists, in one query.
+    pub async fn tenants_of(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, DependencyError> {
+        let oids: Vec<_> = ids
+            .iter()
+            .filter_map(|i| mongodb::bson::oid::ObjectId::parse_str(i).ok())
+            .collect();
+        if oids.is_empty() {
+            return Ok(Default::default());
+        }
+        let docs: Vec<Document> = self
+            .records
+            .find(doc! {"_id": {"$in": oids}})
+            .projection(doc! {"tenant": 1})
+            .await
+            .map_err(err)?
+            .try_collect()
+            .await
+            .map_err(err)?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                let id = d.get_object_id("_id").ok()?.to_hex();
+                let tenant = d
+                    .get_str("tenant")
+                    .unwrap_or(actors::domain::DEFAULT_TENANT);
+                Some((id, tenant.to_string()))
+            })
+            .collect())
     }
 }
 
