@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime as BsonDate, Document};
 use mongodb::{Collection, Database};
+use std::collections::HashMap;
 
 pub const COLLECTION: &str = "suppressions";
 
@@ -150,18 +151,40 @@ impl MongoSuppressions {
     pub async fn tenants_of(
         &self,
         ids: &[String],
-    ) -> Result<std::collections::HashMap<String, String>, DependencyError> {
+    ) -> Result<HashMap<String, String>, DependencyError> {
         let oids: Vec<_> = ids
             .iter()
             .filter_map(|i| mongodb::bson::oid::ObjectId::parse_str(i).ok())
             .collect();
-        if oids.is_empty() {
-            return Ok(Default::default());
-        }
+        self.tenants(doc! {"_id": {"$in": oids}}, |d| {
+            d.get_object_id("_id").ok().map(|o| o.to_hex())
+        })
+        .await
+    }
+
+    /// The tenant of each of `provider`'s messages with these message ids that a record
+    /// holds, in one query.
+    pub async fn tenants_of_sent(
+        &self,
+        provider: &str,
+        message_ids: &[String],
+    ) -> Result<HashMap<String, String>, DependencyError> {
+        let filter = doc! {"provider": provider, "providerMessageId": {"$in": message_ids}};
+        self.tenants(filter, |d| {
+            d.get_str("providerMessageId").ok().map(str::to_string)
+        })
+        .await
+    }
+
+    async fn tenants(
+        &self,
+        filter: Document,
+        key: impl Fn(&Document) -> Option<String>,
+    ) -> Result<HashMap<String, String>, DependencyError> {
         let docs: Vec<Document> = self
             .records
-            .find(doc! {"_id": {"$in": oids}})
-            .projection(doc! {"tenant": 1})
+            .find(filter)
+            .projection(doc! {"tenant": 1, "providerMessageId": 1})
             .await
             .map_err(err)?
             .try_collect()
@@ -170,11 +193,10 @@ impl MongoSuppressions {
         Ok(docs
             .iter()
             .filter_map(|d| {
-                let id = d.get_object_id("_id").ok()?.to_hex();
                 let tenant = d
                     .get_str("tenant")
                     .unwrap_or(actors::domain::DEFAULT_TENANT);
-                Some((id, tenant.to_string()))
+                Some((key(d)?, tenant.to_string()))
             })
             .collect())
     }
