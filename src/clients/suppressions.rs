@@ -181,15 +181,12 @@ impl MongoSuppressions {
         filter: Document,
         key: impl Fn(&Document) -> Option<String>,
     ) -> Result<HashMap<String, String>, DependencyError> {
-        let docs: Vec<Document> = self
-            .records
-            .find(filter)
-            .projection(doc! {"tenant": 1, "providerMessageId": 1})
-            .await
-            .map_err(err)?
-            .try_collect()
-            .await
-            .map_err(err)?;
+        let docs = find_projected(
+            &self.records,
+            filter,
+            doc! {"tenant": 1, "providerMessageId": 1},
+        )
+        .await?;
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -202,6 +199,21 @@ impl MongoSuppressions {
     }
 }
 
+/// The documents matching `filter`, only the fields of `projection`.
+async fn find_projected(
+    coll: &Collection<Document>,
+    filter: Document,
+    projection: Document,
+) -> Result<Vec<Document>, DependencyError> {
+    coll.find(filter)
+        .projection(projection)
+        .await
+        .map_err(err)?
+        .try_collect()
+        .await
+        .map_err(err)
+}
+
 /// Which of these keys ([`key`]) are suppressed, in one query: the sender's check of a
 /// batch.
 pub async fn suppressed_keys(
@@ -211,14 +223,7 @@ pub async fn suppressed_keys(
     if keys.is_empty() {
         return Ok(Default::default());
     }
-    let docs: Vec<Document> = coll
-        .find(doc! {"_id": {"$in": keys}})
-        .projection(doc! {"_id": 1})
-        .await
-        .map_err(err)?
-        .try_collect()
-        .await
-        .map_err(err)?;
+    let docs = find_projected(coll, doc! {"_id": {"$in": keys}}, doc! {"_id": 1}).await?;
     Ok(docs
         .iter()
         .filter_map(|d| d.get_str("_id").ok().map(str::to_string))

@@ -95,28 +95,32 @@ fn verify(cfg: &CallbackConfig, q: &HashMap<String, String>) -> Result<Response,
     }
 }
 
-/// Every status of a notification with its error, if any: `(message id, status, error)`.
-fn receipts(v: &Value) -> impl Iterator<Item = (&str, Status, Option<(String, String)>)> {
+/// Every `statuses[]` item of a notification.
+fn statuses(v: &Value) -> impl Iterator<Item = &Value> {
     v["entry"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|e| e["changes"].as_array().into_iter().flatten())
         .flat_map(|c| c["value"]["statuses"].as_array().into_iter().flatten())
-        .filter_map(|s| {
-            let id = s["id"].as_str()?;
-            let status = status(s["status"].as_str()?)?;
-            let err = s["errors"][0].as_object().map(|e| {
-                (
-                    e.get("code").map(|c| c.to_string()).unwrap_or_default(),
-                    e.get("title")
-                        .and_then(Value::as_str)
-                        .unwrap_or("failed")
-                        .to_string(),
-                )
-            });
-            Some((id, status, err))
-        })
+}
+
+/// Every status of a notification with its error, if any: `(message id, status, error)`.
+fn receipts(v: &Value) -> impl Iterator<Item = (&str, Status, Option<(String, String)>)> {
+    statuses(v).filter_map(|s| {
+        let id = s["id"].as_str()?;
+        let status = status(s["status"].as_str()?)?;
+        let err = s["errors"][0].as_object().map(|e| {
+            (
+                e.get("code").map(|c| c.to_string()).unwrap_or_default(),
+                e.get("title")
+                    .and_then(Value::as_str)
+                    .unwrap_or("failed")
+                    .to_string(),
+            )
+        });
+        Some((id, status, err))
+    })
 }
 
 async fn callback(
@@ -155,12 +159,7 @@ pub const OPTED_OUT: i64 = 131050;
 /// The failed statuses whose error is [`OPTED_OUT`]: `(message id, recipient)`, the
 /// recipient as E.164 (Meta's `recipient_id` is the number's digits).
 pub fn opt_outs(v: &Value) -> Vec<(&str, String)> {
-    v["entry"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|e| e["changes"].as_array().into_iter().flatten())
-        .flat_map(|c| c["value"]["statuses"].as_array().into_iter().flatten())
+    statuses(v)
         .filter(|s| {
             s["errors"]
                 .as_array()
