@@ -326,6 +326,11 @@ impl TenantPolicy {
         }
     }
 
+    /// Whether `number` is among this tenant's own `numbers`.
+    fn owns_number(&self, number: &str) -> bool {
+        matches!(&self.senders, Senders::Listed { numbers, .. } if numbers.iter().any(|n| n == number))
+    }
+
     /// Whether an SMS or WhatsApp message may go to `to` (E.164); email always may.
     pub fn may_send_to(&self, ch: Channel, to: &str) -> bool {
         ch == Channel::Email || self.countries.iter().any(|p| p == "*" || to.starts_with(p))
@@ -354,6 +359,20 @@ impl Tenants {
             .get(tenant)
             .cloned()
             .unwrap_or_else(|| self.fallback.clone())
+    }
+
+    /// The tenant whose sender `number` is (listed among its `numbers`); `None` if no
+    /// tenant's table lists it.
+    pub fn owner_of_number(&self, number: &str) -> Option<&str> {
+        let mut owners: Vec<&String> = self
+            .by_name
+            .iter()
+            .filter(|(_, p)| p.owns_number(number))
+            .map(|(n, _)| n)
+            .collect();
+        // Two tables naming one number is a configuration mistake; pick one stably.
+        owners.sort();
+        owners.first().map(|n| n.as_str())
     }
 
     /// The tenants with a table of their own.

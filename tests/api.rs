@@ -526,6 +526,33 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
                 404,
             ),
         ),
+        (
+            ("GET", "/api/v1/suppressions"),
+            (http.get(svc.url("/api/v1/suppressions?type=sms")), 200),
+        ),
+        (
+            ("POST", "/api/v1/suppressions"),
+            (
+                http.post(svc.url("/api/v1/suppressions"))
+                    .json(&json!({"type": "email", "address": format!("{}@example.org", unique("openapi"))})),
+                201,
+            ),
+        ),
+        (
+            ("DELETE", "/api/v1/suppressions"),
+            (
+                http.delete(svc.url("/api/v1/suppressions?type=sms&address=%2B15550009999")),
+                404,
+            ),
+        ),
+        (
+            ("POST", "/api/v1/callbacks/twilio/inbound"),
+            (
+                http.post(svc.url("/api/v1/callbacks/twilio/inbound"))
+                    .form(&[("From", "+15550001111"), ("To", "+15550002222"), ("Body", "STOP")]),
+                401,
+            ),
+        ),
         (("GET", "/metrics"), (http.get(svc.url("/metrics")), 200)),
         (("GET", "/healthz"), (http.get(svc.url("/healthz")), 200)),
         (("GET", "/readyz"), (http.get(svc.url("/readyz")), 200)),

@@ -82,6 +82,8 @@ pub enum Status {
     Read,
     /// Canceled by its tenant before any worker claimed it: never sent.
     Canceled,
+    /// The recipient is on the tenant's suppression list: never sent.
+    Suppressed,
 }
 
 impl Status {
@@ -96,6 +98,7 @@ impl Status {
             Status::Delivered => "delivered",
             Status::Undelivered => "undelivered",
             Status::Read => "read",
+            Status::Suppressed => "suppressed",
         }
     }
 
@@ -110,6 +113,7 @@ impl Status {
             "delivered" => Some(Status::Delivered),
             "undelivered" => Some(Status::Undelivered),
             "read" => Some(Status::Read),
+            "suppressed" => Some(Status::Suppressed),
             _ => None,
         }
     }
@@ -149,10 +153,11 @@ pub enum EventStatus {
     Undelivered,
     Read,
     Canceled,
+    Suppressed,
 }
 
 impl EventStatus {
-    pub const ALL: [EventStatus; 9] = [
+    pub const ALL: [EventStatus; 10] = [
         EventStatus::Scheduled,
         EventStatus::Queued,
         EventStatus::Retrying,
@@ -162,6 +167,7 @@ impl EventStatus {
         EventStatus::Undelivered,
         EventStatus::Read,
         EventStatus::Canceled,
+        EventStatus::Suppressed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -188,6 +194,7 @@ impl EventStatus {
             EventStatus::Read => Status::Read,
             EventStatus::Scheduled => Status::Scheduled,
             EventStatus::Canceled => Status::Canceled,
+            EventStatus::Suppressed => Status::Suppressed,
         }
     }
 
@@ -204,7 +211,10 @@ impl EventStatus {
             EventStatus::Retrying => 2,
             EventStatus::Sent => 3,
             EventStatus::Delivered => 4,
-            EventStatus::Failed | EventStatus::Undelivered | EventStatus::Read => 5,
+            EventStatus::Failed
+            | EventStatus::Undelivered
+            | EventStatus::Read
+            | EventStatus::Suppressed => 5,
             EventStatus::Canceled => 6,
         }
     }
@@ -244,6 +254,7 @@ impl TryFrom<Status> for EventStatus {
             Status::Read => Ok(EventStatus::Read),
             Status::Scheduled => Ok(EventStatus::Scheduled),
             Status::Canceled => Ok(EventStatus::Canceled),
+            Status::Suppressed => Ok(EventStatus::Suppressed),
             Status::Pending | Status::Sending => Err(NotAnEventStatus(s)),
         }
     }
@@ -516,6 +527,16 @@ pub fn is_e164(s: &str) -> bool {
         && digits.len() <= 15
         && digits.bytes().all(|b| b.is_ascii_digit())
         && !digits.starts_with('0')
+}
+
+/// A recipient as the suppression list keys it: an email address trimmed and lowercased,
+/// a phone number (SMS, WhatsApp) trimmed and E.164 as validated; `None` if it is neither.
+pub fn suppression_address(channel: Channel, address: &str) -> Option<String> {
+    let a = address.trim();
+    match channel {
+        Channel::Email => Some(a.to_lowercase()).filter(|a| is_email_address(a)),
+        Channel::Sms | Channel::Whatsapp => Some(a.to_string()).filter(|a| is_e164(a)),
+    }
 }
 
 /// A conservative address check with RFC 5321 lengths: local part ≤ 64, domain ≤ 255,
@@ -933,7 +954,7 @@ pub enum ClaimResult {
     Busy,
 }
 
-/// The outcome of one provider call, to be recorded.
+/// The outcome of one provider call (or of the claim that made none), to be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Sent {
@@ -960,6 +981,9 @@ pub enum Outcome {
         unknown: Option<UnknownAttempt>,
         failovers: Vec<AttemptError>,
     },
+    /// The recipient is on the tenant's suppression list: no call was made, and none will
+    /// be.
+    Suppressed,
 }
 
 impl Outcome {
@@ -969,7 +993,7 @@ impl Outcome {
         match self {
             Outcome::Sent { .. } => true,
             Outcome::Retry { unknown, .. } => unknown.is_some(),
-            Outcome::Failed { .. } => false,
+            Outcome::Failed { .. } | Outcome::Suppressed => false,
         }
     }
 
@@ -979,6 +1003,7 @@ impl Outcome {
             Outcome::Sent { failovers, .. }
             | Outcome::Failed { failovers, .. }
             | Outcome::Retry { failovers, .. } => failovers,
+            Outcome::Suppressed => &[],
         }
     }
 
@@ -988,6 +1013,7 @@ impl Outcome {
             Outcome::Sent { failovers, .. }
             | Outcome::Failed { failovers, .. }
             | Outcome::Retry { failovers, .. } => *failovers = errors,
+            Outcome::Suppressed => {}
         }
         self
     }
@@ -1004,6 +1030,7 @@ impl Outcome {
             | Outcome::Retry {
                 possible_duplicate, ..
             } => *possible_duplicate,
+            Outcome::Suppressed => None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A [`Store`] in one of two roles around the adaptive limit ([`StoreLimiter`]):
 //! - **delivery** (the senders', the ReceiptActor's): the calls that reach MongoDB on the
-//!   delivery side (the claim's read, the outcome write, a reschedule, the receipts' batch)
+//!   delivery side (the claim's read, the suppression check, the outcome write, a
+//!   reschedule, the receipts' batch)
 //!   wait for the limiter first, so that while the accept path is slow they come fewer and
 //!   larger. Lease renewals (Redis alone) and everything else pass straight through: a
 //!   renewal held back could lose a lease.
@@ -91,6 +92,13 @@ impl Store for LimitedStore {
         receipts: &[ReceiptUpdate],
     ) -> Result<Vec<ReceiptResult>, DependencyError> {
         self.gated(self.inner.apply_receipts(receipts)).await
+    }
+
+    async fn suppressed(
+        &self,
+        recipients: &[(String, crate::domain::Channel, String)],
+    ) -> Result<Vec<bool>, DependencyError> {
+        self.gated(self.inner.suppressed(recipients)).await
     }
 
     async fn renew(

@@ -325,6 +325,7 @@ pub fn record_event(r: &Communication) -> LogEvent {
         Status::Read => (EventStatus::Read, r.attempts),
         Status::Scheduled => (EventStatus::Scheduled, 0),
         Status::Canceled => (EventStatus::Canceled, r.attempts),
+        Status::Suppressed => (EventStatus::Suppressed, r.attempts),
     };
     let mut ev = LogEvent::for_record(r, "reindex", status, attempt, r.updated_at);
     ev.provider = r.provider.clone();

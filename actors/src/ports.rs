@@ -164,6 +164,13 @@ pub trait Store: Send + Sync + 'static {
         channels: &[SweepScope],
     ) -> Result<Vec<Communication>, DependencyError>;
 
+    /// Which of these recipients (tenant, channel, address as a record holds it) are on
+    /// their tenant's suppression list, in one round trip; one answer each, in order.
+    async fn suppressed(
+        &self,
+        recipients: &[(String, crate::domain::Channel, String)],
+    ) -> Result<Vec<bool>, DependencyError>;
+
     async fn get(&self, id: &str) -> Result<Option<Communication>, DependencyError>;
 
     /// The records with these ids that exist (not void), in one round trip, in no

@@ -158,6 +158,9 @@ fn http_state(
     indexes: IndexReadiness,
 ) -> http::AppState {
     let tenants = Arc::new(Tenants::new(&cfg.tenants.tables, &cfg.tenant_defaults()));
+    let suppressions = Arc::new(crate::clients::suppressions::MongoSuppressions::new(
+        parts.store.database(),
+    ));
     http::AppState {
         indexes,
         admission: actors::router::Admission::new(
@@ -182,6 +185,7 @@ fn http_state(
             vonage_signature_secret: cfg.providers.vonage.signature_secret.clone(),
             sendgrid_public_key: sendgrid_key(cfg),
             apply_timeout: cfg.receipts.apply_timeout,
+            suppressions: suppressions.clone(),
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
         auth: Arc::new(auth::ApiKeys::with_rates(
@@ -212,6 +216,7 @@ fn http_state(
         templates: Arc::new(crate::clients::templates::MongoTemplates::new(
             parts.store.database(),
         )),
+        suppressions: suppressions.clone(),
         metrics_token: cfg.auth.metrics_token.clone(),
     }
 }

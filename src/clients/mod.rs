@@ -3,7 +3,8 @@
 //! one to send a record, and the start-up check of the server in `redis_checks`),
 //! Elasticsearch; `parked` keeps the delivery receipts that came before their records
 //! (MongoDB); `reconcile` reads both stores for the Reconciler; `scheduled` the scheduled
-//! sends due and the cancel of a message.
+//! sends due and the cancel of a message; `suppressions` is the tenants' opt-out list
+//! (MongoDB).
 pub mod elastic;
 pub mod fallbacks;
 pub mod indexes;
@@ -16,4 +17,5 @@ pub mod redis_checks;
 pub mod redis_conn;
 pub mod redis_queue;
 pub mod scheduled;
+pub mod suppressions;
 pub mod templates;

@@ -559,6 +559,7 @@ fn outcome_led_to(o: &Outcome, status: &str) -> bool {
         Outcome::Sent { .. } => matches!(status, "sent" | "delivered" | "read" | "undelivered"),
         Outcome::Failed { .. } => status == "failed",
         Outcome::Retry { .. } => status == "pending",
+        Outcome::Suppressed => status == "suppressed",
     }
 }
 
@@ -744,6 +745,7 @@ fn outcome_statements(
                 *attempt,
                 now,
             ),
+            Outcome::Suppressed => suppressed_update(*attempt, now),
         };
         updates.push(doc! {"q": {"_id": oid, "status": open.clone()}, "u": u});
     }
@@ -766,6 +768,13 @@ fn failed_update(
     let set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
     "provider": provider, "lastError": &error.message, "attempts": attempt as i32};
     closing_update(set, possible_duplicate, errors_push(failovers, Some(error)))
+}
+
+/// The recipient is on the suppression list: `suppressed` for good, no provider called.
+fn suppressed_update(attempt: u32, now: BsonDate) -> Document {
+    let set = doc! {"status": "suppressed", "updatedAt": now,
+    "attempts": attempt as i32};
+    closing_update(set, None, errors_push(&[], None))
 }
 
 /// The update of an outcome that ends the record's attempts (`sent`, `failed`): `set`, a
@@ -889,6 +898,24 @@ fn sent_statements(
 
 #[async_trait]
 impl Store for MongoStore {
+    /// One `$in` on `suppressions` for the whole batch; a record's address is normalised
+    /// as the list's are (an email address lowercased).
+    async fn suppressed(
+        &self,
+        recipients: &[(String, Channel, String)],
+    ) -> Result<Vec<bool>, DependencyError> {
+        use crate::clients::suppressions::{key, suppressed_keys, COLLECTION};
+        let keys: Vec<String> = recipients
+            .iter()
+            .map(|(t, c, a)| {
+                let a = actors::domain::suppression_address(*c, a).unwrap_or_else(|| a.clone());
+                key(t, *c, &a)
+            })
+            .collect();
+        let found = suppressed_keys(&self.db.collection(COLLECTION), &keys).await?;
+        Ok(keys.iter().map(|k| found.contains(k)).collect())
+    }
+
     async fn insert_many(
         &self,
         records: &[Communication],

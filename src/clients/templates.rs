@@ -236,7 +236,7 @@ impl MongoTemplates {
     }
 }
 
-fn is_duplicate(e: &mongodb::error::Error) -> bool {
+pub(crate) fn is_duplicate(e: &mongodb::error::Error) -> bool {
     use mongodb::error::{ErrorKind, WriteFailure};
     matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == 11000)
 }

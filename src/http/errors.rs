@@ -138,6 +138,8 @@ pub enum ApiError {
     /// A template, or what a request gives one, breaks a rule (see `crate::templates`).
     #[error(transparent)]
     Template(#[from] crate::templates::TemplateError),
+    #[error("no such suppression for this tenant")]
+    NoSuppression,
     #[error("no template {0:?}")]
     TemplateNotFound(String),
     #[error("a template {0:?} exists already; PUT changes it")]
@@ -207,7 +209,7 @@ impl ApiError {
             KeyReused(_) | TemplateExists(_) | TemplateChanged(_) | NotCancelable(_) => {
                 StatusCode::CONFLICT
             }
-            NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) => {
+            NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) | NoSuppression => {
                 StatusCode::NOT_FOUND
             }
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -242,7 +244,7 @@ impl ApiError {
             LimiterUnavailable => "limiter_unavailable",
             KeyReused(_) => "idempotency_key_reused",
             NotCancelable(_) => "not_cancelable",
-            NoCommunication(_) | NoBatch(_) | NoRoute => "not_found",
+            NoCommunication(_) | NoBatch(_) | NoRoute | NoSuppression => "not_found",
             RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
             NotProcessedInTime | NothingStored | AcceptQueueFull | StoreUnavailable
             | ReceiptNotRecorded => "store_unavailable",

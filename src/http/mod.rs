@@ -29,6 +29,7 @@ mod operations;
 pub mod routes;
 mod search;
 mod state;
+pub mod suppressions;
 pub mod templates;
 mod view;
 
@@ -55,6 +56,7 @@ pub fn routes(
         search::routes(&state),
         callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),
+        suppressions::routes(&state),
         operations::routes(&state),
     ]
     .into_iter()

@@ -30,6 +30,10 @@ pub const GET_TEMPLATE: Route = ("GET", "/api/v1/templates/{name}");
 pub const CHANGE_TEMPLATE: Route = ("PUT", "/api/v1/templates/{name}");
 pub const DELETE_TEMPLATE: Route = ("DELETE", "/api/v1/templates/{name}");
 pub const PREVIEW_TEMPLATE: Route = ("POST", "/api/v1/templates/{name}/preview");
+pub const LIST_SUPPRESSIONS: Route = ("GET", "/api/v1/suppressions");
+pub const ADD_SUPPRESSION: Route = ("POST", "/api/v1/suppressions");
+pub const REMOVE_SUPPRESSION: Route = ("DELETE", "/api/v1/suppressions");
+pub const TWILIO_INBOUND: Route = ("POST", "/api/v1/callbacks/twilio/inbound");
 pub const METRICS: Route = ("GET", "/metrics");
 pub const HEALTHZ: Route = ("GET", "/healthz");
 pub const READYZ: Route = ("GET", "/readyz");
@@ -55,6 +59,10 @@ pub const ROUTES: &[Route] = &[
     CHANGE_TEMPLATE,
     DELETE_TEMPLATE,
     PREVIEW_TEMPLATE,
+    LIST_SUPPRESSIONS,
+    ADD_SUPPRESSION,
+    REMOVE_SUPPRESSION,
+    TWILIO_INBOUND,
     METRICS,
     HEALTHZ,
     READYZ,

@@ -46,6 +46,8 @@ pub struct AppState {
     pub scheduled: Arc<crate::clients::scheduled::MongoScheduled>,
     /// The tenants' message templates (MongoDB's `templates`).
     pub templates: Arc<crate::clients::templates::MongoTemplates>,
+    /// The tenants' opt-out lists (MongoDB's `suppressions`).
+    pub suppressions: Arc<crate::clients::suppressions::MongoSuppressions>,
     pub metrics_token: Option<secrecy::SecretString>,
 }
 

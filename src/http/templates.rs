@@ -102,7 +102,7 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
 }
 
 /// The body as JSON (any JSON: the handlers say what shape they want).
-fn json_body() -> BoxedFilter<(Result<Value, ApiError>,)> {
+pub fn json_body() -> BoxedFilter<(Result<Value, ApiError>,)> {
     limited_body()
         .map(|b: bytes::Bytes| {
             serde_json::from_slice::<Value>(&b)

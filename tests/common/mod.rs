@@ -433,7 +433,7 @@ impl Stack {
     }
 
     /// The test tenants' senders: the `from` values the tests send with.
-    pub const TENANTS: &'static str = "[tests]\nnumbers = [\"+15550001111\"]\nemail_domains = [\"example.com\"]\n\n[other]\nnumbers = [\"+15550001111\"]\nemail_domains = [\"example.com\"]\n";
+    pub const TENANTS: &'static str = "[tests]\nnumbers = [\"+15550001111\", \"+15550003333\"]\nemail_domains = [\"example.com\"]\n\n[other]\nnumbers = [\"+15550001111\"]\nemail_domains = [\"example.com\"]\n";
 
     /// The environment that points the service at this stack.
     pub fn service_env(&self, port: u16) -> Vec<(String, String)> {

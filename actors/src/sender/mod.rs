@@ -9,7 +9,9 @@
 //! outcome after it: one MongoDB write; one round trip per batch each), the providers,
 //! Redis (`log_stream` events).
 //! A batch goes through named stages (`stages.rs`): partition the entries (valid ids vs
-//! malformed) → claim → call the providers (the order from the routes; rate limit,
+//! malformed) → claim → screen (one query for the batch's recipients on the tenants'
+//! suppression lists: those are recorded `suppressed`, never sent; if the store cannot
+//! say, the claims are given back, due again in 5 s) → call the providers (the order from the routes; rate limit,
 //! timeout, panic caught, breaker told; on a result that fails over — a retryable refusal,
 //! a timeout, a reset — the next ready provider within the same attempt, a call after an
 //! unknown outcome flagged as a possible duplicate; for a record whose earlier attempt has
@@ -54,6 +56,9 @@ use rand::SeedableRng;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// When claims whose suppression check failed (the store did not answer) are due again.
+const SCREEN_RETRY: chrono::Duration = chrono::Duration::seconds(5);
 
 pub fn name(channel: crate::domain::Channel) -> String {
     format!("sender-{channel}")
@@ -191,7 +196,28 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
     }
     injected_crash(args, &claims.to_send);
     let held = stages::Held::default();
-    let work = send_and_record(args, owner, &held, claims.to_send, claimed_at, &mut out);
+    let screened = match stages::screen(args, &held, claims.to_send, Utc::now()).await {
+        Ok(s) => s,
+        Err(unchecked) => {
+            let due = Utc::now() + SCREEN_RETRY;
+            let back = unchecked
+                .into_iter()
+                .map(|t| {
+                    let record_id = t.claimed.record.id;
+                    (
+                        stages::EntryRef {
+                            entry_id: t.entry_id,
+                            record_id,
+                        },
+                        due,
+                    )
+                })
+                .collect();
+            out.report.ack.extend(postpone(args, owner, back).await);
+            return out;
+        }
+    };
+    let work = send_and_record(args, owner, &held, screened, claimed_at, &mut out);
     tokio::select! {
         biased;
         () = work => {}
@@ -200,16 +226,20 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
     out
 }
 
-/// The claimed records' calls, decisions and outcome writes (while the caller keeps the
-/// leases of `held`), into `out`.
+/// The claimed records' calls, decisions and outcome writes, with the suppressed ones'
+/// (while the caller keeps the leases of `held`), into `out`.
 async fn send_and_record(
     args: &SenderArgs,
     owner: &str,
     held: &stages::Held,
-    to_send: Vec<ToSend>,
+    screened: stages::Screened,
     claimed_at: tokio::time::Instant,
     out: &mut Delivery,
 ) {
+    let stages::Screened {
+        to_send,
+        suppressed,
+    } = screened;
     let calls = stages::call_provider(args, owner, held, to_send, claimed_at).await;
     // Lost: the worker that has the record now settles the entry.
     out.report.retry.extend(calls.unconfirmed);
@@ -217,7 +247,10 @@ async fn send_and_record(
         .ack
         .extend(postpone(args, owner, calls.postponed).await);
     let mut rng = rand::rngs::StdRng::from_entropy();
-    let decided = stages::decide_all(args, calls.made, Utc::now(), &mut rng);
+    let mut decided = stages::decide_all(args, calls.made, Utc::now(), &mut rng);
+    decided.outcomes.extend(suppressed.outcomes);
+    decided.events.extend(suppressed.events);
+    decided.acks.extend(suppressed.acks);
     out.panicked = decided.panicked;
     if let Some(fenced) = stages::persist(args, owner, &decided.outcomes).await {
         // A fenced write recorded nothing: no event for it (search follows MongoDB, never a
@@ -411,6 +444,60 @@ mod tests {
         assert!(d.report.retry.is_empty());
         assert!(f.provider.sent().is_empty());
         assert_eq!(f.store.script.count(StoreMethod::RecordOutcomes), 0);
+    }
+
+    /// A recipient on its tenant's suppression list: found by one query for the batch,
+    /// recorded `suppressed` in the batch's one outcome write with a `suppressed` event,
+    /// never handed to the provider; the others are sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_suppressed_recipient_is_recorded_and_never_sent() {
+        let f = fixture();
+        let r2 = testing::record(2, Channel::Sms);
+        f.store.suppress(&r2.tenant, Channel::Sms, &r2.to);
+        f.provider.answer([
+            Answer::Accept(Some("SM1".into())),
+            Answer::Accept(Some("SM3".into())),
+        ]);
+        let d = f.deliver(f.entries(1..=3)).await;
+        let mut ack = d.report.ack.clone();
+        ack.sort();
+        assert_eq!(ack, ["1-0", "2-0", "3-0"]);
+        assert_eq!(f.store.script.sizes(StoreMethod::Suppressed), [3]);
+        assert_eq!(f.store.script.sizes(StoreMethod::RecordOutcomes), [3]);
+        assert_eq!(
+            [f.status(1), f.status(2), f.status(3)],
+            [Status::Sent, Status::Suppressed, Status::Sent]
+        );
+        let sent = f.provider.sent();
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|m| m.to != r2.to));
+        let suppressed: Vec<String> = f
+            .events()
+            .iter()
+            .filter(|e| e.status == EventStatus::Suppressed)
+            .map(|e| e.communication_id.clone())
+            .collect();
+        assert_eq!(suppressed, [r2.id]);
+    }
+
+    /// Without an answer from the suppression list nothing is sent: the claims are given
+    /// back, due again shortly, and their entries are done with.
+    #[tokio::test(start_paused = true)]
+    async fn without_the_suppression_list_nothing_is_sent_and_the_claims_come_back() {
+        let f = fixture();
+        f.store
+            .script
+            .fail_next(StoreMethod::Suppressed, 1, ErrorKind::Unavailable);
+        let d = f.deliver(f.entries(1..=2)).await;
+        assert!(f.provider.sent().is_empty());
+        assert_eq!(f.store.script.count(StoreMethod::Reschedule), 1);
+        let mut ack = d.report.ack.clone();
+        ack.sort();
+        assert_eq!(ack, ["1-0", "2-0"]);
+        assert_eq!(
+            [f.status(1), f.status(2)],
+            [Status::Pending, Status::Pending]
+        );
     }
 
     #[tokio::test(start_paused = true)]

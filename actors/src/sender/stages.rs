@@ -1,5 +1,6 @@
 //! The stages of one `Deliver`, each a function with a named hand-off:
-//! [`partition`] (valid ids vs malformed entries) → [`claim`] → [`call_provider`] (per
+//! [`partition`] (valid ids vs malformed entries) → [`claim`] → [`screen`] (the suppression
+//! list, one query) → [`call_provider`] (per
 //! claim: the routes' order, then the calls, failing over from one provider to the next)
 //! → [`decide_all`] → [`persist`] → [`append_log`]; `deliver` in the actor strings them
 //! together and reports, while [`keep_leases`] renews the leases of the calls under way
@@ -9,8 +10,8 @@ use super::decision::{self, decide, CallResult, DecisionContext};
 use super::SenderArgs;
 use crate::backoff::{retry_until, Backoff};
 use crate::domain::{
-    Ambiguity, Channel, ClaimResult, Claimed, ErrorClass, LogEvent, Lookup, OutboundMessage,
-    Outcome, StreamEntry, UnknownAttempt, LOG_STREAM,
+    Ambiguity, Channel, ClaimResult, Claimed, ErrorClass, EventStatus, LogEvent, Lookup,
+    OutboundMessage, Outcome, StreamEntry, UnknownAttempt, LOG_STREAM,
 };
 use crate::health::{Permit, ProviderHealth};
 use crate::ports::{DependencyError, Provider};
@@ -141,6 +142,59 @@ pub async fn claim(
         }
     }
     Ok(claims)
+}
+
+/// What the suppression check left: the claims to send, and the claims whose recipient is
+/// on the tenant's suppression list, decided already (`suppressed`, recorded with the
+/// batch's other outcomes).
+#[derive(Debug, Default)]
+pub struct Screened {
+    pub to_send: Vec<ToSend>,
+    pub suppressed: Decided,
+}
+
+/// Ask the store, in one query for the whole batch, which claims' recipients are
+/// suppressed; their leases join `held` until their outcomes are written. On a store error
+/// the claims come back (`Err`): nothing is sent unchecked.
+pub async fn screen(
+    args: &SenderArgs,
+    held: &Held,
+    to_send: Vec<ToSend>,
+    now: DateTime<Utc>,
+) -> Result<Screened, Vec<ToSend>> {
+    let channel = args.channel.as_str();
+    let recipients: Vec<_> = to_send
+        .iter()
+        .map(|t| {
+            let r = &t.claimed.record;
+            (r.tenant.clone(), r.channel, r.to.clone())
+        })
+        .collect();
+    let answers = match args.store.suppressed(&recipients).await {
+        Ok(a) => a,
+        Err(err) => {
+            tracing::warn!(error = %err, channel, "cannot check the suppression list; claims given back");
+            return Err(to_send);
+        }
+    };
+    let mut s = Screened::default();
+    for (t, hit) in to_send.into_iter().zip(answers) {
+        if !hit {
+            s.to_send.push(t);
+            continue;
+        }
+        let rec = &t.claimed.record;
+        tracing::info!(id = %rec.id, channel, "Recipient suppressed; not sent.");
+        metrics::counter!("suppressed_total", "channel" => channel).increment(1);
+        held.add(&rec.id, rec.attempts);
+        let event = LogEvent::for_record(rec, channel, EventStatus::Suppressed, rec.attempts, now);
+        let d = &mut s.suppressed;
+        d.outcomes
+            .push((rec.id.clone(), rec.attempts, Outcome::Suppressed));
+        d.events.push(event);
+        d.acks.push(t.entry_id);
+    }
+    Ok(s)
 }
 
 /// What the call stage came to: the calls made, and the claims that made none.

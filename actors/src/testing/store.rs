@@ -5,7 +5,7 @@
 
 use super::{lock, Script};
 use crate::domain::{
-    Ambiguity, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
+    Ambiguity, Channel, ClaimResult, Claimed, Communication, Outcome, Status, UnknownAttempt,
 };
 use crate::ports::{
     Dependency, DependencyError, FailResult, InsertResult, ReceiptResult, ReceiptUpdate, Store,
@@ -34,6 +34,7 @@ pub enum StoreMethod {
     Void,
     Renew,
     Reschedule,
+    Suppressed,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +62,8 @@ pub struct MemoryStore {
     voided: Mutex<HashSet<String>>,
     /// The next `insert_many` is applied, then answers an ambiguous error.
     lose_next_insert_answer: AtomicBool,
+    /// The suppression list: (tenant, channel, address).
+    suppressions: Mutex<HashSet<(String, Channel, String)>>,
 }
 
 impl Default for MemoryStore {
@@ -71,6 +74,7 @@ impl Default for MemoryStore {
             outcomes: Mutex::new(Vec::new()),
             voided: Mutex::new(HashSet::new()),
             lose_next_insert_answer: AtomicBool::new(false),
+            suppressions: Mutex::new(HashSet::new()),
         }
     }
 }
@@ -78,6 +82,11 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Put a recipient on its tenant's suppression list.
+    pub fn suppress(&self, tenant: &str, channel: Channel, address: &str) {
+        lock(&self.suppressions).insert((tenant.into(), channel, address.into()));
     }
 
     /// Store a record as it is (any status).
@@ -224,6 +233,7 @@ impl MemoryStore {
                 r.errors.push(error.clone());
                 s.not_before = Some(*not_before);
             }
+            Outcome::Suppressed => r.status = Status::Suppressed,
         }
     }
 
@@ -411,6 +421,17 @@ impl Store for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn suppressed(
+        &self,
+        recipients: &[(String, Channel, String)],
+    ) -> Result<Vec<bool>, DependencyError> {
+        self.script
+            .enter(StoreMethod::Suppressed, recipients.len())
+            .await?;
+        let list = lock(&self.suppressions);
+        Ok(recipients.iter().map(|r| list.contains(r)).collect())
     }
 
     async fn record_outcomes(

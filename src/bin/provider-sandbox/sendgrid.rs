@@ -98,15 +98,17 @@ impl Sandbox {
         }));
         let hook = self.sendgrid_webhook.lock().unwrap().clone();
         if let Some(url) = hook {
-            self.sendgrid_events(url, to, &id);
+            let args = v.pointer("/personalizations/0/custom_args").cloned();
+            self.sendgrid_events(url, to, &id, args);
         }
         let mut r = warp::reply::with_status(warp::reply(), StatusCode::ACCEPTED).into_response();
         r.headers_mut().insert("x-message-id", id.parse().unwrap());
         r
     }
 
-    /// `processed`, then `delivered` (or `bounce`), one signed post each.
-    fn sendgrid_events(&self, url: String, to: &str, id: &str) {
+    /// `processed`, then `delivered` (or `bounce`), one signed post each; the send's
+    /// `custom_args` are fields of every event, as SendGrid puts them.
+    fn sendgrid_events(&self, url: String, to: &str, id: &str, custom_args: Option<Value>) {
         let sg_id = format!(
             "{id}.filterdrecv-sandbox-1-{}.0",
             self.next_hex(8).to_uppercase()
@@ -114,6 +116,11 @@ impl Sandbox {
         let event = |name: &str| {
             let mut e = json!({"email": to, "event": name, "sg_message_id": sg_id,
                 "smtp-id": format!("<{id}@sandbox>"), "timestamp": chrono::Utc::now().timestamp()});
+            if let Some(Value::Object(args)) = &custom_args {
+                for (k, v) in args {
+                    e[k] = v.clone();
+                }
+            }
             if name == "bounce" {
                 e["reason"] =
                     json!("550 5.1.1 The email account that you tried to reach does not exist.");

@@ -2,6 +2,8 @@
 //! provider holds its routes, its signature scheme and the mapping of its statuses to
 //! ours:
 //! - [`twilio`]: `POST /api/v1/callbacks/twilio`, Twilio's status callback.
+//! - [`twilio_inbound`]: `POST /api/v1/callbacks/twilio/inbound`, Twilio's incoming
+//!   message webhook: `STOP` and `START` keep the sender's opt-out list.
 //! - [`whatsapp`]: `GET /api/v1/callbacks/whatsapp` (Meta's webhook verification) and
 //!   `POST /api/v1/callbacks/whatsapp` (status notifications).
 //! - [`vonage`]: `POST /api/v1/callbacks/vonage`, Vonage's SMS delivery receipts.
@@ -13,6 +15,7 @@
 
 pub mod sendgrid;
 pub mod twilio;
+pub mod twilio_inbound;
 pub mod vonage;
 pub mod whatsapp;
 
@@ -44,6 +47,8 @@ pub struct CallbackConfig {
     pub sendgrid_public_key: Option<Vec<u8>>,
     /// How long a callback waits for the ReceiptActor (`receipts.apply_timeout_ms`).
     pub apply_timeout: Duration,
+    /// The opt-out lists that SendGrid's and Meta's reports add to.
+    pub suppressions: Arc<crate::clients::suppressions::MongoSuppressions>,
 }
 
 pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {

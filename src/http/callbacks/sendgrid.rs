@@ -14,7 +14,7 @@ use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, SENDGRID_CALLBACK};
 use crate::providers::sendgrid::NAME;
-use actors::domain::Status;
+use actors::domain::{Channel, Status};
 use serde_json::Value;
 use std::sync::Arc;
 use warp::filters::BoxedFilter;
@@ -127,7 +127,66 @@ async fn callback(
         // SendGrid posts the whole batch again when the answer is not a 2xx.
         record(cfg.apply_timeout, NAME, "sendgrid-event", id, status, err).await?;
     }
+    suppress(cfg, &events).await?;
     Ok(StatusCode::OK.into_response())
+}
+
+/// The events that put an address on the suppression list: `(communicationId, address,
+/// event)`. A hard bounce (`bounce` of type `bounce`; `blocked` is a soft one), a spam
+/// report, an unsubscribe. `communicationId` is the send's custom argument, which SendGrid
+/// puts on each of its events; it tells the tenant.
+pub fn opt_outs(events: &[Value]) -> impl Iterator<Item = (&str, &str, &str)> {
+    events.iter().filter_map(|e| {
+        let event = e["event"].as_str()?;
+        let hard = match event {
+            "bounce" => e["type"].as_str().is_none_or(|t| t == "bounce"),
+            "spamreport" | "unsubscribe" => true,
+            _ => false,
+        };
+        hard.then_some((e["communicationId"].as_str()?, e["email"].as_str()?, event))
+    })
+}
+
+/// Suppress the addresses of [`opt_outs`] for the tenants whose messages they answer.
+async fn suppress(cfg: &CallbackConfig, events: &[Value]) -> Result<(), ApiError> {
+    let found: Vec<_> = opt_outs(events).collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    let unavailable = |e: actors::ports::DependencyError| {
+        tracing::warn!(error = %e, "opt-out not recorded");
+        ApiError::StoreUnavailable
+    };
+    let ids: Vec<String> = found.iter().map(|(id, _, _)| id.to_string()).collect();
+    let tenants = cfg
+        .suppressions
+        .tenants_of(&ids)
+        .await
+        .map_err(unavailable)?;
+    for (id, email, event) in found {
+        let (Some(tenant), Some(address)) = (
+            tenants.get(id),
+            actors::domain::suppression_address(Channel::Email, email),
+        ) else {
+            tracing::warn!(
+                communication_id = id,
+                event,
+                "opt-out of an unknown message or address; ignored"
+            );
+            continue;
+        };
+        cfg.suppressions
+            .add(
+                tenant,
+                Channel::Email,
+                &address,
+                Some(event),
+                "sendgrid-event",
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -151,6 +210,21 @@ mod tests {
         assert!(!valid(&point, "1764322800", BODY.as_bytes(), "not base64!"));
         assert!(public_key("AAAA").is_err());
         assert!(public_key("%%").is_err());
+    }
+
+    #[test]
+    fn hard_bounces_spam_reports_and_unsubscribes_are_opt_outs() {
+        let events: Vec<Value> = serde_json::from_str(
+            r#"[{"event":"bounce","type":"bounce","email":"a@x.org","communicationId":"1"},
+                {"event":"bounce","type":"blocked","email":"b@x.org","communicationId":"2"},
+                {"event":"spamreport","email":"c@x.org","communicationId":"3"},
+                {"event":"unsubscribe","email":"d@x.org","communicationId":"4"},
+                {"event":"delivered","email":"e@x.org","communicationId":"5"},
+                {"event":"bounce","type":"bounce","email":"f@x.org"}]"#,
+        )
+        .unwrap();
+        let got: Vec<_> = opt_outs(&events).map(|(id, _, _)| id).collect();
+        assert_eq!(got, ["1", "3", "4"]);
     }
 
     #[test]

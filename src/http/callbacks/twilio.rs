@@ -16,7 +16,7 @@ use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
 use warp::Filter;
 
-const SIGNATURE_HEADER: &str = "X-Twilio-Signature";
+pub(super) const SIGNATURE_HEADER: &str = "X-Twilio-Signature";
 
 pub fn routes(cfg: Arc<CallbackConfig>) -> BoxedFilter<(Response,)> {
     at(TWILIO_CALLBACK)

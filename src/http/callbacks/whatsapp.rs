@@ -8,7 +8,7 @@ use super::{record, CallbackConfig};
 use crate::http::body::limited_body;
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, WHATSAPP_CALLBACK, WHATSAPP_VERIFY};
-use actors::domain::Status;
+use actors::domain::{Channel, Status};
 use hmac::{Hmac, Mac};
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -95,28 +95,32 @@ fn verify(cfg: &CallbackConfig, q: &HashMap<String, String>) -> Result<Response,
     }
 }
 
-/// Every status of a notification with its error, if any: `(message id, status, error)`.
-fn receipts(v: &Value) -> impl Iterator<Item = (&str, Status, Option<(String, String)>)> {
+/// Every `statuses[]` item of a notification.
+fn statuses(v: &Value) -> impl Iterator<Item = &Value> {
     v["entry"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|e| e["changes"].as_array().into_iter().flatten())
         .flat_map(|c| c["value"]["statuses"].as_array().into_iter().flatten())
-        .filter_map(|s| {
-            let id = s["id"].as_str()?;
-            let status = status(s["status"].as_str()?)?;
-            let err = s["errors"][0].as_object().map(|e| {
-                (
-                    e.get("code").map(|c| c.to_string()).unwrap_or_default(),
-                    e.get("title")
-                        .and_then(Value::as_str)
-                        .unwrap_or("failed")
-                        .to_string(),
-                )
-            });
-            Some((id, status, err))
-        })
+}
+
+/// Every status of a notification with its error, if any: `(message id, status, error)`.
+fn receipts(v: &Value) -> impl Iterator<Item = (&str, Status, Option<(String, String)>)> {
+    statuses(v).filter_map(|s| {
+        let id = s["id"].as_str()?;
+        let status = status(s["status"].as_str()?)?;
+        let err = s["errors"][0].as_object().map(|e| {
+            (
+                e.get("code").map(|c| c.to_string()).unwrap_or_default(),
+                e.get("title")
+                    .and_then(Value::as_str)
+                    .unwrap_or("failed")
+                    .to_string(),
+            )
+        });
+        Some((id, status, err))
+    })
 }
 
 async fn callback(
@@ -144,7 +148,71 @@ async fn callback(
         )
         .await?;
     }
+    suppress(cfg, &v).await?;
     Ok(StatusCode::OK.into_response())
+}
+
+/// Meta's error code for a recipient who stopped marketing messages
+/// (<https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes>).
+pub const OPTED_OUT: i64 = 131050;
+
+/// The failed statuses whose error is [`OPTED_OUT`]: `(message id, recipient)`, the
+/// recipient as E.164 (Meta's `recipient_id` is the number's digits).
+pub fn opt_outs(v: &Value) -> Vec<(&str, String)> {
+    statuses(v)
+        .filter(|s| {
+            s["errors"]
+                .as_array()
+                .is_some_and(|es| es.iter().any(|e| e["code"].as_i64() == Some(OPTED_OUT)))
+        })
+        .filter_map(|s| {
+            let to = s["recipient_id"].as_str()?;
+            Some((
+                s["id"].as_str()?,
+                format!("+{}", to.trim_start_matches('+')),
+            ))
+        })
+        .collect()
+}
+
+/// Suppress, for WhatsApp, the recipients of [`opt_outs`] for the tenants that sent to
+/// them (found by the message id the send was answered with). Only here: the sender's
+/// synchronous refusals carry the same code, but the status webhook reports every one.
+async fn suppress(cfg: &CallbackConfig, v: &Value) -> Result<(), ApiError> {
+    let found = opt_outs(v);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let unavailable = |e: actors::ports::DependencyError| {
+        tracing::warn!(error = %e, "opt-out not recorded");
+        ApiError::StoreUnavailable
+    };
+    let ids: Vec<String> = found.iter().map(|(id, _)| id.to_string()).collect();
+    let tenants = cfg
+        .suppressions
+        .tenants_of_sent(crate::providers::whatsapp::NAME, &ids)
+        .await
+        .map_err(unavailable)?;
+    for (id, to) in found {
+        let (Some(tenant), Some(address)) = (
+            tenants.get(id),
+            actors::domain::suppression_address(Channel::Whatsapp, &to),
+        ) else {
+            tracing::warn!(message_id = id, "opt-out of an unknown message; ignored");
+            continue;
+        };
+        cfg.suppressions
+            .add(
+                tenant,
+                Channel::Whatsapp,
+                &address,
+                Some("131050"),
+                "whatsapp-webhook",
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -160,6 +228,18 @@ mod tests {
         assert!(!valid("secret", b"{}", &sig));
         assert!(!valid("nope", body, &sig));
         assert!(!valid("secret", body, "sha1=abc"));
+    }
+
+    #[test]
+    fn an_opted_out_recipient_is_found_by_its_error_code() {
+        let v = serde_json::json!({"entry": [{"changes": [{"value": {"statuses": [
+            {"id": "wamid.1", "status": "failed", "recipient_id": "15550001234",
+             "errors": [{"code": 131050, "title": "User has stopped marketing messages"}]},
+            {"id": "wamid.2", "status": "failed", "recipient_id": "15550005678",
+             "errors": [{"code": 131026, "title": "Undeliverable"}]},
+            {"id": "wamid.3", "status": "delivered", "recipient_id": "15550009999"},
+        ]}}]}]});
+        assert_eq!(opt_outs(&v), vec![("wamid.1", "+15550001234".to_string())]);
     }
 
     #[test]
