@@ -113,7 +113,7 @@ pub fn build_query(p: &SearchParams, tenant: &str) -> Result<(Value, u32, u32), 
         if Status::parse(s).is_none() {
             return Err(BadParam(
                 "status",
-                "status must be one of scheduled, pending, sending, sent, failed, delivered, undelivered, read, canceled".into(),
+                "status must be one of scheduled, pending, sending, sent, failed, delivered, undelivered, read, canceled, suppressed".into(),
             ));
         }
         filter.push(json!({"term": {"status": s}}));

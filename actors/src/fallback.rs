@@ -86,6 +86,7 @@ async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), DueError> {
         template: None,
         batch_id: None,
         send_at: None,
+        html: None,
     };
     let deadline = tokio::time::Instant::now() + a.deadline;
     let accepted = a

@@ -664,6 +664,7 @@ mod tests {
             fallback_of: None,
             send_at: None,
             template: None,
+            html: None,
         }
     }
 
