@@ -21,7 +21,7 @@ use crate::auth::{AuthError, Identity};
 use crate::http::body::limited_body_up_to;
 use crate::http::communications::{
     accept_error, check_idempotency_key, check_sender_and_destination, fallback_request,
-    indexes_in_place, is_replay, parse_body, refusal, require_json, with_default_from,
+    indexes_in_place, is_hex_id, is_replay, parse_body, refusal, sending_caller, with_default_from,
 };
 use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, at_with_param, CREATE_BULK, GET_BATCH};
@@ -34,7 +34,6 @@ use actors::router::{Accepted, Submission};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
-use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 use warp::filters::BoxedFilter;
 use warp::http::header::HeaderValue;
@@ -80,11 +79,7 @@ async fn create(
     state: AppState,
 ) -> Result<Response, ApiError> {
     let deadline = state.admission.bulk_deadline_from(Instant::now());
-    let who = who?;
-    if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::ShuttingDown);
-    }
-    require_json(content_type.as_deref())?;
+    let who = sending_caller(who, content_type.as_deref(), &state)?;
     if let Some(key) = &idempotency_key {
         check_idempotency_key(key)?;
     }
@@ -379,7 +374,7 @@ async fn get_batch(
     state: AppState,
 ) -> Result<Response, ApiError> {
     let who = who?;
-    if batch_id.len() != 24 || !batch_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_hex_id(&batch_id) {
         return Err(ApiError::InvalidBatchId);
     }
     let counts = state

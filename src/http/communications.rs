@@ -68,11 +68,7 @@ async fn create(
     state: AppState,
 ) -> Result<Response, ApiError> {
     let deadline = state.admission.deadline_from(Instant::now());
-    let who = who?;
-    if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::ShuttingDown);
-    }
-    require_json(content_type.as_deref())?;
+    let who = sending_caller(who, content_type.as_deref(), &state)?;
     let policy = state.tenants.policy(&who.tenant);
     let mut raw = parse_body(&body)?;
     let template = super::templates::render_request(&state, &who.tenant, &mut raw).await?;
@@ -112,6 +108,21 @@ async fn create(
     Ok(render_accepted(accepted))
 }
 
+/// The caller of a request that sends: known, while the service takes new messages, with
+/// a JSON body.
+pub(super) fn sending_caller(
+    who: Result<Identity, AuthError>,
+    content_type: Option<&str>,
+    state: &AppState,
+) -> Result<Identity, ApiError> {
+    let who = who?;
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::ShuttingDown);
+    }
+    require_json(content_type)?;
+    Ok(who)
+}
+
 /// Nothing is stored before the unique `Idempotency-Key` index exists: a request that
 /// comes in the first moments after start-up waits for it, within its deadline.
 pub(super) async fn indexes_in_place(state: &AppState, deadline: Instant) -> Result<(), ApiError> {
@@ -120,6 +131,11 @@ pub(super) async fn indexes_in_place(state: &AppState, deadline: Instant) -> Res
         Err(IndexState::Failed(_)) => Err(ApiError::IndexesFailed),
         Err(_) => Err(ApiError::IndexesBuilding),
     }
+}
+
+/// 24 hexadecimal digits: the form of our ids (MongoDB ObjectIds).
+pub(super) fn is_hex_id(id: &str) -> bool {
+    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// `application/json` or any `+json` type, parameters aside.
@@ -374,7 +390,7 @@ async fn get(
 
 /// A 24-hex-digit id, or 400.
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if id.len() != 24 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_hex_id(id) {
         return Err(ApiError::InvalidId);
     }
     Ok(())
