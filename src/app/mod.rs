@@ -5,6 +5,7 @@
 mod children;
 mod parts;
 pub mod server;
+mod metric_docs;
 mod telemetry;
 
 use actors::audit::{AuditEvent, AuditKind};
