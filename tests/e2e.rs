@@ -391,7 +391,10 @@ async fn lookups_and_unknown_routes_answer_in_the_error_shape() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("comm_aggregator_http_requests_total"), "{text}");
+    assert!(
+        text.contains("comm_aggregator_http_requests_total"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,10 @@ fn alert_rules_and_scrape_config_pass_promtool() {
     std::fs::write(&token, "a-token\n").unwrap();
     let config = std::fs::read_to_string(deploy.join("prometheus.yml")).unwrap();
     let secret = "/run/secrets/metrics_token";
-    assert!(config.contains(secret), "the config reads the compose secret");
+    assert!(
+        config.contains(secret),
+        "the config reads the compose secret"
+    );
     let config = config.replace(secret, token.to_str().unwrap());
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     std::fs::copy(&alerts, dir.join("alerts.yml")).unwrap();
@@ -122,5 +125,8 @@ async fn logs_to_a_file_carry_no_colour_codes() {
         log.lines().any(|l| l.contains(" INFO ")),
         "the service logged in text format:\n{log}"
     );
-    assert!(!log.contains("\x1b["), "ANSI escapes in the log file:\n{log}");
+    assert!(
+        !log.contains("\x1b["),
+        "ANSI escapes in the log file:\n{log}"
+    );
 }

@@ -123,7 +123,9 @@ mod tests {
                 if let Some(body) = rest.strip_prefix('"') {
                     let name = body.split('"').next().unwrap_or_default();
                     let ident = name.starts_with(|c: char| c.is_ascii_lowercase())
-                        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
                     if ident {
                         names.push(name.to_string());
                     }
@@ -161,13 +163,19 @@ mod tests {
         let mut emitted = BTreeSet::new();
         walk(&root.join("src"), &mut emitted);
         walk(&root.join("actors/src"), &mut emitted);
-        assert!(emitted.len() > 50, "the walk found the metrics: {emitted:?}");
+        assert!(
+            emitted.len() > 50,
+            "the walk found the metrics: {emitted:?}"
+        );
         let described: BTreeSet<&str> = METRICS.iter().map(|m| m.0).collect();
         let missing: Vec<_> = emitted
             .iter()
             .filter(|(n, _)| !described.contains(n.as_str()))
             .collect();
-        assert!(missing.is_empty(), "metrics without HELP in src/app/metric_docs.rs: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "metrics without HELP in src/app/metric_docs.rs: {missing:?}"
+        );
     }
 
     /// The names carry their unit: counters end in `_total` and only counters do; durations
@@ -177,16 +185,38 @@ mod tests {
         let mut seen = BTreeSet::new();
         for &(name, kind, unit, help) in METRICS {
             assert!(seen.insert(name), "{name} described twice");
-            assert!(!help.is_empty() && help.ends_with('.'), "{name}: HELP is a sentence");
+            assert!(
+                !help.is_empty() && help.ends_with('.'),
+                "{name}: HELP is a sentence"
+            );
             let counter = matches!(kind, Counter);
-            assert_eq!(name.ends_with("_total"), counter, "{name}: _total iff a counter");
-            assert_eq!(name.ends_with("_seconds"), unit == Unit::Seconds, "{name}: unit");
-            for bad in ["_ms", "_millis", "_milliseconds", "_size", "_docs", "_count", "_sum"] {
+            assert_eq!(
+                name.ends_with("_total"),
+                counter,
+                "{name}: _total iff a counter"
+            );
+            assert_eq!(
+                name.ends_with("_seconds"),
+                unit == Unit::Seconds,
+                "{name}: unit"
+            );
+            for bad in [
+                "_ms",
+                "_millis",
+                "_milliseconds",
+                "_size",
+                "_docs",
+                "_count",
+                "_sum",
+            ] {
                 assert!(!name.ends_with(bad), "{name}: not a base unit ({bad})");
             }
             if matches!(kind, Histogram) {
                 let unit_suffix = ["_seconds", "_records", "_documents"];
-                assert!(unit_suffix.iter().any(|s| name.ends_with(s)), "{name}: bucket suffix");
+                assert!(
+                    unit_suffix.iter().any(|s| name.ends_with(s)),
+                    "{name}: bucket suffix"
+                );
             }
         }
     }

@@ -3,9 +3,9 @@
 //! `shutdown` resolves. [`run`] is all `main` calls, and what the tests call in-process.
 
 mod children;
+mod metric_docs;
 mod parts;
 pub mod server;
-mod metric_docs;
 mod telemetry;
 
 use actors::audit::{AuditEvent, AuditKind};
