@@ -44,6 +44,7 @@ pub mod auth;
 pub use http::callbacks;
 pub mod clients;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod limits;
 pub mod providers;

@@ -87,6 +87,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         _ = &mut supervisor_done => true,
     };
     shutting_down.store(true, Ordering::SeqCst);
+    // The live status streams end now: the server waits for the requests inside.
+    parts.events.close();
     if escalated {
         server.stop_within(ESCALATION_STOP).await;
         return Err(RunError::SupervisorGaveUp);
@@ -218,6 +220,12 @@ fn http_state(
         )),
         suppressions: suppressions.clone(),
         metrics_token: cfg.auth.metrics_token.clone(),
+        events: Arc::new(http::EventsConfig {
+            hub: parts.events.clone(),
+            logs_index: cfg.elasticsearch.logs_index.clone(),
+            keep_alive: cfg.events.keep_alive,
+            buffer: cfg.events.subscriber_buffer,
+        }),
     }
 }
 
