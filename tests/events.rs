@@ -73,6 +73,10 @@ struct Sse {
 impl Sse {
     async fn open(key: &str, query: &str, last_event_id: Option<&str>) -> Sse {
         let (_, svc) = svc();
+        Sse::open_on(svc, key, query, last_event_id).await
+    }
+
+    async fn open_on(svc: &Service, key: &str, query: &str, last_event_id: Option<&str>) -> Sse {
         let mut rb = common::client_for(key).get(svc.url(&format!("/api/v1/events?{query}")));
         if let Some(id) = last_event_id {
             rb = rb.header("last-event-id", id);
@@ -516,4 +520,42 @@ async fn an_idle_stream_carries_keep_alive_comments() {
     }
     let (_, svc) = svc();
     assert!(svc.metric_total("events_subscribers").await >= 1.0);
+}
+
+#[tokio::test]
+async fn the_streams_end_at_shutdowns_first_stage_and_the_service_exits() {
+    let (stack, _) = svc();
+    // Redis database 1: no stream of the shared service's is left to wait on.
+    let redis = format!("redis://127.0.0.1:{}/1", stack.redis_port);
+    // A first stage far longer than the test waits: only the streams' own end, at its
+    // start, lets the service stop in time.
+    let env = [
+        ("REDIS_URL", redis.as_str()),
+        ("CONSUMER_NAME", "events-term"),
+        ("SHUTDOWN_ACCEPT_MS", "120000"),
+    ];
+    let mut own = stack.start_service(&env);
+    let mut sse = Sse::open_on(&own, API_KEY, "", None).await;
+    own.proc.signal(libc::SIGTERM);
+    let ended = async {
+        loop {
+            match sse.frame().await {
+                None => break,
+                Some(Frame::Comment(_)) => {}
+                Some(Frame::Event(e)) => panic!("nothing was sent: {e:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("the stream ended at shutdown's first stage");
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = own.proc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < WAIT, "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}\n{}", own.proc.log_tail());
 }

@@ -320,8 +320,9 @@ impl HttpServer {
 /// deadline up takes nothing from the next:
 /// 1. stop accepting (`server.shutdown_accept_ms`): new requests get 503; the ReceiptActor
 ///    applies its batch and parks what waits, so the callbacks inside are answered; the
-///    listener closes once the requests inside are answered; the router, sweeper and stats
-///    stop;
+///    listener closes once the requests inside are answered (the live status streams are
+///    ended first, so they do not hold it open); the router, sweeper, stats and
+///    EventFanout stop;
 /// 2. in-flight sends (`server.shutdown_deadline_ms`): consumers finish their batch,
 ///    senders their calls; what is still running then is cut (its entries stay pending,
 ///    and its records are claimed again once their leases expire, flagged);
