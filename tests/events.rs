@@ -277,6 +277,12 @@ async fn the_filters_ids_type_and_batch_id_pass_only_what_they_name() {
     assert!(got.iter().all(|v| v.data["type"] == "email"), "{got:?}");
     assert_eq!(statuses_of(&got, &e), ["queued", "sent"]);
 
+    let anon = reqwest::Client::new()
+        .get(svc.url("/api/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anon.status(), 401, "the key is wanted as elsewhere");
     for (q, field) in [
         ("ids=x", "ids"),
         ("type=fax", "type"),

@@ -139,7 +139,8 @@ fn open(
     })?;
     let sources = Sources {
         hub: cfg.hub.clone(),
-        queue: state.queue.dedicated(),
+        // The replay's reads do not block: the shared connection serves them.
+        queue: state.queue.clone(),
         es: state.search.client().clone(),
         logs_index: cfg.logs_index.clone(),
     };
