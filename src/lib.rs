@@ -34,7 +34,8 @@
 //! ├── consumer-{channel}[-{shard}] reads its channel's stream (or one shard of it) for its sender
 //! ├── router             accepted requests into MongoDB and onto the streams (group commit)
 //! ├── stats              trims what the group acknowledged; stream gauges for /metrics
-//! └── sweeper            queues again what was stored but never reached a stream
+//! ├── sweeper            queues again what was stored but never reached a stream
+//! └── event-fanout       reads log_stream once for the live status streams (SSE, WebSocket)
 //! ```
 //!
 //! HTTP requests reach the router; nothing else in the HTTP layer talks to an actor.
@@ -44,6 +45,7 @@ pub mod auth;
 pub use http::callbacks;
 pub mod clients;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod limits;
 pub mod providers;

@@ -1062,6 +1062,12 @@ pub struct LogEvent {
     /// The bulk send the record was one recipient of (searchable as `batchId`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub batch_id: Option<String>,
+    /// The `log_stream` entry id the event was read from (the live subscribers' cursor):
+    /// set by the LogIndexer, stored in `communication-logs` with its number `cursorSeq`,
+    /// so a subscriber resumes from Elasticsearch once the stream is trimmed. Not a field
+    /// of the stream entry itself.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cursor: Option<String>,
     /// The body was left out of the stream entry (longer than [`LOG_EVENT_BODY_MAX`]):
     /// the LogIndexer reads it from MongoDB.
     #[serde(skip)]
@@ -1097,6 +1103,7 @@ impl LogEvent {
             provider: None,
             provider_message_id: None,
             batch_id: rec.batch_id.clone(),
+            cursor: None,
             msg_omitted: false,
         }
     }
@@ -1247,6 +1254,7 @@ impl LogEvent {
             provider: e.field("provider").map(str::to_string),
             provider_message_id: e.field("providerMessageId").map(str::to_string),
             batch_id: e.field("batchId").map(str::to_string),
+            cursor: None,
             msg_omitted: e.field("msgOmitted") == Some("1"),
         })
     }

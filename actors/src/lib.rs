@@ -28,6 +28,7 @@
 //!   pure decision with table tests (`sender/decision.rs`).
 //! - [`receipts`]: ReceiptActor, providers' delivery receipts in batches.
 //! - [`log_indexer`]: LogIndexer, `log_stream` into Elasticsearch.
+//! - [`event_fanout`]: EventFanout, `log_stream` to the live status subscribers (SSE, WebSocket).
 //! - [`reconciler`]: Reconciler, makes search agree with MongoDB for recent records.
 //! - [`due`]: DueTimer, the one timer for work MongoDB keeps due times of (oldest first,
 //!   in batches).
@@ -57,6 +58,7 @@ pub mod batch;
 pub mod call;
 pub mod domain;
 pub mod due;
+pub mod event_fanout;
 pub mod fallback;
 pub mod health;
 pub mod limited_store;

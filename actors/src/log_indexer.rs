@@ -497,10 +497,26 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
             index: logs_index.to_string(),
             id: ev.log_doc_id(),
             action: BulkAction::Create,
-            doc: Doc::json(ev),
+            doc: log_doc(ev),
         },
         comm_op,
     ]
+}
+
+/// The `communication-logs` document: the event, with its cursor's number (`cursorSeq`)
+/// when it came from `log_stream`, for the live subscribers' resume queries.
+fn log_doc(ev: &LogEvent) -> Doc {
+    let seq = ev
+        .cursor
+        .as_deref()
+        .and_then(crate::event_fanout::cursor_seq);
+    match (serde_json::to_value(ev), seq) {
+        (Ok(serde_json::Value::Object(mut doc)), Some(seq)) => {
+            doc.insert("cursorSeq".into(), seq.into());
+            Doc::from(serde_json::Value::Object(doc))
+        }
+        _ => Doc::json(ev),
+    }
 }
 
 fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
@@ -511,7 +527,11 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         .sum::<usize>()
         * 2
         + 64;
-    let (ops, awaiting_body) = match LogEvent::from_entry(&e) {
+    let decoded = LogEvent::from_entry(&e).map(|mut ev| {
+        ev.cursor = Some(e.id.clone());
+        ev
+    });
+    let (ops, awaiting_body) = match decoded {
         Ok(ev) if ev.msg_omitted => (Vec::new(), Some(ev)),
         Ok(ev) => (ops_for(&ev, &a.logs_index, &a.communications_index), None),
         Err(why) => {

@@ -427,6 +427,38 @@ pub trait Queue: Send + Sync + 'static {
     /// Drop these marks: their records are indexed.
     async fn forget_overflowed(&self, stream: &str, ids: &[String]) -> Result<(), DependencyError>;
 
+    /// Entries after `after` (an entry id, exclusive), oldest first, at most `count`,
+    /// without a consumer group (plain `XREAD`): waiting up to `block` for one when there
+    /// is none yet, or not at all (`None`).
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let _ = (stream, after, count, block);
+        Err(DependencyError::new(
+            Dependency::Redis,
+            "read_after: not supported",
+        ))
+    }
+
+    /// The id of the stream's oldest entry (`first`) or newest one; `None` when the stream
+    /// is empty or missing.
+    async fn end_id(&self, stream: &str, first: bool) -> Result<Option<String>, DependencyError> {
+        let _ = (stream, first);
+        Err(DependencyError::new(
+            Dependency::Redis,
+            "end_id: not supported",
+        ))
+    }
+
+    /// The id of the stream's newest entry.
+    async fn last_id(&self, stream: &str) -> Result<Option<String>, DependencyError> {
+        self.end_id(stream, false).await
+    }
+
     /// A client with its own connection, for blocking reads that would otherwise hold up
     /// every other command.
     fn dedicated(&self) -> Arc<dyn Queue>;

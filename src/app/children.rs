@@ -12,6 +12,7 @@ use actors::audit::{self, AuditActor, AuditArgs};
 use actors::batch::BatchSettings;
 use actors::domain::Channel;
 use actors::due::{DueTimer, DueTimerArgs};
+use actors::event_fanout::{self, EventFanout, FanoutArgs};
 use actors::fallback::{self, FallbackArgs};
 use actors::limited_store::LimitedStore;
 use actors::log_indexer::{self, IndexerArgs, LogIndexer};
@@ -91,7 +92,19 @@ pub fn child_specs(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> Vec<
     specs.push(reconciler_spec(cfg, parts));
     specs.push(fallback_spec(cfg, parts, indexes));
     specs.push(scheduler_spec(cfg, parts));
+    specs.push(fanout_spec(cfg, parts, &ports));
     specs
+}
+
+/// The EventFanout: `log_stream` to the live status subscribers.
+fn fanout_spec(cfg: &Config, parts: &Parts, p: &Ports) -> ChildSpec {
+    let args = FanoutArgs {
+        queue: p.queue.dedicated(),
+        hub: parts.events.clone(),
+        count: cfg.events.read_count,
+        block: cfg.events.block,
+    };
+    spec(event_fanout::NAME.to_string(), || EventFanout, args)
 }
 
 /// How each channel's stream is split.
@@ -146,6 +159,7 @@ pub fn shutdown_stages(cfg: &Config) -> [Vec<Vec<String>>; 3] {
             reconciler::NAME.to_string(),
             fallback::NAME.to_string(),
             scheduler::NAME.to_string(),
+            event_fanout::NAME.to_string(),
         ]],
         vec![consumers, Channel::ALL.map(sender::name).to_vec()],
         vec![

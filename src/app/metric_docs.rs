@@ -92,6 +92,10 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("log_indexer_superseded_total", Counter, Unit::Count, "Documents skipped because a newer version was in the same batch."),
     ("log_indexer_item_retries_total", Counter, Unit::Count, "Bulk items retried by the LogIndexer."),
     ("log_indexer_failed_items_total", Counter, Unit::Count, "Bulk items the LogIndexer gave up on."),
+    // Live status stream
+    ("events_subscribers", Gauge, Unit::Count, "Open status-event subscriptions (SSE and WebSocket) in this process."),
+    ("events_subscribers_dropped_total", Counter, Unit::Count, "Status-event subscribers closed because they read too slowly, by reason (lagged, buffer_full)."),
+    ("events_fanout_read_total", Counter, Unit::Count, "log_stream entries read by the event fanout."),
     // Supervision
     ("actor_restarts_total", Counter, Unit::Count, "Actor restarts by actor."),
 ];

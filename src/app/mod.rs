@@ -88,6 +88,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         _ = &mut supervisor_done => true,
     };
     shutting_down.store(true, Ordering::SeqCst);
+    // The live status streams end now: the server waits for the requests inside.
+    parts.events.close();
     if escalated {
         server.stop_within(ESCALATION_STOP).await;
         return Err(RunError::SupervisorGaveUp);
@@ -219,6 +221,12 @@ fn http_state(
         )),
         suppressions: suppressions.clone(),
         metrics_token: cfg.auth.metrics_token.clone(),
+        events: Arc::new(http::EventsConfig {
+            hub: parts.events.clone(),
+            logs_index: cfg.elasticsearch.logs_index.clone(),
+            keep_alive: cfg.events.keep_alive,
+            buffer: cfg.events.subscriber_buffer,
+        }),
     }
 }
 
@@ -313,8 +321,9 @@ impl HttpServer {
 /// deadline up takes nothing from the next:
 /// 1. stop accepting (`server.shutdown_accept_ms`): new requests get 503; the ReceiptActor
 ///    applies its batch and parks what waits, so the callbacks inside are answered; the
-///    listener closes once the requests inside are answered; the router, sweeper and stats
-///    stop;
+///    listener closes once the requests inside are answered (the live status streams are
+///    ended first, so they do not hold it open); the router, sweeper, stats and
+///    EventFanout stop;
 /// 2. in-flight sends (`server.shutdown_deadline_ms`): consumers finish their batch,
 ///    senders their calls; what is still running then is cut (its entries stay pending,
 ///    and its records are claimed again once their leases expire, flagged);

@@ -24,6 +24,9 @@ pub struct Parts {
     /// Each channel's providers, each with its breaker and rate limit, shared by the
     /// channel's sender and consumers and `/api/v1/providers`.
     pub routes: HashMap<Channel, Arc<Routes>>,
+    /// The live status stream: the EventFanout publishes to it, `GET /api/v1/events`
+    /// subscribes.
+    pub events: Arc<actors::event_fanout::EventHub>,
 }
 
 impl Parts {
@@ -48,6 +51,11 @@ impl Parts {
             queue,
             search: Arc::new(search(cfg)?),
             routes: routes(cfg)?,
+            events: actors::event_fanout::EventHub::new(
+                cfg.events.channel_capacity,
+                cfg.events.max_subscribers,
+                cfg.events.max_per_tenant,
+            ),
         })
     }
 }

@@ -76,7 +76,10 @@ pub fn logs_mapping() -> Value {
         "attempt": {"type": "integer"},
         "createdAt": {"type": "date"},
         "provider": {"type": "keyword"},
-        "providerMessageId": {"type": "keyword"}
+        "providerMessageId": {"type": "keyword"},
+        "batchId": {"type": "keyword"},
+        "cursor": {"type": "keyword"},
+        "cursorSeq": {"type": "long"}
     }}})
 }
 
@@ -513,6 +516,7 @@ mod tests {
             provider: Some("twilio".into()),
             provider_message_id: Some("SM1".into()),
             batch_id: Some("65f0000000000000000000aa".into()),
+            cursor: None,
             msg_omitted: false,
         };
         let mut ops = actors::log_indexer::ops_for(&ev, "communication-logs", "communications");

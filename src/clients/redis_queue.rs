@@ -618,6 +618,34 @@ impl Queue for RedisQueue {
         Ok(replies.iter().flat_map(parse_entries).collect())
     }
 
+    async fn read_after(
+        &self,
+        stream: &str,
+        after: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<StreamEntry>, DependencyError> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count.max(1));
+        if let Some(b) = block {
+            cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(stream).arg(after);
+        Ok(parse_read(&self.query(&cmd).await?))
+    }
+
+    async fn end_id(&self, stream: &str, first: bool) -> Result<Option<String>, DependencyError> {
+        let mut cmd = redis::cmd(if first { "XRANGE" } else { "XREVRANGE" });
+        if first {
+            cmd.arg(stream).arg("-").arg("+");
+        } else {
+            cmd.arg(stream).arg("+").arg("-");
+        }
+        cmd.arg("COUNT").arg(1);
+        let v = self.query(&cmd).await?;
+        Ok(parse_entries(&v).into_iter().next().map(|e| e.id))
+    }
+
     async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError> {
         let len = match self.query(redis::cmd("XLEN").arg(stream)).await? {
             Value::Int(n) => n as u64,

@@ -66,6 +66,7 @@ pub struct Config {
     pub sweeper: Sweeper,
     pub log_indexer: LogIndexer,
     pub stats: Stats,
+    pub events: Events,
     pub reconciler: Reconciler,
     pub fallback: FallbackSettings,
     pub schedule: ScheduleSettings,
@@ -508,6 +509,26 @@ impl LogIndexer {
 pub struct Stats {
     #[serde(rename = "interval_ms", deserialize_with = "millis")]
     pub interval: Duration,
+}
+
+/// `[events]`: the live status stream (`GET /api/v1/events`, SSE and WebSocket).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Events {
+    /// A `: keep-alive` comment (SSE) or a ping (WebSocket) this often.
+    #[serde(rename = "keep_alive_ms", deserialize_with = "millis")]
+    pub keep_alive: Duration,
+    /// Events the fanout's broadcast channel holds: a subscriber this far behind is dropped.
+    pub channel_capacity: usize,
+    /// Events one subscriber's own buffer holds: when it is full, the subscriber is dropped.
+    pub subscriber_buffer: usize,
+    /// Open subscriptions in this process, and of one tenant.
+    pub max_subscribers: usize,
+    pub max_per_tenant: usize,
+    /// `log_stream` entries the fanout reads at a time, and how long a read waits.
+    pub read_count: usize,
+    #[serde(rename = "block_ms", deserialize_with = "millis")]
+    pub block: Duration,
 }
 
 /// The security audit trail (`actors::audit`): its index and how events are batched.

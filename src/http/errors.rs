@@ -65,6 +65,9 @@ pub enum ApiError {
     /// The limits (in Redis) could not be asked, and this channel fails closed.
     #[error("the sending limits cannot be checked; nothing was stored, retry later")]
     LimiterUnavailable,
+    /// `GET /api/v1/events`: the most open subscriptions are open already.
+    #[error("{0} has the most live event subscriptions open already; close one, or retry later")]
+    TooManySubscribers(&'static str),
     #[error("Idempotency-Key {0:?} was already used for a different request")]
     KeyReused(String),
     #[error("no bulk send {0} of this tenant")]
@@ -193,7 +196,8 @@ impl ApiError {
             Auth(AuthError::RateLimited(_))
             | RecipientLimit { .. }
             | QuotaExceeded { .. }
-            | TooManyRecipients { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | TooManyRecipients { .. }
+            | TooManySubscribers(_) => StatusCode::TOO_MANY_REQUESTS,
             SenderNotAllowed { .. } | DestinationNotAllowed { .. } => StatusCode::FORBIDDEN,
             Auth(_) | MetricsToken | Unsigned(_) => StatusCode::UNAUTHORIZED,
             BadSignature(_) | VerificationFailed | CallbacksNotConfigured => StatusCode::FORBIDDEN,
@@ -242,6 +246,7 @@ impl ApiError {
             QuotaExceeded { .. } => "quota_exceeded",
             TooManyRecipients { .. } => "distinct_recipient_limit",
             LimiterUnavailable => "limiter_unavailable",
+            TooManySubscribers(_) => "too_many_subscribers",
             KeyReused(_) => "idempotency_key_reused",
             NotCancelable(_) => "not_cancelable",
             NoCommunication(_) | NoBatch(_) | NoRoute | NoSuppression => "not_found",
@@ -289,7 +294,7 @@ impl ApiError {
             | TooManyRecipients {
                 retry_after_secs, ..
             } => retry_after((*retry_after_secs).max(1)),
-            LimiterUnavailable => retry_after(1),
+            LimiterUnavailable | TooManySubscribers(_) => retry_after(1),
             // Receipts answer without one: the provider keeps its own retry schedule.
             ShuttingDown | RouterRestarting | NotProcessedInTime | NothingStored
             | AcceptQueueFull | IndexesBuilding | StoreUnavailable | SearchUnavailable => {

@@ -12,6 +12,7 @@
 //! - `communications.rs`: accept a communication, read one back.
 //! - `bulk.rs`: one message to many recipients; a bulk send's counts.
 //! - `search.rs`: search the communications.
+//! - `events.rs`: the live status stream, SSE and WebSocket (`crate::events` serves it).
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
 //! - `templates.rs`: a tenant's message templates, and rendering a request from one.
 //! - `view.rs`: what a tenant sees of a record, an allow-list of fields.
@@ -25,6 +26,7 @@ mod bulk;
 pub mod callbacks;
 mod communications;
 pub mod errors;
+mod events;
 mod operations;
 pub mod routes;
 mod search;
@@ -35,6 +37,7 @@ mod view;
 
 pub use body::BODY_LIMIT;
 pub use errors::ApiError;
+pub use events::EventsConfig;
 pub use operations::OPENAPI;
 pub use routes::{allowed_methods, ROUTES};
 pub use state::AppState;
@@ -54,6 +57,7 @@ pub fn routes(
         communications::routes(&state),
         bulk::routes(&state),
         search::routes(&state),
+        events::routes(&state),
         callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),
         suppressions::routes(&state),

@@ -17,6 +17,8 @@ pub const CANCEL_COMMUNICATION: Route = ("DELETE", "/api/v1/communication/{id}")
 pub const SEARCH_COMMUNICATIONS: Route = ("GET", "/api/v1/communications");
 pub const CREATE_BULK: Route = ("POST", "/api/v1/communications/bulk");
 pub const GET_BATCH: Route = ("GET", "/api/v1/batches/{batchId}");
+pub const EVENTS: Route = ("GET", "/api/v1/events");
+pub const EVENTS_WS: Route = ("GET", "/api/v1/events/ws");
 pub const PROVIDERS: Route = ("GET", "/api/v1/providers");
 pub const OPENAPI_DOCUMENT: Route = ("GET", "/api/v1/openapi.json");
 pub const TWILIO_CALLBACK: Route = ("POST", "/api/v1/callbacks/twilio");
@@ -46,6 +48,8 @@ pub const ROUTES: &[Route] = &[
     SEARCH_COMMUNICATIONS,
     CREATE_BULK,
     GET_BATCH,
+    EVENTS,
+    EVENTS_WS,
     PROVIDERS,
     OPENAPI_DOCUMENT,
     TWILIO_CALLBACK,

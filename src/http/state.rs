@@ -49,6 +49,8 @@ pub struct AppState {
     /// The tenants' opt-out lists (MongoDB's `suppressions`).
     pub suppressions: Arc<crate::clients::suppressions::MongoSuppressions>,
     pub metrics_token: Option<secrecy::SecretString>,
+    /// The live status stream (`GET /api/v1/events`).
+    pub events: Arc<super::events::EventsConfig>,
 }
 
 /// The caller's identity (or why there is none), from `Authorization`. Taking it spends a
