@@ -213,6 +213,11 @@ fn http_state(
             &parts.store,
             cfg.sweeper.recheck,
         )),
+        dead_letters: Arc::new(crate::clients::dead_letters::MongoDeadLetters::new(
+            &parts.store,
+            cfg.sweeper.recheck,
+        )),
+        shards: actors::shards::StreamShards::new(cfg.redis.stream_shards),
         templates: Arc::new(crate::clients::templates::MongoTemplates::new(
             parts.store.database(),
         )),

@@ -12,6 +12,8 @@
 //! - `communications.rs`: accept a communication, read one back.
 //! - `bulk.rs`: one message to many recipients; a bulk send's counts.
 //! - `search.rs`: search the communications.
+//! - `dead_letters.rs`: the records failed for good, listed and replayed.
+//! - `console.rs` (and `console/`): the web console, static files built into the binary.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
 //! - `templates.rs`: a tenant's message templates, and rendering a request from one.
 //! - `view.rs`: what a tenant sees of a record, an allow-list of fields.
@@ -24,6 +26,8 @@ mod body;
 mod bulk;
 pub mod callbacks;
 mod communications;
+mod console;
+mod dead_letters;
 pub mod errors;
 mod operations;
 pub mod routes;
@@ -54,6 +58,8 @@ pub fn routes(
         communications::routes(&state),
         bulk::routes(&state),
         search::routes(&state),
+        dead_letters::routes(&state),
+        console::routes(),
         callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),
         suppressions::routes(&state),

@@ -30,6 +30,10 @@ pub const GET_TEMPLATE: Route = ("GET", "/api/v1/templates/{name}");
 pub const CHANGE_TEMPLATE: Route = ("PUT", "/api/v1/templates/{name}");
 pub const DELETE_TEMPLATE: Route = ("DELETE", "/api/v1/templates/{name}");
 pub const PREVIEW_TEMPLATE: Route = ("POST", "/api/v1/templates/{name}/preview");
+pub const LIST_DEAD_LETTERS: Route = ("GET", "/api/v1/dead-letters");
+pub const REPLAY_DEAD_LETTER: Route = ("POST", "/api/v1/dead-letters/{id}/replay");
+pub const CONSOLE: Route = ("GET", "/console");
+pub const CONSOLE_ASSET: Route = ("GET", "/console/{asset}");
 pub const LIST_SUPPRESSIONS: Route = ("GET", "/api/v1/suppressions");
 pub const ADD_SUPPRESSION: Route = ("POST", "/api/v1/suppressions");
 pub const REMOVE_SUPPRESSION: Route = ("DELETE", "/api/v1/suppressions");
@@ -59,6 +63,10 @@ pub const ROUTES: &[Route] = &[
     CHANGE_TEMPLATE,
     DELETE_TEMPLATE,
     PREVIEW_TEMPLATE,
+    LIST_DEAD_LETTERS,
+    REPLAY_DEAD_LETTER,
+    CONSOLE,
+    CONSOLE_ASSET,
     LIST_SUPPRESSIONS,
     ADD_SUPPRESSION,
     REMOVE_SUPPRESSION,

@@ -44,6 +44,9 @@ pub struct AppState {
     pub schedule: actors::domain::ScheduleLimits,
     /// Cancels (`DELETE /api/v1/communication/{id}`).
     pub scheduled: Arc<crate::clients::scheduled::MongoScheduled>,
+    pub dead_letters: Arc<crate::clients::dead_letters::MongoDeadLetters>,
+    /// Each channel's stream shards: where a replayed record's entry goes.
+    pub shards: actors::shards::StreamShards,
     /// The tenants' message templates (MongoDB's `templates`).
     pub templates: Arc<crate::clients::templates::MongoTemplates>,
     /// The tenants' opt-out lists (MongoDB's `suppressions`).
