@@ -30,6 +30,12 @@ install() {
     local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
   fi
+  # The browser the console's tests drive (tests/console.rs), and its WebDriver server.
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    log "installing chromium and chromium-driver from Debian"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
   if [ ! -x "$VENV/bin/secantusd-py" ] || ! "$VENV/bin/python" -c 'import osmem_server, aiosmtpd' 2>/dev/null; then
     log "installing $PY_PACKAGES into .venv"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

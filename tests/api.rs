@@ -554,6 +554,13 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
             ),
         ),
         (
+            ("GET", "/api/v1/communication/{id}/events"),
+            (
+                http.get(svc.url(&format!("/api/v1/communication/{id}/events"))),
+                200,
+            ),
+        ),
+        (
             ("GET", "/api/v1/dead-letters"),
             (http.get(svc.url("/api/v1/dead-letters?page=1&size=5")), 200),
         ),

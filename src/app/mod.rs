@@ -188,6 +188,7 @@ fn http_state(
             suppressions: suppressions.clone(),
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
+        logs_index: cfg.elasticsearch.logs_index.clone(),
         auth: Arc::new(auth::ApiKeys::with_rates(
             cfg.auth.keys.clone(),
             cfg.auth.dev_mode,

@@ -12,6 +12,7 @@
 //! - `communications.rs`: accept a communication, read one back.
 //! - `bulk.rs`: one message to many recipients; a bulk send's counts.
 //! - `search.rs`: search the communications.
+//! - `timeline.rs`: one message's events, from the log index.
 //! - `dead_letters.rs`: the records failed for good, listed and replayed.
 //! - `console.rs` (and `console/`): the web console, static files built into the binary.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
@@ -35,6 +36,7 @@ mod search;
 mod state;
 pub mod suppressions;
 pub mod templates;
+mod timeline;
 mod view;
 
 pub use body::BODY_LIMIT;
@@ -59,6 +61,7 @@ pub fn routes(
         bulk::routes(&state),
         search::routes(&state),
         dead_letters::routes(&state),
+        timeline::routes(&state),
         console::routes(),
         callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),

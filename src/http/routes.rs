@@ -30,6 +30,7 @@ pub const GET_TEMPLATE: Route = ("GET", "/api/v1/templates/{name}");
 pub const CHANGE_TEMPLATE: Route = ("PUT", "/api/v1/templates/{name}");
 pub const DELETE_TEMPLATE: Route = ("DELETE", "/api/v1/templates/{name}");
 pub const PREVIEW_TEMPLATE: Route = ("POST", "/api/v1/templates/{name}/preview");
+pub const COMMUNICATION_EVENTS: Route = ("GET", "/api/v1/communication/{id}/events");
 pub const LIST_DEAD_LETTERS: Route = ("GET", "/api/v1/dead-letters");
 pub const REPLAY_DEAD_LETTER: Route = ("POST", "/api/v1/dead-letters/{id}/replay");
 pub const CONSOLE: Route = ("GET", "/console");
@@ -63,6 +64,7 @@ pub const ROUTES: &[Route] = &[
     CHANGE_TEMPLATE,
     DELETE_TEMPLATE,
     PREVIEW_TEMPLATE,
+    COMMUNICATION_EVENTS,
     LIST_DEAD_LETTERS,
     REPLAY_DEAD_LETTER,
     CONSOLE,

@@ -34,6 +34,8 @@ pub struct AppState {
     pub routes: Vec<Arc<Routes>>,
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,
+    /// The index of every event (`communication-logs`): the timelines.
+    pub logs_index: String,
     pub auth: Arc<ApiKeys>,
     /// The tenants' limits in Redis: rate, quotas, distinct recipients, per-recipient cap.
     pub limiter: Arc<Limiter>,
