@@ -158,7 +158,7 @@ function messagesPage(params) {
 /**
  * Follow `GET /api/v1/events` (server-sent events, read with fetch so the key goes in a
  * header), reconnecting with Last-Event-ID. `fallback` runs if the service has no stream
- * (404). Answers a function that stops it.
+ * (404) or refuses the query (4xx). Answers a function that stops it.
  */
 function follow(query, onStatus, fallback) {
   const ctrl = new AbortController();
@@ -172,8 +172,9 @@ function follow(query, onStatus, fallback) {
         const headers = { Authorization: "Bearer " + key(), Accept: "text/event-stream" };
         if (lastId) headers["Last-Event-ID"] = lastId;
         const res = await fetch("/api/v1/events" + (q.toString() ? "?" + q : ""), { headers, signal: ctrl.signal });
-        if (res.status === 404) { fallback(); return; }
         if (res.status === 401) { signOut("The key was refused."); return; }
+        // No stream on this service (404), or none for this query: poll instead.
+        if (res.status >= 400 && res.status < 500 && res.status !== 429) { fallback(); return; }
         if (!res.ok || !res.body) throw new Error("status " + res.status);
         $("#live").textContent = "live: status stream";
         await readEvents(res.body, (id, type, data) => {
