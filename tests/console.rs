@@ -93,6 +93,8 @@ async fn the_console_follows_a_message_live_replays_a_dead_letter_and_shows_one_
         b.find("#messages b").await.is_none(),
         "a body became markup"
     );
+    let live = b.find("#live").await.unwrap().text().await;
+    println!("the list followed the message by {live}");
     b.screenshot(&shot("messages")).await;
 
     // Its page: the record and every event.

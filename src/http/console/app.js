@@ -106,8 +106,11 @@ function messagesPage(params) {
   $("#view").replaceChildren(el("h2", {}, "Messages"), form, counts, total, table);
 
   let known = new Map(); // id -> row
+  const seen = new Map(); // id -> the newest status event of it
   let timer = null;
   let stopped = false;
+  let again = null;
+  let tries = 0;
   const query = new URLSearchParams(values);
   query.set("size", "50");
 
@@ -124,26 +127,37 @@ function messagesPage(params) {
         el("td", {}, fmtTime(m.createdAt)), el("td", {}, m.type), el("td", {}, m.to),
         el("td", { class: "msg" }, m.msg), statusCell(m.status), el("td", {}, m.provider || ""),
         el("td", {}, m.attempts));
+      // Search lags the stream: an event newer than the hit wins.
+      const ev = seen.get(m.id);
+      if (ev && Date.parse(ev.at) > Date.parse(m.updatedAt || 0)) applyEvent(row, ev);
       return row;
     });
     known = new Map(rows.map((r) => [r.getAttribute("data-id"), r]));
     body.replaceChildren(...rows);
+    // Events of messages search does not have yet: look again shortly, a few times.
+    const missing = [...seen.keys()].some((id) => !known.has(id));
+    if (missing && tries < 10) { tries += 1; refreshSoon(1000); }
   }
 
-  /** A status event: the row's status cell, or a fresh search for a message not shown. */
-  function onStatus(ev) {
-    const row = known.get(ev.id);
-    if (!row) { refresh(); return; }
+  function applyEvent(row, ev) {
     const cells = row.children;
     cells[4].replaceWith(statusCell(ev.status));
     if (ev.provider) cells[5].textContent = ev.provider;
     if (ev.attempt !== undefined && ev.attempt !== null) cells[6].textContent = ev.attempt;
-    refreshCountsSoon();
   }
-  let countsTimer = null;
-  function refreshCountsSoon() {
-    if (countsTimer) return;
-    countsTimer = setTimeout(() => { countsTimer = null; refresh(); }, 500);
+
+  /** A status event: the row's status, then a fresh search (counts, new messages). */
+  function onStatus(ev) {
+    const prev = seen.get(ev.id);
+    if (!prev || Date.parse(ev.at) >= Date.parse(prev.at)) seen.set(ev.id, ev);
+    const row = known.get(ev.id);
+    if (row) applyEvent(row, seen.get(ev.id));
+    else tries = 0;
+    refreshSoon(300);
+  }
+  function refreshSoon(ms) {
+    if (again) return;
+    again = setTimeout(() => { again = null; refresh(); }, ms);
   }
 
   refresh();
@@ -152,7 +166,7 @@ function messagesPage(params) {
     $("#live").textContent = "live: polling every 2 s";
     timer = setInterval(refresh, POLL_MS);
   });
-  return () => { stopped = true; live(); if (timer) clearInterval(timer); if (countsTimer) clearTimeout(countsTimer); };
+  return () => { stopped = true; live(); if (timer) clearInterval(timer); if (again) clearTimeout(again); };
 }
 
 /**
