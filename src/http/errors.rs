@@ -75,7 +75,7 @@ pub enum ApiError {
     #[error("the communication cannot be canceled: sending has started (status {0})")]
     NotCancelable(String),
     /// Not a dead letter (any more: replayed already), or being worked on.
-    #[error("the communication cannot be replayed: it is not a dead letter (status {0})")]
+    #[error("the communication cannot be replayed: it is not a dead letter, or a replay of it is under way (status {0})")]
     NotReplayable(String),
     #[error("the router is restarting; nothing was stored, retry shortly")]
     RouterRestarting,
