@@ -30,6 +30,12 @@ install() {
     local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
   fi
+  # The browser the console's tests drive (tests/console.rs), and its WebDriver server.
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    log "installing chromium and chromium-driver from Debian"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
   # promtool (Debian's prometheus package): the tests lint /metrics, the alert rules and
   # the scrape config with it.
   if ! command -v promtool >/dev/null 2>&1; then

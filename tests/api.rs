@@ -561,6 +561,29 @@ async fn the_openapi_document_is_served_and_matches_the_routes() {
                 401,
             ),
         ),
+        (
+            ("GET", "/api/v1/communication/{id}/events"),
+            (
+                http.get(svc.url(&format!("/api/v1/communication/{id}/events"))),
+                200,
+            ),
+        ),
+        (
+            ("GET", "/api/v1/dead-letters"),
+            (http.get(svc.url("/api/v1/dead-letters?page=1&size=5")), 200),
+        ),
+        (
+            ("POST", "/api/v1/dead-letters/{id}/replay"),
+            (
+                http.post(svc.url(&format!("/api/v1/dead-letters/{id}/replay"))),
+                409,
+            ),
+        ),
+        (("GET", "/console"), (http.get(svc.url("/console")), 200)),
+        (
+            ("GET", "/console/{asset}"),
+            (http.get(svc.url("/console/app.js")), 200),
+        ),
         (("GET", "/metrics"), (http.get(svc.url("/metrics")), 200)),
         (("GET", "/healthz"), (http.get(svc.url("/healthz")), 200)),
         (("GET", "/readyz"), (http.get(svc.url("/readyz")), 200)),

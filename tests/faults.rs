@@ -287,6 +287,14 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_flow_on() {
         .and_then(|r| r.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("{d}"));
     assert!(deliveries >= 3, "{d}");
+    // A dead letter (README "Dead letters"), listed for its tenant.
+    assert_eq!(
+        d.get_str("deadLetterReason").unwrap(),
+        "undeliverable_entry"
+    );
+    let (status, page) = svc.get("/api/v1/dead-letters").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"][0]["id"], poison.as_str(), "{page}");
     let mut c = stack.redis().await;
     let dlq: Vec<redis::Value> = redis::cmd("XRANGE")
         .arg("sms_stream:dlq")

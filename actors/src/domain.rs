@@ -761,6 +761,9 @@ pub struct Communication {
     pub subject: Option<String>,
     pub status: Status,
     pub attempts: u32,
+    /// The attempts made before its last replay (`POST /api/v1/dead-letters/{id}/replay`):
+    /// its retry budget counts from here, while attempt numbers keep growing.
+    pub attempt_base: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub provider: Option<String>,
@@ -808,6 +811,7 @@ impl Communication {
             subject: req.subject,
             status: Status::Pending,
             attempts: 0,
+            attempt_base: 0,
             created_at: now,
             updated_at: now,
             provider: None,

@@ -25,6 +25,7 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("http_requests_timed_out_total", Counter, Unit::Count, "HTTP requests answered 503 at the request timeout."),
     ("communications_accepted_total", Counter, Unit::Count, "Communications accepted, by channel."),
     ("communications_canceled_total", Counter, Unit::Count, "Scheduled communications canceled, by channel."),
+    ("dead_letters_replayed_total", Counter, Unit::Count, "Dead letters replayed (put back on their stream with a fresh attempt budget), by channel."),
     ("idempotent_replays_total", Counter, Unit::Count, "Submissions answered from an earlier one with the same Idempotency-Key."),
     ("tenant_refusals_total", Counter, Unit::Count, "Submissions refused by the tenant's senders or countries, by reason and channel."),
     ("tenant_limit_refusals_total", Counter, Unit::Count, "Submissions refused by the tenant's rate, quota or recipient limits, by reason and channel."),

@@ -191,6 +191,7 @@ fn http_state(
             suppressions: suppressions.clone(),
         }),
         communications_index: cfg.elasticsearch.communications_index.clone(),
+        logs_index: cfg.elasticsearch.logs_index.clone(),
         auth: Arc::new(auth::ApiKeys::with_rates(
             cfg.auth.keys.clone(),
             cfg.auth.dev_mode,
@@ -216,6 +217,11 @@ fn http_state(
             &parts.store,
             cfg.sweeper.recheck,
         )),
+        dead_letters: Arc::new(crate::clients::dead_letters::MongoDeadLetters::new(
+            &parts.store,
+            cfg.sweeper.recheck,
+        )),
+        shards: actors::shards::StreamShards::new(cfg.redis.stream_shards),
         templates: Arc::new(crate::clients::templates::MongoTemplates::new(
             parts.store.database(),
         )),

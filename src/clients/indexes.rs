@@ -187,6 +187,12 @@ fn models() -> Vec<IndexModel> {
             .keys(doc! {"scheduledDueAt": 1})
             .options(named("scheduled_due").sparse(true).build())
             .build(),
+        // A tenant's dead letters, newest first: `deadLetterAt` exists only while a record
+        // is one, so the index holds those alone (sparse, not partial: see above).
+        IndexModel::builder()
+            .keys(doc! {crate::clients::dead_letters::DEAD_LETTER_AT: -1})
+            .options(named("dead_letters").sparse(true).build())
+            .build(),
     ]
 }
 

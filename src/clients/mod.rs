@@ -4,7 +4,8 @@
 //! Elasticsearch; `parked` keeps the delivery receipts that came before their records
 //! (MongoDB); `reconcile` reads both stores for the Reconciler; `scheduled` the scheduled
 //! sends due and the cancel of a message; `suppressions` is the tenants' opt-out list
-//! (MongoDB).
+//! (MongoDB); `dead_letters` the records failed for good, listed and replayed.
+pub mod dead_letters;
 pub mod elastic;
 pub mod fallbacks;
 pub mod indexes;

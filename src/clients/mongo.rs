@@ -6,7 +6,8 @@
 //! provider?, providerMessageId?, possibleDuplicate?, possibleDuplicateCause?,
 //! possibleDuplicateAttempt?, unknownAttempt?, unknownCause?, unknownSince?, lastError?,
 //! errors[], idempotencyKey?, requestHash, sendAt?, scheduledDueAt? (while `scheduled`),
-//! canceledAt?`. There is deliberately no unique index on `to`.
+//! canceledAt?, deadLetterAt? and deadLetterReason? (while a dead letter), attemptBase?,
+//! replays?, replayedAt?` (see [`crate::clients::dead_letters`]). There is deliberately no unique index on `to`.
 //! `unknown*` name an attempt whose outcome is unknown (timeout, reset, ambiguous 5xx), so
 //! the next claim asks the provider before sending again; `possibleDuplicate*` mark a
 //! send made after one (or after a stale claim), with that attempt and its cause.
@@ -15,6 +16,7 @@
 //! by the sender's claim) and one write (the batch's outcomes); the claim itself is a
 //! lease in Redis ([`crate::clients::lease`]). Receipts add one batched write and read each.
 
+use crate::clients::dead_letters::{DeadLetterReason, DEAD_LETTER_AT, DEAD_LETTER_REASON};
 use crate::clients::lease::{RedisLeases, Release};
 use actors::domain::{
     Ambiguity, AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status,
@@ -272,6 +274,7 @@ impl MongoStore {
             subject: d.get_str("subject").ok().map(str::to_string),
             status: Status::parse(d.get_str("status").ok()?)?,
             attempts: d.get_i32("attempts").unwrap_or(0) as u32,
+            attempt_base: d.get_i32("attemptBase").unwrap_or(0) as u32,
             created_at: cdate(d, "createdAt")?,
             updated_at: cdate(d, "updatedAt").or_else(|| cdate(d, "createdAt"))?,
             provider: d.get_str("provider").ok().map(str::to_string),
@@ -778,7 +781,8 @@ fn failed_update(
     now: BsonDate,
 ) -> Document {
     let set = doc! {"status": "failed", "failedAt": now, "updatedAt": now,
-    "provider": provider, "lastError": &error.message, "attempts": attempt as i32};
+    "provider": provider, "lastError": &error.message, "attempts": attempt as i32,
+    DEAD_LETTER_AT: now, DEAD_LETTER_REASON: DeadLetterReason::SendFailed.as_str()};
     closing_update(set, possible_duplicate, errors_push(failovers, Some(error)))
 }
 
@@ -1051,7 +1055,8 @@ impl Store for MongoStore {
             .update_one(
                 doc! {"_id": oid, "status": {"$in": ["pending", "sending"]}},
                 doc! {
-                    "$set": {"status": "failed", "failedAt": now, "updatedAt": now, "lastError": reason},
+                    "$set": {"status": "failed", "failedAt": now, "updatedAt": now, "lastError": reason,
+                        DEAD_LETTER_AT: now, DEAD_LETTER_REASON: DeadLetterReason::Undeliverable.as_str()},
                     "$push": {"errors": {"attempt": 0, "at": now, "code": "dead-lettered", "message": reason}},
                     "$unset": {"claimedBy": "", "nextAttemptAt": ""},
                 },

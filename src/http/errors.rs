@@ -77,6 +77,9 @@ pub enum ApiError {
     /// Sending has started (a sender holds it, it was attempted, or it is final).
     #[error("the communication cannot be canceled: sending has started (status {0})")]
     NotCancelable(String),
+    /// Not a dead letter (any more: replayed already), or being worked on.
+    #[error("the communication cannot be replayed: it is not a dead letter, or a replay of it is under way (status {0})")]
+    NotReplayable(String),
     #[error("the router is restarting; nothing was stored, retry shortly")]
     RouterRestarting,
     /// The accept deadline passed before the store answered: the request is dropped, and a
@@ -210,9 +213,8 @@ impl ApiError {
             | InvalidCallback
             | Template(_)
             | Unreadable => StatusCode::BAD_REQUEST,
-            KeyReused(_) | TemplateExists(_) | TemplateChanged(_) | NotCancelable(_) => {
-                StatusCode::CONFLICT
-            }
+            KeyReused(_) | TemplateExists(_) | TemplateChanged(_) | NotCancelable(_)
+            | NotReplayable(_) => StatusCode::CONFLICT,
             NoCommunication(_) | NoBatch(_) | NoRoute | TemplateNotFound(_) | NoSuppression => {
                 StatusCode::NOT_FOUND
             }
@@ -249,6 +251,7 @@ impl ApiError {
             TooManySubscribers(_) => "too_many_subscribers",
             KeyReused(_) => "idempotency_key_reused",
             NotCancelable(_) => "not_cancelable",
+            NotReplayable(_) => "not_replayable",
             NoCommunication(_) | NoBatch(_) | NoRoute | NoSuppression => "not_found",
             RouterRestarting | IndexesBuilding | IndexesFailed => "unavailable",
             NotProcessedInTime | NothingStored | AcceptQueueFull | StoreUnavailable

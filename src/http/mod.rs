@@ -13,6 +13,9 @@
 //! - `bulk.rs`: one message to many recipients; a bulk send's counts.
 //! - `search.rs`: search the communications.
 //! - `events.rs`: the live status stream, SSE and WebSocket (`crate::events` serves it).
+//! - `timeline.rs`: one message's events, from the log index.
+//! - `dead_letters.rs`: the records failed for good, listed and replayed.
+//! - `console.rs` (and `console/`): the web console, static files built into the binary.
 //! - `callbacks/`: the providers' delivery receipts, a file per provider.
 //! - `templates.rs`: a tenant's message templates, and rendering a request from one.
 //! - `view.rs`: what a tenant sees of a record, an allow-list of fields.
@@ -25,6 +28,8 @@ mod body;
 mod bulk;
 pub mod callbacks;
 mod communications;
+mod console;
+mod dead_letters;
 pub mod errors;
 mod events;
 mod operations;
@@ -33,6 +38,7 @@ mod search;
 mod state;
 pub mod suppressions;
 pub mod templates;
+mod timeline;
 mod view;
 
 pub use body::BODY_LIMIT;
@@ -58,6 +64,9 @@ pub fn routes(
         bulk::routes(&state),
         search::routes(&state),
         events::routes(&state),
+        dead_letters::routes(&state),
+        timeline::routes(&state),
+        console::routes(),
         callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),
         suppressions::routes(&state),

@@ -32,6 +32,11 @@ pub const GET_TEMPLATE: Route = ("GET", "/api/v1/templates/{name}");
 pub const CHANGE_TEMPLATE: Route = ("PUT", "/api/v1/templates/{name}");
 pub const DELETE_TEMPLATE: Route = ("DELETE", "/api/v1/templates/{name}");
 pub const PREVIEW_TEMPLATE: Route = ("POST", "/api/v1/templates/{name}/preview");
+pub const COMMUNICATION_EVENTS: Route = ("GET", "/api/v1/communication/{id}/events");
+pub const LIST_DEAD_LETTERS: Route = ("GET", "/api/v1/dead-letters");
+pub const REPLAY_DEAD_LETTER: Route = ("POST", "/api/v1/dead-letters/{id}/replay");
+pub const CONSOLE: Route = ("GET", "/console");
+pub const CONSOLE_ASSET: Route = ("GET", "/console/{asset}");
 pub const LIST_SUPPRESSIONS: Route = ("GET", "/api/v1/suppressions");
 pub const ADD_SUPPRESSION: Route = ("POST", "/api/v1/suppressions");
 pub const REMOVE_SUPPRESSION: Route = ("DELETE", "/api/v1/suppressions");
@@ -63,6 +68,11 @@ pub const ROUTES: &[Route] = &[
     CHANGE_TEMPLATE,
     DELETE_TEMPLATE,
     PREVIEW_TEMPLATE,
+    COMMUNICATION_EVENTS,
+    LIST_DEAD_LETTERS,
+    REPLAY_DEAD_LETTER,
+    CONSOLE,
+    CONSOLE_ASSET,
     LIST_SUPPRESSIONS,
     ADD_SUPPRESSION,
     REMOVE_SUPPRESSION,

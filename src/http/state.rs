@@ -34,6 +34,8 @@ pub struct AppState {
     pub routes: Vec<Arc<Routes>>,
     pub callbacks: Arc<CallbackConfig>,
     pub communications_index: String,
+    /// The index of every event (`communication-logs`): the timelines.
+    pub logs_index: String,
     pub auth: Arc<ApiKeys>,
     /// The tenants' limits in Redis: rate, quotas, distinct recipients, per-recipient cap.
     pub limiter: Arc<Limiter>,
@@ -44,6 +46,9 @@ pub struct AppState {
     pub schedule: actors::domain::ScheduleLimits,
     /// Cancels (`DELETE /api/v1/communication/{id}`).
     pub scheduled: Arc<crate::clients::scheduled::MongoScheduled>,
+    pub dead_letters: Arc<crate::clients::dead_letters::MongoDeadLetters>,
+    /// Each channel's stream shards: where a replayed record's entry goes.
+    pub shards: actors::shards::StreamShards,
     /// The tenants' message templates (MongoDB's `templates`).
     pub templates: Arc<crate::clients::templates::MongoTemplates>,
     /// The tenants' opt-out lists (MongoDB's `suppressions`).

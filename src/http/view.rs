@@ -46,6 +46,10 @@ pub const RECORD_FIELDS: &[&str] = &[
     "html",
     "sendAt",
     "canceledAt",
+    "deadLetterAt",
+    "deadLetterReason",
+    "replays",
+    "replayedAt",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.

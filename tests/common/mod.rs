@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod webdriver;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -150,9 +150,11 @@ pub fn decide(
     let (error, text) = attempt_error(&err, attempt, now, ctx.provider);
     // The last attempt's outcome is unknown: one more claim, to ask the provider before
     // the record is called failed (the sender makes no further send; see `NotResent`).
-    let verify = err.ambiguous.is_some() && attempt == ctx.retry.max_attempts;
+    // The budget counts from the record's last replay (none: from its first attempt).
+    let spent = attempt.saturating_sub(rec.attempt_base);
+    let verify = err.ambiguous.is_some() && spent == ctx.retry.max_attempts;
     match err.class {
-        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(attempt) || verify => {
+        ErrorClass::Retryable { retry_after } if ctx.retry.allows_another(spent) || verify => {
             let delay = ctx.retry.delay(attempt, retry_after, rng);
             let not_before =
                 now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
@@ -559,6 +561,27 @@ mod tests {
             };
             assert!(not_before >= now() + chrono::Duration::seconds(30));
         }
+    }
+
+    /// A replayed record's budget counts from its replay: attempt 4 after a replay at 3
+    /// attempts is the first of a fresh budget of 3, and attempt 6 its last.
+    #[test]
+    fn a_replayed_record_has_a_fresh_attempt_budget() {
+        let ctx = DecisionContext {
+            service: "sms",
+            provider: "twilio",
+            retry: &POLICY,
+            timeout: TIMEOUT,
+        };
+        let call = refused(retryable(None), None);
+        for (attempt, label) in [(4, "retry"), (5, "retry"), (6, "failed")] {
+            let mut c = claimed(attempt, None);
+            c.record.attempt_base = 3;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let d = decide(&call, &c, ctx, now(), &mut rng);
+            assert_eq!(d.label, label, "attempt {attempt}");
+        }
+        assert_eq!(run(&call, 4, None, 1).label, "failed", "without a replay");
     }
 
     /// An outcome that is unknown, and what follows one: (call, attempt, the unknown

@@ -502,7 +502,11 @@ async fn find_earlier(
             return Some((provider.name(), found));
         }
     }
-    if !args.retry.allows_another(claimed.record.attempts - 1) {
+    let spent = claimed.record.attempts - 1;
+    if !args
+        .retry
+        .allows_another(spent.saturating_sub(claimed.record.attempt_base))
+    {
         tracing::warn!(
             attempt = unknown.attempt,
             cause = unknown.cause.as_str(),
