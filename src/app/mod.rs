@@ -180,16 +180,7 @@ fn http_state(
             .iter()
             .map(|c| parts.routes[c].clone())
             .collect(),
-        callbacks: Arc::new(callbacks::CallbackConfig {
-            twilio_url: cfg.callbacks.twilio_url(),
-            twilio_auth_token: cfg.providers.sms.auth_token.clone(),
-            whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
-            whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
-            vonage_signature_secret: cfg.providers.vonage.signature_secret.clone(),
-            sendgrid_public_key: sendgrid_key(cfg),
-            apply_timeout: cfg.receipts.apply_timeout,
-            suppressions: suppressions.clone(),
-        }),
+        callbacks: callback_config(cfg, suppressions.clone()),
         communications_index: cfg.elasticsearch.communications_index.clone(),
         logs_index: cfg.elasticsearch.logs_index.clone(),
         auth: Arc::new(auth::ApiKeys::with_rates(
@@ -200,13 +191,7 @@ fn http_state(
                 (p.rate_per_sec, p.burst)
             },
         )),
-        limiter: Arc::new(limits::Limiter {
-            recipient_max: cfg.limits.recipient_max,
-            recipient_window_secs: cfg.limits.recipient_window_secs.max(1),
-            fail_open: cfg.tenants.fail_open.clone(),
-            timeout: cfg.tenants.check_timeout,
-            redis: RedisLimiter::new(parts.queue.clone()),
-        }),
+        limiter: limiter(cfg, parts),
         tenants,
         validation: actors::domain::ValidationLimits {
             email_max_chars: cfg.limits.email_max_chars,
@@ -234,6 +219,35 @@ fn http_state(
             buffer: cfg.events.subscriber_buffer,
         }),
     }
+}
+
+/// What the provider callbacks need: their signature secrets, the receipts' deadline and
+/// the opt-out lists they fill.
+fn callback_config(
+    cfg: &Config,
+    suppressions: Arc<crate::clients::suppressions::MongoSuppressions>,
+) -> Arc<callbacks::CallbackConfig> {
+    Arc::new(callbacks::CallbackConfig {
+        twilio_url: cfg.callbacks.twilio_url(),
+        twilio_auth_token: cfg.providers.sms.auth_token.clone(),
+        whatsapp_app_secret: cfg.callbacks.whatsapp_app_secret.clone(),
+        whatsapp_verify_token: cfg.callbacks.whatsapp_verify_token.clone(),
+        vonage_signature_secret: cfg.providers.vonage.signature_secret.clone(),
+        sendgrid_public_key: sendgrid_key(cfg),
+        apply_timeout: cfg.receipts.apply_timeout,
+        suppressions,
+    })
+}
+
+/// The tenants' limits counted in Redis.
+fn limiter(cfg: &Config, parts: &Parts) -> Arc<limits::Limiter> {
+    Arc::new(limits::Limiter {
+        recipient_max: cfg.limits.recipient_max,
+        recipient_window_secs: cfg.limits.recipient_window_secs.max(1),
+        fail_open: cfg.tenants.fail_open.clone(),
+        timeout: cfg.tenants.check_timeout,
+        redis: RedisLimiter::new(parts.queue.clone()),
+    })
 }
 
 fn log_start(cfg: &Config, state: &http::AppState) {
