@@ -78,6 +78,8 @@ pub struct Submission {
     pub html: Option<String>,
     /// When to send it, if later than now: stored `scheduled`, on no stream until then.
     pub send_at: Option<chrono::DateTime<Utc>>,
+    /// Its lane (`high`, `normal`, `bulk`).
+    pub priority: crate::domain::Priority,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -316,6 +318,7 @@ async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending)
     record.template = p.submission.template;
     record.batch_id = p.submission.batch_id;
     record.html = p.submission.html;
+    record.priority = p.submission.priority;
     let waiting = Waiting {
         record,
         reply: p.reply,
@@ -553,7 +556,10 @@ pub fn queue_entries(
     let event = LogEvent::for_record(rec, service, EventStatus::Queued, 0, now);
     [
         (LOG_STREAM, event.to_fields()),
-        (shards.for_record(rec.channel, &rec.id), rec.stream_fields()),
+        (
+            shards.for_record(rec.channel, rec.priority, &rec.id),
+            rec.stream_fields(),
+        ),
     ]
 }
 

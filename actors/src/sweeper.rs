@@ -18,7 +18,7 @@
 //! at once and waits only for the entries ahead of it. No `XINFO GROUPS` `lag`, which
 //! Redis before 7.0 lacks.
 
-use crate::domain::Channel;
+use crate::domain::{Channel, Priority};
 use crate::ports::{DependencyError, Queue, Store, SweepScope};
 use crate::shards::{earliest_acked, StreamShards};
 use chrono::Utc;
@@ -92,7 +92,10 @@ impl Actor for OutboxSweeper {
             Ok(records) if !records.is_empty() => {
                 let entries: Vec<(&str, Vec<(&str, String)>)> = records
                     .iter()
-                    .map(|r| (a.shards.for_record(r.channel, &r.id), r.stream_fields()))
+                    .map(|r| {
+                        let stream = a.shards.for_record(r.channel, r.priority, &r.id);
+                        (stream, r.stream_fields())
+                    })
                     .collect();
                 match a.queue.append(&entries).await {
                     Ok(_) => {
@@ -115,18 +118,22 @@ impl Actor for OutboxSweeper {
     }
 }
 
-/// How far each channel's streams are done with (the earliest of its shards).
+/// How far each channel's lanes are done with (each lane the earliest of its shards): a
+/// bulk backlog holds back only bulk records, never a high one's retry.
 async fn scopes(a: &SweeperArgs) -> Result<Vec<SweepScope>, DependencyError> {
     let mut scopes = Vec::new();
     for channel in Channel::ALL {
-        let mut per_shard = Vec::new();
-        for stream in a.shards.streams(channel) {
-            per_shard.push(a.queue.acked_up_to(stream, &a.group).await?);
+        for priority in Priority::ALL {
+            let mut per_shard = Vec::new();
+            for stream in a.shards.lane_streams(channel, priority) {
+                per_shard.push(a.queue.acked_up_to(stream, &a.group).await?);
+            }
+            scopes.push(SweepScope {
+                channel,
+                priority,
+                acked_up_to: earliest_acked(&per_shard).map(|t| t - QUEUE_GAP),
+            });
         }
-        scopes.push(SweepScope {
-            channel,
-            acked_up_to: earliest_acked(&per_shard).map(|t| t - QUEUE_GAP),
-        });
     }
     Ok(scopes)
 }
