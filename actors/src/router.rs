@@ -670,6 +670,7 @@ mod tests {
             fallback_of: None,
             send_at: None,
             template: None,
+            priority: Default::default(),
             html: None,
         }
     }

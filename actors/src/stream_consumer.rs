@@ -445,6 +445,8 @@ async fn deliver(
             return Ok(());
         }
     };
+    metrics::counter!("lane_entries_delivered_total", "channel" => a.channel.as_str(), "lane" => lane.as_str())
+        .increment(n as u64);
     if !report.ack.is_empty() {
         a.queue.ack(stream, &a.group, &report.ack).await?;
     }
@@ -510,11 +512,12 @@ mod tests {
         let q = MemoryQueue::new();
         let batches = start(ch, &q, "c3").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 1);
+        // One group per lane.
+        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 3);
         // Redis restarted empty: the stream and its group are gone.
         q.flush_all();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 2);
+        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 6);
         append(&q, ch, 1..=1).await;
         assert_eq!(batches_after(&batches, 1).await, [["1-0"]]);
     }

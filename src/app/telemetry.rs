@@ -38,6 +38,10 @@ pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
         builder = builder.set_buckets_for_metric(Matcher::Suffix(suffix.into()), buckets)?;
     }
     let handle = builder.install_recorder()?;
+    metrics::describe_counter!(
+        "lane_entries_delivered_total",
+        "Stream entries a consumer handed its sender, by channel and lane (high, normal, bulk)"
+    );
     *installed = Some(handle.clone());
     Ok(handle)
 }

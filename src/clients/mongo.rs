@@ -97,10 +97,10 @@ pub const VOID: &str = "void";
 /// creation) after the time up to which the group is done with the stream still has an
 /// entry waiting (unread, or in a consumer's hands).
 fn sweep_scope(s: &SweepScope) -> Document {
-    // A normal record has no `priority` (nor have those from before lanes).
+    // Records from before lanes have no `priority`: normal.
     let priority = match s.priority {
-        Priority::Normal => Bson::Null,
-        p => Bson::String(p.as_str().into()),
+        Priority::Normal => doc! {"$in": [Bson::Null, "normal"]},
+        p => doc! {"$eq": p.as_str()},
     };
     match s.acked_up_to {
         None => doc! {"type": s.channel.as_str(), "priority": priority},
@@ -236,10 +236,8 @@ impl MongoStore {
         if let Some(h) = &r.html {
             d.insert("html", h);
         }
-        if r.priority != Priority::Normal {
-            // Absent means normal (and records from before lanes are normal).
-            d.insert("priority", r.priority.as_str());
-        }
+        // Records from before lanes have none: normal.
+        d.insert("priority", r.priority.as_str());
         if let Some(at) = r.send_at {
             d.insert("sendAt", bdate(at));
             // The SchedulerActor's due time: removed when it is queued or canceled.

@@ -362,6 +362,7 @@ fn render_accepted(Accepted { record, replayed }: Accepted) -> Response {
         "stream": record.channel.stream(),
         "id": record.id,
         "data": data,
+        "priority": record.priority.as_str(),
     });
     if let Some(at) = record.send_at {
         body["sendAt"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));

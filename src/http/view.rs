@@ -46,6 +46,7 @@ pub const RECORD_FIELDS: &[&str] = &[
     "html",
     "sendAt",
     "canceledAt",
+    "priority",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.
