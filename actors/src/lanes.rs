@@ -143,10 +143,12 @@ mod tests {
         v.iter().map(|e| e.id.as_str()).collect()
     }
 
+    /// Entries pushed as (id, tenant), the batch size, the batches expected.
+    type Case<'a> = (&'a [(&'a str, &'a str)], usize, &'a [&'a [&'a str]]);
+
     #[test]
     fn tenants_take_turns_within_a_lane() {
-        // (entries pushed as (id, tenant), batch size, the batches expected)
-        let table: &[(&[(&str, &str)], usize, &[&[&str]])] = &[
+        let table: &[Case] = &[
             (
                 &[
                     ("a1", "A"),

@@ -17,6 +17,9 @@ use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
+/// The stream names made so far, by channel, lane and shard.
+type Names = HashMap<(Channel, Priority, u32), &'static str>;
+
 /// How many streams each channel's is split into (at least one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamShards(u32);
@@ -49,8 +52,7 @@ impl StreamShards {
         if self.0 == 1 && lane == Priority::Normal {
             return channel.stream();
         }
-        static NAMES: OnceLock<Mutex<HashMap<(Channel, Priority, u32), &'static str>>> =
-            OnceLock::new();
+        static NAMES: OnceLock<Mutex<Names>> = OnceLock::new();
         let mut names = NAMES
             .get_or_init(Default::default)
             .lock()
