@@ -3,8 +3,8 @@
 //! call), another tenant's `priority: high` SMS reaches the provider before all but about
 //! one batch of the backlog; within a lane, a second tenant's few messages reach the
 //! provider side by side, long before the first tenant's backlog of 1,000 is done; a
-//! priority other than high, normal or bulk is a 400 naming `priority`; the record keeps
-//! its lane. Orders are asserted, never times (the accept→provider time is printed).
+//! priority other than high, normal or bulk is a 400 naming `priority` (on a send, a bulk
+//! send and a search); the record keeps its lane, and search finds it by `priority`. Orders are asserted, never times (the accept→provider time is printed).
 
 mod common;
 
@@ -147,6 +147,23 @@ async fn a_high_sms_of_another_tenant_overtakes_a_bulk_backlog_of_5000() {
         .await
         .unwrap();
     assert_eq!(record["priority"], "high", "{record}");
+    eventually(
+        WAIT,
+        "the high SMS found by searching priority=high",
+        || async {
+            let found: Value = client_for(OTHER_KEY)
+                .get(svc.url("/api/v1/communications?priority=high&size=100"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let items = found["items"].as_array()?;
+            items.iter().any(|i| i["id"] == id.as_str()).then_some(())
+        },
+    )
+    .await;
     let one = stack.records().await.find_one(doc! {"msg": &backlog}).await;
     assert_eq!(
         one.unwrap().unwrap().get_str("priority").ok(),
@@ -230,4 +247,16 @@ async fn a_priority_other_than_high_normal_bulk_is_a_400_naming_it() {
     }
     let (status, answer) = svc.post(common::sms("lanes-default")).await;
     assert_eq!((status, answer["priority"].as_str()), (200, Some("normal")));
+    let res = client()
+        .get(svc.url("/api/v1/communications?priority=urgent"))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let answer: Value = res.json().await.unwrap();
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (400, Some("priority")),
+        "search → {answer}"
+    );
 }

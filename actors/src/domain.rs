@@ -1120,6 +1120,9 @@ pub struct LogEvent {
     /// The bulk send the record was one recipient of (searchable as `batchId`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub batch_id: Option<String>,
+    /// The record's lane (searchable as `priority`); `None` on events from before lanes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub priority: Option<Priority>,
     /// The body was left out of the stream entry (longer than [`LOG_EVENT_BODY_MAX`]):
     /// the LogIndexer reads it from MongoDB.
     #[serde(skip)]
@@ -1155,6 +1158,7 @@ impl LogEvent {
             provider: None,
             provider_message_id: None,
             batch_id: rec.batch_id.clone(),
+            priority: Some(rec.priority),
             msg_omitted: false,
         }
     }
@@ -1271,6 +1275,9 @@ impl LogEvent {
         if let Some(b) = &self.batch_id {
             f.push(("batchId", b.clone()));
         }
+        if let Some(p) = self.priority {
+            f.push(("priority", p.as_str().to_string()));
+        }
         if omit {
             f.push(("msgOmitted", "1".to_string()));
         }
@@ -1305,6 +1312,7 @@ impl LogEvent {
             provider: e.field("provider").map(str::to_string),
             provider_message_id: e.field("providerMessageId").map(str::to_string),
             batch_id: e.field("batchId").map(str::to_string),
+            priority: e.field("priority").and_then(Priority::parse),
             msg_omitted: e.field("msgOmitted") == Some("1"),
         })
     }

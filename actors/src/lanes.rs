@@ -41,9 +41,15 @@ impl LaneBuffer {
         self.len == 0
     }
 
-    /// Whether `id` is read ahead here.
-    pub fn holds(&self, id: &str) -> bool {
-        self.by_tenant.values().flatten().any(|e| e.id == id)
+    /// Drop these entries (taken over elsewhere); the others keep their places.
+    pub fn forget(&mut self, ids: &[&str]) {
+        for queue in self.by_tenant.values_mut() {
+            queue.retain(|e| !ids.contains(&e.id.as_str()));
+        }
+        self.by_tenant.retain(|_, q| !q.is_empty());
+        let by_tenant = &self.by_tenant;
+        self.turns.retain(|t| by_tenant.contains_key(t));
+        self.len = self.by_tenant.values().map(VecDeque::len).sum();
     }
 
     /// Up to `n` entries, one per tenant in turn, round after round.
@@ -85,9 +91,9 @@ impl LaneBuffers {
         self.lanes[lane.rank()].len()
     }
 
-    /// Whether any lane holds `id`.
-    pub fn holds(&self, id: &str) -> bool {
-        self.lanes.iter().any(|l| l.holds(id))
+    /// Drop these entries from every lane.
+    pub fn forget(&mut self, ids: &[&str]) {
+        self.lanes.iter_mut().for_each(|l| l.forget(ids));
     }
 
     /// The lanes worth reading now: those up to the first that holds entries (a lower
@@ -216,6 +222,17 @@ mod tests {
         }
         assert!(b.next_batch(10, 2).is_none());
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn entries_taken_over_are_forgotten_and_the_turns_go_on() {
+        let mut lane = LaneBuffer::default();
+        for (id, t) in [("a1", "A"), ("b1", "B"), ("a2", "A"), ("c1", "C")] {
+            lane.push(entry(id, t));
+        }
+        lane.forget(&["b1", "a1"]);
+        assert_eq!(lane.len(), 2);
+        assert_eq!(ids(&lane.take(10)), ["a2", "c1"]);
     }
 
     #[test]

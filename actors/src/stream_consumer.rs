@@ -299,11 +299,10 @@ async fn autoclaim_lane(
     // Page on through the pending list next time, so that idle entries behind many
     // live ones are reached too; `0-0` once the whole list was looked at.
     state.reads[lane.rank()].autoclaim_cursor = next;
-    // Our own entries read ahead (waiting behind a higher lane) are delivered from there.
-    let taken: Vec<StreamEntry> = taken
-        .into_iter()
-        .filter(|e| !state.ahead.holds(&e.id))
-        .collect();
+    // Our own entries read ahead that waited behind a busy higher lane this long go now,
+    // from here (the lanes' order yields to them: no entry waits much past `claim_idle`).
+    let ids: Vec<&str> = taken.iter().map(|e| e.id.as_str()).collect();
+    state.ahead.forget(&ids);
     if !taken.is_empty() {
         tracing::info!(stream, n = taken.len(), "took over idle entries");
         metrics::counter!("stream_autoclaimed_total", "stream" => stream)

@@ -43,6 +43,7 @@ pub fn communications_mapping() -> Value {
         "provider": {"type": "keyword"},
         "providerMessageId": {"type": "keyword"},
         "batchId": {"type": "keyword"},
+        "priority": {"type": "keyword"},
         "lastError": {"type": "text"}
     }}})
 }
@@ -513,6 +514,7 @@ mod tests {
             provider: Some("twilio".into()),
             provider_message_id: Some("SM1".into()),
             batch_id: Some("65f0000000000000000000aa".into()),
+            priority: Some(actors::domain::Priority::Bulk),
             msg_omitted: false,
         };
         let mut ops = actors::log_indexer::ops_for(&ev, "communication-logs", "communications");
