@@ -77,7 +77,8 @@ pub fn logs_mapping() -> Value {
         "attempt": {"type": "integer"},
         "createdAt": {"type": "date"},
         "provider": {"type": "keyword"},
-        "providerMessageId": {"type": "keyword"}
+        "providerMessageId": {"type": "keyword"},
+        "priority": {"type": "keyword"}
     }}})
 }
 
