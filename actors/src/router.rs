@@ -5,8 +5,8 @@
 //! is stored, or 503 at the request's deadline).
 //! Talks to: MongoDB (one `insert_many` per batch; a read-back by `_id` after an ambiguous
 //! insert; `void` for records whose callers were already answered), Redis (one pipeline
-//! per batch: the `queued` log event to `log_stream`, the entry to `{type}_stream`, or to
-//! the shard of it the record's id picks).
+//! per batch: the `queued` log event to `log_stream`, the entry to the record's lane of
+//! `{type}_stream`, in the shard its id picks).
 //! On failure: a batch already handed to its writer task finishes and answers its callers;
 //! requests still in the mailbox are dropped unanswered, so their callers get 503 and
 //! nothing was stored for them. A request is answered `queued` only after MongoDB has it;

@@ -4,10 +4,13 @@
 //!
 //! Owns: nothing but its timer; MongoDB holds all the state (`nextAttemptAt`).
 //! Talks to it: itself (`Tick`); the supervisor starts and stops it.
-//! Talks to: MongoDB (`take_due`), Redis (XADD to `{type}_stream`, or the shard of it the
-//! record's id picks, as the router does).
+//! Talks to: MongoDB (`take_due`), Redis (XADD to the record's lane of `{type}_stream`, in
+//! the shard its id picks, as the router does).
 //! On failure: records it took are due again after `recheck`, so a crash loses nothing; an
 //! entry appended twice is harmless, since a worker claims a record before sending it.
+//!
+//! Each lane (high, normal, bulk) is looked at on its own, so a backlog in one lane holds
+//! back only that lane's records.
 //!
 //! A record is left alone while its last entry may still be waiting: it was queued (at
 //! its creation, or by this sweeper, noted in MongoDB) after the time up to which the
