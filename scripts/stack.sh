@@ -30,6 +30,13 @@ install() {
     local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
   fi
+  # promtool (Debian's prometheus package): the tests lint /metrics, the alert rules and
+  # the scrape config with it.
+  if ! command -v promtool >/dev/null 2>&1; then
+    log "installing prometheus (for promtool) from Debian"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
   if [ ! -x "$VENV/bin/secantusd-py" ] || ! "$VENV/bin/python" -c 'import osmem_server, aiosmtpd' 2>/dev/null; then
     log "installing $PY_PACKAGES into .venv"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

@@ -2,6 +2,7 @@
 //! logs, and runs [`comm_aggregator::run`] until SIGTERM or SIGINT.
 
 use comm_aggregator::config::{self, Config};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -76,13 +77,19 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, UsageEr
 fn init_tracing(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,warp=warn"));
+    // Colour only for a person at a terminal: a log file or journald gets plain text.
+    let ansi = std::io::stdout().is_terminal();
     if cfg.server.log_format == "json" {
         tracing_subscriber::fmt()
             .json()
+            .with_ansi(false)
             .with_env_filter(filter)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init();
     }
 }
 

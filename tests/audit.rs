@@ -160,7 +160,7 @@ async fn refusals_and_the_start_up_are_in_the_audit_index_without_secrets() {
         "bad_callback_signature",
         "config_loaded",
     ] {
-        let line = format!("security_events_total{{kind=\"{kind}\"}}");
+        let line = format!("comm_aggregator_security_events_total{{kind=\"{kind}\"}}");
         assert!(metrics.contains(&line), "{line} in /metrics");
     }
 }

@@ -31,7 +31,7 @@ async fn bulk(body: &Value, key: Option<&str>) -> (u16, Value, bool) {
     bulk_to(&svc.url("/api/v1/communications/bulk"), body, key).await
 }
 
-/// Group commits the shared service has written so far (`router_batch_size` samples).
+/// Group commits the shared service has written so far (`router_batch_records` samples).
 async fn group_commits() -> u64 {
     let (_, svc) = shared();
     let text = reqwest::get(svc.url("/metrics"))
@@ -41,7 +41,7 @@ async fn group_commits() -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("router_batch_size_count "))
+        .find_map(|l| l.strip_prefix("comm_aggregator_router_batch_records_count "))
         .map(|v| v.trim().parse::<f64>().unwrap() as u64)
         .unwrap_or(0)
 }

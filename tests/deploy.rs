@@ -109,16 +109,16 @@ fn grafana_dashboard_parses_and_queries_our_metrics() {
         .collect();
     let all = exprs.join("\n");
     for m in [
-        "communications_accepted_total",
-        "deliveries_total",
-        "http_request_duration_seconds_bucket",
-        "accept_to_sent_seconds_bucket",
-        "stream_length",
-        "stream_pending",
-        "dead_letter_length",
-        "provider_breaker_state",
-        "log_indexer_bulk_seconds_bucket",
-        "actor_restarts_total",
+        "comm_aggregator_communications_accepted_total",
+        "comm_aggregator_deliveries_total",
+        "comm_aggregator_http_request_duration_seconds_bucket",
+        "comm_aggregator_accept_to_sent_seconds_bucket",
+        "comm_aggregator_stream_length",
+        "comm_aggregator_stream_pending",
+        "comm_aggregator_dead_letter_length",
+        "comm_aggregator_provider_breaker_state",
+        "comm_aggregator_log_indexer_bulk_seconds_bucket",
+        "comm_aggregator_actor_restarts_total",
     ] {
         assert!(all.contains(m), "a panel over {m}");
     }

@@ -391,7 +391,10 @@ async fn lookups_and_unknown_routes_answer_in_the_error_shape() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("http_requests_total"), "{text}");
+    assert!(
+        text.contains("comm_aggregator_http_requests_total"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,9 +580,11 @@ async fn search_filters_full_text_pagination_and_counts_return_what_was_sent() {
     assert_eq!(s, 400);
 }
 
+/// The sum of the series starting with `name_and_labels` (the bare name, prefixed here).
 fn metric(text: &str, name_and_labels: &str) -> f64 {
+    let wanted = common::metric_name(name_and_labels);
     text.lines()
-        .filter(|l| l.starts_with(name_and_labels))
+        .filter(|l| l.starts_with(&wanted))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -619,8 +624,8 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
     );
     let after = eventually(WAIT, "the stream gauges and indexer histograms", || async {
         let m = scrape().await;
-        (m.contains("stream_length{stream=\"sms_stream\"}")
-            && metric(&m, "log_indexer_batch_docs_count") > 0.0
+        (m.contains("comm_aggregator_stream_length{stream=\"sms_stream\"}")
+            && metric(&m, "log_indexer_batch_documents_count") > 0.0
             && metric(&m, "stream_trimmed_total{stream=\"sms_stream\"}")
                 > metric(&before, "stream_trimmed_total{stream=\"sms_stream\"}"))
         .then_some(m)
@@ -632,7 +637,7 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
         "http_requests_total{route=\"/api/v1/communication\",status=\"200\"}",
         "accept_to_sent_seconds_count{channel=\"sms\"}",
         "provider_call_seconds_count{provider=\"twilio\"}",
-        "router_batch_size_count",
+        "router_batch_records_count",
         "delivery_receipts_total{service=\"twilio-callback\",status=\"delivered\"}",
         "stream_trimmed_total{stream=\"sms_stream\"}",
     ] {
@@ -649,7 +654,8 @@ async fn metrics_move_with_traffic_and_answers_carry_a_request_id() {
         "dead_letter_length{stream=\"sms_stream:dlq\"}",
         "http_request_duration_seconds_bucket",
     ] {
-        assert!(after.contains(present), "{present} missing from /metrics");
+        let present = common::metric_name(present);
+        assert!(after.contains(&present), "{present} missing from /metrics");
     }
 }
 

@@ -330,7 +330,7 @@ async fn a_sender_panic_is_restarted_and_its_message_delivered() {
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("actor_restarts_total{actor=\"sender-sms\"}")),
+            .any(|l| l.starts_with("comm_aggregator_actor_restarts_total{actor=\"sender-sms\"}")),
         "the supervisor restarted the sender:\n{metrics}"
     );
 }
@@ -549,7 +549,7 @@ async fn a_provider_outage_opens_the_breaker_the_backlog_waits_then_drains() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("provider_breaker_state{provider=\"twilio\"} 2"),
+        metrics.contains("comm_aggregator_provider_breaker_state{provider=\"twilio\"} 2"),
         "{metrics}"
     );
     // The backlog waits in the stream: attempts are not burnt while the breaker is open.

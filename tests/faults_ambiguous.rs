@@ -97,7 +97,7 @@ async fn duplicates_counted(svc: &Service, channel: &str, cause: &str) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.starts_with("possible_duplicate_sends_total{"))
+        .filter(|l| l.starts_with("comm_aggregator_possible_duplicate_sends_total{"))
         .filter(|l| {
             l.contains(&format!("channel=\"{channel}\""))
                 && l.contains(&format!("cause=\"{cause}\""))

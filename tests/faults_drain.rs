@@ -35,6 +35,7 @@ fn parking() -> Vec<(&'static str, toml::Value)> {
 /// when absent.
 async fn metric_at(url: &str, name: &str) -> Option<f64> {
     let text = get(url).await.ok()?.text().await.ok()?;
+    let name = common::metric_name(name);
     let values: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))

@@ -25,7 +25,7 @@ async fn duplicates_counted(svc: &Service) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .filter(|l| l.starts_with("possible_duplicate_sends_total{"))
+        .filter(|l| l.starts_with("comm_aggregator_possible_duplicate_sends_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()

@@ -459,7 +459,7 @@ async fn an_elasticsearch_outage_with_a_small_redis_never_stops_sending() {
         .unwrap();
     let overflowed: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("log_events_overflowed_total"))
+        .find(|l| l.starts_with("comm_aggregator_log_events_overflowed_total"))
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
         .unwrap_or(0.0);
     assert!(overflowed > 0.0, "the bound was reached and counted");

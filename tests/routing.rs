@@ -207,7 +207,7 @@ async fn a_timeout_at_twilio_fails_over_to_vonage_as_a_possible_duplicate() {
         .await
         .unwrap();
     let counted = metrics.lines().any(|l| {
-        l.starts_with("possible_duplicate_sends_total")
+        l.starts_with("comm_aggregator_possible_duplicate_sends_total")
             && l.contains("cause=\"timeout\"")
             && l.contains("channel=\"sms\"")
     });

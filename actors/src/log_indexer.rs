@@ -676,7 +676,7 @@ async fn send_bulk(a: &IndexerArgs, buf: &[Pending]) -> Settlement {
     if all_ops.is_empty() {
         return s;
     }
-    metrics::histogram!("log_indexer_batch_docs").record(all_ops.len() as f64);
+    metrics::histogram!("log_indexer_batch_documents").record(all_ops.len() as f64);
     match a.search.bulk(&all_ops).await {
         Ok(results) => {
             let (retry, rejected) = settle(&all_ops, &owner, &results, buf.len());

@@ -267,7 +267,7 @@ async fn flush(state: &mut ReceiptState, draining: bool) {
     if work.is_empty() && parked.is_empty() {
         return;
     }
-    metrics::histogram!("receipt_batch_size").record((work.len() + parked.len()) as f64);
+    metrics::histogram!("receipt_batch_records").record((work.len() + parked.len()) as f64);
     let updates: Vec<ReceiptUpdate> = work
         .iter()
         .map(|w| w.receipt.update.clone())

@@ -389,7 +389,7 @@ impl Writer {
     async fn write_batch(&self, batch: Vec<Waiting>) {
         let started = std::time::Instant::now();
         let records: Vec<Communication> = batch.iter().map(|w| w.record.clone()).collect();
-        metrics::histogram!("router_batch_size").record(records.len() as f64);
+        metrics::histogram!("router_batch_records").record(records.len() as f64);
         let mut voided = vec![false; batch.len()];
         let insert = self.store.insert_many(&records);
         let results = match self.race_deadlines(insert, &batch, &mut voided).await {

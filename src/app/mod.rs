@@ -3,6 +3,7 @@
 //! `shutdown` resolves. [`run`] is all `main` calls, and what the tests call in-process.
 
 mod children;
+mod metric_docs;
 mod parts;
 pub mod server;
 mod telemetry;

@@ -1,7 +1,16 @@
 //! The Prometheus recorder, installed once per process and shared by every [`super::run`].
+//! Every name the code emits gets [`METRIC_PREFIX`] here (the code writes the bare name), and
+//! every series its HELP text from [`super::metric_docs`].
 
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    BuildError, Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use metrics_util::layers::{Layer, PrefixLayer};
 use std::sync::Mutex;
+
+/// What every series on `/metrics` starts with: the layer joins it to the emitted name with
+/// `.`, which the exporter writes as `_` (`comm_aggregator_http_requests_total`).
+pub const METRIC_PREFIX: &str = "comm_aggregator";
 
 /// Histogram buckets by metric name suffix.
 const BUCKETS: [(&str, &[f64]); 3] = [
@@ -13,18 +22,22 @@ const BUCKETS: [(&str, &[f64]); 3] = [
         ],
     ),
     (
-        "_size",
+        "_records",
         &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
     ),
     (
-        "_docs",
+        "_documents",
         &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0],
     ),
 ];
 
 #[derive(Debug, thiserror::Error)]
-#[error("metrics: {0}")]
-pub struct MetricsError(#[from] BuildError);
+pub enum MetricsError {
+    #[error("metrics: {0}")]
+    Build(#[from] BuildError),
+    #[error("metrics: another recorder is already installed")]
+    AlreadyInstalled,
+}
 
 /// The process's Prometheus recorder: installed by the first call, the same handle after.
 pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
@@ -33,15 +46,20 @@ pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
     if let Some(h) = installed.as_ref() {
         return Ok(h.clone());
     }
-    let mut builder = PrometheusBuilder::new();
-    for (suffix, buckets) in BUCKETS {
-        builder = builder.set_buckets_for_metric(Matcher::Suffix(suffix.into()), buckets)?;
-    }
-    let handle = builder.install_recorder()?;
-    metrics::describe_counter!(
-        "lane_entries_delivered_total",
-        "Stream entries a consumer handed its sender, by channel and lane (high, normal, bulk)"
-    );
+    let recorder = build_recorder()?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(PrefixLayer::new(METRIC_PREFIX).layer(recorder))
+        .map_err(|_| MetricsError::AlreadyInstalled)?;
+    super::metric_docs::describe_all();
     *installed = Some(handle.clone());
     Ok(handle)
+}
+
+fn build_recorder() -> Result<PrometheusRecorder, BuildError> {
+    let mut builder = PrometheusBuilder::new();
+    for (suffix, buckets) in BUCKETS {
+        // The matcher sees the prefixed name; a suffix is the same either way.
+        builder = builder.set_buckets_for_metric(Matcher::Suffix(suffix.into()), buckets)?;
+    }
+    Ok(builder.build_recorder())
 }

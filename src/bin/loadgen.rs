@@ -94,7 +94,7 @@ fn buckets(text: &str, channel: &str) -> Vec<(f64, f64)> {
     let mut v: Vec<(f64, f64)> = text
         .lines()
         .filter(|l| {
-            l.starts_with("accept_to_sent_seconds_bucket")
+            l.starts_with("comm_aggregator_accept_to_sent_seconds_bucket")
                 && l.contains(&format!("channel=\"{channel}\""))
         })
         .filter_map(|l| {
@@ -187,7 +187,7 @@ impl Options {
     fn sent(&self, metrics: &str) -> f64 {
         metric_sum(
             metrics,
-            "deliveries_total",
+            "comm_aggregator_deliveries_total",
             &[&format!("channel=\"{}\"", self.kind), "outcome=\"sent\""],
         )
     }

@@ -545,13 +545,25 @@ impl MongoStore {
     }
 }
 
-/// Relaxed extended JSON writes dates as `{"$date": "..."}`; the API shows plain strings.
+/// A date as the API writes every date: RFC 3339 in UTC with exactly three fraction digits
+/// (`.120Z`, never the `.12Z` that BSON's own text gives for 120 ms), so dates compare as
+/// text and read the same in every answer.
+fn api_date(bson_text: &str) -> String {
+    match DateTime::parse_from_rfc3339(bson_text) {
+        Ok(t) => t
+            .with_timezone(&Utc)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        Err(_) => bson_text.to_string(),
+    }
+}
+
+/// `{"$date": "…"}` (relaxed extended JSON) replaced by the date's text, at any depth.
 fn flatten_dates(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(o) => {
             if o.len() == 1 {
                 if let Some(serde_json::Value::String(s)) = o.get("$date") {
-                    *v = serde_json::Value::String(s.clone());
+                    *v = serde_json::Value::String(api_date(s));
                     return;
                 }
             }
@@ -1373,6 +1385,17 @@ fn receipt_result(r: &ReceiptUpdate, docs: &[Document], stamp: &str) -> ReceiptR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every date of a record comes out with three fraction digits, at any depth.
+    #[test]
+    fn api_dates_have_three_fraction_digits() {
+        let at = |ms: i64| BsonDate::from_millis(1_764_331_200_000 + ms);
+        let d = doc! {"createdAt": at(120), "errors": [{"at": at(0)}], "sentAt": at(7)};
+        let v = MongoStore::to_api_json(&d);
+        assert_eq!(v["createdAt"], "2025-11-28T12:00:00.120Z");
+        assert_eq!(v["errors"][0]["at"], "2025-11-28T12:00:00.000Z");
+        assert_eq!(v["sentAt"], "2025-11-28T12:00:00.007Z");
+    }
 
     fn record(status: &str, attempts: i32, not_before: DateTime<Utc>) -> Document {
         doc! {

@@ -652,7 +652,9 @@ impl Service {
     }
 
     /// The sum of a metric's series (every label set) on `/metrics`; 0 when it has none.
+    /// `name` is the bare name the code emits; [`METRIC_PREFIX`] is added here.
     pub async fn metric_total(&self, name: &str) -> f64 {
+        let name = &metric_name(name);
         let text = get(self.url("/metrics"))
             .await
             .unwrap()
@@ -672,6 +674,18 @@ impl Service {
         let res = get(self.url(path)).await.unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// What every series on `/metrics` starts with (src/app/telemetry.rs).
+pub const METRIC_PREFIX: &str = "comm_aggregator_";
+
+/// The name `/metrics` shows for the bare name the code emits.
+pub fn metric_name(name: &str) -> String {
+    if name.starts_with(METRIC_PREFIX) {
+        name.to_string()
+    } else {
+        format!("{METRIC_PREFIX}{name}")
     }
 }
 

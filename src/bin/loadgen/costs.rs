@@ -166,7 +166,7 @@ impl Probe {
             es_indexed: stats["_all"]["primaries"]["indexing"]["index_total"]
                 .as_f64()
                 .unwrap_or(0.0),
-            es_bulks: metric_sum(&m, "log_indexer_bulk_seconds_count", &[]),
+            es_bulks: metric_sum(&m, "comm_aggregator_log_indexer_bulk_seconds_count", &[]),
             sent: opts.sent(&m),
             cpu: c
                 .pids
@@ -254,7 +254,7 @@ fn written(metrics: &str) -> BTreeMap<String, f64> {
     metrics
         .lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix("mongo_documents_written_total{op=\"")?;
+            let rest = l.strip_prefix("comm_aggregator_mongo_documents_written_total{op=\"")?;
             let (op, value) = rest.split_once("\"} ")?;
             Some((op.to_string(), value.trim().parse().ok()?))
         })
@@ -561,7 +561,7 @@ mod tests {
 
     #[test]
     fn written_documents_read_by_kind() {
-        let m = "# TYPE mongo_documents_written_total counter\nmongo_documents_written_total{op=\"insert\"} 20\nmongo_documents_written_total{op=\"outcome\"} 19\nother_total 3\n";
+        let m = "# TYPE comm_aggregator_mongo_documents_written_total counter\ncomm_aggregator_mongo_documents_written_total{op=\"insert\"} 20\ncomm_aggregator_mongo_documents_written_total{op=\"outcome\"} 19\nother_total 3\n";
         let w = written(m);
         assert_eq!(w.get("insert"), Some(&20.0));
         assert_eq!(w.get("outcome"), Some(&19.0));

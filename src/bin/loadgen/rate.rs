@@ -23,7 +23,7 @@ impl Timeline {
         self.sent.push(opts.sent(m));
         for line in m
             .lines()
-            .filter(|l| l.starts_with("store_concurrency_limit{"))
+            .filter(|l| l.starts_with("comm_aggregator_store_concurrency_limit{"))
         {
             let caller = line
                 .split("caller=\"")
@@ -53,10 +53,10 @@ impl Timeline {
         for (caller, v) in &self.limits {
             let min = v.iter().copied().fold(f64::INFINITY, f64::min);
             let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-            println!("store_concurrency_limit{{caller={caller}}} during the load: min {min:.2}, mean {mean:.2}, last {:.2}", v.last().copied().unwrap_or(0.0));
+            println!("comm_aggregator_store_concurrency_limit{{caller={caller}}} during the load: min {min:.2}, mean {mean:.2}, last {:.2}", v.last().copied().unwrap_or(0.0));
         }
         if self.limits.is_empty() {
-            println!("store_concurrency_limit: not reported (the limiter is off)");
+            println!("comm_aggregator_store_concurrency_limit: not reported (the limiter is off)");
         }
     }
 }
