@@ -4,7 +4,8 @@
 //! one batch of the backlog; within a lane, a second tenant's few messages reach the
 //! provider side by side, long before the first tenant's backlog of 1,000 is done; a
 //! priority other than high, normal or bulk is a 400 naming `priority` (on a send, a bulk
-//! send and a search); the record keeps its lane, and search finds it by `priority`. Orders are asserted, never times (the accept→provider time is printed).
+//! send and a search); the record keeps its lane, and search finds it by `priority`; a high
+//! entry in a consumer's hands when its process is killed (-9) is sent after the restart. Orders are asserted, never times (the accept→provider time is printed).
 
 mod common;
 
@@ -272,4 +273,60 @@ async fn a_priority_other_than_high_normal_bulk_is_a_400_naming_it() {
         (400, Some("priority")),
         "search → {answer}"
     );
+}
+
+/// XPENDING's count of `stream` in Redis database `db` of the shared stack (-1: no group).
+async fn pending_in(db: u8, stream: &str) -> i64 {
+    let (stack, _) = shared();
+    let url = format!("redis://127.0.0.1:{}/{db}", stack.redis_port);
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("comm-aggregator")
+        .query_async(&mut c)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_entry_pending_across_a_kill_9_is_sent_after_the_restart() {
+    let _one = one_at_a_time().await;
+    let (stack, _) = shared();
+    const DB: u8 = 9;
+    let env = common::fast_env(&[("CONSUMER_NAME", "lanes-restart")]);
+    let svc = common::start_isolated(DB, &env);
+    // Slow calls: the entry is read and in the sender's hands when the process dies.
+    set_fault(stack, json!({"provider": "twilio", "latency_ms": 800})).await;
+    let msg = unique("lanes-restart");
+    let mut body = common::sms(&msg);
+    body["priority"] = json!("high");
+    let (status, answer) = svc.post(body).await;
+    assert_eq!(status, 200, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_string();
+    eventually(WAIT, "the high entry read (pending)", || async {
+        (pending_in(DB, "{sms_stream}:high").await == 1).then_some(())
+    })
+    .await;
+    svc.proc.signal(libc::SIGKILL);
+    clear_faults(stack).await;
+    // The same consumer name: its own pending entries are read first.
+    let _again = common::start_isolated(DB, &env);
+    eventually(WAIT, "the high SMS sent after the restart", || async {
+        let r = stack.record(&id).await?;
+        (r.get_str("status").ok() == Some("sent")).then_some(())
+    })
+    .await;
+    eventually(WAIT, "nothing pending in the high lane", || async {
+        (pending_in(DB, "{sms_stream}:high").await == 0).then_some(())
+    })
+    .await;
+    assert!(bodies().await.contains(&msg), "the provider got it");
 }
