@@ -4,7 +4,7 @@
 //! for one record: `GET /communication/{id}`).
 //!
 //! Parameters: `q` (full text over the message), `type`, `status`, `to`, `from`,
-//! `since` / `until` (RFC 3339, on `createdAt`), `batchId` (a bulk send's), `page` (from 1), `size` (1-100). Newest
+//! `since` / `until` (RFC 3339, on `createdAt`), `batchId` (a bulk send's), `priority` (the lane), `page` (from 1), `size` (1-100). Newest
 //! first. The answer carries the page and the counts per status and per channel of
 //! everything that matched.
 
@@ -25,6 +25,7 @@ pub struct SearchParams {
     pub until: Option<String>,
     #[serde(rename = "batchId")]
     pub batch_id: Option<String>,
+    pub priority: Option<String>,
     pub page: Option<u32>,
     pub size: Option<u32>,
 }
@@ -49,7 +50,8 @@ impl SearchParams {
                 "page" | "size" => json!(v
                     .parse::<u32>()
                     .map_err(|_| QueryError::NotANumber(k.to_string()))?),
-                "q" | "type" | "status" | "to" | "from" | "since" | "until" | "batchId" => {
+                "q" | "type" | "status" | "to" | "from" | "since" | "until" | "batchId"
+                | "priority" => {
                     json!(v)
                 }
                 other => return Err(QueryError::Unknown(other.to_string())),
@@ -126,6 +128,15 @@ pub fn build_query(p: &SearchParams, tenant: &str) -> Result<(Value, u32, u32), 
     }
     if let Some(v) = &p.batch_id {
         filter.push(json!({"term": {"batchId": v}}));
+    }
+    if let Some(v) = &p.priority {
+        if actors::domain::Priority::parse(v).is_none() {
+            return Err(BadParam(
+                "priority",
+                "priority must be one of high, normal, bulk".into(),
+            ));
+        }
+        filter.push(json!({"term": {"priority": v}}));
     }
     let mut range = serde_json::Map::new();
     if let Some(v) = &p.since {
@@ -228,6 +239,7 @@ mod tests {
             since: Some("2026-11-01T00:00:00Z".into()),
             until: Some("2026-11-30T00:00:00+01:00".into()),
             batch_id: Some("0123456789abcdef01234567".into()),
+            priority: Some("bulk".into()),
             page: Some(3),
             size: Some(10),
         };
@@ -243,6 +255,7 @@ mod tests {
             "+15550001111",
             "2026-11-29T23:00:00+00:00",
             "\"batchId\":\"0123456789abcdef01234567\"",
+            "\"priority\":\"bulk\"",
         ] {
             assert!(f.contains(needle), "{needle} in {f}");
         }

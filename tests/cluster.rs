@@ -119,6 +119,32 @@ async fn the_pipeline_delivers_every_message_once_over_shards_on_several_masters
         let added = stream_field(&cluster, &s, "entries-added");
         assert!(added > 0, "{s} carried no entry (entries-added {added})");
     }
+    high_lane_on_a_cluster(&stack, &svc, &cluster).await;
+}
+
+/// The high lane shares its shard's slot, so the consumer reads the lanes in one
+/// XREADGROUP on a cluster too: high SMS are sent, through `sms_stream:high:{i}`.
+async fn high_lane_on_a_cluster(stack: &Stack, svc: &Service, cluster: &RedisCluster) {
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut body = sms(&unique(&format!("cluster-high-{i}")));
+        body["priority"] = serde_json::json!("high");
+        let (status, answer) = svc.post(body).await;
+        assert_eq!(status, 200, "{answer}");
+        ids.push(answer["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        eventually(BOOKS_WAIT, "a high SMS sent on a cluster", || async {
+            let r = stack.record(id).await?;
+            (r.get_str("status").ok() == Some("sent")).then_some(())
+        })
+        .await;
+    }
+    let added: i64 = (0..SHARDS)
+        .map(|i| format!("sms_stream:high:{{{i}}}"))
+        .map(|s| stream_field(cluster, &s, "entries-added").max(0))
+        .sum();
+    assert!(added >= 12, "the high lane streams carried {added} entries");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -260,6 +260,53 @@ impl TryFrom<Status> for EventStatus {
     }
 }
 
+/// A message's lane (`"priority"` on a send): each channel reads its high lane before its
+/// normal one before its bulk one. Normal is the default and keeps the seed's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Bulk,
+}
+
+impl Priority {
+    /// In reading order: high first, bulk last.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Bulk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Bulk => "bulk",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// Its place in [`Priority::ALL`] (0 is read first).
+    pub fn rank(self) -> usize {
+        self as usize
+    }
+}
+
+/// The request's `priority`: `default` when absent (or null), else one of `high`,
+/// `normal`, `bulk`; anything else is refused naming `priority`.
+pub fn priority_of(raw: &RawRequest, default: Priority) -> Result<Priority, ValidationError> {
+    match raw.priority.as_ref() {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(serde_json::Value::String(s)) => Priority::parse(s)
+            .ok_or_else(|| invalid("priority", "priority must be one of high, normal, bulk")),
+        Some(_) => Err(invalid(
+            "priority",
+            "priority must be one of high, normal, bulk",
+        )),
+    }
+}
+
 /// The body of `POST /api/v1/communication`, as received. Every field optional so that
 /// validation, not deserialization, names what is missing.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -274,6 +321,9 @@ pub struct RawRequest {
     /// `"sendAt": "<RFC 3339>"`: when to send (see [`send_at_of`]).
     #[serde(default, rename = "sendAt")]
     pub send_at: Option<serde_json::Value>,
+    /// `"priority": "high" | "normal" | "bulk"`: the lane it is read in (see [`Priority`]).
+    #[serde(default)]
+    pub priority: Option<serde_json::Value>,
 }
 
 /// How far ahead a message may be scheduled, and how late a `sendAt` may be and still
@@ -420,6 +470,7 @@ pub fn fallback_of(
             data: Some(serde_json::Value::Object(data)),
             fallback: None,
             send_at: None,
+            priority: None,
         },
     }))
 }
@@ -786,6 +837,8 @@ pub struct Communication {
     pub html: Option<String>,
     /// When to send it: set on a `scheduled` record.
     pub send_at: Option<DateTime<Utc>>,
+    /// Its lane: every entry for it goes to that lane's stream.
+    pub priority: Priority,
 }
 
 /// A template version a message was rendered from, and the locale variant used.
@@ -824,6 +877,7 @@ impl Communication {
             batch_id: None,
             send_at: None,
             html: None,
+            priority: Priority::Normal,
         }
     }
 
@@ -858,7 +912,11 @@ impl Communication {
             ("to", self.to.clone()),
             ("msg", self.msg.clone()),
             ("status", self.status.as_str().to_string()),
+            ("tenant", self.tenant.clone()),
         ];
+        if self.priority != Priority::Normal {
+            fields.push(("priority", self.priority.as_str().to_string()));
+        }
         if let Some(s) = &self.subject {
             fields.push(("subject", s.clone()));
         }
@@ -1072,6 +1130,9 @@ pub struct LogEvent {
     /// of the stream entry itself.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cursor: Option<String>,
+    /// The record's lane (searchable as `priority`); `None` on events from before lanes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub priority: Option<Priority>,
     /// The body was left out of the stream entry (longer than [`LOG_EVENT_BODY_MAX`]):
     /// the LogIndexer reads it from MongoDB.
     #[serde(skip)]
@@ -1108,6 +1169,7 @@ impl LogEvent {
             provider_message_id: None,
             batch_id: rec.batch_id.clone(),
             cursor: None,
+            priority: Some(rec.priority),
             msg_omitted: false,
         }
     }
@@ -1224,6 +1286,9 @@ impl LogEvent {
         if let Some(b) = &self.batch_id {
             f.push(("batchId", b.clone()));
         }
+        if let Some(p) = self.priority {
+            f.push(("priority", p.as_str().to_string()));
+        }
         if omit {
             f.push(("msgOmitted", "1".to_string()));
         }
@@ -1259,6 +1324,7 @@ impl LogEvent {
             provider_message_id: e.field("providerMessageId").map(str::to_string),
             batch_id: e.field("batchId").map(str::to_string),
             cursor: None,
+            priority: e.field("priority").and_then(Priority::parse),
             msg_omitted: e.field("msgOmitted") == Some("1"),
         })
     }

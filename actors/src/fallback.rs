@@ -87,6 +87,7 @@ async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), DueError> {
         batch_id: None,
         send_at: None,
         html: None,
+        priority: d.priority,
     };
     let deadline = tokio::time::Instant::now() + a.deadline;
     let accepted = a

@@ -37,7 +37,8 @@
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
 //! - [`stats`]: StatsActor, stream trimming and gauges.
 //! - [`audit`]: AuditActor, security events into their own index.
-//! - [`shards`]: the names of each channel's stream shards and which one a record goes to.
+//! - [`shards`]: the names of each channel's stream shards and lanes, and which one a
+//!   record goes to; [`lanes`]: the lane order and the round-robin by tenant (pure).
 //! - [`domain`]: pure data and rules — channels, validation, records, outcomes, log
 //!   events ([`domain::EventStatus`]).
 //! - [`ports`]: the traits the actors need (`Store`, `Queue`, `SearchSink`, `Provider`) and
@@ -61,6 +62,7 @@ pub mod due;
 pub mod event_fanout;
 pub mod fallback;
 pub mod health;
+pub mod lanes;
 pub mod limited_store;
 pub mod log_indexer;
 pub mod ports;

@@ -453,6 +453,8 @@ struct CommunicationDoc<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<&'a str>,
 }
 
@@ -474,6 +476,7 @@ impl<'a> CommunicationDoc<'a> {
             provider: ev.provider.as_deref(),
             provider_message_id: ev.provider_message_id.as_deref(),
             batch_id: ev.batch_id.as_deref(),
+            priority: ev.priority.map(crate::domain::Priority::as_str),
             last_error: ev.error.as_deref(),
         }
     }
@@ -772,6 +775,9 @@ mod tests {
         }
         if let Some(b) = &ev.batch_id {
             current["batchId"] = json!(b);
+        }
+        if let Some(p) = ev.priority {
+            current["priority"] = json!(p.as_str());
         }
         if let Some(e) = &ev.error {
             current["lastError"] = json!(e);

@@ -203,6 +203,8 @@ pub enum FailResult {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SweepScope {
     pub channel: crate::domain::Channel,
+    /// The lane: its streams are done with up to `acked_up_to`.
+    pub priority: crate::domain::Priority,
     /// `None`: every entry of the stream is read and acknowledged. Otherwise entries
     /// appended after this time may still wait unread or in a consumer's hands: a record
     /// queued after it needs no second entry.
@@ -329,6 +331,18 @@ pub trait Queue: Send + Sync + 'static {
         count: usize,
         block: Duration,
     ) -> Result<Vec<StreamEntry>, DependencyError>;
+
+    /// One read over several streams (a channel's lanes, which share a slot): each from its
+    /// own position, at most `count` entries from each, in the order given. It blocks (up
+    /// to `block`) only when every position is [`ReadFrom::New`] and nothing is there.
+    async fn read_lanes(
+        &self,
+        reads: &[(&str, ReadFrom)],
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Vec<StreamEntry>>, DependencyError>;
 
     async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError>;
 
@@ -602,6 +616,8 @@ pub struct DueFallback {
     pub tenant: String,
     pub status: crate::domain::Status,
     pub fallback: crate::domain::Fallback,
+    /// The first message's lane: its fallback goes in the same one.
+    pub priority: crate::domain::Priority,
 }
 
 /// Where the FallbackActor finds records whose fallback is due (MongoDB's

@@ -5,8 +5,8 @@
 //! is stored, or 503 at the request's deadline).
 //! Talks to: MongoDB (one `insert_many` per batch; a read-back by `_id` after an ambiguous
 //! insert; `void` for records whose callers were already answered), Redis (one pipeline
-//! per batch: the `queued` log event to `log_stream`, the entry to `{type}_stream`, or to
-//! the shard of it the record's id picks).
+//! per batch: the `queued` log event to `log_stream`, the entry to the record's lane of
+//! `{type}_stream`, in the shard its id picks).
 //! On failure: a batch already handed to its writer task finishes and answers its callers;
 //! requests still in the mailbox are dropped unanswered, so their callers get 503 and
 //! nothing was stored for them. A request is answered `queued` only after MongoDB has it;
@@ -78,6 +78,8 @@ pub struct Submission {
     pub html: Option<String>,
     /// When to send it, if later than now: stored `scheduled`, on no stream until then.
     pub send_at: Option<chrono::DateTime<Utc>>,
+    /// Its lane (`high`, `normal`, `bulk`).
+    pub priority: crate::domain::Priority,
 }
 
 /// A submission on its way to the store, with who waits for it and until when.
@@ -316,6 +318,7 @@ async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending)
     record.template = p.submission.template;
     record.batch_id = p.submission.batch_id;
     record.html = p.submission.html;
+    record.priority = p.submission.priority;
     let waiting = Waiting {
         record,
         reply: p.reply,
@@ -553,7 +556,10 @@ pub fn queue_entries(
     let event = LogEvent::for_record(rec, service, EventStatus::Queued, 0, now);
     [
         (LOG_STREAM, event.to_fields()),
-        (shards.for_record(rec.channel, &rec.id), rec.stream_fields()),
+        (
+            shards.for_record(rec.channel, rec.priority, &rec.id),
+            rec.stream_fields(),
+        ),
     ]
 }
 
@@ -664,6 +670,7 @@ mod tests {
             fallback_of: None,
             send_at: None,
             template: None,
+            priority: Default::default(),
             html: None,
         }
     }

@@ -4,11 +4,21 @@
 //! `{type}_stream:{N-1}`, the shard number in a hash tag, so that each shard (and its
 //! dead-letter stream `…:{i}:dlq`) lives in its own slot. A record always goes to the
 //! shard its id hashes to; every shard has its own reader.
+//!
+//! Lanes: a record's `priority` picks the lane. Normal keeps the names above (so nothing
+//! queued before lanes is stranded); high and bulk have their own streams beside each:
+//! `{sms_stream}:high` and `{sms_stream}:bulk` with one shard (the hash tag puts them in
+//! `sms_stream`'s slot), `sms_stream:high:{i}` and `sms_stream:bulk:{i}` in shard `i`'s.
+//! So the three lanes of a shard (and their `…:dlq`) share a slot, and one XREADGROUP
+//! reads them together, even on a Redis Cluster.
 
-use crate::domain::Channel;
+use crate::domain::{Channel, Priority};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
+
+/// The stream names made so far, by channel, lane and shard.
+type Names = HashMap<(Channel, Priority, u32), &'static str>;
 
 /// How many streams each channel's is split into (at least one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,25 +41,51 @@ impl StreamShards {
         self.0
     }
 
-    /// Shard `i`'s stream of `channel` (names are made once and kept for the process's
-    /// life: there are at most a few hundred).
+    /// Shard `i`'s normal-lane stream of `channel`.
     pub fn stream(self, channel: Channel, i: u32) -> &'static str {
-        if self.0 == 1 {
+        self.lane_stream(channel, Priority::Normal, i)
+    }
+
+    /// Shard `i`'s stream of `channel`'s `lane` (names are made once and kept for the
+    /// process's life: there are at most a few hundred).
+    pub fn lane_stream(self, channel: Channel, lane: Priority, i: u32) -> &'static str {
+        if self.0 == 1 && lane == Priority::Normal {
             return channel.stream();
         }
-        static NAMES: OnceLock<Mutex<HashMap<(Channel, u32), &'static str>>> = OnceLock::new();
+        static NAMES: OnceLock<Mutex<Names>> = OnceLock::new();
         let mut names = NAMES
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        names
-            .entry((channel, i))
-            .or_insert_with(|| Box::leak(format!("{}:{{{i}}}", channel.stream()).into_boxed_str()))
+        names.entry((channel, lane, i)).or_insert_with(|| {
+            let base = channel.stream();
+            let name = match (self.0, lane) {
+                (1, lane) => format!("{{{base}}}:{}", lane.as_str()),
+                (_, Priority::Normal) => format!("{base}:{{{i}}}"),
+                (_, lane) => format!("{base}:{}:{{{i}}}", lane.as_str()),
+            };
+            Box::leak(name.into_boxed_str())
+        })
     }
 
-    /// Every shard's stream of `channel`, in shard order.
+    /// Shard `i`'s lanes of `channel`, in reading order (high, normal, bulk).
+    pub fn lanes(self, channel: Channel, i: u32) -> [(Priority, &'static str); 3] {
+        Priority::ALL.map(|lane| (lane, self.lane_stream(channel, lane, i)))
+    }
+
+    /// Every shard's stream of `channel`'s `lane`, in shard order.
+    pub fn lane_streams(self, channel: Channel, lane: Priority) -> Vec<&'static str> {
+        (0..self.0)
+            .map(|i| self.lane_stream(channel, lane, i))
+            .collect()
+    }
+
+    /// Every stream of `channel`: each lane of each shard.
     pub fn streams(self, channel: Channel) -> Vec<&'static str> {
-        (0..self.0).map(|i| self.stream(channel, i)).collect()
+        Priority::ALL
+            .into_iter()
+            .flat_map(|lane| self.lane_streams(channel, lane))
+            .collect()
     }
 
     /// Every stream of every channel.
@@ -60,16 +96,13 @@ impl StreamShards {
             .collect()
     }
 
-    /// The stream of the shard that the record `id` hashes to (FNV-1a, so the same in
-    /// every process).
-    pub fn for_record(self, channel: Channel, id: &str) -> &'static str {
-        if self.0 == 1 {
-            return channel.stream();
-        }
+    /// The stream of `lane` in the shard that the record `id` hashes to (FNV-1a, so the
+    /// same in every process).
+    pub fn for_record(self, channel: Channel, lane: Priority, id: &str) -> &'static str {
         let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-        self.stream(channel, (hash % u64::from(self.0)) as u32)
+        self.lane_stream(channel, lane, (hash % u64::from(self.0)) as u32)
     }
 }
 
@@ -87,8 +120,14 @@ mod tests {
     #[test]
     fn one_shard_keeps_the_seed_names() {
         let one = StreamShards::ONE;
-        assert_eq!(one.streams(Channel::Sms), ["sms_stream"]);
-        assert_eq!(one.for_record(Channel::Email, "abc"), "email_stream");
+        assert_eq!(
+            one.lane_streams(Channel::Sms, Priority::Normal),
+            ["sms_stream"]
+        );
+        assert_eq!(
+            one.for_record(Channel::Email, Priority::Normal, "abc"),
+            "email_stream"
+        );
         assert_eq!(StreamShards::new(0), one);
     }
 
@@ -96,19 +135,54 @@ mod tests {
     fn shards_carry_their_number_in_a_hash_tag_and_records_spread() {
         let three = StreamShards::new(3);
         assert_eq!(
-            three.streams(Channel::Sms),
+            three.lane_streams(Channel::Sms, Priority::Normal),
             ["sms_stream:{0}", "sms_stream:{1}", "sms_stream:{2}"]
         );
-        assert_eq!(three.all().len(), 9);
+        assert_eq!(three.all().len(), 27);
         let mut per_shard: HashMap<&str, usize> = HashMap::new();
         for n in 0..300 {
             let id = format!("65f0c0de00000000{n:08x}");
-            let s = three.for_record(Channel::Sms, &id);
-            assert_eq!(s, three.for_record(Channel::Sms, &id), "stable");
+            let s = three.for_record(Channel::Sms, Priority::Normal, &id);
+            assert_eq!(
+                s,
+                three.for_record(Channel::Sms, Priority::Normal, &id),
+                "stable"
+            );
             *per_shard.entry(s).or_default() += 1;
         }
         assert_eq!(per_shard.len(), 3);
         assert!(per_shard.values().all(|n| *n > 50), "{per_shard:?}");
+    }
+
+    #[test]
+    fn lanes_have_their_own_streams_in_the_slot_of_their_shard() {
+        let one = StreamShards::ONE;
+        assert_eq!(
+            one.lanes(Channel::Sms, 0),
+            [
+                (Priority::High, "{sms_stream}:high"),
+                (Priority::Normal, "sms_stream"),
+                (Priority::Bulk, "{sms_stream}:bulk"),
+            ]
+        );
+        assert_eq!(one.all().len(), 9);
+        let two = StreamShards::new(2);
+        assert_eq!(
+            two.lanes(Channel::Email, 1).map(|(_, s)| s),
+            [
+                "email_stream:high:{1}",
+                "email_stream:{1}",
+                "email_stream:bulk:{1}"
+            ]
+        );
+        let id = "65f0c0de0000000000000001";
+        let high = two.for_record(Channel::Email, Priority::High, id);
+        let normal = two.for_record(Channel::Email, Priority::Normal, id);
+        assert_eq!(
+            high.rsplit(':').next(),
+            normal.rsplit(':').next(),
+            "same shard"
+        );
     }
 
     #[test]

@@ -1,22 +1,27 @@
-//! StreamConsumer (one per channel and stream shard): reads `{type}_stream` (or one shard
-//! of it, `{type}_stream:{i}`) through a Redis consumer group and hands batches to the
-//! channel's SenderActor.
+//! StreamConsumer (one per channel and stream shard): reads the shard's three lanes,
+//! `{sms_stream}:high`, `sms_stream` and `{sms_stream}:bulk` (or `…:{i}` of each shard),
+//! through a Redis consumer group, and hands batches to the channel's SenderActor.
 //!
-//! Owns: a dedicated Redis connection (its blocking reads hold no one else up) and its read
-//! position: first its own pending entries (`0`), then new ones (`>`), with a periodic
-//! XAUTOCLAIM of entries left idle by dead consumers.
+//! Owns: a dedicated Redis connection (its blocking reads hold no one else up), each
+//! lane's read position: first its own pending entries (`0`), then new ones (`>`), with a
+//! periodic XAUTOCLAIM of entries left idle by dead consumers, and each lane's entries
+//! read ahead (see [`crate::lanes`]): one XREADGROUP reads the lanes together (blocking
+//! only when every lane is empty); the high lane's entries go first, then the normal
+//! lane's, then the bulk lane's in small batches, round-robin by tenant within a lane.
 //! Talks to it: itself (`Poll`); the supervisor starts and stops it.
 //! Talks to: the SenderActor, looked up by name for every batch, so a restarted sender is
 //! found and no stale reference is kept.
 //! On failure: it acknowledges an entry only after the sender reported its outcome
-//! recorded, so a crash leaves every unfinished entry pending in the group; the restarted
-//! consumer (same name) reads them again first. A failed read waits by the crate's
-//! [`Backoff`] (100 ms doubling to 5 s) and starts again from its
-//! own pending entries; a missing group (Redis restarted empty) is made again.
+//! recorded, so a crash leaves every unfinished entry (those read ahead too) pending in
+//! the group; the restarted consumer (same name) reads them again first. A failed read
+//! waits by the crate's [`Backoff`] (100 ms doubling to 5 s), forgets what it read ahead
+//! and starts again from its own pending entries; a missing group (Redis restarted
+//! empty) is made again.
 
 use crate::backoff::{Backoff, Delays};
-use crate::domain::{Channel, EventStatus, LogEvent, StreamEntry, LOG_STREAM};
+use crate::domain::{Channel, EventStatus, LogEvent, Priority, StreamEntry, LOG_STREAM};
 use crate::health::Permit;
+use crate::lanes::LaneBuffers;
 use crate::ports::{DependencyError, FailResult, Queue, ReadFrom, Store};
 use crate::routing::Routes;
 use crate::sender::{self, SenderMsg};
@@ -45,12 +50,17 @@ pub enum ConsumerMsg {
 #[derive(Clone)]
 pub struct ConsumerArgs {
     pub channel: Channel,
-    /// The stream (shard) read: `{type}_stream`, or `{type}_stream:{i}`.
-    pub stream: &'static str,
+    /// The shard's lanes, in reading order (`StreamShards::lanes`).
+    pub lanes: [(Priority, &'static str); 3],
     pub queue: Arc<dyn Queue>,
     pub group: String,
     pub consumer: String,
+    /// Entries in a batch to the sender.
     pub count: usize,
+    /// Entries in a batch from the bulk lane (at most `count`).
+    pub bulk_count: usize,
+    /// Entries read ahead per lane, at most: the round-robin by tenant chooses among them.
+    pub window: usize,
     pub block: Duration,
     /// Entries idle this long in any consumer's pending list are taken over.
     pub claim_idle: Duration,
@@ -65,18 +75,45 @@ pub struct ConsumerArgs {
     pub routes: Arc<Routes>,
 }
 
-pub struct ConsumerState {
-    args: ConsumerArgs,
+impl ConsumerArgs {
+    /// The normal lane's stream (the seed's name), which names this consumer in logs.
+    fn stream(&self) -> &'static str {
+        self.lane_stream(Priority::Normal)
+    }
+
+    fn lane_stream(&self, lane: Priority) -> &'static str {
+        self.lanes[lane.rank()].1
+    }
+}
+
+/// Where one lane is read from next.
+struct LaneRead {
     from: ReadFrom,
-    last_autoclaim: Instant,
     /// Where the next XAUTOCLAIM starts in the group's pending list (`0-0`: the start).
     autoclaim_cursor: String,
+}
+
+impl LaneRead {
+    fn start() -> LaneRead {
+        LaneRead {
+            from: ReadFrom::OwnPending("0".into()),
+            autoclaim_cursor: "0-0".into(),
+        }
+    }
+}
+
+pub struct ConsumerState {
+    args: ConsumerArgs,
+    reads: [LaneRead; 3],
+    last_autoclaim: Instant,
     /// Waits after failed reads, reset by a good one.
     read_errors: Delays,
     group_ready: bool,
+    /// Entries read and not yet handed to the sender, per lane (pending in the group).
+    ahead: LaneBuffers,
     /// Entries the sender could not take because a dependency failed: offered again from
     /// memory (not re-read, so an outage does not count as a failed delivery).
-    held: Vec<StreamEntry>,
+    held: Vec<(Priority, StreamEntry)>,
 }
 
 pub struct StreamConsumer;
@@ -93,11 +130,11 @@ impl Actor for StreamConsumer {
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_message(ConsumerMsg::Poll)?;
         Ok(ConsumerState {
-            from: ReadFrom::OwnPending("0".into()),
+            reads: [LaneRead::start(), LaneRead::start(), LaneRead::start()],
             last_autoclaim: Instant::now(),
-            autoclaim_cursor: "0-0".into(),
             read_errors: READ_BACKOFF.delays(),
             group_ready: false,
+            ahead: LaneBuffers::default(),
             held: Vec::new(),
             args,
         })
@@ -112,16 +149,20 @@ impl Actor for StreamConsumer {
         match msg {
             ConsumerMsg::Poll => {
                 if let Err(err) = poll_once(state).await {
-                    metrics::counter!("stream_read_errors_total", "stream" => state.args.stream)
-                        .increment(1);
+                    let stream = state.args.stream();
+                    metrics::counter!("stream_read_errors_total", "stream" => stream).increment(1);
                     let backoff = state.read_errors.next_delay();
-                    tracing::warn!(error = %err, stream = state.args.stream, ?backoff, "stream read failed");
+                    tracing::warn!(error = %err, stream, ?backoff, "stream read failed");
                     if err.kind == crate::ports::ErrorKind::MissingGroup {
                         // The stream or group vanished (Redis restarted empty): make it again;
                         // the outbox sweep re-queues what the lost entries carried.
                         state.group_ready = false;
                     }
-                    state.from = ReadFrom::OwnPending("0".into());
+                    // What was read ahead is still pending to us: read again from there.
+                    state.ahead = LaneBuffers::default();
+                    for r in &mut state.reads {
+                        r.from = ReadFrom::OwnPending("0".into());
+                    }
                     myself.send_after(backoff, || ConsumerMsg::Poll);
                 } else {
                     state.read_errors.reset();
@@ -134,13 +175,14 @@ impl Actor for StreamConsumer {
 }
 
 async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
-    let stream = state.args.stream;
     if !state.group_ready {
-        state
-            .args
-            .queue
-            .ensure_group(stream, &state.args.group)
-            .await?;
+        for (_, stream) in state.args.lanes {
+            state
+                .args
+                .queue
+                .ensure_group(stream, &state.args.group)
+                .await?;
+        }
         state.group_ready = true;
     }
     let permit = state.args.routes.permit();
@@ -154,52 +196,94 @@ async fn poll_once(state: &mut ConsumerState) -> Result<(), DependencyError> {
     };
     if !state.held.is_empty() {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut held = std::mem::take(&mut state.held);
-        if held.len() > count {
-            state.held = held.split_off(count);
-        }
-        return deliver(state, held).await;
+        return deliver_held(state, count).await;
     }
     let probing = permit == Permit::Probe;
     if !probing && state.last_autoclaim.elapsed() >= state.args.claim_idle / 2 {
-        return autoclaim_round(state, stream, count).await;
+        return autoclaim_round(state, count).await;
     }
-    let a = &state.args;
-    let entries = a
-        .queue
-        .read_group(
-            stream,
-            &a.group,
-            &a.consumer,
-            state.from.clone(),
-            count,
-            a.block,
-        )
-        .await?;
-    if let ReadFrom::OwnPending(_) = state.from {
-        // Page through our pending list once, then switch to new entries.
-        state.from = match entries.last() {
-            Some(last) => ReadFrom::OwnPending(last.id.clone()),
-            None => ReadFrom::New,
-        };
+    read_ahead(state).await?;
+    let bulk_count = if probing { 1 } else { state.args.bulk_count };
+    // Nothing to probe with: the probe was not taken (the sender takes it with its
+    // call), so the next poll may try again.
+    match state.ahead.next_batch(count, bulk_count) {
+        Some((lane, batch)) => deliver(state, lane, batch).await,
+        None => Ok(()),
     }
-    if entries.is_empty() {
-        // Nothing to probe with: the probe was not taken (the sender takes it with its
-        // call), so the next poll may try again.
-        return Ok(());
-    }
-    deliver(state, entries).await
 }
 
-/// Dead-letter what is over its deliveries, then take over a page of entries idle in any
-/// consumer's pending list and deliver them one at a time.
-async fn autoclaim_round(
+/// Held entries of the highest lane holding any, up to `count`, offered again.
+async fn deliver_held(state: &mut ConsumerState, count: usize) -> Result<(), DependencyError> {
+    let lane = state
+        .held
+        .iter()
+        .map(|(l, _)| *l)
+        .min_by_key(|l| l.rank())
+        .unwrap_or_default();
+    let (mut batch, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut state.held)
+        .into_iter()
+        .partition(|(l, _)| *l == lane);
+    state.held = rest;
+    if batch.len() > count {
+        state.held.extend(batch.split_off(count));
+    }
+    deliver(state, lane, batch.into_iter().map(|(_, e)| e).collect()).await
+}
+
+/// One XREADGROUP over the lanes worth reading (see [`LaneBuffers::to_read`]): blocking
+/// only when nothing is read ahead, each lane from its own position.
+async fn read_ahead(state: &mut ConsumerState) -> Result<(), DependencyError> {
+    let a = &state.args;
+    let lanes = state.ahead.to_read(a.window);
+    let Some(last) = lanes.last() else {
+        return Ok(());
+    };
+    let count = a.window.saturating_sub(state.ahead.len(*last)).max(1);
+    let reads: Vec<(&str, ReadFrom)> = lanes
+        .iter()
+        .map(|l| (a.lane_stream(*l), state.reads[l.rank()].from.clone()))
+        .collect();
+    let block = if state.ahead.is_empty() {
+        a.block
+    } else {
+        Duration::from_millis(1)
+    };
+    let got = a
+        .queue
+        .read_lanes(&reads, &a.group, &a.consumer, count, block)
+        .await?;
+    for (lane, entries) in lanes.into_iter().zip(got) {
+        let read = &mut state.reads[lane.rank()];
+        if let ReadFrom::OwnPending(_) = read.from {
+            // Page through our pending list once, then switch to new entries.
+            read.from = match entries.last() {
+                Some(last) => ReadFrom::OwnPending(last.id.clone()),
+                None => ReadFrom::New,
+            };
+        }
+        let buffer = state.ahead.lane(lane);
+        entries.into_iter().for_each(|e| buffer.push(e));
+    }
+    Ok(())
+}
+
+/// Each lane in turn: dead-letter what is over its deliveries, then take over a page of
+/// entries idle in any consumer's pending list and deliver them one at a time.
+async fn autoclaim_round(state: &mut ConsumerState, count: usize) -> Result<(), DependencyError> {
+    state.last_autoclaim = Instant::now();
+    for lane in Priority::ALL {
+        autoclaim_lane(state, lane, count).await?;
+    }
+    Ok(())
+}
+
+async fn autoclaim_lane(
     state: &mut ConsumerState,
-    stream: &'static str,
+    lane: Priority,
     count: usize,
 ) -> Result<(), DependencyError> {
-    state.last_autoclaim = Instant::now();
-    dead_letter(state).await?;
+    let stream = state.args.lane_stream(lane);
+    dead_letter(state, stream).await?;
     let a = &state.args;
     let (next, taken) = a
         .queue
@@ -208,13 +292,17 @@ async fn autoclaim_round(
             &a.group,
             &a.consumer,
             a.claim_idle,
-            &state.autoclaim_cursor,
+            &state.reads[lane.rank()].autoclaim_cursor,
             count,
         )
         .await?;
     // Page on through the pending list next time, so that idle entries behind many
     // live ones are reached too; `0-0` once the whole list was looked at.
-    state.autoclaim_cursor = next;
+    state.reads[lane.rank()].autoclaim_cursor = next;
+    // Our own entries read ahead that waited behind a busy higher lane this long go now,
+    // from here (the lanes' order yields to them: no entry waits much past `claim_idle`).
+    let ids: Vec<&str> = taken.iter().map(|e| e.id.as_str()).collect();
+    state.ahead.forget(&ids);
     if !taken.is_empty() {
         tracing::info!(stream, n = taken.len(), "took over idle entries");
         metrics::counter!("stream_autoclaimed_total", "stream" => stream)
@@ -225,8 +313,8 @@ async fn autoclaim_round(
     // those not yet offered are held and offered again.
     let mut taken = taken.into_iter();
     while let Some(e) = taken.next() {
-        if let Err(err) = deliver(state, vec![e]).await {
-            state.held.extend(taken);
+        if let Err(err) = deliver(state, lane, vec![e]).await {
+            state.held.extend(taken.map(|e| (lane, e)));
             return Err(err);
         }
     }
@@ -237,9 +325,11 @@ async fn autoclaim_round(
 /// with the reason, their records marked `failed` (with a `failed` log event, so search
 /// follows), then acknowledged. An entry whose record another worker holds the lease of is
 /// left pending: that worker records the outcome.
-async fn dead_letter(state: &mut ConsumerState) -> Result<(), DependencyError> {
+async fn dead_letter(
+    state: &mut ConsumerState,
+    stream: &'static str,
+) -> Result<(), DependencyError> {
     let a = &state.args;
-    let stream = a.stream;
     let over: Vec<(String, u64)> = a
         .queue
         .pending_deliveries(stream, &a.group, a.claim_idle, a.count)
@@ -323,10 +413,11 @@ async fn failed_event(
 
 async fn deliver(
     state: &mut ConsumerState,
+    lane: Priority,
     entries: Vec<StreamEntry>,
 ) -> Result<(), DependencyError> {
     let a = &state.args;
-    let stream = a.stream;
+    let stream = a.lane_stream(lane);
     let Some(sender) = ActorRef::<SenderMsg>::where_is(sender::name(a.channel)) else {
         // The sender is being restarted (perhaps by one of these entries): they stay
         // pending and are taken over one at a time when idle, so a poison entry is found.
@@ -353,15 +444,20 @@ async fn deliver(
             return Ok(());
         }
     };
+    metrics::counter!("lane_entries_delivered_total", "channel" => a.channel.as_str(), "lane" => lane.as_str())
+        .increment(n as u64);
     if !report.ack.is_empty() {
         a.queue.ack(stream, &a.group, &report.ack).await?;
     }
     if !report.retry.is_empty() {
         // Added to what is held already (other batches' entries, the rest of the held
         // list offered in parts): none is dropped.
-        state
-            .held
-            .extend(entries.into_iter().filter(|e| report.retry.contains(&e.id)));
+        state.held.extend(
+            entries
+                .into_iter()
+                .filter(|e| report.retry.contains(&e.id))
+                .map(|e| (lane, e)),
+        );
     }
     Ok(())
 }
@@ -415,11 +511,12 @@ mod tests {
         let q = MemoryQueue::new();
         let batches = start(ch, &q, "c3").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 1);
+        // One group per lane.
+        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 3);
         // Redis restarted empty: the stream and its group are gone.
         q.flush_all();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 2);
+        assert_eq!(q.script().count(QueueMethod::EnsureGroup), 6);
         append(&q, ch, 1..=1).await;
         assert_eq!(batches_after(&batches, 1).await, [["1-0"]]);
     }

@@ -4,10 +4,13 @@
 //!
 //! Owns: nothing but its timer; MongoDB holds all the state (`nextAttemptAt`).
 //! Talks to it: itself (`Tick`); the supervisor starts and stops it.
-//! Talks to: MongoDB (`take_due`), Redis (XADD to `{type}_stream`, or the shard of it the
-//! record's id picks, as the router does).
+//! Talks to: MongoDB (`take_due`), Redis (XADD to the record's lane of `{type}_stream`, in
+//! the shard its id picks, as the router does).
 //! On failure: records it took are due again after `recheck`, so a crash loses nothing; an
 //! entry appended twice is harmless, since a worker claims a record before sending it.
+//!
+//! Each lane (high, normal, bulk) is looked at on its own, so a backlog in one lane holds
+//! back only that lane's records.
 //!
 //! A record is left alone while its last entry may still be waiting: it was queued (at
 //! its creation, or by this sweeper, noted in MongoDB) after the time up to which the
@@ -18,7 +21,7 @@
 //! at once and waits only for the entries ahead of it. No `XINFO GROUPS` `lag`, which
 //! Redis before 7.0 lacks.
 
-use crate::domain::Channel;
+use crate::domain::{Channel, Priority};
 use crate::ports::{DependencyError, Queue, Store, SweepScope};
 use crate::shards::{earliest_acked, StreamShards};
 use chrono::Utc;
@@ -92,7 +95,10 @@ impl Actor for OutboxSweeper {
             Ok(records) if !records.is_empty() => {
                 let entries: Vec<(&str, Vec<(&str, String)>)> = records
                     .iter()
-                    .map(|r| (a.shards.for_record(r.channel, &r.id), r.stream_fields()))
+                    .map(|r| {
+                        let stream = a.shards.for_record(r.channel, r.priority, &r.id);
+                        (stream, r.stream_fields())
+                    })
                     .collect();
                 match a.queue.append(&entries).await {
                     Ok(_) => {
@@ -115,18 +121,22 @@ impl Actor for OutboxSweeper {
     }
 }
 
-/// How far each channel's streams are done with (the earliest of its shards).
+/// How far each channel's lanes are done with (each lane the earliest of its shards): a
+/// bulk backlog holds back only bulk records, never a high one's retry.
 async fn scopes(a: &SweeperArgs) -> Result<Vec<SweepScope>, DependencyError> {
     let mut scopes = Vec::new();
     for channel in Channel::ALL {
-        let mut per_shard = Vec::new();
-        for stream in a.shards.streams(channel) {
-            per_shard.push(a.queue.acked_up_to(stream, &a.group).await?);
+        for priority in Priority::ALL {
+            let mut per_shard = Vec::new();
+            for stream in a.shards.lane_streams(channel, priority) {
+                per_shard.push(a.queue.acked_up_to(stream, &a.group).await?);
+            }
+            scopes.push(SweepScope {
+                channel,
+                priority,
+                acked_up_to: earliest_acked(&per_shard).map(|t| t - QUEUE_GAP),
+            });
         }
-        scopes.push(SweepScope {
-            channel,
-            acked_up_to: earliest_acked(&per_shard).map(|t| t - QUEUE_GAP),
-        });
     }
     Ok(scopes)
 }

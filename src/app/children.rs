@@ -240,11 +240,18 @@ fn sender_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel) -> ChildSpec
 fn consumer_spec(cfg: &Config, parts: &Parts, p: &Ports, ch: Channel, shard: u32) -> ChildSpec {
     let args = ConsumerArgs {
         channel: ch,
-        stream: shards(cfg).stream(ch, shard),
+        lanes: shards(cfg).lanes(ch, shard),
         queue: p.queue.dedicated(),
         group: cfg.redis.group.clone(),
         consumer: p.consumer.clone(),
         count: cfg.redis.read_count,
+        // One round of the sender's concurrent calls at most: a high entry waits for no more.
+        bulk_count: cfg
+            .redis
+            .bulk_batch
+            .min(cfg.redis.read_count)
+            .min(cfg.channels.get(ch).concurrency),
+        window: cfg.redis.read_count * cfg.redis.lane_window_batches,
         block: cfg.redis.block,
         claim_idle: cfg.redis.claim_idle,
         // The longest a sender may take with a batch: every provider call and the

@@ -82,6 +82,7 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("dead_lettered_total", Counter, Unit::Count, "Entries moved to a dead-letter stream, by stream."),
     ("stream_read_errors_total", Counter, Unit::Count, "Failed stream reads, by stream."),
     ("stream_autoclaimed_total", Counter, Unit::Count, "Stale pending entries claimed again, by stream."),
+    ("lane_entries_delivered_total", Counter, Unit::Count, "Stream entries a consumer handed its sender, by channel and lane (high, normal, bulk)."),
     ("stream_consumers_removed_total", Counter, Unit::Count, "Idle consumers removed from a stream's group."),
     // Log indexing
     ("log_events_indexed_total", Counter, Unit::Count, "Log events indexed into Elasticsearch."),

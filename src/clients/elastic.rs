@@ -43,6 +43,7 @@ pub fn communications_mapping() -> Value {
         "provider": {"type": "keyword"},
         "providerMessageId": {"type": "keyword"},
         "batchId": {"type": "keyword"},
+        "priority": {"type": "keyword"},
         "lastError": {"type": "text"}
     }}})
 }
@@ -79,7 +80,8 @@ pub fn logs_mapping() -> Value {
         "providerMessageId": {"type": "keyword"},
         "batchId": {"type": "keyword"},
         "cursor": {"type": "keyword"},
-        "cursorSeq": {"type": "long"}
+        "cursorSeq": {"type": "long"},
+        "priority": {"type": "keyword"}
     }}})
 }
 
@@ -517,6 +519,7 @@ mod tests {
             provider_message_id: Some("SM1".into()),
             batch_id: Some("65f0000000000000000000aa".into()),
             cursor: None,
+            priority: Some(actors::domain::Priority::Bulk),
             msg_omitted: false,
         };
         let mut ops = actors::log_indexer::ops_for(&ev, "communication-logs", "communications");

@@ -73,7 +73,7 @@ impl Fallbacks for MongoFallbacks {
                 {"status": Status::Failed.as_str()},
             ],
         };
-        let projection = doc! {"tenant": 1, "status": 1, "fallback": 1};
+        let projection = doc! {"tenant": 1, "status": 1, "fallback": 1, "priority": 1};
         let docs = oldest_due(&self.coll, filter, "fallbackAt", limit, projection).await?;
         Ok(docs
             .iter()
@@ -86,6 +86,11 @@ impl Fallbacks for MongoFallbacks {
                         .to_string(),
                     status: Status::parse(d.get_str("status").ok()?)?,
                     fallback: fallback_from(d.get_document("fallback").ok()?)?,
+                    priority: d
+                        .get_str("priority")
+                        .ok()
+                        .and_then(actors::domain::Priority::parse)
+                        .unwrap_or_default(),
                 })
             })
             .collect())

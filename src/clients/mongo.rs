@@ -19,8 +19,8 @@
 use crate::clients::dead_letters::{DeadLetterReason, DEAD_LETTER_AT, DEAD_LETTER_REASON};
 use crate::clients::lease::{RedisLeases, Release};
 use actors::domain::{
-    Ambiguity, AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Status,
-    UnknownAttempt, DEFAULT_TENANT,
+    Ambiguity, AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Priority,
+    Status, UnknownAttempt, DEFAULT_TENANT,
 };
 use actors::ports::{
     Dependency, DependencyError, ErrorKind, FailResult, InsertResult, ReceiptResult, ReceiptUpdate,
@@ -99,9 +99,14 @@ pub const VOID: &str = "void";
 /// creation) after the time up to which the group is done with the stream still has an
 /// entry waiting (unread, or in a consumer's hands).
 fn sweep_scope(s: &SweepScope) -> Document {
+    // Records from before lanes have no `priority`: normal.
+    let priority = match s.priority {
+        Priority::Normal => doc! {"$in": [Bson::Null, "normal"]},
+        p => doc! {"$eq": p.as_str()},
+    };
     match s.acked_up_to {
-        None => doc! {"type": s.channel.as_str()},
-        Some(t) => doc! {"type": s.channel.as_str(), "$or": [
+        None => doc! {"type": s.channel.as_str(), "priority": priority},
+        Some(t) => doc! {"type": s.channel.as_str(), "priority": priority, "$or": [
             {"queuedAt": {"$lte": bdate(t)}},
             {"queuedAt": null, "createdAt": {"$lte": bdate(t)}},
         ]},
@@ -233,6 +238,8 @@ impl MongoStore {
         if let Some(h) = &r.html {
             d.insert("html", h);
         }
+        // Records from before lanes have none: normal.
+        d.insert("priority", r.priority.as_str());
         if let Some(at) = r.send_at {
             d.insert("sendAt", bdate(at));
             // The SchedulerActor's due time: removed when it is queued or canceled.
@@ -289,6 +296,11 @@ impl MongoStore {
             batch_id: d.get_str("batchId").ok().map(str::to_string),
             html: d.get_str("html").ok().map(str::to_string),
             send_at: cdate(d, "sendAt"),
+            priority: d
+                .get_str("priority")
+                .ok()
+                .and_then(Priority::parse)
+                .unwrap_or_default(),
         })
     }
 

@@ -444,6 +444,25 @@ fn parse_read(v: &Value) -> Vec<StreamEntry> {
     }
 }
 
+/// A multi-stream XREADGROUP reply: each stream's entries by its name.
+fn parse_read_streams(v: &Value) -> std::collections::HashMap<String, Vec<StreamEntry>> {
+    let pairs: Vec<(&Value, &Value)> = match v {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(pair) if pair.len() == 2 => Some((&pair[0], &pair[1])),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(streams) => streams.iter().map(|(k, e)| (k, e)).collect(),
+        _ => Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(k, e)| Some((text(k)?, parse_entries(e))))
+        .collect()
+}
+
 #[async_trait]
 impl Queue for RedisQueue {
     async fn append(
@@ -515,6 +534,43 @@ impl Queue for RedisQueue {
         };
         cmd.arg("STREAMS").arg(stream).arg(start);
         Ok(parse_read(&self.query(&cmd).await?))
+    }
+
+    async fn read_lanes(
+        &self,
+        reads: &[(&str, ReadFrom)],
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Vec<StreamEntry>>, DependencyError> {
+        if reads.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count.max(1));
+        if reads.iter().all(|(_, from)| *from == ReadFrom::New) {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS");
+        for (stream, _) in reads {
+            cmd.arg(*stream);
+        }
+        for (_, from) in reads {
+            match from {
+                ReadFrom::OwnPending(after) => cmd.arg(after.as_str()),
+                ReadFrom::New => cmd.arg(">"),
+            };
+        }
+        let mut per_stream = parse_read_streams(&self.query(&cmd).await?);
+        Ok(reads
+            .iter()
+            .map(|(stream, _)| per_stream.remove(*stream).unwrap_or_default())
+            .collect())
     }
 
     async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError> {

@@ -400,6 +400,8 @@ fn counts_are_at_least_one(c: &Config) -> Result<(), ConfigError> {
         ("receipts.batch_max", c.receipts.batch_max),
         ("reconciler.batch", c.reconciler.batch),
         ("redis.read_count", c.redis.read_count),
+        ("redis.bulk_batch", c.redis.bulk_batch),
+        ("redis.lane_window_batches", c.redis.lane_window_batches),
         ("log_indexer.max_docs", c.log_indexer.max_docs),
         (
             "log_indexer.max_stream_len",

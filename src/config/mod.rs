@@ -247,6 +247,12 @@ pub struct Redis {
     pub group: String,
     pub consumer_name: String,
     pub read_count: usize,
+    /// Entries in one batch from the bulk lane (at most `read_count`): a high entry that
+    /// arrives meanwhile waits for at most this one batch.
+    pub bulk_batch: usize,
+    /// Entries each lane reads ahead, in batches of `read_count`: the window the
+    /// round-robin by tenant chooses from.
+    pub lane_window_batches: usize,
     #[serde(rename = "block_ms", deserialize_with = "millis")]
     pub block: Duration,
     #[serde(rename = "claim_idle_ms", deserialize_with = "millis")]

@@ -29,7 +29,7 @@ use crate::http::state::{authenticated, authenticated_read, with_state, AppState
 use crate::http::templates::{render_with, request_template, Named};
 use crate::limits::{Caller, Verdict};
 use crate::tenants::TenantPolicy;
-use actors::domain::{send_at_of, validate_with, Channel, RawRequest};
+use actors::domain::{priority_of, send_at_of, validate_with, Channel, Priority, RawRequest};
 use actors::router::{Accepted, Submission};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
@@ -93,6 +93,8 @@ async fn create(
     take_token(&state, &caller).await?;
     let named = request_template(&state, &who.tenant, &shared).await?;
     let send_at = send_at_of(&shared, chrono::Utc::now(), &state.schedule)?;
+    // A bulk send goes in the bulk lane unless it names another.
+    let priority = priority_of(&shared, Priority::Bulk)?;
     let batch_id = batch_id(&who.tenant, idempotency_key.as_deref());
     let mut places: Vec<Place> = recipients
         .iter()
@@ -104,6 +106,7 @@ async fn create(
                     s.tenant.clone_from(&who.tenant);
                     s.batch_id = Some(batch_id.clone());
                     s.send_at = send_at;
+                    s.priority = priority;
                     Place::Ready(Box::new(s))
                 })
                 .unwrap_or_else(Place::Refused)
@@ -219,6 +222,7 @@ fn prepare(
         html,
         batch_id: None,
         send_at: None,
+        priority: Priority::Bulk,
     })
 }
 

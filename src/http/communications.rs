@@ -26,8 +26,9 @@ use crate::limits::{Caller, Verdict};
 use crate::tenants::TenantPolicy;
 use actors::call::CallError;
 use actors::domain::{
-    fallback_field, fallback_of, send_at_of, validate_with, Channel, EventStatus, Fallback,
-    LogEvent, NewCommunication, RawRequest, Status, ValidationLimits, LOG_STREAM,
+    fallback_field, fallback_of, priority_of, send_at_of, validate_with, Channel, EventStatus,
+    Fallback, LogEvent, NewCommunication, Priority, RawRequest, Status, ValidationLimits,
+    LOG_STREAM,
 };
 use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
@@ -75,6 +76,7 @@ async fn create(
     let raw = with_default_from(raw, &policy)?;
     let request = validate_with(&raw, &state.validation)?;
     let send_at = send_at_of(&raw, chrono::Utc::now(), &state.schedule)?;
+    let priority = priority_of(&raw, Priority::Normal)?;
     check_sender_and_destination(&policy, &request)?;
     let fallback = fallback_request(&raw, &request, &policy, &state.validation)?;
     if let Some(key) = &idempotency_key {
@@ -99,6 +101,7 @@ async fn create(
         html,
         batch_id: None,
         send_at,
+        priority,
     };
     let accepted = state
         .admission
@@ -359,6 +362,7 @@ fn render_accepted(Accepted { record, replayed }: Accepted) -> Response {
         "stream": record.channel.stream(),
         "id": record.id,
         "data": data,
+        "priority": record.priority.as_str(),
     });
     if let Some(at) = record.send_at {
         body["sendAt"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));

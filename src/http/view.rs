@@ -50,6 +50,7 @@ pub const RECORD_FIELDS: &[&str] = &[
     "deadLetterReason",
     "replays",
     "replayedAt",
+    "priority",
 ];
 
 /// A search hit has the record's fields plus where and when it was last indexed.

@@ -82,11 +82,13 @@ pub async fn start_consumer(
     let breaker = super::lenient_breaker();
     let args = ConsumerArgs {
         channel,
-        stream: channel.stream(),
+        lanes: crate::shards::StreamShards::ONE.lanes(channel, 0),
         queue: Arc::new(queue.clone()),
         group: GROUP.into(),
         consumer: consumer.into(),
         count: 10,
+        bulk_count: 2,
+        window: 20,
         block: Duration::from_millis(100),
         claim_idle: Duration::from_secs(2),
         deliver_timeout: Duration::from_secs(5),

@@ -285,6 +285,35 @@ impl Queue for MemoryQueue {
         }
     }
 
+    async fn read_lanes(
+        &self,
+        reads: &[(&str, ReadFrom)],
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Vec<StreamEntry>>, DependencyError> {
+        self.script().enter(QueueMethod::ReadGroup, count).await?;
+        let deadline = Instant::now() + block;
+        loop {
+            let appended = self.shared.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let mut got = Vec::new();
+            for (stream, from) in reads {
+                got.push(
+                    self.read_now(stream, group, consumer, from, count)
+                        .ok_or_else(|| missing_group(stream, group))?,
+                );
+            }
+            let all_new = reads.iter().all(|(_, f)| *f == ReadFrom::New);
+            if got.iter().any(|g| !g.is_empty()) || !all_new || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            let _ = tokio::time::timeout_at(deadline, appended).await;
+        }
+    }
+
     async fn ack(&self, stream: &str, group: &str, ids: &[String]) -> Result<(), DependencyError> {
         self.script().enter(QueueMethod::Ack, ids.len()).await?;
         if let Some(g) = lock(&self.shared.streams)

@@ -481,7 +481,10 @@ impl Store for MemoryStore {
         let mut due = Vec::new();
         for s in all.values_mut() {
             let r = &s.record;
-            let Some(scope) = channels.iter().find(|c| c.channel == r.channel) else {
+            let Some(scope) = channels
+                .iter()
+                .find(|c| c.channel == r.channel && c.priority == r.priority)
+            else {
                 continue;
             };
             let queued = s.queued_at.unwrap_or(r.created_at);
