@@ -2,7 +2,8 @@
 //! `SMS_PROVIDERS=twilio,vonage`, a Twilio answering 503 sends every message through
 //! Vonage (none failed, the books balanced, Twilio's breaker open in `/api/v1/providers`);
 //! a timeout at Twilio fails over to Vonage and is flagged a possible duplicate; with
-//! `SMS_ROUTING=weighted` and `twilio:3,vonage:1`, messages split by weight.
+//! `SMS_ROUTING=weighted` and `twilio:3,vonage:1`, messages split by weight; a provider with
+//! its own `[provider_limits]` breaker opens it after its own count.
 
 mod common;
 
@@ -296,4 +297,63 @@ async fn a_tenant_with_its_own_provider_order_gets_it() {
         };
         assert_eq!(r.get_str("provider").unwrap(), want, "{tenant}: {r}");
     }
+}
+
+/// `[provider_limits.vonage]` (a service of its own, Vonage first, Twilio second): Vonage's
+/// breaker opens after its own 2 failures in a row and its bucket has its own rate and
+/// burst, while Twilio keeps the channel's (5 failures, 100/s), both as
+/// `/api/v1/providers` shows them; with Vonage answering 500, the first message fails over
+/// and Vonage's breaker is still closed, the second opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_has_its_own_breaker_and_rate_limit() {
+    let _one = one_at_a_time().await;
+    let (stack, _) = failover();
+    let redis = format!("redis://127.0.0.1:{}/4", stack.redis_port);
+    let own: toml::Table =
+        toml::from_str("breaker_consecutive_failures = 2\nrate_per_sec = 7.0\nburst = 3.0\n")
+            .unwrap();
+    let svc = stack.start_service_configured(
+        &[
+            ("REDIS_URL", &redis),
+            ("SMS_PROVIDERS", "vonage,twilio"),
+            ("BREAKER_COOLDOWN_MS", "120000"),
+        ],
+        &[("provider_limits.vonage", toml::Value::Table(own))],
+    );
+    let vonage = provider(&svc, "vonage").await;
+    let twilio = provider(&svc, "twilio").await;
+    assert_eq!(vonage["breaker"]["consecutiveFailures"], 2, "{vonage}");
+    assert_eq!(vonage["rateLimit"]["ratePerSec"], 7.0, "{vonage}");
+    assert_eq!(vonage["rateLimit"]["burst"], 3.0, "{vonage}");
+    assert_eq!(twilio["breaker"]["consecutiveFailures"], 5, "{twilio}");
+    assert_eq!(twilio["rateLimit"]["ratePerSec"], 100.0, "{twilio}");
+    assert_eq!(twilio["breaker"]["cooldownMs"], 120000, "{twilio}");
+    set_fault(
+        stack,
+        json!({"provider": "vonage", "mode": "5xx", "status": 500}),
+    )
+    .await;
+    let mut states = Vec::new();
+    for i in 0..2 {
+        let (status, v) = svc.post(sms(&unique(&format!("own-breaker-{i}")))).await;
+        assert_eq!(status, 200, "{v}");
+        let id = v["id"].as_str().unwrap().to_string();
+        let r = eventually(WAIT, "the message sent", || async {
+            let r = record(stack, &id).await;
+            (r.get_str("status") == Ok("sent") || r.get_str("status") == Ok("delivered"))
+                .then_some(r)
+        })
+        .await;
+        assert_eq!(r.get_str("provider").unwrap(), "twilio", "{r}");
+        let p = provider(&svc, "vonage").await;
+        states.push((p["breaker"]["state"].clone(), p["failures"].clone()));
+    }
+    clear_faults(stack).await;
+    assert_eq!(
+        states,
+        [(json!("closed"), json!(1)), (json!("open"), json!(2))],
+        "Vonage's breaker opens after its own 2 failures"
+    );
+    let twilio = provider(&svc, "twilio").await;
+    assert_eq!(twilio["breaker"]["state"], "closed", "{twilio}");
 }

@@ -355,7 +355,15 @@ impl ProviderHealth {
         json!({
             "provider": self.provider,
             "channel": self.channel,
-            "breaker": {"state": state.name(), "retryInMs": retry_in},
+            "breaker": {
+                "state": state.name(),
+                "retryInMs": retry_in,
+                "consecutiveFailures": g.breaker.cfg.consecutive_failures,
+                "failureRatio": g.breaker.cfg.failure_ratio,
+                "window": g.breaker.cfg.window,
+                "minCalls": g.breaker.cfg.min_calls,
+                "cooldownMs": g.breaker.cfg.cooldown.as_millis() as u64,
+            },
             "recentErrorRate": g.breaker.error_rate(),
             "calls": g.calls,
             "failures": g.failures,

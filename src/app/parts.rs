@@ -75,7 +75,7 @@ fn search(cfg: &Config) -> Result<ElasticSink, RunError> {
 }
 
 /// Each channel's providers, in the `[routing]` order, with their weights and a breaker
-/// and token bucket each (the channel's settings).
+/// and token bucket each (the provider's `[provider_limits]`, else the channel's settings).
 fn routes(cfg: &Config) -> Result<HashMap<Channel, Arc<Routes>>, RunError> {
     let p = &cfg.providers;
     let http = reqwest::Client::builder()
@@ -87,18 +87,18 @@ fn routes(cfg: &Config) -> Result<HashMap<Channel, Arc<Routes>>, RunError> {
         .map_err(RunError::HttpClient)?;
     let mut out = HashMap::new();
     for ch in Channel::ALL {
-        let c = cfg.channels.get(ch);
         let names = cfg.routing.names(ch);
         let weights = cfg.routing.weights(ch);
         let mut list = Vec::with_capacity(names.len());
         for (name, weight) in names.into_iter().zip(weights) {
             let provider = provider(cfg, &http, ch, name)?;
+            let own = cfg.provider_settings(ch, name);
             let health = ProviderHealth::new(
                 provider.name(),
                 ch.as_str(),
-                c.breaker(),
-                c.rate_per_sec,
-                c.burst,
+                own.breaker,
+                own.rate_per_sec,
+                own.burst,
             );
             list.push(Route {
                 provider,

@@ -22,6 +22,7 @@ const RULES: &[Rule] = &[
     leases_outlast_a_provider_call,
     counts_are_at_least_one,
     channels_are_usable,
+    super::provider_limits::provider_limits_are_usable,
     callbacks_outwait_receipts,
     store_limiter_is_usable,
     consumers_are_forgotten_slowly,
@@ -425,23 +426,24 @@ fn channels_are_usable(c: &Config) -> Result<(), ConfigError> {
     c.channels
         .all()
         .into_iter()
-        .try_for_each(|(name, ch)| channel_is_usable(name, ch))
+        .try_for_each(|(name, ch)| channel_is_usable(&format!("channels.{name}"), ch))
 }
 
-fn channel_is_usable(name: &str, ch: &ChannelSettings) -> Result<(), ConfigError> {
+/// `name`: the table the settings come from, for the message.
+pub(super) fn channel_is_usable(name: &str, ch: &ChannelSettings) -> Result<(), ConfigError> {
     if ch.concurrency == 0 || ch.max_attempts == 0 || ch.breaker_consecutive_failures == 0 {
         return Err(bad(format!(
-            "channels.{name}: concurrency, max_attempts and breaker_consecutive_failures must be at least 1"
+            "{name}: concurrency, max_attempts and breaker_consecutive_failures must be at least 1"
         )));
     }
     if !(ch.rate_per_sec > 0.0 && ch.burst >= 1.0) {
         return Err(bad(format!(
-            "channels.{name}: rate_per_sec must be > 0 and burst >= 1"
+            "{name}: rate_per_sec must be > 0 and burst >= 1"
         )));
     }
     if !(ch.breaker_failure_ratio > 0.0 && ch.breaker_failure_ratio <= 1.0) {
         return Err(bad(format!(
-            "channels.{name}.breaker_failure_ratio must be in (0, 1]"
+            "{name}.breaker_failure_ratio must be in (0, 1]"
         )));
     }
     Ok(())

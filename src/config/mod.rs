@@ -9,11 +9,13 @@
 
 mod checks;
 mod env;
+mod provider_limits;
 pub mod redact;
 pub mod secret;
 mod transport;
 
 pub use env::{env_help, EnvVar, ENV, ENV_VARS};
+pub use provider_limits::{ProviderLimits, ProviderSettings};
 
 use actors::adaptive::LimiterSettings;
 use actors::batch::BatchSettings;
@@ -74,6 +76,10 @@ pub struct Config {
     pub callbacks: Callbacks,
     pub providers: Providers,
     pub routing: Routing,
+    /// `[provider_limits.<name>]`: a provider's own rate limit and breaker (see
+    /// [`provider_limits`]); absent keys are the channel's.
+    #[serde(default)]
+    pub provider_limits: std::collections::BTreeMap<String, ProviderLimits>,
     pub auth: Auth,
     pub limits: Limits,
     pub audit: Audit,
