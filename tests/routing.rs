@@ -3,7 +3,8 @@
 //! Vonage (none failed, the books balanced, Twilio's breaker open in `/api/v1/providers`);
 //! a timeout at Twilio fails over to Vonage and is flagged a possible duplicate; with
 //! `SMS_ROUTING=weighted` and `twilio:3,vonage:1`, messages split by weight; a provider with
-//! its own `[provider_limits]` breaker opens it after its own count.
+//! its own `[provider_limits]` breaker opens it after its own count; Twilio's auth error
+//! (401, 20003) fails over to Vonage, an invalid To (21211) does not.
 
 mod common;
 
@@ -356,4 +357,91 @@ async fn a_provider_has_its_own_breaker_and_rate_limit() {
     );
     let twilio = provider(&svc, "twilio").await;
     assert_eq!(twilio["breaker"]["state"], "closed", "{twilio}");
+}
+
+/// A refusal about the message (Twilio 21211, invalid To) is final at Twilio: not failed
+/// over to Vonage. A refusal about the account (Twilio's documented auth error, 401 with
+/// code 20003) fails over: every message is sent by Vonage in its first attempt, none
+/// failed, each with Twilio's 20003 in `errors[]` and counted in `provider_failovers_total`,
+/// and Twilio's breaker hears each as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_error_at_twilio_fails_over_a_message_error_does_not() {
+    let _one = one_at_a_time().await;
+    let (stack, svc) = failover();
+    set_fault(
+        stack,
+        json!({"provider": "twilio", "mode": "error", "status": 400, "code": 21211,
+               "message": "The 'To' number is not a valid phone number."}),
+    )
+    .await;
+    let msg = unique("invalid-to");
+    let (status, v) = svc.post(sms(&msg)).await;
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let r = eventually(WAIT, "the record final", || async {
+        let r = record(stack, &id).await;
+        (r.get_str("status") == Ok("failed") || r.get_str("status") == Ok("sent")).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        (r.get_str("status").unwrap(), r.get_str("provider").unwrap()),
+        ("failed", "twilio"),
+        "{r}"
+    );
+    let at_vonage = stack
+        .sandbox_messages()
+        .await
+        .into_iter()
+        .filter(|m| m["body"] == msg.as_str())
+        .count();
+    assert_eq!(at_vonage, 0, "no provider took it");
+
+    let twilio_before = provider(svc, "twilio").await["failures"].as_u64().unwrap();
+    let failovers_before = svc.metric_total("provider_failovers_total").await;
+    set_fault(
+        stack,
+        json!({"provider": "twilio", "mode": "error", "status": 401, "code": 20003,
+               "message": "Authenticate"}),
+    )
+    .await;
+    let accepted = load(svc.port, &unique("twilio-auth"), 10, Duration::ZERO).await;
+    assert_eq!(accepted.len(), 10);
+    let books = check_books(stack, &accepted, WAIT).await;
+    assert_eq!((books.sent, books.failed), (10, 0), "{books:?}");
+    let by = senders(stack, &accepted).await;
+    assert!(by.iter().all(|p| p == "vonage"), "{by:?}");
+    let mut refused = 0;
+    for (_, id) in &accepted {
+        let r = record(stack, id).await;
+        assert_eq!(r.get_i32("attempts").unwrap(), 1, "{r}");
+        let codes: Vec<(String, String)> = r
+            .get_array("errors")
+            .map(|a| a.iter().filter_map(|e| e.as_document()).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| {
+                let s = |k| e.get_str(k).unwrap_or("").to_string();
+                (s("provider"), s("code"))
+            })
+            .collect();
+        assert!(
+            codes
+                .iter()
+                .all(|c| *c == ("twilio".into(), "20003".into())),
+            "{codes:?}"
+        );
+        refused += codes.len();
+    }
+    clear_faults(stack).await;
+    println!("Twilio refused {refused} of 10 for its account; its breaker took the rest to Vonage");
+    assert!(refused >= 1, "the first went to Twilio and was failed over");
+    let twilio_after = provider(svc, "twilio").await["failures"].as_u64().unwrap();
+    assert_eq!(
+        twilio_after - twilio_before,
+        refused as u64,
+        "each account refusal is a failure for Twilio's breaker"
+    );
+    let failovers = svc.metric_total("provider_failovers_total").await - failovers_before;
+    assert_eq!(failovers, refused as f64);
+    twilio_takes_messages_again(stack, svc).await;
 }

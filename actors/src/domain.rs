@@ -1222,8 +1222,14 @@ pub enum ErrorClass {
     Retryable {
         retry_after: Option<std::time::Duration>,
     },
-    /// Will never succeed as sent (bad number, refused address, bad credentials).
+    /// Will never succeed as sent: it is about the message (invalid or unreachable number,
+    /// blocked or unsubscribed recipient, refused address). Another provider would refuse
+    /// it too.
     Permanent,
+    /// Refused for good by this provider for a reason of the account or sender there (bad
+    /// credentials, account suspended, no balance, sender not enabled): the next provider
+    /// of the channel may send it, and it counts against this provider's breaker.
+    Account,
 }
 
 /// What a provider could tell of a message we may have sent it before.

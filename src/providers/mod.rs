@@ -75,17 +75,27 @@ pub fn status_ambiguity(status: u16, provider_body: bool) -> Option<Ambiguity> {
 /// Twilio: HTTP status plus Twilio's own error code
 /// (<https://www.twilio.com/docs/api/errors>).
 /// - 20429 "Too Many Requests", HTTP 429 and HTTP 5xx: retryable, honouring Retry-After.
-/// - 21211 "Invalid 'To' Phone Number", 21614 "'To' number is not a valid mobile number",
-///   21610 "Attempt to send to unsubscribed recipient", 21408 "Permission to send an SMS
-///   has not been enabled for the region", 20003 "Authenticate" and other 4xx: permanent.
+/// - About the account or sender at Twilio (fail over to the next provider): 20003
+///   "Permission Denied" (wrong Account SID / Auth Token, deleted key, account suspended or
+///   closed; HTTP 401, as is any 401), 20403 "403 Forbidden" (the account is suspended or
+///   closed), 21606 "The 'From' phone number provided is not a valid message-capable Twilio
+///   phone number for this destination/account", 21608 "The 'to' phone number provided is
+///   not yet verified for this account" (a trial account), 21408 "Permission to send an SMS
+///   has not been enabled for the region" (the account's geographic permissions).
+/// - About the message: 21211 "Invalid 'To' Phone Number", 21614 "'To' number is not a
+///   valid mobile number", 21610 "Attempt to send to unsubscribed recipient" and other 4xx:
+///   permanent.
 pub fn classify_twilio(
     status: u16,
     code: Option<i64>,
     retry_after: Option<Duration>,
 ) -> ErrorClass {
+    const ACCOUNT: [i64; 5] = [20003, 20403, 21606, 21608, 21408];
     match (status, code) {
         (_, Some(20429)) | (429, _) => ErrorClass::Retryable { retry_after },
         (500..=599, _) => ErrorClass::Retryable { retry_after },
+        (_, Some(c)) if ACCOUNT.contains(&c) => ErrorClass::Account,
+        (401, _) => ErrorClass::Account,
         _ => ErrorClass::Permanent,
     }
 }
@@ -95,13 +105,19 @@ pub fn classify_twilio(
 /// Retryable: 4 (API Too Many Calls), 80007 (rate limit issues), 130429 (Cloud API
 /// message throughput reached), 131056 (pair rate limit), 131000 (something went wrong),
 /// 131016 (service unavailable), 133004 (server temporarily unavailable), 1 and 2 (API
-/// unknown / service), plus HTTP 429 and 5xx. Permanent: 100 (invalid parameter), 190
-/// (access token expired), 131026 (message undeliverable), 131030 (recipient not in allowed
-/// list), 131047 (re-engagement message), 131051 (unsupported message type) and the rest.
+/// unknown / service), plus HTTP 429 and 5xx. About the account (fail over): 0
+/// (AuthException: the token expired or was invalidated), 10 (permission denied), 190
+/// (access token expired), 131031 (business account locked), 131042 (business eligibility
+/// payment issue), and any other HTTP 401. Permanent, about the message: 100 (invalid
+/// parameter), 131026 (message undeliverable), 131030 (recipient not in allowed list),
+/// 131047 (re-engagement message), 131051 (unsupported message type) and the rest.
 pub fn classify_meta(status: u16, code: Option<i64>, retry_after: Option<Duration>) -> ErrorClass {
     const RETRYABLE: [i64; 9] = [1, 2, 4, 80007, 130429, 131056, 131000, 131016, 133004];
+    const ACCOUNT: [i64; 5] = [0, 10, 190, 131031, 131042];
     match code {
         Some(c) if RETRYABLE.contains(&c) => ErrorClass::Retryable { retry_after },
+        Some(c) if ACCOUNT.contains(&c) => ErrorClass::Account,
+        _ if status == 401 => ErrorClass::Account,
         Some(_) if status < 500 && status != 429 => ErrorClass::Permanent,
         _ if status == 429 || status >= 500 => ErrorClass::Retryable { retry_after },
         _ => ErrorClass::Permanent,
@@ -109,9 +125,12 @@ pub fn classify_meta(status: u16, code: Option<i64>, retry_after: Option<Duratio
 }
 
 /// SMTP reply codes (RFC 5321 §4.2.1): 4yz is a transient negative completion reply,
-/// 5yz a permanent one.
+/// 5yz a permanent one; of those, RFC 4954's 530 (authentication required) and 535
+/// (authentication credentials invalid) are about our account at the relay (fail over),
+/// the rest about the message (550 mailbox unavailable, 553 mailbox name not allowed…).
 pub fn classify_smtp(reply_code: Option<u16>) -> ErrorClass {
     match reply_code {
+        Some(530) | Some(535) => ErrorClass::Account,
         Some(c) if (500..600).contains(&c) => ErrorClass::Permanent,
         _ => ErrorClass::Retryable { retry_after: None },
     }
@@ -131,7 +150,16 @@ mod tests {
         assert_eq!(classify_twilio(500, Some(20500), RA), r);
         assert_eq!(classify_twilio(400, Some(21211), RA), ErrorClass::Permanent);
         assert_eq!(classify_twilio(400, Some(21614), RA), ErrorClass::Permanent);
-        assert_eq!(classify_twilio(401, Some(20003), RA), ErrorClass::Permanent);
+        assert_eq!(classify_twilio(400, Some(21610), RA), ErrorClass::Permanent);
+        for code in [20003, 20403, 21606, 21608, 21408] {
+            let status = if code == 20003 { 401 } else { 400 };
+            assert_eq!(
+                classify_twilio(status, Some(code), RA),
+                ErrorClass::Account,
+                "{code}"
+            );
+        }
+        assert_eq!(classify_twilio(401, None, RA), ErrorClass::Account);
     }
 
     #[test]
@@ -146,7 +174,14 @@ mod tests {
             ErrorClass::Permanent
         );
         assert_eq!(classify_meta(400, Some(100), None), ErrorClass::Permanent);
-        assert_eq!(classify_meta(401, Some(190), None), ErrorClass::Permanent);
+        for code in [0, 10, 190, 131031, 131042] {
+            assert_eq!(
+                classify_meta(400, Some(code), None),
+                ErrorClass::Account,
+                "{code}"
+            );
+        }
+        assert_eq!(classify_meta(401, None, None), ErrorClass::Account);
     }
 
     /// (status, the provider's own error body?) → unknown outcome?
@@ -200,6 +235,8 @@ mod tests {
         );
         assert_eq!(classify_smtp(Some(550)), ErrorClass::Permanent);
         assert_eq!(classify_smtp(Some(553)), ErrorClass::Permanent);
+        assert_eq!(classify_smtp(Some(535)), ErrorClass::Account);
+        assert_eq!(classify_smtp(Some(530)), ErrorClass::Account);
         assert_eq!(
             classify_smtp(None),
             ErrorClass::Retryable { retry_after: None }

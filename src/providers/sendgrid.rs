@@ -7,7 +7,10 @@
 //!
 //! - 429: the rate limit; `X-RateLimit-Reset` (a Unix time) says when it lifts.
 //! - 5xx: retryable (a 502/503/504 without SendGrid's body may have been taken: ambiguous).
-//! - 400, 401, 403, 413 and other 4xx: permanent.
+//! - 401 (the API key is invalid, or not allowed to send mail) and 403 (the from address
+//!   is not a verified Sender Identity, or the key lacks the Mail Send scope): about the
+//!   account or sender at SendGrid, failed over to the next provider.
+//! - 400, 413 and other 4xx: permanent, about the message.
 //!
 //! Mail Send has no way to ask whether a message was taken (the Email Activity API is a
 //! paid add-on): `lookup` keeps the port's default, so an unknown attempt is sent again,
@@ -75,6 +78,7 @@ pub fn classify_sendgrid(status: u16, reset_in: Option<Duration>) -> ErrorClass 
         429 | 500..=599 => ErrorClass::Retryable {
             retry_after: reset_in,
         },
+        401 | 403 => ErrorClass::Account,
         _ => ErrorClass::Permanent,
     }
 }
@@ -171,8 +175,11 @@ mod tests {
                 ErrorClass::Retryable { .. }
             ));
         }
-        for s in [400, 401, 403, 404, 413] {
+        for s in [400, 404, 413] {
             assert_eq!(classify_sendgrid(s, None), ErrorClass::Permanent, "{s}");
+        }
+        for s in [401, 403] {
+            assert_eq!(classify_sendgrid(s, None), ErrorClass::Account, "{s}");
         }
     }
 

@@ -59,17 +59,21 @@ impl Vonage {
 /// Vonage's per-message `status` (the SMS API error table, linked above).
 /// - 1 Throttled, 5 Internal Error, 10 Too Many Existing Binds, 13 Communication Failed:
 ///   retryable (the first with the rate limit's back-off).
-/// - 2 Missing Parameters, 3 Invalid Parameters, 4 Invalid Credentials, 6 Invalid Message,
-///   7 Number Barred, 8 Partner Account Barred, 9 Partner Quota Violation, 11 Account Not
-///   Enabled For HTTP, 12 Message Too Long, 14 Invalid Signature, 15 Invalid Sender
-///   Address, 22 Invalid Network Code, 23 Invalid Callback URL, 29 Non-Whitelisted
-///   Destination, 32/33 signature and number errors, and anything else: permanent.
+/// - About the account or sender at Vonage (fail over): 4 Invalid Credentials, 8 Partner
+///   Account Barred (the account is suspended), 9 Partner Quota Violation (not enough
+///   credit), 11 Account Not Enabled For HTTP, 15 Invalid Sender Address (a sender ID not
+///   authorised for this account), 29 Non-Whitelisted Destination (a demo account).
+/// - About the message: 2 Missing Parameters, 3 Invalid Parameters, 6 Invalid Message,
+///   7 Number Barred, 12 Message Too Long, 14 Invalid Signature, 22 Invalid Network Code,
+///   23 Invalid Callback URL, 32/33 signature and number errors, and anything else:
+///   permanent.
 pub fn classify_vonage(status: &str) -> ErrorClass {
     match status {
         "1" => ErrorClass::Retryable {
             retry_after: Some(Duration::from_secs(1)),
         },
         "5" | "10" | "13" => ErrorClass::Retryable { retry_after: None },
+        "4" | "8" | "9" | "11" | "15" | "29" => ErrorClass::Account,
         _ => ErrorClass::Permanent,
     }
 }
@@ -201,10 +205,11 @@ mod tests {
         for s in ["5", "10", "13"] {
             assert_eq!(classify_vonage(s), r(None), "{s}");
         }
-        for s in [
-            "2", "3", "4", "6", "7", "8", "9", "11", "12", "14", "15", "22", "29",
-        ] {
+        for s in ["2", "3", "6", "7", "12", "14", "22"] {
             assert_eq!(classify_vonage(s), ErrorClass::Permanent, "{s}");
+        }
+        for s in ["4", "8", "9", "11", "15", "29"] {
+            assert_eq!(classify_vonage(s), ErrorClass::Account, "{s}");
         }
     }
 

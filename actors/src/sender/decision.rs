@@ -242,14 +242,19 @@ fn unknown_attempt(
 }
 
 /// Whether a call's result sends the message on to the channel's next provider, within
-/// the same attempt: a retryable refusal (an outage, a rate limit) or a call whose outcome
-/// is unknown (a timeout, a reset, an ambiguous 5xx: the next send is flagged as a possible
-/// duplicate). Not a permanent refusal (it is about the message, e.g. an invalid number:
-/// the next provider would refuse it too), not a panic (our own client's bug: the sender
-/// restarts), not an answer about an earlier attempt.
+/// the same attempt: a retryable refusal (an outage, a rate limit), a refusal about the
+/// account or sender at this provider (bad credentials, suspended, no balance: another
+/// provider's account may send it), or a call whose outcome is unknown (a timeout, a reset,
+/// an ambiguous 5xx: the next send is flagged as a possible duplicate). Not a permanent
+/// refusal about the message (e.g. an invalid number: the next provider would refuse it
+/// too), not a panic (our own client's bug: the sender restarts), not an answer about an
+/// earlier attempt. When the last provider refuses for account reasons too, the message
+/// fails (`decide`: only a retryable error is retried), every provider's error in `errors[]`.
 pub fn fails_over(result: &CallResult) -> bool {
     match result {
-        CallResult::Refused(e) => matches!(e.class, ErrorClass::Retryable { .. }),
+        CallResult::Refused(e) => {
+            matches!(e.class, ErrorClass::Retryable { .. } | ErrorClass::Account)
+        }
         CallResult::TimedOut(_) => true,
         CallResult::Accepted { .. }
         | CallResult::Found { .. }
@@ -388,6 +393,14 @@ mod tests {
                 error: Some("twilio (code 21211): no"),
             },
             Row {
+                name: "account refusal at the last provider: final, not retried",
+                call: refused(ErrorClass::Account, Some("20003")),
+                attempt: 1,
+                label: "failed",
+                status: EventStatus::Failed,
+                error: Some("twilio (code 20003): no"),
+            },
+            Row {
                 name: "timeout",
                 call: CallResult::TimedOut(Duration::from_secs(10)),
                 attempt: 1,
@@ -452,7 +465,7 @@ mod tests {
 
     /// What sends a message on to the next provider within the attempt.
     #[test]
-    fn retryable_and_unknown_results_fail_over_permanent_ones_do_not() {
+    fn retryable_unknown_and_account_results_fail_over_permanent_ones_do_not() {
         let gateway = CallResult::Refused(ProviderError {
             class: retryable(None),
             ambiguous: Some(Ambiguity::Gateway5xx),
@@ -473,6 +486,16 @@ mod tests {
                 "an invalid number",
                 refused(ErrorClass::Permanent, Some("21211")),
                 false,
+            ),
+            (
+                "bad credentials at this provider",
+                refused(ErrorClass::Account, Some("20003")),
+                true,
+            ),
+            (
+                "no credit at this provider",
+                refused(ErrorClass::Account, Some("9")),
+                true,
             ),
             (
                 "accepted",

@@ -1,5 +1,6 @@
 //! The sender over two providers (issue #15, routing), on in-memory ports: failing over
-//! within an attempt, what is not failed over, open breakers, the weighted split, and an
+//! within an attempt (on an outage, a timeout, a refusal about the account), what is not
+//! failed over, open breakers, the weighted split, and an
 //! unknown outcome looked up at its own provider before anything is sent anywhere.
 
 use super::*;
@@ -168,6 +169,66 @@ async fn a_permanent_refusal_about_the_message_is_not_failed_over() {
         (r.status, r.provider.as_deref()),
         (Status::Failed, Some("a"))
     );
+}
+
+fn account_refusal(code: &str) -> Answer {
+    Answer::Refuse(ProviderError {
+        class: ErrorClass::Account,
+        ambiguous: None,
+        rate_limited: false,
+        code: Some(code.into()),
+        message: "Authenticate".into(),
+    })
+}
+
+/// A refusal about the account at `a` (bad credentials): `b` sends the message in the
+/// same attempt, `a`'s refusal in `errors[]`, and `a`'s breaker hears a failure.
+#[tokio::test(start_paused = true)]
+async fn an_account_refusal_fails_over_and_counts_against_the_providers_breaker() {
+    let t = two(Strategy::Failover, (1, 1));
+    t.a.answer([account_refusal("20003")]);
+    t.deliver([1]).await;
+    assert_eq!((t.a.sent().len(), t.b.sent().len()), (1, 1));
+    let r = t.record(1);
+    assert_eq!(
+        (r.status, r.provider.as_deref(), r.attempts),
+        (Status::Sent, Some("b"), 1)
+    );
+    let errors: Vec<_> = r
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.provider.as_deref(), e.code.as_deref()))
+        .collect();
+    assert_eq!(errors, [(1, Some("a"), Some("20003"))]);
+    let a = t.health[0].snapshot();
+    assert_eq!(
+        (a["calls"].as_u64(), a["failures"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let b = t.health[1].snapshot();
+    assert_eq!(b["failures"].as_u64(), Some(0));
+}
+
+/// Both providers refuse for account reasons: the message fails in its first attempt (no
+/// retry: an account is not fixed by waiting a backoff), each provider's error kept.
+#[tokio::test(start_paused = true)]
+async fn account_refusals_at_every_provider_fail_the_message_with_each_error() {
+    let t = two(Strategy::Failover, (1, 1));
+    t.a.answer([account_refusal("20003")]);
+    t.b.answer([account_refusal("9")]);
+    t.deliver([1]).await;
+    let r = t.record(1);
+    assert_eq!((r.status, r.attempts), (Status::Failed, 1));
+    let errors: Vec<_> = r
+        .errors
+        .iter()
+        .map(|e| (e.attempt, e.provider.as_deref(), e.code.as_deref()))
+        .collect();
+    assert_eq!(
+        errors,
+        [(1, Some("a"), Some("20003")), (1, Some("b"), Some("9"))]
+    );
+    assert_eq!((t.a.sent().len(), t.b.sent().len()), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]

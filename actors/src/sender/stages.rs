@@ -584,7 +584,8 @@ fn report_health(health: &ProviderHealth, result: &CallResult) {
             };
             health.pause_for(wait);
         }
-        // A permanent refusal is a healthy provider answering.
+        // A permanent refusal about the message is a healthy provider answering; one about
+        // the account (bad credentials, suspended) is a failure of this provider.
         CallResult::Refused(e) => health.record(e.class == ErrorClass::Permanent),
         CallResult::TimedOut(_) | CallResult::Panicked => health.record(false),
         // No call made beyond the lookup, which could not tell: nothing learnt.
