@@ -276,8 +276,8 @@ impl ProviderHealth {
     }
 
     /// Report one provider call: `ok` is false for failures that speak of the provider's
-    /// health (network, timeout, 5xx), true otherwise (a permanent refusal is a healthy
-    /// provider answering).
+    /// health (network, timeout, 5xx, a refusal about our account there), true otherwise
+    /// (a permanent refusal about the message is a healthy provider answering).
     pub fn record(&self, ok: bool) {
         let mut g = self.lock();
         g.calls += 1;
