@@ -1,7 +1,9 @@
 //! `comm-aggregator [--config PATH]`: the service. Loads the configuration, sets up the
 //! logs, and runs [`comm_aggregator::run`] until SIGTERM or SIGINT.
 
+use comm_aggregator::app::otel;
 use comm_aggregator::config::{self, Config};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +32,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(&cfg);
+    let traces = init_tracing(&cfg);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -38,14 +40,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(comm_aggregator::run(cfg, shutdown_signal())) {
+    let code = match runtime.block_on(comm_aggregator::run(cfg, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("comm-aggregator: {e}");
             ExitCode::FAILURE
         }
+    };
+    // After the shutdown's stages: the spans they ended are exported too.
+    if let Some(p) = traces {
+        otel::shutdown(p);
     }
+    code
 }
 
 enum Command {
@@ -74,23 +81,26 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, UsageEr
     Ok(Command::Run(path))
 }
 
-fn init_tracing(cfg: &Config) {
+/// The logs (text or JSON), and the OpenTelemetry layer when traces are exported: its
+/// provider is returned, to be flushed once the service has stopped.
+fn init_tracing(cfg: &Config) -> Option<SdkTracerProvider> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,warp=warn"));
     // Colour only for a person at a terminal: a log file or journald gets plain text.
     let ansi = std::io::stdout().is_terminal();
-    if cfg.server.log_format == "json" {
-        tracing_subscriber::fmt()
-            .json()
-            .with_ansi(false)
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_ansi(ansi)
-            .with_env_filter(filter)
-            .init();
-    }
+    let json = cfg.server.log_format == "json";
+    let provider = otel::provider().unwrap_or_else(|e| {
+        eprintln!("comm-aggregator: traces off, the exporter cannot be built: {e}");
+        None
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| tracing_subscriber::fmt::layer().json().with_ansi(false)))
+        .with((!json).then(|| tracing_subscriber::fmt::layer().with_ansi(ansi)))
+        .with(provider.as_ref().map(otel::layer))
+        .init();
+    provider
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -839,6 +839,10 @@ pub struct Communication {
     pub send_at: Option<DateTime<Utc>>,
     /// Its lane: every entry for it goes to that lane's stream.
     pub priority: Priority,
+    /// The W3C `traceparent` of the request that made it (when traces are exported): its
+    /// stream entries, provider calls and receipts continue that trace. Never shown to
+    /// tenants.
+    pub traceparent: Option<String>,
 }
 
 /// A template version a message was rendered from, and the locale variant used.
@@ -878,6 +882,7 @@ impl Communication {
             send_at: None,
             html: None,
             priority: Priority::Normal,
+            traceparent: None,
         }
     }
 
@@ -919,6 +924,9 @@ impl Communication {
         }
         if let Some(s) = &self.subject {
             fields.push(("subject", s.clone()));
+        }
+        if let Some(t) = &self.traceparent {
+            fields.push(("traceparent", t.clone()));
         }
         fields
     }

@@ -79,6 +79,7 @@ pub mod stream_consumer;
 pub mod supervisor;
 pub mod sweeper;
 pub mod testing;
+pub mod trace_context;
 
 pub use ractor;
 

@@ -315,6 +315,7 @@ fn settle_live(
 ) {
     match result {
         ReceiptResult::Applied(rec) => {
+            trace_receipt(&rec, &w.receipt);
             out.events.push(receipt_event(
                 &rec,
                 &w.receipt.update,
@@ -406,6 +407,18 @@ async fn park(state: &mut ReceiptState, out: &mut Settled) {
     for w in out.to_park.drain(..) {
         out.answers.push((w.reply, result.clone().map(|()| false)));
     }
+}
+
+/// A `receipt` span in the message's trace (the context stored on its record), ended at
+/// once: it marks when the receipt was applied and what it said.
+fn trace_receipt(rec: &crate::domain::Communication, r: &Receipt) {
+    if rec.traceparent.is_none() {
+        return;
+    }
+    let span = tracing::info_span!("receipt", communication_id = %rec.id,
+        status = r.update.status.as_str(), service = r.service);
+    crate::trace_context::adopt(&span, rec.traceparent.as_deref());
+    drop(span.enter());
 }
 
 fn receipt_event(

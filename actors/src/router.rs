@@ -90,6 +90,8 @@ pub struct Pending {
     pub deadline: Instant,
     /// Its place in the bounded queue, given back when it is answered or dropped.
     pub slot: Option<OwnedSemaphorePermit>,
+    /// The caller's trace context ([`crate::trace_context`]), kept on the record.
+    pub traceparent: Option<String>,
 }
 
 pub enum RouterMsg {
@@ -164,6 +166,7 @@ impl Admission {
                 return Err(AcceptError::QueueFull);
             }
         };
+        let traceparent = crate::trace_context::current();
         let ask = |asked: Vec<(Submission, AcceptReply, Ticket)>| {
             let pending = asked
                 .into_iter()
@@ -173,6 +176,7 @@ impl Admission {
                     ticket,
                     deadline,
                     slot: slots.split(1),
+                    traceparent: traceparent.clone(),
                 });
             RouterMsg::AcceptMany(pending.collect())
         };
@@ -206,6 +210,7 @@ impl Admission {
         slot: OwnedSemaphorePermit,
         deadline: Instant,
     ) -> Result<Accepted, CallError<AcceptError>> {
+        let traceparent = crate::trace_context::current();
         let ask = |reply, ticket| {
             RouterMsg::Accept(Box::new(Pending {
                 submission,
@@ -213,6 +218,7 @@ impl Admission {
                 ticket,
                 deadline,
                 slot: Some(slot),
+                traceparent,
             }))
         };
         crate::call::call_registered_until(name, ask, deadline).await
@@ -319,6 +325,7 @@ async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending)
     record.batch_id = p.submission.batch_id;
     record.html = p.submission.html;
     record.priority = p.submission.priority;
+    record.traceparent = p.traceparent;
     let waiting = Waiting {
         record,
         reply: p.reply,
@@ -372,6 +379,22 @@ async fn flush(state: &mut RouterState) {
     });
 }
 
+/// One `commit` span per record of a traced request, child of its request's span: the group
+/// commit is shared, each message's trace shows it (insert, answer, stream append). Ended
+/// when dropped, after the append.
+fn commit_spans(records: &[Communication]) -> Vec<tracing::Span> {
+    let n = records.len();
+    records
+        .iter()
+        .filter(|r| r.traceparent.is_some())
+        .map(|r| {
+            let span = tracing::info_span!("commit", communication_id = %r.id, batch = n);
+            crate::trace_context::adopt(&span, r.traceparent.as_deref());
+            span
+        })
+        .collect()
+}
+
 /// What a batch's writer task needs.
 struct Writer {
     store: Arc<dyn Store>,
@@ -390,6 +413,7 @@ impl Writer {
         let started = std::time::Instant::now();
         let records: Vec<Communication> = batch.iter().map(|w| w.record.clone()).collect();
         metrics::histogram!("router_batch_records").record(records.len() as f64);
+        let _spans = commit_spans(&records);
         let mut voided = vec![false; batch.len()];
         let insert = self.store.insert_many(&records);
         let results = match self.race_deadlines(insert, &batch, &mut voided).await {
@@ -687,6 +711,7 @@ mod tests {
                     ticket: Ticket::new(),
                     deadline: Instant::now() + Duration::from_secs(60),
                     slot: None,
+                    traceparent: None,
                 }))
             };
             match router.call(ask, None).await {

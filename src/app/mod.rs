@@ -4,6 +4,7 @@
 
 mod children;
 mod metric_docs;
+pub mod otel;
 mod parts;
 pub mod server;
 mod telemetry;

@@ -238,6 +238,10 @@ impl MongoStore {
         if let Some(h) = &r.html {
             d.insert("html", h);
         }
+        // Its trace context, for its receipts' spans; not in the tenants' view.
+        if let Some(t) = &r.traceparent {
+            d.insert("traceparent", t);
+        }
         // Records from before lanes have none: normal.
         d.insert("priority", r.priority.as_str());
         if let Some(at) = r.send_at {
@@ -301,6 +305,7 @@ impl MongoStore {
                 .ok()
                 .and_then(Priority::parse)
                 .unwrap_or_default(),
+            traceparent: d.get_str("traceparent").ok().map(str::to_string),
         })
     }
 

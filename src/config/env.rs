@@ -104,7 +104,8 @@ const fn var(name: &'static str, setting: &'static str, doc: &'static str, set: 
     }
 }
 
-/// Read where it is used (`API_KEYS` with the keys file, `RUST_LOG` by the log filter).
+/// Read where it is used (`API_KEYS` with the keys file, `RUST_LOG` by the log filter, the
+/// `OTEL_*` variables by the OpenTelemetry SDK and `app::otel`).
 const fn read_elsewhere(name: &'static str, doc: &'static str) -> EnvVar {
     EnvVar {
         name,
@@ -145,6 +146,13 @@ pub const ENV: &[EnvVar] = &[
     var("MAX_CONNECTIONS", "server.max_connections", "open connections at once", set!(num => server.max_connections)),
     var("ALLOW_INSECURE_TRANSPORT", "server.allow_insecure_transport", "let unencrypted links leave this host (private networks only)", set!(flag => server.allow_insecure_transport)),
     read_elsewhere("RUST_LOG", "log levels, as tracing's EnvFilter reads them (default `info,warp=warn`)"),
+    read_elsewhere("OTEL_EXPORTER_OTLP_ENDPOINT", "OTLP/HTTP collector; traces go to `{it}/v1/traces` (unset: traces off)"),
+    read_elsewhere("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "the traces URL itself, instead of the one above"),
+    read_elsewhere("OTEL_EXPORTER_OTLP_HEADERS", "`key=value,…` headers on each export (a collector's auth)"),
+    read_elsewhere("OTEL_SERVICE_NAME", "the spans' `service.name` (default `comm-aggregator`)"),
+    read_elsewhere("OTEL_TRACES_SAMPLER", "`parentbased_always_on` (default), `traceidratio`, `parentbased_traceidratio`, `always_off`…"),
+    read_elsewhere("OTEL_TRACES_SAMPLER_ARG", "the ratio of the `*traceidratio` samplers"),
+    read_elsewhere("OTEL_BSP_SCHEDULE_DELAY", "milliseconds between span exports (default 5000)"),
     var("MONGODB_URL", "mongodb.url", "MongoDB", set!(url => mongodb.url)),
     var("MONGODB_DATABASE", "mongodb.database", "database", set!(text => mongodb.database)),
     var("REDIS_URL", "redis.url", "Redis (`rediss://` for TLS); a cluster's seed nodes, comma-separated", set!(url => redis.url)),

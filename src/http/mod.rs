@@ -22,7 +22,8 @@
 //! - `operations.rs`: health, readiness, metrics, the OpenAPI document, provider health.
 //!
 //! This file assembles the routes and wraps them in what every request gets: an
-//! `x-request-id`, a tracing span, and the request metrics.
+//! `x-request-id`, a tracing span (a child of the caller's `traceparent`, when traces are
+//! exported), and the request metrics.
 
 mod body;
 mod bulk;
@@ -92,8 +93,12 @@ pub fn routes(
             },
         )
         .with(warp::trace(|info| {
-            tracing::info_span!("http", method = %info.method(), path = %info.path(),
-                request_id = tracing::field::Empty)
+            let span = tracing::info_span!("http", method = %info.method(), path = %info.path(),
+                request_id = tracing::field::Empty);
+            // A caller's W3C `traceparent` makes this request's span part of its trace.
+            let parent = info.request_headers().get("traceparent");
+            actors::trace_context::adopt(&span, parent.and_then(|v| v.to_str().ok()));
+            span
         }))
         .with(warp::log::custom(|info| {
             let route = routes::route_label(info.path());

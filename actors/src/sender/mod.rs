@@ -208,6 +208,7 @@ pub async fn deliver(args: &SenderArgs, owner: &str, entries: Vec<StreamEntry>) 
                         stages::EntryRef {
                             entry_id: t.entry_id,
                             record_id,
+                            traceparent: t.claimed.record.traceparent,
                         },
                         due,
                     )
@@ -298,6 +299,20 @@ mod tests {
     use crate::testing::{
         self, Answer, MemoryQueue, MemoryStore, QueueMethod, ScriptedProvider, StoreMethod,
     };
+
+    /// The trace context crosses the stream hop in the entry: written by the router
+    /// (`stream_fields`), read back with the entry before the claim.
+    #[test]
+    fn the_stream_entry_carries_the_trace_context_to_the_sender() {
+        let mut rec = testing::record(1, Channel::Sms);
+        let untraced = testing::stream_entry("1-0", &rec);
+        assert_eq!(untraced.field("traceparent"), None);
+        rec.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let entry = testing::stream_entry("1-0", &rec);
+        let p = stages::partition(Channel::Sms, &[entry, untraced]);
+        assert_eq!(p.valid[0].traceparent, rec.traceparent);
+        assert_eq!(p.valid[1].traceparent, None);
+    }
 
     pub(super) struct Fixture {
         pub(super) store: Arc<MemoryStore>,

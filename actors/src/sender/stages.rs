@@ -38,6 +38,8 @@ const LOG_BACKOFF: Backoff =
 pub struct EntryRef {
     pub entry_id: String,
     pub record_id: String,
+    /// The trace context the entry carries ([`crate::trace_context`]).
+    pub traceparent: Option<String>,
 }
 
 /// The entries of a batch, sorted by whether they name a record.
@@ -100,6 +102,7 @@ pub fn partition(channel: Channel, entries: &[StreamEntry]) -> Partition {
             Some(id) if is_object_id(id) => p.valid.push(EntryRef {
                 entry_id: e.id.clone(),
                 record_id: id.to_string(),
+                traceparent: e.field("traceparent").map(str::to_string),
             }),
             _ => {
                 tracing::error!(entry = %e.id, channel, "stream entry without a valid _id; acknowledged and dropped");
@@ -129,10 +132,16 @@ pub async fn claim(
     let mut claims = Claims::default();
     for (entry, answer) in valid.into_iter().zip(answers) {
         match answer {
-            ClaimResult::Claimed(c) => claims.to_send.push(ToSend {
-                entry_id: entry.entry_id,
-                claimed: *c,
-            }),
+            ClaimResult::Claimed(mut c) => {
+                // The provider call continues the trace the stream entry carries.
+                if entry.traceparent.is_some() {
+                    c.record.traceparent = entry.traceparent;
+                }
+                claims.to_send.push(ToSend {
+                    entry_id: entry.entry_id,
+                    claimed: *c,
+                })
+            }
             ClaimResult::Skip(why) => {
                 tracing::debug!(id = %entry.record_id, why, "nothing to send");
                 claims.skipped.push(entry.entry_id);
@@ -275,6 +284,7 @@ pub async fn call_provider(
     let channel = args.channel.as_str();
     let turns: Vec<Turn> = futures::stream::iter(to_send.into_iter().map(|t| {
         let span = tracing::info_span!("communication", id = %t.claimed.record.id, channel);
+        crate::trace_context::adopt(&span, t.claimed.record.traceparent.as_deref());
         take_turn(args, owner, held, t, claimed_at).instrument(span)
     }))
     .buffer_unordered(args.concurrency.max(1))
@@ -305,6 +315,7 @@ async fn take_turn(
     let entry = EntryRef {
         entry_id: t.entry_id.clone(),
         record_id: record.id.clone(),
+        traceparent: record.traceparent.clone(),
     };
     let lease_until = claimed_at + args.stale_after;
     let order = args.routes.order(&record.tenant);
