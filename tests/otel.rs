@@ -164,3 +164,30 @@ async fn without_an_endpoint_no_trace_context_is_carried() {
     let rec = record_in(&stack, &id, "delivered").await;
     assert!(rec.get("traceparent").is_none(), "{rec}");
 }
+
+/// The spans still batched when SIGTERM comes (the export interval here is ten minutes) are
+/// exported once the shutdown's stages are over, before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_batched_at_shutdown_are_exported_before_the_exit() {
+    let _one = one_at_a_time().await;
+    let (url, got) = receiver().await;
+    let (_stack, mut svc) = tokio::task::block_in_place(|| {
+        let stack = Stack::start();
+        let svc = stack.start_service(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &url),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ]);
+        (stack, svc)
+    });
+    let traceparent = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
+    accept(svc.port, &unique("flushed"), &traceparent).await;
+    svc.proc.signal(libc::SIGTERM);
+    let exit = tokio::task::block_in_place(|| svc.proc.child.wait()).unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let all = spans(&got);
+    let http = all
+        .iter()
+        .find(|s| s["name"] == "http" && s["traceId"] == TRACE_ID)
+        .expect("the request's span, exported at shutdown");
+    assert_eq!(http["parentSpanId"], CALLER_SPAN);
+}
