@@ -44,6 +44,8 @@
 //! - [`ports`]: the traits the actors need (`Store`, `Queue`, `SearchSink`, `Provider`) and
 //!   [`ports::DependencyError`] with its typed kinds.
 //! - [`testing`]: in-memory ports with scripted failures and recorded calls (test doubles).
+//! - [`trace_context`]: the W3C `traceparent` a message carries from its request to its
+//!   provider call and receipt, through hooks the edge installs when traces are exported.
 //! - [`health`]: per-provider circuit breaker and token bucket, pure over an explicit `now`.
 //! - [`routing`]: a channel's providers (each with its health and weight) and the pure
 //!   choice of the order to try them in (`failover` or `weighted`).

@@ -315,7 +315,7 @@ fn settle_live(
 ) {
     match result {
         ReceiptResult::Applied(rec) => {
-            trace_receipt(&rec, &w.receipt);
+            trace_receipt(&rec, &w.receipt.update, w.receipt.service);
             out.events.push(receipt_event(
                 &rec,
                 &w.receipt.update,
@@ -345,6 +345,7 @@ fn settle_parked(
     for (p, result) in parked.into_iter().zip(results) {
         match result {
             ReceiptResult::Applied(rec) => {
+                trace_receipt(&rec, &p.update, &p.service);
                 if let Ok(status) = EventStatus::try_from(p.update.status) {
                     out.events
                         .push(receipt_event(&rec, &p.update, &p.service, status));
@@ -411,12 +412,12 @@ async fn park(state: &mut ReceiptState, out: &mut Settled) {
 
 /// A `receipt` span in the message's trace (the context stored on its record), ended at
 /// once: it marks when the receipt was applied and what it said.
-fn trace_receipt(rec: &crate::domain::Communication, r: &Receipt) {
+fn trace_receipt(rec: &crate::domain::Communication, u: &ReceiptUpdate, service: &str) {
     if rec.traceparent.is_none() {
         return;
     }
     let span = tracing::info_span!("receipt", communication_id = %rec.id,
-        status = r.update.status.as_str(), service = r.service);
+        status = u.status.as_str(), service);
     crate::trace_context::adopt(&span, rec.traceparent.as_deref());
     drop(span.enter());
 }
