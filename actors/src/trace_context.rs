@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 
 /// How the edge reads and sets a span's trace context.
 pub struct Hooks {
-    /// The `traceparent` of the current tracing span, if it is sampled.
+    /// The `traceparent` of the current tracing span, if it has a valid context (sampled or
+    /// not: its flags travel with it).
     pub current: fn() -> Option<String>,
     /// Make the context of a `traceparent` the parent of a span not yet entered.
     pub adopt: fn(&tracing::Span, &str),
