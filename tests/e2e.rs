@@ -115,6 +115,11 @@ async fn sms_is_sent_through_twilio_recorded_and_indexed() {
         "sms_stream",
     )
     .await;
+    // The receipt's update keeps the provider that sent it in the search document.
+    let docs = stack
+        .es_search("communications", json!({"term": {"communicationId": id}}))
+        .await;
+    assert_eq!(docs[0]["_source"]["provider"], "twilio", "{docs:?}");
     let matches = stack
         .sandbox_messages()
         .await

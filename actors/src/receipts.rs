@@ -429,6 +429,8 @@ fn receipt_event(
     status: EventStatus,
 ) -> LogEvent {
     let mut ev = LogEvent::for_record(rec, service, status, rec.attempts, Utc::now());
+    // The provider that sent it, so the search document keeps it after a receipt.
+    ev.provider = rec.provider.clone();
     ev.provider_message_id = Some(u.provider_message_id.clone());
     ev.error = u.error.as_ref().map(|(c, m)| format!("{c}: {m}"));
     metrics::counter!("delivery_receipts_total", "service" => service.to_string(), "status" => u.status.as_str())
@@ -566,6 +568,7 @@ mod tests {
         assert!(f.store.script.count(StoreMethod::ApplyReceipts) >= 2);
         let ev = LogEvent::from_entry(&f.queue.entries(LOG_STREAM)[0]).unwrap();
         assert_eq!(ev.status, EventStatus::Delivered);
+        assert_eq!(ev.provider.as_deref(), Some("twilio"), "the sender's provider kept");
     }
 
     #[tokio::test(start_paused = true)]
