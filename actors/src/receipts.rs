@@ -568,7 +568,11 @@ mod tests {
         assert!(f.store.script.count(StoreMethod::ApplyReceipts) >= 2);
         let ev = LogEvent::from_entry(&f.queue.entries(LOG_STREAM)[0]).unwrap();
         assert_eq!(ev.status, EventStatus::Delivered);
-        assert_eq!(ev.provider.as_deref(), Some("twilio"), "the sender's provider kept");
+        assert_eq!(
+            ev.provider.as_deref(),
+            Some("twilio"),
+            "the sender's provider kept"
+        );
     }
 
     #[tokio::test(start_paused = true)]

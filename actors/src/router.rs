@@ -580,10 +580,7 @@ pub fn queue_entries(
     let event = LogEvent::for_record(rec, service, EventStatus::Queued, 0, now);
     [
         (LOG_STREAM, event.to_fields()),
-        (
-            shards.for_record(rec.channel, rec.priority, &rec.id),
-            rec.stream_fields(),
-        ),
+        (shards.for_record(rec), rec.stream_fields()),
     ]
 }
 

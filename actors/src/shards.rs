@@ -2,8 +2,11 @@
 //! channel's load spreads over the nodes of a Redis Cluster. With one shard (the default)
 //! a channel has the seed's `{type}_stream`; with N, `{type}_stream:{0}` …
 //! `{type}_stream:{N-1}`, the shard number in a hash tag, so that each shard (and its
-//! dead-letter stream `…:{i}:dlq`) lives in its own slot. A record always goes to the
-//! shard its id hashes to; every shard has its own reader.
+//! dead-letter stream `…:{i}:dlq`) lives in its own slot. A record goes to the shard its
+//! id hashes to, or with `by_tenant` the shard its tenant hashes to; every shard has its
+//! own reader, and the shards' readers take turns at the channel's sender, so tenants in
+//! different shards are served side by side whatever backlog another has queued (README,
+//! "Lanes and fair share").
 //!
 //! Lanes: a record's `priority` picks the lane. Normal keeps the names above (so nothing
 //! queued before lanes is stranded); high and bulk have their own streams beside each:
@@ -12,7 +15,7 @@
 //! So the three lanes of a shard (and their `…:dlq`) share a slot, and one XREADGROUP
 //! reads them together, even on a Redis Cluster.
 
-use crate::domain::{Channel, Priority};
+use crate::domain::{Channel, Communication, Priority};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -20,9 +23,10 @@ use std::sync::{Mutex, OnceLock};
 /// The stream names made so far, by channel, lane and shard.
 type Names = HashMap<(Channel, Priority, u32), &'static str>;
 
-/// How many streams each channel's is split into (at least one).
+/// How many streams each channel's is split into (at least one), and whether a record's
+/// tenant picks its shard (rather than its id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamShards(u32);
+pub struct StreamShards(u32, bool);
 
 impl Default for StreamShards {
     fn default() -> Self {
@@ -31,10 +35,20 @@ impl Default for StreamShards {
 }
 
 impl StreamShards {
-    pub const ONE: StreamShards = StreamShards(1);
+    pub const ONE: StreamShards = StreamShards(1, false);
 
     pub fn new(n: u32) -> StreamShards {
-        StreamShards(n.max(1))
+        StreamShards(n.max(1), false)
+    }
+
+    /// The shard of a record picked by its tenant: all of a tenant's records in one shard,
+    /// tenants spread over the shards.
+    pub fn by_tenant(self, yes: bool) -> StreamShards {
+        StreamShards(self.0, yes)
+    }
+
+    pub fn is_by_tenant(self) -> bool {
+        self.1
     }
 
     pub fn count(self) -> u32 {
@@ -96,10 +110,17 @@ impl StreamShards {
             .collect()
     }
 
-    /// The stream of `lane` in the shard that the record `id` hashes to (FNV-1a, so the
-    /// same in every process).
-    pub fn for_record(self, channel: Channel, lane: Priority, id: &str) -> &'static str {
-        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+    /// The stream of the record's lane in its shard: the one its id hashes to, or its
+    /// tenant with `by_tenant`.
+    pub fn for_record(self, rec: &Communication) -> &'static str {
+        let key = if self.1 { &rec.tenant } else { &rec.id };
+        self.for_key(rec.channel, rec.priority, key)
+    }
+
+    /// The stream of `lane` in the shard that `key` hashes to (FNV-1a, so the same in
+    /// every process).
+    pub fn for_key(self, channel: Channel, lane: Priority, key: &str) -> &'static str {
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         self.lane_stream(channel, lane, (hash % u64::from(self.0)) as u32)
@@ -125,7 +146,7 @@ mod tests {
             ["sms_stream"]
         );
         assert_eq!(
-            one.for_record(Channel::Email, Priority::Normal, "abc"),
+            one.for_key(Channel::Email, Priority::Normal, "abc"),
             "email_stream"
         );
         assert_eq!(StreamShards::new(0), one);
@@ -142,10 +163,10 @@ mod tests {
         let mut per_shard: HashMap<&str, usize> = HashMap::new();
         for n in 0..300 {
             let id = format!("65f0c0de00000000{n:08x}");
-            let s = three.for_record(Channel::Sms, Priority::Normal, &id);
+            let s = three.for_key(Channel::Sms, Priority::Normal, &id);
             assert_eq!(
                 s,
-                three.for_record(Channel::Sms, Priority::Normal, &id),
+                three.for_key(Channel::Sms, Priority::Normal, &id),
                 "stable"
             );
             *per_shard.entry(s).or_default() += 1;
@@ -176,8 +197,8 @@ mod tests {
             ]
         );
         let id = "65f0c0de0000000000000001";
-        let high = two.for_record(Channel::Email, Priority::High, id);
-        let normal = two.for_record(Channel::Email, Priority::Normal, id);
+        let high = two.for_key(Channel::Email, Priority::High, id);
+        let normal = two.for_key(Channel::Email, Priority::Normal, id);
         assert_eq!(
             high.rsplit(':').next(),
             normal.rsplit(':').next(),

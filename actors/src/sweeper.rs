@@ -96,7 +96,7 @@ impl Actor for OutboxSweeper {
                 let entries: Vec<(&str, Vec<(&str, String)>)> = records
                     .iter()
                     .map(|r| {
-                        let stream = a.shards.for_record(r.channel, r.priority, &r.id);
+                        let stream = a.shards.for_record(r);
                         (stream, r.stream_fields())
                     })
                     .collect();

@@ -109,7 +109,7 @@ fn fanout_spec(cfg: &Config, parts: &Parts, p: &Ports) -> ChildSpec {
 
 /// How each channel's stream is split.
 fn shards(cfg: &Config) -> StreamShards {
-    StreamShards::new(cfg.redis.stream_shards)
+    StreamShards::new(cfg.redis.stream_shards).by_tenant(cfg.redis.shard_by_tenant)
 }
 
 /// The store as the senders, the ReceiptActor and the router see it: with the limiter on,

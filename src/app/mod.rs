@@ -207,7 +207,8 @@ fn http_state(
             &parts.store,
             cfg.sweeper.recheck,
         )),
-        shards: actors::shards::StreamShards::new(cfg.redis.stream_shards),
+        shards: actors::shards::StreamShards::new(cfg.redis.stream_shards)
+            .by_tenant(cfg.redis.shard_by_tenant),
         templates: Arc::new(crate::clients::templates::MongoTemplates::new(
             parts.store.database(),
         )),

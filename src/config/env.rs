@@ -158,6 +158,7 @@ pub const ENV: &[EnvVar] = &[
     var("REDIS_URL", "redis.url", "Redis (`rediss://` for TLS); a cluster's seed nodes, comma-separated", set!(url => redis.url)),
     var("REDIS_CLUSTER", "redis.cluster", "`REDIS_URL` names a Redis Cluster", set!(flag => redis.cluster)),
     var("REDIS_STREAM_SHARDS", "redis.stream_shards", "streams each channel's is split into (1: `{type}_stream`)", set!(num => redis.stream_shards)),
+    var("REDIS_SHARD_BY_TENANT", "redis.shard_by_tenant", "a record's shard picked by its tenant, not its id: tenants in different shards go side by side", set!(flag => redis.shard_by_tenant)),
     var("REDIS_GROUP", "redis.group", "consumer group on every stream", set!(text => redis.group)),
     var("CONSUMER_NAME", "redis.consumer_name", "this instance's consumer name", set!(text => redis.consumer_name)),
     var("READ_COUNT", "redis.read_count", "entries a consumer reads (and hands its sender) at once", set!(num => redis.read_count)),

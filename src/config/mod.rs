@@ -250,6 +250,9 @@ pub struct Redis {
     pub cluster: bool,
     /// Each channel's stream split into this many (`{type}_stream:{0}`…; 1: `{type}_stream`).
     pub stream_shards: u32,
+    /// A record's shard is picked by its tenant rather than its id (fair share across
+    /// tenants whatever one has queued; one tenant's load stays on one shard).
+    pub shard_by_tenant: bool,
     pub group: String,
     pub consumer_name: String,
     pub read_count: usize,

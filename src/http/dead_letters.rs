@@ -117,7 +117,7 @@ async fn queue_replayed(state: &AppState, d: &Document) {
     metrics::counter!("dead_letters_replayed_total", "channel" => rec.channel.as_str())
         .increment(1);
     tracing::info!(id = %rec.id, "dead letter replayed");
-    let stream = state.shards.for_record(rec.channel, rec.priority, &rec.id);
+    let stream = state.shards.for_record(&rec);
     if let Err(e) = state.queue.append(&[(stream, rec.stream_fields())]).await {
         tracing::warn!(error = %e, id = %rec.id, "replayed entry not queued; the sweeper queues it");
     }
