@@ -1,8 +1,9 @@
-"""What the FallbackActor's look costs: one due look (the service's filter: fallbacks not
-settled whose `fallbackAt` passed or whose record failed, oldest first, at most 500) with
-100 fallbacks due, N settled ones and 1,000 not yet due among 10,000 records that asked for
-none, for a partial index on `fallbackAt` (the index before this change) and a sparse one
-(the service's now; SecantusDB does not plan with partial indexes).
+"""What the FallbackActor's look costs: one due look with 100 fallbacks due, N settled ones
+and 1,000 not yet due among 10,000 records that asked for none. Before: one filter (not
+settled, and `fallbackAt` passed or the record failed, oldest first, at most 500) over a
+partial index on `fallbackAt`, or a sparse one. Now (the service's): one range read of
+`fallbackDueAt`, which only unsettled fallbacks carry, in a sparse index (the due ones and
+the failed ones picked from what it reads).
 
     scripts/stack.sh up && .venv/bin/python scripts/fallback-due.py
 
@@ -33,21 +34,28 @@ def fill(col, settled):
         {"status": "delivered", "fallbackAt": now - i * sec, "fallbackSettledAt": now, "msg": "x" * 100}
         for i in range(settled)
     ]
-    docs += [{"status": "sent", "fallbackAt": now + (i + 60) * sec, "msg": "x"} for i in range(1_000)]
-    docs += [{"status": "sent", "fallbackAt": now - i * sec, "msg": "x"} for i in range(100)]
+    later = [now + (i + 60) * sec for i in range(1_000)]
+    docs += [{"status": "sent", "fallbackAt": t, "fallbackDueAt": t, "msg": "x"} for t in later]
+    due = [now - i * sec for i in range(100)]
+    docs += [{"status": "sent", "fallbackAt": t, "fallbackDueAt": t, "msg": "x"} for t in due]
     for i in range(0, len(docs), 5000):
         col.insert_many(docs[i : i + 5000])
 
 
-def look(col):
+LAST = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
+RANGE = {"fallbackDueAt": {"$lte": LAST}}
+
+
+def look(col, query, field, limit):
     def once():
-        return list(col.find(QUERY, {"_id": 1}).sort("fallbackAt", 1).limit(500))
+        found = col.find(query, {"_id": 1, "status": 1, field: 1}).sort(field, 1).limit(limit)
+        return [d for d in found if d[field].replace(tzinfo=datetime.timezone.utc) <= now or d["status"] == "failed"]
 
     assert len(once()) == 100
     start = time.perf_counter()
     for _ in range(LOOKS):
         once()
-    plan = col.find(QUERY).sort("fallbackAt", 1).limit(500).explain()["queryPlanner"]["winningPlan"]
+    plan = col.find(query).sort(field, 1).limit(limit).explain()["queryPlanner"]["winningPlan"]
     stages = []
     while plan:
         stages.append(plan.get("stage"))
@@ -55,16 +63,18 @@ def look(col):
     return (time.perf_counter() - start) / LOOKS * 1000, ">".join(stages)
 
 
-print(f"{'index':<32} {'settled':>8} {'ms a look':>10}  plan")
+print(f"{'index':<40} {'settled':>8} {'ms a look':>10}  plan")
 for settled in (1_000, 10_000, 50_000):
-    for name, opts in [
-        ("partial fallbackAt (before)", {"partialFilterExpression": {"fallbackAt": {"$exists": True}}}),
-        ("sparse fallbackAt (now)", {"sparse": True}),
+    for name, key, opts, query, limit in [
+        ("partial fallbackAt (before)", "fallbackAt",
+         {"partialFilterExpression": {"fallbackAt": {"$exists": True}}}, QUERY, 500),
+        ("sparse fallbackAt, same filter", "fallbackAt", {"sparse": True}, QUERY, 500),
+        ("sparse fallbackDueAt, a range (now)", "fallbackDueAt", {"sparse": True}, RANGE, 10_000),
     ]:
         col = db["communications"]
         col.drop()
-        col.create_index([("fallbackAt", 1)], name="fallback_due", **opts)
+        col.create_index([(key, 1)], name="fallback_due", **opts)
         fill(col, settled)
-        ms, plan = look(col)
-        print(f"{name:<32} {settled:>8,} {ms:>10.1f}  {plan}")
+        ms, plan = look(col, query, key, limit)
+        print(f"{name:<40} {settled:>8,} {ms:>10.1f}  {plan}")
 client.drop_database("fallback-due-scratch")

@@ -4,6 +4,12 @@
 //! subject?}` and `fallbackAt` (its creation plus `afterSeconds`). Settling sets
 //! `fallbackSettledAt`, and `fallbackId` when a fallback was sent. Due: not settled, and
 //! `fallbackAt` passed or the record `failed`.
+//!
+//! The look reads `fallbackDueAt`, a copy of `fallbackAt` that a record carries only until
+//! its fallback is settled, by one range read in its sparse index: SecantusDB plans a
+//! range on one field with an index, but scans the whole collection for the `$exists` /
+//! `$or` filter this look had before (`scripts/fallback-due.py`). So a look reads the
+//! fallbacks not yet settled, oldest first, and no other record.
 
 use super::scheduled::oldest_due;
 use actors::domain::{Channel, Fallback, NewCommunication, Status};
@@ -12,6 +18,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mongodb::bson::{doc, oid::ObjectId, DateTime as BsonDate, Document};
 use mongodb::Collection;
+
+/// A record's fallback time while its fallback is not settled (absent once it is).
+pub const DUE_FIELD: &str = "fallbackDueAt";
+
+/// 9999-12-31T23:59:59Z: the upper end of the look's range (every date a server stores).
+const LAST_DATE: BsonDate = BsonDate::from_millis(253_402_300_799_000);
+
+/// The longest a look reads past the due ones, for records that failed before their time.
+const UNSETTLED_READ_MAX: i64 = 10_000;
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
     DependencyError::new(Dependency::MongoDb, e)
@@ -65,16 +80,22 @@ impl Fallbacks for MongoFallbacks {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<DueFallback>, DependencyError> {
-        let filter = doc! {
-            "fallbackAt": {"$exists": true},
-            "fallbackSettledAt": {"$exists": false},
-            "$or": [
-                {"fallbackAt": {"$lte": BsonDate::from_millis(now.timestamp_millis())}},
-                {"status": Status::Failed.as_str()},
-            ],
-        };
-        let projection = doc! {"tenant": 1, "status": 1, "fallback": 1, "priority": 1};
-        let docs = oldest_due(&self.coll, filter, "fallbackAt", limit, projection).await?;
+        // Every unsettled fallback, oldest first (a range on one field, so an index read):
+        // those due by time come first; of the rest, the records that already failed.
+        let filter = doc! {DUE_FIELD: {"$lte": LAST_DATE}};
+        let projection =
+            doc! {"tenant": 1, "status": 1, "fallback": 1, "priority": 1, DUE_FIELD: 1};
+        let now = BsonDate::from_millis(now.timestamp_millis());
+        let limit_read = (limit as i64).max(UNSETTLED_READ_MAX) as usize;
+        let docs: Vec<Document> = oldest_due(&self.coll, filter, DUE_FIELD, limit_read, projection)
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.get_datetime(DUE_FIELD).is_ok_and(|t| *t <= now)
+                    || d.get_str("status") == Ok(Status::Failed.as_str())
+            })
+            .take(limit)
+            .collect();
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -109,10 +130,42 @@ impl Fallbacks for MongoFallbacks {
         self.coll
             .update_one(
                 doc! {"_id": oid, "fallbackSettledAt": {"$exists": false}},
-                doc! {"$set": set},
+                doc! {"$set": set, "$unset": {DUE_FIELD: ""}},
             )
             .await
             .map_err(err)?;
         Ok(())
     }
+}
+
+/// Records from before `fallbackDueAt` whose fallback is not settled get it (a copy of
+/// `fallbackAt`), so the look finds them; run at start-up, before the index is used.
+pub async fn add_due_fields(coll: &Collection<Document>) -> Result<u64, DependencyError> {
+    use futures::TryStreamExt;
+    let old: Vec<Document> = coll
+        .find(doc! {
+            "fallbackAt": {"$exists": true},
+            "fallbackSettledAt": {"$exists": false},
+            DUE_FIELD: {"$exists": false},
+        })
+        .projection(doc! {"fallbackAt": 1})
+        .await
+        .map_err(err)?
+        .try_collect()
+        .await
+        .map_err(err)?;
+    let mut n = 0;
+    for d in &old {
+        let (Ok(id), Ok(at)) = (d.get_object_id("_id"), d.get_datetime("fallbackAt")) else {
+            continue;
+        };
+        coll.update_one(
+            doc! {"_id": id, "fallbackSettledAt": {"$exists": false}},
+            doc! {"$set": {DUE_FIELD: *at}},
+        )
+        .await
+        .map_err(err)?;
+        n += 1;
+    }
+    Ok(n)
 }

@@ -23,6 +23,8 @@ use tokio::time::Instant;
 pub const IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
 /// Its predecessor, one key space for every tenant; dropped once the new one exists.
 const OLD_IDEMPOTENCY_INDEX: &str = "idempotency";
+/// The FallbackActor's partial index before `fallback_due_at`; dropped once that exists.
+const OLD_FALLBACK_INDEX: &str = "fallback_due";
 /// Examples of clashing keys named in the error.
 const CLASH_EXAMPLES: i64 = 5;
 
@@ -164,14 +166,12 @@ fn models() -> Vec<IndexModel> {
             .keys(doc! {"updatedAt": -1})
             .options(named("recently_changed").build())
             .build(),
-        // The FallbackActor's look for fallbacks due; only records that asked for one.
+        // The FallbackActor's look: `fallbackDueAt` exists only while a record's fallback
+        // is not settled, so the index holds those alone (sparse, not partial: see
+        // `scheduled_due`; it replaces the partial `fallback_due`, dropped below).
         IndexModel::builder()
-            .keys(doc! {"fallbackAt": 1})
-            .options(
-                named("fallback_due")
-                    .partial_filter_expression(doc! {"fallbackAt": {"$exists": true}})
-                    .build(),
-            )
+            .keys(doc! {super::fallbacks::DUE_FIELD: 1})
+            .options(named("fallback_due_at").sparse(true).build())
             .build(),
         // A bulk send's counts by status: only records of a bulk send carry `batchId`, so
         // a sparse index holds those alone (sparse, not partial: see `scheduled_due`).
@@ -218,6 +218,16 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
     }
     if let Err(e) = coll.drop_index(OLD_IDEMPOTENCY_INDEX).await {
         tracing::debug!(error = %e, "no tenant-less idempotency index to drop");
+    }
+    let n = super::fallbacks::add_due_fields(coll).await?;
+    if n > 0 {
+        tracing::info!(
+            n,
+            "unsettled fallbacks of an earlier version given fallbackDueAt"
+        );
+    }
+    if let Err(e) = coll.drop_index(OLD_FALLBACK_INDEX).await {
+        tracing::debug!(error = %e, "no partial fallback index to drop");
     }
     Ok(())
 }

@@ -220,14 +220,14 @@ impl MongoStore {
         }
         if let Some(f) = &r.fallback {
             d.insert("fallback", super::fallbacks::fallback_doc(f));
-            d.insert(
-                "fallbackAt",
-                // A scheduled message's wait starts when it is sent.
-                bdate(
-                    r.send_at.unwrap_or(r.created_at)
-                        + chrono::Duration::seconds(i64::from(f.after_secs)),
-                ),
+            // A scheduled message's wait starts when it is sent.
+            let at = bdate(
+                r.send_at.unwrap_or(r.created_at)
+                    + chrono::Duration::seconds(i64::from(f.after_secs)),
             );
+            d.insert("fallbackAt", at);
+            // Its copy, kept only until the fallback is settled (the FallbackActor's index).
+            d.insert(super::fallbacks::DUE_FIELD, at);
         }
         if let Some(of) = &r.fallback_of {
             d.insert("fallbackOf", of);
