@@ -2,7 +2,8 @@
 //! delivered is followed by its SMS once its time is up, exactly once, also when the
 //! service is killed in between; one that fails for good is followed at once; one that is
 //! read needs none; a fallback that could not be sent is refused with 400 and nothing is
-//! stored. The fallback and its first message are linked both ways.
+//! stored. The fallback and its first message are linked both ways. An unsettled fallback
+//! written by an earlier version (no `fallbackDueAt`) is seen to after the next start-up.
 
 mod common;
 
@@ -172,4 +173,38 @@ async fn a_fallback_that_cannot_be_sent_is_refused_and_nothing_is_stored() {
         .await
         .unwrap();
     assert!(stored.is_none(), "nothing stored");
+}
+
+/// A record of an earlier version (a fallback with `fallbackAt` and no `fallbackDueAt`) is
+/// given the due field at the next start-up, so its fallback is still seen to: settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsettled_fallback_of_an_earlier_version_is_seen_to_after_a_start() {
+    let (stack, svc) = shared_with(FAST);
+    let id = accept(
+        svc,
+        whatsapp("+15557654328", &unique("earlier version"), 3600),
+    )
+    .await;
+    // As an earlier version wrote it: no due field, and its time already passed.
+    let oid = mongodb::bson::oid::ObjectId::parse_str(&id).unwrap();
+    let past = mongodb::bson::DateTime::from_millis(
+        mongodb::bson::DateTime::now().timestamp_millis() - 1000,
+    );
+    stack
+        .records()
+        .await
+        .update_one(
+            doc! {"_id": oid},
+            doc! {"$unset": {"fallbackDueAt": ""}, "$set": {"fallbackAt": past}},
+        )
+        .await
+        .unwrap();
+    let again = stack.start_service(FAST);
+    let settled = eventually(WAIT, "the earlier version's fallback settled", || async {
+        let r = by_id(stack, &id).await;
+        r.get_datetime("fallbackSettledAt").is_ok().then_some(r)
+    })
+    .await;
+    assert!(settled.get("fallbackDueAt").is_none(), "{settled}");
+    drop(again);
 }
