@@ -37,19 +37,8 @@ async fn bulk_1000(msg: &str, base: u32, priority: Option<&str>) {
     if let Some(p) = priority {
         body["priority"] = json!(p);
     }
-    let res = client()
-        .post(svc.url("/api/v1/communications/bulk"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    let answer: Value = res.json().await.unwrap();
-    assert_eq!(
-        (status, answer["accepted"].as_u64()),
-        (200, Some(1000)),
-        "{answer}"
-    );
+    let answer = post_ok(svc, common::API_KEY, "/api/v1/communications/bulk", body).await;
+    assert_eq!(answer["accepted"].as_u64(), Some(1000), "{answer}");
 }
 
 /// An SMS of the other tenant, in `priority`'s lane: its id.
@@ -57,15 +46,7 @@ async fn other_tenant_sms(msg: &str, to: &str, priority: &str) -> String {
     let (_, svc) = shared();
     let body = json!({"type": "sms", "priority": priority,
                       "data": {"from": "+15550001111", "to": to, "msg": msg}});
-    let res = client_for(OTHER_KEY)
-        .post(svc.url("/api/v1/communication"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    let answer: Value = res.json().await.unwrap();
-    assert_eq!(status, 200, "{answer}");
+    let answer = post_ok(svc, OTHER_KEY, "/api/v1/communication", body).await;
     assert_eq!(answer["priority"], priority, "{answer}");
     answer["id"].as_str().unwrap().to_string()
 }
@@ -296,10 +277,12 @@ async fn with_shards_by_tenant_a_backlog_of_another_tenant_holds_no_one_back() {
     let last = seen.iter().rposition(|b| *b == few).unwrap();
     let behind = seen[..last].iter().filter(|b| **b == backlog).count() - before;
     println!("{n} shards by tenant: the five went out after {behind} more of the backlog of 2000");
-    // One batch of the backlog at the sender when they came, one more while they were
-    // read (`read_count` 100 each); without the shards by tenant: 2,000 − 400 ahead.
+    // Batches of the backlog (`read_count` 100 each): the one at the sender when they came,
+    // the one its reader handed over while theirs was still blocked in its read, and part
+    // of one more that was counted before they were queued. Without the shards by tenant:
+    // 2,000 − 400 ahead (measured 1,497).
     assert!(
-        behind <= 200,
+        behind <= 300,
         "the five waited behind {behind} of the backlog"
     );
     eventually(WAIT, "the backlog drained", || async {
@@ -360,19 +343,7 @@ async fn pending_in(db: u8, stream: &str) -> i64 {
     let url = format!("redis://127.0.0.1:{}/{db}", stack.redis_port);
     let client = redis::Client::open(url).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let v: redis::Value = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg("comm-aggregator")
-        .query_async(&mut c)
-        .await
-        .unwrap_or(redis::Value::Nil);
-    match v {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => -1,
-        },
-        _ => -1,
-    }
+    common::xpending_count(&mut c, stream, "comm-aggregator").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

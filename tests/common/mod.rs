@@ -614,20 +614,7 @@ impl Stack {
     }
 
     pub async fn pending(&self, stream: &str, group: &str) -> i64 {
-        let mut c = self.redis().await;
-        let v: redis::Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .query_async(&mut c)
-            .await
-            .unwrap_or(redis::Value::Nil);
-        match v {
-            redis::Value::Array(items) => match items.first() {
-                Some(redis::Value::Int(n)) => *n,
-                _ => -1,
-            },
-            _ => -1,
-        }
+        xpending_count(&mut self.redis().await, stream, group).await
     }
 }
 
@@ -1033,4 +1020,25 @@ pub fn scratch_redis(tag: &str) -> (Proc, String) {
     );
     server.wait_port(port, Duration::from_secs(10));
     (server, format!("redis://127.0.0.1:{port}"))
+}
+
+/// XPENDING's count of `stream` for `group` (-1: no such group).
+pub async fn xpending_count(
+    c: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> i64 {
+    let v: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(c)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    }
 }
