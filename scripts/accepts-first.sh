@@ -8,12 +8,18 @@
 #   ROUNDS=2      rounds of each setting
 #   MODES="on off" the settings, in the order of each round
 #   RECEIPTS=0    without Twilio status callbacks
+#   AF_BIN        run the binaries in this folder instead, building nothing (an older
+#                 commit's, copied aside, to compare side by side)
 # The stack's ports: STACK_*_PORT (see scripts/stack.sh), the service's AF_PORT (3095).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-cargo build --release --bin comm-aggregator --bin loadgen --bin provider-sandbox
-BIN="$ROOT/target/release"
+if [ -n "${AF_BIN:-}" ]; then
+  BIN="$(cd "$AF_BIN" && pwd)"
+else
+  cargo build --release --bin comm-aggregator --bin loadgen --bin provider-sandbox
+  BIN="$ROOT/target/release"
+fi
 ARGS=("$@" --rate 300 --seconds 60)
 # shellcheck source=lib/own-stack.sh
 . "$ROOT/scripts/lib/own-stack.sh"

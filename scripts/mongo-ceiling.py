@@ -22,7 +22,7 @@ client = pymongo.MongoClient(URL)
 db = client["ceiling-scratch"]
 col = db.get_collection("communications", write_concern=WriteConcern(j=True))
 col.drop()
-col.create_index([("status", 1), ("nextAttemptAt", 1)], name="due")
+col.create_index([("nextAttemptAt", 1)], name="next_attempt", sparse=True)
 col.create_index([("providerMessageId", 1)], name="provider_message")
 col.create_index(
     [("tenant", 1), ("idempotencyKey", 1)],

@@ -25,6 +25,8 @@ pub const IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
 const OLD_IDEMPOTENCY_INDEX: &str = "idempotency";
 /// The FallbackActor's partial index before `fallback_due_at`; dropped once that exists.
 const OLD_FALLBACK_INDEX: &str = "fallback_due";
+/// The OutboxSweeper's index before `next_attempt`; dropped once that exists.
+const OLD_DUE_INDEX: &str = "due";
 /// Examples of clashing keys named in the error.
 const CLASH_EXAMPLES: i64 = 5;
 
@@ -144,9 +146,13 @@ pub async fn build(
 fn models() -> Vec<IndexModel> {
     let named = |name: &str| IndexOptions::builder().name(name.to_string());
     vec![
+        // The OutboxSweeper's look (`super::sweep`): a range of `nextAttemptAt`, which a
+        // record carries only while it may still have to be sent, so the index holds those
+        // alone. It replaces `due` (`status`, `nextAttemptAt`), dropped below, which
+        // SecantusDB never planned the look with.
         IndexModel::builder()
-            .keys(doc! {"status": 1, "nextAttemptAt": 1})
-            .options(named("due").build())
+            .keys(doc! {"nextAttemptAt": 1})
+            .options(named(super::sweep::INDEX).sparse(true).build())
             .build(),
         IndexModel::builder()
             .keys(doc! {"tenant": 1, "idempotencyKey": 1})
@@ -228,6 +234,9 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
     }
     if let Err(e) = coll.drop_index(OLD_FALLBACK_INDEX).await {
         tracing::debug!(error = %e, "no partial fallback index to drop");
+    }
+    if let Err(e) = coll.drop_index(OLD_DUE_INDEX).await {
+        tracing::debug!(error = %e, "no status+nextAttemptAt index to drop");
     }
     Ok(())
 }

@@ -19,4 +19,5 @@ pub mod redis_conn;
 pub mod redis_queue;
 pub mod scheduled;
 pub mod suppressions;
+pub mod sweep;
 pub mod templates;

@@ -95,24 +95,6 @@ fn ambiguous(e: impl std::fmt::Display) -> DependencyError {
 /// (or of the placeholder that keeps that insert from landing): never sent.
 pub const VOID: &str = "void";
 
-/// The sweeper's filter for one channel: a record last queued (by the sweeper, or at its
-/// creation) after the time up to which the group is done with the stream still has an
-/// entry waiting (unread, or in a consumer's hands).
-fn sweep_scope(s: &SweepScope) -> Document {
-    // Records from before lanes have no `priority`: normal.
-    let priority = match s.priority {
-        Priority::Normal => doc! {"$in": [Bson::Null, "normal"]},
-        p => doc! {"$eq": p.as_str()},
-    };
-    match s.acked_up_to {
-        None => doc! {"type": s.channel.as_str(), "priority": priority},
-        Some(t) => doc! {"type": s.channel.as_str(), "priority": priority, "$or": [
-            {"queuedAt": {"$lte": bdate(t)}},
-            {"queuedAt": null, "createdAt": {"$lte": bdate(t)}},
-        ]},
-    }
-}
-
 /// The ids that are ObjectIds (others name no record).
 pub fn object_ids<S: AsRef<str>>(ids: &[S]) -> Vec<ObjectId> {
     ids.iter()
@@ -1235,17 +1217,7 @@ impl Store for MongoStore {
         if channels.is_empty() {
             return Ok(Vec::new());
         }
-        let scopes: Vec<Document> = channels.iter().map(sweep_scope).collect();
-        let docs: Vec<Document> = self
-            .coll
-            .find(doc! {"status": {"$in": ["pending", "sending"]}, "nextAttemptAt": {"$lte": bdate(now)},
-                        "$or": scopes})
-            .limit(limit as i64)
-            .await
-            .map_err(err)?
-            .try_collect()
-            .await
-            .map_err(err)?;
+        let docs = super::sweep::due(&self.coll, now, limit, channels).await?;
         if docs.is_empty() {
             return Ok(Vec::new());
         }
