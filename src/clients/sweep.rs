@@ -14,7 +14,9 @@
 //! themselves (channel, priority, queued before the lane's acknowledged point) are
 //! checked here, on the documents read. Oldest due first, in pages, at most
 //! [`PAGES`] pages a look, so a backlog of due records that are still on their stream
-//! costs a bounded read; a look always starts again from the oldest.
+//! costs a bounded answer; a look always starts again from the oldest. (SecantusDB still
+//! reads every record of the range to check the residual clauses: a look costs what the
+//! records past their next look are, few but for a backlog older than the recheck time.)
 //!
 //! [`MongoStore`]: crate::clients::mongo::MongoStore
 
