@@ -316,3 +316,62 @@ async fn a_bad_send_at_is_400_naming_it_and_nothing_is_stored() {
     assert!(now.get("sendAt").is_none());
     sent(stack, now["id"].as_str().unwrap()).await;
 }
+
+/// A record as versions before 2026-11-29 stored it: the due time in `scheduledDueAt`
+/// (under a sparse index of its own) and `nextAttemptAt` at the sweeper's first look, long
+/// past before `sendAt`. After a start it goes out at `sendAt`, not before, once; start-up
+/// has moved its due time to where a look reads it and dropped that index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_scheduled_by_an_earlier_version_is_sent_at_its_time_after_a_start() {
+    let stack = Stack::start();
+    let mut svc = stack.start_service(SCHED);
+    let msg = unique("scheduled by an earlier version");
+    let at = in_secs(6);
+    let id = accept(&svc, sms_at("+15557654321", &msg, &rfc3339(at))).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    svc.proc.kill();
+    let records = stack.records().await;
+    let oid = mongodb::bson::oid::ObjectId::parse_str(&id).unwrap();
+    let long_ago = mongodb::bson::DateTime::from_millis(Utc::now().timestamp_millis() - 60_000);
+    let due = mongodb::bson::DateTime::from_millis(at.timestamp_millis());
+    records
+        .update_one(
+            doc! {"_id": oid},
+            doc! {"$set": {"nextAttemptAt": long_ago, "scheduledDueAt": due}},
+        )
+        .await
+        .unwrap();
+    let old_index = mongodb::IndexModel::builder()
+        .keys(doc! {"scheduledDueAt": 1})
+        .options(
+            mongodb::options::IndexOptions::builder()
+                .name("scheduled_due".to_string())
+                .sparse(true)
+                .build(),
+        )
+        .build();
+    records.create_index(old_index).await.unwrap();
+    let svc = stack.start_service(SCHED);
+    let moved = eventually(WAIT, "the due time moved to nextAttemptAt", || async {
+        let r = stack.record(&id).await?;
+        r.get("scheduledDueAt").is_none().then_some(r)
+    })
+    .await;
+    assert_eq!(moved.get_str("status").unwrap(), "scheduled", "{moved}");
+    assert_eq!(
+        moved.get_datetime("nextAttemptAt").unwrap(),
+        &due,
+        "{moved}"
+    );
+    let names = records.list_index_names().await.unwrap();
+    assert!(!names.iter().any(|n| n == "scheduled_due"), "{names:?}");
+    nothing_before(&stack, &msg, at).await;
+    let record = sent(&stack, &id).await;
+    let sent_at = record.get_datetime("sentAt").unwrap().to_chrono();
+    assert!(sent_at >= at, "sent at {sent_at}, scheduled for {at}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(at_provider(&stack, &msg).await, 1);
+    drop(svc);
+}

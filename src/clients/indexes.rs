@@ -27,6 +27,8 @@ const OLD_IDEMPOTENCY_INDEX: &str = "idempotency";
 const OLD_FALLBACK_INDEX: &str = "fallback_due";
 /// The OutboxSweeper's index before `next_attempt`; dropped once that exists.
 const OLD_DUE_INDEX: &str = "due";
+/// The SchedulerActor's sparse index before it read `next_attempt`; dropped at start-up.
+const OLD_SCHEDULED_INDEX: &str = "scheduled_due";
 /// Examples of clashing keys named in the error.
 const CLASH_EXAMPLES: i64 = 5;
 
@@ -173,25 +175,19 @@ fn models() -> Vec<IndexModel> {
             .options(named("recently_changed").build())
             .build(),
         // The FallbackActor's look: `fallbackDueAt` exists only while a record's fallback
-        // is not settled, so the index holds those alone (sparse, not partial: see
-        // `scheduled_due`; it replaces the partial `fallback_due`, dropped below).
+        // is not settled, so the index holds those alone. Sparse, not partial: SecantusDB
+        // plans a collection scan for a query on a partial index (measured, README
+        // "Scheduled sends and cancels"); it replaces the partial `fallback_due`, dropped
+        // below.
         IndexModel::builder()
             .keys(doc! {super::fallbacks::DUE_FIELD: 1})
             .options(named("fallback_due_at").sparse(true).build())
             .build(),
         // A bulk send's counts by status: only records of a bulk send carry `batchId`, so
-        // a sparse index holds those alone (sparse, not partial: see `scheduled_due`).
+        // a sparse index holds those alone (sparse, not partial: see above).
         IndexModel::builder()
             .keys(doc! {"batchId": 1})
             .options(named("batch").sparse(true).build())
-            .build(),
-        // The SchedulerActor's look for scheduled sends due: `scheduledDueAt` exists only
-        // while a record is `scheduled`, so the index holds those alone. Sparse, not
-        // partial: SecantusDB plans a collection scan for a query on a partial index
-        // (measured, README "Scheduled sends and cancels").
-        IndexModel::builder()
-            .keys(doc! {"scheduledDueAt": 1})
-            .options(named("scheduled_due").sparse(true).build())
             .build(),
         // A tenant's dead letters, newest first: `deadLetterAt` exists only while a record
         // is one, so the index holds those alone (sparse, not partial: see above).
@@ -237,6 +233,16 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
     }
     if let Err(e) = coll.drop_index(OLD_DUE_INDEX).await {
         tracing::debug!(error = %e, "no status+nextAttemptAt index to drop");
+    }
+    let n = super::scheduled::adopt_earlier_due_times(coll).await?;
+    if n > 0 {
+        tracing::info!(
+            n,
+            "scheduled records of an earlier version given their due time in nextAttemptAt"
+        );
+    }
+    if let Err(e) = coll.drop_index(OLD_SCHEDULED_INDEX).await {
+        tracing::debug!(error = %e, "no scheduled_due index to drop");
     }
     Ok(())
 }

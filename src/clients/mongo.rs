@@ -5,7 +5,7 @@
 //! notBefore, nextAttemptAt, sentAt?, failedAt?, deliveredAt?, readAt?, undeliveredAt?,
 //! provider?, providerMessageId?, possibleDuplicate?, possibleDuplicateCause?,
 //! possibleDuplicateAttempt?, unknownAttempt?, unknownCause?, unknownSince?, lastError?,
-//! errors[], idempotencyKey?, requestHash, sendAt?, scheduledDueAt? (while `scheduled`),
+//! errors[], idempotencyKey?, requestHash, sendAt? (also in nextAttemptAt while `scheduled`),
 //! canceledAt?, deadLetterAt? and deadLetterReason? (while a dead letter), attemptBase?,
 //! replays?, replayedAt?` (see [`crate::clients::dead_letters`]). There is deliberately no unique index on `to`.
 //! `unknown*` name an attempt whose outcome is unknown (timeout, reset, ambiguous 5xx), so
@@ -228,8 +228,9 @@ impl MongoStore {
         d.insert("priority", r.priority.as_str());
         if let Some(at) = r.send_at {
             d.insert("sendAt", bdate(at));
-            // The SchedulerActor's due time: removed when it is queued or canceled.
-            d.insert(super::scheduled::DUE_FIELD, bdate(at));
+            // The SchedulerActor's due time, read in the index `next_attempt` under the
+            // status `scheduled` (the OutboxSweeper's look keeps to `pending`/`sending`).
+            d.insert("nextAttemptAt", bdate(at));
         }
         if let Some(t) = &r.template {
             let mut td = doc! {"name": &t.name, "version": t.version as i64};

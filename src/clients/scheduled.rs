@@ -3,10 +3,15 @@
 //! and the cancel of `DELETE /api/v1/communication/{id}`.
 //!
 //! A scheduled record is stored `scheduled` with `sendAt`, and with the same time in
-//! [`DUE_FIELD`] while it stays `scheduled` (removed when it is queued, canceled or
-//! voided): the sparse index `scheduled_due` on that field holds the scheduled records
-//! alone, so a look is one range read of the due ones, oldest first, whatever else the
-//! collection holds. Moving a record on sets `status: pending`, `queuedAt` and
+//! `nextAttemptAt` while it stays `scheduled`: a look is one range read of the sparse
+//! index `next_attempt` (the OutboxSweeper's, `super::sweep`), which holds only records
+//! that may still have to be sent, with `status: scheduled` as a residual clause, so it
+//! reads the records due, not every scheduled one, and needs no index of its own (each
+//! index costs SecantusDB CPU on every write of every record: README "Performance").
+//! Records of versions before 2026-11-29 kept the time in [`DUE_FIELD`], with a sparse
+//! index of its own, and another `nextAttemptAt`: start-up moves it
+//! ([`adopt_earlier_due_times`]) and drops that index, and a look also asks `sendAt` to
+//! have passed, so such a record is never sent early meanwhile. Moving a record on sets `status: pending`, `queuedAt` and
 //! `nextAttemptAt` (the OutboxSweeper's next look, after its grace time), and stamps the
 //! move (`releasedBy`), so that the records this call moved can be read back by the
 //! stamp: an `update_many` tells how many it moved, not which.
@@ -31,7 +36,8 @@ use mongodb::Collection;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A scheduled record's due time, present only while it is `scheduled`.
+/// Where versions before 2026-11-29 kept a scheduled record's due time; still removed
+/// wherever a record leaves `scheduled`, for the records they wrote.
 pub const DUE_FIELD: &str = "scheduledDueAt";
 
 /// How long a cancel holds a record's lease (one write).
@@ -180,8 +186,13 @@ impl ScheduledSends for MongoScheduled {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, DependencyError> {
-        let filter = doc! {DUE_FIELD: {"$lte": bdate(now)}};
-        let docs = oldest_due(&self.coll, filter, DUE_FIELD, limit, doc! {"_id": 1}).await?;
+        // The range first: the clause SecantusDB serves from the index.
+        let filter = doc! {
+            "nextAttemptAt": {"$lte": bdate(now)},
+            "status": Status::Scheduled.as_str(),
+            "sendAt": {"$lte": bdate(now)},
+        };
+        let docs = oldest_due(&self.coll, filter, "nextAttemptAt", limit, doc! {"_id": 1}).await?;
         Ok(docs
             .iter()
             .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
@@ -227,6 +238,22 @@ impl ScheduledSends for MongoScheduled {
             .map_err(err)?;
         Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
     }
+}
+
+/// Give the `scheduled` records of earlier versions their due time where a look reads it
+/// (`nextAttemptAt` = `sendAt`), at start-up; how many were moved.
+pub async fn adopt_earlier_due_times(coll: &Collection<Document>) -> Result<u64, DependencyError> {
+    let moved = coll
+        .update_many(
+            doc! {DUE_FIELD: {"$exists": true}, "status": Status::Scheduled.as_str()},
+            vec![
+                doc! {"$set": {"nextAttemptAt": "$sendAt"}},
+                doc! {"$unset": [DUE_FIELD]},
+            ],
+        )
+        .await
+        .map_err(err)?;
+    Ok(moved.modified_count)
 }
 
 #[cfg(test)]
