@@ -315,6 +315,20 @@ async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
     }
 }
 
+/// What MongoDB's profiler holds of the service's calls on `communications` matching
+/// `filter` (profiling on: `{"profile": 2}`).
+async fn profile_entries(db: &mongodb::Database, mut filter: Document) -> Vec<Document> {
+    use futures::TryStreamExt;
+    filter.insert("ns", "communication-aggregator.communications");
+    db.collection::<Document>("system.profile")
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 /// SecantusDB reports itself as a one-member replica set, as MongoDB does: every write of
 /// a record (insert, claim-free outcome write, sweeps) asks for `w: "majority"` and the
 /// journal, so that no acknowledged write can be rolled back by a failover, and every read
@@ -335,17 +349,7 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
     let accepted = load(svc.port, &tag, 5, Duration::ZERO).await;
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
     assert_eq!(books.sent, 5);
-    let profiled: Vec<Document> = {
-        use futures::TryStreamExt;
-        db.collection::<Document>("system.profile")
-            .find(doc! {"ns": "communication-aggregator.communications",
-            "op": {"$in": ["insert", "update"]}})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
-    };
+    let profiled = profile_entries(&db, doc! {"op": {"$in": ["insert", "update"]}}).await;
     let ops: Vec<&str> = profiled
         .iter()
         .filter_map(|p| p.get_str("op").ok())
@@ -365,19 +369,11 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
     // The reads that decide something (the claim's read of the batch, `_id $in`) read
     // what a majority holds: a failover cannot roll back what they act on. (The test's own
     // reads, by one `_id`, are left out.)
-    let reads: Vec<Document> = {
-        use futures::TryStreamExt;
-        db.collection::<Document>("system.profile")
-            .find(
-                doc! {"ns": "communication-aggregator.communications", "op": "query",
-                "command.filter._id.$in": {"$exists": true}},
-            )
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
-    };
+    let reads = profile_entries(
+        &db,
+        doc! {"op": "query", "command.filter._id.$in": {"$exists": true}},
+    )
+    .await;
     assert!(!reads.is_empty(), "the claim reads were profiled");
     for p in &reads {
         let level = p
@@ -410,18 +406,8 @@ async fn the_sweepers_look_is_a_range_read_secantusdb_serves_from_an_index() {
     check_books(&stack, &accepted, BOOKS_WAIT).await;
     db.run_command(doc! {"profile": 2}).await.unwrap();
     let looks: Vec<Document> = eventually(BOOKS_WAIT, "a sweeper look profiled", || async {
-        use futures::TryStreamExt;
-        let found: Vec<Document> = db
-            .collection::<Document>("system.profile")
-            .find(
-                doc! {"ns": "communication-aggregator.communications", "op": "query",
-                "command.filter.nextAttemptAt": {"$exists": true}},
-            )
-            .await
-            .ok()?
-            .try_collect()
-            .await
-            .ok()?;
+        let filter = doc! {"op": "query", "command.filter.nextAttemptAt": {"$exists": true}};
+        let found = profile_entries(&db, filter).await;
         (!found.is_empty()).then_some(found)
     })
     .await;
