@@ -139,33 +139,19 @@ impl Fallbacks for MongoFallbacks {
 }
 
 /// Records from before `fallbackDueAt` whose fallback is not settled get it (a copy of
-/// `fallbackAt`), so the look finds them; run at start-up, before the index is used.
+/// `fallbackAt`), so the look finds them; run at start-up, before the index is used. One
+/// write for them all; how many it gave the field.
 pub async fn add_due_fields(coll: &Collection<Document>) -> Result<u64, DependencyError> {
-    use futures::TryStreamExt;
-    let old: Vec<Document> = coll
-        .find(doc! {
-            "fallbackAt": {"$exists": true},
-            "fallbackSettledAt": {"$exists": false},
-            DUE_FIELD: {"$exists": false},
-        })
-        .projection(doc! {"fallbackAt": 1})
-        .await
-        .map_err(err)?
-        .try_collect()
-        .await
-        .map_err(err)?;
-    let mut n = 0;
-    for d in &old {
-        let (Ok(id), Ok(at)) = (d.get_object_id("_id"), d.get_datetime("fallbackAt")) else {
-            continue;
-        };
-        coll.update_one(
-            doc! {"_id": id, "fallbackSettledAt": {"$exists": false}},
-            doc! {"$set": {DUE_FIELD: *at}},
+    let given = coll
+        .update_many(
+            doc! {
+                "fallbackAt": {"$exists": true},
+                "fallbackSettledAt": {"$exists": false},
+                DUE_FIELD: {"$exists": false},
+            },
+            vec![doc! {"$set": {DUE_FIELD: "$fallbackAt"}}],
         )
         .await
         .map_err(err)?;
-        n += 1;
-    }
-    Ok(n)
+    Ok(given.modified_count)
 }

@@ -218,9 +218,7 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
         }
         return Err(IndexError::KeyClashes(clashes));
     }
-    if let Err(e) = coll.drop_index(OLD_IDEMPOTENCY_INDEX).await {
-        tracing::debug!(error = %e, "no tenant-less idempotency index to drop");
-    }
+    drop_replaced(coll, OLD_IDEMPOTENCY_INDEX).await;
     let n = super::fallbacks::add_due_fields(coll).await?;
     if n > 0 {
         tracing::info!(
@@ -228,12 +226,8 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
             "unsettled fallbacks of an earlier version given fallbackDueAt"
         );
     }
-    if let Err(e) = coll.drop_index(OLD_FALLBACK_INDEX).await {
-        tracing::debug!(error = %e, "no partial fallback index to drop");
-    }
-    if let Err(e) = coll.drop_index(OLD_DUE_INDEX).await {
-        tracing::debug!(error = %e, "no status+nextAttemptAt index to drop");
-    }
+    drop_replaced(coll, OLD_FALLBACK_INDEX).await;
+    drop_replaced(coll, OLD_DUE_INDEX).await;
     let n = super::scheduled::adopt_earlier_due_times(coll).await?;
     if n > 0 {
         tracing::info!(
@@ -241,10 +235,15 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
             "scheduled records of an earlier version given their due time in nextAttemptAt"
         );
     }
-    if let Err(e) = coll.drop_index(OLD_SCHEDULED_INDEX).await {
-        tracing::debug!(error = %e, "no scheduled_due index to drop");
-    }
+    drop_replaced(coll, OLD_SCHEDULED_INDEX).await;
     Ok(())
+}
+
+/// Drop an index a newer one replaced, once that exists; gone already is fine.
+async fn drop_replaced(coll: &Collection<Document>, name: &str) {
+    if let Err(e) = coll.drop_index(name).await {
+        tracing::debug!(error = %e, index = name, "no replaced index to drop");
+    }
 }
 
 /// Some (tenant, key) pairs held by more than one record, with their ids.

@@ -11,10 +11,11 @@
 //! Records of versions before 2026-11-29 kept the time in [`DUE_FIELD`], with a sparse
 //! index of its own, and another `nextAttemptAt`: start-up moves it
 //! ([`adopt_earlier_due_times`]) and drops that index, and a look also asks `sendAt` to
-//! have passed, so such a record is never sent early meanwhile. Moving a record on sets `status: pending`, `queuedAt` and
-//! `nextAttemptAt` (the OutboxSweeper's next look, after its grace time), and stamps the
-//! move (`releasedBy`), so that the records this call moved can be read back by the
-//! stamp: an `update_many` tells how many it moved, not which.
+//! have passed, so such a record is never sent early meanwhile. Moving a record on sets
+//! `status: pending`, `queuedAt` and `nextAttemptAt` (the OutboxSweeper's next look, after
+//! its grace time), and stamps the move (`releasedBy`), so that the records this call
+//! moved can be read back by the stamp: an `update_many` tells how many it moved, not
+//! which.
 //!
 //! A cancel sets `status: canceled` and `canceledAt`, from `scheduled`, or from `pending`
 //! with no attempt made, under the record's lease in Redis (`lease:{id}`, the one a sender
