@@ -884,6 +884,7 @@ mod tests {
             assert_eq!(c.channels.get(ch).retry().base, Duration::from_millis(200));
         }
         assert_eq!(c.receipts.batch().max_items, 50);
+        assert_eq!(c.router.max_inflight, 2);
         assert_eq!(c.log_indexer.batch().max_bytes, 5_000_000);
     }
 
