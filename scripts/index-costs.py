@@ -29,12 +29,15 @@ N = int(os.environ.get("DOCS", "2000"))
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 
 SPARSE = {"sparse": True}
-IDEMPOTENCY = ([("tenant", 1), ("idempotencyKey", 1)],
-               {"unique": True, "partialFilterExpression": {"idempotencyKey": {"$exists": True}}})
+IDEMPOTENCY = ([("tenantKey", 1)], {"unique": True, "sparse": True})
+# Before 2026-11-29: (tenant, idempotencyKey), partial.
+PER_TENANT = ([("tenant", 1), ("idempotencyKey", 1)],
+              {"unique": True, "partialFilterExpression": {"idempotencyKey": {"$exists": True}}})
 # name -> [(keys, options)]; "service" is what src/clients/indexes.rs builds.
 INDEXES = {
     "next_attempt": ([("nextAttemptAt", 1)], SPARSE),
-    "idempotency_per_tenant": IDEMPOTENCY,
+    "idempotency_key": IDEMPOTENCY,
+    "idempotency_per_tenant": PER_TENANT,
     "provider_message": ([("providerMessageId", 1)], {}),
     "recently_changed": ([("updatedAt", -1)], {}),
     "fallback_due_at": ([("fallbackDueAt", 1)], SPARSE),
@@ -42,15 +45,16 @@ INDEXES = {
     "scheduled_due": ([("scheduledDueAt", 1)], SPARSE),
     "dead_letters": ([("deadLetterAt", -1)], SPARSE),
 }
-CORE = ["next_attempt", "idempotency_per_tenant", "provider_message"]
+CORE = ["next_attempt", "idempotency_key", "provider_message"]
 SETS = {
-    "service": [n for n in INDEXES if n != "scheduled_due"],
-    "before 2026-11-29": list(INDEXES),
+    "service": [n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant")],
+    "before 2026-11-29": [n for n in INDEXES if n != "idempotency_key"],
     "core": CORE,  # the sweeper, idempotency, receipts
     "core + recently_changed": CORE + ["recently_changed"],
     "id-only": [],
     "provider_message": ["provider_message"],
     "+next_attempt": ["provider_message", "next_attempt"],
+    "+idempotency_key": ["provider_message", "idempotency_key"],
     "+idempotency_per_tenant": ["provider_message", "idempotency_per_tenant"],
     "+recently_changed": ["provider_message", "recently_changed"],
     "+fallback_due_at (sparse; absent)": ["provider_message", "fallback_due_at"],

@@ -24,12 +24,7 @@ col = db.get_collection("communications", write_concern=WriteConcern(j=True))
 col.drop()
 col.create_index([("nextAttemptAt", 1)], name="next_attempt", sparse=True)
 col.create_index([("providerMessageId", 1)], name="provider_message")
-col.create_index(
-    [("tenant", 1), ("idempotencyKey", 1)],
-    name="idempotency_per_tenant",
-    unique=True,
-    partialFilterExpression={"idempotencyKey": {"$exists": True}},
-)
+col.create_index([("tenantKey", 1)], name="idempotency_key", unique=True, sparse=True)
 now = datetime.datetime.now(datetime.timezone.utc)
 docs = [
     {"_id": ObjectId(), "tenant": "t", "type": "sms", "from": "+15550001111",

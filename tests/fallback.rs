@@ -199,6 +199,7 @@ async fn an_unsettled_fallback_of_an_earlier_version_is_seen_to_after_a_start() 
         )
         .await
         .unwrap();
+    stack.forget_migrations().await;
     let again = stack.start_service(FAST);
     let settled = eventually(WAIT, "the earlier version's fallback settled", || async {
         let r = by_id(stack, &id).await;

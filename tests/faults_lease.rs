@@ -315,20 +315,6 @@ async fn dead_lettering_waits_for_a_live_lease_held_by_another_process() {
     }
 }
 
-/// What MongoDB's profiler holds of the service's calls on `communications` matching
-/// `filter` (profiling on: `{"profile": 2}`).
-async fn profile_entries(db: &mongodb::Database, mut filter: Document) -> Vec<Document> {
-    use futures::TryStreamExt;
-    filter.insert("ns", "communication-aggregator.communications");
-    db.collection::<Document>("system.profile")
-        .find(filter)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
-}
-
 /// SecantusDB reports itself as a one-member replica set, as MongoDB does: every write of
 /// a record (insert, claim-free outcome write, sweeps) asks for `w: "majority"` and the
 /// journal, so that no acknowledged write can be rolled back by a failover, and every read
@@ -349,7 +335,9 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
     let accepted = load(svc.port, &tag, 5, Duration::ZERO).await;
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
     assert_eq!(books.sent, 5);
-    let profiled = profile_entries(&db, doc! {"op": {"$in": ["insert", "update"]}}).await;
+    let profiled = stack
+        .profile_entries(doc! {"op": {"$in": ["insert", "update"]}})
+        .await;
     let ops: Vec<&str> = profiled
         .iter()
         .filter_map(|p| p.get_str("op").ok())
@@ -369,11 +357,9 @@ async fn every_record_write_asks_the_replica_set_for_a_majority() {
     // The reads that decide something (the claim's read of the batch, `_id $in`) read
     // what a majority holds: a failover cannot roll back what they act on. (The test's own
     // reads, by one `_id`, are left out.)
-    let reads = profile_entries(
-        &db,
-        doc! {"op": "query", "command.filter._id.$in": {"$exists": true}},
-    )
-    .await;
+    let reads = stack
+        .profile_entries(doc! {"op": "query", "command.filter._id.$in": {"$exists": true}})
+        .await;
     assert!(!reads.is_empty(), "the claim reads were profiled");
     for p in &reads {
         let level = p
@@ -407,7 +393,7 @@ async fn the_sweepers_look_is_a_range_read_secantusdb_serves_from_an_index() {
     db.run_command(doc! {"profile": 2}).await.unwrap();
     let looks: Vec<Document> = eventually(BOOKS_WAIT, "a sweeper look profiled", || async {
         let filter = doc! {"op": "query", "command.filter.nextAttemptAt": {"$exists": true}};
-        let found = profile_entries(&db, filter).await;
+        let found = stack.profile_entries(filter).await;
         (!found.is_empty()).then_some(found)
     })
     .await;

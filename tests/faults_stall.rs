@@ -279,3 +279,159 @@ async fn a_unique_index_blocked_by_clashing_keys_is_an_error_that_names_them() {
     let books = check_books(&stack, &accepted, BOOKS_WAIT).await;
     assert_eq!(books.sent, books.accepted);
 }
+
+/// A retry with an `Idempotency-Key` is answered from the record holding the key, found
+/// through the unique index (issue 14). The key is kept as `tenantKey` (`<tenant>:<key>`)
+/// under a sparse unique index, which SecantusDB serves a lookup from; before, the lookup
+/// (`{idempotencyKey: {$in}}`, under a partial index led by `tenant` that SecantusDB never
+/// plans with) read every record: 520-630 ms with 20,000 of them, and past the accept
+/// deadline with a few hundred thousand. A key stored by an earlier version (no
+/// `tenantKey`, the old index) holds after a start as well, and the old index is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_retry_is_found_through_the_unique_index_and_earlier_keys_still_hold() {
+    use mongodb::options::IndexOptions;
+    use mongodb::IndexModel;
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let mut svc = stack.start_service(&fast_env(&[]));
+    let key = unique("earlier-key");
+    let msg = unique("keyed");
+    let first = post_with_key(&svc, &key, &msg).await;
+    assert_eq!(first.status, 200);
+    let id = first.id.clone().unwrap();
+    svc.proc.kill();
+    // As an earlier version left it: no `tenantKey`, the (tenant, idempotencyKey) partial
+    // index, no mark of start-up's rewrites.
+    let coll = stack.records().await;
+    coll.update_many(doc! {}, doc! {"$unset": {"tenantKey": ""}})
+        .await
+        .unwrap();
+    let _ = coll.drop_index("idempotency_key").await;
+    let old = IndexOptions::builder()
+        .name("idempotency_per_tenant".to_string())
+        .unique(true)
+        .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
+        .build();
+    coll.create_index(
+        IndexModel::builder()
+            .keys(doc! {"tenant": 1, "idempotencyKey": 1})
+            .options(old)
+            .build(),
+    )
+    .await
+    .unwrap();
+    stack.forget_migrations().await;
+
+    let svc = stack.start_service(&fast_env(&[]));
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    let again = eventually(Duration::from_secs(20), "the retry answered", || async {
+        let a = post_with_key(&svc, &key, &msg).await;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    assert!(again.replayed, "answered as a replay: {again:?}");
+    assert_eq!(again.id.as_deref(), Some(id.as_str()), "the original's id");
+    let stored = coll.count_documents(doc! {"msg": &msg}).await.unwrap();
+    assert_eq!(stored, 1, "one record for the key");
+
+    let lookups = stack
+        .profile_entries(doc! {"op": "query", "$or": [
+            {"command.filter.tenantKey": {"$exists": true}},
+            {"command.filter.idempotencyKey": {"$exists": true}},
+        ]})
+        .await;
+    assert!(!lookups.is_empty(), "the key's lookup was profiled");
+    for p in &lookups {
+        let filter = p
+            .get_document("command")
+            .and_then(|c| c.get_document("filter"))
+            .unwrap();
+        let fields: Vec<&str> = filter.keys().map(String::as_str).collect();
+        assert_eq!(
+            fields,
+            ["tenantKey"],
+            "a lookup by the indexed field alone: {p}"
+        );
+    }
+    let indexes = {
+        use futures::TryStreamExt;
+        coll.list_indexes()
+            .await
+            .unwrap()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+    };
+    let by_key = indexes
+        .iter()
+        .find(|m| m.keys == doc! {"tenantKey": 1})
+        .unwrap_or_else(|| panic!("an index on tenantKey alone: {indexes:?}"));
+    let o = by_key.options.as_ref().unwrap();
+    assert_eq!((o.unique, o.sparse), (Some(true), Some(true)), "{by_key:?}");
+    let names: Vec<String> = indexes
+        .iter()
+        .filter_map(|m| m.options.as_ref()?.name.clone())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "idempotency_per_tenant"),
+        "the old index is dropped: {names:?}"
+    );
+}
+
+/// Start-up rewrites the records of earlier versions with filters no index serves, so each
+/// reads the whole collection (three of them, at every start, before). The first start
+/// marks them done; the next reads nothing to rewrite: no update with an `$exists` filter
+/// in MongoDB's profiler, and requests are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_after_the_first_rewrites_nothing() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let mut svc = stack.start_service(&fast_env(&[]));
+    let accepted = load(svc.port, &unique("first start"), 3, Duration::ZERO).await;
+    assert_eq!(accepted.len(), 3);
+    svc.proc.kill();
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+
+    let svc = stack.start_service(&fast_env(&[]));
+    eventually(Duration::from_secs(20), "ready", || async {
+        let (s, _) = svc.get("/readyz").await;
+        (s == 200).then_some(())
+    })
+    .await;
+    let mut more = load(svc.port, &unique("second start"), 3, Duration::ZERO).await;
+    assert_eq!(more.len(), 3, "accepted after the second start");
+    let rewrites: Vec<String> = stack
+        .profile_entries(doc! {"op": "update"})
+        .await
+        .iter()
+        .flat_map(|p| {
+            p.get_document("command")
+                .and_then(|c| c.get_array("updates"))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|u| Some(u.as_document()?.get_document("q").ok()?.to_string()))
+        .filter(|q| q.contains("$exists"))
+        .collect();
+    assert!(
+        rewrites.is_empty(),
+        "a start after the first rewrote records: {rewrites:?}"
+    );
+    let mark = db
+        .collection::<mongodb::bson::Document>("migrations")
+        .find_one(doc! {"_id": "communications"})
+        .await
+        .unwrap();
+    assert!(mark.is_some(), "the first start left its mark");
+    more.extend(accepted);
+    let books = check_books(&stack, &more, BOOKS_WAIT).await;
+    assert_eq!(books.sent, books.accepted);
+}

@@ -353,6 +353,7 @@ async fn a_message_scheduled_by_an_earlier_version_is_sent_at_its_time_after_a_s
         )
         .build();
     records.create_index(old_index).await.unwrap();
+    stack.forget_migrations().await;
     let svc = stack.start_service(SCHED);
     let moved = eventually(WAIT, "the due time moved to nextAttemptAt", || async {
         let r = stack.record(&id).await?;

@@ -1,6 +1,6 @@
 //! The MongoDB indexes of `communications`, and whether they exist yet.
 //!
-//! Idempotency rests on the unique index `idempotency_per_tenant`: until it exists two
+//! Idempotency rests on the unique index `idempotency_key`: until it exists two
 //! concurrent requests with one key can both be stored. So the service builds the indexes
 //! at start-up and says whether they exist ([`IndexReadiness`]): `/readyz` is 503 and
 //! `POST /api/v1/communication` refuses (or holds) requests until then. The index that
@@ -8,6 +8,12 @@
 //! without a unique index. Records that already share a key (written by a version that
 //! served without the index) make the build impossible: that is an error naming them and
 //! saying what to do, checked again every `index_retry_max_ms` so fixing the data heals it.
+//!
+//! Start-up also rewrites records of earlier versions (no tenant, no `tenantKey`, fallbacks
+//! and scheduled sends kept as before). Each rewrite is a filter no index serves, so it
+//! reads the whole collection; a mark in the `migrations` collection says they are done,
+//! and a start that finds it reads nothing. (Processes of an earlier version must be
+//! stopped before the first start of this one: records they write later are not rewritten.)
 
 use actors::backoff::Backoff;
 use actors::domain::DEFAULT_TENANT;
@@ -19,10 +25,21 @@ use mongodb::{Collection, IndexModel};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// The unique index that makes an `Idempotency-Key` hold (per tenant).
-pub const IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
-/// Its predecessor, one key space for every tenant; dropped once the new one exists.
+/// The unique index that makes an `Idempotency-Key` hold (per tenant): on `tenantKey`
+/// (`<tenant>:<key>`), which only keyed records carry, so a sparse index holds those alone
+/// and SecantusDB serves a lookup by key from it.
+pub const IDEMPOTENCY_INDEX: &str = "idempotency_key";
+/// The field it is on: the tenant and the key in one string (a tenant name has no `:`).
+pub const TENANT_KEY: &str = "tenantKey";
+/// Its predecessors: one key space for every tenant, then (`tenant`, `idempotencyKey`)
+/// partial, which SecantusDB never plans a read with (a lookup by key read every record);
+/// dropped once the new one exists.
 const OLD_IDEMPOTENCY_INDEX: &str = "idempotency";
+const PER_TENANT_IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
+/// The collection of the start-up mark, and the rewrites it says are done.
+const MARKS: &str = "migrations";
+const MARK_ID: &str = "communications";
+const MIGRATIONS_DONE: i32 = 1;
 /// The FallbackActor's partial index before `fallback_due_at`; dropped once that exists.
 const OLD_FALLBACK_INDEX: &str = "fallback_due";
 /// The OutboxSweeper's index before `next_attempt`; dropped once that exists.
@@ -157,13 +174,8 @@ fn models() -> Vec<IndexModel> {
             .options(named(super::sweep::INDEX).sparse(true).build())
             .build(),
         IndexModel::builder()
-            .keys(doc! {"tenant": 1, "idempotencyKey": 1})
-            .options(
-                named(IDEMPOTENCY_INDEX)
-                    .unique(true)
-                    .partial_filter_expression(doc! {"idempotencyKey": {"$exists": true}})
-                    .build(),
-            )
+            .keys(doc! {TENANT_KEY: 1})
+            .options(named(IDEMPOTENCY_INDEX).unique(true).sparse(true).build())
             .build(),
         IndexModel::builder()
             .keys(doc! {"providerMessageId": 1})
@@ -202,15 +214,20 @@ fn err(e: impl std::fmt::Display) -> DependencyError {
     DependencyError::new(actors::ports::Dependency::MongoDb, e)
 }
 
-/// The indexes the queries need. Idempotent. Records from before tenants existed are given
-/// the default tenant first; the tenant-less key index goes only once its successor exists.
+/// The indexes the queries need, and the records of earlier versions rewritten for them
+/// (once: see [`migrated`]). Idempotent. Records from before tenants existed are given the
+/// default tenant first; a replaced key index goes only once its successor exists.
 pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
-    coll.update_many(
-        doc! {"tenant": {"$exists": false}},
-        doc! {"$set": {"tenant": DEFAULT_TENANT}},
-    )
-    .await
-    .map_err(err)?;
+    let done = migrated(coll).await?;
+    if !done {
+        coll.update_many(
+            doc! {"tenant": {"$exists": false}},
+            doc! {"$set": {"tenant": DEFAULT_TENANT}},
+        )
+        .await
+        .map_err(err)?;
+        give_tenant_keys(coll).await?;
+    }
     if let Err(e) = coll.create_indexes(models()).await {
         let clashes = key_clashes(coll).await?;
         if clashes.is_empty() {
@@ -219,23 +236,86 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
         return Err(IndexError::KeyClashes(clashes));
     }
     drop_replaced(coll, OLD_IDEMPOTENCY_INDEX).await;
-    let n = super::fallbacks::add_due_fields(coll).await?;
-    if n > 0 {
-        tracing::info!(
-            n,
-            "unsettled fallbacks of an earlier version given fallbackDueAt"
-        );
+    drop_replaced(coll, PER_TENANT_IDEMPOTENCY_INDEX).await;
+    if !done {
+        let n = super::fallbacks::add_due_fields(coll).await?;
+        if n > 0 {
+            tracing::info!(
+                n,
+                "unsettled fallbacks of an earlier version given fallbackDueAt"
+            );
+        }
+        let n = super::scheduled::adopt_earlier_due_times(coll).await?;
+        if n > 0 {
+            tracing::info!(
+                n,
+                "scheduled records of an earlier version given their due time in nextAttemptAt"
+            );
+        }
+        mark_migrated(coll).await?;
     }
     drop_replaced(coll, OLD_FALLBACK_INDEX).await;
     drop_replaced(coll, OLD_DUE_INDEX).await;
-    let n = super::scheduled::adopt_earlier_due_times(coll).await?;
-    if n > 0 {
+    drop_replaced(coll, OLD_SCHEDULED_INDEX).await;
+    Ok(())
+}
+
+/// The `tenantKey` of a record that holds `key` for `tenant`.
+pub fn tenant_key(tenant: &str, key: &str) -> String {
+    format!("{tenant}:{key}")
+}
+
+/// Keyed records of an earlier version get their `tenantKey`; one whose key was removed by
+/// hand (the fix for a clash, see [`clash_message`]) loses it too.
+async fn give_tenant_keys(coll: &Collection<Document>) -> Result<(), IndexError> {
+    let given = coll
+        .update_many(
+            doc! {"idempotencyKey": {"$exists": true}, TENANT_KEY: {"$exists": false}},
+            vec![doc! {"$set": {TENANT_KEY: {"$concat": ["$tenant", ":", "$idempotencyKey"]}}}],
+        )
+        .await
+        .map_err(err)?;
+    let taken = coll
+        .update_many(
+            doc! {"idempotencyKey": {"$exists": false}, TENANT_KEY: {"$exists": true}},
+            doc! {"$unset": {TENANT_KEY: ""}},
+        )
+        .await
+        .map_err(err)?;
+    if given.modified_count + taken.modified_count > 0 {
         tracing::info!(
-            n,
-            "scheduled records of an earlier version given their due time in nextAttemptAt"
+            given = given.modified_count,
+            taken = taken.modified_count,
+            "records of an earlier version given their tenantKey"
         );
     }
-    drop_replaced(coll, OLD_SCHEDULED_INDEX).await;
+    Ok(())
+}
+
+fn marks(coll: &Collection<Document>) -> Collection<Document> {
+    coll.client()
+        .database(&coll.namespace().db)
+        .collection(MARKS)
+}
+
+/// Whether an earlier start rewrote the records of earlier versions already.
+async fn migrated(coll: &Collection<Document>) -> Result<bool, IndexError> {
+    let mark = marks(coll)
+        .find_one(doc! {"_id": MARK_ID})
+        .await
+        .map_err(err)?;
+    Ok(mark.and_then(|m| m.get_i32("done").ok()).unwrap_or(0) >= MIGRATIONS_DONE)
+}
+
+async fn mark_migrated(coll: &Collection<Document>) -> Result<(), IndexError> {
+    marks(coll)
+        .update_one(
+            doc! {"_id": MARK_ID},
+            doc! {"$set": {"done": MIGRATIONS_DONE, "at": mongodb::bson::DateTime::now()}},
+        )
+        .upsert(true)
+        .await
+        .map_err(err)?;
     Ok(())
 }
 
@@ -293,7 +373,7 @@ mod tests {
         }]);
         let m = e.to_string();
         for part in [
-            "idempotency_per_tenant",
+            "idempotency_key",
             "\"acme\"",
             "\"order-42\"",
             "65f0a, 65f0b",

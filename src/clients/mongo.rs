@@ -5,7 +5,7 @@
 //! notBefore, nextAttemptAt, sentAt?, failedAt?, deliveredAt?, readAt?, undeliveredAt?,
 //! provider?, providerMessageId?, possibleDuplicate?, possibleDuplicateCause?,
 //! possibleDuplicateAttempt?, unknownAttempt?, unknownCause?, unknownSince?, lastError?,
-//! errors[], idempotencyKey?, requestHash, sendAt? (also in nextAttemptAt while `scheduled`),
+//! errors[], idempotencyKey? and tenantKey? (`<tenant>:<key>`, under the unique index), requestHash, sendAt? (also in nextAttemptAt while `scheduled`),
 //! canceledAt?, deadLetterAt? and deadLetterReason? (while a dead letter), attemptBase?,
 //! replays?, replayedAt?` (see [`crate::clients::dead_letters`]). There is deliberately no unique index on `to`.
 //! `unknown*` name an attempt whose outcome is unknown (timeout, reset, ambiguous 5xx), so
@@ -17,6 +17,7 @@
 //! lease in Redis ([`crate::clients::lease`]). Receipts add one batched write and read each.
 
 use crate::clients::dead_letters::{DeadLetterReason, DEAD_LETTER_AT, DEAD_LETTER_REASON};
+use crate::clients::indexes::{tenant_key, TENANT_KEY};
 use crate::clients::lease::{RedisLeases, Release};
 use actors::domain::{
     Ambiguity, AttemptError, Channel, ClaimResult, Claimed, Communication, Outcome, Priority,
@@ -158,7 +159,7 @@ impl MongoStore {
         key: &str,
     ) -> Result<Option<Document>, DependencyError> {
         self.coll
-            .find_one(doc! {"tenant": tenant, "idempotencyKey": key})
+            .find_one(doc! {TENANT_KEY: tenant_key(tenant, key)})
             .await
             .map_err(err)
     }
@@ -199,6 +200,7 @@ impl MongoStore {
         }
         if let Some(k) = &r.idempotency_key {
             d.insert("idempotencyKey", k);
+            d.insert(TENANT_KEY, tenant_key(&r.tenant, k));
         }
         if let Some(f) = &r.fallback {
             d.insert("fallback", super::fallbacks::fallback_doc(f));
@@ -495,16 +497,20 @@ impl MongoStore {
         write_errors: &[mongodb::error::IndexedWriteError],
     ) -> Result<Vec<InsertResult>, DependencyError> {
         let mut results = vec![InsertResult::Inserted; records.len()];
-        let keys: Vec<&String> = write_errors
+        let keys: Vec<String> = write_errors
             .iter()
             .filter(|w| w.code == 11000)
-            .filter_map(|w| records.get(w.index)?.idempotency_key.as_ref())
+            .filter_map(|w| {
+                let r = records.get(w.index)?;
+                Some(tenant_key(&r.tenant, r.idempotency_key.as_ref()?))
+            })
             .collect();
         let holders: Vec<Document> = if keys.is_empty() {
             Vec::new()
         } else {
             // The rest of the batch is stored: a failure here leaves it ambiguous.
-            let found = self.coll.find(doc! {"idempotencyKey": {"$in": keys}}).await;
+            // By `tenantKey`: a read SecantusDB serves from its sparse unique index.
+            let found = self.coll.find(doc! {TENANT_KEY: {"$in": keys}}).await;
             found
                 .map_err(ambiguous)?
                 .try_collect()
@@ -1008,7 +1014,7 @@ impl Store for MongoStore {
                         "$set": {"status": VOID, "voidedAt": now, "updatedAt": now,
                                  "lastError": "answered 503 before its insert completed; never sent"},
                         // Never accepted: the record keeps nothing of the message.
-                        "$unset": {"idempotencyKey": "", "nextAttemptAt": "", "sendAt": "",
+                        "$unset": {"idempotencyKey": "", TENANT_KEY: "", "nextAttemptAt": "", "sendAt": "",
                                    "scheduledDueAt": "", "msg": "",
                                    "from": "", "to": "", "subject": "", "requestHash": ""},
                     },

@@ -407,6 +407,38 @@ impl Stack {
             .collection("communications")
     }
 
+    /// Forget that start-up rewrote the records of earlier versions (as a database an
+    /// earlier version left has no such mark), so the next start rewrites them again.
+    pub async fn forget_migrations(&self) {
+        self.mongo_client()
+            .await
+            .database("communication-aggregator")
+            .collection::<mongodb::bson::Document>("migrations")
+            .delete_many(mongodb::bson::doc! {})
+            .await
+            .unwrap();
+    }
+
+    /// MongoDB's profiler entries on `communications` that match `filter` (profiling is
+    /// switched on with `{profile: 2}` on the database).
+    pub async fn profile_entries(
+        &self,
+        mut filter: mongodb::bson::Document,
+    ) -> Vec<mongodb::bson::Document> {
+        use futures::TryStreamExt;
+        filter.insert("ns", "communication-aggregator.communications");
+        self.mongo_client()
+            .await
+            .database("communication-aggregator")
+            .collection::<mongodb::bson::Document>("system.profile")
+            .find(filter)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
     /// The record `id` as MongoDB has it now.
     pub async fn record(&self, id: &str) -> Option<mongodb::bson::Document> {
         let oid = mongodb::bson::oid::ObjectId::parse_str(id).unwrap();
