@@ -60,7 +60,8 @@ fn systemd_unit_sets_only_known_variables() {
 fn dockerfile_is_multi_stage_and_sets_known_variables() {
     let d = read("Dockerfile");
     assert_eq!(d.lines().filter(|l| l.starts_with("FROM ")).count(), 2);
-    assert!(d.contains("cargo build --release --bin comm-aggregator"));
+    assert!(d.contains("cargo build --profile release-lto --bin comm-aggregator"));
+    assert!(d.contains("/src/target/release-lto/comm-aggregator "));
     for line in d.lines().filter(|l| l.starts_with("ENV ")) {
         for kv in line.trim_start_matches("ENV ").split_whitespace() {
             let k = kv.split('=').next().unwrap();
