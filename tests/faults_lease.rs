@@ -450,6 +450,88 @@ async fn the_sweepers_look_is_a_range_read_secantusdb_serves_from_an_index() {
     );
 }
 
+/// A lane whose entries wait unread (here the provider's rate is one message in 1,000 s,
+/// so the consumer reads no further) holds records that are past their next look
+/// (`SWEEP_RECHECK_MS` 1000) yet must be left alone. Before, every look read them all to
+/// reject them, every second: with deliveries held back at 300 requests/s the accept p99
+/// reached 1,478 ms after 90 s (README "Performance"). Now the look reads the range up to
+/// the lane's acknowledged point plus the recheck time as before, which holds none of them,
+/// and the rest one page at a time from a point that moves on (a `$gt` bound): seen in
+/// MongoDB's profiler, no look starts at the beginning of the range and reaches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_does_not_read_a_stalled_lane_whole_at_every_look() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let svc = stack.start_service(&fast_env(&[
+        ("PROVIDER_RATE_PER_SEC", "0.001"),
+        ("PROVIDER_BURST", "1"),
+        ("SWEEP_RECHECK_MS", "1000"),
+    ]));
+    let accepted = load(svc.port, &unique("stalled"), 200, Duration::ZERO).await;
+    assert_eq!(accepted.len(), 200);
+    let coll = stack.records().await;
+    let ids: Vec<ObjectId> = accepted
+        .iter()
+        .map(|(_, id)| ObjectId::parse_str(id).unwrap())
+        .collect();
+    // Past their next look, still waiting: the situation under test.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waiting: Vec<Document> = {
+        use futures::TryStreamExt;
+        coll.find(doc! {"_id": {"$in": &ids}, "status": "pending"})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    assert!(
+        waiting.len() >= 150,
+        "the lane stalled: {} waiting",
+        waiting.len()
+    );
+    let first_look = waiting
+        .iter()
+        .filter_map(|d| d.get_datetime("nextAttemptAt").ok().copied())
+        .min()
+        .unwrap();
+    assert!(
+        first_look < mongodb::bson::DateTime::now(),
+        "the waiting records are past their next look"
+    );
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    db.run_command(doc! {"profile": 0}).await.unwrap();
+    let looks = stack
+        .profile_entries(doc! {"op": "query",
+        "command.filter.nextAttemptAt.$lte": {"$exists": true},
+        // The sweeper's (`pending`, `sending`); the SchedulerActor's look
+        // (`status: "scheduled"`) still reads them: README "Performance".
+        "command.filter.status.$in": {"$exists": true}})
+        .await;
+    assert!(
+        looks.len() >= 2,
+        "the sweeper's looks were profiled: {looks:?}"
+    );
+    for p in &looks {
+        let range = p
+            .get_document("command")
+            .and_then(|c| c.get_document("filter"))
+            .and_then(|f| f.get_document("nextAttemptAt"))
+            .unwrap();
+        let upto = *range.get_datetime("$lte").unwrap();
+        assert!(
+            upto < first_look || range.contains_key("$gt"),
+            "a look read the stalled records from the start of its range: {p}"
+        );
+    }
+    drop(svc);
+}
+
 /// The claim is one round trip a batch (issue 14): one script call takes the leases of a
 /// batch of 20 records and counts their tries, and one gives them back; confirming a lease
 /// taken a moment ago costs no call, and one confirmed over a quarter of its time ago is

@@ -56,6 +56,8 @@ pub struct MongoStore {
     leases: Arc<RedisLeases>,
     /// The write concern of every write, also for the writes sent as commands.
     write_concern: Document,
+    /// Where the sweeper's look past the stalled lanes' point left off (`super::sweep`).
+    sweep_cursor: super::sweep::Cursor,
     /// The lease time the senders last asked for (`stale_after`, in ms): the lease an
     /// outcome write renews before it is made lasts as long.
     lease_ms: Arc<AtomicU64>,
@@ -148,6 +150,7 @@ impl MongoStore {
             first_look,
             leases,
             write_concern,
+            sweep_cursor: Default::default(),
             lease_ms: Arc::new(AtomicU64::new(30_000)),
         })
     }
@@ -1224,7 +1227,12 @@ impl Store for MongoStore {
         if channels.is_empty() {
             return Ok(Vec::new());
         }
-        let docs = super::sweep::due(&self.coll, now, limit, channels).await?;
+        let look = super::sweep::Look {
+            now,
+            recheck,
+            limit,
+        };
+        let docs = super::sweep::due(&self.coll, look, channels, &self.sweep_cursor).await?;
         if docs.is_empty() {
             return Ok(Vec::new());
         }

@@ -14,9 +14,8 @@
 //! themselves (channel, priority, queued before the lane's acknowledged point) are
 //! checked here, on the documents read. Oldest due first, in pages, at most
 //! [`PAGES`] pages a look, so a backlog of due records that are still on their stream
-//! costs a bounded answer; a look always starts again from the oldest. (SecantusDB still
-//! reads every record of the range to check the residual clauses: a look costs what the
-//! records past their next look are, few but for a backlog older than the recheck time.)
+//! costs a bounded answer; a look always starts again from the oldest. A lane stalled for
+//! longer than the recheck time (its entries waiting unread) is looked past: see [`due`].
 //!
 //! [`MongoStore`]: crate::clients::mongo::MongoStore
 
@@ -36,27 +35,87 @@ fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
 }
 
-/// The records of these lanes due by `now`, oldest due first, at most `limit`.
+/// Where the look past the stalled lanes' point left off: the `nextAttemptAt` of the last
+/// record of its last full page (none: start again from the point).
+pub type Cursor = std::sync::Arc<std::sync::Mutex<Option<BsonDate>>>;
+
+/// One look: its time, the sweeper's recheck time (a queued record's next look is its
+/// queue time plus this), and how many records it takes at most.
+#[derive(Debug, Clone, Copy)]
+pub struct Look {
+    pub now: DateTime<Utc>,
+    pub recheck: std::time::Duration,
+    pub limit: usize,
+}
+
+/// The records of these lanes due by `now`, at most `limit`.
+///
+/// A lane with an acknowledged point `a` has entries queued after `a` still waiting on its
+/// stream (a stalled lane: an open breaker, a rate limit), and each of their records has
+/// its next look after `a + recheck`. With `a` the oldest such point, once `a + recheck`
+/// has passed, the range up to `a + recheck` holds no waiting record of any lane and is
+/// read as before (oldest due first, exact), and the rest of the range
+/// (those stalled records, mixed with retries and dead claims that are due) one page a
+/// look, without the residual `createdAt` clause (with it, SecantusDB would read every
+/// stalled record to reject it, every look), from where the last look left off: each look
+/// costs a page, and every due record there is reached within (stalled records / page)
+/// looks.
 pub async fn due(
     coll: &Collection<Document>,
-    now: DateTime<Utc>,
+    look: Look,
+    scopes: &[SweepScope],
+    cursor: &Cursor,
+) -> Result<Vec<Document>, DependencyError> {
+    let recheck = chrono::Duration::from_std(look.recheck).unwrap_or(chrono::Duration::MAX);
+    let settled = oldest_point(scopes)
+        .and_then(|a| a.checked_add_signed(recheck))
+        .filter(|b| *b < look.now);
+    let Some(bound) = settled else {
+        return oldest_first(coll, look.now, look.limit, scopes).await;
+    };
+    let mut found = oldest_first(coll, bound, look.limit, scopes).await?;
+    if found.len() < look.limit {
+        found.extend(past_the_point(coll, look, bound, scopes, cursor).await?);
+        found.truncate(look.limit);
+    }
+    Ok(found)
+}
+
+/// The oldest acknowledged point of the lanes that have one (entries waiting).
+fn oldest_point(scopes: &[SweepScope]) -> Option<DateTime<Utc>> {
+    scopes.iter().filter_map(|s| s.acked_up_to).min()
+}
+
+/// The newest acknowledged point, when every lane has one.
+fn newest_point(scopes: &[SweepScope]) -> Option<DateTime<Utc>> {
+    let points: Option<Vec<DateTime<Utc>>> = scopes.iter().map(|s| s.acked_up_to).collect();
+    points.and_then(|p| p.into_iter().max())
+}
+
+fn mongo_err(e: mongodb::error::Error) -> DependencyError {
+    DependencyError::new(Dependency::MongoDb, e)
+}
+
+/// The records of these lanes due by `upto`, oldest due first, at most `limit`.
+async fn oldest_first(
+    coll: &Collection<Document>,
+    upto: DateTime<Utc>,
     limit: usize,
     scopes: &[SweepScope],
 ) -> Result<Vec<Document>, DependencyError> {
-    let err = |e: mongodb::error::Error| DependencyError::new(Dependency::MongoDb, e);
     let page = (limit * 2).max(1);
     let mut found = Vec::new();
     let mut after: Option<BsonDate> = None;
     for _ in 0..PAGES {
         let docs: Vec<Document> = coll
-            .find(filter(now, after, scopes))
+            .find(filter(upto, after, scopes, true))
             .sort(doc! {"nextAttemptAt": 1})
             .limit(page as i64)
             .await
-            .map_err(err)?
+            .map_err(mongo_err)?
             .try_collect()
             .await
-            .map_err(err)?;
+            .map_err(mongo_err)?;
         let full = docs.len() == page;
         after = docs
             .last()
@@ -73,10 +132,51 @@ pub async fn due(
     Ok(found)
 }
 
+/// One page of the range after `bound`, from the cursor; the cursor moves on.
+async fn past_the_point(
+    coll: &Collection<Document>,
+    look: Look,
+    bound: DateTime<Utc>,
+    scopes: &[SweepScope],
+    cursor: &Cursor,
+) -> Result<Vec<Document>, DependencyError> {
+    let page = (look.limit * 2).max(1);
+    let from = cursor
+        .lock()
+        .map_err(|_| DependencyError::new(Dependency::MongoDb, "sweep cursor poisoned"))?
+        .filter(|c| *c > bdate(bound))
+        .unwrap_or(bdate(bound));
+    let docs: Vec<Document> = coll
+        .find(filter(look.now, Some(from), scopes, false))
+        .sort(doc! {"nextAttemptAt": 1})
+        .limit(page as i64)
+        .await
+        .map_err(mongo_err)?
+        .try_collect()
+        .await
+        .map_err(mongo_err)?;
+    let next = (docs.len() == page)
+        .then(|| docs.last()?.get_datetime("nextAttemptAt").ok().copied())
+        .flatten();
+    if let Ok(mut c) = cursor.lock() {
+        *c = next;
+    }
+    Ok(docs
+        .into_iter()
+        .filter(|d| scopes.iter().any(|s| in_scope(d, s)))
+        .collect())
+}
+
 /// The range first (the clause that rides the index), then residual clauses that hold for
-/// every lane; no top-level operator.
-fn filter(now: DateTime<Utc>, after: Option<BsonDate>, scopes: &[SweepScope]) -> Document {
-    let mut range = doc! {"$lte": bdate(now)};
+/// every lane (with `by_point`, created by the newest acknowledged point); no top-level
+/// operator.
+fn filter(
+    upto: DateTime<Utc>,
+    after: Option<BsonDate>,
+    scopes: &[SweepScope],
+    by_point: bool,
+) -> Document {
+    let mut range = doc! {"$lte": bdate(upto)};
     if let Some(a) = after {
         range.insert("$gt", a);
     }
@@ -90,8 +190,7 @@ fn filter(now: DateTime<Utc>, after: Option<BsonDate>, scopes: &[SweepScope]) ->
     };
     // A record queued before a point was created before it: when every lane has an
     // acknowledged point, nothing created after the newest of them is in any lane.
-    let points: Option<Vec<DateTime<Utc>>> = scopes.iter().map(|s| s.acked_up_to).collect();
-    if let Some(newest) = points.and_then(|p| p.into_iter().max()) {
+    if let Some(newest) = newest_point(scopes).filter(|_| by_point) {
         f.insert("createdAt", doc! {"$lte": bdate(newest)});
     }
     f
@@ -186,7 +285,7 @@ mod tests {
             scope(Channel::Sms, Priority::High, Some(7)),
             scope(Channel::Email, Priority::Bulk, Some(5)),
         ];
-        let f = filter(at(100), None, &scopes);
+        let f = filter(at(100), None, &scopes, true);
         assert!(f.keys().all(|k| !k.starts_with('$')), "{f}");
         assert_eq!(f.keys().next().map(String::as_str), Some("nextAttemptAt"));
         assert_eq!(
@@ -198,7 +297,15 @@ mod tests {
             at(100),
             None,
             &[scopes[0], scope(Channel::Whatsapp, Priority::Normal, None)],
+            true,
         );
         assert!(f.get("createdAt").is_none(), "{f}");
+        // Past the stalled lanes' point: no residual the stalled records fail.
+        let f = filter(at(100), Some(bdate(at(40))), &scopes, false);
+        assert!(f.get("createdAt").is_none(), "{f}");
+        assert_eq!(
+            f.get_document("nextAttemptAt").unwrap(),
+            &doc! {"$lte": bdate(at(100)), "$gt": bdate(at(40))}
+        );
     }
 }
