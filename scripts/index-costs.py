@@ -11,6 +11,7 @@ SecantusDB derives every index's keys for every document it writes, including a 
 index whose field the document lacks, and an update deletes and rewrites the entries of
 every index (secantus/storage.py: _write_index_entries, _delete_index_entries).
 """
+import contextlib
 import datetime
 import os
 import shutil
@@ -83,20 +84,39 @@ def start(folder):
     raise SystemExit("SecantusDB did not start")
 
 
-def one_set(names):
-    folder = tempfile.mkdtemp(prefix="index-costs-")
+def record(k, now, **fields):
+    """Record `k` as the router stores it (pending, due `now`), with `fields` set over it."""
+    d = {"_id": ObjectId(), "tenant": "t", "type": "sms", "from": "+15550001111",
+         "to": f"+1555{k:07d}", "msg": f"load {k}", "status": "pending", "attempts": 0,
+         "createdAt": now, "updatedAt": now, "notBefore": now, "nextAttemptAt": now,
+         "errors": [], "requestHash": "0" * 64, "priority": "normal"}
+    d.update(fields)
+    return d
+
+
+@contextlib.contextmanager
+def secantus_with(names, db_name="index-costs"):
+    """A SecantusDB of its own (temporary folder, stopped and removed at the end) with
+    `communications` carrying the indexes `names`: yields (process, database, collection)."""
+    folder = tempfile.mkdtemp(prefix=f"{db_name}-")
     proc, client = start(folder)
     try:
-        db = client["index-costs"]
+        db = client[db_name]
         col = db.get_collection("communications", write_concern=WriteConcern(w="majority", j=True))
         for name in names:
             keys, opts = INDEXES[name]
             col.create_index(keys, name=name, **opts)
+        yield proc, db, col
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def one_set(names):
+    with secantus_with(names) as (proc, db, col):
         now = datetime.datetime.now(datetime.timezone.utc)
-        docs = [{"_id": ObjectId(), "tenant": "t", "type": "sms", "from": "+15550001111",
-                 "to": f"+1555{k:07d}", "msg": f"load {k}", "status": "pending", "attempts": 0,
-                 "createdAt": now, "updatedAt": now, "notBefore": now, "nextAttemptAt": now,
-                 "errors": [], "requestHash": "0" * 64, "priority": "normal"} for k in range(N)]
+        docs = [record(k, now) for k in range(N)]
         ids = [d["_id"] for d in docs]
         costs = {}
 
@@ -135,10 +155,6 @@ def one_set(names):
         phase("outcome", 20, outcome)
         phase("receipt", 20, receipt)
         return costs
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main():

@@ -14,12 +14,7 @@ than a few large ones. This is why the router keeps few group commits in flight
 import datetime
 import importlib.util
 import os
-import shutil
-import tempfile
 import time
-
-from bson import ObjectId
-from pymongo.write_concern import WriteConcern
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("index_costs", os.path.join(HERE, "index-costs.py"))
@@ -31,35 +26,17 @@ ROUNDS = int(os.environ.get("ROUNDS", "2"))
 SIZES = [1, 2, 4, 8, 16, 32]
 
 
-def records(n):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return [{"_id": ObjectId(), "tenant": "t", "type": "sms", "from": "+15550001111",
-             "to": f"+1555{k:07d}", "msg": f"load {k}", "status": "pending", "attempts": 0,
-             "createdAt": now, "updatedAt": now, "notBefore": now, "nextAttemptAt": now,
-             "errors": [], "requestHash": "0" * 64, "priority": "normal"} for k in range(n)]
-
-
 def one_round():
-    folder = tempfile.mkdtemp(prefix="insert-batches-")
-    proc, client = costs.start(folder)
-    try:
-        col = client["insert-batches"].get_collection(
-            "communications", write_concern=WriteConcern(w="majority", j=True))
-        for name in costs.SETS["service"]:
-            keys, opts = costs.INDEXES[name]
-            col.create_index(keys, name=name, **opts)
+    with costs.secantus_with(costs.SETS["service"], "insert-batches") as (proc, _db, col):
         out = {}
         for size in SIZES:
-            docs = records(N)
+            now = datetime.datetime.now(datetime.timezone.utc)
+            docs = [costs.record(k, now) for k in range(N)]
             cpu0, t0 = costs.cpu(proc.pid), time.time()
             for a in range(0, N, size):
                 col.insert_many(docs[a:a + size], ordered=False)
             out[size] = ((costs.cpu(proc.pid) - cpu0) / N * 1e6, (time.time() - t0) / N * 1e6)
         return out
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main():

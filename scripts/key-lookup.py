@@ -13,13 +13,8 @@ KEYED is the share of records that carry a key (1.0: all).
 import datetime
 import importlib.util
 import os
-import shutil
 import statistics
-import tempfile
 import time
-
-from bson import ObjectId
-from pymongo.write_concern import WriteConcern
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("index_costs", os.path.join(HERE, "index-costs.py"))
@@ -41,10 +36,8 @@ def records(start, n):
     now = datetime.datetime.now(datetime.timezone.utc)
     out = []
     for k in range(start, start + n):
-        d = {"_id": ObjectId(), "tenant": "t", "type": "sms", "from": "+15550001111",
-             "to": f"+1555{k:07d}", "msg": f"load {k}", "status": "sent", "attempts": 1,
-             "createdAt": now, "updatedAt": now, "notBefore": now, "errors": [],
-             "requestHash": "0" * 64, "priority": "normal"}
+        d = costs.record(k, now, status="sent", attempts=1)
+        del d["nextAttemptAt"]
         if int((k + 1) * KEYED) > int(k * KEYED):
             d["idempotencyKey"] = f"key-{k}"
             d["tenantKey"] = f"t:key-{k}"
@@ -53,14 +46,7 @@ def records(start, n):
 
 
 def one_shape(index_set, lookup):
-    folder = tempfile.mkdtemp(prefix="key-lookup-")
-    proc, client = costs.start(folder)
-    try:
-        col = client["key-lookup"].get_collection(
-            "communications", write_concern=WriteConcern(w="majority", j=True))
-        for name in costs.SETS[index_set]:
-            keys, opts = costs.INDEXES[name]
-            col.create_index(keys, name=name, **opts)
+    with costs.secantus_with(costs.SETS[index_set], "key-lookup") as (_proc, _db, col):
         out, have = {}, 0
         for size in SIZES:
             docs = records(have, size - have)
@@ -77,10 +63,6 @@ def one_shape(index_set, lookup):
                 assert len(found) == 1, (k, found)
             out[size] = statistics.median(took)
         return out
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main():

@@ -96,6 +96,34 @@ fn mongo_err(e: mongodb::error::Error) -> DependencyError {
     DependencyError::new(Dependency::MongoDb, e)
 }
 
+/// One page of a look's range, in `nextAttemptAt` order: the records of these lanes read,
+/// and, when the page was full, the due time of its last record (where the next page
+/// starts).
+async fn page(
+    coll: &Collection<Document>,
+    filter: Document,
+    size: usize,
+    scopes: &[SweepScope],
+) -> Result<(Vec<Document>, Option<BsonDate>), DependencyError> {
+    let docs: Vec<Document> = coll
+        .find(filter)
+        .sort(doc! {"nextAttemptAt": 1})
+        .limit(size as i64)
+        .await
+        .map_err(mongo_err)?
+        .try_collect()
+        .await
+        .map_err(mongo_err)?;
+    let next = (docs.len() == size)
+        .then(|| docs.last()?.get_datetime("nextAttemptAt").ok().copied())
+        .flatten();
+    let in_lanes = docs
+        .into_iter()
+        .filter(|d| scopes.iter().any(|s| in_scope(d, s)))
+        .collect();
+    Ok((in_lanes, next))
+}
+
 /// The records of these lanes due by `upto`, oldest due first, at most `limit`.
 async fn oldest_first(
     coll: &Collection<Document>,
@@ -103,36 +131,23 @@ async fn oldest_first(
     limit: usize,
     scopes: &[SweepScope],
 ) -> Result<Vec<Document>, DependencyError> {
-    let page = (limit * 2).max(1);
+    let size = (limit * 2).max(1);
     let mut found = Vec::new();
     let mut after: Option<BsonDate> = None;
     for _ in 0..PAGES {
-        let docs: Vec<Document> = coll
-            .find(filter(upto, after, scopes, true))
-            .sort(doc! {"nextAttemptAt": 1})
-            .limit(page as i64)
-            .await
-            .map_err(mongo_err)?
-            .try_collect()
-            .await
-            .map_err(mongo_err)?;
-        let full = docs.len() == page;
-        after = docs
-            .last()
-            .and_then(|d| d.get_datetime("nextAttemptAt").ok().copied());
-        found.extend(
-            docs.into_iter()
-                .filter(|d| scopes.iter().any(|s| in_scope(d, s))),
-        );
-        if found.len() >= limit || !full || after.is_none() {
+        let (docs, next) = page(coll, filter(upto, after, scopes, true), size, scopes).await?;
+        found.extend(docs);
+        if found.len() >= limit || next.is_none() {
             break;
         }
+        after = next;
     }
     found.truncate(limit);
     Ok(found)
 }
 
-/// One page of the range after `bound`, from the cursor; the cursor moves on.
+/// One page of the range after `bound`, from the cursor; the cursor moves on (to none
+/// after the last page: the next look starts again from `bound`).
 async fn past_the_point(
     coll: &Collection<Document>,
     look: Look,
@@ -140,31 +155,18 @@ async fn past_the_point(
     scopes: &[SweepScope],
     cursor: &Cursor,
 ) -> Result<Vec<Document>, DependencyError> {
-    let page = (look.limit * 2).max(1);
-    let from = cursor
-        .lock()
-        .map_err(|_| DependencyError::new(Dependency::MongoDb, "sweep cursor poisoned"))?
+    let from = held(cursor)
         .filter(|c| *c > bdate(bound))
         .unwrap_or(bdate(bound));
-    let docs: Vec<Document> = coll
-        .find(filter(look.now, Some(from), scopes, false))
-        .sort(doc! {"nextAttemptAt": 1})
-        .limit(page as i64)
-        .await
-        .map_err(mongo_err)?
-        .try_collect()
-        .await
-        .map_err(mongo_err)?;
-    let next = (docs.len() == page)
-        .then(|| docs.last()?.get_datetime("nextAttemptAt").ok().copied())
-        .flatten();
-    if let Ok(mut c) = cursor.lock() {
-        *c = next;
-    }
-    Ok(docs
-        .into_iter()
-        .filter(|d| scopes.iter().any(|s| in_scope(d, s)))
-        .collect())
+    let f = filter(look.now, Some(from), scopes, false);
+    let (docs, next) = page(coll, f, (look.limit * 2).max(1), scopes).await?;
+    *held(cursor) = next;
+    Ok(docs)
+}
+
+/// The cursor (a look that panicked holding it left a position, still a valid one).
+fn held(cursor: &Cursor) -> std::sync::MutexGuard<'_, Option<BsonDate>> {
+    cursor.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The range first (the clause that rides the index), then residual clauses that hold for
