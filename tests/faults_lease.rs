@@ -450,32 +450,27 @@ async fn the_sweepers_look_is_a_range_read_secantusdb_serves_from_an_index() {
     );
 }
 
-/// A lane whose entries wait unread (here the provider's rate is one message in 1,000 s,
-/// so the consumer reads no further) holds records that are past their next look
-/// (`SWEEP_RECHECK_MS` 1000) yet must be left alone. Before, every look read them all to
-/// reject them, every second: with deliveries held back at 300 requests/s the accept p99
-/// reached 1,478 ms after 90 s (README "Performance"). Now the look reads the range up to
-/// the lane's acknowledged point plus the recheck time as before, which holds none of them,
-/// and the rest one page at a time from a point that moves on (a `$gt` bound): seen in
-/// MongoDB's profiler, no look starts at the beginning of the range and reaches them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sweeper_does_not_read_a_stalled_lane_whole_at_every_look() {
-    let _one = one_at_a_time().await;
-    let stack = Stack::start();
+/// A service whose provider takes one message in 1,000 s (so its SMS stream stalls), with
+/// 200 SMS accepted over 12 s and (most of them) waiting past their next look
+/// (`SWEEP_RECHECK_MS` 1000): the service, and the oldest and newest due time of the
+/// waiting records.
+async fn stalled_lane(
+    stack: &Stack,
+) -> (Service, (mongodb::bson::DateTime, mongodb::bson::DateTime)) {
     let svc = stack.start_service(&fast_env(&[
         ("PROVIDER_RATE_PER_SEC", "0.001"),
         ("PROVIDER_BURST", "1"),
         ("SWEEP_RECHECK_MS", "1000"),
     ]));
-    let accepted = load(svc.port, &unique("stalled"), 200, Duration::ZERO).await;
-    assert_eq!(accepted.len(), 200);
+    let accepted = load(svc.port, &unique("stalled"), 200, Duration::from_secs(1)).await;
+    assert_eq!(accepted.len(), 200, "every request accepted");
     let coll = stack.records().await;
     let ids: Vec<ObjectId> = accepted
         .iter()
         .map(|(_, id)| ObjectId::parse_str(id).unwrap())
         .collect();
     // Past their next look, still waiting: the situation under test.
-    let first_look = eventually(Duration::from_secs(20), "the stalled records due", || {
+    let due = eventually(Duration::from_secs(20), "the stalled records due", || {
         let (coll, ids) = (&coll, &ids);
         async move {
             use futures::TryStreamExt;
@@ -486,41 +481,132 @@ async fn the_sweeper_does_not_read_a_stalled_lane_whole_at_every_look() {
                 .try_collect()
                 .await
                 .ok()?;
-            let first = waiting
+            let times: Vec<_> = waiting
                 .iter()
                 .filter_map(|d| d.get_datetime("nextAttemptAt").ok().copied())
-                .min()?;
-            (waiting.len() >= 150 && first < mongodb::bson::DateTime::now()).then_some(first)
+                .collect();
+            let (first, last) = (*times.iter().min()?, *times.iter().max()?);
+            (waiting.len() >= 150 && first < mongodb::bson::DateTime::now())
+                .then_some((first, last))
         }
     })
     .await;
+    (svc, due)
+}
+
+/// The `nextAttemptAt` range of a profiled read.
+fn range_of(p: &Document) -> &Document {
+    p.get_document("command")
+        .and_then(|c| c.get_document("filter"))
+        .and_then(|f| f.get_document("nextAttemptAt"))
+        .unwrap()
+}
+
+/// How wide a profiled read's range is, in ms (`None`: open at its start).
+fn width_of(p: &Document) -> Option<i64> {
+    let r = range_of(p);
+    let from = r.get_datetime("$gt").or(r.get_datetime("$gte")).ok()?;
+    let to = r.get_datetime("$lte").or(r.get_datetime("$lt")).ok()?;
+    Some(to.timestamp_millis() - from.timestamp_millis())
+}
+
+/// SecantusDB reads every record of the range a query names, whatever its limit; a slice
+/// of the stalled range is at most this wide (`actors::walk::WIDEST`, and a second of
+/// slack for the clock).
+const WIDEST_SLICE_MS: i64 = 11_000;
+
+/// A lane whose entries wait unread (here the provider's rate is one message in 1,000 s,
+/// so the consumer reads no further) holds records that are past their next look
+/// (`SWEEP_RECHECK_MS` 1000) yet must be left alone. Before, every look read them all to
+/// reject them, every second: with deliveries held back at 300 requests/s the accept p99
+/// reached 1,478 ms after 90 s (README "Performance"). Then the look read the range up to
+/// the lane's acknowledged point plus the recheck time, which holds none of them, and the
+/// rest a page at a time from a cursor to the look's time; but SecantusDB reads every
+/// record of the range a query names, whatever its limit, so that was all of them still.
+/// Now the rest is read one slice a look, at most 10 s wide: seen in MongoDB's profiler,
+/// every look whose range reaches the stalled records (spread over 12 s) names at most
+/// 10 s of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_does_not_read_a_stalled_lane_whole_at_every_look() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let (svc, (first_look, _)) = stalled_lane(&stack).await;
     let db = stack
         .mongo_client()
         .await
         .database("communication-aggregator");
     db.run_command(doc! {"profile": 2}).await.unwrap();
-    // The sweeper's looks (`pending`, `sending`) whose range reaches the stalled records;
-    // the SchedulerActor's look (`status: "scheduled"`) still reads them: README
-    // "Performance".
+    // The sweeper's looks (`pending`, `sending`) whose range reaches the stalled records
+    // (the SchedulerActor's, `status: "scheduled"`: the next test).
     let reaching = doc! {"op": "query",
     "command.filter.nextAttemptAt.$lte": {"$gte": first_look},
     "command.filter.status.$in": {"$exists": true}};
-    let looks = eventually(Duration::from_secs(20), "two looks profiled", || async {
+    let looks = eventually(Duration::from_secs(20), "three looks profiled", || async {
         let looks = stack.profile_entries(reaching.clone()).await;
-        (looks.len() >= 2).then_some(looks)
+        (looks.len() >= 3).then_some(looks)
     })
     .await;
     db.run_command(doc! {"profile": 0}).await.unwrap();
     for p in &looks {
-        let range = p
+        let wide = width_of(p);
+        assert!(
+            wide.is_some_and(|w| w <= WIDEST_SLICE_MS),
+            "a look named {wide:?} ms of the stalled range: {p}"
+        );
+    }
+    drop(svc);
+}
+
+/// The SchedulerActor's look reads the same index for `scheduled` records, and read the
+/// whole due range every second, stalled records and all. Now, after the first look after
+/// a start, a look reads from the last look's time less 1 s (its window), and one slice of
+/// the 15 minutes before that, at most 10 s wide. Seen in MongoDB's profiler: every window
+/// starts at most 10 s before its end, windows come to start past the stalled records,
+/// and every slice names at most 10 s and carries no residual clause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_does_not_read_a_stalled_lane_whole_at_every_look() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let (svc, (_, newest)) = stalled_lane(&stack).await;
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    let windows = doc! {"op": "query", "command.filter.status": "scheduled"};
+    let looks = eventually(
+        Duration::from_secs(30),
+        "two windows starting past the stalled records",
+        || async {
+            let looks = stack.profile_entries(windows.clone()).await;
+            let past = looks
+                .iter()
+                .filter(|p| range_of(p).get_datetime("$gte").is_ok_and(|g| *g > newest))
+                .count();
+            (past >= 2).then_some(looks)
+        },
+    )
+    .await;
+    let slices = doc! {"op": "query", "command.filter.status": {"$exists": false},
+    "command.filter.nextAttemptAt.$gt": {"$exists": true}};
+    let slices = stack.profile_entries(slices).await;
+    db.run_command(doc! {"profile": 0}).await.unwrap();
+    for p in &looks {
+        let wide = width_of(p).expect("a window has a start");
+        assert!(wide <= 10_000, "a window {wide} ms wide: {p}");
+    }
+    assert!(!slices.is_empty(), "no slice read before the windows");
+    for p in &slices {
+        let wide = width_of(p);
+        assert!(
+            wide.is_some_and(|w| w <= WIDEST_SLICE_MS),
+            "a slice of {wide:?} ms: {p}"
+        );
+        let filter = p
             .get_document("command")
             .and_then(|c| c.get_document("filter"))
-            .and_then(|f| f.get_document("nextAttemptAt"))
             .unwrap();
-        assert!(
-            range.contains_key("$gt"),
-            "a look read the stalled records from the start of its range: {p}"
-        );
+        assert_eq!(filter.keys().collect::<Vec<_>>(), ["nextAttemptAt"], "{p}");
     }
     drop(svc);
 }

@@ -112,6 +112,39 @@ async fn a_message_scheduled_ahead_is_sent_after_its_time_and_not_before() {
     assert!(sent_at >= at, "sent at {sent_at}, scheduled for {at}");
 }
 
+/// A look reads the due times since the last look less 1 s, so a record stored after
+/// the looks had passed its time by more than that (an insert that slow) is before every
+/// later window: here its `sendAt` (and the due time the look reads) is moved a minute back
+/// once it is stored. It is found by the walk over the 15 minutes before the window (a
+/// slice a look, at most 10 s wide: at a look every 200 ms, one walk takes about 20 s
+/// here), and sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_after_the_looks_passed_its_time_is_still_sent_once() {
+    let (stack, svc) = shared_with(SCHED);
+    let msg = unique("stored late");
+    let answer = accept(svc, sms_at("+15557654321", &msg, &rfc3339(in_secs(600)))).await;
+    let id = answer["id"].as_str().unwrap().to_string();
+    let past = mongodb::bson::DateTime::from_chrono(in_secs(-60));
+    let oid = mongodb::bson::oid::ObjectId::parse_str(&id).unwrap();
+    let moved = stack
+        .records()
+        .await
+        .update_one(
+            doc! {"_id": oid, "status": "scheduled"},
+            doc! {"$set": {"sendAt": past, "nextAttemptAt": past}},
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved.modified_count, 1);
+    eventually(Duration::from_secs(90), "the message sent", || async {
+        let r = stack.record(&id).await?;
+        r.get_datetime("sentAt").is_ok().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(at_provider(stack, &msg).await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_message_is_sent_once_across_a_restart() {
     let stack = Stack::start();

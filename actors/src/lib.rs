@@ -31,7 +31,8 @@
 //! - [`event_fanout`]: EventFanout, `log_stream` to the live status subscribers (SSE, WebSocket).
 //! - [`reconciler`]: Reconciler, makes search agree with MongoDB for recent records.
 //! - [`due`]: DueTimer, the one timer for work MongoDB keeps due times of (oldest first,
-//!   in batches).
+//!   in batches); [`walk`]: a range of due times read one slice a look, the slice's
+//!   width adapting to what it holds (pure).
 //! - [`fallback`]: FallbackActor, a message's fallback on another channel, on time.
 //! - [`scheduler`]: SchedulerActor, a scheduled send onto its stream when its time comes.
 //! - [`sweeper`]: OutboxSweeper, the outbox re-queue.
@@ -82,6 +83,7 @@ pub mod supervisor;
 pub mod sweeper;
 pub mod testing;
 pub mod trace_context;
+pub mod walk;
 
 pub use ractor;
 

@@ -639,17 +639,43 @@ pub trait Fallbacks: Send + Sync + 'static {
 }
 
 /// Where the SchedulerActor finds scheduled sends that are due (MongoDB's
-/// `communications`: an indexed due time that only `scheduled` records carry), and queues
-/// them.
+/// `communications`: an indexed due time, shared with records waiting for the
+/// OutboxSweeper's next look), and queues them.
+/// A read of [`ScheduledSends::scheduled_in`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScheduledPage {
+    /// The due `scheduled` records read.
+    pub due: Vec<String>,
+    /// How many records were read, of any status.
+    pub read: usize,
+    /// The due time of the last record read, when the limit cut the read short.
+    pub cut_at: Option<DateTime<Utc>>,
+}
+
 #[async_trait]
 pub trait ScheduledSends: Send + Sync + 'static {
-    /// Ids of `scheduled` records whose `sendAt` ≤ `now`, oldest `sendAt` first, at most
-    /// `limit`.
+    /// Ids of `scheduled` records whose `sendAt` ≤ `now` and whose due time is at or after
+    /// `from` (every due one when `None`), oldest first, at most `limit`. The store reads
+    /// every record due in that range, whatever its status, to find them.
     async fn due_scheduled(
         &self,
+        from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, DependencyError>;
+
+    /// The records whose due time is in `(from, to]`, of any status, oldest first, at most
+    /// `limit`: the ids of the `scheduled` ones among them whose `sendAt` ≤ `now`, how
+    /// many records were read, and, when `limit` cut the read short, the due time of the
+    /// last one read. The store reads every record of the range (whatever `limit`), so the
+    /// caller keeps the range narrow.
+    async fn scheduled_in(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<ScheduledPage, DependencyError>;
 
     /// Move these records from `scheduled` to `pending`, compare-and-set on the status:
     /// those still `scheduled` only (another process, or a cancel, may have moved one).

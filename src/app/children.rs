@@ -349,11 +349,11 @@ fn fallback_spec(cfg: &Config, parts: &Parts, indexes: IndexReadiness) -> ChildS
 
 /// The SchedulerActor: scheduled sends onto their streams when due.
 fn scheduler_spec(cfg: &Config, parts: &Parts) -> ChildSpec {
-    let work = SchedulerArgs {
-        store: Arc::new(MongoScheduled::new(&parts.store, cfg.sweeper.recheck)),
-        queue: parts.queue.clone(),
-        shards: shards(cfg),
-    };
+    let work = SchedulerArgs::new(
+        Arc::new(MongoScheduled::new(&parts.store, cfg.sweeper.recheck)),
+        parts.queue.clone(),
+        shards(cfg),
+    );
     let args = DueTimerArgs {
         work: Arc::new(work),
         interval: cfg.schedule.interval,

@@ -27,7 +27,7 @@
 use crate::clients::lease::{RedisLeases, Release};
 use crate::clients::mongo::{object_ids, MongoStore};
 use actors::domain::{Communication, Status};
-use actors::ports::{Dependency, DependencyError, ScheduledSends};
+use actors::ports::{Dependency, DependencyError, ScheduledPage, ScheduledSends};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -184,12 +184,17 @@ fn settled(d: Document) -> Option<Cancel> {
 impl ScheduledSends for MongoScheduled {
     async fn due_scheduled(
         &self,
+        from: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<String>, DependencyError> {
         // The range first: the clause SecantusDB serves from the index.
+        let mut range = doc! {"$lte": bdate(now)};
+        if let Some(from) = from {
+            range.insert("$gte", bdate(from));
+        }
         let filter = doc! {
-            "nextAttemptAt": {"$lte": bdate(now)},
+            "nextAttemptAt": range,
             "status": Status::Scheduled.as_str(),
             "sendAt": {"$lte": bdate(now)},
         };
@@ -198,6 +203,29 @@ impl ScheduledSends for MongoScheduled {
             .iter()
             .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
             .collect())
+    }
+
+    /// The range alone, no residual clause: the record's status and `sendAt` are checked
+    /// here.
+    async fn scheduled_in(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<ScheduledPage, DependencyError> {
+        let range = doc! {"$gt": bdate(from), "$lte": bdate(to)};
+        let projection = doc! {"_id": 1, "status": 1, "sendAt": 1, "nextAttemptAt": 1};
+        let limit = limit.max(1);
+        let docs = oldest_due(
+            &self.coll,
+            doc! {"nextAttemptAt": range},
+            "nextAttemptAt",
+            limit,
+            projection,
+        )
+        .await?;
+        Ok(page_of(&docs, limit, now))
     }
 
     async fn release_scheduled(
@@ -241,6 +269,32 @@ impl ScheduledSends for MongoScheduled {
     }
 }
 
+/// What a read of the range (`limit` asked) holds for the SchedulerActor: its `scheduled`
+/// records whose `sendAt` has passed, how many it read, and its last due time when the
+/// limit cut it short.
+fn page_of(docs: &[Document], limit: usize, now: DateTime<Utc>) -> ScheduledPage {
+    let passed = bdate(now);
+    let due = docs
+        .iter()
+        .filter(|d| d.get_str("status") == Ok(Status::Scheduled.as_str()))
+        .filter(|d| d.get_datetime("sendAt").is_ok_and(|t| *t <= passed))
+        .filter_map(|d| d.get_object_id("_id").ok().map(|o| o.to_hex()))
+        .collect();
+    let cut_at = (docs.len() >= limit)
+        .then(|| {
+            docs.last()?
+                .get_datetime("nextAttemptAt")
+                .ok()
+                .map(|t| t.to_chrono())
+        })
+        .flatten();
+    ScheduledPage {
+        due,
+        read: docs.len(),
+        cut_at,
+    }
+}
+
 /// Give the `scheduled` records of earlier versions their due time where a look reads it
 /// (`nextAttemptAt` = `sendAt`), at start-up; how many were moved.
 pub async fn adopt_earlier_due_times(coll: &Collection<Document>) -> Result<u64, DependencyError> {
@@ -263,6 +317,28 @@ mod tests {
 
     fn rec(status: &str, attempts: i32) -> Document {
         doc! {"_id": ObjectId::new(), "status": status, "attempts": attempts}
+    }
+
+    fn at(status: &str, due_ms: i64, send_ms: i64) -> Document {
+        doc! {"_id": ObjectId::new(), "status": status,
+        "nextAttemptAt": BsonDate::from_millis(due_ms), "sendAt": BsonDate::from_millis(send_ms)}
+    }
+
+    #[test]
+    fn a_read_holds_its_due_scheduled_records_and_where_a_limit_cut_it() {
+        let now = DateTime::from_timestamp_millis(10_000).unwrap();
+        let docs = vec![
+            at("scheduled", 1_000, 1_000),
+            at("pending", 2_000, 1_000),
+            at("scheduled", 3_000, 20_000), // its `sendAt` not passed (an earlier version's)
+            at("scheduled", 4_000, 4_000),
+        ];
+        let page = page_of(&docs, 4, now);
+        let id = |d: &Document| d.get_object_id("_id").unwrap().to_hex();
+        assert_eq!(page.due, [id(&docs[0]), id(&docs[3])]);
+        assert_eq!(page.read, 4);
+        assert_eq!(page.cut_at, DateTime::from_timestamp_millis(4_000));
+        assert_eq!(page_of(&docs, 5, now).cut_at, None, "not cut");
     }
 
     #[test]
