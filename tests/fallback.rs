@@ -1,6 +1,7 @@
 //! Channel fallback (issue #15), on real servers: a WhatsApp message that is never
 //! delivered is followed by its SMS once its time is up, exactly once, also when the
-//! service is killed in between; one that fails for good is followed at once; one that is
+//! service is killed in between; one that fails for good (a receipt, or a refusal at the
+//! send) is followed at once, and the look reads only the fallbacks due; one that is
 //! read needs none; a fallback that could not be sent is refused with 400 and nothing is
 //! stored. The fallback and its first message are linked both ways. An unsettled fallback
 //! written by an earlier version (no `fallbackDueAt`) is seen to after the next start-up.
@@ -126,6 +127,51 @@ async fn a_failed_message_falls_back_at_once_and_a_read_one_needs_none() {
     assert!(settled.get_str("fallbackId").is_err(), "{settled}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(sms_with(stack, &read_msg).await.is_empty());
+}
+
+/// A message its provider refuses for good at the send (+15005550001: Meta's error) is
+/// `failed` by the sender's write, which makes its fallback due at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_at_send_falls_back_at_once() {
+    let (stack, svc) = shared_with(FAST);
+    let msg = unique("refused, so SMS");
+    let id = accept(svc, whatsapp("+15005550001", &msg, 3600)).await;
+    linked_fallback(stack, &id).await;
+    assert_eq!(by_id(stack, &id).await.get_str("status").unwrap(), "failed");
+}
+
+/// The FallbackActor's look reads the fallbacks due by now, not every unsettled one: it
+/// read all of them (up to the year 9999), each look, to find the records that had failed
+/// before their time; with a fallback on every message, that was every message of the last
+/// `afterSeconds`. Seen in MongoDB's profiler: with a fallback an hour away unsettled,
+/// every look's range ends by the time of the look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_look_reads_the_due_fallbacks_not_every_unsettled_one() {
+    let (stack, svc) = shared_with(FAST);
+    accept(svc, whatsapp("+15557654321", &unique("an hour away"), 3600)).await;
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    let looks_filter = doc! {"op": "query", "command.filter.fallbackDueAt": {"$exists": true}};
+    let looks = eventually(WAIT, "two fallback looks profiled", || async {
+        let looks = stack.profile_entries(looks_filter.clone()).await;
+        (looks.len() >= 2).then_some(looks)
+    })
+    .await;
+    db.run_command(doc! {"profile": 0}).await.unwrap();
+    for p in &looks {
+        let ts = p.get_datetime("ts").unwrap().timestamp_millis();
+        let upto = p
+            .get_document("command")
+            .and_then(|c| c.get_document("filter"))
+            .and_then(|f| f.get_document("fallbackDueAt"))
+            .and_then(|r| r.get_datetime("$lte"))
+            .unwrap()
+            .timestamp_millis();
+        assert!(upto <= ts + 1_000, "a look read fallbacks not due: {p}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

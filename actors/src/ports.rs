@@ -625,7 +625,8 @@ pub struct DueFallback {
 #[async_trait]
 pub trait Fallbacks: Send + Sync + 'static {
     /// Records with a fallback not yet settled whose time has come (`fallbackAt` ≤ `now`)
-    /// or that failed for good, oldest `fallbackAt` first, at most `limit`.
+    /// or that failed for good (the write that fails a record makes its fallback due),
+    /// oldest first, at most `limit`.
     async fn due_fallbacks(
         &self,
         now: DateTime<Utc>,

@@ -8,8 +8,14 @@
 //! The look reads `fallbackDueAt`, a copy of `fallbackAt` that a record carries only until
 //! its fallback is settled, by one range read in its sparse index: SecantusDB plans a
 //! range on one field with an index, but scans the whole collection for the `$exists` /
-//! `$or` filter this look had before (`scripts/fallback-due.py`). So a look reads the
-//! fallbacks not yet settled, oldest first, and no other record.
+//! `$or` filter this look had before (`scripts/fallback-due.py`). A write that fails a
+//! record for good (its sender's, a dead-lettering, a provider's receipt) then moves its
+//! `fallbackDueAt` to that time ([`due_now`]), so a look reads the fallbacks due by now
+//! and no other record. Before 2026-11-29 the look read every unsettled fallback, due or
+//! not, each second, to find the records that had failed before their time: with a
+//! fallback on every message, all of the last `afterSeconds` of traffic (SecantusDB reads
+//! every record of the range a query names). A crash between the failing write and the
+//! move leaves the fallback due at its own time: late, not lost.
 
 use super::scheduled::oldest_due;
 use actors::domain::{Channel, Fallback, NewCommunication, Status};
@@ -22,11 +28,8 @@ use mongodb::Collection;
 /// A record's fallback time while its fallback is not settled (absent once it is).
 pub const DUE_FIELD: &str = "fallbackDueAt";
 
-/// 9999-12-31T23:59:59Z: the upper end of the look's range (every date a server stores).
+/// 9999-12-31T23:59:59Z: the upper end of the range of every unsettled fallback.
 const LAST_DATE: BsonDate = BsonDate::from_millis(253_402_300_799_000);
-
-/// The longest a look reads past the due ones, for records that failed before their time.
-const UNSETTLED_READ_MAX: i64 = 10_000;
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
     DependencyError::new(Dependency::MongoDb, e)
@@ -80,22 +83,13 @@ impl Fallbacks for MongoFallbacks {
         now: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<DueFallback>, DependencyError> {
-        // Every unsettled fallback, oldest first (a range on one field, so an index read):
-        // those due by time come first; of the rest, the records that already failed.
-        let filter = doc! {DUE_FIELD: {"$lte": LAST_DATE}};
+        // The unsettled fallbacks due by now, oldest first (a range on one field, so an
+        // index read); a record that failed has its due time moved to its failure.
+        let filter = doc! {DUE_FIELD: {"$lte": BsonDate::from_millis(now.timestamp_millis())}};
         let projection =
             doc! {"tenant": 1, "status": 1, "fallback": 1, "priority": 1, DUE_FIELD: 1};
-        let now = BsonDate::from_millis(now.timestamp_millis());
-        let limit_read = (limit as i64).max(UNSETTLED_READ_MAX) as usize;
-        let docs: Vec<Document> = oldest_due(&self.coll, filter, DUE_FIELD, limit_read, projection)
-            .await?
-            .into_iter()
-            .filter(|d| {
-                d.get_datetime(DUE_FIELD).is_ok_and(|t| *t <= now)
-                    || d.get_str("status") == Ok(Status::Failed.as_str())
-            })
-            .take(limit)
-            .collect();
+        let docs: Vec<Document> =
+            oldest_due(&self.coll, filter, DUE_FIELD, limit, projection).await?;
         Ok(docs
             .iter()
             .filter_map(|d| {
@@ -136,6 +130,37 @@ impl Fallbacks for MongoFallbacks {
             .map_err(err)?;
         Ok(())
     }
+}
+
+/// The records of `filter` that are `failed` and whose fallback is not settled become due
+/// now (their `fallbackDueAt` moved to `now`, if later): after a write failed them for
+/// good. `filter` must name the records by an indexed field (`_id`, `providerMessageId`).
+pub async fn due_now(
+    coll: &Collection<Document>,
+    mut filter: Document,
+    now: BsonDate,
+) -> Result<u64, DependencyError> {
+    filter.insert("status", Status::Failed.as_str());
+    filter.insert(DUE_FIELD, doc! {"$exists": true});
+    let moved = coll
+        .update_many(filter, doc! {"$min": {DUE_FIELD: now}})
+        .await
+        .map_err(err)?;
+    Ok(moved.modified_count)
+}
+
+/// The unsettled fallbacks of records that failed before this version moved their due
+/// time at the failure: due now. Run at every start-up (one read of the unsettled
+/// fallbacks).
+pub async fn failed_due_now(coll: &Collection<Document>) -> Result<u64, DependencyError> {
+    let moved = coll
+        .update_many(
+            doc! {DUE_FIELD: {"$lte": LAST_DATE}, "status": Status::Failed.as_str()},
+            doc! {"$min": {DUE_FIELD: BsonDate::now()}},
+        )
+        .await
+        .map_err(err)?;
+    Ok(moved.modified_count)
 }
 
 /// Records from before `fallbackDueAt` whose fallback is not settled get it (a copy of

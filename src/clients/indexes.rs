@@ -39,7 +39,9 @@ const PER_TENANT_IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
 /// The collection of the start-up mark, and the rewrites it says are done.
 const MARKS: &str = "migrations";
 const MARK_ID: &str = "communications";
-const MIGRATIONS_DONE: i32 = 1;
+/// 2 since the fallbacks of records failed before their time are made due at start-up
+/// (`super::fallbacks::failed_due_now`); a mark of 1 runs the rewrites once more.
+const MIGRATIONS_DONE: i32 = 2;
 /// The FallbackActor's partial index before `fallback_due_at`; dropped once that exists.
 const OLD_FALLBACK_INDEX: &str = "fallback_due";
 /// The OutboxSweeper's index before `next_attempt`; dropped once that exists.
@@ -239,6 +241,13 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
     drop_replaced(coll, PER_TENANT_IDEMPOTENCY_INDEX).await;
     if !done {
         let n = super::fallbacks::add_due_fields(coll).await?;
+        let failed = super::fallbacks::failed_due_now(coll).await?;
+        if failed > 0 {
+            tracing::info!(
+                n = failed,
+                "fallbacks of records that failed before their time made due"
+            );
+        }
         if n > 0 {
             tracing::info!(
                 n,

@@ -396,6 +396,20 @@ impl MongoStore {
         Ok(reply)
     }
 
+    /// The unsettled fallbacks of the records of `filter` that a write just failed become
+    /// due now (`super::fallbacks::due_now`). A failure here is logged: the fallback is
+    /// then due at its own time, later but not lost.
+    async fn fallbacks_due_now(&self, filter: Document) {
+        let ids = filter.get_document("_id").ok();
+        if ids.is_some_and(|i| i.get_array("$in").is_ok_and(|a| a.is_empty())) {
+            return;
+        }
+        if let Err(e) = super::fallbacks::due_now(&self.coll, filter, bdate(Utc::now())).await {
+            metrics::counter!("fallback_errors_total").increment(1);
+            tracing::warn!(error = %e, "failed records' fallbacks not moved to now; each is due at its own time");
+        }
+    }
+
     fn remember_lease(&self, lease: Duration) {
         self.lease_ms
             .store(lease.as_millis().max(1) as u64, Ordering::Relaxed);
@@ -1074,6 +1088,7 @@ impl Store for MongoStore {
         let (how, result) = match &r {
             Ok(u) if u.modified_count > 0 => {
                 count_written("other", u.modified_count);
+                self.fallbacks_due_now(doc! {"_id": oid}).await;
                 (Release::Final, FailResult::Failed)
             }
             _ => (Release::Undo, FailResult::AlreadyFinal),
@@ -1196,6 +1211,12 @@ impl Store for MongoStore {
             if matched.map_or(true, |n| n < held.len() as i64) {
                 fenced.extend(self.not_written(&held).await?);
             }
+            let failed = held
+                .iter()
+                .filter(|(_, _, o)| matches!(o, Outcome::Failed { .. }))
+                .map(|(id, _, _)| id.clone());
+            self.fallbacks_due_now(doc! {"_id": {"$in": object_ids(&failed.collect::<Vec<_>>())}})
+                .await;
         }
         self.flag_lost(outcomes, &fenced).await?;
         // Last: a failure before this leaves the leases held for the sender's next try,
@@ -1268,6 +1289,15 @@ impl Store for MongoStore {
             .run_update(receipt_statements(receipts, &stamp, Utc::now()), false)
             .await?;
         count_written("receipt", modified(&reply));
+        let failed: Vec<&str> = receipts
+            .iter()
+            .filter(|r| r.status == Status::Failed)
+            .map(|r| r.provider_message_id.as_str())
+            .collect();
+        if !failed.is_empty() {
+            self.fallbacks_due_now(doc! {"providerMessageId": {"$in": failed}})
+                .await;
+        }
         let pmids: Vec<&str> = receipts
             .iter()
             .map(|r| r.provider_message_id.as_str())
