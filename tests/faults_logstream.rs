@@ -189,7 +189,7 @@ async fn steady_inflow(port: u16, tag: String, n: usize, every: Duration) -> Vec
             .post(format!("http://127.0.0.1:{port}/api/v1/communication"))
             .json(&sms(&body));
         posts.push(tokio::spawn(async move {
-            // A 503 (here: the tenant's limits not answered by Redis within 250 ms on a
+            // A 503 (here: the tenant's limits not answered by Redis in time on a
             // loaded machine) stores nothing and says to retry: as a client does.
             for _ in 0..5 {
                 let r = req.try_clone()?.send().await.ok()?;
