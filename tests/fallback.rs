@@ -149,18 +149,14 @@ async fn a_message_refused_at_send_falls_back_at_once() {
 async fn the_fallback_look_reads_the_due_fallbacks_not_every_unsettled_one() {
     let (stack, svc) = shared_with(FAST);
     accept(svc, whatsapp("+15557654321", &unique("an hour away"), 3600)).await;
-    let db = stack
-        .mongo_client()
-        .await
-        .database("communication-aggregator");
-    db.run_command(doc! {"profile": 2}).await.unwrap();
+    stack.profile(2).await;
     let looks_filter = doc! {"op": "query", "command.filter.fallbackDueAt": {"$exists": true}};
     let looks = eventually(WAIT, "two fallback looks profiled", || async {
         let looks = stack.profile_entries(looks_filter.clone()).await;
         (looks.len() >= 2).then_some(looks)
     })
     .await;
-    db.run_command(doc! {"profile": 0}).await.unwrap();
+    stack.profile(0).await;
     for p in &looks {
         let ts = p.get_datetime("ts").unwrap().timestamp_millis();
         let upto = p

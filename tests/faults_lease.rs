@@ -533,11 +533,7 @@ async fn the_sweeper_does_not_read_a_stalled_lane_whole_at_every_look() {
     let _one = one_at_a_time().await;
     let stack = Stack::start();
     let (svc, (first_look, _)) = stalled_lane(&stack).await;
-    let db = stack
-        .mongo_client()
-        .await
-        .database("communication-aggregator");
-    db.run_command(doc! {"profile": 2}).await.unwrap();
+    stack.profile(2).await;
     // The sweeper's looks (`pending`, `sending`) whose range reaches the stalled records
     // (the SchedulerActor's, `status: "scheduled"`: the next test).
     let reaching = doc! {"op": "query",
@@ -548,7 +544,7 @@ async fn the_sweeper_does_not_read_a_stalled_lane_whole_at_every_look() {
         (looks.len() >= 3).then_some(looks)
     })
     .await;
-    db.run_command(doc! {"profile": 0}).await.unwrap();
+    stack.profile(0).await;
     for p in &looks {
         let wide = width_of(p);
         assert!(
@@ -570,11 +566,7 @@ async fn the_scheduler_does_not_read_a_stalled_lane_whole_at_every_look() {
     let _one = one_at_a_time().await;
     let stack = Stack::start();
     let (svc, (_, newest)) = stalled_lane(&stack).await;
-    let db = stack
-        .mongo_client()
-        .await
-        .database("communication-aggregator");
-    db.run_command(doc! {"profile": 2}).await.unwrap();
+    stack.profile(2).await;
     let windows = doc! {"op": "query", "command.filter.status": "scheduled"};
     let looks = eventually(
         Duration::from_secs(30),
@@ -592,7 +584,7 @@ async fn the_scheduler_does_not_read_a_stalled_lane_whole_at_every_look() {
     let slices = doc! {"op": "query", "command.filter.status": {"$exists": false},
     "command.filter.nextAttemptAt.$gt": {"$exists": true}};
     let slices = stack.profile_entries(slices).await;
-    db.run_command(doc! {"profile": 0}).await.unwrap();
+    stack.profile(0).await;
     for p in &looks {
         let wide = width_of(p).expect("a window has a start");
         assert!(wide <= 10_000, "a window {wide} ms wide: {p}");

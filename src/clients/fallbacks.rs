@@ -134,14 +134,17 @@ impl Fallbacks for MongoFallbacks {
 
 /// The records of `filter` that are `failed` and whose fallback is not settled become due
 /// now (their `fallbackDueAt` moved to `now`, if later): after a write failed them for
-/// good. `filter` must name the records by an indexed field (`_id`, `providerMessageId`).
+/// good. `filter` must name the records by an indexed field (`_id`, `providerMessageId`,
+/// or a range of `fallbackDueAt` itself).
 pub async fn due_now(
     coll: &Collection<Document>,
     mut filter: Document,
     now: BsonDate,
 ) -> Result<u64, DependencyError> {
     filter.insert("status", Status::Failed.as_str());
-    filter.insert(DUE_FIELD, doc! {"$exists": true});
+    if !filter.contains_key(DUE_FIELD) {
+        filter.insert(DUE_FIELD, doc! {"$exists": true});
+    }
     let moved = coll
         .update_many(filter, doc! {"$min": {DUE_FIELD: now}})
         .await
@@ -150,17 +153,10 @@ pub async fn due_now(
 }
 
 /// The unsettled fallbacks of records that failed before this version moved their due
-/// time at the failure: due now. Run at every start-up (one read of the unsettled
-/// fallbacks).
+/// time at the failure: due now. Run at the first start-up of this version (one read of
+/// the unsettled fallbacks, in their index).
 pub async fn failed_due_now(coll: &Collection<Document>) -> Result<u64, DependencyError> {
-    let moved = coll
-        .update_many(
-            doc! {DUE_FIELD: {"$lte": LAST_DATE}, "status": Status::Failed.as_str()},
-            doc! {"$min": {DUE_FIELD: BsonDate::now()}},
-        )
-        .await
-        .map_err(err)?;
-    Ok(moved.modified_count)
+    due_now(coll, doc! {DUE_FIELD: {"$lte": LAST_DATE}}, BsonDate::now()).await
 }
 
 /// Records from before `fallbackDueAt` whose fallback is not settled get it (a copy of

@@ -400,10 +400,6 @@ impl MongoStore {
     /// due now (`super::fallbacks::due_now`). A failure here is logged: the fallback is
     /// then due at its own time, later but not lost.
     async fn fallbacks_due_now(&self, filter: Document) {
-        let ids = filter.get_document("_id").ok();
-        if ids.is_some_and(|i| i.get_array("$in").is_ok_and(|a| a.is_empty())) {
-            return;
-        }
         if let Err(e) = super::fallbacks::due_now(&self.coll, filter, bdate(Utc::now())).await {
             metrics::counter!("fallback_errors_total").increment(1);
             tracing::warn!(error = %e, "failed records' fallbacks not moved to now; each is due at its own time");
@@ -1211,12 +1207,15 @@ impl Store for MongoStore {
             if matched.map_or(true, |n| n < held.len() as i64) {
                 fenced.extend(self.not_written(&held).await?);
             }
-            let failed = held
+            let failed: Vec<String> = held
                 .iter()
                 .filter(|(_, _, o)| matches!(o, Outcome::Failed { .. }))
-                .map(|(id, _, _)| id.clone());
-            self.fallbacks_due_now(doc! {"_id": {"$in": object_ids(&failed.collect::<Vec<_>>())}})
-                .await;
+                .map(|(id, _, _)| id.clone())
+                .collect();
+            if !failed.is_empty() {
+                self.fallbacks_due_now(doc! {"_id": {"$in": object_ids(&failed)}})
+                    .await;
+            }
         }
         self.flag_lost(outcomes, &fenced).await?;
         // Last: a failure before this leaves the leases held for the sender's next try,

@@ -421,6 +421,16 @@ impl Stack {
 
     /// MongoDB's profiler entries on `communications` that match `filter` (profiling is
     /// switched on with `{profile: 2}` on the database).
+    /// Set MongoDB's profiler of the service's database: 2 records every command, 0 none.
+    pub async fn profile(&self, level: i32) {
+        self.mongo_client()
+            .await
+            .database("communication-aggregator")
+            .run_command(mongodb::bson::doc! {"profile": level})
+            .await
+            .unwrap();
+    }
+
     pub async fn profile_entries(
         &self,
         mut filter: mongodb::bson::Document,
