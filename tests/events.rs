@@ -151,6 +151,10 @@ fn parse_frame(block: &str) -> Frame {
 
 async fn send(key: &str, body: Value) -> String {
     let (_, svc) = svc();
+    send_on(svc, key, body).await
+}
+
+async fn send_on(svc: &Service, key: &str, body: Value) -> String {
     let res = common::client_for(key)
         .post(svc.url("/api/v1/communication"))
         .json(&body)
@@ -526,6 +530,61 @@ async fn an_idle_stream_carries_keep_alive_comments() {
     }
     let (_, svc) = svc();
     assert!(svc.metric_total("events_subscribers").await >= 1.0);
+}
+
+/// Issue #14: while nobody subscribes, the fanout reads no `log_stream` entry (before, it
+/// read and parsed every event of every message for no one); the first subscriber wakes
+/// it, and gets the events of a send made after it joined.
+#[tokio::test]
+async fn with_no_subscriber_the_fanout_reads_nothing_and_the_first_one_wakes_it() {
+    let (stack, _) = svc();
+    // A service of its own (its Redis database, its MongoDB database): its metrics count
+    // only its own fanout's reads.
+    let redis = format!("redis://127.0.0.1:{}/2", stack.redis_port);
+    let env = [
+        ("REDIS_URL", redis.as_str()),
+        ("CONSUMER_NAME", "events-idle"),
+        ("MONGODB_DATABASE", "events_idle"),
+    ];
+    let own = stack.start_service(&env);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let body = common::sms(&common::unique(&format!("events-idle-{i}")));
+        ids.push(send_on(&own, API_KEY, body).await);
+    }
+    for id in &ids {
+        common::eventually(WAIT, &format!("{id} sent"), || async {
+            let (_, v) = own.get(&format!("/api/v1/communication/{id}")).await;
+            matches!(v["status"].as_str(), Some("sent" | "delivered")).then_some(())
+        })
+        .await;
+    }
+    let mut r = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let logged: u64 = redis::cmd("XLEN")
+        .arg("log_stream")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(logged >= 20, "the sends were logged: {logged} entries");
+    assert_eq!(
+        own.metric_total("events_fanout_read_total").await,
+        0.0,
+        "no subscriber, no entry read"
+    );
+    let mut sse = Sse::open_on(&own, API_KEY, "", None).await;
+    let id = send_on(
+        &own,
+        API_KEY,
+        common::sms(&common::unique("events-idle-woken")),
+    )
+    .await;
+    let got = sse.until(|e| has(e, &id, "sent")).await;
+    assert_eq!(statuses_of(&got, &id)[..2], ["queued", "sent"]);
+    assert!(own.metric_total("events_fanout_read_total").await >= 2.0);
 }
 
 #[tokio::test]

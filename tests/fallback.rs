@@ -4,7 +4,8 @@
 //! send) is followed at once, and the look reads only the fallbacks due; one that is
 //! read needs none; a fallback that could not be sent is refused with 400 and nothing is
 //! stored. The fallback and its first message are linked both ways. An unsettled fallback
-//! written by an earlier version (no `fallbackDueAt`) is seen to after the next start-up.
+//! written by an earlier version (no `fallbackDueAt`) is seen to after the next start-up,
+//! and one whose record that version failed before its time is sent right after it.
 
 mod common;
 
@@ -250,4 +251,47 @@ async fn an_unsettled_fallback_of_an_earlier_version_is_seen_to_after_a_start() 
     .await;
     assert!(settled.get("fallbackDueAt").is_none(), "{settled}");
     drop(again);
+}
+
+/// A record an earlier version failed before its fallback's time (that version left
+/// `fallbackDueAt` at the record's creation plus `afterSeconds`) is followed by its
+/// fallback right after the next start-up, not an hour later: the start-up makes the
+/// fallbacks of failed records due now (`fallbacks::failed_due_now`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_an_earlier_version_failed_falls_back_after_the_next_start() {
+    let stack = Stack::start();
+    let svc = stack.start_service(FAST);
+    let msg = unique("failed by an earlier version");
+    // +15005550007: sent, never delivered, so no receipt changes it afterwards.
+    let id = accept(&svc, whatsapp("+15005550007", &msg, 3600)).await;
+    eventually(WAIT, "the WhatsApp message sent", || async {
+        (by_id(&stack, &id).await.get_str("status") == Ok("sent")).then_some(())
+    })
+    .await;
+    drop(svc);
+    // As an earlier version left a failure: `failed`, the due time still an hour ahead.
+    let oid = mongodb::bson::oid::ObjectId::parse_str(&id).unwrap();
+    let set = stack
+        .records()
+        .await
+        .update_one(doc! {"_id": oid}, doc! {"$set": {"status": "failed"}})
+        .await
+        .unwrap();
+    assert_eq!(set.modified_count, 1);
+    let due = by_id(&stack, &id).await;
+    let ahead = due
+        .get_datetime("fallbackDueAt")
+        .unwrap()
+        .timestamp_millis()
+        - mongodb::bson::DateTime::now().timestamp_millis();
+    assert!(ahead > 3_000_000, "due in an hour: {due}");
+    stack.forget_migrations().await;
+    let _again = stack.start_service(FAST);
+    linked_fallback(&stack, &id).await;
+    let got = eventually(WAIT, "the SMS at the stand-in", || async {
+        let got = sms_with(&stack, &msg).await;
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(got.len(), 1, "one SMS");
 }

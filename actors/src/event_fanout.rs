@@ -5,7 +5,10 @@
 //! Owns: a dedicated Redis connection and the id of the last entry it read (kept in the
 //! hub, so a restarted fanout goes on from there). It reads with plain `XREAD`, never
 //! through the consumer group: the LogIndexer's entries are not taken from it, nothing is
-//! acknowledged, and the StatsActor's trimming is unchanged.
+//! acknowledged, and the StatsActor's trimming is unchanged. While nobody subscribes it
+//! reads no entry (issue #14: that was every event parsed a second time for no one): it
+//! moves its position to the stream's newest entry once a `block`, and a subscriber's
+//! arrival wakes it to read on from there.
 //! Talks to it: itself (`Poll`); the supervisor starts and stops it (first shutdown stage;
 //! a blocking read lasts at most `block`, at most 1 s).
 //! Talks to: Redis (`XREAD BLOCK`), the hub's subscribers (a broadcast send never waits: a
@@ -23,7 +26,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
 
 pub const NAME: &str = "event-fanout";
 
@@ -94,6 +97,8 @@ pub struct EventHub {
     closed: watch::Sender<bool>,
     counts: Mutex<(usize, HashMap<String, usize>)>,
     last_read: Mutex<Option<String>>,
+    /// A subscriber joined: the idle fanout reads again.
+    joined: Notify,
     max_total: usize,
     max_per_tenant: usize,
 }
@@ -109,14 +114,22 @@ impl EventHub {
             closed,
             counts: Mutex::new((0, HashMap::new())),
             last_read: Mutex::new(None),
+            joined: Notify::new(),
             max_total,
             max_per_tenant,
         })
     }
 
-    /// Live events from now on.
+    /// Live events from now on (the fanout, if idle, reads on from a position taken
+    /// before this call).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<FeedEvent>> {
-        self.tx.subscribe()
+        let rx = self.tx.subscribe();
+        self.joined.notify_one();
+        rx
+    }
+
+    fn has_subscribers(&self) -> bool {
+        self.tx.receiver_count() > 0
     }
 
     pub fn publish(&self, events: impl IntoIterator<Item = FeedEvent>) {
@@ -264,8 +277,11 @@ impl Actor for EventFanout {
 }
 
 /// One read: from the last id read (the newest entry's at the first start), blocking,
-/// each entry published.
+/// each entry published; with no subscriber, [`idle`] instead.
 async fn read_once(a: &FanoutArgs) -> Result<(), crate::ports::DependencyError> {
+    if !a.hub.has_subscribers() {
+        return idle(a).await;
+    }
     let after = match a.hub.last_read() {
         Some(id) => id,
         None => {
@@ -289,6 +305,26 @@ async fn read_once(a: &FanoutArgs) -> Result<(), crate::ports::DependencyError> 
     }
     a.hub
         .publish(entries.iter().filter_map(FeedEvent::from_entry));
+    Ok(())
+}
+
+/// Nobody subscribes: no entry is read. The position moves to the stream's newest entry,
+/// read *before* the subscribers are looked at, so the position of a fanout that a
+/// subscriber wakes is older than the subscription (the invariant `src/events.rs` relies
+/// on: whatever the fanout reads after a subscriber joined reaches it, whatever it did not
+/// read is in the stream the subscriber's replay reads). Then it waits for a subscriber,
+/// at most `block`.
+async fn idle(a: &FanoutArgs) -> Result<(), crate::ports::DependencyError> {
+    let newest = a
+        .queue
+        .last_id(LOG_STREAM)
+        .await?
+        .unwrap_or_else(|| "0-0".into());
+    if !a.hub.has_subscribers() {
+        a.hub.set_last_read(&newest);
+    }
+    let block = a.block.clamp(Duration::from_millis(1), READ_BLOCK_MAX);
+    let _ = tokio::time::timeout(block, a.hub.joined.notified()).await;
     Ok(())
 }
 

@@ -34,6 +34,7 @@ use actors::router::{Accepted, Submission};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use tokio::time::Instant;
 use warp::filters::BoxedFilter;
 use warp::http::header::HeaderValue;
@@ -76,7 +77,7 @@ async fn create(
     content_type: Option<String>,
     idempotency_key: Option<String>,
     body: bytes::Bytes,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let deadline = state.admission.bulk_deadline_from(Instant::now());
     let who = sending_caller(who, content_type.as_deref(), &state)?;
@@ -375,7 +376,7 @@ fn render(
 async fn get_batch(
     batch_id: String,
     who: Result<Identity, AuthError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     if !is_hex_id(&batch_id) {

@@ -33,6 +33,7 @@ use actors::domain::{
 use actors::router::{AcceptError, Accepted, Submission};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::time::Instant;
 use warp::filters::BoxedFilter;
 use warp::http::header::HeaderValue;
@@ -66,7 +67,7 @@ async fn create(
     content_type: Option<String>,
     idempotency_key: Option<String>,
     body: bytes::Bytes,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let deadline = state.admission.deadline_from(Instant::now());
     let who = sending_caller(who, content_type.as_deref(), &state)?;
@@ -378,7 +379,7 @@ fn render_accepted(Accepted { record, replayed }: Accepted) -> Response {
 async fn get(
     id: String,
     who: Result<Identity, AuthError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     check_id(&id)?;
@@ -405,7 +406,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 async fn cancel(
     id: String,
     who: Result<Identity, AuthError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     check_id(&id)?;

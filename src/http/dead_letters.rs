@@ -16,6 +16,7 @@ use actors::domain::{EventStatus, LogEvent, LOG_STREAM};
 use mongodb::bson::Document;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
@@ -60,7 +61,7 @@ fn number(
 async fn list(
     who: Result<Identity, AuthError>,
     q: HashMap<String, String>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let page = number(&q, "page", 1_000_000, 1)?;
@@ -86,7 +87,7 @@ fn shown(d: &Document) -> Value {
 async fn replay(
     id: String,
     who: Result<Identity, AuthError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     if !is_hex_id(&id) {

@@ -159,7 +159,7 @@ async fn sse_events(
     who: Result<Identity, AuthError>,
     raw: String,
     last_event_id: Option<String>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let q = parse_query(&raw, last_event_id.as_deref())?;
@@ -183,7 +183,7 @@ async fn ws_events(
     who: Result<Identity, AuthError>,
     raw: String,
     ws: Option<Ws>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let q = parse_query(&raw, None)?;

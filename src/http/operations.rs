@@ -10,6 +10,7 @@ use actors::ports::{DependencyError, SearchSink, Store};
 use secrecy::ExposeSecret;
 use serde_json::json;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
 use warp::http::header::{self, HeaderValue};
@@ -32,11 +33,11 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
     let providers = at(PROVIDERS)
         .and(authenticated_read(state))
         .and(with_state(state))
-        .map(|who, s: AppState| respond(providers(who, &s)));
+        .map(|who, s: Arc<AppState>| respond(providers(who, &s)));
     let metrics = at(METRICS)
         .and(warp::header::optional::<String>("authorization"))
         .and(with_state(state))
-        .map(|authz: Option<String>, s: AppState| respond(metrics(authz.as_deref(), &s)));
+        .map(|authz: Option<String>, s: Arc<AppState>| respond(metrics(authz.as_deref(), &s)));
     let healthz = at(HEALTHZ).map(|| warp::reply::json(&json!({"status": "ok"})).into_response());
     let readyz = at(READYZ).and(with_state(state)).then(readiness);
     openapi
@@ -92,7 +93,7 @@ fn metrics(authorization: Option<&str>, state: &AppState) -> Result<Response, Ap
 /// Ready when MongoDB, Redis and Elasticsearch answer, MongoDB's indexes exist (so an
 /// `Idempotency-Key` holds from the first request) and shutdown has not begun; a failed
 /// index build is named in `indexError`.
-async fn readiness(state: AppState) -> Response {
+async fn readiness(state: Arc<AppState>) -> Response {
     let t = READINESS_TIMEOUT;
     let (m, r, e) = tokio::join!(
         tokio::time::timeout(t, state.store.ping()),

@@ -7,6 +7,7 @@ use crate::http::errors::{respond, ApiError};
 use crate::http::routes::{at, SEARCH_COMMUNICATIONS};
 use crate::http::state::{authenticated_read, with_state, AppState};
 use crate::search::{self, SearchParams};
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response};
 use warp::Filter;
@@ -24,7 +25,7 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
 async fn search_communications(
     who: Result<Identity, AuthError>,
     raw: String,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let params = SearchParams::from_query(&raw)?;

@@ -97,7 +97,7 @@ pub fn authenticated_read(
 /// A clone of the shared state for each request.
 pub fn with_state(
     state: &AppState,
-) -> impl Filter<Extract = (AppState,), Error = std::convert::Infallible> + Clone {
-    let s = state.clone();
+) -> impl Filter<Extract = (Arc<AppState>,), Error = std::convert::Infallible> + Clone {
+    let s = Arc::new(state.clone());
     warp::any().map(move || s.clone())
 }

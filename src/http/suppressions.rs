@@ -12,6 +12,7 @@ use crate::http::templates::json_body;
 use actors::domain::{suppression_address, Channel};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
@@ -86,7 +87,7 @@ pub fn target(kind: Option<&str>, address: Option<&str>) -> Result<(Channel, Str
 async fn list(
     who: Result<Identity, AuthError>,
     q: HashMap<String, String>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let c = q.get("type").map(|t| channel(Some(t))).transpose()?;
@@ -113,7 +114,7 @@ async fn list(
 async fn add(
     who: Result<Identity, AuthError>,
     body: Result<Value, ApiError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let body = body?;
@@ -154,7 +155,7 @@ async fn add(
 async fn remove(
     who: Result<Identity, AuthError>,
     q: HashMap<String, String>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let (c, a) = target(

@@ -15,6 +15,7 @@ use crate::templates::{self, check_name, parse_input, TemplateError, Version};
 use actors::domain::{Channel, RawRequest, ValidationLimits};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
@@ -143,7 +144,7 @@ fn current(t: &Template) -> Value {
 async fn create(
     who: Result<Identity, AuthError>,
     body: Result<Value, ApiError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let body = body?;
@@ -173,7 +174,10 @@ async fn create(
     }
 }
 
-async fn list(who: Result<Identity, AuthError>, state: AppState) -> Result<Response, ApiError> {
+async fn list(
+    who: Result<Identity, AuthError>,
+    state: Arc<AppState>,
+) -> Result<Response, ApiError> {
     let who = who?;
     let all = state
         .templates
@@ -231,7 +235,7 @@ async fn get(
     name: String,
     who: Result<Identity, AuthError>,
     query: HashMap<String, String>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let asked = version_asked(
@@ -252,7 +256,7 @@ async fn change(
     name: String,
     who: Result<Identity, AuthError>,
     body: Result<Value, ApiError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let body = body?;
@@ -279,7 +283,7 @@ async fn change(
 async fn delete(
     name: String,
     who: Result<Identity, AuthError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     match state
@@ -344,7 +348,7 @@ async fn preview(
     name: String,
     who: Result<Identity, AuthError>,
     body: Result<Value, ApiError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     let body = body?;

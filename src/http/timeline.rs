@@ -11,6 +11,7 @@ use crate::http::routes::{at_with_param, COMMUNICATION_EVENTS};
 use crate::http::state::{authenticated_read, with_state, AppState};
 use elasticsearch::SearchParts;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response};
 use warp::Filter;
@@ -41,7 +42,7 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
 async fn events(
     id: String,
     who: Result<Identity, AuthError>,
-    state: AppState,
+    state: Arc<AppState>,
 ) -> Result<Response, ApiError> {
     let who = who?;
     if !is_hex_id(&id) {

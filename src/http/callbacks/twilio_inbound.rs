@@ -15,6 +15,7 @@ use crate::http::routes::{at, TWILIO_INBOUND};
 use crate::http::state::{with_state, AppState};
 use actors::domain::{suppression_address, Channel, DEFAULT_TENANT};
 use secrecy::ExposeSecret;
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response};
 use warp::Filter;
@@ -43,7 +44,7 @@ pub fn routes(state: &AppState) -> BoxedFilter<(Response,)> {
         .and(warp::header::optional::<String>("x-twilio-signature"))
         .and(limited_body())
         .and(with_state(state))
-        .then(|sig, body, state: AppState| async move { respond(inbound(&state, sig, body).await) })
+        .then(|sig, body, state: Arc<AppState>| async move { respond(inbound(&state, sig, body).await) })
         .boxed()
 }
 
