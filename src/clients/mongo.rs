@@ -46,6 +46,38 @@ const DEAD_LETTER_LEASE: Duration = Duration::from_secs(30);
 /// Records per `sent` statement of an outcome write.
 const SENT_CHUNK: usize = 25;
 
+/// Most records one `update` command of a delivery write (outcomes, receipts) covers: see
+/// [`MongoStore::run_update_in_turns`].
+const WRITE_COMMAND_RECORDS: usize = 25;
+
+/// Records an update statement covers: its `_id $in`'s length, else one.
+fn statement_records(statement: &Document) -> usize {
+    statement
+        .get_document("q")
+        .and_then(|q| q.get_document("_id"))
+        .and_then(|id| id.get_array("$in"))
+        .map_or(1, |ids| ids.len().max(1))
+}
+
+/// `statements` in order, in groups of at most `most` records (a statement larger than
+/// that is a group of its own).
+fn in_turns(statements: Vec<Document>, most: usize) -> Vec<Vec<Document>> {
+    let mut groups: Vec<Vec<Document>> = Vec::new();
+    let mut size = 0;
+    for s in statements {
+        let n = statement_records(&s);
+        match groups.last_mut() {
+            Some(g) if size + n <= most => g.push(s),
+            _ => {
+                groups.push(vec![s]);
+                size = 0;
+            }
+        }
+        size += n;
+    }
+    groups
+}
+
 #[derive(Clone)]
 pub struct MongoStore {
     db: Database,
@@ -394,6 +426,30 @@ impl MongoStore {
             }
         }
         Ok(reply)
+    }
+
+    /// The statements in `update` commands of at most [`WRITE_COMMAND_RECORDS`] records
+    /// each, one after another; the replies' `n` and `nModified` summed into one. A
+    /// delivery write of a hundred records held SecantusDB, which runs one command at a
+    /// time, for 70-300 ms, and every insert that arrived meanwhile (so every accept)
+    /// waited behind it; between two short commands an insert goes first. A failed command
+    /// fails the write with the earlier commands' statements applied, as a failure in the
+    /// middle of one command leaves them: the caller's retry finds them written.
+    async fn run_update_in_turns(
+        &self,
+        updates: Vec<Document>,
+    ) -> Result<Document, DependencyError> {
+        let (mut n, mut modified_n) = (0i64, 0i64);
+        for command in in_turns(updates, WRITE_COMMAND_RECORDS) {
+            let reply = self.run_update(command, false).await?;
+            n += reply
+                .get_i32("n")
+                .map(i64::from)
+                .or(reply.get_i64("n"))
+                .unwrap_or(0);
+            modified_n += modified(&reply) as i64;
+        }
+        Ok(doc! {"n": n, "nModified": modified_n})
     }
 
     /// The unsettled fallbacks of the records of `filter` that a write just failed become
@@ -1201,7 +1257,7 @@ impl Store for MongoStore {
         let (held, mut fenced) = self.fence(owner, outcomes).await?;
         if !held.is_empty() {
             let updates = outcome_statements(owner, &held, bdate(Utc::now()))?;
-            let reply = self.run_update(updates, false).await?;
+            let reply = self.run_update_in_turns(updates).await?;
             count_written("outcome", modified(&reply));
             let matched = reply.get_i32("n").map(i64::from).or(reply.get_i64("n"));
             if matched.map_or(true, |n| n < held.len() as i64) {
@@ -1285,7 +1341,7 @@ impl Store for MongoStore {
         }
         let stamp = ObjectId::new().to_hex();
         let reply = self
-            .run_update(receipt_statements(receipts, &stamp, Utc::now()), false)
+            .run_update_in_turns(receipt_statements(receipts, &stamp, Utc::now()))
             .await?;
         count_written("receipt", modified(&reply));
         let failed: Vec<&str> = receipts
@@ -1590,6 +1646,29 @@ mod tests {
                 assert_eq!(set.get_str("unknownCause").ok(), Some("timeout"));
             }
         }
+    }
+
+    #[test]
+    fn delivery_writes_go_in_commands_of_at_most_25_records_in_order() {
+        let one = |n: i32| doc! {"q": {"_id": n}, "u": {"$set": {"n": n}}};
+        let many = |k: usize| {
+            let ids: Vec<Bson> = (0..k as i32).map(Bson::Int32).collect();
+            doc! {"q": {"_id": {"$in": ids}, "status": "pending"}, "u": {"$set": {"k": k as i32}}}
+        };
+        assert_eq!(statement_records(&one(1)), 1);
+        assert_eq!(statement_records(&many(25)), 25);
+        let statements = vec![many(25), one(1), one(2), many(20), many(10), one(3)];
+        let sizes: Vec<Vec<usize>> = in_turns(statements.clone(), WRITE_COMMAND_RECORDS)
+            .iter()
+            .map(|c| c.iter().map(statement_records).collect())
+            .collect();
+        assert_eq!(sizes, [vec![25], vec![1, 1, 20], vec![10, 1]]);
+        let flat: Vec<Document> = in_turns(statements.clone(), 25).concat();
+        assert_eq!(flat, statements, "every statement once, in order");
+        let receipts: Vec<Document> = (0..60).map(one).collect();
+        let sizes: Vec<usize> = in_turns(receipts, 25).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [25, 25, 10]);
+        assert!(in_turns(Vec::new(), 25).is_empty());
     }
 
     /// One statement per failure or retry; the `sent` ones grouped by provider and
