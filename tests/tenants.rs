@@ -469,3 +469,77 @@ async fn with_redis_down_sms_is_refused_with_503_and_email_passes() {
         assert_eq!(stored_with_msg(&stack, msg).await, 0);
     }
 }
+
+/// Tenant safety (issue #14): a request's limits check goes to Redis on a connection of its
+/// own, never in line behind the router's pipelines (a bulk send's thousand stream entries)
+/// or the senders' scripts on the shared connection, where another tenant's bulk send
+/// made it wait past its timeout (503 `limiter_unavailable`). Read off Redis's `MONITOR`:
+/// each command with the client address it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_check_has_a_redis_connection_of_its_own() {
+    let stack = Stack::start();
+    let svc = stack.start_service(&[]);
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &stack.redis_port.to_string(), "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    let out = monitor.stdout.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            seen.push(line);
+        }
+        seen
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..5 {
+        let a = post(
+            &svc.url(""),
+            API_KEY,
+            message(
+                "sms",
+                Some("+15550001111"),
+                "+15557654321",
+                &unique(&format!("own line {i}")),
+            ),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    monitor.kill().unwrap();
+    monitor.wait().unwrap();
+    let seen = lines.join().unwrap();
+    // `<time> [<db> <addr>] "<COMMAND>" "<arg>" ...`; a script's own calls say `lua`.
+    let client = |l: &str| {
+        l.split_once(" [")?
+            .1
+            .split(']')
+            .next()?
+            .split(' ')
+            .nth(1)
+            .map(str::to_string)
+    };
+    let from = |pred: &dyn Fn(&str) -> bool| -> std::collections::BTreeSet<String> {
+        seen.iter()
+            .filter(|l| pred(l))
+            .filter_map(|l| client(l))
+            .filter(|c| c != "lua")
+            .collect()
+    };
+    let checks = from(&|l| {
+        (l.contains("\"EVALSHA\"") || l.contains("\"EVAL\"")) && l.contains("\"limits:{")
+    });
+    let appends = from(&|l| l.contains("\"XADD\" \"sms_stream\""));
+    assert!(
+        !checks.is_empty() && !appends.is_empty(),
+        "{checks:?} {appends:?}\n{}",
+        seen.join("\n")
+    );
+    assert!(
+        checks.is_disjoint(&appends),
+        "the limits checks went over the router's connection: {checks:?} {appends:?}"
+    );
+}

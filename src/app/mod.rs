@@ -248,7 +248,9 @@ fn limiter(cfg: &Config, parts: &Parts) -> Arc<limits::Limiter> {
         recipient_window_secs: cfg.limits.recipient_window_secs.max(1),
         fail_open: cfg.tenants.fail_open.clone(),
         timeout: cfg.tenants.check_timeout,
-        redis: RedisLimiter::new(parts.queue.clone()),
+        // A connection of its own: a check never waits behind the router's pipelines (a
+        // bulk send's entries) or the senders' scripts on the shared one.
+        redis: RedisLimiter::new(Arc::new(parts.queue.own_connection())),
     })
 }
 

@@ -172,6 +172,19 @@ impl RedisQueue {
         Ok(None)
     }
 
+    /// The same servers over a connection of its own (made on first use): for blocking
+    /// reads, and for calls that must not wait in line behind the shared connection's
+    /// pipelines (the tenants' limits checks).
+    pub fn own_connection(&self) -> RedisQueue {
+        RedisQueue {
+            target: self.target.clone(),
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
+            conn: Mutex::new(None),
+            bound: self.bound.clone(),
+        }
+    }
+
     /// Whether this is a Redis Cluster (scripts over several records' keys are then one
     /// call a record).
     pub fn is_cluster(&self) -> bool {
@@ -869,13 +882,7 @@ impl Queue for RedisQueue {
     }
 
     fn dedicated(&self) -> Arc<dyn Queue> {
-        Arc::new(RedisQueue {
-            target: self.target.clone(),
-            connect_timeout: self.connect_timeout,
-            response_timeout: self.response_timeout,
-            conn: Mutex::new(None),
-            bound: self.bound.clone(),
-        })
+        Arc::new(self.own_connection())
     }
 
     async fn ping(&self) -> Result<(), DependencyError> {
