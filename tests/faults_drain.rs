@@ -457,3 +457,51 @@ async fn the_reconciler_repairs_search_that_drifted() {
     );
     sent_once_each(&stack, &accepted).await;
 }
+
+/// Issue #14: the reconciler's pass read its whole window (records changed from
+/// `lookback_ms` to `settle_ms` ago) in one query, and SecantusDB reads every record of the
+/// range a query names before it sorts and cuts to the limit: under load, each pass held
+/// the store, and every accept, for as long as reading ten minutes of changes took. Now
+/// the window is walked back from its newest end in slices of at most a minute, seen in
+/// MongoDB's profiler (here a window of 119 s: on the commit before, every read named all
+/// of it); the records of the window are still all found (the repair test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconcilers_pass_reads_its_window_in_slices_of_at_most_a_minute() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let svc = stack.start_service_configured(
+        &fast_env(&[]),
+        &[
+            ("reconciler.interval_ms", toml::Value::Integer(1000)),
+            ("reconciler.lookback_ms", toml::Value::Integer(120_000)),
+            ("reconciler.settle_ms", toml::Value::Integer(1000)),
+        ],
+    );
+    let accepted = post_sms(&svc, &unique("slices"), 5).await;
+    for (_, id) in &accepted {
+        recorded_as(&stack, id, "delivered", Duration::from_secs(20)).await;
+    }
+    stack.profile(2).await;
+    let reads = doc! {"op": "query", "command.filter.updatedAt": {"$exists": true}};
+    let passes = eventually(Duration::from_secs(20), "reads of three passes", || async {
+        let got = stack.profile_entries(reads.clone()).await;
+        (got.len() >= 3).then_some(got)
+    })
+    .await;
+    stack.profile(0).await;
+    for p in &passes {
+        let range = p
+            .get_document("command")
+            .and_then(|c| c.get_document("filter"))
+            .and_then(|f| f.get_document("updatedAt"))
+            .unwrap();
+        let lo = range
+            .get_datetime("$gt")
+            .or_else(|_| range.get_datetime("$gte"))
+            .unwrap();
+        let hi = range.get_datetime("$lte").unwrap();
+        let wide = hi.timestamp_millis() - lo.timestamp_millis();
+        assert!(wide <= 60_000, "a read named {wide} ms of the window: {p}");
+    }
+    sent_once_each(&stack, &accepted).await;
+}

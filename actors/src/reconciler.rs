@@ -11,7 +11,8 @@
 //! exists is left). Repairs are counted in
 //! `reconciler_repairs_total`, records compared in `reconciler_checked_total`.
 //! Talks to it: itself (`Tick`); the supervisor starts and stops it.
-//! Talks to: MongoDB (one read a pass), Elasticsearch (one read and at most one `_bulk` a
+//! Talks to: MongoDB (a pass's window read newest first in slices of at most a minute, until
+//! `batch` records: a few reads), Elasticsearch (one read and at most one `_bulk` a
 //! pass).
 //! On failure: a failed pass is logged and counted (`reconciler_errors_total`) and the
 //! next one tries again; a crash loses nothing (it holds nothing), and the restarted actor

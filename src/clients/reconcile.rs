@@ -13,13 +13,42 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime as BsonDate, Document};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::time::Duration;
 
 fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
 }
 
+/// The first slice of a pass's walk back through its window.
+const FIRST_SLICE: Duration = Duration::from_secs(1);
+const NARROWEST_SLICE: Duration = Duration::from_millis(100);
+/// SecantusDB reads every record of the range a query names: a slice of a minute at most.
+pub const WIDEST_SLICE: Duration = Duration::from_secs(60);
+
+/// The width of the next (older) slice, from what the last one of `width` gave (`got`)
+/// against the records still wanted: sized to hold about that many at the last one's
+/// rate, four times as wide after an empty one, between 100 ms and a minute.
+fn next_slice(width: Duration, got: usize, still_wanted: usize) -> Duration {
+    let next = if got == 0 {
+        width * 4
+    } else {
+        width
+            .mul_f64(still_wanted as f64 / got as f64)
+            .min(width * 4)
+    };
+    next.clamp(NARROWEST_SLICE, WIDEST_SLICE)
+}
+
 #[async_trait]
 impl RecentRecords for MongoStore {
+    /// The records changed between `from` and `to`, newest first, at most `limit`: the
+    /// window walked back from `to` in slices (`(lo, hi]`, the oldest `[from, hi]`), each
+    /// read newest first with the limit still wanted, until `limit` are found or the window
+    /// is done. Until 2026-11-29 this was one read of the whole window, and SecantusDB
+    /// reads every record of the range a query names before it sorts and cuts: a pass
+    /// (every minute) read every record changed in the last 10 minutes, 50,000 of them in
+    /// about a second (`scripts/reconcile-pass.py`), holding the store, and every accept,
+    /// meanwhile.
     async fn changed_between(
         &self,
         from: DateTime<Utc>,
@@ -27,16 +56,33 @@ impl RecentRecords for MongoStore {
         limit: usize,
     ) -> Result<Vec<Communication>, DependencyError> {
         let err = |e: mongodb::error::Error| DependencyError::new(Dependency::MongoDb, e);
-        let docs: Vec<Document> = self
-            .collection()
-            .find(doc! {"updatedAt": {"$gte": bdate(from), "$lte": bdate(to)}})
-            .sort(doc! {"updatedAt": -1})
-            .limit(limit as i64)
-            .await
-            .map_err(err)?
-            .try_collect()
-            .await
-            .map_err(err)?;
+        let mut docs: Vec<Document> = Vec::new();
+        let (mut hi, mut width) = (to, FIRST_SLICE);
+        while docs.len() < limit {
+            let lo = (hi - chrono::Duration::from_std(width).unwrap_or_default()).max(from);
+            let range = if lo <= from {
+                doc! {"$gte": bdate(from), "$lte": bdate(hi)}
+            } else {
+                doc! {"$gt": bdate(lo), "$lte": bdate(hi)}
+            };
+            let want = limit - docs.len();
+            let page: Vec<Document> = self
+                .collection()
+                .find(doc! {"updatedAt": range})
+                .sort(doc! {"updatedAt": -1})
+                .limit(want as i64)
+                .await
+                .map_err(err)?
+                .try_collect()
+                .await
+                .map_err(err)?;
+            width = next_slice(width, page.len(), want - page.len());
+            docs.extend(page);
+            if lo <= from {
+                break;
+            }
+            hi = lo;
+        }
         // A `void` record (answered 503, never sent) reads as no communication: skipped.
         Ok(docs.iter().filter_map(MongoStore::from_doc).collect())
     }
@@ -113,5 +159,21 @@ mod tests {
             }
         );
         assert_eq!(got["b"].version, 0);
+    }
+
+    #[test]
+    fn a_slice_is_sized_from_the_last_ones_yield_within_bounds() {
+        let s = Duration::from_secs;
+        // 1 s gave 300 of 1,000 wanted: the next holds about the 700 still wanted.
+        assert_eq!(
+            next_slice(s(1), 300, 700),
+            Duration::from_secs_f64(700.0 / 300.0)
+        );
+        // Empty: four times as wide, up to a minute.
+        assert_eq!(next_slice(s(1), 0, 1000), s(4));
+        assert_eq!(next_slice(s(30), 0, 1000), WIDEST_SLICE);
+        // Sparse: at most four times as wide; dense: at least 100 ms.
+        assert_eq!(next_slice(s(2), 1, 999), s(8));
+        assert_eq!(next_slice(s(1), 999, 1), NARROWEST_SLICE);
     }
 }
