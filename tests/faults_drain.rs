@@ -505,3 +505,58 @@ async fn the_reconcilers_pass_reads_its_window_in_slices_of_at_most_a_minute() {
     }
     sent_once_each(&stack, &accepted).await;
 }
+
+/// Issue #14: while any receipt was parked, the ReceiptActor counted the whole
+/// `parked_receipts` collection at every look (each second), and SecantusDB counts by
+/// reading every document (20,000 parked: 162 ms a look, holding the store and every
+/// accept behind it; receipts whose records never come stay parked for good). Now, with
+/// more than 1,000 parked, a look reads only the due ones, and the count (for the
+/// `receipts_parked` gauge) comes once a minute: seen in MongoDB's profiler over 4 s of
+/// looks with 1,500 parked, one count at start-up and no more (on the commit before, one a
+/// second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_receipts_are_counted_once_a_minute_not_at_every_look() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let client = stack.mongo_client().await;
+    let db = client.database("communication-aggregator");
+    let later = mongodb::bson::DateTime::from_millis(
+        mongodb::bson::DateTime::now().timestamp_millis() + 3_600_000,
+    );
+    let parked: Vec<_> = (0..1500)
+        .map(|i| doc! {"_id": format!("twilio:SMunknown{i}"), "nextTryAt": later, "tries": 3})
+        .collect();
+    db.collection::<mongodb::bson::Document>("parked_receipts")
+        .insert_many(parked)
+        .await
+        .unwrap();
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    let svc = stack.start_service(&fast_env(&[]));
+    let profiled = |filter: mongodb::bson::Document| {
+        let db = db.clone();
+        async move {
+            use futures::TryStreamExt;
+            let mut f = filter;
+            f.insert("ns", "communication-aggregator.parked_receipts");
+            db.collection::<mongodb::bson::Document>("system.profile")
+                .find(f)
+                .await
+                .unwrap()
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap()
+        }
+    };
+    let looks = doc! {"op": "query", "command.filter.nextTryAt": {"$exists": true}};
+    eventually(
+        Duration::from_secs(20),
+        "four looks at the parked receipts",
+        || async { (profiled(looks.clone()).await.len() >= 4).then_some(()) },
+    )
+    .await;
+    db.run_command(doc! {"profile": 0}).await.unwrap();
+    let counts = profiled(doc! {"command.aggregate": "parked_receipts"}).await;
+    assert_eq!(counts.len(), 1, "counted once: {counts:?}");
+    assert_eq!(metric(&svc, "receipts_parked").await, Some(1500.0));
+    drop(svc);
+}

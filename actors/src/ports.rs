@@ -260,13 +260,14 @@ pub trait ReceiptParking: Send + Sync + 'static {
         next_try: DateTime<Utc>,
     ) -> Result<(), DependencyError>;
 
-    /// Parked receipts due by `now`, oldest first, at most `limit`, and how many are
-    /// parked in all.
+    /// Parked receipts due by `now`, oldest first, at most `limit`, and, when `count`, how
+    /// many are parked in all (a count reads every parked receipt: asked for rarely).
     async fn due(
         &self,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<(Vec<ParkedReceipt>, u64), DependencyError>;
+        count: bool,
+    ) -> Result<(Vec<ParkedReceipt>, Option<u64>), DependencyError>;
 
     /// Forget the receipts `done` (applied, or found to move nothing), and try the ones in
     /// `later` again at their times (counting a try each).

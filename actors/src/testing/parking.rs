@@ -65,7 +65,8 @@ impl ReceiptParking for MemoryParking {
         &self,
         now: DateTime<Utc>,
         limit: usize,
-    ) -> Result<(Vec<ParkedReceipt>, u64), DependencyError> {
+        count: bool,
+    ) -> Result<(Vec<ParkedReceipt>, Option<u64>), DependencyError> {
         self.script.enter(ParkingMethod::Due, 0).await?;
         let all = lock(&self.parked);
         let due = all
@@ -74,7 +75,7 @@ impl ReceiptParking for MemoryParking {
             .take(limit)
             .map(|(p, _)| p.clone())
             .collect();
-        Ok((due, all.len() as u64))
+        Ok((due, count.then_some(all.len() as u64)))
     }
 
     async fn settle(
