@@ -39,8 +39,10 @@ def whole(col):
 
 
 def sliced(col):
-    # The service's walk (src/clients/reconcile.rs): the first slice 1 s, each next one
-    # sized from the last one's yield, between 100 ms and 60 s.
+    # The service's walk (src/clients/reconcile.rs, actors::walk::resized): the first
+    # slice 1 s, each next one sized to hold the records still wanted at the last one's
+    # density (twice as wide after an empty one; at most doubled, at least quartered),
+    # between 100 ms and 60 s.
     got, hi, width, reads = [], to, datetime.timedelta(seconds=1), 0
     while len(got) < LIMIT and hi > frm:
         lo = max(frm, hi - width)
@@ -50,7 +52,8 @@ def sliced(col):
         got += page
         want = LIMIT - len(got)
         secs = width.total_seconds()
-        secs = secs * 4 if not page else min(secs * 4, max(secs * want / len(page), 0.1))
+        scaled = secs * 2 if not page else secs * want / len(page)
+        secs = min(max(scaled, secs / 4), secs * 2)
         width, hi = datetime.timedelta(seconds=min(max(secs, 0.1), 60)), lo
     return got, reads
 

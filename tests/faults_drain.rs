@@ -387,6 +387,19 @@ async fn a_delivered_record_later_undelivered_reads_undelivered_in_search() {
     sent_once_each(&stack, &accepted).await;
 }
 
+/// A service whose Reconciler passes every second over the last 2 minutes, leaving out
+/// the last `settle_ms`.
+fn with_fast_reconciler(stack: &Stack, settle_ms: i64) -> Service {
+    stack.start_service_configured(
+        &fast_env(&[]),
+        &[
+            ("reconciler.interval_ms", toml::Value::Integer(1000)),
+            ("reconciler.lookback_ms", toml::Value::Integer(120_000)),
+            ("reconciler.settle_ms", toml::Value::Integer(settle_ms)),
+        ],
+    )
+}
+
 /// Search drifts from MongoDB behind the service's back (a document overwritten with an
 /// old status, another deleted, written straight to Elasticsearch): the reconciler finds
 /// both and writes MongoDB's state back, counted in `reconciler_repairs_total`.
@@ -394,14 +407,7 @@ async fn a_delivered_record_later_undelivered_reads_undelivered_in_search() {
 async fn the_reconciler_repairs_search_that_drifted() {
     let _one = one_at_a_time().await;
     let stack = Stack::start();
-    let svc = stack.start_service_configured(
-        &fast_env(&[]),
-        &[
-            ("reconciler.interval_ms", toml::Value::Integer(1000)),
-            ("reconciler.lookback_ms", toml::Value::Integer(120_000)),
-            ("reconciler.settle_ms", toml::Value::Integer(3000)),
-        ],
-    );
+    let svc = with_fast_reconciler(&stack, 3000);
     let accepted = post_sms(&svc, &unique("drift"), 2).await;
     let (a, b) = (accepted[0].1.clone(), accepted[1].1.clone());
     for id in [&a, &b] {
@@ -469,14 +475,7 @@ async fn the_reconciler_repairs_search_that_drifted() {
 async fn the_reconcilers_pass_reads_its_window_in_slices_of_at_most_a_minute() {
     let _one = one_at_a_time().await;
     let stack = Stack::start();
-    let svc = stack.start_service_configured(
-        &fast_env(&[]),
-        &[
-            ("reconciler.interval_ms", toml::Value::Integer(1000)),
-            ("reconciler.lookback_ms", toml::Value::Integer(120_000)),
-            ("reconciler.settle_ms", toml::Value::Integer(1000)),
-        ],
-    );
+    let svc = with_fast_reconciler(&stack, 1000);
     let accepted = post_sms(&svc, &unique("slices"), 5).await;
     for (_, id) in &accepted {
         recorded_as(&stack, id, "delivered", Duration::from_secs(20)).await;

@@ -81,14 +81,7 @@ impl Walk {
         read: usize,
     ) {
         let span = to - from;
-        let scaled = if read == 0 {
-            span * 2
-        } else {
-            let ms = span.num_milliseconds() as f64 * self.target as f64 / read as f64;
-            Duration::milliseconds(ms as i64)
-        };
-        let width = scaled.clamp(self.width / 4, self.width * 2);
-        self.width = width.clamp(NARROWEST, WIDEST);
+        self.width = resized(self.width, span, read, self.target).clamp(NARROWEST, WIDEST);
         // A slice clipped at the end says little of the width: keep it from shrinking.
         if to >= end && read < self.target {
             self.width = self.width.max(span);
@@ -97,6 +90,19 @@ impl Walk {
         // is past `from`: the walk always moves on.
         self.from = (next < end).then_some(next.max(from + Duration::milliseconds(1)));
     }
+}
+
+/// The next width of a walk whose slice of `width` (`span` of it read: less where the
+/// range ended) held `read` records: sized to hold about `target` at that density, at most
+/// doubled, at least quartered; twice as wide after an empty one. Bounds are the caller's.
+pub fn resized(width: Duration, span: Duration, read: usize, target: usize) -> Duration {
+    let scaled = if read == 0 {
+        span * 2
+    } else {
+        let ms = span.num_milliseconds() as f64 * target as f64 / read as f64;
+        Duration::milliseconds(ms as i64)
+    };
+    scaled.clamp(width / 4, width * 2)
 }
 
 #[cfg(test)]
@@ -138,6 +144,19 @@ mod tests {
         assert!(settled.iter().all(|n| (50..=200).contains(n)), "{reads:?}");
         // Then from the start again.
         assert_eq!(w.slice(start, end).unwrap().0, start);
+    }
+
+    #[test]
+    fn a_width_is_sized_to_the_target_at_most_doubled_at_least_quartered() {
+        let s = Duration::seconds;
+        // 1 s held 300 of a target of 500: about 1.67 s.
+        assert_eq!(resized(s(1), s(1), 300, 500), Duration::milliseconds(1666));
+        // Empty: twice as wide; sparse: at most doubled; dense: at least quartered.
+        assert_eq!(resized(s(1), s(1), 0, 1000), s(2));
+        assert_eq!(resized(s(2), s(2), 1, 999), s(4));
+        assert_eq!(resized(s(4), s(4), 999, 1), s(1));
+        // A slice cut short by the range's end scales from what it spanned.
+        assert_eq!(resized(s(4), s(1), 100, 200), s(2));
     }
 
     #[test]

@@ -105,16 +105,18 @@ fn count_written(op: &'static str, n: u64) {
 }
 
 /// The documents an `update` command's reply says it modified (and upserted).
+/// A count in a write's reply (`n`, `nModified`), whichever integer type it came as.
+fn reply_count(reply: &Document, key: &str) -> Option<i64> {
+    reply
+        .get_i32(key)
+        .map(i64::from)
+        .or(reply.get_i64(key))
+        .ok()
+}
+
 fn modified(reply: &Document) -> u64 {
-    let n = |k: &str| {
-        reply
-            .get_i32(k)
-            .map(i64::from)
-            .or(reply.get_i64(k))
-            .unwrap_or(0)
-    };
     let upserted = reply.get_array("upserted").map_or(0, Vec::len) as i64;
-    (n("nModified") + upserted).max(0) as u64
+    (reply_count(reply, "nModified").unwrap_or(0) + upserted).max(0) as u64
 }
 
 fn err(e: impl std::fmt::Display) -> DependencyError {
@@ -442,11 +444,7 @@ impl MongoStore {
         let (mut n, mut modified_n) = (0i64, 0i64);
         for command in in_turns(updates, WRITE_COMMAND_RECORDS) {
             let reply = self.run_update(command, false).await?;
-            n += reply
-                .get_i32("n")
-                .map(i64::from)
-                .or(reply.get_i64("n"))
-                .unwrap_or(0);
+            n += reply_count(&reply, "n").unwrap_or(0);
             modified_n += modified(&reply) as i64;
         }
         Ok(doc! {"n": n, "nModified": modified_n})
@@ -1259,8 +1257,7 @@ impl Store for MongoStore {
             let updates = outcome_statements(owner, &held, bdate(Utc::now()))?;
             let reply = self.run_update_in_turns(updates).await?;
             count_written("outcome", modified(&reply));
-            let matched = reply.get_i32("n").map(i64::from).or(reply.get_i64("n"));
-            if matched.map_or(true, |n| n < held.len() as i64) {
+            if reply_count(&reply, "n").is_none_or(|n| n < held.len() as i64) {
                 fenced.extend(self.not_written(&held).await?);
             }
             let failed: Vec<String> = held

@@ -111,9 +111,10 @@ impl ReceiptParking for MongoParking {
     ) -> Result<(Vec<ParkedReceipt>, Option<u64>), DependencyError> {
         // SecantusDB counts by reading every document (20,000 parked: 162 ms, holding the
         // store): only when asked, not at every look.
-        let total = match count {
-            true => Some(self.coll.count_documents(doc! {}).await.map_err(err)?),
-            false => None,
+        let total = if count {
+            Some(self.coll.count_documents(doc! {}).await.map_err(err)?)
+        } else {
+            None
         };
         if total == Some(0) {
             return Ok((Vec::new(), total));

@@ -6,38 +6,24 @@
 use crate::clients::mongo::MongoStore;
 use actors::domain::Communication;
 use actors::ports::{Dependency, DependencyError, IndexedRecords, IndexedState, RecentRecords};
+use actors::walk::resized;
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use elasticsearch::{Elasticsearch, SearchParts};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime as BsonDate, Document};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::time::Duration;
 
 fn bdate(t: DateTime<Utc>) -> BsonDate {
     BsonDate::from_millis(t.timestamp_millis())
 }
 
 /// The first slice of a pass's walk back through its window.
-const FIRST_SLICE: Duration = Duration::from_secs(1);
-const NARROWEST_SLICE: Duration = Duration::from_millis(100);
+const FIRST_SLICE: Duration = Duration::seconds(1);
+const NARROWEST_SLICE: Duration = Duration::milliseconds(100);
 /// SecantusDB reads every record of the range a query names: a slice of a minute at most.
-pub const WIDEST_SLICE: Duration = Duration::from_secs(60);
-
-/// The width of the next (older) slice, from what the last one of `width` gave (`got`)
-/// against the records still wanted: sized to hold about that many at the last one's
-/// rate, four times as wide after an empty one, between 100 ms and a minute.
-fn next_slice(width: Duration, got: usize, still_wanted: usize) -> Duration {
-    let next = if got == 0 {
-        width * 4
-    } else {
-        width
-            .mul_f64(still_wanted as f64 / got as f64)
-            .min(width * 4)
-    };
-    next.clamp(NARROWEST_SLICE, WIDEST_SLICE)
-}
+const WIDEST_SLICE: Duration = Duration::seconds(60);
 
 #[async_trait]
 impl RecentRecords for MongoStore {
@@ -59,7 +45,7 @@ impl RecentRecords for MongoStore {
         let mut docs: Vec<Document> = Vec::new();
         let (mut hi, mut width) = (to, FIRST_SLICE);
         while docs.len() < limit {
-            let lo = (hi - chrono::Duration::from_std(width).unwrap_or_default()).max(from);
+            let lo = (hi - width).max(from);
             let range = if lo <= from {
                 doc! {"$gte": bdate(from), "$lte": bdate(hi)}
             } else {
@@ -76,7 +62,10 @@ impl RecentRecords for MongoStore {
                 .try_collect()
                 .await
                 .map_err(err)?;
-            width = next_slice(width, page.len(), want - page.len());
+            // Each next (older) slice sized to hold about the records still wanted, by the
+            // walks' own rule (`actors::walk::resized`).
+            width = resized(width, width, page.len(), want - page.len())
+                .clamp(NARROWEST_SLICE, WIDEST_SLICE);
             docs.extend(page);
             if lo <= from {
                 break;
@@ -159,21 +148,5 @@ mod tests {
             }
         );
         assert_eq!(got["b"].version, 0);
-    }
-
-    #[test]
-    fn a_slice_is_sized_from_the_last_ones_yield_within_bounds() {
-        let s = Duration::from_secs;
-        // 1 s gave 300 of 1,000 wanted: the next holds about the 700 still wanted.
-        assert_eq!(
-            next_slice(s(1), 300, 700),
-            Duration::from_secs_f64(700.0 / 300.0)
-        );
-        // Empty: four times as wide, up to a minute.
-        assert_eq!(next_slice(s(1), 0, 1000), s(4));
-        assert_eq!(next_slice(s(30), 0, 1000), WIDEST_SLICE);
-        // Sparse: at most four times as wide; dense: at least 100 ms.
-        assert_eq!(next_slice(s(2), 1, 999), s(8));
-        assert_eq!(next_slice(s(1), 999, 1), NARROWEST_SLICE);
     }
 }
