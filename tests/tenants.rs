@@ -485,16 +485,23 @@ async fn the_limits_check_has_a_redis_connection_of_its_own() {
         .spawn()
         .expect("redis-cli");
     let out = monitor.stdout.take().unwrap();
+    let (started, monitoring) = std::sync::mpsc::channel();
     let lines = std::thread::spawn(move || {
         use std::io::BufRead;
         let mut seen = Vec::new();
         for line in std::io::BufReader::new(out).lines() {
             let Ok(line) = line else { break };
+            // `MONITOR` answers OK once it watches; every command after it is seen.
+            if line == "OK" {
+                let _ = started.send(());
+            }
             seen.push(line);
         }
         seen
     });
-    std::thread::sleep(Duration::from_millis(300));
+    monitoring
+        .recv_timeout(Duration::from_secs(10))
+        .expect("redis-cli monitor started");
     for i in 0..5 {
         let a = post(
             &svc.url(""),
