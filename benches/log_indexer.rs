@@ -196,6 +196,7 @@ async fn run(redis: &str, es: &str, n: usize, max_docs: usize) -> f64 {
                 .with_max_bytes(5_000_000),
             claim_idle: Duration::from_secs(30),
             forget_after: Duration::from_secs(60),
+            hold: Duration::ZERO,
         },
     )
     .await

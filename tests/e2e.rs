@@ -715,3 +715,112 @@ async fn a_receipt_touches_only_its_own_providers_records_and_applies_once() {
         "the second `delivered` changed nothing"
     );
 }
+
+/// Writes osmem counted into one index (`_stats`' `indexing.index_total`).
+async fn index_writes(es: &str, index: &str) -> u64 {
+    let v: Value = reqwest::get(format!("{es}/_stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["indices"][index]["total"]["indexing"]["index_total"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Issue #14 (osmem's CPU per message): a record's `communications` document is written
+/// when its status stops changing, not at every event on the way. With a bulk every 200 ms
+/// and Twilio's status callbacks, an SMS's `queued`, `sent` and `delivered` reach the
+/// LogIndexer in different bulks, and each rewrote the record's document: 2-3 writes a
+/// message. Now a `queued` or `sent` version waits up to `log_indexer.hold_ms` for the one
+/// that replaces it. Every event keeps its log document, and a version nothing replaces (an
+/// email's `sent`) is written once the hold is over, also when the service was killed
+/// (`kill -9`) while holding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_search_document_is_written_once_its_status_settles_not_at_every_event() {
+    const COMMS: &str = "held-communications";
+    const LOGS: &str = "held-communication-logs";
+    let (stack, _) = shared();
+    // A service of its own: its Redis database, MongoDB database and indices, so the
+    // index's write count is its alone.
+    let redis = format!("redis://127.0.0.1:{}/4", stack.redis_port);
+    let env = [
+        ("REDIS_URL", redis.as_str()),
+        ("CONSUMER_NAME", "held-docs"),
+        ("MONGODB_DATABASE", "held_docs"),
+    ];
+    let settings = [
+        (
+            "elasticsearch.communications_index",
+            toml::Value::from(COMMS),
+        ),
+        ("elasticsearch.logs_index", LOGS.into()),
+        ("log_indexer.max_wait_ms", 200.into()),
+        ("log_indexer.hold_ms", 5000.into()),
+    ];
+    let mut own = stack.start_service_configured(&env, &settings);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (status, v) = own.post(common::sms(&unique(&format!("held-{i}")))).await;
+        assert_eq!(status, 200, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually(
+        Duration::from_secs(40),
+        "every SMS delivered in search",
+        || async {
+            let docs = stack
+                .es_search(COMMS, json!({"term": {"status": "delivered"}}))
+                .await;
+            (docs.len() == ids.len()).then_some(())
+        },
+    )
+    .await;
+    let logs = stack.es_search(LOGS, json!({"match_all": {}})).await;
+    assert_eq!(
+        logs.len(),
+        3 * ids.len(),
+        "queued, sent and delivered each logged"
+    );
+    let writes = index_writes(&stack.es(), COMMS).await;
+    assert!(
+        writes <= ids.len() as u64 + 2,
+        "{writes} writes of {COMMS} for {} messages: each record's document was rewritten \
+         at its events on the way",
+        ids.len()
+    );
+
+    // An email's `sent` is replaced by nothing: held, then written, across a kill -9.
+    let (status, v) = own
+        .post(json!({"type":"email","data":{"from":"noreply@example.com","to":"ada@example.org","msg":unique("held email")}}))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let email = v["id"].as_str().unwrap().to_string();
+    let of_email = || json!({"term": {"communicationId": email.clone()}});
+    // Its `sent` event is read (the log document is written at once)...
+    eventually(WAIT, "the email's sent event logged", || async {
+        let logs = stack.es_search(LOGS, of_email()).await;
+        logs.iter()
+            .any(|d| d["_source"]["status"] == "sent")
+            .then_some(())
+    })
+    .await;
+    // ...and its record's document held, when the service is killed.
+    let docs = stack.es_search(COMMS, of_email()).await;
+    assert!(docs.is_empty(), "the document is held: {docs:?}");
+    own.proc.kill();
+    let _own = stack.start_service_configured(&env, &settings);
+    eventually(
+        Duration::from_secs(40),
+        "the email's document, sent",
+        || async {
+            let docs = stack.es_search(COMMS, of_email()).await;
+            docs.iter()
+                .any(|d| d["_source"]["status"] == "sent")
+                .then_some(())
+        },
+    )
+    .await;
+}

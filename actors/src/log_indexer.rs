@@ -7,15 +7,20 @@
 //! `max_wait`, with nothing else to write, a batch of marked records is indexed from
 //! MongoDB as they are now, and their marks dropped once stored.
 //!
+//! A record's `communications` document in a state about to change (`queued`, `sent`) is
+//! held up to `hold` for the version that replaces it, which goes instead: one write where
+//! there were two or three (the log documents go at once).
+//!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
 //! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
-//! Elasticsearch outage leaves the backlog in Redis, not in memory).
+//! Elasticsearch outage leaves the backlog in Redis, not in memory), plus at most two
+//! batches' worth of held documents.
 //! Talks to it: itself (`Poll`); the supervisor starts and stops it (stopping flushes the
 //! buffer and what `log_stream` still holds for it; a blocking read lasts at most 1 s, so
 //! a stop is never held up by a long `max_wait`).
 //! Talks to: Elasticsearch (`_bulk`), Redis (read, XACK, dead letters to `log_stream:dlq`).
 //! On failure: entries are acknowledged only after their documents are stored or
-//! dead-lettered; a crash leaves the rest pending, read again first after a restart under
+//! dead-lettered (a held document's entry too); a crash leaves the rest pending, read again first after a restart under
 //! the same name, and taken over (XAUTOCLAIM) by any live indexer once idle `claim_idle`
 //! when the process comes back under another name (a container redeploy). Each indexer
 //! marks itself alive in Redis; a consumer whose mark lapsed and that holds nothing is
@@ -55,6 +60,9 @@ const STEP_BACKOFF_FLOOR: Duration = Duration::from_millis(50);
 const READ_BLOCK_MAX: Duration = Duration::from_secs(1);
 /// On stop, at most this many more reads of what `log_stream` holds for this consumer.
 const STOP_ROUNDS: usize = 100;
+/// At most this many batches' worth (`max_items`) of documents are held back at once
+/// (about 2 KB each); beyond it the oldest are written.
+const HELD_MAX_BATCHES: usize = 2;
 
 pub enum IndexerMsg {
     Poll,
@@ -79,6 +87,9 @@ pub struct IndexerArgs {
     /// A consumer of `log_stream` not marked alive for this long, with nothing pending, is
     /// gone: it is removed from the group. This process marks itself alive well within it.
     pub forget_after: Duration,
+    /// How long a record's `communications` document in a state that is about to change
+    /// (`queued`, `sent`) waits for the version that replaces it (0: written at once).
+    pub hold: Duration,
 }
 
 struct Pending {
@@ -89,6 +100,13 @@ struct Pending {
     /// An event whose body was left out of the entry: its operations are made once the
     /// body is read from MongoDB, at the flush.
     awaiting_body: Option<LogEvent>,
+    /// When it was read (its hold counts from here).
+    buffered_at: Instant,
+    /// Its status is about to change (`queued`, `sent`): its `communications` document
+    /// may be held back for the version that replaces it.
+    changing: bool,
+    /// All that is left of it is a held document: it takes no room in the batch.
+    held: bool,
 }
 
 pub struct IndexerState {
@@ -107,6 +125,8 @@ pub struct IndexerState {
     takeover_at: Option<Instant>,
     /// When records marked by a full `log_stream` were last indexed from MongoDB.
     reindex_at: Option<Instant>,
+    /// Whether documents are held back (not while stopping).
+    holding: bool,
 }
 
 pub struct LogIndexer;
@@ -134,6 +154,7 @@ impl Actor for LogIndexer {
             alive_at: None,
             takeover_at: None,
             reindex_at: None,
+            holding: true,
         })
     }
 
@@ -145,6 +166,7 @@ impl Actor for LogIndexer {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        state.holding = false;
         for _ in 0..STOP_ROUNDS {
             let Ok(read) = read(state, Duration::from_millis(1)).await else {
                 break;
@@ -199,17 +221,23 @@ async fn step(state: &mut IndexerState) -> Result<(), DependencyError> {
     }
     .clamp(Duration::from_millis(1), READ_BLOCK_MAX);
     read(state, block).await?;
-    let due = a.batch.is_full(state.buf.len(), state.buf_bytes)
+    let due = a.batch.is_full(unheld(state), state.buf_bytes)
         || state
             .first_at
             .is_some_and(|t| t.elapsed() >= a.batch.max_wait);
     if due && !state.buf.is_empty() {
         state_flush(state).await?;
     }
-    if state.buf.is_empty() {
+    if unheld(state) == 0 {
         reindex(state).await?;
     }
     Ok(())
+}
+
+/// Buffered events that take room in the batch: all but those of which only a held
+/// document is left (at most `HELD_MAX_BATCHES` batches' worth).
+fn unheld(state: &IndexerState) -> usize {
+    state.buf.iter().filter(|p| !p.held).count()
 }
 
 /// Flush the buffer, making the indices first if needed.
@@ -237,11 +265,11 @@ async fn read(state: &mut IndexerState, block: Duration) -> Result<usize, Depend
     keep_alive(state).await?;
     // Only once this consumer's own pending entries are read again: taken over first,
     // they would be read twice.
-    if state.from == ReadFrom::New && !a.batch.is_full(state.buf.len(), state.buf_bytes) {
+    if state.from == ReadFrom::New && !a.batch.is_full(unheld(state), state.buf_bytes) {
         take_over(state).await?;
     }
     let mut n = 0;
-    if !a.batch.is_full(state.buf.len(), state.buf_bytes) {
+    if !a.batch.is_full(unheld(state), state.buf_bytes) {
         let entries = a
             .queue
             .read_group(
@@ -249,7 +277,7 @@ async fn read(state: &mut IndexerState, block: Duration) -> Result<usize, Depend
                 &a.group,
                 &a.consumer,
                 state.from.clone(),
-                a.batch.max_items - state.buf.len(),
+                a.batch.max_items.saturating_sub(unheld(state)),
                 block,
             )
             .await?;
@@ -394,7 +422,7 @@ async fn take_over(state: &mut IndexerState) -> Result<(), DependencyError> {
         return Ok(());
     }
     state.takeover_at = Some(Instant::now());
-    let room = a.batch.max_items.saturating_sub(state.buf.len());
+    let room = a.batch.max_items.saturating_sub(unheld(state));
     let taken = a
         .queue
         .autoclaim(LOG_STREAM, &a.group, &a.consumer, a.claim_idle, room)
@@ -534,6 +562,9 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         ev.cursor = Some(e.id.clone());
         ev
     });
+    let changing = decoded
+        .as_ref()
+        .is_ok_and(|ev| matches!(ev.status, EventStatus::Queued | EventStatus::Sent));
     let (ops, awaiting_body) = match decoded {
         Ok(ev) if ev.msg_omitted => (Vec::new(), Some(ev)),
         Ok(ev) => (ops_for(&ev, &a.logs_index, &a.communications_index), None),
@@ -548,6 +579,9 @@ fn to_pending(a: &IndexerArgs, e: StreamEntry) -> Pending {
         ops,
         bytes,
         awaiting_body,
+        buffered_at: Instant::now(),
+        changing,
+        held: false,
     }
 }
 
@@ -618,6 +652,8 @@ pub fn newest_ops<'a>(
 struct Settlement {
     /// Operations to send again.
     left: Vec<Vec<BulkOp>>,
+    /// Documents held back for the version that replaces them: not sent.
+    held: Vec<Vec<BulkOp>>,
     /// Events to dead-letter, with the reason.
     dead: Vec<Option<String>>,
     /// The first request-level failure, returned once the rest is done.
@@ -625,11 +661,17 @@ struct Settlement {
 }
 
 /// Send the buffer; acknowledge what is stored or dead-lettered, keep the rest (only what
-/// is left of it). Returns an error when anything is left.
+/// is left of it: what is to be sent again, and held documents). Returns an error when
+/// anything is to be sent again.
 async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     let a = state.args.clone();
     fill_bodies(&a, &mut state.buf).await?;
-    let mut s = send_bulk(&a, &state.buf).await;
+    let hold = if state.holding {
+        a.hold
+    } else {
+        Duration::ZERO
+    };
+    let mut s = send_bulk(&a, &state.buf, hold).await;
     // Dead letters must be safe in Redis before their entries are acknowledged.
     let dlq_ok = match store_dead_letters(&a, &state.buf, &s.dead).await {
         Ok(()) => true,
@@ -640,16 +682,22 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     };
     let mut ack = Vec::new();
     let mut keep = Vec::new();
-    for ((mut p, ops_left), d) in std::mem::take(&mut state.buf)
+    let mut retrying = false;
+    for (((mut p, ops_left), held), d) in std::mem::take(&mut state.buf)
         .into_iter()
         .zip(s.left)
+        .zip(s.held)
         .zip(s.dead)
     {
-        if ops_left.is_empty() && (d.is_none() || dlq_ok) {
+        let dead_ok = d.is_none() || dlq_ok;
+        if ops_left.is_empty() && held.is_empty() && dead_ok {
             ack.push(p.entry_id);
         } else {
             // Only what is left is sent again; a dead letter already stored stays stored.
+            retrying |= !ops_left.is_empty() || !dead_ok;
+            p.held = ops_left.is_empty() && dead_ok;
             p.ops = ops_left;
+            p.ops.extend(held);
             keep.push(p);
         }
     }
@@ -661,12 +709,14 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
         }
         metrics::counter!("log_events_indexed_total").increment(ack.len() as u64);
     }
-    state.buf_bytes = keep.iter().map(|p| p.bytes).sum();
+    let held = keep.iter().filter(|p| p.held).count();
+    metrics::gauge!("log_indexer_held_documents").set(held as f64);
+    state.buf_bytes = keep.iter().filter(|p| !p.held).map(|p| p.bytes).sum();
     state.first_at = (!keep.is_empty()).then(Instant::now);
     state.buf = keep;
     match s.error {
         Some(e) => Err(e),
-        None if !state.buf.is_empty() => Err(DependencyError::new(
+        None if retrying => Err(DependencyError::new(
             Dependency::Elasticsearch,
             "some items asked to be retried",
         )
@@ -675,14 +725,26 @@ async fn flush(state: &mut IndexerState) -> Result<(), DependencyError> {
     }
 }
 
-/// One `_bulk` request for the buffer (the newest version of each record only), read item
-/// by item; an event that did not decode is dead-lettered without a request.
-async fn send_bulk(a: &IndexerArgs, buf: &[Pending]) -> Settlement {
+/// Whether a buffered event's `op` waits for the version that replaces it: the record's
+/// `communications` document in a state about to change (`queued`: `sent` follows;
+/// `sent`: a receipt may), read less than `hold` ago. Writing it would be overwritten at
+/// once (each document write costs Elasticsearch alike); holding it delays search's view
+/// of that state by at most `hold` plus a batch's `max_wait`. Its entry stays unacknowledged
+/// meanwhile, so a crash loses nothing: the restarted indexer reads it again.
+fn held_back(a: &IndexerArgs, p: &Pending, op: &BulkOp, hold: Duration) -> bool {
+    p.changing && op.index == a.communications_index && p.buffered_at.elapsed() < hold
+}
+
+/// One `_bulk` request for the buffer (the newest version of each record only, less the
+/// documents held back), read item by item; an event that did not decode is dead-lettered
+/// without a request.
+async fn send_bulk(a: &IndexerArgs, buf: &[Pending], hold: Duration) -> Settlement {
     let started = Instant::now();
-    let (all_ops, owner, superseded) = newest_ops(buf.iter().map(|p| p.ops.as_slice()));
+    let (newest, newest_owner, superseded) = newest_ops(buf.iter().map(|p| p.ops.as_slice()));
     metrics::counter!("log_indexer_superseded_total").increment(superseded);
     let mut s = Settlement {
         left: vec![Vec::new(); buf.len()],
+        held: vec![Vec::new(); buf.len()],
         dead: buf
             .iter()
             .map(|p| {
@@ -693,6 +755,27 @@ async fn send_bulk(a: &IndexerArgs, buf: &[Pending]) -> Settlement {
             .collect(),
         error: None,
     };
+    // Beyond the most that may be held, the oldest go now (the buffer is oldest first).
+    let holdable: Vec<bool> = newest
+        .iter()
+        .zip(&newest_owner)
+        .map(|(op, &i)| held_back(a, &buf[i], op, hold))
+        .collect();
+    let mut over = holdable
+        .iter()
+        .filter(|h| **h)
+        .count()
+        .saturating_sub(a.batch.max_items * HELD_MAX_BATCHES);
+    let (mut all_ops, mut owner) = (Vec::new(), Vec::new());
+    for ((op, i), holdable) in newest.into_iter().zip(newest_owner).zip(holdable) {
+        if holdable && over == 0 {
+            s.held[i].push(op);
+        } else {
+            over -= usize::from(holdable);
+            all_ops.push(op);
+            owner.push(i);
+        }
+    }
     if all_ops.is_empty() {
         return s;
     }
@@ -932,6 +1015,7 @@ mod port_tests {
             batch: BatchSettings::new(100, Duration::from_millis(10)),
             claim_idle: Duration::from_secs(2),
             forget_after: Duration::from_secs(3),
+            hold: Duration::ZERO,
         }
     }
 
@@ -1075,5 +1159,112 @@ mod port_tests {
         assert_eq!(search.script.count(SearchMethod::Prepare), 4);
         assert_eq!(search.bulks().len(), 1);
         assert!(queue.entries(LOG_DEAD_LETTER_STREAM).is_empty());
+    }
+
+    async fn append_status(queue: &MemoryQueue, n: u32, status: EventStatus, attempt: u32) {
+        let r = testing::record(n, Channel::Sms);
+        let ev = LogEvent::for_record(&r, "sender", status, attempt, Utc::now());
+        queue.append(&[(LOG_STREAM, ev.to_fields())]).await.unwrap();
+    }
+
+    /// The `communications` documents written so far: (record id, status).
+    fn comm_writes(search: &MemorySearch) -> Vec<(String, String)> {
+        search
+            .bulks()
+            .iter()
+            .flatten()
+            .filter(|op| op.index == "comms")
+            .map(|op| {
+                let doc: serde_json::Value = serde_json::from_str(op.doc.as_str()).unwrap();
+                (op.id.clone(), doc["status"].as_str().unwrap().to_string())
+            })
+            .collect()
+    }
+
+    fn log_writes(search: &MemorySearch) -> usize {
+        search
+            .bulks()
+            .iter()
+            .flatten()
+            .filter(|op| op.index == "logs")
+            .count()
+    }
+
+    /// Issue #14 (osmem's CPU per message): a `queued` or `sent` document waits up to
+    /// `hold` for the version that replaces it; the log documents go at once, and the
+    /// entries stay pending until their documents are written.
+    #[tokio::test(start_paused = true)]
+    async fn a_document_about_to_change_waits_for_its_successor_up_to_the_hold() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        let mut args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        args.hold = Duration::from_millis(500);
+        Actor::spawn(None, LogIndexer, args).await.unwrap();
+        append_events(&queue, 1..=3).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(log_writes(&search), 3, "the log documents went at once");
+        assert!(comm_writes(&search).is_empty(), "the queued documents wait");
+        assert_eq!(
+            queue.pending(LOG_STREAM, GROUP).len(),
+            3,
+            "held: not acknowledged"
+        );
+        append_status(&queue, 1, EventStatus::Sent, 1).await;
+        append_status(&queue, 2, EventStatus::Sent, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            comm_writes(&search).is_empty(),
+            "the sent documents wait too"
+        );
+        append_status(&queue, 1, EventStatus::Delivered, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut written = comm_writes(&search);
+        let id = |n: u32| testing::record(n, Channel::Sms).id;
+        assert_eq!(written, [(id(1), "delivered".to_string())]);
+        // Past the hold, what nothing replaced is written as it stands.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        written = comm_writes(&search);
+        written.sort();
+        let want = [(1, "delivered"), (2, "sent"), (3, "pending")];
+        let want: Vec<(String, String)> =
+            want.iter().map(|(n, b)| (id(*n), b.to_string())).collect();
+        assert_eq!(written, want, "one document a record");
+        assert_eq!(log_writes(&search), 6, "every event logged");
+        assert!(queue.pending(LOG_STREAM, GROUP).is_empty());
+    }
+
+    /// A stop writes the held documents: nothing waits for a hold that will not end.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_writes_the_held_documents() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        let mut args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        args.hold = Duration::from_secs(3600);
+        let (indexer, handle) = Actor::spawn(None, LogIndexer, args).await.unwrap();
+        append_events(&queue, 1..=2).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(comm_writes(&search).is_empty());
+        indexer.stop(None);
+        handle.await.unwrap();
+        assert_eq!(comm_writes(&search).len(), 2);
+        assert!(queue.pending(LOG_STREAM, GROUP).is_empty());
+    }
+
+    /// At most two batches' worth of documents are held; beyond that the oldest go now.
+    #[tokio::test(start_paused = true)]
+    async fn beyond_two_batches_of_held_documents_the_oldest_are_written() {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        let mut args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        args.batch = BatchSettings::new(2, Duration::from_millis(10));
+        args.hold = Duration::from_secs(3600);
+        Actor::spawn(None, LogIndexer, args).await.unwrap();
+        append_events(&queue, 1..=6).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let id = |n: u32| testing::record(n, Channel::Sms).id;
+        let written: Vec<String> = comm_writes(&search).into_iter().map(|(i, _)| i).collect();
+        assert_eq!(written, [id(1), id(2)], "four held, the two oldest written");
+        assert_eq!(log_writes(&search), 6);
+        assert_eq!(queue.pending(LOG_STREAM, GROUP).len(), 4);
     }
 }

@@ -91,6 +91,7 @@ const METRICS: &[(&str, Kind, Unit, &str)] = &[
     ("log_events_reindexed_total", Counter, Unit::Count, "Records indexed again from MongoDB after log_stream overflowed."),
     ("log_indexer_batch_documents", Histogram, Unit::Count, "Documents per LogIndexer bulk request."),
     ("log_indexer_bulk_seconds", Histogram, Unit::Seconds, "LogIndexer bulk request latency."),
+    ("log_indexer_held_documents", Gauge, Unit::Count, "Search documents the LogIndexer holds back for the version that replaces them."),
     ("log_indexer_superseded_total", Counter, Unit::Count, "Documents skipped because a newer version was in the same batch."),
     ("log_indexer_item_retries_total", Counter, Unit::Count, "Bulk items retried by the LogIndexer."),
     ("log_indexer_failed_items_total", Counter, Unit::Count, "Bulk items the LogIndexer gave up on."),

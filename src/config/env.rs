@@ -194,6 +194,7 @@ pub const ENV: &[EnvVar] = &[
     var("STORE_LIMITER_MIN", "store_limiter.min_limit", "the lowest limit (below 1: one call at a time, paced)", set!(num => store_limiter.min_limit)),
     var("FAULT_INJECTION", "sender.fault_injection", "honour the test markers", set!(flag => sender.fault_injection)),
     var("LOG_STREAM_MAX_LEN", "log_indexer.max_stream_len", "longest `log_stream`; events beyond it are indexed later from MongoDB", set!(num => log_indexer.max_stream_len)),
+    var("LOG_INDEXER_HOLD_MS", "log_indexer.hold_ms", "how long a search document in a state about to change (`queued`, `sent`) waits for its successor (0: none)", set!(millis => log_indexer.hold)),
     var("FORGET_CONSUMER_MS", "log_indexer.forget_consumer_ms", "a `log_stream` consumer not marked alive this long, holding nothing, is removed", set!(millis => log_indexer.forget_consumer)),
     var("FALLBACK_INTERVAL_MS", "fallback.interval_ms", "how often due fallbacks are looked for", set!(millis => fallback.interval)),
     var("SCHEDULE_HORIZON_DAYS", "schedule.horizon_days", "the furthest ahead a `sendAt` may be, in days", set!(num => schedule.horizon_days)),

@@ -511,6 +511,10 @@ pub struct LogIndexer {
     /// `log_stream` is kept at most this many entries long; events beyond it are not
     /// appended, their records marked to be indexed again from MongoDB.
     pub max_stream_len: u64,
+    /// How long a record's `communications` document in a state about to change
+    /// (`queued`, `sent`) waits for the version that replaces it (0: written at once).
+    #[serde(rename = "hold_ms", deserialize_with = "millis")]
+    pub hold: Duration,
 }
 
 impl LogIndexer {
