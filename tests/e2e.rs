@@ -759,7 +759,7 @@ async fn a_records_search_document_is_written_once_its_status_settles_not_at_eve
         ("log_indexer.max_wait_ms", 200.into()),
         ("log_indexer.hold_ms", 5000.into()),
     ];
-    let mut own = stack.start_service_configured(&env, &settings);
+    let mut own = stack.start_service_beside(&env, &settings);
     let mut ids = Vec::new();
     for i in 0..20 {
         let (status, v) = own.post(common::sms(&unique(&format!("held-{i}")))).await;
@@ -811,7 +811,7 @@ async fn a_records_search_document_is_written_once_its_status_settles_not_at_eve
     let docs = stack.es_search(COMMS, of_email()).await;
     assert!(docs.is_empty(), "the document is held: {docs:?}");
     own.proc.kill();
-    let _own = stack.start_service_configured(&env, &settings);
+    let _own = stack.start_service_beside(&env, &settings);
     eventually(
         Duration::from_secs(40),
         "the email's document, sent",

@@ -567,6 +567,27 @@ impl Stack {
         extra_env: &[(&str, &str)],
         settings: &[(&str, toml::Value)],
     ) -> Service {
+        let args = self.config_args(settings);
+        self.start_service_args(extra_env, &args)
+    }
+
+    /// [`Stack::start_service_configured`] for a service beside the shared one: the
+    /// stand-in's WhatsApp and SendGrid webhooks keep pointing at the shared service (its
+    /// tests wait for those receipts), so this one gets Twilio's callbacks (each message
+    /// names its own URL) but not theirs.
+    pub fn start_service_beside(
+        &self,
+        extra_env: &[(&str, &str)],
+        settings: &[(&str, toml::Value)],
+    ) -> Service {
+        let args = self.config_args(settings);
+        let (port, mut proc) = self.spawn_service_args(extra_env, &args);
+        proc.wait_port(port, Duration::from_secs(20));
+        Service { port, proc }
+    }
+
+    /// `--config PATH` of `config.toml` changed by `settings`, written to this stack's folder.
+    fn config_args(&self, settings: &[(&str, toml::Value)]) -> Vec<String> {
         let mut cfg: toml::Table = std::fs::read_to_string(root().join("config.toml"))
             .unwrap()
             .parse()
@@ -580,7 +601,7 @@ impl Stack {
         }
         let path = self.dir.join(format!("config-{}.toml", free_port()));
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-        self.start_service_args(extra_env, &["--config".into(), path.display().to_string()])
+        vec!["--config".into(), path.display().to_string()]
     }
 
     fn start_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> Service {
