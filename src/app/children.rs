@@ -216,7 +216,7 @@ fn indexer_spec(cfg: &Config, p: &Ports) -> ChildSpec {
         batch: cfg.log_indexer.batch(),
         claim_idle: cfg.redis.claim_idle,
         forget_after: cfg.log_indexer.forget_consumer,
-        hold: cfg.log_indexer.hold,
+        hold: cfg.log_indexer_hold(),
     };
     spec(log_indexer::NAME.to_string(), || LogIndexer, args)
 }

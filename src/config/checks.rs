@@ -26,7 +26,6 @@ const RULES: &[Rule] = &[
     callbacks_outwait_receipts,
     store_limiter_is_usable,
     consumers_are_forgotten_slowly,
-    holds_end_before_the_reconciler_looks,
     super::transport::transports_are_encrypted,
     super::transport::dev_mode_only_on_loopback,
     fault_injection_only_in_test_builds,
@@ -63,22 +62,6 @@ fn consumers_are_forgotten_slowly(c: &Config) -> Result<(), ConfigError> {
     if c.log_indexer.forget_consumer < std::time::Duration::from_secs(1) {
         return Err(bad(
             "FORGET_CONSUMER_MS (log_indexer.forget_consumer_ms) must be at least 1000".to_string(),
-        ));
-    }
-    Ok(())
-}
-
-/// A held search document is written within the hold plus a batch's wait. The Reconciler
-/// leaves records changed within `settle` to their events, and a held event's entry must
-/// not look idle to another process's LogIndexer (`claim_idle`): longer, and held
-/// documents would be written twice (by the Reconciler, or by a peer that took them over).
-fn holds_end_before_the_reconciler_looks(c: &Config) -> Result<(), ConfigError> {
-    let held_at_most = c.log_indexer.hold + c.log_indexer.max_wait;
-    if held_at_most >= c.reconciler.settle.min(c.redis.claim_idle) {
-        return Err(bad(
-            "LOG_INDEXER_HOLD_MS (log_indexer.hold_ms) plus log_indexer.max_wait_ms must be \
-             less than reconciler.settle_ms and CLAIM_IDLE_MS (redis.claim_idle_ms)"
-                .to_string(),
         ));
     }
     Ok(())
@@ -480,10 +463,6 @@ mod tests {
     fn each_rule_names_its_setting() {
         for (vars, names) in [
             (&[("LOG_FORMAT", "xml")][..], "LOG_FORMAT"),
-            (
-                &[("LOG_INDEXER_HOLD_MS", "60000")][..],
-                "LOG_INDEXER_HOLD_MS",
-            ),
             (&[("CLAIM_IDLE_MS", "10000")][..], "redis.claim_idle_ms"),
             (&[("STALE_AFTER_MS", "10")][..], "sender.stale_after_ms"),
             (&[("MAX_DELIVERIES", "0")][..], "redis.max_deliveries"),

@@ -523,6 +523,21 @@ impl LogIndexer {
     }
 }
 
+impl Config {
+    /// The LogIndexer's hold, shortened so that a held document is written (within the
+    /// hold plus a batch's `max_wait`) before the Reconciler looks at its record
+    /// (`reconciler.settle`) and before its entry looks idle to another process's
+    /// LogIndexer (`redis.claim_idle`): either would write it twice. `hold_ms` is a cost
+    /// setting, so a shorter one is used rather than refused (a fast Reconciler turns
+    /// holding off).
+    pub fn log_indexer_hold(&self) -> Duration {
+        let bound = self.reconciler.settle.min(self.redis.claim_idle);
+        self.log_indexer
+            .hold
+            .min(bound.saturating_sub(self.log_indexer.max_wait) / 2)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stats {
@@ -890,6 +905,20 @@ mod tests {
         assert_eq!(c.receipts.batch().max_items, 50);
         assert_eq!(c.router.max_inflight, 2);
         assert_eq!(c.log_indexer.batch().max_bytes, 5_000_000);
+    }
+
+    /// The hold is shortened so that a held document is written before the Reconciler
+    /// or another process's LogIndexer would write it again; a fast Reconciler turns it off.
+    #[test]
+    fn the_log_indexers_hold_ends_before_the_reconciler_looks() {
+        let mut c = load(&CREDS).unwrap();
+        assert_eq!(c.log_indexer_hold(), Duration::from_secs(1));
+        let mut v = CREDS.to_vec();
+        v.push(("LOG_INDEXER_HOLD_MS", "60000"));
+        let long = load(&v).unwrap();
+        assert_eq!(long.log_indexer_hold(), Duration::from_millis(14_500));
+        c.reconciler.settle = Duration::from_secs(1);
+        assert_eq!(c.log_indexer_hold(), Duration::ZERO);
     }
 
     #[test]
