@@ -1021,9 +1021,7 @@ mod port_tests {
 
     async fn append_events(queue: &MemoryQueue, ns: std::ops::RangeInclusive<u32>) {
         for n in ns {
-            let r = testing::record(n, Channel::Sms);
-            let ev = LogEvent::for_record(&r, "router", EventStatus::Queued, 0, Utc::now());
-            queue.append(&[(LOG_STREAM, ev.to_fields())]).await.unwrap();
+            append_status(queue, n, EventStatus::Queued, 0).await;
         }
     }
 
@@ -1161,6 +1159,14 @@ mod port_tests {
         assert!(queue.entries(LOG_DEAD_LETTER_STREAM).is_empty());
     }
 
+    /// A queue with group `g`, a search, and the arguments of an indexer of them.
+    async fn holding_setup() -> (MemoryQueue, Arc<MemorySearch>, IndexerArgs) {
+        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
+        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
+        let args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        (queue, search, args)
+    }
+
     async fn append_status(queue: &MemoryQueue, n: u32, status: EventStatus, attempt: u32) {
         let r = testing::record(n, Channel::Sms);
         let ev = LogEvent::for_record(&r, "sender", status, attempt, Utc::now());
@@ -1195,9 +1201,7 @@ mod port_tests {
     /// entries stay pending until their documents are written.
     #[tokio::test(start_paused = true)]
     async fn a_document_about_to_change_waits_for_its_successor_up_to_the_hold() {
-        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
-        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
-        let mut args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        let (queue, search, mut args) = holding_setup().await;
         args.hold = Duration::from_millis(500);
         Actor::spawn(None, LogIndexer, args).await.unwrap();
         append_events(&queue, 1..=3).await;
@@ -1236,9 +1240,7 @@ mod port_tests {
     /// A stop writes the held documents: nothing waits for a hold that will not end.
     #[tokio::test(start_paused = true)]
     async fn a_stop_writes_the_held_documents() {
-        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
-        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
-        let mut args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        let (queue, search, mut args) = holding_setup().await;
         args.hold = Duration::from_secs(3600);
         let (indexer, handle) = Actor::spawn(None, LogIndexer, args).await.unwrap();
         append_events(&queue, 1..=2).await;
@@ -1253,9 +1255,7 @@ mod port_tests {
     /// At most two batches' worth of documents are held; beyond that the oldest go now.
     #[tokio::test(start_paused = true)]
     async fn beyond_two_batches_of_held_documents_the_oldest_are_written() {
-        let (queue, search) = (MemoryQueue::new(), Arc::new(MemorySearch::new()));
-        queue.ensure_group(LOG_STREAM, GROUP).await.unwrap();
-        let mut args = test_args(&queue, Arc::new(MemoryStore::new()), &search);
+        let (queue, search, mut args) = holding_setup().await;
         args.batch = BatchSettings::new(2, Duration::from_millis(10));
         args.hold = Duration::from_secs(3600);
         Actor::spawn(None, LogIndexer, args).await.unwrap();

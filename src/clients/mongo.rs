@@ -104,7 +104,6 @@ fn count_written(op: &'static str, n: u64) {
     }
 }
 
-/// The documents an `update` command's reply says it modified (and upserted).
 /// A count in a write's reply (`n`, `nModified`), whichever integer type it came as.
 fn reply_count(reply: &Document, key: &str) -> Option<i64> {
     reply
@@ -114,6 +113,7 @@ fn reply_count(reply: &Document, key: &str) -> Option<i64> {
         .ok()
 }
 
+/// The documents an `update` command's reply says it modified (and upserted).
 fn modified(reply: &Document) -> u64 {
     let upserted = reply.get_array("upserted").map_or(0, Vec::len) as i64;
     (reply_count(reply, "nModified").unwrap_or(0) + upserted).max(0) as u64

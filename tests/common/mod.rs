@@ -580,10 +580,7 @@ impl Stack {
         extra_env: &[(&str, &str)],
         settings: &[(&str, toml::Value)],
     ) -> Service {
-        let args = self.config_args(settings);
-        let (port, mut proc) = self.spawn_service_args(extra_env, &args);
-        proc.wait_port(port, Duration::from_secs(20));
-        Service { port, proc }
+        self.start_service_alone(extra_env, &self.config_args(settings))
     }
 
     /// `--config PATH` of `config.toml` changed by `settings`, written to this stack's folder.
@@ -605,8 +602,8 @@ impl Stack {
     }
 
     fn start_service_args(&self, extra_env: &[(&str, &str)], args: &[String]) -> Service {
-        let (port, mut proc) = self.spawn_service_args(extra_env, args);
-        proc.wait_port(port, Duration::from_secs(20));
+        let service = self.start_service_alone(extra_env, args);
+        let port = service.port;
         // Point the stand-in's WhatsApp and SendGrid webhooks here, as one would in Meta's
         // and SendGrid's dashboards.
         let hooks = serde_json::json!({
@@ -633,6 +630,13 @@ impl Stack {
             .join()
             .unwrap()
         });
+        service
+    }
+
+    /// The service started with `args`, once its port is open; the webhooks left as they are.
+    fn start_service_alone(&self, extra_env: &[(&str, &str)], args: &[String]) -> Service {
+        let (port, mut proc) = self.spawn_service_args(extra_env, args);
+        proc.wait_port(port, Duration::from_secs(20));
         Service { port, proc }
     }
 
