@@ -299,10 +299,19 @@ async fn search_page(
         .collect())
 }
 
-/// A `communication-logs` document as an event with its cursor.
+/// A `communication-logs` document as an event with its cursor. The documents after a
+/// record's accepting one leave out what it says and when it was accepted
+/// (`actors::log_indexer::CONTENT_FIELDS`); no event a subscriber sees carries them, so
+/// they are read as empty.
 fn logged_event(doc: &Value) -> Option<(i64, FeedEvent)> {
     let seq = doc["cursorSeq"].as_i64()?;
-    let event: LogEvent = serde_json::from_value(doc.clone()).ok()?;
+    let mut doc = doc.clone();
+    let o = doc.as_object_mut()?;
+    o.entry("msg").or_insert_with(|| Value::from(""));
+    if !o.contains_key("createdAt") {
+        o.insert("createdAt".into(), o.get("timestamp")?.clone());
+    }
+    let event: LogEvent = serde_json::from_value(doc).ok()?;
     let cursor = event.cursor.clone()?;
     Some((seq, FeedEvent { cursor, event }))
 }
@@ -359,5 +368,22 @@ mod tests {
         assert_eq!(v["batchId"], "b");
         assert_eq!(v["at"], "2026-11-28T10:00:00.000Z");
         assert!(v.get("provider").is_none() && v.get("error").is_none());
+    }
+
+    #[test]
+    fn a_logged_document_without_the_body_reads_back_as_the_same_client_event() {
+        let mut full = event("a", "x", Some("b"));
+        full.status = actors::domain::EventStatus::Sent;
+        full.provider = Some("twilio".into());
+        let mut doc = serde_json::to_value(&full).unwrap();
+        doc["cursorSeq"] = json!(1_000_000);
+        let (_, whole) = logged_event(&doc).unwrap();
+        for k in actors::log_indexer::CONTENT_FIELDS {
+            doc.as_object_mut().unwrap().remove(k);
+        }
+        let (seq, slim) = logged_event(&doc).expect("read without the body");
+        assert_eq!((seq, slim.cursor.as_str()), (1_000_000, "1-0"));
+        assert_eq!(event_json(&slim), event_json(&whole));
+        assert_eq!(event_json(&slim)["provider"], "twilio");
     }
 }

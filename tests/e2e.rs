@@ -129,6 +129,73 @@ async fn sms_is_sent_through_twilio_recorded_and_indexed() {
     assert_eq!(matches, 1, "sent exactly once");
 }
 
+/// A message's body, its `createdAt` and its lane are logged with the event that accepts
+/// it, not again with each later one (Elasticsearch's cost of a document grows with its
+/// fields); the later ones still name the record, the parties and the channel, and the
+/// timeline still shows every event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_is_logged_with_the_queued_event_not_again_with_each_later_one() {
+    let (stack, svc) = shared();
+    let msg = unique("Your code is 515151");
+    let id = accept(
+        json!({"type":"sms","data":{"from":"+15550001111","to":"+15557654323","msg":msg}}),
+        "sms_stream",
+    )
+    .await;
+    wait_status(&id, "delivered").await;
+    check_indexed_and_drained(
+        &id,
+        "delivered",
+        &["queued", "sent", "delivered"],
+        "sms_stream",
+    )
+    .await;
+    let logs = stack
+        .es_search(
+            "communication-logs",
+            json!({"term": {"communicationId": id}}),
+        )
+        .await;
+    let doc = |status: &str| {
+        logs.iter()
+            .find(|h| h["_source"]["status"] == status)
+            .map(|h| h["_source"].clone())
+            .unwrap_or_else(|| panic!("no {status} log document: {logs:?}"))
+    };
+    let queued = doc("queued");
+    assert_eq!(queued["msg"], msg.as_str(), "{queued}");
+    assert!(
+        queued["createdAt"].is_string() && queued["priority"] == "normal",
+        "{queued}"
+    );
+    for status in ["sent", "delivered"] {
+        let d = doc(status);
+        for k in ["msg", "createdAt", "priority"] {
+            assert!(d.get(k).is_none(), "{status} log document carries {k}: {d}");
+        }
+        assert_eq!(d["to"], "+15557654323", "{d}");
+        assert_eq!(d["from"], "+15550001111", "{d}");
+        assert_eq!(d["type"], "sms", "{d}");
+        assert_eq!(d["tenant"], queued["tenant"], "{d}");
+        assert!(d["cursorSeq"].is_number(), "{d}");
+    }
+    assert_eq!(doc("sent")["provider"], "twilio");
+    // The record's search document keeps the whole record.
+    let comm = stack
+        .es_search("communications", json!({"term": {"communicationId": id}}))
+        .await;
+    assert_eq!(comm[0]["_source"]["msg"], msg.as_str(), "{comm:?}");
+    let (code, timeline) = svc.get(&format!("/api/v1/communication/{id}/events")).await;
+    assert_eq!(code, 200, "{timeline}");
+    let statuses: Vec<&str> = timeline["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["queued", "sent", "delivered"], "{timeline}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whatsapp_is_sent_through_the_cloud_api_recorded_and_indexed() {
     let (stack, _) = shared();

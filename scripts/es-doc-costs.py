@@ -1,0 +1,128 @@
+"""What a message's `communication-logs` documents cost Elasticsearch (osmem): its CPU time
+and the bulk bytes per message for the three log documents of a delivered message
+(`queued`, `sent`, `delivered`), with the body, `createdAt` and `priority` in all three
+("full", the seed's model and this service before 2026-11-29) or only in the `queued` one
+("slim", what the LogIndexer writes now: actors/src/log_indexer.rs, CONTENT_FIELDS), for an
+SMS-sized body and an email-sized one (about 900 bytes, under the 1 KB a log event
+carries). Each run is an osmem of its own (started here, stopped at the end), so the CPU
+is that process's alone (/proc/<pid>/stat); the documents go in bulks of 900, as the
+LogIndexer's `max_docs` allows, into the service's mapping.
+
+    .venv/bin/python scripts/es-doc-costs.py
+    MESSAGES=18000 ROUNDS=3 .venv/bin/python scripts/es-doc-costs.py
+
+osmem's cost of a document grows with the index it goes into, so compare within one run
+and at the same MESSAGES only.
+"""
+import glob
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = glob.glob(os.path.join(ROOT, ".venv", "lib", "python3*", "site-packages", "osmem_server", "bin",
+                                "osmem-server"))[0]
+PORT = int(os.environ.get("ES_DOC_COSTS_PORT", "9271"))
+N = int(os.environ.get("MESSAGES", "6000"))
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
+PER_BULK = 300  # messages: 900 log documents a bulk
+
+KEYWORDS = ["tenant", "service", "status", "from", "to", "communicationId", "type", "provider",
+            "providerMessageId", "batchId", "cursor", "priority"]
+# As src/clients/elastic.rs `logs_mapping`.
+MAPPING = {"mappings": {"properties": {
+    **{k: {"type": "keyword"} for k in KEYWORDS},
+    "msg": {"type": "text"}, "error": {"type": "text"}, "timestamp": {"type": "date"},
+    "createdAt": {"type": "date"}, "attempt": {"type": "integer"}, "cursorSeq": {"type": "long"}}}}
+CONTENT_FIELDS = ("msg", "createdAt", "priority")
+WORDS = ("Hello Ada, your order has shipped and will arrive on Tuesday between nine and noon. "
+         "Track it at the link below or reply to this email with any question about delivery, "
+         "returns or invoices.").split()
+
+
+def body(kind, i):
+    if kind == "sms":
+        return f"Your verification code is {i % 999999:06d}. It expires in ten minutes."
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(150))
+
+
+def log_doc(kind, i, status, slim):
+    """The event's log document as the LogIndexer writes it (LogEvent's fields)."""
+    d = {"tenant": "default", "service": "router" if status == "queued" else kind, "status": status,
+         "from": "+15550001111" if kind == "sms" else "shop@example.org",
+         "to": f"+1555{i % 10**7:07d}" if kind == "sms" else f"ada{i}@example.org",
+         "msg": body(kind, i), "communicationId": f"{i:024x}", "timestamp": "2026-11-29T12:00:00.123Z",
+         "type": kind, "attempt": 0 if status == "queued" else 1, "createdAt": "2026-11-29T12:00:00.000Z",
+         "cursor": f"{1795896097993 + i}-0", "priority": "normal", "cursorSeq": (1795896097993 + i) * 1024}
+    if status != "queued":
+        d["provider"] = "twilio" if kind == "sms" else "smtp"
+        d["providerMessageId"] = f"SM{i:032x}"
+        if slim:
+            for k in CONTENT_FIELDS:
+                del d[k]
+    return d
+
+
+def cpu(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def call(method, path, data=None, ctype="application/json"):
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=data, method=method,
+                                 headers={"Content-Type": ctype})
+    with urllib.request.urlopen(req) as res:
+        return res.read()
+
+
+def one_run(kind, slim):
+    """(osmem CPU µs, bulk bytes) per message."""
+    proc = subprocess.Popen([SERVER, "-addr", f"127.0.0.1:{PORT}", "-no-stdin-watch"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                call("GET", "/")
+                break
+            except OSError:
+                time.sleep(0.1)
+        call("PUT", "/communication-logs", json.dumps(MAPPING).encode())
+        bodies = []
+        for b in range(N // PER_BULK):
+            lines = []
+            for i in range(b * PER_BULK, (b + 1) * PER_BULK):
+                for status in ("queued", "sent", "delivered"):
+                    lines.append(json.dumps({"create": {"_index": "communication-logs",
+                                                        "_id": f"{i:024x}:{status}"}}))
+                    lines.append(json.dumps(log_doc(kind, i, status, slim)))
+            bodies.append(("\n".join(lines) + "\n").encode())
+        before = cpu(proc.pid)
+        for data in bodies:
+            answer = json.loads(call("POST", "/_bulk", data, "application/x-ndjson"))
+            if answer.get("errors"):
+                raise SystemExit(f"osmem refused documents: {str(answer)[:300]}")
+        used = cpu(proc.pid) - before
+        return used / N * 1e6, sum(map(len, bodies)) / N
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main():
+    runs = {}
+    for _ in range(ROUNDS):
+        for kind in ("sms", "email"):
+            for slim in (False, True):
+                runs.setdefault((kind, slim), []).append(one_run(kind, slim))
+    print(f"osmem per message, its 3 log documents ({N} messages, {ROUNDS} rounds: lowest-highest)")
+    print(f"{'body':<7} {'documents':<32} {'CPU µs':>12} {'bulk bytes':>11}")
+    for (kind, slim), values in runs.items():
+        us = [v[0] for v in values]
+        what = "body in the queued one only" if slim else "body in all three"
+        print(f"{kind:<7} {what:<32} {min(us):>5.0f}-{max(us):<6.0f} {values[0][1]:>11.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
