@@ -9,7 +9,9 @@
 //!
 //! A record's `communications` document in a state about to change (`queued`, `sent`) is
 //! held up to `hold` for the version that replaces it, which goes instead: one write where
-//! there were two or three (the log documents go at once).
+//! there were two or three (the log documents go at once). A log document carries the
+//! message's body, `createdAt` and lane only for the event that accepts it
+//! ([`CONTENT_FIELDS`]); the record's document always carries the whole record.
 //!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
 //! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
@@ -538,8 +540,8 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
 /// accepts it (`queued`, or `scheduled` first), not again on the events that follow it.
 /// The record's `communications` document and that first log document hold them; each
 /// later log document names the record by `communicationId`. Elasticsearch's cost of a
-/// document grows with its fields, the analysed body most (osmem: 490-550 µs a log
-/// document with them, 354-377 without, README "Log documents without the body").
+/// document grows with its fields, the analysed body most (README, "Log documents without
+/// the body": `scripts/es-doc-costs.py`).
 pub const CONTENT_FIELDS: [&str; 3] = ["msg", "createdAt", "priority"];
 
 /// Whether `status`'s log document carries [`CONTENT_FIELDS`].
