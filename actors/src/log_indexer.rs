@@ -949,36 +949,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_body_is_logged_with_the_accepting_event_only() {
-        let rec = Communication::new(
+    /// An SMS record from +15550001111 to +15557654321 saying `msg`.
+    fn sms_record(msg: &str) -> Communication {
+        Communication::new(
             "65f000000000000000000001".into(),
             NewCommunication {
                 channel: crate::domain::Channel::Sms,
                 from: "+15550001111".into(),
                 to: "+15557654321".into(),
-                msg: "Your code is 1".into(),
+                msg: msg.into(),
                 subject: None,
             },
             Utc::now(),
-        );
+        )
+    }
+
+    #[test]
+    fn the_body_is_logged_with_the_accepting_event_only() {
+        let rec = sms_record("Your code is 1");
         for status in EventStatus::ALL {
             let ev = LogEvent::for_record(&rec, "t", status, 1, Utc::now());
-            let log = ops_for(&ev, "logs", "comms")[0].doc.value();
-            let comm = ops_for(&ev, "logs", "comms")[1].doc.value();
+            let ops = ops_for(&ev, "logs", "comms");
+            let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
             let accepting = matches!(status, EventStatus::Queued | EventStatus::Scheduled);
-            assert_eq!(log.get("msg").is_some(), accepting, "{status:?}: {log}");
-            assert_eq!(
-                log.get("createdAt").is_some(),
-                accepting,
-                "{status:?}: {log}"
-            );
-            assert_eq!(
-                log.get("priority").is_some(),
-                accepting,
-                "{status:?}: {log}"
-            );
-            for k in [
+            for k in ["msg", "createdAt", "priority"] {
+                assert_eq!(log.get(k).is_some(), accepting, "{status:?} {k}: {log}");
+            }
+            let named = [
                 "communicationId",
                 "tenant",
                 "from",
@@ -986,7 +983,8 @@ mod tests {
                 "type",
                 "status",
                 "timestamp",
-            ] {
+            ];
+            for k in named {
                 assert!(log.get(k).is_some(), "{status:?} lacks {k}: {log}");
             }
             // The record's document always has the whole record.
@@ -996,17 +994,7 @@ mod tests {
 
     #[test]
     fn only_the_newest_version_of_a_record_goes_in_one_batch() {
-        let rec = Communication::new(
-            "65f000000000000000000001".into(),
-            NewCommunication {
-                channel: crate::domain::Channel::Sms,
-                from: "+15550001111".into(),
-                to: "+15557654321".into(),
-                msg: "hi".into(),
-                subject: None,
-            },
-            Utc::now(),
-        );
+        let rec = sms_record("hi");
         let other = Communication {
             id: "65f000000000000000000002".into(),
             ..rec.clone()
