@@ -1,12 +1,18 @@
 """What a message's `communication-logs` documents cost Elasticsearch (osmem): its CPU time
 and the bulk bytes per message for the three log documents of a delivered message
-(`queued`, `sent`, `delivered`), with the body, `createdAt` and `priority` in all three
-("full", the seed's model and this service before 2026-11-29) or only in the `queued` one
-("slim", what the LogIndexer writes now: actors/src/log_indexer.rs, CONTENT_FIELDS), for an
-SMS-sized body and an email-sized one (about 900 bytes, under the 1 KB a log event
-carries). Each run is an osmem of its own (started here, stopped at the end), so the CPU
-is that process's alone (/proc/<pid>/stat); the documents go in bulks of 900, as the
-LogIndexer's `max_docs` allows, into the service's mapping.
+(`queued`, `sent`, `delivered`), in three layouts, for an SMS-sized body and an
+email-sized one (about 900 bytes, under the 1 KB a log event carries):
+
+- "full": the body, `createdAt` and `priority` in all three, `cursorSeq` a `long` (the
+  seed's model, and this service before 2026-11-29);
+- "slim": those three fields in the `queued` document only (actors/src/log_indexer.rs,
+  CONTENT_FIELDS), `cursorSeq` still a `long`;
+- "now": slim, and `cursorSeq` zero-padded text in a `keyword` (actors/src/event_fanout.rs,
+  cursor_seq_text), what the LogIndexer writes now.
+
+Each run is an osmem of its own (started here, stopped at the end), so the CPU is that
+process's alone (/proc/<pid>/stat); the documents go in bulks of 900, as the LogIndexer's
+`max_docs` allows, into the service's mapping.
 
     .venv/bin/python scripts/es-doc-costs.py
     MESSAGES=18000 ROUNDS=3 .venv/bin/python scripts/es-doc-costs.py
@@ -31,7 +37,7 @@ PER_BULK = 300  # messages: 900 log documents a bulk
 
 KEYWORDS = ["tenant", "service", "status", "from", "to", "communicationId", "type", "provider",
             "providerMessageId", "batchId", "cursor", "priority"]
-# As src/clients/elastic.rs `logs_mapping`.
+# As src/clients/elastic.rs `logs_mapping` before the cursor's number was text.
 MAPPING = {"mappings": {"properties": {
     **{k: {"type": "keyword"} for k in KEYWORDS},
     "msg": {"type": "text"}, "error": {"type": "text"}, "timestamp": {"type": "date"},
@@ -48,8 +54,19 @@ def body(kind, i):
     return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(150))
 
 
-def log_doc(kind, i, status, slim):
-    """The event's log document as the LogIndexer writes it (LogEvent's fields)."""
+LAYOUTS = {"full": "body in all three, cursorSeq long", "slim": "body in queued, cursorSeq long",
+           "now": "body in queued, cursorSeq text"}
+
+
+def mapping(layout):
+    m = json.loads(json.dumps(MAPPING))
+    if layout == "now":
+        m["mappings"]["properties"]["cursorSeq"] = {"type": "keyword"}
+    return m
+
+
+def log_doc(kind, i, status, layout):
+    """The event's log document as the LogIndexer writes it in `layout` (LogEvent's fields)."""
     d = {"tenant": "default", "service": "router" if status == "queued" else kind, "status": status,
          "from": "+15550001111" if kind == "sms" else "shop@example.org",
          "to": f"+1555{i % 10**7:07d}" if kind == "sms" else f"ada{i}@example.org",
@@ -59,9 +76,11 @@ def log_doc(kind, i, status, slim):
     if status != "queued":
         d["provider"] = "twilio" if kind == "sms" else "smtp"
         d["providerMessageId"] = f"SM{i:032x}"
-        if slim:
+        if layout != "full":
             for k in CONTENT_FIELDS:
                 del d[k]
+    if layout == "now":
+        d["cursorSeq"] = f"{d['cursorSeq']:020d}"
     return d
 
 
@@ -77,7 +96,7 @@ def call(method, path, data=None, ctype="application/json"):
         return res.read()
 
 
-def one_run(kind, slim):
+def one_run(kind, layout):
     """(osmem CPU µs, bulk bytes) per message."""
     proc = subprocess.Popen([SERVER, "-addr", f"127.0.0.1:{PORT}", "-no-stdin-watch"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -88,7 +107,7 @@ def one_run(kind, slim):
                 break
             except OSError:
                 time.sleep(0.1)
-        call("PUT", "/communication-logs", json.dumps(MAPPING).encode())
+        call("PUT", "/communication-logs", json.dumps(mapping(layout)).encode())
         bodies = []
         for b in range(N // PER_BULK):
             lines = []
@@ -96,7 +115,7 @@ def one_run(kind, slim):
                 for status in ("queued", "sent", "delivered"):
                     lines.append(json.dumps({"create": {"_index": "communication-logs",
                                                         "_id": f"{i:024x}:{status}"}}))
-                    lines.append(json.dumps(log_doc(kind, i, status, slim)))
+                    lines.append(json.dumps(log_doc(kind, i, status, layout)))
             bodies.append(("\n".join(lines) + "\n").encode())
         before = cpu(proc.pid)
         for data in bodies:
@@ -114,14 +133,14 @@ def main():
     runs = {}
     for _ in range(ROUNDS):
         for kind in ("sms", "email"):
-            for slim in (False, True):
-                runs.setdefault((kind, slim), []).append(one_run(kind, slim))
+            for layout in LAYOUTS:
+                runs.setdefault((kind, layout), []).append(one_run(kind, layout))
     print(f"osmem per message, its 3 log documents ({N} messages, {ROUNDS} rounds: lowest-highest)")
-    print(f"{'body':<7} {'documents':<32} {'CPU µs':>12} {'bulk bytes':>11}")
-    for (kind, slim), values in runs.items():
+    print(f"{'body':<7} {'layout':<38} {'CPU µs':>12} {'bulk bytes':>11}")
+    for (kind, layout), values in runs.items():
         us = [v[0] for v in values]
-        what = "body in the queued one only" if slim else "body in all three"
-        print(f"{kind:<7} {what:<32} {min(us):>5.0f}-{max(us):<6.0f} {values[0][1]:>11.0f}", flush=True)
+        what = f"{layout}: {LAYOUTS[layout]}"
+        print(f"{kind:<7} {what:<38} {min(us):>5.0f}-{max(us):<6.0f} {values[0][1]:>11.0f}", flush=True)
 
 
 if __name__ == "__main__":

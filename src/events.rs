@@ -14,7 +14,8 @@
 
 use actors::domain::{Channel, LogEvent, LOG_STREAM};
 use actors::event_fanout::{
-    count_dropped, cursor_key, cursor_seq, EventHub, FeedEvent, SubscriberSlot,
+    count_dropped, cursor_key, cursor_seq, cursor_seq_text, stored_cursor_seq, EventHub, FeedEvent,
+    SubscriberSlot,
 };
 use actors::ports::Queue;
 use elasticsearch::{Elasticsearch, SearchParts};
@@ -263,9 +264,11 @@ async fn search_page(
     from: i64,
     until: Option<i64>,
 ) -> Result<Vec<(i64, FeedEvent)>, Ended> {
-    let mut range = json!({"gt": from});
+    // As text (`cursor_seq_text`): a keyword compares it as the number it spells, and an
+    // index an earlier version created, where the field is a `long`, reads it as that number.
+    let mut range = json!({"gt": cursor_seq_text(from)});
     if let Some(u) = until {
-        range["lt"] = json!(u);
+        range["lt"] = json!(cursor_seq_text(u));
     }
     let body = json!({
         "size": REPLAY_PAGE,
@@ -304,7 +307,7 @@ async fn search_page(
 /// (`actors::log_indexer::CONTENT_FIELDS`); no event a subscriber sees carries them, so
 /// they are read as empty.
 fn logged_event(doc: &Value) -> Option<(i64, FeedEvent)> {
-    let seq = doc["cursorSeq"].as_i64()?;
+    let seq = stored_cursor_seq(&doc["cursorSeq"])?;
     let mut doc = doc.clone();
     let o = doc.as_object_mut()?;
     o.entry("msg").or_insert_with(|| Value::from(""));
@@ -358,9 +361,16 @@ mod tests {
     fn a_logged_document_reads_back_with_its_cursor_and_the_client_json_has_the_contract() {
         let doc = serde_json::to_value(event("a", "x", Some("b"))).unwrap();
         let mut doc = doc;
-        doc["cursorSeq"] = json!(1_000_000);
+        doc["cursorSeq"] = json!("00000000000001000000");
         let (seq, ev) = logged_event(&doc).unwrap();
         assert_eq!((seq, ev.cursor.as_str()), (1_000_000, "1-0"));
+        // As versions before the text wrote it: the number.
+        doc["cursorSeq"] = json!(1_000_000);
+        let (seq, same) = logged_event(&doc).unwrap();
+        assert_eq!(seq, 1_000_000);
+        assert_eq!(event_json(&same), event_json(&ev));
+        doc["cursorSeq"] = json!("a million");
+        assert!(logged_event(&doc).is_none());
         let v = event_json(&ev);
         assert_eq!(v["id"], "x");
         assert_eq!(v["type"], "sms");

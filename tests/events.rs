@@ -170,6 +170,10 @@ async fn send_on(svc: &Service, key: &str, body: Value) -> String {
 
 async fn wait_status(id: &str, status: &str) {
     let (stack, _) = svc();
+    wait_status_on(stack, id, status).await
+}
+
+async fn wait_status_on(stack: &Stack, id: &str, status: &str) {
     common::eventually(WAIT, &format!("{id} {status}"), || async {
         stack
             .record(id)
@@ -182,6 +186,10 @@ async fn wait_status(id: &str, status: &str) {
 /// The newest `log_stream` entry id now (events after it are the test's).
 async fn stream_end() -> String {
     let (stack, _) = svc();
+    stream_end_on(stack).await
+}
+
+async fn stream_end_on(stack: &Stack) -> String {
     let mut r = stack.redis().await;
     let v: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
         .arg("log_stream")
@@ -304,21 +312,37 @@ async fn the_filters_ids_type_and_batch_id_pass_only_what_they_name() {
 /// Sends `a`, reads its first event on one connection and drops it; sends `b`; both
 /// delivered. Returns (a, b, the cursor read).
 async fn read_some_then_send_more(tag: &str) -> (String, String, Ev) {
-    let before = stream_end().await;
-    let a = send(API_KEY, common::sms(&common::unique(tag))).await;
-    let mut first = Sse::open(API_KEY, &format!("ids={a}"), Some(&before)).await;
+    let (stack, svc) = svc();
+    read_some_then_send_more_on(stack, svc, tag).await
+}
+
+async fn read_some_then_send_more_on(
+    stack: &Stack,
+    svc: &Service,
+    tag: &str,
+) -> (String, String, Ev) {
+    let before = stream_end_on(stack).await;
+    let a = send_on(svc, API_KEY, common::sms(&common::unique(tag))).await;
+    let mut first = Sse::open_on(svc, API_KEY, &format!("ids={a}"), Some(&before)).await;
     let queued = first.next().await;
     assert!(queued.is(&a, "queued"), "{queued:?}");
     drop(first);
-    let b = send(API_KEY, common::sms(&common::unique(tag))).await;
-    wait_status(&a, "delivered").await;
-    wait_status(&b, "delivered").await;
+    let b = send_on(svc, API_KEY, common::sms(&common::unique(tag))).await;
+    wait_status_on(stack, &a, "delivered").await;
+    wait_status_on(stack, &b, "delivered").await;
     (a, b, queued)
 }
 
 async fn resumed(a: &str, b: &str, after: &Ev) -> Vec<Ev> {
-    let mut again = Sse::open(API_KEY, &format!("ids={a},{b}"), Some(&after.cursor)).await;
-    let got = again.until(|v| v.len() >= 5 || has(v, a, "queued")).await;
+    let (_, svc) = svc();
+    resumed_on(svc, a, b, after).await
+}
+
+async fn resumed_on(svc: &Service, a: &str, b: &str, after: &Ev) -> Vec<Ev> {
+    let mut again = Sse::open_on(svc, API_KEY, &format!("ids={a},{b}"), Some(&after.cursor)).await;
+    let got = tokio::time::timeout(WAIT, again.until(|v| v.len() >= 5 || has(v, a, "queued")))
+        .await
+        .expect("the resumed events in time");
     assert!(got.iter().all(|e| e.key() > after.key()), "{got:?}");
     assert_eq!(statuses_of(&got, a), ["sent", "delivered"], "{got:?}");
     assert_eq!(statuses_of(&got, b), ["queued", "sent", "delivered"]);
@@ -351,18 +375,94 @@ async fn a_resume_from_a_cursor_trimmed_from_log_stream_is_served_from_elasticse
     let _stream = STREAM.write().await;
     let (a, b, queued) = read_some_then_send_more("resume-es").await;
     let (stack, _) = svc();
-    // Every event of both indexed, then the stream trimmed past them.
+    // Every event of both indexed, its cursor's number as zero-padded text, then the
+    // stream trimmed past them.
+    let docs = indexed_events(stack, &a, &b).await;
+    for d in &docs {
+        let (text, cursor) = (&d["_source"]["cursorSeq"], &d["_source"]["cursor"]);
+        let (ms, seq) = cursor.as_str().unwrap().split_once('-').unwrap();
+        let number = ms.parse::<i64>().unwrap() * 1024 + seq.parse::<i64>().unwrap();
+        assert_eq!(text, &json!(format!("{number:020}")), "{d}");
+    }
+    trim_log_stream(stack).await;
+    resumed(&a, &b, &queued).await;
+}
+
+/// An index an earlier version created maps `cursorSeq` as a `long`, and its documents
+/// hold the number, where this version maps a keyword and writes zero-padded text. A
+/// resume from Elasticsearch over such an index reads both kinds of document, in order.
+#[tokio::test]
+async fn a_resume_from_elasticsearch_reads_an_index_and_documents_an_earlier_version_wrote() {
+    let stack = Stack::start();
+    let mut mapping = comm_aggregator::clients::elastic::logs_mapping();
+    mapping["mappings"]["properties"]["cursorSeq"] = json!({"type": "long"});
+    let http = reqwest::Client::new();
+    let es = format!("http://127.0.0.1:{}", stack.es_port);
+    let res = http
+        .put(format!("{es}/communication-logs"))
+        .json(&mapping)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{:?}", res.text().await);
+    let svc = stack.start_service(&[]);
+    let (a, b, queued) = read_some_then_send_more_on(&stack, &svc, "resume-old").await;
+    // `a`'s documents as the earlier version wrote them: the number.
+    for d in indexed_events(&stack, &a, &b).await {
+        let mut source = d["_source"].clone();
+        if source["communicationId"] != a.as_str() {
+            continue;
+        }
+        let text = source["cursorSeq"].as_str().unwrap().to_string();
+        source["cursorSeq"] = json!(text.parse::<i64>().unwrap());
+        let id = d["_id"].as_str().unwrap();
+        let res = http
+            .put(format!("{es}/communication-logs/_doc/{id}?refresh=true"))
+            .json(&source)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{:?}", res.text().await);
+    }
+    let now: Value = http
+        .get(format!("{es}/communication-logs/_mapping"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        now["communication-logs"]["mappings"]["properties"]["cursorSeq"]["type"], "long",
+        "{now}"
+    );
+    let numbers = indexed_events(&stack, &a, &b)
+        .await
+        .iter()
+        .filter(|d| d["_source"]["cursorSeq"].is_i64())
+        .count();
+    assert_eq!(numbers, 3, "a's three documents hold the number");
+    trim_log_stream(&stack).await;
+    resumed_on(&svc, &a, &b, &queued).await;
+}
+
+/// The six log documents of `a` and `b` (queued, sent, delivered each), once indexed.
+async fn indexed_events(stack: &Stack, a: &str, b: &str) -> Vec<Value> {
     common::eventually(WAIT, "the events indexed", || async {
         let docs = stack
             .es_search(
                 "communication-logs",
-                json!({"terms": {"communicationId": [&a, &b]}}),
+                json!({"terms": {"communicationId": [a, b]}}),
             )
             .await;
-        (docs.len() == 6 && docs.iter().all(|d| d["_source"]["cursorSeq"].is_i64())).then_some(())
+        (docs.len() == 6).then_some(docs)
     })
-    .await;
-    let end = stream_end().await;
+    .await
+}
+
+/// `log_stream` trimmed past its newest entry: a resume from before it reads Elasticsearch.
+async fn trim_log_stream(stack: &Stack) {
+    let end = stream_end_on(stack).await;
     let (ms, seq) = end.split_once('-').unwrap();
     let mut r = stack.redis().await;
     let _: i64 = redis::cmd("XTRIM")
@@ -380,7 +480,6 @@ async fn a_resume_from_a_cursor_trimmed_from_log_stream_is_served_from_elasticse
         .await
         .unwrap();
     assert!(left.is_empty(), "trimmed");
-    resumed(&a, &b, &queued).await;
 }
 
 #[tokio::test]

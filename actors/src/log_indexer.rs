@@ -550,8 +550,9 @@ pub fn logs_content(status: EventStatus) -> bool {
 }
 
 /// The `communication-logs` document: the event (without [`CONTENT_FIELDS`] after the
-/// accepting one), with its cursor's number (`cursorSeq`) when it came from `log_stream`,
-/// for the live subscribers' resume queries.
+/// accepting one), with its cursor's number (`cursorSeq`, as zero-padded text:
+/// [`crate::event_fanout::cursor_seq_text`]) when it came from `log_stream`, for the live
+/// subscribers' resume queries.
 fn log_doc(ev: &LogEvent) -> Doc {
     let Ok(serde_json::Value::Object(mut doc)) = serde_json::to_value(ev) else {
         return Doc::json(ev);
@@ -566,7 +567,8 @@ fn log_doc(ev: &LogEvent) -> Doc {
         .as_deref()
         .and_then(crate::event_fanout::cursor_seq);
     if let Some(seq) = seq {
-        doc.insert("cursorSeq".into(), seq.into());
+        let text = crate::event_fanout::cursor_seq_text(seq);
+        doc.insert("cursorSeq".into(), text.into());
     }
     Doc::from(serde_json::Value::Object(doc))
 }

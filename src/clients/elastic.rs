@@ -80,7 +80,10 @@ pub fn logs_mapping() -> Value {
         "providerMessageId": {"type": "keyword"},
         "batchId": {"type": "keyword"},
         "cursor": {"type": "keyword"},
-        "cursorSeq": {"type": "long"},
+        // Zero-padded text (`actors::event_fanout::cursor_seq_text`), ranged and sorted
+        // as the number: a keyword costs osmem a quarter of what a long does. Indexes
+        // created before map it `long`, which takes the same text.
+        "cursorSeq": {"type": "keyword"},
         "priority": {"type": "keyword"}
     }}})
 }
