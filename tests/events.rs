@@ -396,15 +396,7 @@ async fn a_resume_from_elasticsearch_reads_an_index_and_documents_an_earlier_ver
     let stack = Stack::start();
     let mut mapping = comm_aggregator::clients::elastic::logs_mapping();
     mapping["mappings"]["properties"]["cursorSeq"] = json!({"type": "long"});
-    let http = reqwest::Client::new();
-    let es = format!("http://127.0.0.1:{}", stack.es_port);
-    let res = http
-        .put(format!("{es}/communication-logs"))
-        .json(&mapping)
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success(), "{:?}", res.text().await);
+    stack.es_put("/communication-logs", &mapping).await;
     let svc = stack.start_service(&[]);
     let (a, b, queued) = read_some_then_send_more_on(&stack, &svc, "resume-old").await;
     // `a`'s documents as the earlier version wrote them: the number.
@@ -416,16 +408,11 @@ async fn a_resume_from_elasticsearch_reads_an_index_and_documents_an_earlier_ver
         let text = source["cursorSeq"].as_str().unwrap().to_string();
         source["cursorSeq"] = json!(text.parse::<i64>().unwrap());
         let id = d["_id"].as_str().unwrap();
-        let res = http
-            .put(format!("{es}/communication-logs/_doc/{id}?refresh=true"))
-            .json(&source)
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success(), "{:?}", res.text().await);
+        let path = format!("/communication-logs/_doc/{id}?refresh=true");
+        stack.es_put(&path, &source).await;
     }
-    let now: Value = http
-        .get(format!("{es}/communication-logs/_mapping"))
+    let now: Value = reqwest::Client::new()
+        .get(format!("{}/communication-logs/_mapping", stack.es()))
         .send()
         .await
         .unwrap()

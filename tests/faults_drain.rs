@@ -419,18 +419,10 @@ async fn the_reconciler_repairs_search_that_drifted() {
     let before = metric(&svc, "reconciler_repairs_total")
         .await
         .unwrap_or(0.0);
-    let http = reqwest::Client::new();
-    let drifted = http
-        .put(format!(
-            "{}/communications/_doc/{a}?refresh=true",
-            stack.es()
-        ))
-        .json(&json!({"communicationId": a, "status": "pending", "tenant": TENANT}))
-        .send()
-        .await
-        .unwrap();
-    assert!(drifted.status().is_success(), "{:?}", drifted.text().await);
-    let deleted = http
+    let drifted = json!({"communicationId": a, "status": "pending", "tenant": TENANT});
+    let path = format!("/communications/_doc/{a}?refresh=true");
+    stack.es_put(&path, &drifted).await;
+    let deleted = reqwest::Client::new()
         .delete(format!(
             "{}/communications/_doc/{b}?refresh=true",
             stack.es()

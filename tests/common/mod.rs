@@ -664,6 +664,17 @@ impl Stack {
         out
     }
 
+    /// PUTs `body` to Elasticsearch at `path` (an index, a document), which must take it.
+    pub async fn es_put(&self, path: &str, body: &Value) {
+        let res = reqwest::Client::new()
+            .put(format!("{}{path}", self.es()))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{path}: {:?}", res.text().await);
+    }
+
     pub async fn es_search(&self, index: &str, query: Value) -> Vec<Value> {
         let http = reqwest::Client::new();
         let _ = http
