@@ -1,14 +1,23 @@
 """What a message's `communication-logs` documents cost Elasticsearch (osmem): its CPU time
 and the bulk bytes per message for the three log documents of a delivered message
-(`queued`, `sent`, `delivered`), in three layouts, for an SMS-sized body and an
+(`queued`, `sent`, `delivered`), in five layouts, for an SMS-sized body and an
 email-sized one (about 900 bytes, under the 1 KB a log event carries):
 
 - "full": the body, `createdAt` and `priority` in all three, `cursorSeq` a `long` (the
   seed's model, and this service before 2026-11-29);
 - "slim": those three fields in the `queued` document only (actors/src/log_indexer.rs,
   CONTENT_FIELDS), `cursorSeq` still a `long`;
-- "now": slim, and `cursorSeq` zero-padded text in a `keyword` (actors/src/event_fanout.rs,
-  cursor_seq_text), what the LogIndexer writes now.
+- "text": slim, and `cursorSeq` zero-padded text in a `keyword` (actors/src/event_fanout.rs,
+  cursor_seq_text);
+- "dates": text, and no `createdAt` in any log document (the `queued` one's was its
+  `timestamp` to a few milliseconds);
+- "now": dates, and no `attempt` where it is 0 (the `queued` document), what the
+  LogIndexer writes now.
+
+It also writes one `communications` document a message (the record's newest version, in the
+service's mapping) in two layouts: "record+updatedAt" (the earlier layout: `updatedAt`
+beside `timestamp`, always equal) and "record" (now: `timestamp` alone; search answers
+`updatedAt` from it).
 
 Each run is an osmem of its own (started here, stopped at the end), so the CPU is that
 process's alone (/proc/<pid>/stat); the documents go in bulks of 900, as the LogIndexer's
@@ -55,12 +64,23 @@ def body(kind, i):
 
 
 LAYOUTS = {"full": "body in all three, cursorSeq long", "slim": "body in queued, cursorSeq long",
-           "now": "body in queued, cursorSeq text"}
+           "text": "body in queued, cursorSeq text", "dates": "text, no createdAt",
+           "now": "dates, no attempt 0",
+           "record+updatedAt": "communications, updatedAt", "record": "communications, no updatedAt"}
+LAYOUTS = {k: v for k, v in LAYOUTS.items() if k in os.environ.get("LAYOUTS", ",".join(LAYOUTS)).split(",")}
+# As src/clients/elastic.rs `communications_mapping`.
+RECORD_MAPPING = {"mappings": {"properties": {
+    **{k: {"type": "keyword"} for k in ["tenant", "communicationId", "from", "to", "status", "type", "stream",
+                                         "provider", "providerMessageId", "batchId", "priority"]},
+    "msg": {"type": "text"}, "lastError": {"type": "text"}, "timestamp": {"type": "date"},
+    "createdAt": {"type": "date"}, "updatedAt": {"type": "date"}, "attempts": {"type": "integer"}}}}
 
 
 def mapping(layout):
+    if layout.startswith("record"):
+        return RECORD_MAPPING
     m = json.loads(json.dumps(MAPPING))
-    if layout == "now":
+    if layout in ("text", "dates", "now"):
         m["mappings"]["properties"]["cursorSeq"] = {"type": "keyword"}
     return m
 
@@ -79,9 +99,39 @@ def log_doc(kind, i, status, layout):
         if layout != "full":
             for k in CONTENT_FIELDS:
                 del d[k]
-    if layout == "now":
+    if layout in ("text", "dates", "now"):
         d["cursorSeq"] = f"{d['cursorSeq']:020d}"
+    if layout in ("dates", "now"):
+        d.pop("createdAt", None)
+    if layout == "now" and d["attempt"] == 0:
+        del d["attempt"]
     return d
+
+
+def record_doc(kind, i, layout):
+    """The record's `communications` document, delivered, as the LogIndexer writes it."""
+    d = {"tenant": "default", "communicationId": f"{i:024x}",
+         "from": "+15550001111" if kind == "sms" else "shop@example.org",
+         "to": f"+1555{i % 10**7:07d}" if kind == "sms" else f"ada{i}@example.org",
+         "msg": body(kind, i), "type": kind, "stream": f"{kind}_stream",
+         "timestamp": "2026-11-29T12:00:01.456Z", "createdAt": "2026-11-29T12:00:00.000Z",
+         "status": "delivered", "updatedAt": "2026-11-29T12:00:01.456Z", "attempts": 1,
+         "provider": "twilio" if kind == "sms" else "smtp", "providerMessageId": f"SM{i:032x}",
+         "priority": "normal"}
+    if layout == "record":
+        del d["updatedAt"]
+    return d
+
+
+def bulk_lines(kind, i, layout):
+    if layout.startswith("record"):
+        return [json.dumps({"index": {"_index": "communications", "_id": f"{i:024x}"}}),
+                json.dumps(record_doc(kind, i, layout))]
+    lines = []
+    for status in ("queued", "sent", "delivered"):
+        lines.append(json.dumps({"create": {"_index": "communication-logs", "_id": f"{i:024x}:{status}"}}))
+        lines.append(json.dumps(log_doc(kind, i, status, layout)))
+    return lines
 
 
 def cpu(pid):
@@ -107,15 +157,13 @@ def one_run(kind, layout):
                 break
             except OSError:
                 time.sleep(0.1)
-        call("PUT", "/communication-logs", json.dumps(mapping(layout)).encode())
+        index = "communications" if layout.startswith("record") else "communication-logs"
+        call("PUT", f"/{index}", json.dumps(mapping(layout)).encode())
         bodies = []
         for b in range(N // PER_BULK):
             lines = []
             for i in range(b * PER_BULK, (b + 1) * PER_BULK):
-                for status in ("queued", "sent", "delivered"):
-                    lines.append(json.dumps({"create": {"_index": "communication-logs",
-                                                        "_id": f"{i:024x}:{status}"}}))
-                    lines.append(json.dumps(log_doc(kind, i, status, layout)))
+                lines.extend(bulk_lines(kind, i, layout))
             bodies.append(("\n".join(lines) + "\n").encode())
         before = cpu(proc.pid)
         for data in bodies:
@@ -135,7 +183,8 @@ def main():
         for kind in ("sms", "email"):
             for layout in LAYOUTS:
                 runs.setdefault((kind, layout), []).append(one_run(kind, layout))
-    print(f"osmem per message, its 3 log documents ({N} messages, {ROUNDS} rounds: lowest-highest)")
+    print(f"osmem per message: its 3 log documents, or its one record document ({N} messages, "
+          f"{ROUNDS} rounds: lowest-highest)")
     print(f"{'body':<7} {'layout':<38} {'CPU µs':>12} {'bulk bytes':>11}")
     for (kind, layout), values in runs.items():
         us = [v[0] for v in values]

@@ -304,8 +304,9 @@ async fn search_page(
 
 /// A `communication-logs` document as an event with its cursor. The documents after a
 /// record's accepting one leave out what it says and when it was accepted
-/// (`actors::log_indexer::CONTENT_FIELDS`); no event a subscriber sees carries them, so
-/// they are read as empty.
+/// (`actors::log_indexer::CONTENT_FIELDS`), and none carries `createdAt`
+/// (`RECORD_ONLY_FIELDS`); no event a subscriber sees carries them, so they are read as
+/// empty (`createdAt` as the event's time).
 fn logged_event(doc: &Value) -> Option<(i64, FeedEvent)> {
     let seq = stored_cursor_seq(&doc["cursorSeq"])?;
     let mut doc = doc.clone();
@@ -388,12 +389,20 @@ mod tests {
         let mut doc = serde_json::to_value(&full).unwrap();
         doc["cursorSeq"] = json!(1_000_000);
         let (_, whole) = logged_event(&doc).unwrap();
-        for k in actors::log_indexer::CONTENT_FIELDS {
-            doc.as_object_mut().unwrap().remove(k);
+        let omitted = actors::log_indexer::CONTENT_FIELDS
+            .iter()
+            .chain(&actors::log_indexer::RECORD_ONLY_FIELDS);
+        for k in omitted {
+            doc.as_object_mut().unwrap().remove(*k);
         }
+        assert!(doc.get("createdAt").is_none());
+        // An attempt of 0 is left out too (`actors::log_indexer::attempt_left_out`).
+        assert_eq!(full.attempt, 0);
+        doc.as_object_mut().unwrap().remove("attempt");
         let (seq, slim) = logged_event(&doc).expect("read without the body");
         assert_eq!((seq, slim.cursor.as_str()), (1_000_000, "1-0"));
         assert_eq!(event_json(&slim), event_json(&whole));
         assert_eq!(event_json(&slim)["provider"], "twilio");
+        assert_eq!(event_json(&slim)["attempt"], 0);
     }
 }

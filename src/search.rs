@@ -176,6 +176,17 @@ fn buckets(v: &Value) -> Value {
     Value::Object(out)
 }
 
+/// A record's document says when it last changed once, in `timestamp` (the seed's field);
+/// the answer names that time `updatedAt` too, as `GET /communication/{id}` does. Documents
+/// written before kept an `updatedAt` of their own (the same time), left as it is.
+fn answer_updated_at(hit: &mut serde_json::Map<String, Value>) {
+    if !hit.contains_key("updatedAt") {
+        if let Some(t) = hit.get("timestamp").cloned() {
+            hit.insert("updatedAt".into(), t);
+        }
+    }
+}
+
 /// Run a search; `Err` is a dependency failure (the caller answers 503).
 pub async fn search(
     es: &Elasticsearch,
@@ -208,6 +219,7 @@ pub async fn search(
             if let Some(o) = s.as_object_mut() {
                 o.insert("id".into(), h["_id"].clone());
                 o.remove("communicationId");
+                answer_updated_at(o);
             }
             s
         })
@@ -227,6 +239,20 @@ pub async fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hit_answers_updated_at_from_its_timestamp() {
+        let mut now = json!({"timestamp": "2026-11-29T21:00:00.123Z", "status": "sent"});
+        answer_updated_at(now.as_object_mut().unwrap());
+        assert_eq!(now["updatedAt"], "2026-11-29T21:00:00.123Z");
+        let mut before =
+            json!({"timestamp": "2026-11-29T21:00:00Z", "updatedAt": "2026-11-29T21:00:00Z"});
+        answer_updated_at(before.as_object_mut().unwrap());
+        assert_eq!(before["updatedAt"], "2026-11-29T21:00:00Z");
+        let mut neither = json!({"status": "sent"});
+        answer_updated_at(neither.as_object_mut().unwrap());
+        assert!(neither.get("updatedAt").is_none());
+    }
 
     #[test]
     fn every_filter_lands_in_the_query() {

@@ -1123,6 +1123,9 @@ pub struct LogEvent {
     pub timestamp: DateTime<Utc>,
     #[serde(rename = "type")]
     pub channel: Channel,
+    /// A `communication-logs` document leaves out an attempt of 0 (the accepting events'):
+    /// read back as 0.
+    #[serde(default)]
     pub attempt: u32,
     pub created_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

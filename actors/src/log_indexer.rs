@@ -10,8 +10,10 @@
 //! A record's `communications` document in a state about to change (`queued`, `sent`) is
 //! held up to `hold` for the version that replaces it, which goes instead: one write where
 //! there were two or three (the log documents go at once). A log document carries the
-//! message's body, `createdAt` and lane only for the event that accepts it
-//! ([`CONTENT_FIELDS`]); the record's document always carries the whole record.
+//! message's body and lane only for the event that accepts it ([`CONTENT_FIELDS`]), no
+//! `createdAt` ([`RECORD_ONLY_FIELDS`]) and no attempt of 0 ([`attempt_left_out`]); the
+//! record's document always carries the whole record, with its `timestamp` (no
+//! `updatedAt`, always the same time: search answers it).
 //!
 //! Owns: a dedicated Redis connection and the buffer of events not yet stored (bounded by
 //! the batch's `max_items` and `max_bytes`; while it is full, nothing more is read, so an
@@ -458,8 +460,10 @@ pub fn state_version(status: EventStatus, attempt: u32) -> u64 {
 }
 
 /// A record's document in the `communications` index as one event leaves it: the seed's
-/// model, with the record's current state (`status`, `updatedAt`, `attempts`, provider
-/// details) over it. Serialised straight from the event's fields.
+/// model, with the record's current state (`status`, `attempts`, provider details) over
+/// it. Its `timestamp` is when it last changed; there is no `updatedAt` beside it (always
+/// the same time, and a date costs osmem about four times a keyword): search answers
+/// `updatedAt` from `timestamp`. Serialised straight from the event's fields.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct CommunicationDoc<'a> {
@@ -474,7 +478,6 @@ struct CommunicationDoc<'a> {
     timestamp: DateTime<Utc>,
     created_at: DateTime<Utc>,
     status: &'static str,
-    updated_at: DateTime<Utc>,
     attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     provider: Option<&'a str>,
@@ -501,7 +504,6 @@ impl<'a> CommunicationDoc<'a> {
             timestamp: ev.timestamp,
             created_at: ev.created_at,
             status: ev.status.record_status().as_str(),
-            updated_at: ev.timestamp,
             attempts: ev.attempt,
             provider: ev.provider.as_deref(),
             provider_message_id: ev.provider_message_id.as_deref(),
@@ -536,13 +538,28 @@ pub fn ops_for(ev: &LogEvent, logs_index: &str, communications_index: &str) -> V
     ]
 }
 
-/// What a message says and when and in which lane it was accepted: on the event that
-/// accepts it (`queued`, or `scheduled` first), not again on the events that follow it.
-/// The record's `communications` document and that first log document hold them; each
-/// later log document names the record by `communicationId`. Elasticsearch's cost of a
-/// document grows with its fields, the analysed body most (README, "Log documents without
-/// the body": `scripts/es-doc-costs.py`).
-pub const CONTENT_FIELDS: [&str; 3] = ["msg", "createdAt", "priority"];
+/// What a message says and in which lane it was accepted: on the event that accepts it
+/// (`queued`, or `scheduled` first), not again on the events that follow it. The record's
+/// `communications` document and that first log document hold them; each later log
+/// document names the record by `communicationId`. Elasticsearch's cost of a document
+/// grows with its fields, the analysed body most (README, "Log documents without the
+/// body": `scripts/es-doc-costs.py`).
+pub const CONTENT_FIELDS: [&str; 2] = ["msg", "priority"];
+
+/// What no log document carries: when the record was accepted is the record's
+/// (`communications` has it), and the accepting event's own `timestamp` is that time to
+/// the group commit's milliseconds. A date costs osmem about four times a keyword
+/// (README, "Dates said once").
+pub const RECORD_ONLY_FIELDS: [&str; 1] = ["createdAt"];
+
+/// Whether an event's log document leaves out its `attempt`: when it is 0 (the accepting
+/// events: `queued`, `scheduled`, and any before a first attempt), which every reader takes
+/// a missing `attempt` to be (the timeline sorts and answers it as 0, the status stream's
+/// resume reads it as 0, the Kibana histogram counts it in 0). A number costs osmem about
+/// four times a keyword (README, "Dates said once").
+pub fn attempt_left_out(attempt: u32) -> bool {
+    attempt == 0
+}
 
 /// Whether `status`'s log document carries [`CONTENT_FIELDS`].
 pub fn logs_content(status: EventStatus) -> bool {
@@ -550,7 +567,8 @@ pub fn logs_content(status: EventStatus) -> bool {
 }
 
 /// The `communication-logs` document: the event (without [`CONTENT_FIELDS`] after the
-/// accepting one), with its cursor's number (`cursorSeq`, as zero-padded text:
+/// accepting one, never with [`RECORD_ONLY_FIELDS`], without an attempt of 0: see
+/// [`attempt_left_out`]), with its cursor's number (`cursorSeq`, as zero-padded text:
 /// [`crate::event_fanout::cursor_seq_text`]) when it came from `log_stream`, for the live
 /// subscribers' resume queries.
 fn log_doc(ev: &LogEvent) -> Doc {
@@ -561,6 +579,12 @@ fn log_doc(ev: &LogEvent) -> Doc {
         for k in CONTENT_FIELDS {
             doc.remove(k);
         }
+    }
+    for k in RECORD_ONLY_FIELDS {
+        doc.remove(k);
+    }
+    if attempt_left_out(ev.attempt) {
+        doc.remove("attempt");
     }
     let seq = ev
         .cursor
@@ -871,11 +895,14 @@ mod tests {
                 log_doc.as_object_mut().unwrap().remove(k);
             }
         }
+        log_doc.as_object_mut().unwrap().remove("createdAt");
+        if ev.attempt == 0 {
+            log_doc.as_object_mut().unwrap().remove("attempt");
+        }
         let status = ev.status.record_status().as_str();
         let mut current = json!({
             "communicationId": ev.communication_id,
             "status": status,
-            "updatedAt": ev.timestamp,
             "attempts": ev.attempt,
         });
         if let Some(p) = &ev.provider {
@@ -967,6 +994,43 @@ mod tests {
     }
 
     #[test]
+    fn each_time_is_said_once_across_the_two_documents() {
+        let rec = sms_record("Your code is 1");
+        for status in EventStatus::ALL {
+            let ev = LogEvent::for_record(&rec, "t", status, 1, Utc::now());
+            let ops = ops_for(&ev, "logs", "comms");
+            let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
+            // When the record was accepted: its document alone.
+            assert!(log.get("createdAt").is_none(), "{status:?}: {log}");
+            assert_eq!(comm["createdAt"], json!(rec.created_at), "{status:?}");
+            // When it last changed: the record's `timestamp`, with no `updatedAt` beside it.
+            assert_eq!(log["timestamp"], json!(ev.timestamp), "{status:?}");
+            assert_eq!(comm["timestamp"], json!(ev.timestamp), "{status:?}");
+            assert!(comm.get("updatedAt").is_none(), "{status:?}: {comm}");
+        }
+    }
+
+    #[test]
+    fn an_attempt_of_0_is_left_out_of_the_log_document_and_kept_in_the_record() {
+        let rec = sms_record("Your code is 1");
+        for attempt in [0, 1, 3] {
+            let ev = LogEvent::for_record(&rec, "t", EventStatus::Queued, attempt, Utc::now());
+            let ops = ops_for(&ev, "logs", "comms");
+            let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
+            match attempt {
+                0 => assert!(log.get("attempt").is_none(), "{log}"),
+                n => assert_eq!(log["attempt"], n, "{log}"),
+            }
+            assert_eq!(comm["attempts"], attempt, "{comm}");
+            // Read back as the status stream's resume does (`createdAt` from `timestamp`).
+            let mut log = log;
+            log["createdAt"] = log["timestamp"].clone();
+            let back: LogEvent = serde_json::from_value(log).unwrap();
+            assert_eq!(back.attempt, attempt);
+        }
+    }
+
+    #[test]
     fn the_body_is_logged_with_the_accepting_event_only() {
         let rec = sms_record("Your code is 1");
         for status in EventStatus::ALL {
@@ -974,9 +1038,10 @@ mod tests {
             let ops = ops_for(&ev, "logs", "comms");
             let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
             let accepting = matches!(status, EventStatus::Queued | EventStatus::Scheduled);
-            for k in ["msg", "createdAt", "priority"] {
+            for k in ["msg", "priority"] {
                 assert_eq!(log.get(k).is_some(), accepting, "{status:?} {k}: {log}");
             }
+
             let named = [
                 "communicationId",
                 "tenant",

@@ -69,7 +69,8 @@ async fn read_events(state: &AppState, id: &str, tenant: &str) -> Result<Vec<Val
             {"term": {"tenant": tenant}},
             {"term": {"communicationId": id}},
         ]}},
-        "sort": [{"timestamp": {"order": "asc"}}, {"attempt": {"order": "asc"}}],
+        // A log document leaves out an attempt of 0 (`actors::log_indexer::attempt_left_out`).
+        "sort": [{"timestamp": {"order": "asc"}}, {"attempt": {"order": "asc", "missing": 0}}],
         "size": MAX_EVENTS,
     });
     let res = state
@@ -99,6 +100,26 @@ async fn read_events(state: &AppState, id: &str, tenant: &str) -> Result<Vec<Val
 fn shown(mut v: Value) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.retain(|k, _| EVENT_FIELDS.contains(&k.as_str()));
+        o.entry("attempt").or_insert(Value::from(0));
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_its_allowed_fields_with_a_left_out_attempt_as_0() {
+        let queued = json!({"status": "queued", "timestamp": "t", "tenant": "a", "msg": "m"});
+        assert_eq!(
+            shown(queued),
+            json!({"status": "queued", "timestamp": "t", "attempt": 0})
+        );
+        let sent = json!({"status": "sent", "timestamp": "t", "attempt": 2, "cursor": "1-0"});
+        assert_eq!(
+            shown(sent),
+            json!({"status": "sent", "timestamp": "t", "attempt": 2})
+        );
+    }
 }
