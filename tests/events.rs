@@ -411,14 +411,7 @@ async fn a_resume_from_elasticsearch_reads_an_index_and_documents_an_earlier_ver
         let path = format!("/communication-logs/_doc/{id}?refresh=true");
         stack.es_put(&path, &source).await;
     }
-    let now: Value = reqwest::Client::new()
-        .get(format!("{}/communication-logs/_mapping", stack.es()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let now = stack.es_get("/communication-logs/_mapping").await;
     assert_eq!(
         now["communication-logs"]["mappings"]["properties"]["cursorSeq"]["type"], "long",
         "{now}"

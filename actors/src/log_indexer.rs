@@ -993,13 +993,19 @@ mod tests {
         )
     }
 
+    /// The event of `rec` at `status` and `attempt`, and its two documents (log, record).
+    fn docs_of(rec: &Communication, status: EventStatus, attempt: u32) -> (LogEvent, Value, Value) {
+        let ev = LogEvent::for_record(rec, "t", status, attempt, Utc::now());
+        let ops = ops_for(&ev, "logs", "comms");
+        let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
+        (ev, log, comm)
+    }
+
     #[test]
     fn each_time_is_said_once_across_the_two_documents() {
         let rec = sms_record("Your code is 1");
         for status in EventStatus::ALL {
-            let ev = LogEvent::for_record(&rec, "t", status, 1, Utc::now());
-            let ops = ops_for(&ev, "logs", "comms");
-            let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
+            let (ev, log, comm) = docs_of(&rec, status, 1);
             // When the record was accepted: its document alone.
             assert!(log.get("createdAt").is_none(), "{status:?}: {log}");
             assert_eq!(comm["createdAt"], json!(rec.created_at), "{status:?}");
@@ -1014,9 +1020,7 @@ mod tests {
     fn an_attempt_of_0_is_left_out_of_the_log_document_and_kept_in_the_record() {
         let rec = sms_record("Your code is 1");
         for attempt in [0, 1, 3] {
-            let ev = LogEvent::for_record(&rec, "t", EventStatus::Queued, attempt, Utc::now());
-            let ops = ops_for(&ev, "logs", "comms");
-            let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
+            let (_, log, comm) = docs_of(&rec, EventStatus::Queued, attempt);
             match attempt {
                 0 => assert!(log.get("attempt").is_none(), "{log}"),
                 n => assert_eq!(log["attempt"], n, "{log}"),
@@ -1034,9 +1038,7 @@ mod tests {
     fn the_body_is_logged_with_the_accepting_event_only() {
         let rec = sms_record("Your code is 1");
         for status in EventStatus::ALL {
-            let ev = LogEvent::for_record(&rec, "t", status, 1, Utc::now());
-            let ops = ops_for(&ev, "logs", "comms");
-            let (log, comm) = (ops[0].doc.value(), ops[1].doc.value());
+            let (_, log, comm) = docs_of(&rec, status, 1);
             let accepting = matches!(status, EventStatus::Queued | EventStatus::Scheduled);
             for k in ["msg", "priority"] {
                 assert_eq!(log.get(k).is_some(), accepting, "{status:?} {k}: {log}");

@@ -675,6 +675,18 @@ impl Stack {
         assert!(res.status().is_success(), "{path}: {:?}", res.text().await);
     }
 
+    /// GETs `path` from Elasticsearch (a mapping, a document) as JSON.
+    pub async fn es_get(&self, path: &str) -> Value {
+        reqwest::Client::new()
+            .get(format!("{}{path}", self.es()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn es_search(&self, index: &str, query: Value) -> Vec<Value> {
         let http = reqwest::Client::new();
         let _ = http
