@@ -1,5 +1,5 @@
 # The two commands: `make run` (local stack + service on :3001) and `make test`.
-.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer bench-costs load load-accepts-first
+.PHONY: run test stack-up stack-down stack-status lint bench bench-indexer bench-costs bench-instructions load load-accepts-first
 
 run: stack-up
 	cargo build --release --bin comm-aggregator --bin provider-sandbox
@@ -53,3 +53,10 @@ bench-indexer:
 bench-costs:
 	scripts/stack.sh install
 	scripts/costs.sh $(COSTS_ARGS)
+
+# The service's own work a message in instructions (valgrind's callgrind), end to end on a
+# stack of its own: a figure the machine's load does not move (README "Performance");
+# INSTR_ARGS for loadgen, e.g. "--messages 2000".
+bench-instructions:
+	scripts/stack.sh install
+	scripts/service-instructions.sh $(INSTR_ARGS)

@@ -12,6 +12,8 @@
 #                 commit's, copied aside, to compare side by side)
 #   COSTS_WARMUP / COSTS_IDLE / COSTS_SETTLE  seconds after the service is ready / of the
 #                 idle interval / of the wait after the load (default 5 / 10 / 3)
+# Each phase also prints the service's peak memory (VmHWM), also in the JSON line
+# (`service_peak_rss_mb`).
 # The accept phase holds deliveries back as scripts/load.sh --accept-only does: a provider
 # rate of 0.001 a second with a burst of 1 (the SMS stream is read and claimed, at most one
 # message is sent). The stack lives in a temporary folder on ports of its own (override
@@ -45,6 +47,9 @@ phase() {
       --settle-seconds "${COSTS_SETTLE:-3}" \
       --json-out "$WORK/$1.json" "${ARGS[@]}"
   )
+  # The service's peak memory over the phase (VmHWM), read before it stops.
+  awk '/^VmHWM:/ {print int($2 / 1024)}' "/proc/$svc/status" >"$WORK/$1.rss" 2>/dev/null || echo 0 >"$WORK/$1.rss"
+  echo "service peak RSS: $(cat "$WORK/$1.rss") MB (VmHWM)"
   stop_service
 }
 
@@ -58,4 +63,8 @@ done
 # One JSON line with every phase, for whoever keeps the numbers.
 printf '{"receipts":%s' "${RECEIPTS:-1}"
 for p in ${COSTS_PHASES:-accept e2e}; do printf ',"%s":%s' "$p" "$(cat "$WORK/$p.json")"; done
+printf ',"service_peak_rss_mb":{'
+sep=""
+for p in ${COSTS_PHASES:-accept e2e}; do printf '%s"%s":%s' "$sep" "$p" "$(cat "$WORK/$p.rss")"; sep=","; done
+printf '}'
 printf '}\n'

@@ -499,6 +499,18 @@ impl Fallback {
     }
 }
 
+/// Lower-case hex digits of `bytes` (a request's fingerprint is made for every request: one
+/// string, not one `format!` a byte).
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
 /// SHA-256 of the parts, one after the other, in hex.
 fn hex_sha256(parts: &[&[u8]]) -> String {
     use sha2::{Digest, Sha256};
@@ -506,7 +518,7 @@ fn hex_sha256(parts: &[&[u8]]) -> String {
     for p in parts {
         h.update(p);
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    to_hex(&h.finalize())
 }
 
 /// A request that passed validation.
@@ -534,7 +546,7 @@ impl NewCommunication {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part.as_bytes());
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        to_hex(&h.finalize())
     }
 }
 
@@ -1544,6 +1556,21 @@ mod tests {
             let err = at(bad.clone()).expect_err(&bad.to_string());
             assert_eq!(err.field, "sendAt", "{bad}");
         }
+    }
+
+    #[test]
+    fn fingerprints_are_the_lower_case_hex_of_their_digest_as_before() {
+        use sha2::{Digest, Sha256};
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        // Stored records keep their `requestHash`: the digest written as one `format!` a
+        // byte (before) and as one string (now) are the same text.
+        let digest = Sha256::digest(b"abc");
+        let before: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(to_hex(&digest), before);
+        assert_eq!(
+            before,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

@@ -38,8 +38,8 @@ fresh_stack() {
 }
 
 # start_service LOG [VAR=value ...]: the service on the stack, with these variables too
-# (RECEIPTS=0: without Twilio status callbacks; SERVICE_CONFIG=FILE: another config.toml);
-# returns once it is ready.
+# (RECEIPTS=0: without Twilio status callbacks; SERVICE_CONFIG=FILE: another config.toml;
+# SERVICE_WRAPPER="valgrind ...": the command the service runs under); returns once it is ready.
 start_service() {
   local log="$1"; shift
   (
@@ -47,7 +47,8 @@ start_service() {
     if [ "${RECEIPTS:-1}" = 0 ]; then unset PUBLIC_BASE_URL; fi
     export DEV_MODE=true API_RATE_PER_SEC=1000000 API_BURST=1000000 RECIPIENT_MAX=0 DAILY_QUOTA=0 \
       RECIPIENTS_PER_HOUR=0 "$@"
-    exec "$BIN/comm-aggregator" ${SERVICE_CONFIG:+--config "$SERVICE_CONFIG"}
+    # shellcheck disable=SC2086 # the wrapper is a command line, split on purpose
+    exec ${SERVICE_WRAPPER:-} "$BIN/comm-aggregator" ${SERVICE_CONFIG:+--config "$SERVICE_CONFIG"}
   ) >"$log" 2>&1 &
   svc=$!
   for _ in $(seq 1 150); do

@@ -188,6 +188,22 @@ pub fn hash_tag(key: &str) -> &str {
         .unwrap_or(key)
 }
 
+/// A reply's text, taking it out of the reply (a bulk string's bytes become the `String`
+/// without a copy when they are UTF-8, as stream fields written by this service are).
+pub fn into_text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(
+            String::from_utf8(b)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        ),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
 pub fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),

@@ -2,7 +2,7 @@
 //! server or a Redis Cluster (it reconnects by itself after Redis restarts or fails over).
 //! Every key a script or an append touches together shares a hash tag ([`hash_tag`]).
 
-use super::redis_conn::{hash_tag, text, Keyed, RedisConn, RedisTarget, Settings};
+use super::redis_conn::{hash_tag, into_text, text, Keyed, RedisConn, RedisTarget, Settings};
 use actors::domain::StreamEntry;
 use actors::ports::{Dependency, DependencyError, ErrorKind, Queue, ReadFrom};
 use async_trait::async_trait;
@@ -413,21 +413,24 @@ fn id_key(id: &str) -> (u64, u64) {
 }
 
 /// `[id, [field, value, ...]]`; a nil body (entry deleted meanwhile) yields no fields.
-fn parse_entry(v: &Value) -> Option<StreamEntry> {
+/// Every reader of a stream parses its entries here, so the reply's strings are moved into
+/// the entry, not copied.
+fn parse_entry(v: Value) -> Option<StreamEntry> {
     let Value::Array(parts) = v else { return None };
-    let id = text(parts.first()?)?;
+    let mut parts = parts.into_iter();
+    let id = into_text(parts.next()?)?;
     let mut fields = Vec::new();
-    match parts.get(1) {
+    match parts.next() {
         Some(Value::Array(kv)) => {
-            for pair in kv.chunks(2) {
-                if let [k, val] = pair {
-                    fields.push((text(k)?, text(val).unwrap_or_default()));
-                }
+            fields.reserve(kv.len() / 2);
+            let mut kv = kv.into_iter();
+            while let (Some(k), Some(val)) = (kv.next(), kv.next()) {
+                fields.push((into_text(k)?, into_text(val).unwrap_or_default()));
             }
         }
         Some(Value::Map(kv)) => {
             for (k, val) in kv {
-                fields.push((text(k)?, text(val).unwrap_or_default()));
+                fields.push((into_text(k)?, into_text(val).unwrap_or_default()));
             }
         }
         _ => {}
@@ -435,44 +438,50 @@ fn parse_entry(v: &Value) -> Option<StreamEntry> {
     Some(StreamEntry { id, fields })
 }
 
-fn parse_entries(v: &Value) -> Vec<StreamEntry> {
+fn parse_entries(v: Value) -> Vec<StreamEntry> {
     match v {
-        Value::Array(items) => items.iter().filter_map(parse_entry).collect(),
+        Value::Array(items) => items.into_iter().filter_map(parse_entry).collect(),
         _ => Vec::new(),
     }
 }
 
 /// XREADGROUP answers `[[stream, [entries]]]` (or a map in RESP3), nil on timeout.
-fn parse_read(v: &Value) -> Vec<StreamEntry> {
+fn parse_read(v: Value) -> Vec<StreamEntry> {
     match v {
         Value::Array(streams) => streams
-            .iter()
+            .into_iter()
             .flat_map(|s| match s {
-                Value::Array(pair) if pair.len() == 2 => parse_entries(&pair[1]),
+                Value::Array(mut pair) if pair.len() == 2 => parse_entries(pair.swap_remove(1)),
                 _ => Vec::new(),
             })
             .collect(),
-        Value::Map(streams) => streams.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        Value::Map(streams) => streams
+            .into_iter()
+            .flat_map(|(_, e)| parse_entries(e))
+            .collect(),
         _ => Vec::new(),
     }
 }
 
 /// A multi-stream XREADGROUP reply: each stream's entries by its name.
-fn parse_read_streams(v: &Value) -> std::collections::HashMap<String, Vec<StreamEntry>> {
-    let pairs: Vec<(&Value, &Value)> = match v {
+fn parse_read_streams(v: Value) -> std::collections::HashMap<String, Vec<StreamEntry>> {
+    let pairs: Vec<(Value, Value)> = match v {
         Value::Array(streams) => streams
-            .iter()
+            .into_iter()
             .filter_map(|s| match s {
-                Value::Array(pair) if pair.len() == 2 => Some((&pair[0], &pair[1])),
+                Value::Array(pair) if pair.len() == 2 => {
+                    let mut pair = pair.into_iter();
+                    Some((pair.next()?, pair.next()?))
+                }
                 _ => None,
             })
             .collect(),
-        Value::Map(streams) => streams.iter().map(|(k, e)| (k, e)).collect(),
+        Value::Map(streams) => streams,
         _ => Vec::new(),
     };
     pairs
         .into_iter()
-        .filter_map(|(k, e)| Some((text(k)?, parse_entries(e))))
+        .filter_map(|(k, e)| Some((into_text(k)?, parse_entries(e))))
         .collect()
 }
 
@@ -546,7 +555,7 @@ impl Queue for RedisQueue {
             }
         };
         cmd.arg("STREAMS").arg(stream).arg(start);
-        Ok(parse_read(&self.query(&cmd).await?))
+        Ok(parse_read(self.query(&cmd).await?))
     }
 
     async fn read_lanes(
@@ -579,7 +588,7 @@ impl Queue for RedisQueue {
                 ReadFrom::New => cmd.arg(">"),
             };
         }
-        let mut per_stream = parse_read_streams(&self.query(&cmd).await?);
+        let mut per_stream = parse_read_streams(self.query(&cmd).await?);
         Ok(reads
             .iter()
             .map(|(stream, _)| per_stream.remove(*stream).unwrap_or_default())
@@ -618,8 +627,15 @@ impl Queue for RedisQueue {
             .await?;
         match v {
             Value::Array(parts) if parts.len() >= 2 => {
-                let next = text(&parts[0]).unwrap_or_else(|| "0-0".into());
-                let entries = parse_entries(&parts[1])
+                let mut parts = parts.into_iter();
+                let next = parts
+                    .next()
+                    .and_then(into_text)
+                    .unwrap_or_else(|| "0-0".into());
+                let entries = parts
+                    .next()
+                    .map(parse_entries)
+                    .unwrap_or_default()
                     .into_iter()
                     .filter(|e| !e.fields.is_empty())
                     .collect();
@@ -684,7 +700,7 @@ impl Queue for RedisQueue {
             })
             .collect();
         let replies = self.batch(&cmds, false).await?;
-        Ok(replies.iter().flat_map(parse_entries).collect())
+        Ok(replies.into_iter().flat_map(parse_entries).collect())
     }
 
     async fn read_after(
@@ -700,7 +716,7 @@ impl Queue for RedisQueue {
             cmd.arg("BLOCK").arg(b.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(stream).arg(after);
-        Ok(parse_read(&self.query(&cmd).await?))
+        Ok(parse_read(self.query(&cmd).await?))
     }
 
     async fn end_id(&self, stream: &str, first: bool) -> Result<Option<String>, DependencyError> {
@@ -712,7 +728,7 @@ impl Queue for RedisQueue {
         }
         cmd.arg("COUNT").arg(1);
         let v = self.query(&cmd).await?;
-        Ok(parse_entries(&v).into_iter().next().map(|e| e.id))
+        Ok(parse_entries(v).into_iter().next().map(|e| e.id))
     }
 
     async fn stream_stats(&self, stream: &str, group: &str) -> Result<(u64, u64), DependencyError> {
@@ -758,7 +774,7 @@ impl Queue for RedisQueue {
                     .arg(1),
             )
             .await?;
-        let unread = parse_entries(&newest)
+        let unread = parse_entries(newest)
             .first()
             .is_some_and(|e| id_key(&e.id) > last_read);
         let mut done_up_to = unread.then_some(last_read.0);

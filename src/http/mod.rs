@@ -51,7 +51,9 @@ pub use state::AppState;
 
 use crate::auth::ApiKeys;
 use actors::audit::{key_digest, AuditEvent};
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::{Mutex, OnceLock};
 use warp::http::header::HeaderValue;
 use warp::path::FullPath;
 use warp::reply::{Reply, Response};
@@ -60,15 +62,17 @@ use warp::{Filter, Rejection};
 pub fn routes(
     state: AppState,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone + Send + Sync + 'static {
+    // Tried in this order until one matches, each filter boxed: the two a message makes
+    // (its `POST` and its provider's receipt) first, so neither walks the others' filters.
     let api = [
         communications::routes(&state),
+        callbacks::routes(state.callbacks.clone()),
         bulk::routes(&state),
         search::routes(&state),
         events::routes(&state),
         dead_letters::routes(&state),
         timeline::routes(&state),
         console::routes(),
-        callbacks::routes(state.callbacks.clone()),
         templates::routes(&state),
         suppressions::routes(&state),
         operations::routes(&state),
@@ -101,13 +105,33 @@ pub fn routes(
             span
         }))
         .with(warp::log::custom(|info| {
-            let route = routes::route_label(info.path());
-            let status = info.status().as_u16().to_string();
-            metrics::counter!("http_requests_total", "route" => route, "status" => status)
-                .increment(1);
-            metrics::histogram!("http_request_duration_seconds", "route" => route)
-                .record(info.elapsed().as_secs_f64());
+            let (count, duration) = request_metrics(info.path(), info.status().as_u16());
+            count.increment(1);
+            duration.record(info.elapsed().as_secs_f64());
         }))
+}
+
+/// The request counter and duration histogram of a route and status, registered once and
+/// kept (every request records both: looking them up in the registry each time cost about
+/// as much as routing the request).
+fn request_metrics(path: &str, status: u16) -> (metrics::Counter, metrics::Histogram) {
+    type Handles = HashMap<(&'static str, u16), (metrics::Counter, metrics::Histogram)>;
+    static HANDLES: OnceLock<Mutex<Handles>> = OnceLock::new();
+    let route = routes::route_label(path);
+    let mut handles = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    handles
+        .entry((route, status))
+        .or_insert_with(|| {
+            let status = status.to_string();
+            (
+                metrics::counter!("http_requests_total", "route" => route, "status" => status),
+                metrics::histogram!("http_request_duration_seconds", "route" => route),
+            )
+        })
+        .clone()
 }
 
 /// The client's address, put on each request by the server's accept loop.
