@@ -14,15 +14,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-if [ -n "${AF_BIN:-}" ]; then
-  BIN="$(cd "$AF_BIN" && pwd)"
-else
-  cargo build --release --bin comm-aggregator --bin loadgen --bin provider-sandbox
-  BIN="$ROOT/target/release"
-fi
 ARGS=("$@" --rate 300 --seconds 60)
 # shellcheck source=lib/own-stack.sh
 . "$ROOT/scripts/lib/own-stack.sh"
+binaries "${AF_BIN:-}"
 own_stack accepts 6395 27031 9215 2530 4015 "${AF_PORT:-3095}"
 
 summary=()

@@ -21,17 +21,10 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-BUILD="${COSTS_BUILD:-release}"
-flag=""; [ "$BUILD" = release ] && flag="--release"
-if [ -n "${COSTS_BIN:-}" ]; then
-  BIN="$(cd "$COSTS_BIN" && pwd)"
-else
-  cargo build $flag --bin comm-aggregator --bin loadgen --bin provider-sandbox
-  BIN="$ROOT/target/$BUILD"
-fi
 ARGS=("$@" --messages 2000 --connections 16)
 # shellcheck source=lib/own-stack.sh
 . "$ROOT/scripts/lib/own-stack.sh"
+binaries "${COSTS_BIN:-}" "${COSTS_BUILD:-release}"
 own_stack costs 6393 27029 9213 2528 4013 "${COSTS_PORT:-3093}"
 
 # phase NAME PROVIDER_RATE PROVIDER_BURST: a fresh stack, the service, loadgen --costs.

@@ -26,16 +26,12 @@ if ! command -v valgrind >/dev/null 2>&1; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind >/dev/null
 fi
-if [ -n "${INSTR_BIN:-}" ]; then
-  BIN="$(cd "$INSTR_BIN" && pwd)"
-else
-  cargo build --release --bin comm-aggregator --bin loadgen --bin provider-sandbox
-  BIN="$ROOT/target/release"
-fi
 ARGS=("$@" --messages 1000 --connections 4)
 # shellcheck source=lib/own-stack.sh
 . "$ROOT/scripts/lib/own-stack.sh"
-own_stack instr 6395 27031 9215 2530 4015 "${INSTR_PORT:-3095}"
+binaries "${INSTR_BIN:-}"
+# Ports of its own, apart from costs.sh's and accepts-first.sh's, so they can run beside it.
+own_stack instr 6398 27034 9218 2533 4018 "${INSTR_PORT:-3098}"
 
 fresh_stack
 # The callgrind files: one per `callgrind_control -d` (the idle interval, then the load).

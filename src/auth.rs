@@ -175,11 +175,7 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// The id of a key: 12 hex digits of the SHA-256 of its digest.
 fn key_id(digest: &[u8; 32]) -> String {
-    Sha256::digest(digest)
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    actors::domain::to_hex(&Sha256::digest(digest)[..6])
 }
 
 impl ApiKeys {
@@ -298,10 +294,7 @@ mod tests {
 
     #[test]
     fn digests_in_config_work_like_keys_and_short_keys_are_refused() {
-        let hex: String = digest(A.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = actors::domain::to_hex(&digest(A.as_bytes()));
         let file = format!("# ops\n\nacme:sha256:{hex}\n");
         let specs = parse_keys(None, Some(("keys.txt", &file))).unwrap();
         let k = ApiKeys::new(specs, false, 10.0, 10.0);

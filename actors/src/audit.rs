@@ -122,7 +122,7 @@ impl AuditEvent {
 pub fn key_digest(key: &str) -> String {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(key.as_bytes());
-    d.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    crate::domain::to_hex(&d[..6])
 }
 
 /// Count, log and hand `event` to the AuditActor if it runs. Never waits, never fails.

@@ -499,9 +499,9 @@ impl Fallback {
     }
 }
 
-/// Lower-case hex digits of `bytes` (a request's fingerprint is made for every request: one
-/// string, not one `format!` a byte).
-fn to_hex(bytes: &[u8]) -> String {
+/// Lower-case hex digits of `bytes`, in one string (not one `format!` a byte: a request's
+/// fingerprint is made for every request). Every digest the service writes as hex uses it.
+pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {

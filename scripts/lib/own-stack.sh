@@ -1,8 +1,23 @@
-# Sourced by scripts/costs.sh and scripts/accepts-first.sh: a local stack of their own
+# Sourced by scripts/costs.sh, scripts/accepts-first.sh and scripts/service-instructions.sh:
+# a local stack of their own
 # (in a temporary folder, on their own ports) and the service on it, with the client-side
-# limits lifted so that the pipeline, not a limit, is measured. Needs ROOT and BIN; call
-# own_stack first; the service's pid is kept in `svc`, the folder is WORK.
+# limits lifted so that the pipeline, not a limit, is measured. Needs ROOT; call binaries
+# (BIN) and own_stack first; the service's pid is kept in `svc`, the folder is WORK.
 svc=""
+
+# binaries FOLDER [PROFILE]: BIN is FOLDER (another commit's binaries, copied aside, to
+# compare side by side; nothing is built), or, without one, the service, loadgen and the
+# provider stand-in built with PROFILE (release, or debug) into target/.
+binaries() {
+  if [ -n "$1" ]; then
+    BIN="$(cd "$1" && pwd)"
+  else
+    local profile="${2:-release}" flag=""
+    [ "$profile" = release ] && flag="--release"
+    cargo build $flag --bin comm-aggregator --bin loadgen --bin provider-sandbox
+    BIN="$ROOT/target/$profile"
+  fi
+}
 
 # own_stack NAME REDIS MONGO ES SMTP SANDBOX SERVICE: the default ports (each overridden by
 # STACK_*_PORT, the service's by PORT_VAR's value), and a temporary folder /tmp/comm-agg-NAME.*

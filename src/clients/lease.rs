@@ -130,10 +130,7 @@ impl Script {
     fn new(text: &'static str) -> Script {
         Script {
             text,
-            sha: Sha1::digest(text.as_bytes())
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha: actors::domain::to_hex(&Sha1::digest(text.as_bytes())),
         }
     }
 }

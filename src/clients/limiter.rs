@@ -65,12 +65,7 @@ return {0, 0}
 
 fn script_sha() -> &'static str {
     static SHA: OnceLock<String> = OnceLock::new();
-    SHA.get_or_init(|| {
-        Sha1::digest(SCRIPT.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    })
+    SHA.get_or_init(|| actors::domain::to_hex(&Sha1::digest(SCRIPT.as_bytes())))
 }
 
 /// A token bucket: the rate a second and the burst (0: no bucket).

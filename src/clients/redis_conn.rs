@@ -154,8 +154,11 @@ impl RedisConn {
     pub async fn info(&mut self) -> RedisResult<Vec<String>> {
         let v: Value = redis::cmd("INFO").query_async(self).await?;
         Ok(match v {
-            Value::Map(per_node) => per_node.iter().filter_map(|(_, v)| text(v)).collect(),
-            other => text(&other).into_iter().collect(),
+            Value::Map(per_node) => per_node
+                .into_iter()
+                .filter_map(|(_, v)| into_text(v))
+                .collect(),
+            other => into_text(other).into_iter().collect(),
         })
     }
 }

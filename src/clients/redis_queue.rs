@@ -163,7 +163,7 @@ impl RedisQueue {
             };
             let info: HashMap<String, Value> = pairs
                 .into_iter()
-                .filter_map(|(k, v)| Some((text(&k)?, v)))
+                .filter_map(|(k, v)| Some((into_text(k)?, v)))
                 .collect();
             if info.get("name").and_then(text).as_deref() == Some(group) {
                 return Ok(Some(info));
@@ -500,8 +500,8 @@ impl Queue for RedisQueue {
             self.append_in_one_pipeline(entries).await?
         };
         let ids: Vec<String> = replies
-            .iter()
-            .map(|v| text(v).unwrap_or_default())
+            .into_iter()
+            .map(|v| into_text(v).unwrap_or_default())
             .collect();
         let over = ids.iter().filter(|id| id.is_empty()).count();
         if over > 0 {

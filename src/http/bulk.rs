@@ -188,7 +188,7 @@ fn batch_id(tenant: &str, idempotency_key: Option<&str>) -> String {
     match idempotency_key {
         Some(k) => {
             let digest = Sha256::digest(format!("{tenant}\n{k}").as_bytes());
-            digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+            actors::domain::to_hex(&digest[..12])
         }
         None => bson::oid::ObjectId::new().to_hex(),
     }

@@ -62,12 +62,7 @@ fn mac(secret: &str, params: &BTreeMap<String, String>) -> Hmac<sha2::Sha256> {
 
 /// The `sig` Vonage sends with `params` (hex, lower case; Vonage's may be upper case).
 pub fn signature(secret: &str, params: &BTreeMap<String, String>) -> String {
-    mac(secret, params)
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    actors::domain::to_hex(&mac(secret, params).finalize().into_bytes())
 }
 
 /// Constant-time check of `sig`, in either case.

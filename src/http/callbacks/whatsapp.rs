@@ -45,12 +45,7 @@ fn mac(app_secret: &str, body: &[u8]) -> Hmac<sha2::Sha256> {
 
 /// Meta's `X-Hub-Signature-256` value for a body.
 pub fn signature(app_secret: &str, body: &[u8]) -> String {
-    let hex: String = mac(app_secret, body)
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = actors::domain::to_hex(&mac(app_secret, body).finalize().into_bytes());
     format!("sha256={hex}")
 }
 
