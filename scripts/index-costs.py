@@ -45,11 +45,20 @@ INDEXES = {
     "batch": ([("batchId", 1)], SPARSE),
     "scheduled_due": ([("scheduledDueAt", 1)], SPARSE),
     "dead_letters": ([("deadLetterAt", -1)], SPARSE),
+    # The sweeper's index until 2026-11-28 (replaced by next_attempt).
+    "due": ([("status", 1), ("nextAttemptAt", 1)], {}),
 }
 CORE = ["next_attempt", "idempotency_key", "provider_message"]
 SETS = {
-    "service": [n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant")],
-    "before 2026-11-29": [n for n in INDEXES if n != "idempotency_key"],
+    "service": [n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due")],
+    "before 2026-11-30 (with batch)": [n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant", "due")],
+    "before 2026-11-29": [n for n in INDEXES if n not in ("idempotency_key", "due")],
+    "31b6486 (the issue's start)": ["due", "idempotency_per_tenant", "provider_message", "recently_changed"],
+    "service less dead_letters": [n for n in INDEXES
+                                  if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due", "dead_letters")],
+    "service less dead_letters+fallback": [
+        n for n in INDEXES
+        if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due", "dead_letters", "fallback_due_at")],
     "core": CORE,  # the sweeper, idempotency, receipts
     "core + recently_changed": CORE + ["recently_changed"],
     "id-only": [],

@@ -3,12 +3,17 @@
 //! batch counts and search by `batchId` find them; a retry with the same `Idempotency-Key`
 //! answers the same batch and ids and stores nothing more; a template is rendered with each
 //! recipient's variables and locale; a recipient over its cap is refused in its own place;
-//! a bad envelope stores nothing; another tenant cannot read the batch.
+//! a bad envelope stores nothing; another tenant cannot read the batch; a batch's members
+//! are listed in a document of its own (no index on `communications` for batches), and a
+//! batch an earlier version stored is still counted.
 
 mod common;
 
-use common::{client, client_for, eventually, shared, start_isolated, unique, OTHER_KEY};
-use mongodb::bson::doc;
+use common::{
+    client, client_for, eventually, fast_env, one_at_a_time, shared, start_isolated, unique, Stack,
+    OTHER_KEY,
+};
+use mongodb::bson::{doc, Document};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -307,4 +312,106 @@ async fn a_bad_envelope_stores_nothing_and_a_batch_is_its_tenants_alone() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+}
+
+/// The ids a batch's document lists, hex.
+async fn listed(db: &mongodb::Database, batch: &str) -> Option<HashSet<String>> {
+    let d = db
+        .collection::<Document>("batches")
+        .find_one(doc! {"_id": batch})
+        .await
+        .unwrap()?;
+    Some(
+        d.get_array("ids")
+            .unwrap()
+            .iter()
+            .map(|b| b.as_object_id().unwrap().to_hex())
+            .collect(),
+    )
+}
+
+/// Whether `communications` has an index on `batchId`.
+async fn batch_index(coll: &mongodb::Collection<Document>) -> bool {
+    use futures::TryStreamExt;
+    let indexes: Vec<_> = coll
+        .list_indexes()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    indexes.iter().any(|m| m.keys.contains_key("batchId"))
+}
+
+/// SecantusDB derives every index's keys for every document it writes, so an index on
+/// `communications` for batches cost every message's three writes. A bulk send's members
+/// are listed in `batches` instead (its stored recipients' ids), `communications` has no
+/// index on `batchId`, and a batch stored by an earlier version (its records' `batchId`
+/// under the sparse index `batch`, no document of its own) is listed at the first start of
+/// this one, counted as before, and the old index goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_listed_in_a_document_of_its_own_and_an_earlier_versions_batch_still_counts() {
+    let _one = one_at_a_time().await;
+    let stack = Stack::start();
+    let mut svc = stack.start_service(&fast_env(&[]));
+    let body = json!({"type": "sms", "data": {"from": "+15550001111", "msg": unique("listed")},
+        "recipients": [{"to": "+15557000001"}, {"to": "+15557000002"}, {"to": "bad"}]});
+    let (status, answer, _) = bulk_to(&svc.url("/api/v1/communications/bulk"), &body, None).await;
+    assert_eq!(status, 200, "{answer}");
+    let batch = answer["batchId"].as_str().unwrap().to_string();
+    let ids: HashSet<String> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 2, "{answer}");
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    assert_eq!(
+        listed(&db, &batch).await.as_ref(),
+        Some(&ids),
+        "the stored recipients listed"
+    );
+    let coll = stack.records().await;
+    assert!(
+        !batch_index(&coll).await,
+        "no index on communications for batches"
+    );
+
+    // As an earlier version left it: no batch document, the sparse index, no mark.
+    svc.proc.kill();
+    db.collection::<Document>("batches")
+        .delete_many(doc! {})
+        .await
+        .unwrap();
+    let sparse = mongodb::options::IndexOptions::builder()
+        .name("batch".to_string())
+        .sparse(true)
+        .build();
+    coll.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! {"batchId": 1})
+            .options(sparse)
+            .build(),
+    )
+    .await
+    .unwrap();
+    stack.forget_migrations().await;
+
+    let svc = stack.start_service(&fast_env(&[]));
+    let path = svc.url(&format!("/api/v1/batches/{batch}"));
+    eventually(WAIT, "the earlier batch counted", || async {
+        let b: Value = client().get(&path).send().await.ok()?.json().await.ok()?;
+        (b["total"] == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        listed(&db, &batch).await.as_ref(),
+        Some(&ids),
+        "listed at the start"
+    );
+    assert!(!batch_index(&coll).await, "the old index dropped");
 }

@@ -78,6 +78,7 @@ async fn settle(a: &FallbackArgs, d: DueFallback) -> Result<(), DueError> {
         return Ok(());
     }
     let submission = Submission {
+        id: None,
         request: d.fallback.request,
         tenant: d.tenant,
         idempotency_key: Some(key_of(&d.id)),

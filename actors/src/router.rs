@@ -63,6 +63,9 @@ pub type AcceptReply = RpcReplyPort<Result<Accepted, AcceptError>>;
 /// `Idempotency-Key` (unique per tenant).
 #[derive(Debug, Clone)]
 pub struct Submission {
+    /// The record's id when its caller chose it (a bulk send lists its recipients' ids in
+    /// its batch before they are stored); otherwise a new one.
+    pub id: Option<String>,
     pub request: NewCommunication,
     pub tenant: String,
     pub idempotency_key: Option<String>,
@@ -314,7 +317,10 @@ impl Actor for RouterActor {
 /// A submission into the batch: its record made, written with the batch once the batch
 /// is full or has waited `linger`.
 async fn take(myself: &ActorRef<RouterMsg>, state: &mut RouterState, p: Pending) {
-    let id = bson::oid::ObjectId::new().to_hex();
+    let id = p
+        .submission
+        .id
+        .unwrap_or_else(|| bson::oid::ObjectId::new().to_hex());
     let mut record = Communication::new(id, p.submission.request, Utc::now())
         .with_fallback(p.submission.fallback)
         .scheduled_at(p.submission.send_at);
@@ -677,6 +683,7 @@ mod tests {
     fn submission(n: u32, key: Option<&str>) -> Submission {
         let r = testing::record(n, Channel::Sms);
         Submission {
+            id: None,
             request: NewCommunication {
                 channel: r.channel,
                 from: r.from,

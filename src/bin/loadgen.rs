@@ -85,16 +85,26 @@ fn status_kb(pid: i32, key: &str) -> Option<u64> {
 
 fn metric_sum(text: &str, name: &str, must: &[&str]) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && must.iter().all(|m| l.contains(m)))
+        .filter(|l| named(l, name) && must.iter().all(|m| l.contains(m)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Whether a `/metrics` line is of the metric `name`, or of its name without the
+/// `comm_aggregator_` prefix (builds before 2026-11-28 had none; loadgen measures them side
+/// by side with this one).
+fn named(line: &str, name: &str) -> bool {
+    line.starts_with(name)
+        || name
+            .strip_prefix("comm_aggregator_")
+            .is_some_and(|n| line.starts_with(n))
 }
 
 fn buckets(text: &str, channel: &str) -> Vec<(f64, f64)> {
     let mut v: Vec<(f64, f64)> = text
         .lines()
         .filter(|l| {
-            l.starts_with("comm_aggregator_accept_to_sent_seconds_bucket")
+            named(l, "comm_aggregator_accept_to_sent_seconds_bucket")
                 && l.contains(&format!("channel=\"{channel}\""))
         })
         .filter_map(|l| {
@@ -459,6 +469,34 @@ async fn end_to_end(
             "service RSS: idle {} MB, peak {} MB (VmHWM)",
             before.idle_rss.unwrap_or(0) / 1024,
             status_kb(pid, "VmHWM:").unwrap_or(0) / 1024
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metric_is_read_with_or_without_the_prefix_of_later_builds() {
+        let now = "comm_aggregator_deliveries_total{channel=\"sms\",outcome=\"sent\"} 7\n\
+                   comm_aggregator_deliveries_total{channel=\"sms\",outcome=\"failed\"} 2\n";
+        let before = "deliveries_total{channel=\"sms\",outcome=\"sent\"} 5\n\
+                      other_deliveries_total{channel=\"sms\",outcome=\"sent\"} 9\n";
+        let sent = |m| {
+            metric_sum(
+                m,
+                "comm_aggregator_deliveries_total",
+                &["channel=\"sms\"", "outcome=\"sent\""],
+            )
+        };
+        assert_eq!(sent(now), 7.0);
+        assert_eq!(sent(before), 5.0);
+        let old_buckets = "accept_to_sent_seconds_bucket{channel=\"sms\",le=\"0.1\"} 3\n\
+                           accept_to_sent_seconds_bucket{channel=\"sms\",le=\"+Inf\"} 4\n";
+        assert_eq!(
+            buckets(old_buckets, "sms"),
+            vec![(0.1, 3.0), (f64::INFINITY, 4.0)]
         );
     }
 }

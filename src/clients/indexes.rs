@@ -40,8 +40,10 @@ const PER_TENANT_IDEMPOTENCY_INDEX: &str = "idempotency_per_tenant";
 const MARKS: &str = "migrations";
 const MARK_ID: &str = "communications";
 /// 2 since the fallbacks of records failed before their time are made due at start-up
-/// (`super::fallbacks::failed_due_now`); a mark of 1 runs the rewrites once more.
-const MIGRATIONS_DONE: i32 = 2;
+/// (`super::fallbacks::failed_due_now`), 3 since bulk sends' members are listed in
+/// `batches` (`super::batches::adopt_earlier_batches`); an older mark runs the rewrites
+/// once more (each is idempotent).
+const MIGRATIONS_DONE: i32 = 3;
 /// The FallbackActor's partial index before `fallback_due_at`; dropped once that exists.
 const OLD_FALLBACK_INDEX: &str = "fallback_due";
 /// The OutboxSweeper's index before `next_attempt`; dropped once that exists.
@@ -197,12 +199,8 @@ fn models() -> Vec<IndexModel> {
             .keys(doc! {super::fallbacks::DUE_FIELD: 1})
             .options(named("fallback_due_at").sparse(true).build())
             .build(),
-        // A bulk send's counts by status: only records of a bulk send carry `batchId`, so
-        // a sparse index holds those alone (sparse, not partial: see above).
-        IndexModel::builder()
-            .keys(doc! {"batchId": 1})
-            .options(named("batch").sparse(true).build())
-            .build(),
+        // (A bulk send's members are listed in `batches`, not found through an index here:
+        // `super::batches`.)
         // A tenant's dead letters, newest first: `deadLetterAt` exists only while a record
         // is one, so the index holds those alone (sparse, not partial: see above).
         IndexModel::builder()
@@ -261,11 +259,16 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
                 "scheduled records of an earlier version given their due time in nextAttemptAt"
             );
         }
+        let n = super::batches::adopt_earlier_batches(coll).await?;
+        if n > 0 {
+            tracing::info!(n, "bulk sends of an earlier version listed in batches");
+        }
         mark_migrated(coll).await?;
     }
     drop_replaced(coll, OLD_FALLBACK_INDEX).await;
     drop_replaced(coll, OLD_DUE_INDEX).await;
     drop_replaced(coll, OLD_SCHEDULED_INDEX).await;
+    drop_replaced(coll, super::batches::OLD_INDEX).await;
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 //! Elasticsearch; `parked` keeps the delivery receipts that came before their records
 //! (MongoDB); `reconcile` reads both stores for the Reconciler; `scheduled` the scheduled
 //! sends due and the cancel of a message; `suppressions` is the tenants' opt-out list
-//! (MongoDB); `dead_letters` the records failed for good, listed and replayed.
+//! (MongoDB); `dead_letters` the records failed for good, listed and replayed; `batches`
+//! the members of each bulk send.
+pub mod batches;
 pub mod dead_letters;
 pub mod elastic;
 pub mod fallbacks;

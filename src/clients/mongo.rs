@@ -363,25 +363,28 @@ impl MongoStore {
     }
 
     /// How many records of a tenant's bulk send are in each status (as the API names
-    /// them); empty when the tenant has no such batch. One indexed read of the statuses.
+    /// them); empty when the tenant has no such batch. See [`super::batches`].
     pub async fn batch_counts(
         &self,
         tenant: &str,
         batch_id: &str,
     ) -> Result<std::collections::BTreeMap<String, u64>, DependencyError> {
-        use futures::TryStreamExt;
-        let mut found = self
-            .coll
-            .find(doc! {"tenant": tenant, "batchId": batch_id})
-            .projection(doc! {"status": 1})
+        super::batches::MongoBatches::new(&self.db)
+            .counts(tenant, batch_id)
             .await
-            .map_err(err)?;
-        let mut counts = std::collections::BTreeMap::new();
-        while let Some(d) = found.try_next().await.map_err(err)? {
-            let status = d.get_str("status").unwrap_or("unknown").to_string();
-            *counts.entry(status).or_insert(0) += 1;
-        }
-        Ok(counts)
+    }
+
+    /// Lists record ids as members of a tenant's bulk send, before the records are
+    /// stored. See [`super::batches`].
+    pub async fn list_batch(
+        &self,
+        tenant: &str,
+        batch_id: &str,
+        ids: &[String],
+    ) -> Result<(), DependencyError> {
+        super::batches::MongoBatches::new(&self.db)
+            .list(tenant, batch_id, ids)
+            .await
     }
 
     /// The leased records; on failure the leases go back, since no provider call follows.

@@ -116,6 +116,7 @@ async fn create(
     check_recipient_limits(&state, &caller, &mut places, deadline).await?;
     if places.iter().any(|p| matches!(p, Place::Ready(_))) {
         indexes_in_place(&state, deadline).await?;
+        list_members(&state, &who.tenant, &batch_id, &mut places, deadline).await?;
         store(&state, &mut places, deadline).await?;
     }
     Ok(render(
@@ -214,6 +215,7 @@ fn prepare(
     let fallback = fallback_request(&raw, &request, policy, &state.validation)?;
     let (template, html) = crate::http::templates::Used::into_record(template);
     Ok(Submission {
+        id: None,
         request,
         tenant: String::new(),
         idempotency_key,
@@ -296,6 +298,36 @@ async fn check_recipient_limits(
         }
     }
     Ok(())
+}
+
+/// Gives every ready recipient its record's id and lists the ids in the batch's document
+/// (`src/clients/batches.rs`) before anything is stored, so every stored record is listed.
+async fn list_members(
+    state: &AppState,
+    tenant: &str,
+    batch_id: &str,
+    places: &mut [Place],
+    deadline: Instant,
+) -> Result<(), ApiError> {
+    let mut ids = Vec::new();
+    for p in places.iter_mut() {
+        if let Place::Ready(s) = p {
+            let id = bson::oid::ObjectId::new().to_hex();
+            ids.push(id.clone());
+            s.id = Some(id);
+        }
+    }
+    match tokio::time::timeout_at(deadline, state.store.list_batch(tenant, batch_id, &ids)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "bulk send's members not listed; nothing stored");
+            Err(ApiError::NothingStored)
+        }
+        Err(_) => {
+            tracing::warn!("bulk send's members not listed by the deadline; nothing stored");
+            Err(ApiError::NothingStored)
+        }
+    }
 }
 
 /// Every ready recipient to the router at once; each answered in its place.

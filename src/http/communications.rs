@@ -93,6 +93,7 @@ async fn create(
     indexes_in_place(&state, deadline).await?;
     let (template, html) = super::templates::Used::into_record(template);
     let submission = Submission {
+        id: None,
         request,
         tenant: who.tenant,
         idempotency_key,

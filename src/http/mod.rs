@@ -152,25 +152,32 @@ struct Asker {
 fn caller() -> impl Filter<Extract = ((String, Asker),), Error = Infallible> + Clone {
     warp::method()
         .and(warp::ext::optional::<Peer>())
-        .and(warp::header::headers_cloned())
-        .map(|method, peer, h: warp::http::HeaderMap| {
-            let id = h
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
+        .and(header_text("x-request-id"))
+        .and(header_text("authorization"))
+        .map(|method, peer, id: Option<String>, auth: Option<String>| {
+            let id = id
                 .filter(|v| {
                     !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
                 })
                 .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
             tracing::Span::current().record("request_id", id.as_str());
-            let key = h
-                .get(warp::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
+            let key = auth
+                .as_deref()
                 .and_then(|v| v.trim().split_once(' '))
                 .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
                 .map(|(_, key)| key.trim().to_string());
             (id, Asker { method, peer, key })
         })
+}
+
+/// A header's value as text, or `None` when it is absent or not visible ASCII; it never
+/// rejects (the header map itself is not cloned, as `headers_cloned` would).
+fn header_text(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<String>,), Error = Infallible> + Clone {
+    warp::header::optional::<String>(name)
+        .or(warp::any().map(|| None))
+        .unify()
 }
 
 /// A refusal that is a security event (see [`errors::AuditNote`]) goes to the audit trail,
