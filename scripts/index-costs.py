@@ -50,13 +50,13 @@ INDEXES = {
 }
 CORE = ["next_attempt", "idempotency_key", "provider_message"]
 SETS = {
-    "service": [n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due")],
-    "before 2026-11-30 (with batch)": [n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant", "due")],
+    "service": [n for n in INDEXES
+                if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due", "dead_letters")],
+    "before 2026-11-30 (with batch and dead_letters)": [
+        n for n in INDEXES if n not in ("scheduled_due", "idempotency_per_tenant", "due")],
     "before 2026-11-29": [n for n in INDEXES if n not in ("idempotency_key", "due")],
     "31b6486 (the issue's start)": ["due", "idempotency_per_tenant", "provider_message", "recently_changed"],
-    "service less dead_letters": [n for n in INDEXES
-                                  if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due", "dead_letters")],
-    "service less dead_letters+fallback": [
+    "service less fallback": [
         n for n in INDEXES
         if n not in ("scheduled_due", "idempotency_per_tenant", "batch", "due", "dead_letters", "fallback_due_at")],
     "core": CORE,  # the sweeper, idempotency, receipts

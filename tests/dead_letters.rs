@@ -155,3 +155,87 @@ async fn a_dead_letter_is_listed_for_its_tenant_and_a_replay_sends_it_once() {
     })
     .await;
 }
+
+/// Whether `communications` has an index on `deadLetterAt`.
+async fn dead_letter_index(coll: &mongodb::Collection<mongodb::bson::Document>) -> bool {
+    use futures::TryStreamExt;
+    let indexes: Vec<_> = coll
+        .list_indexes()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    indexes.iter().any(|m| m.keys.contains_key("deadLetterAt"))
+}
+
+/// SecantusDB derives every index's keys for every document it writes, so an index on
+/// `communications.deadLetterAt` cost every message's three writes. A dead letter is
+/// entered in `dead_letters` instead (its record's id and tenant), `communications` has
+/// no index on `deadLetterAt`; a dead letter of an earlier version (the record's mark under
+/// the sparse index `dead_letters`, no entry) is entered at the first start of this one and
+/// listed as before, the old index goes, and a replay takes the entry away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_entered_in_a_collection_of_its_own_and_an_earlier_versions_still_lists() {
+    use mongodb::bson::{doc, oid::ObjectId, Document};
+    let stack = Stack::start();
+    let mut svc = stack.start_service(&fast_env(&[("MAX_ATTEMPTS", "1")]));
+    set_fault(
+        &stack,
+        json!({"provider": "twilio", "mode": "5xx", "status": 503}),
+    )
+    .await;
+    let (status, answer) = svc.post(sms(&unique("dl-entry"))).await;
+    assert_eq!(status, 200, "{answer}");
+    let id = answer["id"].as_str().unwrap().to_string();
+    until_status(&svc, &id, "failed").await;
+    let db = stack
+        .mongo_client()
+        .await
+        .database("communication-aggregator");
+    let entries = db.collection::<Document>("dead_letters");
+    let oid = ObjectId::parse_str(&id).unwrap();
+    let entry = entries
+        .find_one(doc! {"_id": oid})
+        .await
+        .unwrap()
+        .expect("the dead letter's entry");
+    assert!(entry.get_str("tenant").is_ok(), "{entry}");
+    let coll = stack.records().await;
+    assert!(!dead_letter_index(&coll).await, "no index on deadLetterAt");
+
+    // As an earlier version left it: no entry, the sparse index, no mark.
+    svc.proc.kill();
+    entries.delete_many(doc! {}).await.unwrap();
+    let sparse = mongodb::options::IndexOptions::builder()
+        .name("dead_letters".to_string())
+        .sparse(true)
+        .build();
+    coll.create_index(
+        mongodb::IndexModel::builder()
+            .keys(doc! {"deadLetterAt": -1})
+            .options(sparse)
+            .build(),
+    )
+    .await
+    .unwrap();
+    stack.forget_migrations().await;
+
+    let svc = stack.start_service(&fast_env(&[("MAX_ATTEMPTS", "1")]));
+    let (status, page) = dead_letters(&client(), &svc, "").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"][0]["id"], id.as_str(), "listed: {page}");
+    assert!(!dead_letter_index(&coll).await, "the old index dropped");
+
+    clear_faults(&stack).await;
+    let (status, answer) = replay(&client(), &svc, &id).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        entries.count_documents(doc! {"_id": oid}).await.unwrap(),
+        0,
+        "the replay took the entry away"
+    );
+    until_status(&svc, &id, "sent").await;
+    let (_, page) = dead_letters(&client(), &svc, "").await;
+    assert_eq!(page["items"], json!([]), "{page}");
+}

@@ -41,9 +41,10 @@ const MARKS: &str = "migrations";
 const MARK_ID: &str = "communications";
 /// 2 since the fallbacks of records failed before their time are made due at start-up
 /// (`super::fallbacks::failed_due_now`), 3 since bulk sends' members are listed in
-/// `batches` (`super::batches::adopt_earlier_batches`); an older mark runs the rewrites
-/// once more (each is idempotent).
-const MIGRATIONS_DONE: i32 = 3;
+/// `batches` (`super::batches::adopt_earlier_batches`), 4 since dead letters are entered in
+/// `dead_letters` (`super::dead_letters::adopt_earlier_dead_letters`); an older mark runs
+/// the rewrites once more (each is idempotent).
+const MIGRATIONS_DONE: i32 = 4;
 /// The FallbackActor's partial index before `fallback_due_at`; dropped once that exists.
 const OLD_FALLBACK_INDEX: &str = "fallback_due";
 /// The OutboxSweeper's index before `next_attempt`; dropped once that exists.
@@ -201,12 +202,8 @@ fn models() -> Vec<IndexModel> {
             .build(),
         // (A bulk send's members are listed in `batches`, not found through an index here:
         // `super::batches`.)
-        // A tenant's dead letters, newest first: `deadLetterAt` exists only while a record
-        // is one, so the index holds those alone (sparse, not partial: see above).
-        IndexModel::builder()
-            .keys(doc! {crate::clients::dead_letters::DEAD_LETTER_AT: -1})
-            .options(named("dead_letters").sparse(true).build())
-            .build(),
+        // (A tenant's dead letters are listed in `dead_letters`, not found through an index
+        // here: `super::dead_letters`.)
     ]
 }
 
@@ -237,6 +234,7 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
     }
     drop_replaced(coll, OLD_IDEMPOTENCY_INDEX).await;
     drop_replaced(coll, PER_TENANT_IDEMPOTENCY_INDEX).await;
+    super::dead_letters::ensure_index(coll).await?;
     if !done {
         let n = super::fallbacks::add_due_fields(coll).await?;
         let failed = super::fallbacks::failed_due_now(coll).await?;
@@ -263,12 +261,17 @@ pub async fn ensure(coll: &Collection<Document>) -> Result<(), IndexError> {
         if n > 0 {
             tracing::info!(n, "bulk sends of an earlier version listed in batches");
         }
+        let n = super::dead_letters::adopt_earlier_dead_letters(coll).await?;
+        if n > 0 {
+            tracing::info!(n, "dead letters of an earlier version entered");
+        }
         mark_migrated(coll).await?;
     }
     drop_replaced(coll, OLD_FALLBACK_INDEX).await;
     drop_replaced(coll, OLD_DUE_INDEX).await;
     drop_replaced(coll, OLD_SCHEDULED_INDEX).await;
     drop_replaced(coll, super::batches::OLD_INDEX).await;
+    drop_replaced(coll, super::dead_letters::OLD_INDEX).await;
     Ok(())
 }
 

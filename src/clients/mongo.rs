@@ -1126,6 +1126,14 @@ impl Store for MongoStore {
             return Ok(FailResult::Leased);
         }
         let now = bdate(Utc::now());
+        // Listed before it is marked (`super::dead_letters`).
+        let why = (DeadLetterReason::Undeliverable, now);
+        let entered =
+            super::dead_letters::enter(&self.coll, &[oid], why, &self.write_concern).await;
+        if let Err(e) = entered {
+            let _ = self.leases.release(&[(id, Release::Undo)], &token).await;
+            return Err(e);
+        }
         let r = self
             .coll
             .update_one(
@@ -1257,17 +1265,22 @@ impl Store for MongoStore {
         }
         let (held, mut fenced) = self.fence(owner, outcomes).await?;
         if !held.is_empty() {
-            let updates = outcome_statements(owner, &held, bdate(Utc::now()))?;
-            let reply = self.run_update_in_turns(updates).await?;
-            count_written("outcome", modified(&reply));
-            if reply_count(&reply, "n").is_none_or(|n| n < held.len() as i64) {
-                fenced.extend(self.not_written(&held).await?);
-            }
+            let now = bdate(Utc::now());
             let failed: Vec<String> = held
                 .iter()
                 .filter(|(_, _, o)| matches!(o, Outcome::Failed { .. }))
                 .map(|(id, _, _)| id.clone())
                 .collect();
+            // Listed before they are marked (`super::dead_letters`).
+            let reason = (DeadLetterReason::SendFailed, now);
+            let wc = &self.write_concern;
+            super::dead_letters::enter(&self.coll, &object_ids(&failed), reason, wc).await?;
+            let updates = outcome_statements(owner, &held, now)?;
+            let reply = self.run_update_in_turns(updates).await?;
+            count_written("outcome", modified(&reply));
+            if reply_count(&reply, "n").is_none_or(|n| n < held.len() as i64) {
+                fenced.extend(self.not_written(&held).await?);
+            }
             if !failed.is_empty() {
                 self.fallbacks_due_now(doc! {"_id": {"$in": object_ids(&failed)}})
                     .await;

@@ -66,7 +66,7 @@ async fn list(
     let who = who?;
     let page = number(&q, "page", 1_000_000, 1)?;
     let size = number(&q, "size", MAX_PAGE, DEFAULT_SIZE)?;
-    let docs = state
+    let (docs, full) = state
         .dead_letters
         .list(&who.tenant, page, size)
         .await
@@ -74,7 +74,7 @@ async fn list(
             tracing::warn!(error = %e, "dead letters unavailable");
             ApiError::StoreUnavailable
         })?;
-    let next = (docs.len() as u32 == size).then_some(page + 1);
+    let next = full.then_some(page + 1);
     let items: Vec<Value> = docs.iter().map(shown).collect();
     let body = json!({"items": items, "page": page, "size": size, "nextPage": next});
     Ok(warp::reply::json(&body).into_response())
