@@ -158,15 +158,10 @@ async fn a_dead_letter_is_listed_for_its_tenant_and_a_replay_sends_it_once() {
 
 /// Whether `communications` has an index on `deadLetterAt`.
 async fn dead_letter_index(coll: &mongodb::Collection<mongodb::bson::Document>) -> bool {
-    use futures::TryStreamExt;
-    let indexes: Vec<_> = coll
-        .list_indexes()
+    indexes(coll)
         .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    indexes.iter().any(|m| m.keys.contains_key("deadLetterAt"))
+        .iter()
+        .any(|m| m.keys.contains_key("deadLetterAt"))
 }
 
 /// SecantusDB derives every index's keys for every document it writes, so an index on

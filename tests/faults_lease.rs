@@ -415,16 +415,8 @@ async fn the_sweepers_look_is_a_range_read_secantusdb_serves_from_an_index() {
         assert!(range.contains_key("$lte"), "{filter}");
     }
     let indexes: Vec<Document> = {
-        use futures::TryStreamExt;
-        stack
-            .records()
+        indexes(&stack.records().await)
             .await
-            .list_indexes()
-            .await
-            .unwrap()
-            .try_collect::<Vec<_>>()
-            .await
-            .unwrap()
             .into_iter()
             .map(|m| {
                 let mut d = doc! {"keys": m.keys};

@@ -357,15 +357,7 @@ async fn a_keyed_retry_is_found_through_the_unique_index_and_earlier_keys_still_
             "a lookup by the indexed field alone: {p}"
         );
     }
-    let indexes = {
-        use futures::TryStreamExt;
-        coll.list_indexes()
-            .await
-            .unwrap()
-            .try_collect::<Vec<_>>()
-            .await
-            .unwrap()
-    };
+    let indexes = indexes(&coll).await;
     let by_key = indexes
         .iter()
         .find(|m| m.keys == doc! {"tenantKey": 1})

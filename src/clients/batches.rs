@@ -118,10 +118,7 @@ pub async fn adopt_earlier_batches(
             .or_default()
             .push(Bson::ObjectId(id));
     }
-    let batches: Collection<Document> = records
-        .client()
-        .database(&records.namespace().db)
-        .collection(COLLECTION);
+    let batches = super::mongo::sibling(records, COLLECTION);
     for ((tenant, batch), ids) in members.iter_mut() {
         add_members(&batches, tenant, batch, std::mem::take(ids)).await?;
     }

@@ -234,10 +234,7 @@ impl MongoDeadLetters {
 }
 
 fn entries_of(records: &Collection<Document>) -> Collection<Document> {
-    records
-        .client()
-        .database(&records.namespace().db)
-        .collection(COLLECTION)
+    crate::clients::mongo::sibling(records, COLLECTION)
 }
 
 /// Enters the records `ids` as dead letters (`reason`, `at`), with their tenants read

@@ -308,9 +308,7 @@ async fn give_tenant_keys(coll: &Collection<Document>) -> Result<(), IndexError>
 }
 
 fn marks(coll: &Collection<Document>) -> Collection<Document> {
-    coll.client()
-        .database(&coll.namespace().db)
-        .collection(MARKS)
+    super::mongo::sibling(coll, MARKS)
 }
 
 /// Whether an earlier start rewrote the records of earlier versions already.

@@ -133,6 +133,13 @@ fn ambiguous(e: impl std::fmt::Display) -> DependencyError {
 pub const VOID: &str = "void";
 
 /// The ids that are ObjectIds (others name no record).
+/// The collection `name` in the same database as `coll` (and with its client's options).
+pub fn sibling(coll: &Collection<Document>, name: &str) -> Collection<Document> {
+    coll.client()
+        .database(&coll.namespace().db)
+        .collection(name)
+}
+
 pub fn object_ids<S: AsRef<str>>(ids: &[S]) -> Vec<ObjectId> {
     ids.iter()
         .filter_map(|i| ObjectId::parse_str(i.as_ref()).ok())

@@ -1132,3 +1132,16 @@ pub async fn xpending_count(
         _ => -1,
     }
 }
+
+/// The indexes a collection has, as the server lists them.
+pub async fn indexes(
+    coll: &mongodb::Collection<mongodb::bson::Document>,
+) -> Vec<mongodb::IndexModel> {
+    use futures::TryStreamExt;
+    coll.list_indexes()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
